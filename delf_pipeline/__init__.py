@@ -1,0 +1,7 @@
+"""delf_pipeline: landmark recognition and retrieval with DELF/DELG local features and
+geometric re-ranking, as staged batch jobs (extract, shortlist, rerank, predict, evaluate).
+
+Nothing heavy happens at import time: TensorFlow is imported only by the backends that
+need it, when they are used.
+"""
+__version__ = "0.1.0"

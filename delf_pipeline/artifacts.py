@@ -1,0 +1,90 @@
+"""Helpers every stage shares: atomic writes, shard selection, manifests."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence, TypeVar
+
+T = TypeVar("T")
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """``"2/4"`` -> ``(2, 4)`` (1-based shard index, shard count); None -> ``(1, 1)``."""
+    if not text:
+        return 1, 1
+    index, sep, count = text.partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        raise ValueError(f"--shard must look like I/N (e.g. 1/4), got {text!r}") from None
+    if not sep or n < 1 or not 1 <= i <= n:
+        raise ValueError(f"--shard must satisfy 1 <= I <= N, got {text!r}")
+    return i, n
+
+
+def select_shard(items: Sequence[T], shard: tuple[int, int]) -> list[T]:
+    """Every N-th item starting at I-1: shards are disjoint and cover ``items``."""
+    i, n = shard
+    return list(items[i - 1 :: n])
+
+
+@contextmanager
+def atomic_path(path: Path, is_dir: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path``; it replaces ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if is_dir:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.is_dir():
+            _remove_tree(tmp)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def _remove_tree(path: Path) -> None:
+    for child in path.iterdir():
+        _remove_tree(child) if child.is_dir() else child.unlink()
+    path.rmdir()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: Path) -> dict:
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def check_manifest(path: Path, expected: dict, what: str) -> None:
+    """Write ``expected`` to ``path`` or raise if an existing manifest differs.
+
+    This is what keeps an artifact made with other settings from being silently reused.
+    """
+    if path.exists():
+        found = read_json(path)
+        diff = {k: (found.get(k), v) for k, v in expected.items() if found.get(k) != v}
+        if diff:
+            lines = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
+            raise ValueError(
+                f"{what} at {path.parent} was made with other settings ({lines}). "
+                "Use --overwrite to rebuild it or choose another output folder."
+            )
+    else:
+        write_json_atomic(path, expected)

@@ -1,0 +1,73 @@
+"""The ``delf-pipeline`` command: one sub-command per stage, plus ``run`` and ``demo``.
+
+Each sub-command lives in the module named in :data:`COMMANDS`, which provides
+``add_arguments(parser)`` and ``main(args) -> int``. Modules are imported only when their
+command runs, so ``--help`` is instant and TensorFlow loads only when a model is used.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from . import __version__
+from .config import ConfigError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "extract": ("extract", "extract global and local features of images into a feature store"),
+}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options every stage shares: preset, config file and key overrides."""
+    group = parser.add_argument_group("configuration")
+    group.add_argument("--preset", help="named preset from configs/ (default: sift_default)")
+    group.add_argument("--config", metavar="FILE", help="TOML file of settings, applied after the preset")
+    group.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override one setting, e.g. --set rerank.max_trials=500 (repeatable)",
+    )
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of resumable, shardable stages."""
+    parser.add_argument("--shard", metavar="I/N", help="process only shard I of N (1-based), e.g. 2/4")
+    parser.add_argument("--overwrite", action="store_true", help="redo work that is already finished")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="delf-pipeline",
+        description="Landmark recognition and retrieval with DELF/DELG features and geometric re-ranking.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        child = sub.add_parser(name, help=help_text, description=help_text)
+        _module(module).add_arguments(child)
+    return parser
+
+
+def _module(name: str):
+    return importlib.import_module(f"delf_pipeline.{name}")
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return int(_module(COMMANDS[args.command][0]).main(args) or 0)
+    except (ConfigError, ValueError, FileNotFoundError) as error:
+        logging.getLogger("delf_pipeline").error("%s", error)
+        return 2
