@@ -1,0 +1,1 @@
+"""Helpers for tests and demos: tiny models with the official signatures (no download)."""
