@@ -216,7 +216,9 @@ def _tf1_runner(model, settings: dict) -> Callable[[np.ndarray], Raw]:
 
     def run(image: np.ndarray) -> Raw:
         out = [t.numpy() for t in function(tf.constant(image), *constants)]
-        rows = out[4] if selects else out[4][settings["global_indices"]] if has_global else None
+        if not has_global:
+            return (*_official_local(*out), None)
+        rows = out[4] if selects else out[4][settings["global_indices"]]  # else one row per scale
         return (*_official_local(*out[:4]), rows)
 
     return run
