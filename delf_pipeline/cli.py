@@ -16,6 +16,8 @@ from .config import ConfigError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("extract", "extract global and local features of images into a feature store"),
+    "evaluate": ("evaluate", "score a submission (GAP, accuracy) and a ranking (mAP@100, P@k, R@k, MRR)"),
+    "validate-submission": ("validate_submission", "check a submission.csv; exit 1 with line-numbered reasons"),
 }
 
 
