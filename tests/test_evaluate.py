@@ -406,6 +406,10 @@ def test_read_ranking_by_score_then_global_score(tmp_path):
     assert read_ranking(write(tmp_path / "r.csv", text)) == {"q": ["c", "b", "007"]}
 
 
+def test_read_ranking_header_only_is_empty(tmp_path):
+    assert read_ranking(write(tmp_path / "r.csv", "query_id,index_id,score\n")) == {}
+
+
 def test_read_ranking_needs_an_order(tmp_path):
     with pytest.raises(ValueError, match="needs a 'rank', 'score' or 'global_score'"):
         read_ranking(write(tmp_path / "r.csv", "query_id,index_id\nq,a\n"))
