@@ -8,8 +8,10 @@ descriptor distance is ``sqrt(max(0, 2 - 2 * cos))``. Matchers:
   descriptors, nearest neighbour of every a descriptor, kept when its distance is below
   ``match_threshold`` (cKDTree's bound is strict). One b feature may serve several a's.
 - ``nn``: the same answer by one matrix product (float32 BLAS), cheaper for N ~ 1000.
-- ``mutual``: mutual nearest neighbours by the same product, optionally with Lowe's
-  ratio test (``ratio`` > 0: best distance < ratio * second best).
+- ``mutual``: mutual nearest neighbours by the same product.
+
+``ratio`` > 0 adds Lowe's ratio test (best distance < ratio * second best) to ``nn`` and
+``mutual``.
 
 Verifiers: ``skimage_affine`` (official: ``skimage.measure.ransac`` with an
 ``AffineTransform``, fitted from b to a exactly as the reference does), ``magsac``
@@ -161,8 +163,6 @@ def _check_side(loc, desc, name: str) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"desc_{name} must be [N, D], got shape {desc.shape}")
     if loc.shape != (len(desc), 2):
         raise ValueError(f"loc_{name} must be [{len(desc)}, 2] (y, x) to match desc_{name}, got {loc.shape}")
-    if desc.dtype != np.float32:
-        desc = desc.astype(np.float32)  # float16 store rows: BLAS and cKDTree need float32+
     return loc, desc
 
 
@@ -172,9 +172,14 @@ def _check_side(loc, desc, name: str) -> tuple[np.ndarray, np.ndarray]:
 def match_descriptors(desc_a, desc_b, *, matcher: str, match_threshold: float, ratio: float = 0.0) -> np.ndarray:
     """Putative matches [M, 2] int64 (row in a, row in b), ordered by row in a.
 
-    desc_a: [Na, D], desc_b: [Nb, D] float32, L2-normalised. A match needs descriptor
-    distance < match_threshold. ``ratio`` applies to the mutual matcher only.
+    desc_a: [Na, D], desc_b: [Nb, D] L2-normalised (float16 is computed in float32). A
+    match needs descriptor distance < match_threshold; ``ratio`` > 0 adds Lowe's test
+    (matmul matchers only). Mutual matches are one-to-one even under exact ties.
     """
+    if matcher == "kdtree" and ratio > 0:
+        raise ValueError("the ratio test needs matcher 'nn' or 'mutual', not 'kdtree'")
+    desc_a = np.asarray(desc_a, dtype=np.float32)  # no copy for float32 input
+    desc_b = np.asarray(desc_b, dtype=np.float32)
     if len(desc_a) == 0 or len(desc_b) == 0:
         return np.zeros((0, 2), np.int64)
     if matcher == "kdtree":
@@ -183,11 +188,14 @@ def match_descriptors(desc_a, desc_b, *, matcher: str, match_threshold: float, r
     best = similarity.argmax(axis=1)
     best_sim = np.take_along_axis(similarity, best[:, None], axis=1)[:, 0]
     keep = best_sim > 1.0 - 0.5 * match_threshold**2  # distance < threshold, no sqrt
+    if ratio > 0:
+        keep &= _passes_ratio(similarity, best_sim, ratio)
     if matcher == "mutual":
-        keep &= best_sim >= similarity.max(axis=0)[best]
-        if ratio > 0:
-            keep &= _passes_ratio(similarity, best_sim, ratio)
+        keep &= best_sim >= similarity.max(axis=0)[best]  # column max: cheaper than argmax
     rows = np.flatnonzero(keep)
+    if matcher == "mutual":
+        _, first = np.unique(best[rows], return_index=True)  # a tie for a column keeps one row
+        rows = rows[np.sort(first)]
     return np.stack([rows, best[rows]], axis=1)
 
 

@@ -78,10 +78,34 @@ def test_mutual_drops_many_to_one_and_nn_keeps_it():
 def test_ratio_test_drops_ambiguous_match():
     desc_a = unit([[1, 0, 0], [0, 0, 1]])
     desc_b = unit([[1, 0.05, 0], [1, -0.06, 0], [0, 0.1, 1]])  # a0 has two near-equal neighbours
-    plain = match_descriptors(desc_a, desc_b, matcher="mutual", match_threshold=0.8)
-    ratio = match_descriptors(desc_a, desc_b, matcher="mutual", match_threshold=0.8, ratio=0.8)
-    np.testing.assert_array_equal(plain, [[0, 0], [1, 2]])
-    np.testing.assert_array_equal(ratio, [[1, 2]])
+    for matcher in ("nn", "mutual"):
+        plain = match_descriptors(desc_a, desc_b, matcher=matcher, match_threshold=0.8)
+        ratio = match_descriptors(desc_a, desc_b, matcher=matcher, match_threshold=0.8, ratio=0.8)
+        np.testing.assert_array_equal(plain, [[0, 0], [1, 2]])
+        np.testing.assert_array_equal(ratio, [[1, 2]])
+
+
+def test_ratio_test_needs_matmul_matcher():
+    desc = unit(np.eye(3))
+    with pytest.raises(ValueError, match="ratio test needs matcher 'nn' or 'mutual'"):
+        match_descriptors(desc, desc, matcher="kdtree", match_threshold=0.8, ratio=0.8)
+
+
+def test_mutual_is_one_to_one_under_exact_ties():
+    desc_a = unit([[1, 0, 0], [1, 0, 0], [0, 1, 0]])  # a0 and a1 identical: both best for b0
+    desc_b = unit([[1, 0, 0], [0, 1, 0]])
+    mutual = match_descriptors(desc_a, desc_b, matcher="mutual", match_threshold=0.8)
+    np.testing.assert_array_equal(mutual, [[0, 0], [2, 1]])
+
+
+def test_float16_descriptors_match_like_float32():
+    rng = np.random.default_rng(11)
+    desc_a = random_unit(rng, 30, 40)
+    desc_b = unit(desc_a + 0.1 * rng.normal(size=desc_a.shape))
+    for matcher in MATCHERS:
+        half = match_descriptors(desc_a.astype(np.float16), desc_b.astype(np.float16), matcher=matcher,
+                                 match_threshold=0.8)
+        np.testing.assert_array_equal(half, np.stack([np.arange(30), np.arange(30)], axis=1))
 
 
 def test_threshold_golden():
