@@ -13,6 +13,7 @@ import sys
 
 from . import __version__
 from .config import ConfigError
+from .images import ImageError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("extract", "extract global and local features of images into a feature store"),
@@ -70,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         return int(_module(COMMANDS[args.command][0]).main(args) or 0)
-    except (ConfigError, ValueError, FileNotFoundError) as error:
+    except ImageError as error:  # --strict stops at the first unusable image
+        logging.getLogger("delf_pipeline").error("%s", error)
+        return 1
+    except (ConfigError, ValueError, FileNotFoundError, KeyError) as error:
+        if args.verbose:
+            raise
         logging.getLogger("delf_pipeline").error("%s", error)
         return 2

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-from scipy.cluster.vq import kmeans2
+from scipy import sparse
 
 from .features import ImageFeatures, l2_normalize
 
@@ -57,16 +57,56 @@ def empty_features(dim: int) -> ImageFeatures:
     )
 
 
-def learn_codebook(descriptors: np.ndarray, words: int, seed: int) -> np.ndarray:
-    """k-means codebook over pooled local descriptors [M, D] -> [words, D] float32."""
-    if len(descriptors) < words:
+def learn_codebook(
+    descriptors: np.ndarray, words: int, seed: int, iterations: int = 20, max_points: int = 100_000
+) -> np.ndarray:
+    """k-means (k-means++ start, Lloyd steps by matrix product) of descriptors [M, D] -> [words, D].
+
+    At most ``max_points`` descriptors (a seeded random subset) are used, and the seeding
+    looks at a fifth of those. Deterministic for a given ``seed``. Words that lose all
+    their members keep their previous centre.
+    """
+    data = np.asarray(descriptors, dtype=np.float32)
+    if len(data) < words:
         raise ValueError(
-            f"cannot learn a {words}-word codebook from {len(descriptors)} descriptors; "
+            f"cannot learn a {words}-word codebook from {len(data)} descriptors; "
             "give more index images or lower extract.vlad_words"
         )
-    data = np.asarray(descriptors, dtype=np.float32)
-    centroids, _ = kmeans2(data, words, iter=20, minit="++", seed=seed)
-    return centroids.astype(np.float32)
+    rng = np.random.default_rng(seed)
+    if len(data) > max_points:
+        data = data[np.sort(rng.choice(len(data), max_points, replace=False))]
+    seeding = data[: max(words, len(data) // 5)] if len(data) > 5 * words else data
+    centres = _kmeans_plus_plus(seeding, words, rng)
+    for _ in range(iterations):
+        nearest = nearest_word(data, centres)
+        counts = np.bincount(nearest, minlength=words).astype(np.float32)
+        members = sparse.csr_matrix((np.ones(len(data), np.float32), (nearest, np.arange(len(data)))),
+                                    shape=(words, len(data)))
+        sums = members @ data
+        filled = counts > 0
+        centres[filled] = sums[filled] / counts[filled, None]
+    return centres
+
+
+def _kmeans_plus_plus(data: np.ndarray, words: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding: each next centre drawn with probability ~ squared distance [words, D]."""
+    centres = np.empty((words, data.shape[1]), np.float32)
+    norms = (data * data).sum(1)
+    centres[0] = data[rng.integers(len(data))]
+    closest = np.maximum(norms - 2.0 * data @ centres[0] + centres[0] @ centres[0], 0)
+    for k in range(1, words):
+        total = float(closest.sum())
+        index = rng.choice(len(data), p=closest / total) if total > 0 else rng.integers(len(data))
+        centres[k] = data[index]
+        distance = norms - 2.0 * data @ centres[k] + centres[k] @ centres[k]
+        np.minimum(closest, np.maximum(distance, 0), out=closest)
+    return centres
+
+
+def nearest_word(x: np.ndarray, codebook: np.ndarray) -> np.ndarray:
+    """Index of the nearest codebook row for each row of x [N, D] -> [N] int."""
+    # ||x - c||^2 = |x|^2 - 2 x.c + |c|^2, and |x|^2 does not change the argmin
+    return np.argmin((codebook * codebook).sum(1) - 2.0 * x @ codebook.T, axis=1)
 
 
 def vlad(descriptors: np.ndarray, codebook: np.ndarray) -> np.ndarray:
@@ -79,8 +119,7 @@ def vlad(descriptors: np.ndarray, codebook: np.ndarray) -> np.ndarray:
     if len(descriptors) == 0:
         return np.zeros(k * d, np.float32)
     x = np.asarray(descriptors, dtype=np.float32)
-    # nearest word by ||x - c||^2 = |x|^2 - 2 x.c + |c|^2 (|x|^2 is constant per row)
-    nearest = np.argmin((codebook * codebook).sum(1) - 2.0 * x @ codebook.T, axis=1)
+    nearest = nearest_word(x, codebook)
     residuals = np.zeros((k, d), np.float32)
     np.add.at(residuals, nearest, x - codebook[nearest])
     flat = residuals.reshape(-1)

@@ -1,0 +1,193 @@
+"""Image lists and decoding.
+
+Three kinds of image source are understood:
+
+* a folder, searched recursively; an image's id is its path relative to the folder,
+  without the extension (``sacre_coeur/0292.jpg`` -> ``sacre_coeur/0292``);
+* the Kaggle landmark-recognition layout: ``ROOT/train.csv`` (``id,landmark_id``) with
+  ``ROOT/train/a/b/c/abc....jpg``, and ``ROOT/test/x/y/z/xyz....jpg`` (ids are file stems);
+* a CSV file with ``id`` and ``path`` columns (relative paths are taken from the CSV's
+  folder) and optionally ``landmark_id``.
+
+Problems found while listing (malformed rows, duplicate ids) are returned as error
+records, never dropped silently. Decoding problems raise :class:`ImageError` with a reason.
+"""
+from __future__ import annotations
+
+import csv
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+MIN_SIDE = 16  # pixels; smaller images are recorded as errors (degenerate size)
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    id: str
+    path: Path
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class ErrorRecord:
+    id: str
+    path: str
+    reason: str
+
+
+class ImageError(Exception):
+    """An image that cannot be used; ``str(error)`` is the reason recorded in errors.csv."""
+
+
+def list_images(source: str | Path, split: str = "train") -> tuple[list[ImageRecord], list[ErrorRecord]]:
+    """Records of ``source`` (folder, Kaggle root, or CSV) sorted by id, and listing errors."""
+    source = Path(source)
+    if source.is_file() and source.suffix.lower() == ".csv":
+        records, errors = _list_csv(source)
+    elif (source / "train.csv").is_file() and (source / split).is_dir():
+        records, errors = _list_kaggle(source, split)
+    elif source.is_dir():
+        records, errors = _list_folder(source), []
+    else:
+        raise FileNotFoundError(f"image source not found (folder, Kaggle root or CSV): {source}")
+    unique, duplicates = _drop_duplicates(records)
+    return sorted(unique, key=lambda r: r.id), errors + duplicates
+
+
+def _list_folder(folder: Path) -> list[ImageRecord]:
+    paths = (p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return [ImageRecord(p.relative_to(folder).with_suffix("").as_posix(), p) for p in paths]
+
+
+def _list_kaggle(root: Path, split: str) -> tuple[list[ImageRecord], list[ErrorRecord]]:
+    """Kaggle layout: train ids and labels from train.csv; other splits from the files."""
+    if split != "train":
+        return [ImageRecord(p.stem, p) for p in (root / split).rglob("*.jpg")], []
+    rows, errors = _read_rows(root / "train.csv", required=("id", "landmark_id"))
+    records = [ImageRecord(r["id"], kaggle_path(root, split, r["id"]), r["landmark_id"]) for r in rows]
+    return records, errors
+
+
+def kaggle_path(root: Path, split: str, image_id: str) -> Path:
+    """``ROOT/split/a/b/c/abc....jpg`` for id ``abc...``."""
+    return root / split / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg"
+
+
+def _list_csv(path: Path) -> tuple[list[ImageRecord], list[ErrorRecord]]:
+    rows, errors = _read_rows(path, required=("id", "path"))
+    records = []
+    for row in rows:
+        image_path = Path(row["path"])
+        image_path = image_path if image_path.is_absolute() else path.parent / image_path
+        records.append(ImageRecord(row["id"], image_path, row.get("landmark_id") or None))
+    return records, errors
+
+
+def _read_rows(path: Path, required: Sequence[str]) -> tuple[list[dict], list[ErrorRecord]]:
+    """Rows of a CSV with the ``required`` columns; malformed rows become error records."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; found {reader.fieldnames}")
+        rows, errors = [], []
+        for line, row in enumerate(reader, start=2):
+            values = [row.get(c) for c in required]
+            if None in row or any(v is None or not v.strip() for v in values):
+                reason = f"malformed CSV row at {path.name} line {line}"
+                errors.append(ErrorRecord(row.get("id") or f"<line {line}>", row.get("path") or "", reason))
+                continue
+            rows.append({k: v.strip() for k, v in row.items() if isinstance(v, str)})
+    return rows, errors
+
+
+def _drop_duplicates(records: list[ImageRecord]) -> tuple[list[ImageRecord], list[ErrorRecord]]:
+    seen: dict[str, ImageRecord] = {}
+    errors = []
+    for record in records:
+        if record.id in seen:
+            reason = f"duplicate id (first seen at {seen[record.id].path})"
+            errors.append(ErrorRecord(record.id, str(record.path), reason))
+        else:
+            seen[record.id] = record
+    return list(seen.values()), errors
+
+
+def load_image(path: Path, max_image_size: int = 0) -> tuple[np.ndarray, float]:
+    """Decode ``path`` to RGB uint8 [H, W, 3], upright (EXIF), resized so max(H, W) <= max_image_size.
+
+    Returns the image and the factor that maps its pixel coordinates back to the original
+    image (1.0 when not resized). Raises ImageError with a reason for unusable files.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError("missing file")
+    if path.stat().st_size == 0:
+        raise ImageError("empty file (0 bytes)")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            rgb = to_rgb(image)
+    except Image.DecompressionBombError as error:
+        raise ImageError(f"image too large: {error}") from None
+    except (OSError, SyntaxError, ValueError) as error:  # PIL raises these for bad or truncated data
+        raise ImageError(f"cannot decode image: {error}") from None
+    if min(rgb.size) < MIN_SIDE:
+        raise ImageError(f"degenerate size {rgb.size[0]}x{rgb.size[1]} (min side {MIN_SIDE} px)")
+    array, factor = _resize(rgb, max_image_size)
+    if min(array.shape[:2]) < MIN_SIDE:
+        raise ImageError(f"degenerate aspect ratio {rgb.size[0]}x{rgb.size[1]}: under {MIN_SIDE} px once resized")
+    return array, factor
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode (L, P, RGBA, CMYK, I;16, I, F, 1, ...) as 8-bit RGB."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        array = np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        image = Image.fromarray(array, mode="L")
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def _resize(image: Image.Image, max_image_size: int) -> tuple[np.ndarray, float]:
+    width, height = image.size
+    longest = max(width, height)
+    if max_image_size <= 0 or longest <= max_image_size:
+        return np.asarray(image, dtype=np.uint8), 1.0
+    factor = max_image_size / longest
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    resized = image.resize(size, Image.BILINEAR)
+    return np.asarray(resized, dtype=np.uint8), longest / max_image_size
+
+
+def iter_decoded(
+    records: Sequence[ImageRecord], max_image_size: int, workers: int = 2, lookahead: int = 8
+) -> Iterator[tuple[ImageRecord, np.ndarray | None, float, str | None]]:
+    """Decode ``records`` in background threads, in order: (record, image, factor, error).
+
+    Decoding overlaps whatever the caller does with the previous images (the model), with
+    at most ``lookahead`` decoded images waiting. ``image`` is None when ``error`` is set.
+    """
+    def decode(record: ImageRecord):
+        try:
+            image, factor = load_image(record.path, max_image_size)
+            return record, image, factor, None
+        except ImageError as error:
+            return record, None, 1.0, str(error)
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        pending = []
+        for record in records:
+            pending.append(pool.submit(decode, record))
+            if len(pending) > lookahead:
+                yield pending.pop(0).result()
+        for future in pending:
+            yield future.result()
