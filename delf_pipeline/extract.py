@@ -160,7 +160,7 @@ def _extract_parts(out: Path, todo: list[ImageRecord], extractor: Extractor, con
 
 def _extract_chunk(chunk, extractor: Extractor, strict: bool) -> tuple[list[ExtractedImage], list[ErrorRecord]]:
     extracted, errors = [], []
-    for record, image, factor, error in chunk:
+    for record, image, factors, error in chunk:
         if error is not None:
             failure = ErrorRecord(record.id, str(record.path), error)
             if strict:
@@ -168,8 +168,8 @@ def _extract_chunk(chunk, extractor: Extractor, strict: bool) -> tuple[list[Extr
             errors.append(failure)
             continue
         features = extractor(image)
-        features = replace(features, locations=features.locations * np.float32(factor))
-        height, width = round(image.shape[0] * factor), round(image.shape[1] * factor)
+        features = replace(features, locations=features.locations * factors.astype(np.float32))
+        height, width = round(image.shape[0] * factors[0]), round(image.shape[1] * factors[1])
         extracted.append(ExtractedImage(record.id, features, (height, width)))
     return extracted, errors
 

@@ -119,11 +119,13 @@ def _drop_duplicates(records: list[ImageRecord]) -> tuple[list[ImageRecord], lis
     return list(seen.values()), errors
 
 
-def load_image(path: Path, max_image_size: int = 0) -> tuple[np.ndarray, float]:
+def load_image(path: Path, max_image_size: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Decode ``path`` to RGB uint8 [H, W, 3], upright (EXIF), resized so max(H, W) <= max_image_size.
 
-    Returns the image and the factor that maps its pixel coordinates back to the original
-    image (1.0 when not resized). Raises ImageError with a reason for unusable files.
+    Returns the image and the factors [2] (y, x) that map its pixel coordinates back to the
+    original image: original (height, width) = (H, W) * factors, and locations [N, 2] (y, x)
+    * factors are original pixels (ones when not resized; per axis, because both sides are
+    rounded). Raises ImageError with a reason for unusable files.
     """
     path = Path(path)
     if not path.is_file():
@@ -157,31 +159,31 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def _resize(image: Image.Image, max_image_size: int) -> tuple[np.ndarray, float]:
+def _resize(image: Image.Image, max_image_size: int) -> tuple[np.ndarray, np.ndarray]:
     width, height = image.size
     longest = max(width, height)
     if max_image_size <= 0 or longest <= max_image_size:
-        return np.asarray(image, dtype=np.uint8), 1.0
+        return np.asarray(image, dtype=np.uint8), np.ones(2)
     factor = max_image_size / longest
     size = (max(1, round(width * factor)), max(1, round(height * factor)))
     resized = image.resize(size, Image.BILINEAR)
-    return np.asarray(resized, dtype=np.uint8), longest / max_image_size
+    return np.asarray(resized, dtype=np.uint8), np.array([height / size[1], width / size[0]])
 
 
 def iter_decoded(
     records: Sequence[ImageRecord], max_image_size: int, workers: int = 2, lookahead: int = 8
-) -> Iterator[tuple[ImageRecord, np.ndarray | None, float, str | None]]:
-    """Decode ``records`` in background threads, in order: (record, image, factor, error).
+) -> Iterator[tuple[ImageRecord, np.ndarray | None, np.ndarray, str | None]]:
+    """Decode ``records`` in background threads, in order: (record, image, factors [2], error).
 
     Decoding overlaps whatever the caller does with the previous images (the model), with
     at most ``lookahead`` decoded images waiting. ``image`` is None when ``error`` is set.
     """
     def decode(record: ImageRecord):
         try:
-            image, factor = load_image(record.path, max_image_size)
-            return record, image, factor, None
+            image, factors = load_image(record.path, max_image_size)
+            return record, image, factors, None
         except ImageError as error:
-            return record, None, 1.0, str(error)
+            return record, None, np.ones(2), str(error)
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
         pending = []
