@@ -17,6 +17,9 @@ from .images import ImageError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("extract", "extract global and local features of images into a feature store"),
+    "shortlist": ("shortlist", "top-K index images per query by global descriptor similarity"),
+    "predict": ("predict", "aggregate candidate scores per landmark into submission.csv (and ranking.csv)"),
+    "rerank": ("rerank", "verify shortlisted candidates by local feature matching + RANSAC, and rescore"),
     "evaluate": ("evaluate", "score a submission (GAP, accuracy) and a ranking (mAP@100, P@k, R@k, MRR)"),
     "validate-submission": ("validate_submission", "check a submission.csv; exit 1 with line-numbered reasons"),
 }

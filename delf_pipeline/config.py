@@ -33,18 +33,21 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "shortlist": {
         "top_k": 100,  # index images kept per query
         "chunk_rows": 4096,  # index rows per matrix product (memory bound, not index bound)
+        "exclude_same_id": False,  # leave-one-out: never shortlist an image for itself
+        "device": "auto",  # auto | cpu | gpu: where the matrix products run (gpu = TensorFlow)
     },
     "rerank": {
         "num_to_rerank": 100,  # shortlisted candidates verified per query
         "matcher": "kdtree",  # kdtree (official) | mutual (mutual nearest neighbours by matmul)
         "match_threshold": 0.8,  # max descriptor distance of a putative match
         "ratio": 0.0,  # mutual matcher: Lowe ratio test, 0 disables
-        "verifier": "skimage_affine",  # skimage_affine | magsac | affine2d | degensac
+        "verifier": "skimage_affine",  # skimage_affine | magsac | magsac_affine | affine2d | degensac
         "residual_threshold": 20.0,  # RANSAC inlier threshold in pixels
         "max_trials": 1000,  # RANSAC iterations
         "confidence": 0.99,  # magsac / affine2d / degensac confidence
         "min_matches": 4,  # fewer putative matches than this give 0 inliers (official: > 3)
         "seed": 0,  # RANSAC seed
+        "min_inliers": 0,  # inlier counts below this count as 0 (unrelated pairs get ~6-16)
         "scoring": "official",  # official: order by (inliers, global) | kaggle2020
         "max_inlier_score": 70,  # kaggle2020: inliers are capped at this then divided by it
     },

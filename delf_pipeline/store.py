@@ -31,7 +31,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .artifacts import atomic_path
+from .artifacts import atomic_path, read_json
 from .features import ImageFeatures
 from .images import ErrorRecord
 
@@ -132,6 +132,10 @@ class FeatureStore:
         self.path = Path(path)
         if not (self.path / "parts").is_dir():
             raise FileNotFoundError(f"no feature store at {self.path} (run `delf-pipeline extract` first)")
+
+    def manifest(self) -> dict:
+        """The settings that made this store (see extract.store_manifest)."""
+        return read_json(self.path / "manifest.json")
 
     @cached_property
     def parts(self) -> list[Part]:

@@ -1,0 +1,91 @@
+"""Query-side work in numbered blocks: each block is its own atomically written CSV.
+
+A stage that works per query (shortlist, rerank) splits the sorted query ids into blocks
+of ``block_size``. Block ``k`` belongs to shard ``k % N + 1`` of ``--shard I/N``. Finished
+blocks are skipped, so a killed run resumes where it stopped, and N processes (or
+machines sharing a folder) can each take a shard. When every block exists, they are
+concatenated in order into the stage's CSV, which is therefore the same however the
+work was split or interrupted.
+
+Layout: ``OUT.csv`` (final) and ``OUT.csv.blocks/block-000012.csv`` (work in progress).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pandas as pd
+
+from .artifacts import atomic_path
+
+log = logging.getLogger("delf_pipeline.blocks")
+
+
+def blocks_dir(out_csv: Path) -> Path:
+    return out_csv.with_name(out_csv.name + ".blocks")
+
+
+def plan_blocks(queries: Sequence[str], block_size: int) -> list[list[str]]:
+    """Sorted query ids cut into consecutive blocks of ``block_size``."""
+    ordered = sorted(queries)
+    return [ordered[i : i + block_size] for i in range(0, len(ordered), block_size)]
+
+
+def block_path(out_csv: Path, number: int) -> Path:
+    return blocks_dir(out_csv) / f"block-{number:06d}.csv"
+
+
+def pending_blocks(out_csv: Path, blocks: list[list[str]], shard: tuple[int, int]) -> list[int]:
+    """Numbers of this shard's blocks that are not written yet."""
+    index, count = shard
+    return [k for k in range(len(blocks)) if k % count == index - 1 and not block_path(out_csv, k).exists()]
+
+
+def write_block(out_csv: Path, number: int, frame: pd.DataFrame) -> None:
+    """Write one block atomically."""
+    with atomic_path(block_path(out_csv, number)) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+def merge_blocks(out_csv: Path, num_blocks: int, columns: Sequence[str]) -> bool:
+    """Concatenate all blocks into ``out_csv`` once every block exists; True when done."""
+    paths = [block_path(out_csv, k) for k in range(num_blocks)]
+    missing = [p.name for p in paths if not p.exists()]
+    if missing:
+        log.info("%s: %d of %d blocks still to do (other shards?)", out_csv.name, len(missing), num_blocks)
+        return False
+    frames = [pd.read_csv(p, dtype={"query_id": str, "index_id": str}, keep_default_na=False) for p in paths]
+    merged = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(columns))
+    with atomic_path(out_csv) as tmp:
+        merged.to_csv(tmp, index=False, columns=list(columns))
+    return True
+
+
+def run_blocks(
+    out_csv: Path,
+    queries: Sequence[str],
+    block_size: int,
+    shard: tuple[int, int],
+    columns: Sequence[str],
+    compute: Callable[[list[tuple[int, list[str]]]], None],
+) -> Path:
+    """Run ``compute`` on this shard's pending (number, query ids) blocks, then merge.
+
+    ``compute`` must call :func:`write_block` for every block it is given.
+    """
+    blocks = plan_blocks(queries, block_size)
+    todo = pending_blocks(out_csv, blocks, shard)
+    if not todo:
+        log.info("Skipping %s: all blocks of shard %d/%d are done", out_csv.name, *shard)
+    else:
+        compute([(k, blocks[k]) for k in todo])
+    merge_blocks(out_csv, len(blocks), columns)
+    return out_csv
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """Read a stage CSV with string ids (ids such as ``0001`` keep their zeros)."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path} not found (is the stage that writes it finished for every shard?)")
+    return pd.read_csv(path, dtype={"query_id": str, "index_id": str, "id": str}, keep_default_na=False)

@@ -1,0 +1,215 @@
+"""Stage 3, rerank: local matching + RANSAC on each query's shortlisted candidates.
+
+For every query, its ``num_to_rerank`` best shortlisted index images are verified with
+:func:`delf_pipeline.verify.verify_pair` and scored:
+
+* ``official`` (DELF/DELG retrieval): order by (inliers, global score). The score column
+  is ``inliers + global_score / 2``, which sorts exactly that way since |global| <= 1.
+* ``kaggle2020`` (host baseline): ``min(inliers, M) / M + global_score``, M = max_inlier_score.
+
+Inlier counts below ``min_inliers`` count as 0: unrelated pairs still get a handful of
+"inliers" from every RANSAC variant (see DESIGN.md), which must not raise their score.
+
+Work is split into numbered query blocks (see :mod:`delf_pipeline.blocks`), run in
+parallel by joblib processes (``--jobs``) or on a Dask cluster (``--dask ADDRESS``), each
+block written atomically, so a killed run resumes and shards can run anywhere.
+Each worker keeps the local features of index images it has read in a bounded cache, so
+an index image shared by many queries is read from the store once per worker.
+
+Output CSV: ``query_id,index_id,global_score,matches,inliers,score,status``, rows of a
+query sorted by score (descending).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .artifacts import check_manifest, parse_shard
+from .blocks import blocks_dir, read_table, run_blocks, write_block
+from .config import fingerprint, load_config
+from .features import ImageFeatures
+from .progress import track
+from .store import FeatureStore
+from .verify import verify_options, verify_pair
+
+log = logging.getLogger("delf_pipeline.rerank")
+
+COLUMNS = ("query_id", "index_id", "global_score", "matches", "inliers", "score", "status")
+QUERY_BLOCK = 32  # queries per block: the unit of resume, sharding and parallel work
+VERIFY_KEYS = ("matcher", "match_threshold", "ratio", "verifier", "residual_threshold", "max_trials",
+               "confidence", "min_matches", "seed", "num_to_rerank", "min_inliers", "scoring", "max_inlier_score")
+
+
+def run(
+    config: dict,
+    shortlist_csv: str | Path,
+    query_store: str | Path,
+    index_store: str | Path,
+    out: str | Path,
+    *,
+    shard: tuple[int, int] = (1, 1),
+    overwrite: bool = False,
+    jobs: int = 1,
+    dask_address: str | None = None,
+) -> Path:
+    """Verify the shortlisted candidates of every query; writes and returns ``out``."""
+    conf, out = config["rerank"], Path(out)
+    if overwrite:
+        out.unlink(missing_ok=True)
+        _remove_dir(blocks_dir(out))
+    shortlist = read_table(Path(shortlist_csv))
+    check_manifest(blocks_dir(out) / "manifest.json", rerank_manifest(conf, shortlist), what="rerank output")
+    candidates = top_candidates(shortlist, conf["num_to_rerank"])
+    paths = (str(query_store), str(index_store))
+
+    def compute(blocks: list[tuple[int, list[str]]]) -> None:
+        tasks = [(number, {q: candidates[q] for q in ids}) for number, ids in blocks]
+        _run_parallel(tasks, out, paths, conf, jobs, dask_address)
+
+    run_blocks(out, list(candidates), QUERY_BLOCK, shard, COLUMNS, compute)
+    if out.exists():
+        counts = read_table(out)["status"].value_counts().to_dict()
+        log.info("rerank %s: %d pairs verified (%s)", out, sum(counts.values()),
+                 ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+    return out
+
+
+def rerank_manifest(conf: dict, shortlist: pd.DataFrame) -> dict:
+    settings = {key: conf[key] for key in VERIFY_KEYS}
+    content = fingerprint({"rows": len(shortlist), "head": shortlist.head(1000).to_csv(index=False)})
+    return {"settings": settings, "shortlist": content}
+
+
+def top_candidates(shortlist: pd.DataFrame, num_to_rerank: int) -> dict[str, list[tuple[str, float]]]:
+    """query id -> [(index id, global score)] of its ``num_to_rerank`` best-ranked candidates."""
+    ordered = shortlist.sort_values(["query_id", "rank"], kind="stable")
+    top = ordered.groupby("query_id", sort=True).head(num_to_rerank)
+    result: dict[str, list[tuple[str, float]]] = {}
+    for query_id, index_id, score in zip(top["query_id"], top["index_id"], top["score"]):
+        result.setdefault(query_id, []).append((index_id, float(score)))
+    return result
+
+
+def _run_parallel(tasks, out: Path, paths, conf: dict, jobs: int, dask_address: str | None) -> None:
+    """Run the blocks in this process, in joblib worker processes, or on a Dask cluster."""
+    if jobs == 1 and dask_address is None:
+        worker = BlockWorker(*paths, conf)
+        for number, block in track(tasks, len(tasks), "rerank blocks"):
+            write_block(out, number, worker.rerank_block(block))
+        return
+    from joblib import Parallel, delayed, parallel_config
+
+    backend = {"backend": "dask"} if dask_address else {"backend": "loky", "n_jobs": jobs}
+    client = _dask_client(dask_address) if dask_address else None
+    try:
+        with parallel_config(**backend):
+            runner = Parallel(n_jobs=-1 if dask_address else jobs, return_as="generator_unordered")
+            done = runner(delayed(_rerank_and_write)(number, block, str(out), paths, conf) for number, block in tasks)
+            for _ in track(done, len(tasks), "rerank blocks"):
+                pass
+    finally:
+        if client is not None:
+            client.close()
+
+
+def _dask_client(address: str):
+    try:
+        from dask.distributed import Client
+    except ImportError:
+        raise ImportError("--dask needs dask.distributed: pip install 'delf_pipeline[dask]'") from None
+    return Client(address)
+
+
+_WORKERS: dict[tuple, "BlockWorker"] = {}  # one per worker process and (stores, settings)
+
+
+def _rerank_and_write(number: int, block: dict, out: str, paths: tuple[str, str], conf: dict) -> int:
+    """Task run in a worker process: verify one block and write it atomically."""
+    key = (*paths, fingerprint(conf))
+    if key not in _WORKERS:
+        _WORKERS.clear()
+        _WORKERS[key] = BlockWorker(*paths, conf)
+    write_block(Path(out), number, _WORKERS[key].rerank_block(block))
+    return number
+
+
+class BlockWorker:
+    """Verifies blocks of queries, keeping recently used index features in memory."""
+
+    def __init__(self, query_store: str, index_store: str, conf: dict, cache_images: int = 2000):
+        self.queries = FeatureStore(query_store)
+        self.index = FeatureStore(index_store)
+        self.conf = conf
+        self.options = verify_options(conf)
+        self.cache: OrderedDict[str, ImageFeatures] = OrderedDict()
+        self.cache_images = cache_images
+
+    def index_features(self, image_id: str) -> ImageFeatures:
+        """Local features of an index image, read from the store once while cached."""
+        if image_id in self.cache:
+            self.cache.move_to_end(image_id)
+            return self.cache[image_id]
+        features = self.index.features(image_id)
+        self.cache[image_id] = features
+        if len(self.cache) > self.cache_images:
+            self.cache.popitem(last=False)
+        return features
+
+    def rerank_block(self, block: dict[str, list[tuple[str, float]]]) -> pd.DataFrame:
+        """Rows (COLUMNS) for every (query, candidate) of the block."""
+        rows = [row for query_id, cands in block.items() for row in self.rerank_query(query_id, cands)]
+        return pd.DataFrame(rows, columns=list(COLUMNS))
+
+    def rerank_query(self, query_id: str, candidates: list[tuple[str, float]]) -> list[tuple]:
+        """Verify one query against its candidates; rows sorted by score descending."""
+        query = self.queries.features(query_id)
+        rows = []
+        for index_id, global_score in candidates:
+            candidate = self.index_features(index_id)
+            result = verify_pair(query.locations, query.descriptors, candidate.locations, candidate.descriptors,
+                                 **self.options)
+            inliers = result.inliers if result.inliers >= self.conf["min_inliers"] else 0
+            score = final_score(inliers, global_score, self.conf)
+            rows.append((query_id, index_id, global_score, result.matches, inliers, score, result.status))
+        return sorted(rows, key=lambda row: (-row[5], row[1]))
+
+
+def final_score(inliers: int, global_score: float, conf: dict) -> float:
+    """Score of a verified candidate under ``conf["scoring"]`` (see module docstring)."""
+    if conf["scoring"] == "official":
+        return inliers + global_score / 2.0
+    if conf["scoring"] == "kaggle2020":
+        cap = conf["max_inlier_score"]
+        return min(inliers, cap) / cap + global_score
+    raise ValueError(f"unknown rerank.scoring {conf['scoring']!r}; use official or kaggle2020")
+
+
+def _remove_dir(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .cli import add_config_arguments, add_run_arguments
+
+    parser.add_argument("--shortlist", required=True, help="shortlist CSV from `delf-pipeline shortlist`")
+    parser.add_argument("--queries", required=True, help="feature store of the query images")
+    parser.add_argument("--index", required=True, help="feature store of the index images")
+    parser.add_argument("--out", required=True, help="rerank CSV to write")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes (one per core works best)")
+    parser.add_argument("--dask", metavar="ADDRESS", help="run the blocks on this dask.distributed scheduler")
+    add_run_arguments(parser)
+    add_config_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    config = load_config(args.preset, args.config, args.overrides)
+    run(config, args.shortlist, args.queries, args.index, args.out, shard=parse_shard(args.shard),
+        overwrite=args.overwrite, jobs=args.jobs, dask_address=args.dask)
+    return 0

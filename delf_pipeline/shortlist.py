@@ -1,0 +1,170 @@
+"""Stage 2, shortlist: top-K index images per query by cosine similarity of global descriptors.
+
+Exact search by chunked matrix products: a block of queries [B, G] against the index in
+chunks of rows [C, G] streamed from the memory-mapped store, keeping a running top-K. Peak
+memory depends on the block and chunk sizes, not on the size of the index. On a GPU the
+products run in TensorFlow; otherwise NumPy's BLAS.
+
+Output CSV: ``query_id,index_id,rank,score`` (rank 1 = most similar).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from .artifacts import check_manifest, parse_shard
+from .blocks import blocks_dir, run_blocks, write_block
+from .config import fingerprint, load_config
+from .progress import track
+from .store import FeatureStore
+
+log = logging.getLogger("delf_pipeline.shortlist")
+
+COLUMNS = ("query_id", "index_id", "rank", "score")
+QUERY_BLOCK = 1024  # queries per block (one output file each)
+CHUNK_BYTES = 64 << 20  # at most this much index data per matrix product
+
+MatMul = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def run(
+    config: dict,
+    index_store: str | Path,
+    query_store: str | Path,
+    out: str | Path,
+    *,
+    shard: tuple[int, int] = (1, 1),
+    overwrite: bool = False,
+) -> Path:
+    """Write the shortlist CSV ``out`` for every query of ``query_store``; returns ``out``."""
+    conf, out = config["shortlist"], Path(out)
+    index, queries = FeatureStore(index_store), FeatureStore(query_store)
+    if overwrite:
+        _remove_outputs(out)
+    manifest = {"top_k": conf["top_k"], "index_images": len(index), "query_images": len(queries),
+                "global_space": check_same_space(index, queries)}
+    check_manifest(blocks_dir(out) / "manifest.json", manifest, what="shortlist")
+    matmul = select_matmul(conf["device"])
+
+    def compute(blocks: list[tuple[int, list[str]]]) -> None:
+        for number, ids in track(blocks, len(blocks), "shortlist blocks"):
+            write_block(out, number, shortlist_block(queries, ids, index, conf, matmul))
+
+    return run_blocks(out, queries.ids, QUERY_BLOCK, shard, COLUMNS, compute)
+
+
+def check_same_space(index: FeatureStore, queries: FeatureStore) -> str:
+    """Fingerprint of the global descriptor space; raises if the two stores differ."""
+    spaces = [_global_space(store) for store in (index, queries)]
+    if spaces[0] != spaces[1]:
+        raise ValueError(
+            f"index store {index.path} and query store {queries.path} hold different global descriptors "
+            f"({spaces[0]} vs {spaces[1]}): extract both with the same settings (and, for rootsift, "
+            "pass the index store's codebook.npy to the query extraction with --codebook)"
+        )
+    return spaces[0]
+
+
+def _global_space(store: FeatureStore) -> str:
+    settings = dict(store.manifest()["settings"])
+    codebook = store.path / "codebook.npy"
+    if codebook.exists():
+        settings["codebook"] = fingerprint({"words": np.load(codebook).tobytes().hex()})
+    return fingerprint(settings)
+
+
+def shortlist_block(
+    queries: FeatureStore, query_ids: list[str], index: FeatureStore, conf: dict, matmul: MatMul
+) -> pd.DataFrame:
+    """Top-K rows for one block of queries, as a frame with COLUMNS."""
+    matrix = queries.global_matrix(query_ids)
+    exclude = bool(conf["exclude_same_id"])
+    index_ids, top_rows, top_scores = top_k_search(matrix, index, conf["top_k"] + exclude, conf["chunk_rows"], matmul)
+    k = top_rows.shape[1]
+    frame = pd.DataFrame({
+        "query_id": np.repeat(np.asarray(query_ids, dtype=object), k),
+        "index_id": np.asarray(index_ids, dtype=object)[top_rows.reshape(-1)] if len(index_ids) else [],
+        "score": top_scores.reshape(-1),
+    })
+    if exclude:
+        frame = frame[frame["query_id"] != frame["index_id"]].groupby("query_id", sort=False).head(conf["top_k"])
+    frame.insert(2, "rank", frame.groupby("query_id", sort=False).cumcount() + 1)
+    return frame.reset_index(drop=True)
+
+
+def top_k_search(
+    queries: np.ndarray, index: FeatureStore, top_k: int, chunk_rows: int, matmul: MatMul
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Exact top-K by inner product.
+
+    queries: [Q, G] float32. Returns (index ids [M], rows [Q, K] into them, scores [Q, K]),
+    K = min(top_k, M), each row sorted by score descending (ties: lower row first).
+    """
+    rows = max(1, min(chunk_rows, CHUNK_BYTES // max(1, 4 * queries.shape[1])))
+    best_rows = np.zeros((len(queries), 0), np.int64)
+    best_scores = np.zeros((len(queries), 0), np.float32)
+    all_ids: list[str] = []
+    for ids, chunk in index.iter_global(rows):
+        scores = matmul(queries, chunk)
+        columns = np.broadcast_to(np.arange(len(ids)), scores.shape)
+        in_chunk, chunk_scores = _keep_top(columns, scores, top_k)
+        merged_rows = np.concatenate([best_rows, in_chunk + len(all_ids)], axis=1)
+        merged_scores = np.concatenate([best_scores, chunk_scores], axis=1)
+        best_rows, best_scores = _keep_top(merged_rows, merged_scores, top_k)
+        all_ids.extend(ids)
+    order = np.lexsort((best_rows, -best_scores), axis=1) if best_rows.size else best_rows
+    return all_ids, np.take_along_axis(best_rows, order, 1), np.take_along_axis(best_scores, order, 1)
+
+
+def _keep_top(rows: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    if scores.shape[1] <= k:
+        return rows, scores
+    keep = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    return np.take_along_axis(rows, keep, 1), np.take_along_axis(scores, keep, 1)
+
+
+def select_matmul(device: str) -> MatMul:
+    """``queries [Q, G] @ chunk [C, G].T -> [Q, C]`` on the chosen device.
+
+    ``auto`` uses TensorFlow only when an NVIDIA driver is visible (so CPU-only runs never
+    pay for importing TensorFlow); ``gpu`` forces the TensorFlow path, which also runs
+    (on the CPU) where there is no GPU; ``cpu`` is NumPy BLAS.
+    """
+    if device not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"shortlist.device must be auto, cpu or gpu, got {device!r}")
+    if device == "cpu" or (device == "auto" and not os.path.exists("/proc/driver/nvidia/version")):
+        return lambda q, c: q @ np.asarray(c, np.float32).T
+    import tensorflow as tf
+
+    if device == "auto" and not tf.config.list_physical_devices("GPU"):
+        return lambda q, c: q @ np.asarray(c, np.float32).T
+    return lambda q, c: tf.matmul(q, tf.convert_to_tensor(c, tf.float32), transpose_b=True).numpy()
+
+
+def _remove_outputs(out: Path) -> None:
+    import shutil
+
+    out.unlink(missing_ok=True)
+    shutil.rmtree(blocks_dir(out), ignore_errors=True)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .cli import add_config_arguments, add_run_arguments
+
+    parser.add_argument("--index", required=True, help="feature store of the index images")
+    parser.add_argument("--queries", required=True, help="feature store of the query images")
+    parser.add_argument("--out", required=True, help="shortlist CSV to write (query_id,index_id,rank,score)")
+    add_run_arguments(parser)
+    add_config_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    config = load_config(args.preset, args.config, args.overrides)
+    run(config, args.index, args.queries, args.out, shard=parse_shard(args.shard), overwrite=args.overwrite)
+    return 0
