@@ -1,0 +1,260 @@
+"""Tests of delf_pipeline.images: listing (folder, Kaggle layout, CSV) and robust decoding.
+
+Every image here is made by the test (PIL), with hand-worked expected pixels and sizes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from delf_pipeline.images import (
+    MIN_SIDE,
+    ImageError,
+    ImageRecord,
+    iter_decoded,
+    kaggle_path,
+    list_images,
+    load_image,
+)
+
+
+def save(path: Path, image: Image.Image, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **kwargs)
+    return path
+
+
+def noise(height: int, width: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def write_csv(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def ids(records) -> list[str]:
+    return [r.id for r in records]
+
+
+# ---------------------------------------------------------------- listing
+
+
+def test_folder_is_searched_recursively_and_ids_are_relative_paths(tmp_path):
+    save(tmp_path / "place" / "sub" / "b.JPG", noise(20, 20))
+    save(tmp_path / "a.png", noise(20, 20))
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "folder.jpg").mkdir()  # a directory with an image suffix is not an image
+    records, errors = list_images(tmp_path)
+    assert ids(records) == ["a", "place/sub/b"]
+    assert records[1].path == tmp_path / "place" / "sub" / "b.JPG"
+    assert records[0].label is None and errors == []
+
+
+def test_empty_folder_lists_nothing(tmp_path):
+    assert list_images(tmp_path) == ([], [])
+
+
+def test_missing_source_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="image source not found"):
+        list_images(tmp_path / "nowhere")
+
+
+def kaggle_root(tmp_path: Path) -> Path:
+    root = tmp_path / "kaggle"
+    root.mkdir()
+    write_csv(root / "train.csv", ["id,landmark_id", "abc123,7", "f00d42,9", "badrow,"])
+    for image_id in ("abc123", "f00d42"):
+        save(kaggle_path(root, "train", image_id), noise(20, 20))
+    save(root / "test" / "x" / "y" / "z" / "xyz789.jpg", noise(20, 20))
+    return root
+
+
+def test_kaggle_train_split_reads_ids_and_labels_from_train_csv(tmp_path):
+    root = kaggle_root(tmp_path)
+    records, errors = list_images(root, "train")
+    assert [(r.id, r.label) for r in records] == [("abc123", "7"), ("f00d42", "9")]
+    assert records[0].path == root / "train" / "a" / "b" / "c" / "abc123.jpg"
+    assert [(e.id, e.reason) for e in errors] == [("badrow", "malformed CSV row at train.csv line 4")]
+
+
+def test_kaggle_test_split_takes_ids_from_file_stems(tmp_path):
+    root = kaggle_root(tmp_path)
+    records, errors = list_images(root, "test")
+    assert [(r.id, r.label) for r in records] == [("xyz789", None)]
+    assert records[0].path == root / "test" / "x" / "y" / "z" / "xyz789.jpg"
+    assert errors == []
+
+
+def test_csv_paths_are_relative_to_the_csv_folder(tmp_path):
+    absolute = save(tmp_path / "elsewhere" / "b.jpg", noise(20, 20))
+    listing = write_csv(tmp_path / "list.csv", ["id,path,landmark_id", "a, photos/a.jpg ,3", f"b,{absolute},"])
+    records, errors = list_images(listing)
+    assert [(r.id, r.path, r.label) for r in records] == [
+        ("a", tmp_path / "photos" / "a.jpg", "3"),
+        ("b", absolute, None),
+    ]
+    assert errors == []
+
+
+def test_csv_duplicate_and_malformed_rows_become_error_records(tmp_path):
+    listing = write_csv(tmp_path / "list.csv", [
+        "id,path",
+        "a,a.jpg",
+        "a,other.jpg",  # duplicate id: the first row wins
+        "b",  # no path
+        ",c.jpg",  # no id
+        "d,d.jpg,extra",  # one field too many
+        "e,e.jpg",
+    ])
+    records, errors = list_images(listing)
+    assert [(r.id, r.path.name) for r in records] == [("a", "a.jpg"), ("e", "e.jpg")]
+    assert [(e.id, e.reason) for e in errors] == [
+        ("b", "malformed CSV row at list.csv line 4"),
+        ("<line 5>", "malformed CSV row at list.csv line 5"),
+        ("d", "malformed CSV row at list.csv line 6"),
+        ("a", f"duplicate id (first seen at {tmp_path / 'a.jpg'})"),
+    ]
+    assert errors[3].path == str(tmp_path / "other.jpg")
+
+
+def test_csv_without_a_path_column_is_refused(tmp_path):
+    listing = write_csv(tmp_path / "list.csv", ["id,file", "a,a.jpg"])
+    with pytest.raises(ValueError, match=r"missing column\(s\) path"):
+        list_images(listing)
+
+
+def test_header_only_csv_lists_nothing(tmp_path):
+    assert list_images(write_csv(tmp_path / "list.csv", ["id,path"])) == ([], [])
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def test_exif_orientation_6_is_turned_upright(tmp_path):
+    stored = np.zeros((24, 48, 3), np.uint8)  # stored landscape; orientation 6 = rotate 90 deg clockwise
+    stored[:8, :8] = (255, 0, 0)  # red mark at the stored top-left corner
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = 6
+    path = save(tmp_path / "rotated.jpg", image, exif=exif, quality=95)
+    upright, factors = load_image(path)
+    assert upright.shape == (48, 24, 3)
+    assert upright[2:6, -6:-2, 0].min() > 200  # the mark is now top-right
+    assert upright[2:6, 2:6, 0].max() < 50
+    assert np.array_equal(factors, [1.0, 1.0])
+
+
+def palette_image() -> Image.Image:
+    image = Image.new("P", (32, 32), 1)
+    image.putpalette([0, 0, 0, 12, 34, 56] + [0] * 762)
+    return image
+
+
+@pytest.mark.parametrize(
+    "name, image, pixel",
+    [
+        ("grey.png", Image.new("L", (32, 32), 77), (77, 77, 77)),
+        ("grey_alpha.png", Image.new("LA", (32, 32), (77, 10)), (77, 77, 77)),
+        ("rgba.png", Image.new("RGBA", (32, 32), (10, 20, 30, 0)), (10, 20, 30)),
+        ("palette.png", palette_image(), (12, 34, 56)),
+        ("bilevel.png", Image.new("1", (32, 32), 1), (255, 255, 255)),
+        ("rgb.bmp", Image.new("RGB", (32, 32), (1, 2, 3)), (1, 2, 3)),
+    ],
+)
+def test_every_mode_decodes_to_rgb_uint8(tmp_path, name, image, pixel):
+    decoded, _ = load_image(save(tmp_path / name, image))
+    assert decoded.shape == (32, 32, 3) and decoded.dtype == np.uint8
+    assert tuple(decoded[5, 5]) == pixel
+
+
+def test_cmyk_jpeg_decodes_to_its_rgb_colours(tmp_path):
+    rgb = np.zeros((40, 64, 3), np.uint8)
+    rgb[:, :32] = (200, 30, 30)
+    path = save(tmp_path / "cmyk.jpg", Image.fromarray(rgb).convert("CMYK"), quality=95)
+    assert Image.open(path).mode == "CMYK"
+    decoded, _ = load_image(path)
+    assert np.abs(decoded[20, 10].astype(int) - (200, 30, 30)).max() <= 6
+    assert decoded[20, 50].max() <= 6
+
+
+def test_16_bit_png_spans_the_full_8_bit_range(tmp_path):
+    levels = np.array([0, 257, 32768, 65535], np.uint16)
+    ramp = np.repeat(np.repeat(levels, 8)[None, :], 16, axis=0)  # 16 x 32, four bands
+    path = save(tmp_path / "deep.png", Image.fromarray(ramp))
+    assert Image.open(path).mode.startswith("I;16")
+    decoded, _ = load_image(path)
+    # v / 65535 * 255, rounded: 0 -> 0, 257 -> 1, 32768 -> 128, 65535 -> 255 (not all white)
+    assert decoded[0, ::8, 0].tolist() == [0, 1, 128, 255]
+
+
+def test_resize_keeps_the_longest_side_and_gives_per_axis_factors(tmp_path):
+    path = save(tmp_path / "photo.png", noise(401, 600))
+    small, factors = load_image(path, max_image_size=100)
+    assert small.shape == (67, 100, 3)  # 401 / 6 = 66.8 rounds to 67
+    assert factors == pytest.approx([401 / 67, 6.0])
+    assert [round(n * f) for n, f in zip(small.shape, factors)] == [401, 600]
+
+
+@pytest.mark.parametrize("max_image_size", [0, 600, 1000])
+def test_no_resize_when_the_image_already_fits(tmp_path, max_image_size):
+    image, factors = load_image(save(tmp_path / "photo.png", noise(401, 600)), max_image_size)
+    assert image.shape == (401, 600, 3)
+    assert np.array_equal(factors, [1.0, 1.0])
+
+
+def test_tall_thin_image_loads_at_full_size_but_not_once_shrunk(tmp_path):
+    path = save(tmp_path / "strip.png", noise(16, 3000))
+    assert load_image(path)[0].shape == (16, 3000, 3)
+    with pytest.raises(ImageError, match=r"degenerate aspect ratio 3000x16: under 16 px once resized"):
+        load_image(path, max_image_size=512)
+
+
+def broken_files(folder: Path) -> dict[str, tuple[Path, str]]:
+    """{name: (path, expected reason pattern)} of files no decoder can use."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "empty.jpg").write_bytes(b"")
+    good = save(folder / "good.jpg", noise(64, 64))
+    (folder / "truncated.jpg").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    good.unlink()
+    (folder / "text.jpg").write_text("this is not a JPEG\n")
+    save(folder / "tiny.png", Image.new("RGB", (1, 1)))
+    save(folder / "small.png", Image.new("RGB", (MIN_SIDE - 1, 40)))
+    return {
+        "empty": (folder / "empty.jpg", r"empty file \(0 bytes\)"),
+        "truncated": (folder / "truncated.jpg", "cannot decode image: image file is truncated"),
+        "text": (folder / "text.jpg", "cannot decode image: cannot identify image file"),
+        "tiny": (folder / "tiny.png", r"degenerate size 1x1 \(min side 16 px\)"),
+        "small": (folder / "small.png", r"degenerate size 15x40"),
+        "missing": (folder / "missing.jpg", "missing file"),
+    }
+
+
+@pytest.mark.parametrize("name", ["empty", "truncated", "text", "tiny", "small", "missing"])
+def test_unusable_files_raise_image_error_with_a_reason(tmp_path, name):
+    path, reason = broken_files(tmp_path)[name]
+    with pytest.raises(ImageError, match=reason):
+        load_image(path)
+
+
+def test_iter_decoded_keeps_order_and_reports_errors_in_place(tmp_path):
+    broken = broken_files(tmp_path / "broken")
+    records = []
+    for i in range(5):
+        records.append(ImageRecord(f"good{i}", save(tmp_path / f"good{i}.png", noise(20 + i, 30))))
+        records.append(ImageRecord(f"bad{i}", broken[list(broken)[i]][0]))
+    out = list(iter_decoded(records, max_image_size=0, workers=2, lookahead=1))
+    assert [r.id for r, *_ in out] == [r.id for r in records]
+    for record, image, factors, error in out:
+        if record.id.startswith("good"):
+            assert error is None and image.shape == (20 + int(record.id[-1]), 30, 3)
+        else:
+            assert image is None and error
+        assert np.array_equal(factors, [1.0, 1.0])
+
+
+def test_iter_decoded_of_nothing_is_empty():
+    assert list(iter_decoded([], max_image_size=0)) == []
