@@ -79,12 +79,24 @@ def check_manifest(path: Path, expected: dict, what: str) -> None:
     """
     if path.exists():
         found = read_json(path)
-        diff = {k: (found.get(k), v) for k, v in expected.items() if found.get(k) != v}
-        if diff:
-            lines = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
+        lines = "; ".join(_differences({k: found.get(k) for k in expected}, expected))
+        if lines:
             raise ValueError(
                 f"{what} at {path.parent} was made with other settings ({lines}). "
                 "Use --overwrite to rebuild it or choose another output folder."
             )
     else:
         write_json_atomic(path, expected)
+
+
+def _differences(found: dict, expected: dict, prefix: str = "") -> list[str]:
+    """``key: was A, now B`` per differing key; nested dicts are compared key by key
+    (``settings.max_features: was 1000, now 500``) so the message names the setting."""
+    lines = []
+    for key in sorted(set(found) | set(expected)):
+        old, new = found.get(key), expected.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            lines += _differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            lines.append(f"{prefix}{key}: was {old!r}, now {new!r}")
+    return lines
