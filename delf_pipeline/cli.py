@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("extract", "extract global and local features of images into a feature store"),
     "shortlist": ("shortlist", "top-K index images per query by global descriptor similarity"),
     "predict": ("predict", "aggregate candidate scores per landmark into submission.csv (and ranking.csv)"),
+    "run": ("pipeline", "all stages on a Kaggle-layout folder: extract, shortlist, rerank, predict, evaluate"),
+    "demo": ("demo", "the whole pipeline on a small landmark set built from scikit-image photos (no download)"),
     "rerank": ("rerank", "verify shortlisted candidates by local feature matching + RANSAC, and rescore"),
     "evaluate": ("evaluate", "score a submission (GAP, accuracy) and a ranking (mAP@100, P@k, R@k, MRR)"),
     "validate-submission": ("validate_submission", "check a submission.csv; exit 1 with line-numbered reasons"),

@@ -1,0 +1,91 @@
+"""All stages at once on a Kaggle-layout folder: ``delf-pipeline run``.
+
+``DATA/train.csv`` + ``DATA/train/...`` are the index (with landmark labels) and
+``DATA/test/...`` the queries. Writes, under ``OUT``::
+
+    features/index, features/query   feature stores (extract)
+    shortlist.csv                    top-K index images per query
+    rerank.csv                       verified candidates (skipped when num_to_rerank is 0)
+    submission.csv, ranking.csv      predictions (every query id, also failed images)
+    metrics.json                     with --solution
+
+Every stage resumes: finished work is skipped, so rerunning after a crash or a kill
+continues where it stopped and gives the same files.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from . import extract, predict, rerank, shortlist
+from .blocks import read_table
+from .config import load_config
+from .images import list_images
+
+log = logging.getLogger("delf_pipeline.pipeline")
+
+
+def run(
+    config: dict,
+    data: str | Path,
+    out: str | Path,
+    *,
+    solution: str | Path | None = None,
+    jobs: int = 1,
+    overwrite: bool = False,
+) -> Path:
+    """Run extract, shortlist, rerank, predict (and evaluate) on ``data``; returns submission.csv."""
+    data, out = Path(data), Path(out)
+    features = out / "features"
+    index_store = extract.run(config, data, features / "index", split="train", overwrite=overwrite)
+    codebook = index_store / "codebook.npy"
+    query_store = extract.run(config, data, features / "query", split="test", overwrite=overwrite,
+                              codebook=codebook if codebook.exists() else None)
+    shortlist_csv = shortlist.run(config, index_store, query_store, out / "shortlist.csv", overwrite=overwrite)
+    rerank_csv = None
+    if config["rerank"]["num_to_rerank"] > 0:
+        rerank_csv = rerank.run(config, shortlist_csv, query_store, index_store, out / "rerank.csv",
+                                overwrite=overwrite, jobs=jobs)
+    submission = predict.run(config, shortlist_csv, index_labels(data), query_ids(data, query_store),
+                             out / "submission.csv", rerank_csv=rerank_csv)
+    if solution:
+        from .evaluate import evaluate, print_report
+
+        print_report(evaluate(submission, solution, out / "ranking.csv", data / "train.csv", out / "metrics.json"))
+    return submission
+
+
+def index_labels(data: Path) -> dict[str, str]:
+    records, _ = list_images(data, split="train")
+    return {r.id: r.label for r in records if r.label is not None}
+
+
+def query_ids(data: Path, query_store: Path) -> list[str]:
+    """Ids of sample_submission.csv (when present) first, then any other test image."""
+    ids = predict.query_ids_of(query_store)
+    sample = data / "sample_submission.csv"
+    if sample.exists():
+        listed = read_table(sample)["id"].tolist()
+        return listed + sorted(set(ids) - set(listed))
+    return ids
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .cli import add_config_arguments
+
+    parser.add_argument("--data", required=True, help="Kaggle-layout folder: train.csv, train/, test/")
+    parser.add_argument("--out", required=True, help="output folder (resumed if it exists)")
+    parser.add_argument("--model", help="DELF/DELG SavedModel folder or hub handle (sets extract.model)")
+    parser.add_argument("--solution", help="solution CSV (id,landmarks[,Usage]): also write and print metrics")
+    parser.add_argument("--jobs", type=int, default=1, help="rerank worker processes")
+    parser.add_argument("--overwrite", action="store_true", help="redo every stage")
+    add_config_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides) + ([f'extract.model="{args.model}"'] if args.model else [])
+    config = load_config(args.preset, args.config, overrides)
+    submission = run(config, args.data, args.out, solution=args.solution, jobs=args.jobs, overwrite=args.overwrite)
+    print(f"submission: {submission}")
+    return 0
