@@ -123,10 +123,21 @@ def top_k_search(
 
 
 def _keep_top(rows: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best of each row of ``scores`` [Q, C] with their ``rows`` [Q, C], unsorted.
+
+    Ties at the k-th score keep the lowest rows (argpartition alone picks any of them).
+    """
     if scores.shape[1] <= k:
         return rows, scores
     keep = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    return np.take_along_axis(rows, keep, 1), np.take_along_axis(scores, keep, 1)
+    top_rows, top_scores = np.take_along_axis(rows, keep, 1), np.take_along_axis(scores, keep, 1)
+    kth = top_scores.min(axis=1, keepdims=True)
+    cut_ties = (scores == kth).sum(axis=1) > (top_scores == kth).sum(axis=1)
+    for q in np.flatnonzero(cut_ties):
+        contenders = np.flatnonzero(scores[q] >= kth[q])
+        best = contenders[np.lexsort((rows[q, contenders], -scores[q, contenders]))[:k]]
+        top_rows[q], top_scores[q] = rows[q, best], scores[q, best]
+    return top_rows, top_scores
 
 
 def select_matmul(device: str) -> MatMul:
