@@ -28,6 +28,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "vlad_words": 256,  # rootsift: VLAD codebook size (global dim = words x 128)
         "codebook_images": 500,  # rootsift: index images sampled to learn the codebook
         "seed": 0,  # rootsift: codebook k-means seed
+        "local_features": True,  # false: store global descriptors only (local ones on demand at rerank)
         "part_size": 256,  # images per store part (unit of atomic write and resume)
     },
     "shortlist": {

@@ -18,7 +18,7 @@ import argparse
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import numpy as np
 
@@ -35,7 +35,7 @@ Extractor = Callable[[np.ndarray], ImageFeatures]
 # settings that change what is stored; the others (part_size, ...) only change how
 STORE_SETTINGS = (
     "backend", "model", "image_scales", "global_scale_indices", "max_image_size", "score_threshold",
-    "max_features", "descriptor_dtype", "vlad_words", "codebook_images", "seed",
+    "max_features", "descriptor_dtype", "vlad_words", "codebook_images", "seed", "local_features",
 )
 
 
@@ -49,10 +49,18 @@ def run(
     overwrite: bool = False,
     strict: bool = False,
     codebook: str | Path | None = None,
+    only_ids: Collection[str] | None = None,
 ) -> Path:
-    """Extract features of the images in ``images`` into the store ``out``; returns ``out``."""
+    """Extract features of the images in ``images`` into the store ``out``; returns ``out``.
+
+    ``only_ids`` restricts the work to those image ids (e.g. the shortlisted candidates).
+    """
     conf, out = config["extract"], Path(out)
     records, listing_errors = list_images(images, split)
+    if only_ids is not None:
+        wanted = set(only_ids)
+        records = [r for r in records if r.id in wanted]
+        listing_errors = [e for e in listing_errors if e.id in wanted]
     if strict and listing_errors:
         raise ImageError(_describe(listing_errors[0]))
     if overwrite:
@@ -212,6 +220,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="feature store folder to write (created; resumed if present)")
     parser.add_argument("--split", default="train", help="Kaggle layout: which split folder to read (train or test)")
     parser.add_argument("--codebook", help="rootsift: use this codebook.npy (the index store's) instead of learning one")
+    parser.add_argument("--candidates", metavar="SHORTLIST_CSV",
+                        help="extract only the index images shortlisted there (top rerank.num_to_rerank per query): "
+                             "local features for an index store made with extract.local_features=false")
     parser.add_argument("--strict", action="store_true", help="stop with exit code 1 at the first unusable image")
     add_run_arguments(parser)
     add_config_arguments(parser)
@@ -219,6 +230,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     config = load_config(args.preset, args.config, args.overrides)
+    only_ids = None
+    if args.candidates:
+        from .rerank import candidate_ids
+
+        only_ids = candidate_ids(args.candidates, config["rerank"]["num_to_rerank"])
     run(config, args.images, args.out, split=args.split, shard=parse_shard(args.shard),
-        overwrite=args.overwrite, strict=args.strict, codebook=args.codebook)
+        overwrite=args.overwrite, strict=args.strict, codebook=args.codebook, only_ids=only_ids)
     return 0

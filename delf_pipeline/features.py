@@ -36,6 +36,12 @@ class ImageFeatures:
     def num_features(self) -> int:
         return len(self.locations)
 
+    def without_local(self) -> "ImageFeatures":
+        """The same image with its global descriptor only (0 local features, same dimension)."""
+        dim = self.descriptors.shape[1]
+        return ImageFeatures(np.zeros((0, 2), np.float32), np.zeros((0, dim), np.float32),
+                             np.zeros((0,), np.float32), np.zeros((0,), np.float32), self.global_descriptor)
+
 
 def l2_normalize(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
     """Rows (or any axis) of ``x`` scaled to unit L2 norm; all-zero rows stay zero."""

@@ -22,6 +22,7 @@ query sorted by score (descending).
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 from collections import OrderedDict
 from pathlib import Path
@@ -56,8 +57,15 @@ def run(
     overwrite: bool = False,
     jobs: int = 1,
     dask_address: str | None = None,
+    index_images: str | Path | None = None,
+    index_split: str = "train",
 ) -> Path:
-    """Verify the shortlisted candidates of every query; writes and returns ``out``."""
+    """Verify the shortlisted candidates of every query; writes and returns ``out``.
+
+    When ``index_store`` holds global descriptors only (``extract.local_features`` false),
+    the local features of the shortlisted candidates are extracted from ``index_images``
+    first, once per image, into the store ``<index_store>-candidates``.
+    """
     conf, out = config["rerank"], Path(out)
     if overwrite:
         out.unlink(missing_ok=True)
@@ -65,7 +73,8 @@ def run(
     shortlist = read_table(Path(shortlist_csv))
     check_manifest(blocks_dir(out) / "manifest.json", rerank_manifest(conf, shortlist), what="rerank output")
     candidates = top_candidates(shortlist, conf["num_to_rerank"])
-    paths = (str(query_store), str(index_store))
+    local_store = candidate_store(config, Path(index_store), candidates, index_images, index_split, shard)
+    paths = (str(query_store), str(local_store))
 
     def compute(blocks: list[tuple[int, list[str]]]) -> None:
         tasks = [(number, {q: candidates[q] for q in ids}) for number, ids in blocks]
@@ -93,6 +102,34 @@ def top_candidates(shortlist: pd.DataFrame, num_to_rerank: int) -> dict[str, lis
     for query_id, index_id, score in zip(top["query_id"], top["index_id"], top["score"]):
         result.setdefault(query_id, []).append((index_id, float(score)))
     return result
+
+
+def candidate_ids(shortlist_csv: str | Path, num_to_rerank: int) -> set[str]:
+    """Union of the index images that rerank will verify (top ``num_to_rerank`` per query)."""
+    candidates = top_candidates(read_table(Path(shortlist_csv)), num_to_rerank)
+    return {index_id for pairs in candidates.values() for index_id, _ in pairs}
+
+
+def candidate_store(config: dict, index_store: Path, candidates: dict, images, split: str, shard) -> Path:
+    """The store to read candidates' local features from (see :func:`run`)."""
+    settings = FeatureStore(index_store).manifest()["settings"]
+    if settings.get("local_features", True):
+        return index_store
+    if images is None or shard != (1, 1):
+        raise ValueError(
+            f"{index_store} holds global descriptors only. Give --index-images (unsharded run) to extract the "
+            "candidates' local features on demand, or extract them first with `delf-pipeline extract "
+            "--candidates SHORTLIST.csv --set extract.local_features=true` (shardable) and pass that store as --index."
+        )
+    from . import extract
+
+    local_config = copy.deepcopy(config)
+    local_config["extract"].update(settings, local_features=True)
+    codebook = index_store / "codebook.npy"
+    wanted = {index_id for pairs in candidates.values() for index_id, _ in pairs}
+    log.info("extracting local features of %d shortlisted index images", len(wanted))
+    return extract.run(local_config, images, Path(f"{index_store}-candidates"), split=split, only_ids=wanted,
+                       codebook=codebook if codebook.exists() else None)
 
 
 def _run_parallel(tasks, out: Path, paths, conf: dict, jobs: int, dask_address: str | None) -> None:
@@ -202,6 +239,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queries", required=True, help="feature store of the query images")
     parser.add_argument("--index", required=True, help="feature store of the index images")
     parser.add_argument("--out", required=True, help="rerank CSV to write")
+    parser.add_argument("--index-images", help="index image source, to extract candidates' local features on demand "
+                        "when --index holds global descriptors only")
+    parser.add_argument("--index-split", default="train", help="Kaggle layout: split of --index-images")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (one per core works best)")
     parser.add_argument("--dask", metavar="ADDRESS", help="run the blocks on this dask.distributed scheduler")
     add_run_arguments(parser)
@@ -211,5 +251,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     config = load_config(args.preset, args.config, args.overrides)
     run(config, args.shortlist, args.queries, args.index, args.out, shard=parse_shard(args.shard),
-        overwrite=args.overwrite, jobs=args.jobs, dask_address=args.dask)
+        overwrite=args.overwrite, jobs=args.jobs, dask_address=args.dask, index_images=args.index_images,
+        index_split=args.index_split)
     return 0

@@ -73,6 +73,7 @@ def check_same_space(index: FeatureStore, queries: FeatureStore) -> str:
 
 def _global_space(store: FeatureStore) -> str:
     settings = dict(store.manifest()["settings"])
+    settings.pop("local_features", None)  # whether local features are stored does not change the globals
     codebook = store.path / "codebook.npy"
     if codebook.exists():
         settings["codebook"] = fingerprint({"words": np.load(codebook).tobytes().hex()})
