@@ -20,6 +20,7 @@ from pathlib import Path
 
 from . import extract, predict, rerank, shortlist
 from .blocks import read_table
+from .budget import TimeBudget, fit_num_to_rerank
 from .config import load_config
 from .images import list_images
 
@@ -34,8 +35,13 @@ def run(
     solution: str | Path | None = None,
     jobs: int = 1,
     overwrite: bool = False,
+    time_budget: TimeBudget | None = None,
 ) -> Path:
-    """Run extract, shortlist, rerank, predict (and evaluate) on ``data``; returns submission.csv."""
+    """Run extract, shortlist, rerank, predict (and evaluate) on ``data``; returns submission.csv.
+
+    With ``time_budget``, rerank.num_to_rerank is lowered to fit the time left after the
+    shortlist (see :mod:`delf_pipeline.budget`).
+    """
     data, out = Path(data), Path(out)
     features = out / "features"
     index_store = extract.run(config, data, features / "index", split="train", overwrite=overwrite)
@@ -44,6 +50,9 @@ def run(
                               codebook=codebook if codebook.exists() else None)
     shortlist_csv = shortlist.run(config, index_store, query_store, out / "shortlist.csv", overwrite=overwrite)
     rerank_csv = None
+    if time_budget is not None:
+        config = fit_num_to_rerank(config, time_budget, shortlist_csv, query_store, index_store,
+                                   out / "rerank.csv", jobs=jobs, overwrite=overwrite)
     if config["rerank"]["num_to_rerank"] > 0:
         rerank_csv = rerank.run(config, shortlist_csv, query_store, index_store, out / "rerank.csv",
                                 overwrite=overwrite, jobs=jobs)
@@ -80,12 +89,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--solution", help="solution CSV (id,landmarks[,Usage]): also write and print metrics")
     parser.add_argument("--jobs", type=int, default=1, help="rerank worker processes")
     parser.add_argument("--overwrite", action="store_true", help="redo every stage")
+    parser.add_argument("--time-budget-hours", type=float,
+                        help="lower rerank.num_to_rerank so the run fits this many hours (timed on sample pairs)")
     add_config_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f'extract.model="{args.model}"'] if args.model else [])
     config = load_config(args.preset, args.config, overrides)
-    submission = run(config, args.data, args.out, solution=args.solution, jobs=args.jobs, overwrite=args.overwrite)
+    budget = TimeBudget(args.time_budget_hours * 3600) if args.time_budget_hours else None
+    submission = run(config, args.data, args.out, solution=args.solution, jobs=args.jobs, overwrite=args.overwrite,
+                     time_budget=budget)
     print(f"submission: {submission}")
     return 0

@@ -1,0 +1,128 @@
+"""Time budget: fit the rerank depth (``num_to_rerank``) to the time that is left.
+
+Extraction and shortlisting cannot be shortened without changing the result, so they
+run in full; the budget acts on the rerank stage, whose cost is (queries x depth x time
+per pair). :func:`fit_num_to_rerank` measures the time per pair on a sample of the real
+shortlisted pairs (same code as the rerank stage: store reads + matching + RANSAC), then
+picks the largest depth, at most the configured one, that fits the remaining time. With
+no time left it returns 0, and the predictions fall back to the global shortlist.
+
+``jobs`` worker processes are assumed to verify ``jobs`` times as many pairs per second
+(one single-thread process per core, see DESIGN.md); that is an estimate, not measured
+here, which is one reason for the safety ``margin``.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from .artifacts import read_json
+from .blocks import blocks_dir, read_table
+from .progress import format_seconds
+
+log = logging.getLogger("delf_pipeline.budget")
+
+
+@dataclass
+class TimeBudget:
+    """``seconds`` of wall time counted from ``start`` (a ``clock()`` reading)."""
+
+    seconds: float
+    clock: Callable[[], float] = time.monotonic
+    start: float | None = None  # now, unless given
+
+    def __post_init__(self) -> None:
+        if not self.seconds > 0:
+            raise ValueError(f"a time budget must be positive, got {self.seconds!r} seconds")
+        if self.start is None:
+            self.start = self.clock()
+
+    def elapsed(self) -> float:
+        return self.clock() - self.start
+
+    def remaining(self) -> float:
+        """Seconds left (negative once the budget is spent)."""
+        return self.seconds - self.elapsed()
+
+
+def affordable_depth(seconds_left: float, seconds_per_pair: float, num_queries: int, jobs: int,
+                     configured: int) -> int:
+    """Largest depth <= ``configured`` with num_queries x depth x seconds_per_pair / jobs <= seconds_left."""
+    if seconds_per_pair < 0 or jobs < 1:
+        raise ValueError(f"need seconds_per_pair >= 0 and jobs >= 1, got {seconds_per_pair}, {jobs}")
+    if num_queries == 0 or configured == 0:
+        return configured
+    if seconds_left <= 0:
+        return 0
+    if seconds_per_pair == 0:
+        return configured
+    return max(0, min(configured, math.floor(seconds_left * jobs / (seconds_per_pair * num_queries))))
+
+
+def measure_pair_seconds(conf: dict, shortlist: pd.DataFrame, query_store: Path, index_store: Path,
+                         max_pairs: int, max_seconds: float) -> tuple[float, int]:
+    """Mean seconds per verified pair and the number of pairs timed.
+
+    Queries are taken evenly spaced over the sorted ids, each with its ``num_to_rerank``
+    best candidates, until ``max_pairs`` pairs or ``max_seconds`` are spent (at least one
+    query). The index-feature cache starts empty, so the estimate errs on the slow side.
+    """
+    from .rerank import BlockWorker, top_candidates
+
+    candidates = top_candidates(shortlist, conf["num_to_rerank"])
+    queries = sorted(candidates)
+    step = max(1, len(queries) * conf["num_to_rerank"] // max(1, max_pairs))
+    worker = BlockWorker(str(query_store), str(index_store), conf)
+    start, pairs = time.perf_counter(), 0
+    for query_id in queries[::step]:
+        pairs += len(worker.rerank_query(query_id, candidates[query_id]))
+        if pairs >= max_pairs or time.perf_counter() - start >= max_seconds:
+            break
+    return (time.perf_counter() - start) / max(pairs, 1), pairs
+
+
+def fit_num_to_rerank(config: dict, budget: TimeBudget, shortlist_csv: Path, query_store: Path,
+                      index_store: Path, rerank_csv: Path, *, jobs: int = 1, overwrite: bool = False,
+                      margin: float = 0.8, sample_pairs: int = 200) -> dict:
+    """A copy of ``config`` whose ``rerank.num_to_rerank`` fits ``margin`` x the time left.
+
+    A rerank output already begun (its manifest exists, no ``overwrite``) keeps the depth
+    it was started with, so a resumed run finishes the same work.
+    """
+    config = copy.deepcopy(config)
+    conf = config["rerank"]
+    started = blocks_dir(Path(rerank_csv)) / "manifest.json"
+    if started.exists() and not overwrite:
+        conf["num_to_rerank"] = read_json(started)["settings"]["num_to_rerank"]
+        log.info("time budget: resuming %s with num_to_rerank=%d", rerank_csv, conf["num_to_rerank"])
+        return config
+    configured, left = conf["num_to_rerank"], budget.remaining()
+    shortlist = read_table(Path(shortlist_csv))
+    num_queries = shortlist["query_id"].nunique()
+    if configured == 0 or num_queries == 0 or left <= 0:
+        conf["num_to_rerank"] = affordable_depth(left, 0.0, num_queries, jobs, configured)
+    else:
+        per_pair, timed = measure_pair_seconds(conf, shortlist, query_store, index_store, sample_pairs,
+                                               max_seconds=0.02 * left)
+        left = budget.remaining()
+        conf["num_to_rerank"] = affordable_depth(margin * left, per_pair, num_queries, jobs, configured)
+        log.info("time budget: %.1f ms per pair (%d pairs timed), %d queries, %d jobs", 1000 * per_pair, timed,
+                 num_queries, jobs)
+    log_decision(configured, conf["num_to_rerank"], budget)
+    return config
+
+
+def log_decision(configured: int, chosen: int, budget: TimeBudget) -> None:
+    spent, left = format_seconds(budget.elapsed()), format_seconds(max(budget.remaining(), 0.0))
+    if chosen < configured:
+        log.warning("time budget: num_to_rerank lowered from %d to %d (%s spent, %s left)", configured, chosen,
+                    spent, left)
+    else:
+        log.info("time budget: num_to_rerank=%d fits (%s spent, %s left)", chosen, spent, left)
