@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""Google Landmark Recognition 2020 kernel: DELG features + geometric re-ranking, offline.
+
+A thin main over ``delf_pipeline.pipeline.run`` with the ``kaggle2020_baseline`` preset
+(DELG local_and_global SavedModel, KD-tree matching, homography RANSAC, host-baseline
+scoring). It writes ``submission.csv`` with a row for every test id.
+
+Paths, in order of precedence: command-line flag, environment variable, Kaggle default.
+
+  --input   DELF_KERNEL_INPUT    /kaggle/input/landmark-recognition-2020
+  --model   DELF_KERNEL_MODEL    /kaggle/input/delg-saved-models/local_and_global
+  --output  DELF_KERNEL_OUTPUT   /kaggle/working/submission.csv
+  --work    DELF_KERNEL_WORK     $TMPDIR/delf_pipeline_kernel (feature stores, shortlist, rerank)
+
+The package comes from the bundle that scripts/build_kernel_bundle.py embeds in this file
+(Kaggle runs with the internet off), or, in the unbundled source, from an installed
+``delf_pipeline``. Nothing happens at import time.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import importlib
+import io
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+#: train.csv rows of the public competition data; the private rerun has another train set.
+NUM_PUBLIC_TRAIN_IMAGES = 1580470
+#: the competition's run-time limit is 9 hours; the rest is kept for safety.
+DEFAULT_TIME_BUDGET_HOURS = 8.5
+#: --features -> preset: DELG SavedModel (host baseline) or the embedded RootSIFT default.
+FEATURE_PRESETS = {"delg": "kaggle2020_baseline", "rootsift": "sift_default"}
+#: (source description, base64 zip of the package); scripts/build_kernel_bundle.py sets it.
+BUNDLE = None
+
+log = logging.getLogger("delf_kernel")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags, with defaults taken from the DELF_KERNEL_* environment variables, then Kaggle's paths."""
+    env = os.environ.get
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--input", default=env("DELF_KERNEL_INPUT", "/kaggle/input/landmark-recognition-2020"),
+                        help="competition data: train.csv, train/, test/, sample_submission.csv [DELF_KERNEL_INPUT]")
+    parser.add_argument("--model", default=env("DELF_KERNEL_MODEL", "/kaggle/input/delg-saved-models/local_and_global"),
+                        help="DELG SavedModel folder, used with --features delg [DELF_KERNEL_MODEL]")
+    parser.add_argument("--output", default=env("DELF_KERNEL_OUTPUT", "/kaggle/working/submission.csv"),
+                        help="submission CSV to write [DELF_KERNEL_OUTPUT]")
+    parser.add_argument("--work", default=env("DELF_KERNEL_WORK", str(Path(tempfile.gettempdir()) / "delf_pipeline_kernel")),
+                        help="scratch folder for feature stores and stage CSVs; a rerun resumes from it [DELF_KERNEL_WORK]")
+    parser.add_argument("--features", choices=sorted(FEATURE_PRESETS), default=env("DELF_KERNEL_FEATURES", "delg"),
+                        help="delg: the SavedModel in --model; rootsift: embedded OpenCV features, no model "
+                             "[DELF_KERNEL_FEATURES]")
+    parser.add_argument("--preset", default=None, help="use this named preset instead of the one --features selects")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one setting, e.g. --set rerank.num_to_rerank=5 (repeatable)")
+    parser.add_argument("--time-budget-hours", type=float,
+                        default=float(env("DELF_KERNEL_TIME_BUDGET_HOURS", DEFAULT_TIME_BUDGET_HOURS)),
+                        help="lower num_to_rerank so the whole run fits; 0 disables [DELF_KERNEL_TIME_BUDGET_HOURS]")
+    parser.add_argument("--jobs", type=int, default=int(env("DELF_KERNEL_JOBS", "1")),
+                        help="rerank worker processes [DELF_KERNEL_JOBS]")
+    parser.add_argument("--public-run-shortcut", action="store_true",
+                        default=env("DELF_KERNEL_PUBLIC_RUN_SHORTCUT", "0") == "1",
+                        help="copy sample_submission.csv when train.csv has --public-train-images rows, as the host "
+                             "baseline does to commit fast before the private rerun [DELF_KERNEL_PUBLIC_RUN_SHORTCUT=1]")
+    parser.add_argument("--public-train-images", type=int, default=NUM_PUBLIC_TRAIN_IMAGES,
+                        help="train.csv row count that identifies the public data")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if sys.version_info < (3, 11):
+        raise SystemExit(f"delf_pipeline needs Python 3.11 or later (tomllib), this is {sys.version.split()[0]}")
+    package = import_package()
+    budget = make_budget(args.time_budget_hours)
+    log.info("delf_pipeline %s from %s (%s)", package.__version__, package.__file__,
+             BUNDLE[0] if BUNDLE else "installed, not bundled")
+    data, output = Path(args.input), Path(args.output)
+    check_input(data)
+    if args.public_run_shortcut and count_train_images(data) == args.public_train_images:
+        log.info("train.csv has %d rows: public data, copying sample_submission.csv", args.public_train_images)
+        copy_file(data / "sample_submission.csv", output)
+        return 0
+    from delf_pipeline.pipeline import run
+
+    config = kernel_config(args)
+    submission = run(config, data, Path(args.work), jobs=args.jobs, time_budget=budget)
+    copy_file(submission, output)
+    log.info("wrote %s", output)
+    return 0
+
+
+def make_budget(hours: float):
+    """A TimeBudget started now, or None when ``hours`` is 0."""
+    if hours < 0:
+        raise SystemExit(f"--time-budget-hours must be >= 0, got {hours}")
+    if hours == 0:
+        return None
+    from delf_pipeline.budget import TimeBudget
+
+    return TimeBudget(hours * 3600)
+
+
+def import_package():
+    """``delf_pipeline``: from the embedded bundle when there is one, else as installed."""
+    if BUNDLE is not None and "delf_pipeline" not in sys.modules:
+        sys.path.insert(0, str(unpack_bundle(BUNDLE[1])))
+        importlib.invalidate_caches()
+    try:
+        return importlib.import_module("delf_pipeline")
+    except ImportError:
+        raise SystemExit("delf_pipeline is not importable: pip install it, or run the bundled kernel "
+                         "that scripts/build_kernel_bundle.py writes") from None
+
+
+def unpack_bundle(blob: str) -> Path:
+    """Write the base64 zip ``blob`` to a new temporary folder; returns the folder."""
+    target = Path(tempfile.mkdtemp(prefix="delf_pipeline_bundle_"))
+    with zipfile.ZipFile(io.BytesIO(base64.b64decode(blob))) as archive:
+        archive.extractall(target)
+    return target
+
+
+def check_input(data: Path) -> None:
+    missing = [name for name in ("train.csv", "sample_submission.csv", "test") if not (data / name).exists()]
+    if missing:
+        raise SystemExit(f"{data} is not the competition data: missing {', '.join(missing)} (see --input)")
+
+
+def count_train_images(data: Path) -> int:
+    """Rows of train.csv (its header excluded)."""
+    with open(data / "train.csv", "rb") as handle:
+        return max(0, sum(1 for line in handle if line.strip()) - 1)
+
+
+def kernel_config(args: argparse.Namespace) -> dict:
+    """The preset for ``--features``, the model path, ``--set`` overrides and the verifier fallback."""
+    from delf_pipeline.config import load_config
+
+    overrides = list(args.overrides)
+    if args.features == "delg":
+        if not Path(args.model).is_dir():
+            raise SystemExit(f"DELG model folder not found: {args.model} (see --model, or --features rootsift)")
+        overrides.insert(0, f'extract.model="{Path(args.model).as_posix()}"')
+    config = load_config(args.preset or FEATURE_PRESETS[args.features], None, overrides)
+    return fall_back_verifier(config)
+
+
+def fall_back_verifier(config: dict) -> dict:
+    """Replace the degensac verifier by OpenCV MAGSAC++ (same homography model) when pydegensac is missing."""
+    if config["rerank"]["verifier"] != "degensac":
+        return config
+    try:
+        importlib.import_module("pydegensac")
+    except ImportError:
+        log.warning("pydegensac is not installed: verifying with magsac (OpenCV USAC MAGSAC++ homography) instead")
+        config["rerank"]["verifier"] = "magsac"
+    return config
+
+
+def copy_file(source: Path, target: Path) -> None:
+    """Copy ``source`` to ``target`` through a temporary file, so ``target`` is never half written."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    shutil.copyfile(source, partial)
+    os.replace(partial, target)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

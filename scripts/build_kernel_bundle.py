@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""Build the one-file Kaggle kernel: the kernel script with delf_pipeline embedded in it.
+
+Kaggle runs the competition kernel with the internet off, so the package cannot be pip
+installed there. This script zips ``delf_pipeline/*.py`` and the presets of ``configs/``
+(as ``delf_pipeline/configs/``), embeds the zip as base64 in the kernel script's
+``BUNDLE = None`` line, and writes the result with its kernel-metadata.json:
+
+    git clone /path/to/repo /tmp/clean && python /tmp/clean/scripts/build_kernel_bundle.py --out /tmp/push
+    kaggle kernels push -p /tmp/push
+
+Bundle what is committed: build from a clean checkout. The bundle records the commit it
+came from and whether the tree had local changes, and the kernel logs it.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNEL_DIR = Path("kernels") / "landmark-recognition-2020"
+MARKER = "BUNDLE = None\n"
+ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed timestamps: the same sources give the same bundle
+
+
+def package_files(source: Path) -> list[tuple[str, Path]]:
+    """(name in the zip, file) of the package modules and presets of the checkout ``source``."""
+    package = source / "delf_pipeline"
+    if not (package / "__init__.py").is_file():
+        raise SystemExit(f"{source} is not a delf_pipeline checkout (no delf_pipeline/__init__.py)")
+    modules = [p for p in package.rglob("*.py") if "__pycache__" not in p.parts and "configs" not in p.parts]
+    presets = sorted((source / "configs").glob("*.toml"))
+    if not presets:
+        raise SystemExit(f"no presets found in {source / 'configs'}")
+    files = [(p.relative_to(source).as_posix(), p) for p in modules]
+    files += [(f"delf_pipeline/configs/{p.name}", p) for p in presets]
+    return sorted(files)
+
+
+def zip_bytes(files: list[tuple[str, Path]]) -> bytes:
+    """A deterministic zip of ``files``."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, path in files:
+            info = zipfile.ZipInfo(name, ZIP_DATE)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, path.read_bytes())
+    return buffer.getvalue()
+
+
+def describe_source(source: Path) -> str:
+    """``"git 1a2b3c4d5e6f"`` (``+ local changes`` when the tree is dirty) or ``"not a git checkout"``."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(source), *args], capture_output=True, text=True, check=True).stdout
+
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD").strip()
+        dirty = git("status", "--porcelain", "--", "delf_pipeline", "configs", str(KERNEL_DIR)).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "not a git checkout"
+    return f"git {commit}" + (" + local changes" if dirty else "")
+
+
+def embed(kernel_text: str, description: str, blob: bytes) -> str:
+    """The kernel script with its ``BUNDLE = None`` line replaced by (description, base64 zip)."""
+    if kernel_text.count(MARKER) != 1:
+        raise SystemExit(f"the kernel script must contain the line {MARKER.strip()!r} exactly once")
+    encoded = base64.b64encode(blob).decode("ascii")
+    lines = "\n".join(encoded[i : i + 100] for i in range(0, len(encoded), 100))
+    bundle = f'BUNDLE = ({description!r}, """\n{lines}\n""")\n'
+    return kernel_text.replace(MARKER, bundle)
+
+
+def build(source: Path, out: Path) -> Path:
+    """Write ``out/<code_file>`` (bundled kernel) and ``out/kernel-metadata.json``; returns the kernel file."""
+    kernel_dir = source / KERNEL_DIR
+    metadata = json.loads((kernel_dir / "kernel-metadata.json").read_text())
+    files = package_files(source)
+    text = embed((kernel_dir / metadata["code_file"]).read_text(), describe_source(source), zip_bytes(files))
+    out.mkdir(parents=True, exist_ok=True)
+    kernel = out / metadata["code_file"]
+    _write_atomic(kernel, text)
+    _write_atomic(out / "kernel-metadata.json", json.dumps(metadata, indent=2) + "\n")
+    print(f"{kernel}: {len(files)} package files, {len(text) / 1e3:.0f} kB ({describe_source(source)})")
+    return kernel
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", type=Path, default=ROOT, help="checkout to bundle (default: this script's)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the kernel file and kernel-metadata.json")
+    args = parser.parse_args(argv)
+    build(args.source.resolve(), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
