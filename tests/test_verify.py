@@ -234,10 +234,22 @@ def test_degenerate_points_report_status():
     rng = np.random.default_rng(8)
     desc = random_unit(rng, 10, 16)
     same = np.full((10, 2), 5.0, np.float32)
-    for verifier in ("skimage_affine", "magsac", "magsac_affine", "affine2d"):
+    for verifier in (v for v in VERIFIERS if v != "degensac"):
         result = verify_pair(same, desc, same, desc, verifier=verifier, max_trials=50)
         assert (result.matches, result.inliers, result.status, result.model) == (10, 0, "degenerate", None)
         assert not result.inlier_mask.any()
+
+
+def test_magsac_seed_zero_is_opencv_usac_magsac():
+    import cv2
+
+    loc_a, desc_a, loc_b, desc_b, _ = synthetic_pair(np.random.default_rng(12), n=300, true_fraction=0.3)
+    result = verify_pair(loc_a, desc_a, loc_b, desc_b, verifier="magsac", max_trials=500, residual_threshold=5.0)
+    xy_a, xy_b = loc_a[:, ::-1].copy(), loc_b[:, ::-1].copy()  # all 300 rows match in order
+    model, mask = cv2.findHomography(xy_a, xy_b, cv2.USAC_MAGSAC, 5.0, maxIters=500, confidence=0.99)
+    np.testing.assert_array_equal(result.match_indices, np.stack([np.arange(300)] * 2, axis=1))
+    np.testing.assert_array_equal(result.inlier_mask, mask.ravel().astype(bool))
+    np.testing.assert_allclose(result.model, model)
 
 
 def test_degensac_missing_says_how_to_install(monkeypatch):
