@@ -1,0 +1,361 @@
+"""``delf-pipeline show-matches``: a picture of the local matches of a (query, candidate) pair.
+
+The pair is verified again from the run's feature stores with the run's own rerank settings
+(``rerank.csv.blocks/manifest.json``), so the picture shows exactly what re-ranking counted,
+for every feature backend, without extracting anything. Images are read from their source
+files: ``--data`` (Kaggle root, folder or CSV with ``id,path``), or by default the ``data``
+folder beside the run (the layout ``delf-pipeline demo`` writes: ``OUT/data``, ``OUT/run``).
+
+Layout of a picture: the query (left) and the candidate (right) scaled to one height, every
+putative match drawn faint, RANSAC inliers drawn clearly in green, and a margin above with
+the ids, counts, scores and verification settings.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from .artifacts import atomic_path, read_json
+from .blocks import blocks_dir, read_table
+from .config import load_config, parse_override
+from .features import ImageFeatures
+from .images import ImageError, list_images, load_image
+from .rerank import final_score
+from .store import FeatureStore
+from .verify import PairResult, verify_options, verify_pair
+
+log = logging.getLogger("delf_pipeline.show_matches")
+
+PUTATIVE_RGB = (255, 190, 40)  # amber, blended faintly
+INLIER_RGB = (40, 230, 70)  # green, drawn opaque
+PUTATIVE_ALPHA = 0.35
+MAX_INLIER_LINES = 100  # inliers beyond this get their end points but no line
+TEXT_LINE = 22  # pixels per caption line
+GAP = 8  # pixels between the two images
+CANDIDATE_COLUMNS = ("query_id", "index_id", "rank", "score", "global_score", "matches", "inliers", "status")
+
+
+@dataclass
+class Run:
+    """What pictures of a run need.
+
+    path: the run folder (``OUT/run`` of ``delf-pipeline run``).
+    queries, index: its feature stores.
+    images: image id -> source file (index and query images).
+    labels: index image id -> landmark id.
+    settings: the rerank section used to verify pairs.
+    """
+
+    path: Path
+    queries: FeatureStore
+    index: FeatureStore
+    images: dict[str, Path]
+    labels: dict[str, str]
+    settings: dict
+
+
+def open_run(
+    run_dir: str | Path,
+    data: str | Path | None = None,
+    config: dict | None = None,
+    overrides: Sequence[str] = (),
+) -> Run:
+    """Stores, image paths, labels and rerank settings of ``run_dir``.
+
+    data: where the images are (Kaggle root, folder or CSV); default: ``run_dir/../data``.
+    config: fallback settings when the run has no rerank manifest; ``overrides``
+        (``rerank.key=value``) apply on top of the run's settings.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder not found: {run_dir}")
+    source = Path(data) if data else default_data(run_dir)
+    images, labels = image_sources(source) if source else ({}, {})
+    if source is None:
+        log.warning("no image source: give --data (the Kaggle root or image folder the run was made from)")
+    settings = rerank_settings(run_dir, config or load_config(), overrides)
+    stores = run_dir / "features"
+    return Run(run_dir, FeatureStore(stores / "query"), FeatureStore(stores / "index"), images, labels, settings)
+
+
+def default_data(run_dir: Path) -> Path | None:
+    """The demo layout's data folder beside the run (``OUT/data`` for ``OUT/run``), if present."""
+    candidate = run_dir.resolve().parent / "data"
+    return candidate if (candidate / "train.csv").is_file() else None
+
+
+def image_sources(source: Path) -> tuple[dict[str, Path], dict[str, str]]:
+    """(image id -> path, index image id -> label) of a Kaggle root (train and test), folder or CSV."""
+    splits = ("train", "test") if (source / "train.csv").is_file() else ("train",)
+    paths: dict[str, Path] = {}
+    labels: dict[str, str] = {}
+    for split in splits:
+        records, _ = list_images(source, split=split)
+        paths.update((r.id, r.path) for r in records)
+        labels.update((r.id, r.label) for r in records if r.label is not None)
+    return paths, labels
+
+
+def rerank_settings(run_dir: Path, config: dict, overrides: Sequence[str] = ()) -> dict:
+    """The rerank section the run used (its manifest), else ``config["rerank"]``; then ``overrides``."""
+    settings = dict(config["rerank"])
+    manifest = blocks_dir(run_dir / "rerank.csv") / "manifest.json"
+    if manifest.is_file():
+        settings.update(read_json(manifest)["settings"])
+    else:
+        log.info("%s has no rerank manifest: verifying with the %s settings", run_dir, config.get("preset"))
+    for item in overrides:
+        settings.update(parse_override(item).get("rerank", {}))
+    return settings
+
+
+# ---------------------------------------------------------------- pairs and scores
+
+
+def verify_stored(run: Run, query_id: str, index_id: str) -> tuple[PairResult, ImageFeatures, ImageFeatures]:
+    """Verify one stored pair as rerank does: (result, query features, candidate features)."""
+    query = run.queries.features(query_id)
+    candidate = run.index.features(index_id)
+    result = verify_pair(query.locations, query.descriptors, candidate.locations, candidate.descriptors,
+                         **verify_options(run.settings))
+    return result, query, candidate
+
+
+def global_score(query: ImageFeatures, candidate: ImageFeatures) -> float:
+    """Cosine similarity of two global descriptors [G] (0.0 when a backend has none)."""
+    if query.global_descriptor is None or candidate.global_descriptor is None:
+        return 0.0
+    return float(np.dot(query.global_descriptor, candidate.global_descriptor))
+
+
+def candidate_table(run_dir: Path, top: int) -> pd.DataFrame:
+    """The ``top`` best-ranked candidates of every query with their rerank numbers.
+
+    Columns :data:`CANDIDATE_COLUMNS`; ``matches``/``inliers`` are -1 and ``status`` is
+    "not verified" for candidates that were not re-ranked.
+    """
+    ranked = _first_table(run_dir, ("ranking.csv", "rerank.csv", "shortlist.csv"))
+    if "rank" not in ranked:
+        ranked = ranked.sort_values(["query_id", "score"], ascending=[True, False], kind="stable")
+        ranked["rank"] = ranked.groupby("query_id").cumcount() + 1
+    ranked = ranked[ranked["rank"] <= top][["query_id", "index_id", "rank", "score"]]
+    verified = _verified_numbers(run_dir)
+    table = ranked.merge(verified, on=["query_id", "index_id"], how="left")
+    table = table.fillna({"matches": -1, "inliers": -1, "status": "not verified"})
+    table["global_score"] = table["global_score"].fillna(table["score"])
+    table = table.astype({"matches": int, "inliers": int})
+    return table[list(CANDIDATE_COLUMNS)].sort_values(["query_id", "rank"], kind="stable").reset_index(drop=True)
+
+
+def _first_table(run_dir: Path, names: Sequence[str]) -> pd.DataFrame:
+    for name in names:
+        if (run_dir / name).is_file():
+            return read_table(run_dir / name)
+    raise FileNotFoundError(f"{run_dir} has none of {', '.join(names)}: is it a finished run folder?")
+
+
+def _verified_numbers(run_dir: Path) -> pd.DataFrame:
+    """Rerank rows (global score, matches, inliers, status) or, without a rerank, shortlist scores."""
+    columns = ["query_id", "index_id", "global_score", "matches", "inliers", "status"]
+    if (run_dir / "rerank.csv").is_file():
+        return read_table(run_dir / "rerank.csv")[columns]
+    if (run_dir / "shortlist.csv").is_file():
+        shortlist = read_table(run_dir / "shortlist.csv").rename(columns={"score": "global_score"})
+        return shortlist.reindex(columns=columns)
+    return pd.DataFrame(columns=columns)
+
+
+# ---------------------------------------------------------------- drawing
+
+
+def draw_matches(
+    image_a: np.ndarray,
+    image_b: np.ndarray,
+    loc_a: np.ndarray,
+    loc_b: np.ndarray,
+    result: PairResult,
+    caption: Sequence[str] = (),
+    height: int = 480,
+) -> np.ndarray:
+    """The two images side by side with matches; returns RGB uint8 [margin + height, W, 3].
+
+    image_a, image_b: RGB uint8 [H, W, 3] at the resolution of loc_a / loc_b ([N, 2] (y, x)).
+    result: matches of a to b (``match_indices`` [M, 2], ``inlier_mask`` [M]).
+    caption: text lines written in the margin above the images.
+    """
+    if height < 16:
+        raise ValueError(f"height must be >= 16 pixels, got {height}")
+    scale_a, scale_b = height / image_a.shape[0], height / image_b.shape[0]
+    left, right = _resize_to(image_a, height), _resize_to(image_b, height)
+    margin = TEXT_LINE * len(caption) + (10 if caption else 0)
+    canvas = np.full((margin + height, left.shape[1] + GAP + right.shape[1], 3), 255, np.uint8)
+    canvas[margin:, : left.shape[1]] = left
+    canvas[margin:, left.shape[1] + GAP :] = right
+    xy_a = loc_a[result.match_indices[:, 0], ::-1] * scale_a + (0, margin)
+    xy_b = loc_b[result.match_indices[:, 1], ::-1] * scale_b + (left.shape[1] + GAP, margin)
+    _draw_lines(canvas, xy_a, xy_b, result.inlier_mask)
+    _write_caption(canvas, caption)
+    return canvas
+
+
+def _resize_to(image: np.ndarray, height: int) -> np.ndarray:
+    width = max(1, round(image.shape[1] * height / image.shape[0]))
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+
+
+def _draw_lines(canvas: np.ndarray, xy_a: np.ndarray, xy_b: np.ndarray, inliers: np.ndarray) -> None:
+    """Putative matches faint (blended), then inliers opaque, in place.
+
+    Every inlier gets its two end points; lines are drawn for at most MAX_INLIER_LINES of
+    them (evenly spread), so a pair with hundreds of inliers still shows the images.
+    """
+    points = [(tuple(np.round(a).astype(int)), tuple(np.round(b).astype(int))) for a, b in zip(xy_a, xy_b)]
+    overlay = canvas.copy()
+    for (a, b), inlier in zip(points, inliers):
+        if not inlier:
+            cv2.line(overlay, a, b, PUTATIVE_RGB, 1, cv2.LINE_AA)
+    cv2.addWeighted(overlay, PUTATIVE_ALPHA, canvas, 1 - PUTATIVE_ALPHA, 0, dst=canvas)
+    chosen = np.flatnonzero(inliers)
+    with_line = set(chosen[np.linspace(0, len(chosen) - 1, min(len(chosen), MAX_INLIER_LINES)).astype(int)])
+    for number in chosen:
+        a, b = points[number]
+        if number in with_line:
+            cv2.line(canvas, a, b, INLIER_RGB, 1, cv2.LINE_AA)
+        cv2.circle(canvas, a, 2, INLIER_RGB, -1, cv2.LINE_AA)
+        cv2.circle(canvas, b, 2, INLIER_RGB, -1, cv2.LINE_AA)
+
+
+def _write_caption(canvas: np.ndarray, caption: Sequence[str]) -> None:
+    for number, text in enumerate(caption):
+        origin = (8, TEXT_LINE * (number + 1))
+        cv2.putText(canvas, text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.5, (20, 20, 20), 1, cv2.LINE_AA)
+
+
+def pair_caption(run: Run, query_id: str, index_id: str, result: PairResult, global_: float,
+                 recorded: dict | None = None) -> list[str]:
+    """Margin text: ids and label, counts and scores, and the verification settings."""
+    conf = run.settings
+    inliers = result.inliers if result.inliers >= conf.get("min_inliers", 0) else 0
+    score = final_score(inliers, global_, conf)
+    label = run.labels.get(index_id, "?")
+    lines = "" if result.inliers <= MAX_INLIER_LINES else f", {MAX_INLIER_LINES} drawn as lines"
+    counts = (f"putative matches {result.matches} (faint)   inliers {result.inliers} (green{lines})   "
+              f"global {global_:.3f}   final score {score:.3f}   status {result.status}")
+    if recorded and int(recorded["inliers"]) not in (-1, inliers):
+        counts += f"   (rerank.csv: {int(recorded['inliers'])} inliers)"
+    method = (f"{conf['matcher']} matching, distance < {conf['match_threshold']:g}; {conf['verifier']}, "
+              f"residual {conf['residual_threshold']:g} px, {conf['max_trials']} trials, seed {conf['seed']}; "
+              f"{conf['scoring']} scoring")
+    return [f"query {query_id}  vs  index {index_id} (landmark {label})", counts, method]
+
+
+# ---------------------------------------------------------------- pictures of a run
+
+
+def safe_name(image_id: str) -> str:
+    """A file name for an image id (ids may contain '/'); distinct ids give distinct names."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", image_id)
+    if cleaned == image_id:
+        return image_id
+    return f"{cleaned}-{hashlib.sha1(image_id.encode()).hexdigest()[:8]}"
+
+
+def match_picture_path(folder: Path, query_id: str, index_id: str, suffix: str = ".png") -> Path:
+    """Where the picture of (query, candidate) goes under ``folder``: ``QUERY/INDEX.png`` (or ``suffix``)."""
+    return Path(folder) / safe_name(query_id) / f"{safe_name(index_id)}{suffix}"
+
+
+def render_pair(run: Run, query_id: str, index_id: str, out: Path, height: int = 480,
+                recorded: dict | None = None) -> Path:
+    """Verify (query, candidate) from the stores and write the picture ``out`` (.png or .jpg); returns ``out``.
+
+    recorded: the pair's rerank.csv row (its inlier count is shown when it differs).
+    Raises FileNotFoundError when an image's source file is unknown, ImageError when unreadable.
+    """
+    result, query, candidate = verify_stored(run, query_id, index_id)
+    caption = pair_caption(run, query_id, index_id, result, global_score(query, candidate), recorded)
+    image_q = _original(run, run.queries, query_id)
+    image_c = _original(run, run.index, index_id)
+    picture = draw_matches(image_q, image_c, query.locations, candidate.locations, result, caption, height)
+    write_picture(Path(out), picture)
+    return Path(out)
+
+
+def write_picture(path: Path, image: np.ndarray) -> None:
+    """Write an RGB uint8 [H, W, 3] image, atomically, as PNG or JPEG (quality 88) by the suffix of ``path``."""
+    suffix = path.suffix.lower()
+    if suffix not in (".png", ".jpg", ".jpeg"):
+        raise ValueError(f"match pictures are .png or .jpg files, got {path}")
+    options = [cv2.IMWRITE_JPEG_QUALITY, 88] if suffix != ".png" else []
+    ok, encoded = cv2.imencode(suffix, cv2.cvtColor(image, cv2.COLOR_RGB2BGR), options)
+    if not ok:
+        raise ValueError(f"OpenCV cannot encode a {image.shape} {image.dtype} image as {suffix}")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(encoded.tobytes())
+        tmp.chmod(0o644)  # readable like any file the user writes (mkstemp makes it private)
+
+
+def _original(run: Run, store: FeatureStore, image_id: str) -> np.ndarray:
+    """The image at the size its stored locations refer to (the original size), RGB [H, W, 3]."""
+    if image_id not in run.images:
+        raise FileNotFoundError(f"no source file known for image {image_id!r}: give --data (image folder or Kaggle root)")
+    image, _ = load_image(run.images[image_id])
+    if tuple(image.shape[:2]) != store.size(image_id):
+        raise ImageError(f"{run.images[image_id]} is {image.shape[1]}x{image.shape[0]} but the store recorded "
+                         f"{store.size(image_id)[1]}x{store.size(image_id)[0]}: not the image the run used")
+    return image
+
+
+def render_query(run: Run, query_id: str, folder: Path, top: int = 3, height: int = 480,
+                 overwrite: bool = True, suffix: str = ".png") -> list[Path]:
+    """Pictures of a query's ``top`` best-ranked candidates under ``folder``; returns their paths."""
+    table = candidate_table(run.path, top)
+    rows = table[table["query_id"] == query_id]
+    if rows.empty:
+        raise KeyError(f"query {query_id!r} has no candidates in {run.path}")
+    paths = []
+    for row in rows.to_dict("records"):
+        out = match_picture_path(folder, query_id, row["index_id"], suffix)
+        if overwrite or not out.exists():
+            render_pair(run, query_id, row["index_id"], out, height, recorded=row)
+        paths.append(out)
+    return paths
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .cli import add_config_arguments
+
+    parser.add_argument("--run", required=True, help="run folder (OUT/run of `delf-pipeline run` or demo)")
+    parser.add_argument("--query", required=True, help="query image id")
+    parser.add_argument("--candidate", help="index image id (default: the query's --top best candidates)")
+    parser.add_argument("--top", type=int, default=3, help="candidates drawn when --candidate is not given")
+    parser.add_argument("--data", help="where the images are: Kaggle root, folder or CSV (default: RUN/../data)")
+    parser.add_argument("--out", help="picture file .png/.jpg (with --candidate) or folder (default: RUN/matches)")
+    parser.add_argument("--format", choices=["png", "jpg"], default="png", help="picture format in a folder")
+    parser.add_argument("--height", type=int, default=480, help="height of each image in the picture (pixels)")
+    add_config_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    config = load_config(args.preset, args.config, args.overrides)
+    run = open_run(args.run, args.data, config, args.overrides)
+    folder = Path(args.out) if args.out else run.path / "matches"
+    suffix = f".{args.format}"
+    if args.candidate:
+        single = folder.suffix.lower() in (".png", ".jpg", ".jpeg")
+        out = folder if single else match_picture_path(folder, args.query, args.candidate, suffix)
+        paths = [render_pair(run, args.query, args.candidate, out, args.height)]
+    else:
+        paths = render_query(run, args.query, folder, args.top, args.height, suffix=suffix)
+    for path in paths:
+        print(path)
+    return 0
