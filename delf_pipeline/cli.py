@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rerank": ("rerank", "verify shortlisted candidates by local feature matching + RANSAC, and rescore"),
     "evaluate": ("evaluate", "score a submission (GAP, accuracy) and a ranking (mAP@100, P@k, R@k, MRR)"),
     "validate-submission": ("validate_submission", "check a submission.csv; exit 1 with line-numbered reasons"),
+    "show-matches": ("show_matches", "picture of the local matches and RANSAC inliers of a query and its candidates"),
+    "report": ("report", "static HTML page of a run: metrics, per-query thumbnails, right/wrong, plots"),
 }
 
 

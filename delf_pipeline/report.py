@@ -1,0 +1,592 @@
+"""``delf-pipeline report``: a static HTML page of a run that opens from disk (no server, no network).
+
+Writes, under ``OUT`` (default ``RUN/report``)::
+
+    index.html            metrics table, plots (inline SVG), per-query rows rendered by a little
+                          vanilla JS: filter right/wrong, minimum confidence, sort, pages
+    details/chunk-N.js    per-query candidates, CHUNK queries per file, loaded when a page needs them
+    thumbs/ID.jpg         thumbnails, made once (existing ones are kept)
+    matches/QUERY/ID.jpg  match pictures of each query's best candidates (see show_matches)
+
+The page embeds only a short summary per query (id, confidence, right/wrong, inliers), so it
+stays light for many thousands of queries; images use ``loading="lazy"``. A status line at the
+bottom (``#status``) counts images loaded and failed and script errors, for people and tests.
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageOps
+
+from .artifacts import atomic_path, read_json, write_text_atomic
+from .config import load_config
+from .evaluate import read_solution, read_submission
+from .images import ImageError, to_rgb
+from .progress import track
+from .show_matches import Run, candidate_table, default_data, match_picture_path, open_run, render_pair, safe_name
+
+log = logging.getLogger("delf_pipeline.report")
+
+CHUNK = 500  # queries per details file
+RIGHT, WRONG = "#1a9850", "#d73027"
+
+
+def build(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    *,
+    data: str | Path | None = None,
+    solution: str | Path | None = None,
+    config: dict | None = None,
+    overrides: Sequence[str] = (),
+    top: int = 5,
+    matches: int = 3,
+    thumb_size: int = 160,
+    match_height: int = 360,
+    page_size: int = 50,
+    overwrite: bool = False,
+) -> Path:
+    """Write the report of ``run_dir``; returns the path of its ``index.html``.
+
+    top: candidates shown per query; matches: how many of them get a match picture (0: none).
+    solution: ground truth CSV (default: ``solution.csv`` of the data folder, when present).
+    """
+    if top < 1 or not 0 <= matches <= top:
+        raise ValueError(f"need top >= 1 and 0 <= matches <= top, got top={top}, matches={matches}")
+    run = open_run(run_dir, data, config, overrides)
+    out = Path(out) if out else run.path / "report"
+    data_dir = Path(data) if data else default_data(run.path)
+    solution = Path(solution) if solution else _default_solution(data_dir)
+    truth = read_solution(solution) if solution else None
+    table = candidate_table(run.path, top)
+    queries = query_rows(run, table, read_submission(run.path / "submission.csv"), truth)
+    _make_thumbnails(run, queries, out / "thumbs", thumb_size, overwrite)
+    _make_match_pictures(run, queries, out, matches, match_height, overwrite)
+    _write_chunks(out / "details", queries)
+    metrics = run_metrics(run.path, solution, data_dir)
+    page = render_page(run, queries, metrics, truth is not None, page_size)
+    write_text_atomic(out / "index.html", page)
+    log.info("report %s: %d queries", out / "index.html", len(queries))
+    return out / "index.html"
+
+
+def _default_solution(data_dir: Path | None) -> Path | None:
+    """``DATA/solution.csv`` (the demo writes one) when the data folder has it."""
+    found = data_dir / "solution.csv" if data_dir and data_dir.is_dir() else None
+    return found if found and found.is_file() else None
+
+
+def run_metrics(run_dir: Path, solution: Path | None, data_dir: Path | None) -> dict:
+    """Metrics of the run: computed against ``solution`` when given, else its metrics.json ({} if none).
+
+    Retrieval metrics are included when the run has ranking.csv and ``DATA/train.csv`` gives the labels.
+    """
+    if solution is None:
+        path = run_dir / "metrics.json"
+        return read_json(path) if path.is_file() else {}
+    from .evaluate import evaluate
+
+    labels = data_dir / "train.csv" if data_dir and (data_dir / "train.csv").is_file() else None
+    ranking = run_dir / "ranking.csv" if labels and (run_dir / "ranking.csv").is_file() else None
+    return evaluate(run_dir / "submission.csv", solution, ranking, labels if ranking else None)
+
+
+# ---------------------------------------------------------------- per-query rows
+
+
+def query_rows(run: Run, table: pd.DataFrame, predictions: dict, truth: dict | None) -> list[dict]:
+    """One dict per query of the submission, in submission order.
+
+    Keys: q (id), truth ([labels] or None), pred (label or ""), conf (float or None),
+    ok ("right" | "wrong" | "" when unknown), inliers (of the best candidate of the predicted
+    label, -1 if not verified), cands ([{id, label, rank, global, matches, inliers, score, ok}]).
+    """
+    by_query = {q: rows.to_dict("records") for q, rows in table.groupby("query_id", sort=False)}
+    result = []
+    for query_id, prediction in predictions.items():
+        labels = None if truth is None or query_id not in truth else sorted(truth[query_id])
+        label, conf = (prediction[0], float(prediction[1])) if prediction else ("", None)
+        cands = [_candidate(run, row, labels) for row in by_query.get(query_id, [])]
+        voters = [c["inliers"] for c in cands if label and c["label"] == label]
+        result.append({"q": query_id, "truth": labels, "pred": label, "conf": conf, "ok": _verdict(label, labels),
+                       "inliers": voters[0] if voters else -1, "cands": cands})
+    return result
+
+
+def _candidate(run: Run, row: dict, truth: list[str] | None) -> dict:
+    label = run.labels.get(row["index_id"], "")
+    ok = "" if truth is None else ("right" if label in truth else "wrong")
+    return {"id": row["index_id"], "label": label, "rank": int(row["rank"]), "global": round(float(row["global_score"]), 4),
+            "matches": int(row["matches"]), "inliers": int(row["inliers"]), "score": round(float(row["score"]), 4),
+            "ok": ok}
+
+
+def _verdict(predicted: str, truth: list[str] | None) -> str:
+    """"right" when the prediction is a true landmark, or when a non-landmark query gets none."""
+    if truth is None:
+        return ""
+    return "right" if (predicted in truth if predicted else not truth) else "wrong"
+
+
+# ---------------------------------------------------------------- images
+
+
+def make_thumbnail(source: Path, target: Path, size: int) -> None:
+    """Write a JPEG of ``source`` fitting in ``size`` x ``size`` (upright by EXIF); ImageError if unreadable."""
+    try:
+        with Image.open(source) as image:
+            image.draft("RGB", (size * 2, size * 2))  # JPEG: decode at a reduced scale, much faster
+            image = to_rgb(ImageOps.exif_transpose(image))
+            image.thumbnail((size, size), Image.BILINEAR)
+            with atomic_path(target) as tmp:
+                image.save(tmp, format="JPEG", quality=82)
+                tmp.chmod(0o644)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ImageError(f"cannot make a thumbnail of {source}: {error}") from None
+
+
+def _make_thumbnails(run: Run, queries: list[dict], folder: Path, size: int, overwrite: bool) -> None:
+    """Thumbnails of every shown image (skipping existing ones); sets ``thumb`` on each row/candidate."""
+    ids = {row["q"] for row in queries} | {cand["id"] for row in queries for cand in row["cands"]}
+    todo = [i for i in sorted(ids) if overwrite or not (folder / f"{safe_name(i)}.jpg").exists()]
+    failed = 0
+    for image_id in track(todo, len(todo), "thumbnails"):
+        if image_id not in run.images:
+            failed += 1
+            continue
+        try:
+            make_thumbnail(run.images[image_id], folder / f"{safe_name(image_id)}.jpg", size)
+        except ImageError as error:
+            log.warning("%s", error)
+            failed += 1
+    made = {i: f"{folder.name}/{safe_name(i)}.jpg" for i in ids if (folder / f"{safe_name(i)}.jpg").exists()}
+    for row in queries:
+        row["thumb"] = made.get(row["q"], "")
+        for cand in row["cands"]:
+            cand["thumb"] = made.get(cand["id"], "")
+    if failed:
+        log.warning("%d image(s) have no thumbnail (source unknown or unreadable); give --data?", failed)
+
+
+def _make_match_pictures(run: Run, queries: list[dict], out: Path, count: int, height: int, overwrite: bool) -> None:
+    """Match pictures of each query's ``count`` best candidates; sets ``picture`` (relative link or "")."""
+    pairs = [(row["q"], cand) for row in queries for cand in row["cands"][:count]]
+    todo = [(q, c) for q, c in pairs if overwrite or not match_picture_path(out / "matches", q, c["id"], ".jpg").exists()]
+    failed = 0
+    for query_id, cand in track(todo, len(todo), "match pictures"):
+        try:
+            render_pair(run, query_id, cand["id"], match_picture_path(out / "matches", query_id, cand["id"], ".jpg"),
+                        height, recorded=cand)
+        except (FileNotFoundError, ImageError, KeyError) as error:
+            log.warning("no match picture for %s / %s: %s", query_id, cand["id"], error)
+            failed += 1
+    for query_id, cand in pairs:
+        path = match_picture_path(out / "matches", query_id, cand["id"], ".jpg")
+        cand["picture"] = path.relative_to(out).as_posix() if path.exists() else ""
+    if failed:
+        log.warning("%d match picture(s) could not be made", failed)
+
+
+def _write_chunks(folder: Path, queries: list[dict]) -> None:
+    """details/chunk-N.js: the candidates of queries N*CHUNK..; each file calls ``reportChunk(N, rows)``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("chunk-*.js"):
+        stale.unlink()
+    for number, start in enumerate(range(0, len(queries), CHUNK)):
+        rows = [[row["thumb"], row["truth"], row["cands"]] for row in queries[start : start + CHUNK]]
+        write_text_atomic(folder / f"chunk-{number}.js", f"reportChunk({number}, {_json(rows)});\n")
+
+
+def _json(value) -> str:
+    """JSON safe inside HTML <script> (no "</script>" can appear)."""
+    return json.dumps(value, separators=(",", ":")).replace("<", "\\u003c").replace(">", "\\u003e")
+
+
+# ---------------------------------------------------------------- plots (inline SVG)
+
+
+def gap_points(queries: list[dict]) -> tuple[list[tuple[float, bool, str]], int]:
+    """Predictions sorted as GAP pools them: ([(confidence, right, query id)], M landmark queries).
+
+    Only queries with a known truth count; ties go by query id, as in :mod:`delf_pipeline.evaluate`.
+    """
+    known = [row for row in queries if row["truth"] is not None]
+    points = [(row["conf"], row["pred"] in row["truth"], row["q"]) for row in known if row["pred"]]
+    points.sort(key=lambda p: (-p[0], p[2]))
+    return points, sum(1 for row in known if row["truth"])
+
+
+def precision_svg(points: list[tuple[float, bool, str]], landmark_queries: int, width: int = 520,
+                  height: int = 280) -> str:
+    """Precision of the i most confident predictions against i, with GAP's terms marked.
+
+    GAP = (1/M) * sum of precision at the right predictions (green dots); red ticks are wrong
+    ones. The grey line is the confidence (right axis), so one sees where precision drops.
+    """
+    if not points or not landmark_queries:
+        return "<p>No predictions with a known truth: nothing to plot.</p>"
+    right = np.array([p[1] for p in points], float)
+    precision = np.cumsum(right) / np.arange(1, len(points) + 1)
+    conf = np.array([p[0] for p in points])
+    gap = float((precision * right).sum() / landmark_queries)
+    frame = _Frame(width, height, (1, len(points)), (0.0, 1.0))
+    parts = [frame.axes("predictions, most confident first", "precision"),
+             frame.polyline(np.arange(1, len(points) + 1), _scaled(conf), "#999", "confidence"),
+             frame.polyline(np.arange(1, len(points) + 1), precision, "#2b5d9c", "precision")]
+    if len(points) <= 600:
+        parts += [frame.marker(i + 1, precision[i], RIGHT if right[i] else WRONG, bool(right[i]),
+                               f"{points[i][2]}: confidence {points[i][0]:.4g}, precision {precision[i]:.3f}")
+                  for i in range(len(points))]
+    parts.append(frame.right_label(f"confidence {conf.min():.3g} .. {conf.max():.3g}"))
+    title = f"GAP {gap:.4f} = sum of precision at right predictions / {landmark_queries} landmark queries"
+    return frame.svg(title, parts, "precision-plot")
+
+
+def _scaled(values: np.ndarray) -> np.ndarray:
+    low, high = float(values.min()), float(values.max())
+    return np.full(len(values), 0.5) if high == low else (values - low) / (high - low)
+
+
+def inliers_svg(right: Sequence[int], wrong: Sequence[int], width: int = 520, height: int = 280) -> str:
+    """Histogram of the inlier counts of right and of wrong predictions, bars side by side."""
+    if not len(right) and not len(wrong):
+        return "<p>No verified predictions with a known truth: nothing to plot.</p>"
+    top = max([*right, *wrong, 1])
+    step = max(1, math.ceil((top + 1) / 20))
+    edges = np.arange(0, top + step + 1, step)
+    counts_r, _ = np.histogram(right, edges)
+    counts_w, _ = np.histogram(wrong, edges)
+    frame = _Frame(width, height, (0, float(edges[-1])), (0.0, float(max(counts_r.max(), counts_w.max(), 1))))
+    parts = [frame.axes("inliers of the predicted landmark's best candidate", "predictions")]
+    for start, n_r, n_w in zip(edges[:-1], counts_r, counts_w):
+        label = f"{start}-{start + step - 1} inliers"
+        parts.append(frame.bar(start, step / 2, n_r, RIGHT, f"{label}: {n_r} right"))
+        parts.append(frame.bar(start + step / 2, step / 2, n_w, WRONG, f"{label}: {n_w} wrong"))
+    parts.append(frame.legend([(RIGHT, f"right ({len(right)})"), (WRONG, f"wrong ({len(wrong)})")]))
+    return frame.svg("Inliers: right versus wrong predictions", parts, "inliers-plot")
+
+
+class _Frame:
+    """Maps data coordinates into an SVG plot area and draws the pieces as SVG strings."""
+
+    LEFT, RIGHT_PAD, TOP, BOTTOM = 48, 24, 28, 40
+
+    def __init__(self, width: int, height: int, xrange: tuple[float, float], yrange: tuple[float, float]):
+        self.width, self.height = width, height
+        self.x0, self.x1 = xrange[0], xrange[1] if xrange[1] > xrange[0] else xrange[0] + 1
+        self.y0, self.y1 = yrange
+
+    def x(self, value: float) -> float:
+        span = self.width - self.LEFT - self.RIGHT_PAD
+        return self.LEFT + (value - self.x0) / (self.x1 - self.x0) * span
+
+    def y(self, value: float) -> float:
+        span = self.height - self.TOP - self.BOTTOM
+        return self.height - self.BOTTOM - (value - self.y0) / ((self.y1 - self.y0) or 1) * span
+
+    def axes(self, xlabel: str, ylabel: str) -> str:
+        bottom, left = self.y(self.y0), self.x(self.x0)
+        ticks = []
+        for value in np.linspace(self.y0, self.y1, 5):
+            text = f"{value:.2f}" if self.y1 <= 1 else f"{value:.0f}"
+            ticks.append(f'<text x="{left - 6}" y="{self.y(value) + 4:.1f}" text-anchor="end">{text}</text>')
+        for value in np.linspace(self.x0, self.x1, 5):
+            ticks.append(f'<text x="{self.x(value):.1f}" y="{bottom + 16}" text-anchor="middle">{value:.0f}</text>')
+        return (f'<line x1="{left}" y1="{bottom}" x2="{self.x(self.x1):.1f}" y2="{bottom}" stroke="#333"/>'
+                f'<line x1="{left}" y1="{bottom}" x2="{left}" y2="{self.y(self.y1):.1f}" stroke="#333"/>'
+                + "".join(ticks)
+                + f'<text x="{self.width / 2:.0f}" y="{self.height - 6}" text-anchor="middle">{html.escape(xlabel)}</text>'
+                + f'<text x="12" y="{self.height / 2:.0f}" transform="rotate(-90 12 {self.height / 2:.0f})" '
+                  f'text-anchor="middle">{html.escape(ylabel)}</text>')
+
+    def polyline(self, xs: np.ndarray, ys: np.ndarray, color: str, name: str) -> str:
+        keep = np.unique(np.linspace(0, len(xs) - 1, min(len(xs), 1000)).astype(int))  # light for big runs
+        coords = " ".join(f"{self.x(xs[i]):.1f},{self.y(ys[i]):.1f}" for i in keep)
+        return f'<polyline class="{name}" points="{coords}" fill="none" stroke="{color}" stroke-width="1.5"/>'
+
+    def marker(self, x: float, y: float, color: str, filled: bool, tip: str) -> str:
+        cx, cy = self.x(x), self.y(y)
+        if filled:
+            return f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="3" fill="{color}"><title>{html.escape(tip)}</title></circle>'
+        return (f'<path d="M{cx - 3:.1f},{cy - 3:.1f}L{cx + 3:.1f},{cy + 3:.1f}M{cx - 3:.1f},{cy + 3:.1f}'
+                f'L{cx + 3:.1f},{cy - 3:.1f}" stroke="{color}" stroke-width="1.5"><title>{html.escape(tip)}</title></path>')
+
+    def bar(self, x: float, width: float, count: int, color: str, tip: str) -> str:
+        left, top = self.x(x), self.y(count)
+        return (f'<rect x="{left:.1f}" y="{top:.1f}" width="{max(self.x(x + width) - left - 1, 1):.1f}" '
+                f'height="{self.y(self.y0) - top:.1f}" fill="{color}"><title>{html.escape(tip)}</title></rect>')
+
+    def legend(self, entries: list[tuple[str, str]]) -> str:
+        x = self.width - self.RIGHT_PAD - 120
+        return "".join(f'<rect x="{x}" y="{self.TOP + 16 * i}" width="10" height="10" fill="{color}"/>'
+                       f'<text x="{x + 14}" y="{self.TOP + 9 + 16 * i}">{html.escape(text)}</text>'
+                       for i, (color, text) in enumerate(entries))
+
+    def right_label(self, text: str) -> str:
+        return (f'<text x="{self.width - 4}" y="{self.TOP - 8}" text-anchor="end" fill="#777">'
+                f'grey: {html.escape(text)}</text>')
+
+    def svg(self, title: str, parts: list[str], css_id: str) -> str:
+        return (f'<figure><svg id="{css_id}" xmlns="http://www.w3.org/2000/svg" width="{self.width}" '
+                f'height="{self.height}" viewBox="0 0 {self.width} {self.height}" font-size="11" '
+                f'font-family="sans-serif">{"".join(parts)}</svg><figcaption>{html.escape(title)}</figcaption></figure>')
+
+
+# ---------------------------------------------------------------- the page
+
+
+def metrics_table(metrics: dict) -> str:
+    """HTML table of the flat and the ``retrieval`` numbers of :func:`delf_pipeline.evaluate.evaluate`."""
+    if not metrics:
+        return "<p>No metrics: give --solution (or run with a solution) to score this run.</p>"
+    rows = {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}
+    rows.update({f"retrieval {k}": v for k, v in metrics.get("retrieval", {}).items() if not isinstance(v, (dict, list))})
+    cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{v:.4f}</td></tr>" if isinstance(v, float)
+                    else f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows.items())
+    return f'<table class="metrics">{cells}</table>'
+
+
+def plots(queries: list[dict], has_truth: bool) -> str:
+    """The two plots, or a note when there is no ground truth."""
+    if not has_truth:
+        return "<p>Plots need the ground truth: give --solution.</p>"
+    points, landmark_queries = gap_points(queries)
+    right = [row["inliers"] for row in queries if row["ok"] == "right" and row["pred"] and row["inliers"] >= 0]
+    wrong = [row["inliers"] for row in queries if row["ok"] == "wrong" and row["pred"] and row["inliers"] >= 0]
+    return f'<div class="plots">{precision_svg(points, landmark_queries)}{inliers_svg(right, wrong)}</div>'
+
+
+def render_page(run: Run, queries: list[dict], metrics: dict, has_truth: bool, page_size: int) -> str:
+    """The whole index.html text."""
+    summary = [[row["q"], row["pred"], row["conf"], row["ok"], row["inliers"]] for row in queries]
+    settings = ", ".join(f"{k}={run.settings[k]}" for k in ("matcher", "match_threshold", "verifier",
+                                                            "residual_threshold", "scoring") if k in run.settings)
+    body = PAGE.format(
+        title=html.escape(f"delf_pipeline report: {run.path.resolve()}"),
+        run=html.escape(str(run.path.resolve())), settings=html.escape(settings),
+        metrics=metrics_table(metrics), plots=plots(queries, has_truth), counts=html.escape(_counts(queries)),
+        data=_json({"queries": summary, "chunk": CHUNK, "pageSize": page_size, "truth": has_truth}),
+        style=STYLE, script=SCRIPT,
+    )
+    return body
+
+
+def _counts(queries: list[dict]) -> str:
+    answered = sum(1 for row in queries if row["pred"])
+    text = f"{len(queries)} queries, {answered} with a prediction"
+    if any(row["ok"] for row in queries):
+        right = sum(1 for row in queries if row["ok"] == "right")
+        text += f"; {right} right, {sum(1 for row in queries if row['ok'] == 'wrong')} wrong"
+    return text
+
+
+STYLE = """
+body{font:14px/1.4 system-ui,sans-serif;margin:16px 24px;color:#222}
+h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:20px 0 8px}
+.sub{color:#666;font-size:12px;word-break:break-all}
+table.metrics{border-collapse:collapse} table.metrics th,table.metrics td{padding:2px 10px;border-bottom:1px solid #eee}
+table.metrics th{text-align:left;font-weight:normal;color:#444} table.metrics td{text-align:right;font-variant-numeric:tabular-nums}
+.top{display:flex;flex-wrap:wrap;gap:32px} .plots{display:flex;flex-wrap:wrap;gap:16px} figure{margin:0} figcaption{font-size:12px;color:#444;max-width:520px}
+.controls{display:flex;flex-wrap:wrap;gap:12px;align-items:center;margin:8px 0;padding:8px;background:#f6f6f6;border-radius:6px}
+.query{display:flex;gap:10px;padding:8px 0;border-bottom:1px solid #ddd}
+.card{width:168px;font-size:12px;flex:none} .card.q{width:190px;border-right:2px solid #ccc;padding-right:8px}
+.thumb{width:160px;height:160px;object-fit:contain;background:#eee;display:block;border:3px solid transparent}
+.noimg{width:160px;height:160px;background:#eee;color:#888;display:flex;align-items:center;justify-content:center}
+.right .thumb{border-color:#1a9850} .wrong .thumb{border-color:#d73027}
+.badge{display:inline-block;padding:0 6px;border-radius:8px;color:#fff;font-size:11px}
+.badge.right{background:#1a9850} .badge.wrong{background:#d73027}
+.mono{font-family:ui-monospace,monospace;word-break:break-all} .num{font-variant-numeric:tabular-nums}
+#status{margin-top:16px;color:#666;font-size:12px}
+"""
+
+PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"><style>{style}</style></head>
+<body>
+<h1>delf_pipeline report</h1>
+<div class="sub">run {run}<br>rerank: {settings}</div>
+<div class="top"><section><h2>Metrics</h2>
+{metrics}</section>
+<section><h2>Plots</h2>
+{plots}</section></div>
+<h2>Queries</h2>
+<p>{counts}. Click a candidate for its match picture (faint: putative matches, green: RANSAC inliers).</p>
+<div class="controls">
+  <label>show <select id="filter"><option value="all">all</option><option value="right">right</option>
+    <option value="wrong">wrong</option><option value="landmark">predicted</option>
+    <option value="none">no prediction</option></select></label>
+  <label>confidence &ge; <input id="minconf" type="number" step="any" style="width:6em"></label>
+  <label>sort <select id="sort"><option value="conf-desc">confidence, high first</option>
+    <option value="conf-asc">confidence, low first</option><option value="inl-asc">inliers, few first</option>
+    <option value="id">query id</option></select></label>
+  <label>per page <select id="size"><option>10</option><option>25</option><option>50</option>
+    <option>100</option><option>200</option></select></label>
+  <button id="prev">&laquo; prev</button><span id="pageinfo" class="num"></span><button id="next">next &raquo;</button>
+</div>
+<div id="rows"></div>
+<div id="status" data-ready="0" data-loaded="0" data-failed="0" data-errors="0">loading...</div>
+<script type="application/json" id="data">{data}</script>
+<script>{script}</script>
+</body></html>
+"""
+
+SCRIPT = r"""
+"use strict";
+const DATA = JSON.parse(document.getElementById("data").textContent);
+const chunks = {}, waiting = {};
+const seen = {loaded: 0, failed: 0, errors: [], failedSrc: []};
+const state = {filter: "all", minConf: null, sort: "conf-desc", page: 0, size: DATA.pageSize};
+window.onerror = (message) => { seen.errors.push(String(message)); showStatus(); };
+window.addEventListener("unhandledrejection", (e) => { seen.errors.push(String(e.reason)); showStatus(); });
+const consoleError = console.error.bind(console);
+console.error = (...args) => { seen.errors.push(args.join(" ")); showStatus(); consoleError(...args); };
+document.addEventListener("load", (e) => { if (e.target.tagName === "IMG") { seen.loaded++; showStatus(); } }, true);
+document.addEventListener("error", (e) => {
+  if (e.target.tagName === "IMG") { seen.failed++; seen.failedSrc.push(e.target.getAttribute("src")); showStatus(); }
+  else if (e.target.tagName === "SCRIPT") { seen.errors.push("cannot load " + e.target.getAttribute("src")); showStatus(); }
+}, true);
+
+function showStatus() {
+  const s = document.getElementById("status");
+  s.dataset.loaded = seen.loaded; s.dataset.failed = seen.failed; s.dataset.errors = seen.errors.length;
+  s.textContent = "images: " + seen.loaded + " loaded, " + seen.failed + " failed" +
+    (seen.failedSrc.length ? " (" + seen.failedSrc.slice(0, 5).join(", ") + ")" : "") +
+    "; script errors: " + seen.errors.length + (seen.errors.length ? " (" + seen.errors.slice(0, 3).join("; ") + ")" : "");
+}
+
+window.reportChunk = (number, rows) => { chunks[number] = rows; (waiting[number] || []).forEach((f) => f()); };
+function loadChunk(number) {
+  if (chunks[number]) return Promise.resolve();
+  return new Promise((resolve) => {
+    if (!waiting[number]) {
+      waiting[number] = [];
+      const tag = document.createElement("script");
+      tag.src = "details/chunk-" + number + ".js";
+      document.head.appendChild(tag);
+    }
+    waiting[number].push(resolve);
+  });
+}
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+  for (const c of children) node.append(c);
+  return node;
+}
+function fmt(x, digits) { return x === null || x === undefined ? "-" : Number(x).toFixed(digits); }
+function picture(src, alt) {
+  return src ? el("img", {class: "thumb", src: src, loading: "lazy", alt: alt}) : el("div", {class: "noimg"}, "no image");
+}
+
+function selected() {
+  const order = DATA.queries.map((q, i) => i).filter((i) => {
+    const [, pred, conf, ok] = DATA.queries[i];
+    if (state.filter === "right" || state.filter === "wrong") { if (ok !== state.filter) return false; }
+    if (state.filter === "landmark" && !pred) return false;
+    if (state.filter === "none" && pred) return false;
+    return state.minConf === null || (conf !== null && conf >= state.minConf);
+  });
+  const conf = (i) => DATA.queries[i][2] === null ? -Infinity : DATA.queries[i][2];
+  const keys = {
+    "conf-desc": (a, b) => conf(b) - conf(a), "conf-asc": (a, b) => conf(a) - conf(b),
+    "inl-asc": (a, b) => DATA.queries[a][4] - DATA.queries[b][4],
+    "id": (a, b) => (DATA.queries[a][0] < DATA.queries[b][0] ? -1 : 1),
+  };
+  return order.sort((a, b) => keys[state.sort](a, b) || a - b);
+}
+
+function queryCard(i, detail) {
+  const [id, pred, conf, ok, inliers] = DATA.queries[i];
+  const [thumb, truth] = detail;
+  const verdict = ok ? el("span", {class: "badge " + ok}, ok) : "";
+  return el("div", {class: "card q " + ok},
+    picture(thumb, "query " + id), el("div", {class: "mono"}, id),
+    el("div", {}, "truth: " + (truth === null ? "unknown" : truth.length ? truth.join(" ") : "non-landmark")),
+    el("div", {}, "predicted: " + (pred || "none") + " ", verdict),
+    el("div", {class: "num"}, "confidence " + fmt(conf, 3) + ", inliers " + (inliers < 0 ? "-" : inliers)));
+}
+
+function candidateCard(c) {
+  const image = picture(c.thumb, "candidate " + c.id);
+  const linked = c.picture ? el("a", {href: c.picture, target: "_blank", title: "match picture"}, image) : image;
+  const mark = c.ok ? el("span", {class: "badge " + c.ok}, c.ok === "right" ? "same landmark" : "other") : "";
+  return el("div", {class: "card " + c.ok}, linked,
+    el("div", {}, "#" + c.rank + " landmark " + (c.label || "?") + " ", mark),
+    el("div", {class: "num"}, "global " + fmt(c.global, 3) + " | inliers " + (c.inliers < 0 ? "-" : c.inliers)),
+    el("div", {class: "num"}, "score " + fmt(c.score, 3) + (c.picture ? " | " : ""),
+       c.picture ? el("a", {href: c.picture, target: "_blank"}, "matches") : ""));
+}
+
+async function render() {
+  const order = selected();
+  const pages = Math.max(1, Math.ceil(order.length / state.size));
+  state.page = Math.min(state.page, pages - 1);
+  const shown = order.slice(state.page * state.size, (state.page + 1) * state.size);
+  await Promise.all([...new Set(shown.map((i) => Math.floor(i / DATA.chunk)))].map(loadChunk));
+  const rows = document.getElementById("rows");
+  rows.replaceChildren(...shown.map((i) => {
+    const detail = chunks[Math.floor(i / DATA.chunk)][i % DATA.chunk];
+    return el("div", {class: "query"}, queryCard(i, detail), ...detail[2].map(candidateCard));
+  }));
+  document.getElementById("pageinfo").textContent = " page " + (state.page + 1) + " / " + pages + " (" +
+    order.length + " of " + DATA.queries.length + " queries) ";
+  document.getElementById("status").dataset.ready = "1";
+  document.getElementById("status").dataset.rows = shown.length;
+  showStatus();
+}
+
+function bind(id, event, update) {
+  document.getElementById(id).addEventListener(event, (e) => { update(e.target.value); render(); });
+}
+bind("filter", "change", (v) => { state.filter = v; state.page = 0; });
+bind("sort", "change", (v) => { state.sort = v; state.page = 0; });
+bind("size", "change", (v) => { state.size = Number(v); state.page = 0; });
+bind("minconf", "input", (v) => { state.minConf = v === "" ? null : Number(v); state.page = 0; });
+bind("prev", "click", () => { state.page = Math.max(0, state.page - 1); });
+bind("next", "click", () => { state.page += 1; });
+function fromHash() {  // e.g. index.html#filter=wrong&sort=conf-asc&minconf=0.5&page=2
+  const hash = new URLSearchParams(location.hash.slice(1));
+  for (const [key, id] of [["filter", "filter"], ["sort", "sort"], ["minconf", "minconf"]]) {
+    if (hash.has(key)) document.getElementById(id).value = hash.get(key);
+  }
+  state.filter = document.getElementById("filter").value;
+  state.sort = document.getElementById("sort").value;
+  const min = document.getElementById("minconf").value;
+  state.minConf = min === "" ? null : Number(min);
+  state.page = Math.max(0, Number(hash.get("page") || 1) - 1);
+}
+document.getElementById("size").value = String(state.size);
+fromHash();
+render();
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .cli import add_config_arguments
+
+    parser.add_argument("--run", required=True, help="run folder (OUT/run of `delf-pipeline run` or demo)")
+    parser.add_argument("--solution", help="ground truth CSV id,landmarks[,Usage] (default: DATA/solution.csv if any)")
+    parser.add_argument("--data", help="where the images are: Kaggle root, folder or CSV (default: RUN/../data)")
+    parser.add_argument("--out", help="report folder (default: RUN/report)")
+    parser.add_argument("--top", type=int, default=5, help="candidates shown per query")
+    parser.add_argument("--matches", type=int, default=3, help="candidates per query with a match picture (0: none)")
+    parser.add_argument("--page-size", type=int, default=50, help="queries per page")
+    parser.add_argument("--overwrite", action="store_true", help="remake thumbnails and match pictures")
+    add_config_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    config = load_config(args.preset, args.config, args.overrides)
+    page = build(args.run, args.out, data=args.data, solution=args.solution, config=config, overrides=args.overrides,
+                 top=args.top, matches=args.matches, page_size=args.page_size, overwrite=args.overwrite)
+    print(f"report: {page.resolve().as_uri()}")
+    return 0

@@ -1,0 +1,172 @@
+"""Tests of the HTML report: plots and verdicts on hand-worked inputs, and the page of a real
+small demo run opened in headless Chromium as a person would (no console errors, no missing
+images, filters working), with a screenshot."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import cv2
+import pytest
+
+from delf_pipeline import cli, report
+from delf_pipeline.report import gap_points, inliers_svg, precision_svg, query_rows
+
+SMALL = ["extract.max_image_size=256", "extract.max_features=300", "extract.vlad_words=16",
+         "rerank.num_to_rerank=5", "shortlist.top_k=10"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> dict:
+    """A finished small demo run (OUT/data, OUT/run) and its report; about 15 s on 2 cores."""
+    from delf_pipeline.config import load_config
+    from delf_pipeline.demo import build_demo_set
+    from delf_pipeline.pipeline import run
+
+    root = tmp_path_factory.mktemp("demo")
+    solution = build_demo_set(root / "data")
+    run(load_config(overrides=SMALL), root / "data", root / "run", solution=solution)
+    page = report.build(root / "run", top=4, matches=2, page_size=10)
+    return {"root": root, "run": root / "run", "page": page}
+
+
+# ---------------------------------------------------------------- hand-worked pieces
+
+
+def test_precision_plot_states_gap():
+    # ranked: right (P 1), wrong, right (P 2/3); M = 3 landmark queries: GAP = (1 + 2/3) / 3
+    points = [(0.9, True, "a"), (0.8, False, "b"), (0.7, True, "c")]
+    svg = precision_svg(points, landmark_queries=3)
+    assert "GAP 0.5556" in svg
+    assert svg.count("<circle") == 2 and svg.count("<path") == 1
+
+
+@pytest.mark.parametrize("points, landmarks", [([], 3), ([(0.5, True, "a")], 0)])
+def test_precision_plot_empty(points, landmarks):
+    assert "nothing to plot" in precision_svg(points, landmarks)
+
+
+def test_inlier_histogram_counts():
+    svg = inliers_svg([30, 31, 80], [2, 3])
+    assert "right (3)" in svg and "wrong (2)" in svg
+    tips = re.findall(r"<title>([^<]*)</title>", svg)
+    assert "0-4 inliers: 2 wrong" in tips and "30-34 inliers: 2 right" in tips  # step ceil(81 / 20) = 5
+    assert "nothing to plot" in inliers_svg([], [])
+
+
+def test_gap_points_order_and_landmark_count():
+    queries = [
+        {"q": "b", "truth": ["1"], "pred": "1", "conf": 0.5},
+        {"q": "a", "truth": ["2"], "pred": "3", "conf": 0.5},
+        {"q": "c", "truth": [], "pred": "1", "conf": 0.9},  # non-landmark: a false positive
+        {"q": "d", "truth": ["4"], "pred": "", "conf": None},
+        {"q": "e", "truth": None, "pred": "1", "conf": 1.0},  # not in the solution: ignored
+    ]
+    points, landmarks = gap_points(queries)
+    assert points == [(0.9, False, "c"), (0.5, False, "a"), (0.5, True, "b")]
+    assert landmarks == 3
+
+
+class _Run:
+    labels = {"x": "1", "y": "2"}
+
+
+def test_query_rows_verdicts():
+    import pandas as pd
+
+    table = pd.DataFrame({"query_id": ["q1", "q1"], "index_id": ["y", "x"], "rank": [1, 2], "score": [3.0, 1.0],
+                          "global_score": [0.3, 0.1], "matches": [50, -1], "inliers": [20, -1],
+                          "status": ["ok", "not verified"]})
+    predictions = {"q1": ("2", 3.0), "q2": None, "q3": None}
+    truth = {"q1": {"1"}, "q2": set(), "q3": {"5"}}
+    rows = query_rows(_Run(), table, predictions, truth)
+    assert [r["ok"] for r in rows] == ["wrong", "right", "wrong"]  # q2: non-landmark without prediction
+    assert rows[0]["inliers"] == 20 and [c["ok"] for c in rows[0]["cands"]] == ["wrong", "right"]
+    assert [r["ok"] for r in query_rows(_Run(), table, predictions, None)] == ["", "", ""]
+
+
+# ---------------------------------------------------------------- the page of a real run
+
+
+def test_report_files(demo_run):
+    folder = demo_run["page"].parent
+    text = demo_run["page"].read_text()
+    queries = len((demo_run["root"] / "data" / "solution.csv").read_text().splitlines()) - 1
+    assert len(list((folder / "thumbs").glob("*.jpg"))) >= queries
+    pictures = list((folder / "matches").glob("*/*.jpg"))
+    assert len(pictures) == 2 * queries and cv2.imread(str(pictures[0])) is not None
+    assert 'id="precision-plot"' in text and 'id="inliers-plot"' in text and "https://" not in text
+    for src in re.findall(r'(?:thumb|picture)":"([^"]+)"', (folder / "details" / "chunk-0.js").read_text()):
+        assert (folder / src).is_file(), src
+
+
+def test_report_gap_matches_evaluate(demo_run):
+    import json
+
+    metrics = json.loads((demo_run["run"] / "metrics.json").read_text())
+    assert f"GAP {metrics['gap']:.4f}" in demo_run["page"].read_text()
+
+
+def test_thumbnails_are_cached(demo_run):
+    folder = demo_run["page"].parent / "thumbs"
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    assert cli.main(["report", "--run", str(demo_run["run"]), "--top", "4", "--matches", "2", "--page-size", "10"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not found:
+        pytest.skip("chromium is not installed (apt-get install chromium; .ci/run installs it)")
+    return found
+
+
+def open_in_chromium(url: str, tmp_path: Path, *extra: str, height: int = 12000) -> subprocess.CompletedProcess:
+    """Headless Chromium on ``url``, no network, a fresh profile; the page gets 5 s of virtual time."""
+    args = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+            f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+            "--virtual-time-budget=5000", f"--window-size=1280,{height}", *extra, url]
+    return subprocess.run(args, capture_output=True, text=True, timeout=120, check=True)
+
+
+def page_status(dom: str) -> dict:
+    tag = re.search(r'<div id="status"([^>]*)>', dom)
+    assert tag, "the page has no status line: did its script run?"
+    return dict(re.findall(r'data-([a-z]+)="([^"]*)"', tag.group(1)))
+
+
+def test_report_in_chromium_loads_every_image_without_errors(demo_run, tmp_path):
+    url = demo_run["page"].resolve().as_uri() + "#page=1"
+    done = open_in_chromium(url, tmp_path, "--dump-dom")  # the window is taller than the page: no lazy image waits
+    status = page_status(done.stdout)
+    images = done.stdout.count("<img ")
+    assert status["ready"] == "1" and status["rows"] == "10"
+    assert (status["errors"], status["failed"]) == ("0", "0"), status
+    assert images == 10 * 5 and status["loaded"] == str(images)
+    assert "CONSOLE" not in done.stderr, done.stderr
+
+
+def test_report_filter_from_the_address(demo_run, tmp_path):
+    rows = query_rows_of(demo_run)
+    wrong = sum(1 for ok in rows if ok == "wrong")
+    done = open_in_chromium(demo_run["page"].resolve().as_uri() + "#filter=wrong", tmp_path, "--dump-dom")
+    assert page_status(done.stdout)["rows"] == str(min(wrong, 10))
+    assert f"({wrong} of {len(rows)} queries)" in done.stdout
+
+
+def query_rows_of(demo_run) -> list[str]:
+    """Verdicts of the report's queries, read back from the page's embedded summary."""
+    import json
+
+    text = demo_run["page"].read_text()
+    data = json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', text).group(1))
+    return [row[3] for row in data["queries"]]
+
+
+def test_report_screenshot(demo_run, tmp_path):
+    shot = tmp_path / "report.png"
+    open_in_chromium(demo_run["page"].resolve().as_uri(), tmp_path, f"--screenshot={shot}", height=900)
+    assert cv2.imread(str(shot)).shape == (900, 1280, 3)
