@@ -164,6 +164,7 @@ def _extract_parts(out: Path, todo: list[ImageRecord], extractor: Extractor, con
         extracted, errors = _extract_chunk(chunk, extractor, strict)
         write_part(out / "parts" / _part_name(shard, number), extracted, errors,
                    conf["descriptor_dtype"], _local_dim(extracted))
+    next(decoded, None)  # let the progress report finish (its last line comes after the last item)
 
 
 def _extract_chunk(chunk, extractor: Extractor, strict: bool) -> tuple[list[ExtractedImage], list[ErrorRecord]]:

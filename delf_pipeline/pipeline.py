@@ -5,6 +5,8 @@
 
     features/index, features/query   feature stores (extract)
     shortlist.csv                    top-K index images per query
+    features/index-candidates        local features of shortlisted index images, when
+                                     extract.local_features is false (extracted once each)
     rerank.csv                       verified candidates (skipped when num_to_rerank is 0)
     submission.csv, ranking.csv      predictions (every query id, also failed images)
     metrics.json                     with --solution
@@ -46,10 +48,13 @@ def run(
     features = out / "features"
     index_store = extract.run(config, data, features / "index", split="train", overwrite=overwrite)
     codebook = index_store / "codebook.npy"
-    query_store = extract.run(config, data, features / "query", split="test", overwrite=overwrite,
-                              codebook=codebook if codebook.exists() else None)
+    query_store = extract.run(_with_local_features(config), data, features / "query", split="test",
+                              overwrite=overwrite, codebook=codebook if codebook.exists() else None)
     shortlist_csv = shortlist.run(config, index_store, query_store, out / "shortlist.csv", overwrite=overwrite)
     rerank_csv = None
+    if config["rerank"]["num_to_rerank"] > 0:
+        candidates = rerank.top_candidates(read_table(shortlist_csv), config["rerank"]["num_to_rerank"])
+        index_store = rerank.candidate_store(config, index_store, candidates, data, "train", (1, 1))
     if time_budget is not None:
         config = fit_num_to_rerank(config, time_budget, shortlist_csv, query_store, index_store,
                                    out / "rerank.csv", jobs=jobs, overwrite=overwrite)
@@ -63,6 +68,11 @@ def run(
 
         print_report(evaluate(submission, solution, out / "ranking.csv", data / "train.csv", out / "metrics.json"))
     return submission
+
+
+def _with_local_features(config: dict) -> dict:
+    """Queries always need local features, whatever extract.local_features says for the index."""
+    return {**config, "extract": {**config["extract"], "local_features": True}}
 
 
 def index_labels(data: Path) -> dict[str, str]:
