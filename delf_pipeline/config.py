@@ -9,9 +9,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import tomllib
+import sys
 from pathlib import Path
 from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (older Kaggle images): the same parser, published as tomli
+    import tomli as tomllib
 
 DEFAULT_PRESET = "sift_default"
 

@@ -326,7 +326,10 @@ def test_make_budget():
         kernel.make_budget(-1)
 
 
-def test_old_python_is_refused(monkeypatch):
+def test_old_python_without_tomli_is_refused(monkeypatch):
+    kernel = load_kernel()
     monkeypatch.setattr(sys, "version_info", (3, 10, 12))
-    with pytest.raises(SystemExit, match="needs Python 3.11"):
-        load_kernel().main(["--input", "/nowhere"])
+    real_find_spec = kernel.importlib.util.find_spec
+    monkeypatch.setattr(kernel.importlib.util, "find_spec", lambda name: None if name == "tomli" else real_find_spec(name))
+    with pytest.raises(SystemExit, match="needs Python 3.11 .* or tomli"):
+        kernel.main(["--input", "/nowhere"])

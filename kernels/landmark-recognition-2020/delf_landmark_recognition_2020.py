@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import base64
 import importlib
+import importlib.util
 import io
 import logging
 import os
@@ -78,8 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if sys.version_info < (3, 11):
-        raise SystemExit(f"delf_pipeline needs Python 3.11 or later (tomllib), this is {sys.version.split()[0]}")
+    if sys.version_info < (3, 11) and importlib.util.find_spec("tomli") is None:
+        raise SystemExit(f"delf_pipeline needs Python 3.11 (tomllib) or tomli on Python 3.10; "
+                         f"this is {sys.version.split()[0]} without tomli")
     package = import_package()
     budget = make_budget(args.time_budget_hours)
     log.info("delf_pipeline %s from %s (%s)", package.__version__, package.__file__,
