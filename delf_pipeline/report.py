@@ -295,8 +295,10 @@ class _Frame:
     def axes(self, xlabel: str, ylabel: str) -> str:
         bottom, left = self.y(self.y0), self.x(self.x0)
         ticks = []
-        for value in np.linspace(self.y0, self.y1, 5):
-            text = f"{value:.2f}" if self.y1 <= 1 else f"{value:.0f}"
+        counts = self.y1 > 1  # integer ticks for counts, two decimals for fractions
+        step = math.ceil(self.y1 / 4) if counts else 0.25
+        for value in np.arange(self.y0, self.y1 + step / 2, step):
+            text = f"{value:.0f}" if counts else f"{value:.2f}"
             ticks.append(f'<text x="{left - 6}" y="{self.y(value) + 4:.1f}" text-anchor="end">{text}</text>')
         for value in np.linspace(self.x0, self.x1, 5):
             ticks.append(f'<text x="{self.x(value):.1f}" y="{bottom + 16}" text-anchor="middle">{value:.0f}</text>')
@@ -394,7 +396,8 @@ h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:20px 0 8px}
 .sub{color:#666;font-size:12px;word-break:break-all}
 table.metrics{border-collapse:collapse} table.metrics th,table.metrics td{padding:2px 10px;border-bottom:1px solid #eee}
 table.metrics th{text-align:left;font-weight:normal;color:#444} table.metrics td{text-align:right;font-variant-numeric:tabular-nums}
-.top{display:flex;flex-wrap:wrap;gap:32px} .plots{display:flex;flex-wrap:wrap;gap:16px} figure{margin:0} figcaption{font-size:12px;color:#444;max-width:520px}
+.top{display:flex;flex-wrap:wrap;gap:32px} .top>section:last-child{flex:1;min-width:540px}
+.plots{display:flex;flex-wrap:wrap;gap:16px} figure{margin:0} figcaption{font-size:12px;color:#444;max-width:520px}
 .controls{display:flex;flex-wrap:wrap;gap:12px;align-items:center;margin:8px 0;padding:8px;background:#f6f6f6;border-radius:6px}
 .query{display:flex;gap:10px;padding:8px 0;border-bottom:1px solid #ddd}
 .card{width:168px;font-size:12px;flex:none} .card.q{width:190px;border-right:2px solid #ccc;padding-right:8px}

@@ -170,3 +170,10 @@ def test_report_screenshot(demo_run, tmp_path):
     shot = tmp_path / "report.png"
     open_in_chromium(demo_run["page"].resolve().as_uri(), tmp_path, f"--screenshot={shot}", height=900)
     assert cv2.imread(str(shot)).shape == (900, 1280, 3)
+
+
+def test_page_pieces_without_ground_truth():
+    assert "give --solution" in report.plots([], has_truth=False)
+    assert "give --solution" in report.metrics_table({})
+    table = report.metrics_table({"gap": 0.5, "queries": 3, "retrieval": {"mrr": 0.25, "ap": [1.0]}})
+    assert "<td>0.5000</td>" in table and "<td>3</td>" in table and "retrieval mrr" in table and "retrieval ap" not in table
