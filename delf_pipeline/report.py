@@ -184,7 +184,7 @@ def _make_match_pictures(run: Run, queries: list[dict], out: Path, count: int, h
     for query_id, cand in track(todo, len(todo), "match pictures"):
         try:
             render_pair(run, query_id, cand["id"], match_picture_path(out / "matches", query_id, cand["id"], ".jpg"),
-                        height, recorded=cand)
+                        height, recorded={"inliers": cand["inliers"], "global_score": cand["global"]})
         except (FileNotFoundError, ImageError, KeyError) as error:
             log.warning("no match picture for %s / %s: %s", query_id, cand["id"], error)
             failed += 1

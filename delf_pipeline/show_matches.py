@@ -50,6 +50,8 @@ class Run:
 
     path: the run folder (``OUT/run`` of ``delf-pipeline run``).
     queries, index: its feature stores.
+    candidates: ``features/index-candidates``, the local features of shortlisted index images
+        when the index store holds global descriptors only (else None).
     images: image id -> source file (index and query images).
     labels: index image id -> landmark id.
     settings: the rerank section used to verify pairs.
@@ -61,6 +63,11 @@ class Run:
     images: dict[str, Path]
     labels: dict[str, str]
     settings: dict
+    candidates: FeatureStore | None = None
+
+    def index_store(self, image_id: str) -> FeatureStore:
+        """The store with the local features of index image ``image_id``."""
+        return self.candidates if self.candidates is not None and image_id in self.candidates else self.index
 
 
 def open_run(
@@ -84,7 +91,9 @@ def open_run(
         log.warning("no image source: give --data (the Kaggle root or image folder the run was made from)")
     settings = rerank_settings(run_dir, config or load_config(), overrides)
     stores = run_dir / "features"
-    return Run(run_dir, FeatureStore(stores / "query"), FeatureStore(stores / "index"), images, labels, settings)
+    candidates = FeatureStore(stores / "index-candidates") if (stores / "index-candidates").is_dir() else None
+    return Run(run_dir, FeatureStore(stores / "query"), FeatureStore(stores / "index"), images, labels, settings,
+               candidates)
 
 
 def default_data(run_dir: Path) -> Path | None:
@@ -124,7 +133,7 @@ def rerank_settings(run_dir: Path, config: dict, overrides: Sequence[str] = ()) 
 def verify_stored(run: Run, query_id: str, index_id: str) -> tuple[PairResult, ImageFeatures, ImageFeatures]:
     """Verify one stored pair as rerank does: (result, query features, candidate features)."""
     query = run.queries.features(query_id)
-    candidate = run.index.features(index_id)
+    candidate = run.index_store(index_id).features(index_id)
     result = verify_pair(query.locations, query.descriptors, candidate.locations, candidate.descriptors,
                          **verify_options(run.settings))
     return result, query, candidate
@@ -242,7 +251,13 @@ def _write_caption(canvas: np.ndarray, caption: Sequence[str]) -> None:
 
 def pair_caption(run: Run, query_id: str, index_id: str, result: PairResult, global_: float,
                  recorded: dict | None = None) -> list[str]:
-    """Margin text: ids and label, counts and scores, and the verification settings."""
+    """Margin text: ids and label, counts and scores, and the verification settings.
+
+    recorded: the pair's numbers from the run (keys ``inliers``, -1 if not verified, and
+    ``global_score``): its global score is shown, and its inlier count when it differs.
+    """
+    if recorded and recorded.get("global_score") is not None:
+        global_ = float(recorded["global_score"])
     conf = run.settings
     inliers = result.inliers if result.inliers >= conf.get("min_inliers", 0) else 0
     score = final_score(inliers, global_, conf)
@@ -278,13 +293,14 @@ def render_pair(run: Run, query_id: str, index_id: str, out: Path, height: int =
                 recorded: dict | None = None) -> Path:
     """Verify (query, candidate) from the stores and write the picture ``out`` (.png or .jpg); returns ``out``.
 
-    recorded: the pair's rerank.csv row (its inlier count is shown when it differs).
+    recorded: the pair's numbers in the run (see :func:`pair_caption`).
     Raises FileNotFoundError when an image's source file is unknown, ImageError when unreadable.
     """
     result, query, candidate = verify_stored(run, query_id, index_id)
-    caption = pair_caption(run, query_id, index_id, result, global_score(query, candidate), recorded)
+    global_ = global_score(query, run.index.features(index_id))  # a candidates store may have no globals
+    caption = pair_caption(run, query_id, index_id, result, global_, recorded)
     image_q = _original(run, run.queries, query_id)
-    image_c = _original(run, run.index, index_id)
+    image_c = _original(run, run.index_store(index_id), index_id)
     picture = draw_matches(image_q, image_c, query.locations, candidate.locations, result, caption, height)
     write_picture(Path(out), picture)
     return Path(out)

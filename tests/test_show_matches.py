@@ -3,6 +3,7 @@ descriptor sizes of every backend (DELF v1 40, DELG 128, RootSIFT 128), and the 
 from __future__ import annotations
 
 import json
+import shutil
 
 import cv2
 import numpy as np
@@ -188,3 +189,17 @@ def test_command_writes_the_picture(tmp_path):
     code = cli.main(["show-matches", "--run", str(run_dir), "--query", "q", "--candidate", "c", "--data", str(images),
                      "--out", str(out), "--height", "150", "--set", "rerank.verifier=magsac"])
     assert code == 0 and cv2.imread(str(out)).shape[0] == 3 * TEXT_LINE + 10 + 150
+
+
+def test_global_only_index_store_reads_the_candidates_store(tmp_path):
+    """extract.local_features=false: local features of candidates live in features/index-candidates."""
+    run_dir, images = write_run(tmp_path)
+    index = run_dir / "features" / "index"
+    shutil.move(index, run_dir / "features" / "index-candidates")
+    _, candidate = pair_features(128)
+    global_only = ImageFeatures(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32), np.zeros(0, np.float32),
+                                np.zeros(0, np.float32), candidate.global_descriptor)
+    write_part(index / "parts" / "0001-0001-000000", [ExtractedImage("c", global_only, (300, 240))], [], "float16", 128)
+    run = open_test_run(run_dir, images)
+    assert verify_stored(run, "q", "c")[0].inliers == TRUE
+    assert cv2.imread(str(render_pair(run, "q", "c", tmp_path / "pair.png", height=100))) is not None
