@@ -36,7 +36,7 @@ from .config import fingerprint, load_config
 from .features import ImageFeatures
 from .progress import track
 from .store import FeatureStore
-from .verify import verify_options, verify_pair
+from .verify import PairResult, verify_options, verify_pair
 
 log = logging.getLogger("delf_pipeline.rerank")
 
@@ -207,13 +207,19 @@ class BlockWorker:
         query = self.queries.features(query_id)
         rows = []
         for index_id, global_score in candidates:
-            candidate = self.index_features(index_id)
-            result = verify_pair(query.locations, query.descriptors, candidate.locations, candidate.descriptors,
-                                 **self.options)
+            result = self.verify(query, self.index_features(index_id))
             inliers = result.inliers if result.inliers >= self.conf["min_inliers"] else 0
             score = final_score(inliers, global_score, self.conf)
             rows.append((query_id, index_id, global_score, result.matches, inliers, score, result.status))
         return sorted(rows, key=lambda row: (-row[5], row[1]))
+
+    def verify(self, query: ImageFeatures, candidate: ImageFeatures) -> PairResult:
+        """:func:`verify_pair` of two images; 0 matches when a side has no features (a store
+        part whose images all have none holds descriptors [0, 0], of another dimension)."""
+        if not query.num_features or not candidate.num_features:
+            return PairResult(0, 0, "too_few_matches", np.zeros((0, 2), np.int64), np.zeros(0, bool))
+        return verify_pair(query.locations, query.descriptors, candidate.locations, candidate.descriptors,
+                           **self.options)
 
 
 def final_score(inliers: int, global_score: float, conf: dict) -> float:
