@@ -22,7 +22,7 @@ DEFAULT_PRESET = "sift_default"
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "extract": {
-        "backend": "rootsift",  # rootsift | savedmodel | hub | efficientnet_lite0
+        "backend": "rootsift",  # rootsift (embedded default) | savedmodel (DELF/DELG export) | hub (DELF v1)
         "model": "",  # SavedModel folder or TF Hub handle (savedmodel / hub backends)
         "image_scales": [0.7071, 1.0, 1.4142],  # pyramid scales fed to the model
         "global_scale_indices": [0, 1, 2],  # which of image_scales build the global descriptor
@@ -44,9 +44,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "rerank": {
         "num_to_rerank": 100,  # shortlisted candidates verified per query
-        "matcher": "kdtree",  # kdtree (official) | mutual (mutual nearest neighbours by matmul)
+        "matcher": "kdtree",  # kdtree (official) | nn (same answer by matmul) | mutual (mutual nearest neighbours)
         "match_threshold": 0.8,  # max descriptor distance of a putative match
-        "ratio": 0.0,  # mutual matcher: Lowe ratio test, 0 disables
+        "ratio": 0.0,  # nn / mutual matchers: Lowe ratio test, 0 disables
         "verifier": "skimage_affine",  # skimage_affine | magsac | magsac_affine | affine2d | degensac
         "residual_threshold": 20.0,  # RANSAC inlier threshold in pixels
         "max_trials": 1000,  # RANSAC iterations
@@ -147,7 +147,46 @@ def _coerce(value: Any, default: Any, key: str, origin: str) -> Any:
     raise ConfigError(f"{origin}: {key} must be {type(default).__name__}, got {value!r}")
 
 
+def to_toml(config: dict) -> str:
+    """The stage sections of ``config`` as TOML text, each key with its comment from DEFAULTS."""
+    comments = _default_comments()
+    lines = [f"# preset: {config.get('preset')}"]
+    for section in DEFAULTS:
+        lines.append(f"\n[{section}]")
+        for key, value in config[section].items():
+            lines.append(f"{key} = {json.dumps(value)}  # {comments.get((section, key), '')}".rstrip(" #"))
+    return "\n".join(lines) + "\n"
+
+
+def _default_comments() -> dict[tuple[str, str], str]:
+    """(section, key) -> the comment written beside the key in this file's DEFAULTS."""
+    comments, section = {}, None
+    for line in Path(__file__).read_text().splitlines():
+        stripped = line.strip()
+        if stripped.endswith(": {") and stripped.startswith('"'):
+            section = stripped.split('"')[1]
+        elif section and stripped.startswith('"') and "#" in stripped:
+            comments[(section, stripped.split('"')[1])] = stripped.split("#", 1)[1].strip()
+    return comments
+
+
 def fingerprint(settings: dict) -> str:
     """A short stable hash of ``settings`` (any JSON-able dict), recorded in artifacts."""
     text = json.dumps(settings, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def add_arguments(parser) -> None:
+    """``delf-pipeline config``: show the effective settings, or the preset names."""
+    from .cli import add_config_arguments
+
+    parser.add_argument("--list", action="store_true", help="list the preset names and exit")
+    add_config_arguments(parser)
+
+
+def main(args) -> int:
+    if args.list:
+        print("\n".join(list_presets()))
+        return 0
+    print(to_toml(load_config(args.preset, args.config, args.overrides)), end="")
+    return 0
