@@ -1,0 +1,150 @@
+"""Tests of delf_pipeline.predict: final ranking, per-class votes, submission rows for every query."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from delf_pipeline import predict
+from delf_pipeline.blocks import read_table
+from delf_pipeline.cli import main as cli_main
+from delf_pipeline.config import load_config
+from delf_pipeline.evaluate import read_submission, validate_submission
+from delf_pipeline.images import ErrorRecord
+from delf_pipeline.store import ExtractedImage, write_part
+from synthetic_stores import global_only, shortlist_frame
+
+LABELS = {"a": "1", "b": "2", "c": "2", "d": "1", "x": "7", "y": "3", "z": "10"}
+
+
+def ranking(candidates: dict[str, list[tuple[str, float]]]) -> pd.DataFrame:
+    """A final ranking (query_id,index_id,rank,score) from query -> [(index id, score)] in rank order."""
+    return shortlist_frame(candidates)
+
+
+def config(**predict_settings) -> dict:
+    conf = load_config()
+    conf["predict"].update(predict_settings)
+    return conf
+
+
+# ---------------------------------------------------------------- aggregation
+
+
+@pytest.mark.parametrize("how, top_k, expected", [
+    ("sum", 3, ("2", 0.95)),  # 2: 0.5 + 0.45 beats 1: 0.9 (d at rank 4 does not vote)
+    ("max", 3, ("1", 0.9)),
+    ("sum", 4, ("1", 1.5)),  # with d: 0.9 + 0.6
+    ("sum", 1, ("1", 0.9)),
+])
+def test_golden_class_votes(how, top_k, expected):
+    table = ranking({"q": [("a", 0.9), ("b", 0.5), ("c", 0.45), ("d", 0.6)]})
+    label, score = predict.aggregate(table, LABELS, top_k, how)["q"]
+    assert (label, round(score, 6)) == expected
+
+
+@pytest.mark.parametrize("how", ["sum", "max"])
+def test_tied_classes_go_to_the_smaller_label(how):
+    table = ranking({"q": [("x", 0.5), ("y", 0.5), ("z", 0.5)]})  # labels 7, 3, 10
+    assert predict.aggregate(table, LABELS, 3, how) == {"q": ("10", 0.5)}  # labels compare as text
+
+
+def test_unlabelled_candidates_do_not_vote(caplog):
+    table = ranking({"q0": [("unknown", 0.9), ("a", 0.3)], "q1": [("unknown", 0.8)]})
+    with caplog.at_level(logging.WARNING, logger="delf_pipeline"):
+        votes = predict.aggregate(table, LABELS, 2, "sum")
+    assert votes == {"q0": ("1", 0.3)}
+    assert "2 shortlisted index images have no label and do not vote" in caplog.text
+    assert predict.aggregate(table, LABELS, 1, "sum") == {}  # the unlabelled one used the only vote
+
+
+def test_empty_ranking_gives_no_votes():
+    assert predict.aggregate(ranking({}), LABELS, 3, "sum") == {}
+
+
+def test_unknown_aggregation_is_refused():
+    with pytest.raises(ValueError, match="predict.aggregation must be sum or max, got 'mean'"):
+        predict.aggregate(ranking({"q": [("a", 1.0)]}), LABELS, 3, "mean")
+
+
+# ---------------------------------------------------------------- final ranking
+
+
+def rerank_frame(rows: list[tuple[str, str, float]]) -> pd.DataFrame:
+    return pd.DataFrame([(q, i, 0.0, 10, 5, s, "ok") for q, i, s in rows],
+                        columns=["query_id", "index_id", "global_score", "matches", "inliers", "score", "status"])
+
+
+def test_verified_candidates_come_first_then_the_rest_by_global_score():
+    shortlist = shortlist_frame({"q1": [("a", 0.9), ("b", 0.8), ("c", 0.7), ("d", 0.6)], "q0": [("x", 0.2), ("y", 0.1)]})
+    rerank = rerank_frame([("q1", "c", 5.2), ("q1", "a", 0.45)])
+    table = predict.final_ranking(shortlist, rerank)
+    assert table.columns.tolist() == ["query_id", "index_id", "rank", "score"]
+    assert table.values.tolist() == [
+        ["q0", "x", 1, 0.2], ["q0", "y", 2, 0.1],
+        ["q1", "c", 1, 5.2], ["q1", "a", 2, 0.45], ["q1", "b", 3, 0.8], ["q1", "d", 4, 0.6],
+    ]
+
+
+def test_without_rerank_the_shortlist_is_the_ranking():
+    shortlist = shortlist_frame({"q": [("a", 0.5), ("b", 0.5), ("c", 0.9)]})
+    for rerank in (None, rerank_frame([])):
+        table = predict.final_ranking(shortlist, rerank)
+        assert table["index_id"].tolist() == ["c", "a", "b"] and table["rank"].tolist() == [1, 2, 3]
+
+
+# ---------------------------------------------------------------- the stage
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    """Shortlist and rerank CSVs of queries q0 (verified) and q1 (global only)."""
+    shortlist_frame({"q0": [("a", 0.9), ("b", 0.8), ("c", 0.7)], "q1": [("x", 0.6), ("y", 0.5)]}).to_csv(
+        tmp_path / "shortlist.csv", index=False)
+    rerank_frame([("q0", "b", 1.2), ("q0", "c", 1.1), ("q0", "a", 0.9)]).to_csv(tmp_path / "rerank.csv", index=False)
+    return tmp_path
+
+
+def test_submission_has_every_query_once_in_the_given_order(inputs):
+    ids = ["q1", "failed", "q0", "no_candidates", "q1"]
+    out = predict.run(config(top_k=2, aggregation="sum"), inputs / "shortlist.csv", LABELS, ids,
+                      inputs / "submission.csv", rerank_csv=inputs / "rerank.csv")
+    assert out.read_text() == "id,landmarks\nq1,7 0.600000\nfailed,\nq0,2 2.300000\nno_candidates,\n"
+    assert validate_submission(out, expected_ids=set(ids)) == []
+    assert read_submission(out)["q0"] == ("2", pytest.approx(2.3))
+    ranking_csv = read_table(inputs / "ranking.csv")
+    assert ranking_csv.values.tolist() == [
+        ["q0", "b", 1, 1.2], ["q0", "c", 2, 1.1], ["q0", "a", 3, 0.9], ["q1", "x", 1, 0.6], ["q1", "y", 2, 0.5],
+    ]
+
+
+def test_global_only_submission(inputs):
+    out = predict.run(config(top_k=1), inputs / "shortlist.csv", LABELS, ["q0", "q1"], inputs / "submission.csv")
+    assert out.read_text() == "id,landmarks\nq0,1 0.900000\nq1,7 0.600000\n"
+
+
+def test_queries_with_failed_images_get_a_row(inputs, monkeypatch):
+    store = inputs / "queries"
+    images = [ExtractedImage(q, global_only(np.ones(4, np.float32) / 2), (8, 8)) for q in ("q0", "q1")]
+    write_part(store / "parts" / "p0", images, [ErrorRecord("broken", "test/b/r/o/broken.jpg", "empty file")],
+               "float32", 0)
+    assert predict.query_ids_of(store) == ["broken", "q0", "q1"]
+    pd.DataFrame({"id": ["x", "a"], "landmark_id": ["7", "1"]}).to_csv(inputs / "train.csv", index=False)
+    args = ["predict", "--shortlist", str(inputs / "shortlist.csv"), "--rerank", str(inputs / "rerank.csv"),
+            "--index-labels", str(inputs / "train.csv"), "--out", str(inputs / "submission.csv")]
+    assert cli_main([*args, "--queries", str(store)]) == 0
+    assert (inputs / "submission.csv").read_text() == "id,landmarks\nbroken,\nq0,1 0.900000\nq1,7 0.600000\n"
+    pd.DataFrame({"id": ["q1", "q0", "broken"], "landmarks": ""}).to_csv(inputs / "sample.csv", index=False)
+    assert cli_main([*args, "--queries", str(inputs / "sample.csv")]) == 0
+    text = (inputs / "submission.csv").read_text()
+    assert text == "id,landmarks\nq1,7 0.600000\nq0,1 0.900000\nbroken,\n"  # sample order; b and c unlabelled
+
+
+def test_index_labels_need_an_id_and_a_label_column(tmp_path):
+    pd.DataFrame({"id": ["a"], "label": ["5"]}).to_csv(tmp_path / "ok.csv", index=False)
+    assert predict.read_labels(tmp_path / "ok.csv") == {"a": "5"}
+    pd.DataFrame({"image": ["a"], "landmark_id": ["5"]}).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(ValueError, match="index labels need columns id and landmark_id"):
+        predict.read_labels(tmp_path / "bad.csv")
