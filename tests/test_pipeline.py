@@ -1,0 +1,126 @@
+"""Tests of ``delf-pipeline run`` on a Kaggle-layout folder of real photos, and of ``delf-pipeline demo``."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from delf_pipeline.cli import main as cli_main
+from delf_pipeline.evaluate import read_submission, validate_submission
+from delf_pipeline.images import kaggle_path
+
+MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "landmarks_mini"
+#: place -> landmark id; 3 photos of each are the index, the next 1-2 the queries
+PLACES = {"lund_street": "101", "sacre_coeur": "102", "sceaux_castle": "103", "piazza_san_marco": "104",
+          "london_bridge": "105", "maupertuis_castle": "106"}
+QUERIES_PER_PLACE = {"lund_street": 2, "sacre_coeur": 2, "sceaux_castle": 2}
+DISTRACTOR = "st_pauls_cathedral"  # not in the index: a non-landmark query
+FAST = ["--set", "extract.max_image_size=512", "--set", "extract.vlad_words=16"]
+
+
+def kaggle_id(name: str) -> str:
+    """A 16-hex-digit Kaggle-style id for a photo."""
+    return hashlib.sha1(name.encode()).hexdigest()[:16]
+
+
+def link(root: Path, split: str, photo: Path) -> str:
+    """Symlink ``photo`` at ROOT/split/a/b/c/ID.jpg; returns the id."""
+    image_id = kaggle_id(photo.relative_to(MINI).as_posix())
+    path = kaggle_path(root, split, image_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.symlink_to(photo)
+    return image_id
+
+
+def write_csv(path: Path, header: tuple, rows: list) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def build_kaggle_folder(root: Path) -> dict[str, str]:
+    """train/, test/, train.csv, sample_submission.csv, solution.csv; returns {test id: true landmark or ""}."""
+    train, truth = [], {}
+    for place, landmark in PLACES.items():
+        photos = sorted((MINI / place).glob("*.jpg"))
+        train += [(link(root, "train", photo), landmark) for photo in photos[:3]]
+        truth.update({link(root, "test", photo): landmark for photo in photos[3 : 3 + QUERIES_PER_PLACE.get(place, 1)]})
+    truth[link(root, "test", sorted((MINI / DISTRACTOR).glob("*.jpg"))[0])] = ""
+    broken = "00000000deadbeef"
+    kaggle_path(root, "test", broken).parent.mkdir(parents=True, exist_ok=True)
+    kaggle_path(root, "test", broken).write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    truth[broken] = ""
+    write_csv(root / "train.csv", ("id", "landmark_id"), train)
+    write_csv(root / "sample_submission.csv", ("id", "landmarks"), [(i, "") for i in truth])
+    write_csv(root / "solution.csv", ("id", "landmarks", "Usage"), [(i, t, "Private") for i, t in truth.items()])
+    return truth
+
+
+@pytest.fixture(scope="module")
+def kaggle_run(tmp_path_factory) -> dict:
+    """One ``delf-pipeline run`` on 18 index photos of 6 places and 11 test files."""
+    if not MINI.is_dir():
+        pytest.skip(f"real photos not found at {MINI} (../shared/data/landmarks_mini beside the repository)")
+    root = tmp_path_factory.mktemp("kaggle")
+    truth = build_kaggle_folder(root / "data")
+    args = ["run", "--data", str(root / "data"), "--out", str(root / "out"),
+            "--solution", str(root / "data" / "solution.csv"), *FAST]
+    return {"root": root, "truth": truth, "args": args, "code": cli_main(args),
+            "submission": root / "out" / "submission.csv"}
+
+
+def test_run_writes_a_valid_submission_with_every_test_id(kaggle_run):
+    assert kaggle_run["code"] == 0
+    submission = kaggle_run["submission"]
+    truth = kaggle_run["truth"]
+    assert validate_submission(submission, expected_ids=truth) == []
+    predictions = read_submission(submission)
+    assert list(predictions) == list(truth)  # sample_submission order, each id once
+    assert predictions["00000000deadbeef"] is None  # the broken file: an empty cell
+    errors = (kaggle_run["root"] / "out" / "features" / "query" / "errors.csv").read_text()
+    assert "00000000deadbeef" in errors
+    landmarks = [q for q, t in truth.items() if t]
+    assert all(predictions[q] is not None for q in landmarks), "a readable query has no prediction"
+    correct = sum(predictions[q][0] == truth[q] for q in landmarks)
+    print(f"{correct} of {len(landmarks)} landmark queries recognised")
+    assert correct >= len(landmarks) // 2, "the real photos of these places should mostly be recognised"
+
+
+def test_run_writes_metrics_and_evaluate_prints_them(kaggle_run, capsys):
+    out = kaggle_run["root"] / "out"
+    written = json.loads((out / "metrics.json").read_text())
+    assert 0 <= written["gap"] <= 1 and 0 <= written["accuracy"] <= 1
+    assert written["queries"] == 11 and written["landmark_queries"] == 9
+    assert "retrieval" in written
+    data = kaggle_run["root"] / "data"
+    json_path = kaggle_run["root"] / "evaluate.json"
+    code = cli_main(["evaluate", "--predictions", str(out / "submission.csv"), "--solution", str(data / "solution.csv"),
+                     "--json", str(json_path)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "gap" in printed and "accuracy" in printed and f"{written['gap']:.4f}" in printed
+    result = json.loads(json_path.read_text())
+    assert result["gap"] == written["gap"] and result["accuracy"] == written["accuracy"]
+
+
+def test_rerun_skips_every_stage_and_gives_the_same_submission(kaggle_run, caplog):
+    first = kaggle_run["submission"].read_bytes()
+    with caplog.at_level(logging.INFO, logger="delf_pipeline"):
+        assert cli_main(kaggle_run["args"]) == 0
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Skipping")]
+    assert len(skipped) == 4, skipped  # index and query extraction, shortlist, rerank
+    assert kaggle_run["submission"].read_bytes() == first
+
+
+@pytest.mark.slow
+def test_demo_runs_and_writes_metrics(tmp_path, capsys):
+    assert cli_main(["demo", "--out", str(tmp_path)]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert 0 <= metrics["gap"] <= 1 and metrics["queries"] == 22
+    assert validate_submission(tmp_path / "run" / "submission.csv") == []
+    assert "submission" in capsys.readouterr().out
