@@ -1,0 +1,139 @@
+"""Measure an exported EfficientNet-Lite0 DELG model on the shared real data.
+
+retrieval: leave-one-out on landmarks_mini (each photo a query against the other 78,
+labels from labels.csv): mAP and top-1 of the global descriptor (L2 per scale, summed,
+L2, as the official DELG extractor), and seconds per image of the model call on CPU.
+
+evd: local features on the 15 EVD pairs, verified with delf_pipeline.verify.count_inliers:
+inliers of the true pairs against "swapped" pairs (image 1 of pair i with image 2 of pair
+i + 1), and how many true-pair inliers agree with the ground-truth homography.
+
+    python scripts/bench_efficientnet_lite0.py retrieval --model DIR --max-image-size 512
+    python scripts/bench_efficientnet_lite0.py evd --model DIR --max-image-size 1024
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from pathlib import Path
+
+import numpy as np
+
+from delf_pipeline.images import load_image
+from delf_pipeline.rootsift import extract_rootsift
+from delf_pipeline.verify import verify_pair
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def load_model(args: argparse.Namespace):
+    """``extract(image) -> ImageFeatures`` of the SavedModel, through models.load_extractor."""
+    from delf_pipeline.models import load_extractor
+
+    return load_extractor({
+        "backend": "savedmodel", "model": args.model, "image_scales": args.scales,
+        "global_scale_indices": args.global_scales_ind, "score_threshold": args.threshold,
+        "max_features": args.max_features,
+    })
+
+
+def leave_one_out(descriptors: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """mAP and top-1 accuracy of every row as a query against all other rows.
+
+    descriptors: [N, D] L2-normalised; labels: [N]. AP averages the precision at the
+    rank of each same-label image; queries with no other same-label image are skipped.
+    """
+    similarity = descriptors @ descriptors.T
+    np.fill_diagonal(similarity, -np.inf)
+    aps, hits = [], []
+    for i in range(len(labels)):
+        order = np.argsort(-similarity[i])[:-1]
+        relevant = labels[order] == labels[i]
+        if not relevant.any():
+            continue
+        ranks = np.flatnonzero(relevant) + 1
+        aps.append(np.mean(np.arange(1, len(ranks) + 1) / ranks))
+        hits.append(relevant[0])
+    return float(np.mean(aps)), float(np.mean(hits))
+
+
+def retrieval(args: argparse.Namespace) -> None:
+    folder = DATA / "landmarks_mini"
+    with open(folder / "labels.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    extract = load_model(args)
+    extract(np.zeros((64, 64, 3), np.uint8))  # warm-up trace
+    descriptors, seconds, baseline = [], [], []
+    for row in rows:
+        image, _ = load_image(folder / row["image"], args.max_image_size)
+        start = time.perf_counter()
+        descriptors.append(extract(image).global_descriptor)
+        seconds.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        extract_rootsift(image, args.max_features)
+        baseline.append(time.perf_counter() - start)
+    mean_ap, top1 = leave_one_out(np.stack(descriptors), np.array([r["label"] for r in rows]))
+    print(f"landmarks_mini leave-one-out, {len(rows)} images, max side {args.max_image_size}, "
+          f"scales {args.scales}, global scales {args.global_scales_ind}")
+    print(f"  mAP {mean_ap:.3f}  top-1 {top1:.3f}  model time {np.median(seconds) * 1000:.0f} ms/img "
+          f"median, {np.mean(seconds) * 1000:.0f} ms mean")
+    print(f"  baseline in the same run: RootSIFT extraction (no VLAD) {np.median(baseline) * 1000:.0f} ms/img "
+          f"median; model / baseline = {np.median(seconds) / np.median(baseline):.2f}")
+
+
+def evd(args: argparse.Namespace) -> None:
+    folder = DATA / "evd"
+    names = sorted(p.stem for p in (folder / "1").glob("*.png"))
+    extract = load_model(args)
+    sides = {side: [_local(extract, folder / side / f"{n}.png", args) for n in names] for side in ("1", "2")}
+    true, swapped, agreeing = [], [], []
+    for i, name in enumerate(names):
+        result = verify_pair(*sides["1"][i], *sides["2"][i], mode=args.mode)
+        true.append(result.inliers)
+        agreeing.append(_agree_with_truth(result, sides, i, np.loadtxt(folder / "h" / f"{name}.txt")))
+        swapped.append(verify_pair(*sides["1"][i], *sides["2"][(i + 1) % len(names)], mode=args.mode).inliers)
+    features = np.mean([len(loc) for side in sides.values() for loc, _ in side])
+    print(f"EVD, {len(names)} pairs, mode {args.mode}, max side {args.max_image_size}, scales {args.scales}, "
+          f"{features:.0f} features/image")
+    print(f"  true pairs:    inliers median {np.median(true):.0f}  mean {np.mean(true):.1f}  {sorted(true)}")
+    print(f"  of which agree with ground truth (<= 20 px): {sorted(agreeing)}")
+    print(f"  swapped pairs: inliers median {np.median(swapped):.0f}  mean {np.mean(swapped):.1f}  max {max(swapped)}")
+    print(f"  true pairs above the largest swapped count: {sum(t > max(swapped) for t in true)}/{len(true)}")
+
+
+def _local(extract, path: Path, args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+    """Keypoints [N, 2] (y, x) in original-image pixels and descriptors [N, D]."""
+    image, factor = load_image(path, args.max_image_size)
+    features = extract(image)
+    return features.locations * np.float32(factor), features.descriptors
+
+
+def _agree_with_truth(result, sides, i: int, homography: np.ndarray, threshold: float = 20.0) -> int:
+    """RANSAC inliers whose image-1 point maps within ``threshold`` px of its image-2 match."""
+    pairs = result.match_indices[result.inlier_mask]
+    xy_a = sides["1"][i][0][pairs[:, 0], ::-1].astype(np.float64)
+    xy_b = sides["2"][i][0][pairs[:, 1], ::-1].astype(np.float64)
+    projected = np.c_[xy_a, np.ones(len(xy_a))] @ homography.T
+    projected = projected[:, :2] / projected[:, 2:]
+    return int((np.linalg.norm(projected - xy_b, axis=1) <= threshold).sum())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("task", choices=("retrieval", "evd"))
+    parser.add_argument("--model", required=True, help="exported DELG SavedModel folder")
+    parser.add_argument("--max-image-size", type=int, default=512, help="longest side before the model")
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0], help="pyramid scales")
+    parser.add_argument("--global-scales-ind", type=int, nargs="+", default=[0], help="scales of the global descriptor")
+    parser.add_argument("--max-features", type=int, default=1000, help="local features kept per image")
+    parser.add_argument("--threshold", type=float, default=0.0, help="attention (feature norm) threshold")
+    parser.add_argument("--mode", default="fast", choices=("fast", "official"), help="verify.py mode (evd)")
+    args = parser.parse_args()
+    if not DATA.is_dir():
+        raise SystemExit(f"shared data not found at {DATA}")
+    retrieval(args) if args.task == "retrieval" else evd(args)
+
+
+if __name__ == "__main__":
+    main()
