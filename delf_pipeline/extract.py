@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 from dataclasses import replace
+from itertools import islice
 from pathlib import Path
 from typing import Callable, Collection, Sequence
 
@@ -160,7 +161,7 @@ def _extract_parts(out: Path, todo: list[ImageRecord], extractor: Extractor, con
     first = _next_part_number(out, shard)
     decoded = track(iter_decoded(todo, conf["max_image_size"]), len(todo), f"extract {shard[0]}/{shard[1]}")
     for number, start in enumerate(range(0, len(todo), size), start=first):
-        chunk = [next(decoded) for _ in range(min(size, len(todo) - start))]
+        chunk = islice(decoded, min(size, len(todo) - start))  # lazy: decoding overlaps the model
         extracted, errors = _extract_chunk(chunk, extractor, strict)
         write_part(out / "parts" / _part_name(shard, number), extracted, errors,
                    conf["descriptor_dtype"], _local_dim(extracted))
