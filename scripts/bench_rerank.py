@@ -8,9 +8,11 @@ A fraction of these are true matches, placed by a random affine map (or homograp
 plus Gaussian pixel noise; the others sit at random places in b. Methods compared
 (rows): the official path (cKDTree at 0.8 + skimage AffineTransform RANSAC, 1000
 trials), cKDTree + OpenCV MAGSAC++, and ``mode="fast"``; ``--extra`` adds variants.
-Reported (process CPU time by default, see --clock): median ms per pair (matching + verification), speed-up against the official
-row measured in the same run, recall of the true matches among the inliers (nan for
-false pairs, fraction 0), and the mean count of false inliers.
+Reported (process CPU time by default, see --clock): median ms per pair (matching +
+verification), speed-up against the official row measured in the same run, recall of
+the true matches among the inliers (nan for false pairs, fraction 0), and the mean
+count of false inliers. "kdtree + magsac++" is OpenCV's USAC_MAGSAC homography with
+1000 iterations, as one would write it first.
 
     python scripts/bench_rerank.py --features 300 1000 --inlier-fractions 0.1 0.3 0.6
 """
@@ -182,7 +184,8 @@ def parse_args(argv=None):
     parser.add_argument("--clock", choices=list(CLOCKS), default="cpu",
                         help="cpu: process CPU time, far less disturbed by other processes on a busy "
                              "machine (there wall time inflates long calls more than short ones)")
-    parser.add_argument("--extra", action="store_true", help="also time variants (trial counts, other verifiers, nn, matching alone)")
+    parser.add_argument("--extra", action="store_true",
+                        help="also time variants (trial counts, other verifiers, nn, matching alone)")
     parser.add_argument("--cpu", type=int, default=None, help="pin the process to this core")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
