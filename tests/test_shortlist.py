@@ -73,6 +73,19 @@ def test_ties_are_ordered_by_row(tmp_path, chunk_rows, top_k):
     assert np.array_equal(rows[-1], np.arange(top_k))
 
 
+@pytest.mark.parametrize("direction", [1, -1])
+def test_every_chunk_better_or_worse_than_the_last(tmp_path, direction):
+    # index sorted by similarity to the queries: each chunk displaces all (or none) of the running top-K
+    queries = random_unit_rows(3, GLOBAL, seed=10)
+    vectors = random_unit_rows(70, GLOBAL, seed=11)
+    vectors = vectors[np.argsort(direction * (vectors @ queries.sum(axis=0)))]
+    index = store_of(tmp_path, vectors, part_size=8)
+    _, rows, scores = shortlist.top_k_search(queries, index, 6, 5, CPU)
+    expected_rows, expected_scores = brute_force(queries, vectors, 6)
+    assert np.array_equal(rows, expected_rows)
+    assert np.allclose(scores, expected_scores, atol=1e-6)
+
+
 def test_hand_worked_top_2():
     class Index:  # the one method top_k_search uses
         def iter_global(self, chunk_rows):
