@@ -15,13 +15,14 @@ records, never dropped silently. Decoding problems raise :class:`ImageError` wit
 from __future__ import annotations
 
 import csv
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 MIN_SIDE = 16  # pixels; smaller images are recorded as errors (degenerate size)
@@ -134,6 +135,8 @@ def load_image(path: Path, max_image_size: int = 0) -> tuple[np.ndarray, np.ndar
         raise ImageError("empty file (0 bytes)")
     try:
         with Image.open(path) as image:
+            original = _upright_size(image)
+            _draft(image, max_image_size)
             image.load()
             image = ImageOps.exif_transpose(image)
             rgb = to_rgb(image)
@@ -141,12 +144,31 @@ def load_image(path: Path, max_image_size: int = 0) -> tuple[np.ndarray, np.ndar
         raise ImageError(f"image too large: {error}") from None
     except (OSError, SyntaxError, ValueError) as error:  # PIL raises these for bad or truncated data
         raise ImageError(f"cannot decode image: {error}") from None
-    if min(rgb.size) < MIN_SIDE:
-        raise ImageError(f"degenerate size {rgb.size[0]}x{rgb.size[1]} (min side {MIN_SIDE} px)")
-    array, factor = _resize(rgb, max_image_size)
+    if min(original) < MIN_SIDE:
+        raise ImageError(f"degenerate size {original[0]}x{original[1]} (min side {MIN_SIDE} px)")
+    array, factors = _resize(rgb, original, max_image_size)
     if min(array.shape[:2]) < MIN_SIDE:
-        raise ImageError(f"degenerate aspect ratio {rgb.size[0]}x{rgb.size[1]}: under {MIN_SIDE} px once resized")
-    return array, factor
+        raise ImageError(f"degenerate aspect ratio {original[0]}x{original[1]}: under {MIN_SIDE} px once resized")
+    return array, factors
+
+
+def _upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of the full-resolution image once its EXIF orientation is applied."""
+    width, height = image.size
+    turned = image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)  # the transposing ones
+    return (height, width) if turned else (width, height)
+
+
+def _draft(image: Image.Image, max_image_size: int) -> None:
+    """Let the JPEG decoder scale by 1/2, 1/4 or 1/8 while both sides stay >= the target size.
+
+    Decoding in the DCT domain is several times cheaper than decoding the full image and
+    shrinking it; the final resize to the exact target happens in :func:`_resize`.
+    """
+    longest = max(image.size)
+    if image.format == "JPEG" and 0 < max_image_size < longest:
+        scale = max_image_size / longest
+        image.draft(image.mode, (math.ceil(image.size[0] * scale), math.ceil(image.size[1] * scale)))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -159,14 +181,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def _resize(image: Image.Image, max_image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    width, height = image.size
+def _resize(image: Image.Image, original: tuple[int, int], max_image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``image`` (possibly drafted) at the target size computed from the ``original`` (width, height)."""
+    width, height = original
     longest = max(width, height)
     if max_image_size <= 0 or longest <= max_image_size:
         return np.asarray(image, dtype=np.uint8), np.ones(2)
     factor = max_image_size / longest
     size = (max(1, round(width * factor)), max(1, round(height * factor)))
-    resized = image.resize(size, Image.BILINEAR)
+    resized = image.resize(size, Image.BILINEAR) if image.size != size else image
     return np.asarray(resized, dtype=np.uint8), np.array([height / size[1], width / size[0]])
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from delf_pipeline.images import (
     MIN_SIDE,
@@ -258,3 +258,37 @@ def test_iter_decoded_keeps_order_and_reports_errors_in_place(tmp_path):
 
 def test_iter_decoded_of_nothing_is_empty():
     assert list(iter_decoded([], max_image_size=0)) == []
+
+
+def photo(height: int, width: int) -> Image.Image:
+    """A smooth test photo (skimage astronaut) of any size."""
+    import skimage.data
+
+    return Image.fromarray(skimage.data.astronaut()).resize((width, height), Image.BILINEAR)
+
+
+def reference(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """Full decode, EXIF transpose, then resize to ``size`` (width, height): the path without drafting."""
+    with Image.open(path) as image:
+        return np.asarray(ImageOps.exif_transpose(image).convert("RGB").resize(size, Image.BILINEAR), np.int16)
+
+
+@pytest.mark.parametrize("orientation, upright", [(1, (1200, 900)), (6, (900, 1200))])
+def test_large_jpeg_decoded_at_reduced_scale_matches_the_full_decode(tmp_path, orientation, upright):
+    image = photo(900, 1200)  # stored 1200 wide x 900 high
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    path = save(tmp_path / "large.jpg", image, exif=exif, quality=95)
+    small, factors = load_image(path, max_image_size=200)  # the decoder may work at 1/4 scale
+    width, height = upright
+    size = (round(width * 200 / 1200), round(height * 200 / 1200))
+    assert small.shape == (size[1], size[0], 3)
+    assert factors == pytest.approx([height / size[1], width / size[0]])
+    assert np.abs(small.astype(np.int16) - reference(path, size)).mean() < 3.0
+
+
+def test_jpeg_drafted_to_exactly_the_target_needs_no_resize(tmp_path):
+    path = save(tmp_path / "double.jpg", photo(600, 800), quality=95)
+    half, factors = load_image(path, max_image_size=400)
+    assert half.shape == (300, 400, 3) and np.array_equal(factors, [2.0, 2.0])
+    assert np.abs(half.astype(np.int16) - reference(path, (400, 300))).mean() < 3.0
