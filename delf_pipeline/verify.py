@@ -325,6 +325,12 @@ def _fit_degensac(xy_a, xy_b, settings, seed):
 
 
 def _cv_result(model, mask, count: int):
+    """(3x3 model scaled so that model[2, 2] == 1, inlier mask [count]) or (None, all False)."""
     if model is None or mask is None or not np.isfinite(model).all():
         return None, np.zeros(count, bool)
-    return np.asarray(model, np.float64), np.asarray(mask, bool).reshape(-1)
+    model = np.asarray(model, np.float64)
+    if model.shape == (3, 3):
+        if abs(model[2, 2]) < 1e-12:
+            return None, np.zeros(count, bool)
+        model = model / model[2, 2]  # a homography is defined up to scale (pydegensac returns any scale)
+    return model, np.asarray(mask, bool).reshape(-1)
