@@ -29,6 +29,7 @@ log = logging.getLogger("delf_pipeline.shortlist")
 COLUMNS = ("query_id", "index_id", "rank", "score")
 QUERY_BLOCK = 1024  # queries per block (one output file each)
 CHUNK_BYTES = 64 << 20  # at most this much index data per matrix product
+PAD_ROW = np.iinfo(np.int64).max  # row of the -inf padding in candidate blocks (never kept)
 
 MatMul = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -113,14 +114,47 @@ def top_k_search(
     all_ids: list[str] = []
     for ids, chunk in index.iter_global(rows):
         scores = matmul(queries, chunk)
-        columns = np.broadcast_to(np.arange(len(ids)), scores.shape)
-        in_chunk, chunk_scores = _keep_top(columns, scores, top_k)
-        merged_rows = np.concatenate([best_rows, in_chunk + len(all_ids)], axis=1)
-        merged_scores = np.concatenate([best_scores, chunk_scores], axis=1)
-        best_rows, best_scores = _keep_top(merged_rows, merged_scores, top_k)
+        best_rows, best_scores = _merge_chunk(best_rows, best_scores, scores, len(all_ids), top_k)
         all_ids.extend(ids)
     order = np.lexsort((best_rows, -best_scores), axis=1) if best_rows.size else best_rows
     return all_ids, np.take_along_axis(best_rows, order, 1), np.take_along_axis(best_scores, order, 1)
+
+
+def _merge_chunk(
+    best_rows: np.ndarray, best_scores: np.ndarray, scores: np.ndarray, first_row: int, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The running top-k [Q, <=k] merged with a chunk's scores [Q, C] (index rows first_row...).
+
+    Once k are held, only chunk columns strictly above a query's k-th score can enter (an
+    equal one has a higher row, so loses the tie): far fewer than C after the first chunks,
+    which saves a partition of the whole [Q, C] block per chunk.
+    """
+    if best_rows.shape[1] < k:
+        rows = np.broadcast_to(np.arange(first_row, first_row + scores.shape[1]), scores.shape)
+        candidates = scores
+    else:
+        rows, candidates = _above(scores, best_scores.min(axis=1), first_row)
+        if not rows.shape[1]:
+            return best_rows, best_scores
+    merged = np.concatenate([best_rows, rows], axis=1), np.concatenate([best_scores, candidates], axis=1)
+    return _keep_top(*merged, k)
+
+
+def _above(scores: np.ndarray, kth: np.ndarray, first_row: int) -> tuple[np.ndarray, np.ndarray]:
+    """Entries of scores [Q, C] above kth [Q] as (rows, scores) [Q, W], W = most of any query.
+
+    Shorter rows are padded with score -inf at row ``PAD_ROW``, which never wins.
+    """
+    flat = np.flatnonzero(scores > kth[:, None])
+    query, column = np.divmod(flat, scores.shape[1])
+    counts = np.bincount(query, minlength=len(scores))
+    slot = np.arange(len(flat)) - np.repeat(np.cumsum(counts) - counts, counts)
+    width = int(counts.max(initial=0))
+    rows = np.full((len(scores), width), PAD_ROW, np.int64)
+    values = np.full((len(scores), width), -np.inf, scores.dtype)
+    rows[query, slot] = column + first_row
+    values[query, slot] = scores.reshape(-1)[flat]
+    return rows, values
 
 
 def _keep_top(rows: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
