@@ -175,9 +175,10 @@ class FeatureStore:
         ids: list[str] = []
         blocks: list[np.ndarray] = []
         for part in self.parts:
-            matrix = part.array("global") if part.has_global else None
-            if matrix is None and part.ids:
+            if part.ids and not part.has_global:
                 raise ValueError(f"store part {part.path} has no global descriptors")
+            # a map of its own, released after the part, so pages read do not pile up in resident memory
+            matrix = np.load(part.path / "global.npy", mmap_mode="r") if part.ids else None
             for start in range(0, len(part.ids), chunk_rows):
                 ids.extend(part.ids[start : start + chunk_rows])
                 blocks.append(matrix[start : start + chunk_rows])
@@ -191,7 +192,11 @@ class FeatureStore:
         if ids is None:
             blocks = [np.asarray(p.array("global"), np.float32) for p in self.parts if p.ids]
             return np.concatenate(blocks) if blocks else np.zeros((0, 0), np.float32)
-        return np.stack([self.features(i).global_descriptor for i in ids]).astype(np.float32)
+        missing = [i for i in ids if i not in self._rows]
+        if missing:
+            raise KeyError(f"image id {missing[0]!r} is not in the feature store {self.path}")
+        rows = [self.parts[part].array("global")[row] for part, row in map(self._rows.get, ids)]
+        return np.array(rows, np.float32).reshape(len(rows), -1)  # only the global rows are read
 
     def errors(self) -> list[ErrorRecord]:
         """Error records of all parts."""
@@ -204,7 +209,7 @@ class FeatureStore:
 
 def _take(ids: list[str], blocks: list[np.ndarray], n: int) -> tuple[list[str], np.ndarray]:
     """Pop the first ``n`` rows from the pending ``ids`` / ``blocks`` buffers."""
-    matrix = np.concatenate([np.asarray(b, np.float32) for b in blocks])
+    matrix = np.concatenate(blocks, dtype=np.float32)  # converts while copying: one pass
     head_ids, head = ids[:n], matrix[:n]
     del ids[:n]
     blocks[:] = [matrix[n:]] if len(matrix) > n else []
