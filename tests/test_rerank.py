@@ -16,6 +16,7 @@ import pytest
 from delf_pipeline import rerank
 from delf_pipeline.blocks import blocks_dir, read_table
 from delf_pipeline.config import load_config
+from delf_pipeline.features import l2_normalize
 from delf_pipeline.store import FeatureStore
 from synthetic_stores import global_only, local_features, random_unit_rows, shortlist_frame, write_store
 
@@ -24,9 +25,9 @@ DIM = 64  # random 64-d unit descriptors are ~1.4 apart (never within 0.9): unre
 PLACE_FEATURES = 60
 
 
-def view(place: int, shared: int, seed: int, extra: int = 10) -> dict:
-    """Local features of a view of ``place``: ``shared`` of its features moved by a random
-    similarity transform (each an inlier of any other view), plus ``extra`` unrelated ones."""
+def image(place: int, shared: int, seed: int, global_seed: int, extra: int = 10):
+    """A view of ``place``: ``shared`` of its features moved by a random similarity transform
+    (each an inlier of any other view of the place) plus ``extra`` unrelated features."""
     base = np.random.default_rng(1000 + place)
     descriptors = random_unit_rows(PLACE_FEATURES, DIM, seed=1000 + place)[:shared]
     locations = base.uniform(50, 400, (PLACE_FEATURES, 2))[:shared]
@@ -34,17 +35,9 @@ def view(place: int, shared: int, seed: int, extra: int = 10) -> dict:
     angle, scale = rng.uniform(-0.3, 0.3), rng.uniform(0.8, 1.2)
     rotation = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
     moved = locations @ rotation.T + rng.uniform(-20, 20, 2)
-    noisy = descriptors + rng.normal(0, 0.01, descriptors.shape)
-    return {
-        "locations": np.vstack([moved, rng.uniform(0, 480, (extra, 2))]),
-        "descriptors": np.vstack([noisy, random_unit_rows(extra, DIM, seed=seed + 50000)]),
-    }
-
-
-def image(place: int, shared: int, seed: int, global_seed: int, extra: int = 10):
-    parts = view(place, shared, seed, extra)
-    return local_features(parts["locations"], parts["descriptors"] / np.linalg.norm(parts["descriptors"], axis=1,
-                                                                                       keepdims=True),
+    noisy = l2_normalize(descriptors + rng.normal(0, 0.01, descriptors.shape))
+    return local_features(np.vstack([moved, rng.uniform(0, 480, (extra, 2))]),
+                          np.vstack([noisy, random_unit_rows(extra, DIM, seed=seed + 50000)]),
                           random_unit_rows(1, 8, global_seed)[0])
 
 
