@@ -1,9 +1,10 @@
 """Stage 2, shortlist: top-K index images per query by cosine similarity of global descriptors.
 
-Exact search by chunked matrix products: a block of queries [B, G] against the index in
-chunks of rows [C, G] streamed from the memory-mapped store, keeping a running top-K. Peak
-memory depends on the block and chunk sizes, not on the size of the index. On a GPU the
-products run in TensorFlow; otherwise NumPy's BLAS.
+Exact search by chunked matrix products: queries [B, G] against the index in chunks of rows
+[C, G] streamed from the memory-mapped store, keeping a running top-K. The queries of up to
+PASS_QUERIES / QUERY_BLOCK blocks share one pass over the index, so each chunk's float16 ->
+float32 conversion serves many queries. Peak memory depends on these sizes, not on the size
+of the index. On a GPU the products run in TensorFlow; otherwise NumPy's BLAS.
 
 Output CSV: ``query_id,index_id,rank,score`` (rank 1 = most similar).
 """
@@ -28,6 +29,7 @@ log = logging.getLogger("delf_pipeline.shortlist")
 
 COLUMNS = ("query_id", "index_id", "rank", "score")
 QUERY_BLOCK = 1024  # queries per block (one output file each)
+PASS_QUERIES = 4096  # queries searched together in one pass over the index (whole blocks)
 CHUNK_BYTES = 64 << 20  # at most this much index data per matrix product
 PAD_ROW = np.iinfo(np.int64).max  # row of the -inf padding in candidate blocks (never kept)
 
@@ -54,10 +56,26 @@ def run(
     matmul = select_matmul(conf["device"])
 
     def compute(blocks: list[tuple[int, list[str]]]) -> None:
-        for number, ids in track(blocks, len(blocks), "shortlist blocks"):
-            write_block(out, number, shortlist_block(queries, ids, index, conf, matmul))
+        passes = group_blocks(blocks, PASS_QUERIES)
+        for group in track(passes, len(passes), "shortlist passes"):
+            frames = shortlist_blocks(queries, [ids for _, ids in group], index, conf, matmul)
+            for (number, _), frame in zip(group, frames):
+                write_block(out, number, frame)
 
     return run_blocks(out, queries.ids, QUERY_BLOCK, shard, COLUMNS, compute)
+
+
+def group_blocks(blocks: list[tuple[int, list[str]]], max_queries: int) -> list[list[tuple[int, list[str]]]]:
+    """Consecutive blocks gathered into passes of at most ``max_queries`` queries (at least one block)."""
+    passes: list[list[tuple[int, list[str]]]] = []
+    size = max_queries
+    for number, ids in blocks:
+        if size + len(ids) > max_queries:
+            passes.append([])
+            size = 0
+        passes[-1].append((number, ids))
+        size += len(ids)
+    return passes
 
 
 def check_same_space(index: FeatureStore, queries: FeatureStore) -> str:
@@ -81,20 +99,26 @@ def _global_space(store: FeatureStore) -> str:
     return fingerprint(settings)
 
 
-def shortlist_block(
-    queries: FeatureStore, query_ids: list[str], index: FeatureStore, conf: dict, matmul: MatMul
-) -> pd.DataFrame:
-    """Top-K rows for one block of queries, as a frame with COLUMNS."""
-    matrix = queries.global_matrix(query_ids)
+def shortlist_blocks(
+    queries: FeatureStore, blocks: list[list[str]], index: FeatureStore, conf: dict, matmul: MatMul
+) -> list[pd.DataFrame]:
+    """Top-K rows of each block of query ids, as frames with COLUMNS, from one pass over the index."""
     exclude = bool(conf["exclude_same_id"])
-    index_ids, top_rows, top_scores = top_k_search(matrix, index, conf["top_k"] + exclude, conf["chunk_rows"], matmul)
+    matrices = [queries.global_matrix(ids) for ids in blocks]
+    index_ids, results = search_blocks(matrices, index, conf["top_k"] + exclude, conf["chunk_rows"], matmul)
+    return [_frame(ids, index_ids, *result, conf) for ids, result in zip(blocks, results)]
+
+
+def _frame(query_ids: list[str], index_ids: list[str], top_rows: np.ndarray, top_scores: np.ndarray,
+           conf: dict) -> pd.DataFrame:
+    """COLUMNS rows of one block from its top rows / scores [Q, K] (minus each query itself for leave-one-out)."""
     k = top_rows.shape[1]
     frame = pd.DataFrame({
         "query_id": np.repeat(np.asarray(query_ids, dtype=object), k),
         "index_id": np.asarray(index_ids, dtype=object)[top_rows.reshape(-1)] if len(index_ids) else [],
         "score": top_scores.reshape(-1),
     })
-    if exclude:
+    if conf["exclude_same_id"]:
         frame = frame[frame["query_id"] != frame["index_id"]].groupby("query_id", sort=False).head(conf["top_k"])
     frame.insert(2, "rank", frame.groupby("query_id", sort=False).cumcount() + 1)
     return frame.reset_index(drop=True)
@@ -108,16 +132,32 @@ def top_k_search(
     queries: [Q, G] float32. Returns (index ids [M], rows [Q, K] into them, scores [Q, K]),
     K = min(top_k, M), each row sorted by score descending (ties: lower row first).
     """
-    rows = max(1, min(chunk_rows, CHUNK_BYTES // max(1, 4 * queries.shape[1])))
-    best_rows = np.zeros((len(queries), 0), np.int64)
-    best_scores = np.zeros((len(queries), 0), np.float32)
+    index_ids, [(rows, scores)] = search_blocks([queries], index, top_k, chunk_rows, matmul)
+    return index_ids, rows, scores
+
+
+def search_blocks(
+    blocks: list[np.ndarray], index: FeatureStore, top_k: int, chunk_rows: int, matmul: MatMul
+) -> tuple[list[str], list[tuple[np.ndarray, np.ndarray]]]:
+    """:func:`top_k_search` of several query matrices [Q_b, G] in one pass over the index.
+
+    Each index chunk is read and converted once for all blocks, while each block keeps its
+    own matrix product, so its scores (to the last bit) do not depend on which blocks share
+    the pass: sharded and resumed runs write the same bytes.
+    """
+    rows = max(1, min(chunk_rows, CHUNK_BYTES // max(1, 4 * blocks[0].shape[1])))
+    best = [(np.zeros((len(q), 0), np.int64), np.zeros((len(q), 0), np.float32)) for q in blocks]
     all_ids: list[str] = []
     for ids, chunk in index.iter_global(rows):
-        scores = matmul(queries, chunk)
-        best_rows, best_scores = _merge_chunk(best_rows, best_scores, scores, len(all_ids), top_k)
+        best = [_merge_chunk(*held, matmul(q, chunk), len(all_ids), top_k) for q, held in zip(blocks, best)]
         all_ids.extend(ids)
-    order = np.lexsort((best_rows, -best_scores), axis=1) if best_rows.size else best_rows
-    return all_ids, np.take_along_axis(best_rows, order, 1), np.take_along_axis(best_scores, order, 1)
+    return all_ids, [_sorted(*held) for held in best]
+
+
+def _sorted(rows: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row of (rows, scores) [Q, K] by score descending, ties by lower row."""
+    order = np.lexsort((rows, -scores), axis=1) if rows.size else rows
+    return np.take_along_axis(rows, order, 1), np.take_along_axis(scores, order, 1)
 
 
 def _merge_chunk(

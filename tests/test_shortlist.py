@@ -176,6 +176,20 @@ def test_shards_give_the_unsharded_csv_byte_for_byte(stores, tmp_path, monkeypat
     assert sharded.read_bytes() == (tmp_path / "whole.csv").read_bytes()
 
 
+def test_group_blocks_fills_passes_with_whole_blocks():
+    blocks = [(0, ["a"] * 3), (2, ["b"] * 3), (4, ["c"] * 2), (6, ["d"] * 7)]
+    assert [[n for n, _ in group] for group in shortlist.group_blocks(blocks, 6)] == [[0, 2], [4], [6]]
+    assert shortlist.group_blocks([], 6) == []
+
+
+def test_blocks_sharing_a_pass_give_the_same_bytes(stores, tmp_path, monkeypatch):
+    monkeypatch.setattr(shortlist, "QUERY_BLOCK", 4)
+    together = shortlist.run(config(top_k=5), *stores, tmp_path / "together.csv")
+    monkeypatch.setattr(shortlist, "PASS_QUERIES", 4)  # one block per pass over the index
+    alone = shortlist.run(config(top_k=5), *stores, tmp_path / "alone.csv")
+    assert together.read_bytes() == alone.read_bytes()
+
+
 @pytest.mark.parametrize("what", ["codebook", "settings"])
 def test_different_global_spaces_are_refused(stores, tmp_path, what):
     index_path, query_path = stores
@@ -203,7 +217,7 @@ def test_rerun_skips_and_keeps_the_output(stores, tmp_path, monkeypatch, caplog)
     def fail(*args, **kwargs):
         raise AssertionError("a finished block was computed again")
 
-    monkeypatch.setattr(shortlist, "shortlist_block", fail)
+    monkeypatch.setattr(shortlist, "shortlist_blocks", fail)
     with caplog.at_level(logging.INFO, logger="delf_pipeline"):
         shortlist.run(config(top_k=3), *stores, out)
     assert "Skipping shortlist.csv" in caplog.text
