@@ -33,6 +33,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "vlad_words": 256,  # rootsift: VLAD codebook size (global dim = words x 128)
         "codebook_images": 500,  # rootsift: index images sampled to learn the codebook
         "seed": 0,  # rootsift: codebook k-means seed
+        "local_backend": "",  # "" (same as backend) | rootsift: RootSIFT local features with a model's global
         "local_features": True,  # false: store global descriptors only (local ones on demand at rerank)
         "part_size": 256,  # images per store part (unit of atomic write and resume)
     },
@@ -47,7 +48,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "matcher": "kdtree",  # kdtree (official) | nn (same answer by matmul) | mutual (mutual nearest neighbours)
         "match_threshold": 0.8,  # max descriptor distance of a putative match
         "ratio": 0.0,  # nn / mutual matchers: Lowe ratio test, 0 disables
-        "verifier": "skimage_affine",  # skimage_affine | magsac | magsac_affine | affine2d | degensac
+        "verifier": "skimage_affine",  # skimage_affine | magsac | magsac_affine | msac_affine | affine2d | degensac
         "residual_threshold": 20.0,  # RANSAC inlier threshold in pixels
         "max_trials": 1000,  # RANSAC iterations
         "confidence": 0.99,  # magsac / affine2d / degensac confidence
@@ -90,16 +91,27 @@ def load_config(
     config = copy.deepcopy(DEFAULTS)
     name = preset or (None if config_file else DEFAULT_PRESET)
     if name:
-        path = presets_dir() / f"{name}.toml"
-        if not path.is_file():
-            raise ConfigError(f"unknown preset {name!r}; available: {', '.join(list_presets())}")
-        merge(config, _read_toml(path), origin=str(path))
+        _merge_preset(config, name, seen=())
     if config_file:
         merge(config, _read_toml(Path(config_file)), origin=str(config_file))
     for item in overrides or []:
         merge(config, parse_override(item), origin=f"--set {item}")
     config["preset"] = name or str(config_file)
     return config
+
+
+def _merge_preset(config: dict, name: str, seen: tuple[str, ...]) -> None:
+    """Merge preset ``name`` (after its ``base = "other"`` preset, if it names one)."""
+    path = presets_dir() / f"{name}.toml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(list_presets())}")
+    if name in seen:
+        raise ConfigError(f"presets inherit in a loop: {' -> '.join(seen + (name,))}")
+    data = _read_toml(path)
+    base = data.pop("base", None)
+    if base:
+        _merge_preset(config, base, seen + (name,))
+    merge(config, data, origin=str(path))
 
 
 def _read_toml(path: Path) -> dict:

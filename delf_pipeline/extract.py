@@ -36,7 +36,7 @@ Extractor = Callable[[np.ndarray], ImageFeatures]
 # settings that change what is stored; the others (part_size, ...) only change how
 STORE_SETTINGS = (
     "backend", "model", "image_scales", "global_scale_indices", "max_image_size", "score_threshold",
-    "max_features", "descriptor_dtype", "vlad_words", "codebook_images", "seed", "local_features",
+    "max_features", "descriptor_dtype", "vlad_words", "codebook_images", "seed", "local_features", "local_backend",
 )
 
 
@@ -89,15 +89,32 @@ def pending_records(out: Path, records: Sequence[ImageRecord], shard: tuple[int,
 
 
 def make_extractor(conf: dict, records: Sequence[ImageRecord], out: Path, codebook: str | Path | None) -> Extractor:
-    """Load the backend once and return ``extract(image [H, W, 3] uint8) -> ImageFeatures``."""
-    backend = conf["backend"]
+    """Load the backend once and return ``extract(image [H, W, 3] uint8) -> ImageFeatures``.
+
+    With ``local_backend = "rootsift"`` and another ``backend``, the global descriptor comes
+    from ``backend`` and the local features from RootSIFT (a hybrid).
+    """
+    backend, local_backend = conf["backend"], conf["local_backend"]
     if backend == "rootsift":
         return _rootsift_extractor(conf, records, out, codebook)
-    if backend in ("savedmodel", "hub"):
-        from .models import load_extractor
+    if backend not in ("savedmodel", "hub"):
+        raise ValueError(f"unknown extract.backend {backend!r}; use rootsift, savedmodel or hub")
+    if local_backend not in ("", "rootsift"):
+        raise ValueError(f"extract.local_backend must be empty (same as backend) or rootsift, got {local_backend!r}")
+    from .models import load_extractor
 
-        return load_extractor(conf)
-    raise ValueError(f"unknown extract.backend {backend!r}; use rootsift, savedmodel or hub")
+    model = load_extractor(conf)
+    return _with_rootsift_locals(model, conf["max_features"]) if local_backend == "rootsift" else model
+
+
+def _with_rootsift_locals(model: Extractor, max_features: int) -> Extractor:
+    from .rootsift import extract_rootsift
+
+    def extract(image: np.ndarray) -> ImageFeatures:
+        global_descriptor = model(image).global_descriptor
+        return replace(extract_rootsift(image, max_features), global_descriptor=global_descriptor)
+
+    return extract
 
 
 def _rootsift_extractor(conf: dict, records: Sequence[ImageRecord], out: Path, codebook) -> Extractor:

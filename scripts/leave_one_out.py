@@ -40,13 +40,8 @@ def write_label_files(data: Path, out: Path) -> tuple[Path, Path]:
     return labels, solution
 
 
-def run(config: dict, data: Path, out: Path, jobs: int, features: Path | None = None,
-        local: tuple[dict, Path] | None = None) -> dict:
-    """All stages; returns {"global": metrics, "reranked": metrics, "seconds": {...}}.
-
-    ``local`` = (config, store path): re-rank with another backend's local features (a
-    hybrid: this config's global descriptors shortlist, those local features verify).
-    """
+def run(config: dict, data: Path, out: Path, jobs: int, features: Path | None = None) -> dict:
+    """All stages; returns {"global": metrics, "reranked": metrics, "seconds": {...}}."""
     config["shortlist"]["exclude_same_id"] = True
     labels_csv, solution = write_label_files(data, out)
     seconds = {}
@@ -56,12 +51,8 @@ def run(config: dict, data: Path, out: Path, jobs: int, features: Path | None = 
     start = time.perf_counter()
     shortlist_csv = shortlist.run(config, store, store, out / "shortlist.csv")
     seconds["shortlist"] = time.perf_counter() - start
-    rerank_config, local_store = config, store
-    if local is not None:
-        rerank_config = {**local[0], "shortlist": config["shortlist"]}
-        local_store = extract.run(rerank_config, data, local[1])
     start = time.perf_counter()
-    rerank_csv = rerank.run(rerank_config, shortlist_csv, local_store, local_store, out / "rerank.csv", jobs=jobs)
+    rerank_csv = rerank.run(config, shortlist_csv, store, store, out / "rerank.csv", jobs=jobs)
     seconds["rerank"] = time.perf_counter() - start
     labels = predict.read_labels(labels_csv)
     ids = predict.query_ids_of(store)
@@ -90,8 +81,6 @@ def main() -> None:
     parser.add_argument("--preset", help="named preset (default: sift_default)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="SECTION.KEY=VALUE override")
     parser.add_argument("--features", type=Path, help="feature store to use or make (default: OUT/features)")
-    parser.add_argument("--rerank-preset", help="hybrid: re-rank with this preset's local features and settings")
-    parser.add_argument("--rerank-features", type=Path, help="hybrid: feature store of --rerank-preset (made if absent)")
     parser.add_argument("--jobs", type=int, default=1, help="rerank worker processes")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -99,10 +88,7 @@ def main() -> None:
     logging.getLogger("delf_pipeline").setLevel(logging.WARNING)
     if not (args.data / "labels.csv").exists():
         raise SystemExit(f"{args.data}/labels.csv not found: give --data a labelled photo folder")
-    local = None
-    if args.rerank_preset:
-        local = (load_config(args.rerank_preset), args.rerank_features or args.out / "rerank_features")
-    results = run(load_config(args.preset, None, args.overrides), args.data, args.out, args.jobs, args.features, local)
+    results = run(load_config(args.preset, None, args.overrides), args.data, args.out, args.jobs, args.features)
     print(markdown_table(results))
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in results["seconds"].items()))
     if args.json:

@@ -1,0 +1,47 @@
+"""A model's global descriptor with RootSIFT local features in one store (extract.local_backend)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from delf_pipeline import extract
+from delf_pipeline.config import load_config
+from delf_pipeline.store import FeatureStore
+
+
+def write_photos(folder, count=3, side=200):
+    import skimage.data
+
+    folder.mkdir(parents=True)
+    for i, name in enumerate(("astronaut", "coffee", "chelsea")[:count]):
+        Image.fromarray(getattr(skimage.data, name)()[:side, :side]).save(folder / f"p{i}.jpg")
+
+
+def hybrid_config(model) -> dict:
+    config = load_config("efficientnet_lite0_rootsift", overrides=[f'extract.model="{model}"'])
+    config["extract"].update(image_scales=[1.0], global_scale_indices=[], max_features=200)
+    return config
+
+
+def test_global_from_the_model_local_from_rootsift(delf_test_models, tmp_path):
+    write_photos(tmp_path / "photos")
+    model = delf_test_models["tf2_delg"]
+    store = FeatureStore(extract.run(hybrid_config(model), tmp_path / "photos", tmp_path / "hybrid"))
+    plain = load_config(overrides=[f'extract.model="{model}"', 'extract.backend="savedmodel"',
+                                   "extract.image_scales=[1.0]", "extract.global_scale_indices=[]"])
+    plain["extract"]["max_image_size"] = 1024
+    model_store = FeatureStore(extract.run(plain, tmp_path / "photos", tmp_path / "model"))
+    for image_id in store.ids:
+        features = store.features(image_id)
+        assert 0 < features.num_features <= 200 and features.descriptors.shape[1] == 128  # RootSIFT
+        np.testing.assert_allclose(features.global_descriptor, model_store.features(image_id).global_descriptor,
+                                   atol=2e-3)  # the model's (float16 store)
+
+
+def test_unknown_local_backend_is_a_clear_error(delf_test_models, tmp_path):
+    write_photos(tmp_path / "photos", count=1)
+    config = hybrid_config(delf_test_models["tf2_delg"])
+    config["extract"]["local_backend"] = "orb"
+    with pytest.raises(ValueError, match="local_backend must be empty .* or rootsift"):
+        extract.run(config, tmp_path / "photos", tmp_path / "store")
