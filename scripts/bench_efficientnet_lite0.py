@@ -4,9 +4,12 @@ retrieval: leave-one-out on landmarks_mini (each photo a query against the other
 labels from labels.csv): mAP and top-1 of the global descriptor (L2 per scale, summed,
 L2, as the official DELG extractor), and seconds per image of the model call on CPU.
 
-evd: local features on the 15 EVD pairs, verified with delf_pipeline.verify.count_inliers:
-inliers of the true pairs against "swapped" pairs (image 1 of pair i with image 2 of pair
-i + 1), and how many true-pair inliers agree with the ground-truth homography.
+evd: local features of the model and of RootSIFT (same max side and feature count) on the
+15 EVD pairs, verified with delf_pipeline.verify.verify_pair (the model: --mode or the rerank
+section of --model-preset; RootSIFT: the rerank section of --sift-preset): one Markdown table
+of the inliers of the true pairs against "swapped" pairs (image 1 of pair i with image 2 of
+pair i + 1), how many true-pair inliers agree with the ground-truth homography, and the
+extraction seconds per image in the same run.
 
     python scripts/bench_efficientnet_lite0.py retrieval --model DIR --max-image-size 512
     python scripts/bench_efficientnet_lite0.py evd --model DIR --max-image-size 1024
@@ -20,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from delf_pipeline.config import load_config
 from delf_pipeline.images import load_image
 from delf_pipeline.rootsift import extract_rootsift
-from delf_pipeline.verify import verify_pair
+from delf_pipeline.verify import verify_options, verify_pair
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -85,27 +89,48 @@ def retrieval(args: argparse.Namespace) -> None:
 def evd(args: argparse.Namespace) -> None:
     folder = DATA / "evd"
     names = sorted(p.stem for p in (folder / "1").glob("*.png"))
-    extract = load_model(args)
-    sides = {side: [_local(extract, folder / side / f"{n}.png", args) for n in names] for side in ("1", "2")}
+    model = load_model(args)
+    model(np.zeros((64, 64, 3), np.uint8))  # warm-up trace
+    preset = args.model_preset
+    model_options = verify_options(load_config(preset)["rerank"]) if preset else {"mode": args.mode}
+    backends = {
+        f"{Path(args.model).name} ({preset or args.mode})": (model, model_options),
+        f"RootSIFT ({args.sift_preset})": (
+            lambda image: extract_rootsift(image, args.max_features),
+            verify_options(load_config(args.sift_preset)["rerank"]),
+        ),
+    }
+    print(f"EVD, {len(names)} pairs, max side {args.max_image_size}, model scales {args.scales}, "
+          f"max {args.max_features} features, ground truth within 20 px, CPU\n")
+    print("| backend | features/image | median true-pair inliers | max swapped-pair inliers | true pairs above "
+          "max swapped | true-pair inliers agreeing with ground truth | extraction s/image (median) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label, (extract, options) in backends.items():
+        print(_evd_row(label, extract, options, folder, names, args))
+
+
+def _evd_row(label: str, extract, options: dict, folder: Path, names: list[str], args: argparse.Namespace) -> str:
+    """One Markdown table row of ``extract``'s local features on the EVD pairs, verified with ``options``."""
+    seconds: list[float] = []
+    sides = {side: [_local(extract, folder / side / f"{n}.png", args, seconds) for n in names] for side in ("1", "2")}
     true, swapped, agreeing = [], [], []
     for i, name in enumerate(names):
-        result = verify_pair(*sides["1"][i], *sides["2"][i], mode=args.mode)
+        result = verify_pair(*sides["1"][i], *sides["2"][i], **options)
         true.append(result.inliers)
         agreeing.append(_agree_with_truth(result, sides, i, np.loadtxt(folder / "h" / f"{name}.txt")))
-        swapped.append(verify_pair(*sides["1"][i], *sides["2"][(i + 1) % len(names)], mode=args.mode).inliers)
+        swapped.append(verify_pair(*sides["1"][i], *sides["2"][(i + 1) % len(names)], **options).inliers)
     features = np.mean([len(loc) for side in sides.values() for loc, _ in side])
-    print(f"EVD, {len(names)} pairs, mode {args.mode}, max side {args.max_image_size}, scales {args.scales}, "
-          f"{features:.0f} features/image")
-    print(f"  true pairs:    inliers median {np.median(true):.0f}  mean {np.mean(true):.1f}  {sorted(true)}")
-    print(f"  of which agree with ground truth (<= 20 px): {sorted(agreeing)}")
-    print(f"  swapped pairs: inliers median {np.median(swapped):.0f}  mean {np.mean(swapped):.1f}  max {max(swapped)}")
-    print(f"  true pairs above the largest swapped count: {sum(t > max(swapped) for t in true)}/{len(true)}")
+    return (f"| {label} | {features:.0f} | {np.median(true):.0f} | {max(swapped)} "
+            f"| {sum(t > max(swapped) for t in true)}/{len(true)} "
+            f"| {sum(agreeing)}/{sum(true)} ({sum(agreeing) / max(sum(true), 1):.0%}) | {np.median(seconds):.3f} |")
 
 
-def _local(extract, path: Path, args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
-    """Keypoints [N, 2] (y, x) in original-image pixels and descriptors [N, D]."""
+def _local(extract, path: Path, args: argparse.Namespace, seconds: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Keypoints [N, 2] (y, x) in original-image pixels and descriptors [N, D]; appends the extraction time."""
     image, factor = load_image(path, args.max_image_size)
+    start = time.perf_counter()
     features = extract(image)
+    seconds.append(time.perf_counter() - start)
     return features.locations * np.float32(factor), features.descriptors
 
 
@@ -129,6 +154,8 @@ def main() -> None:
     parser.add_argument("--max-features", type=int, default=1000, help="local features kept per image")
     parser.add_argument("--threshold", type=float, default=0.0, help="attention (feature norm) threshold")
     parser.add_argument("--mode", default="fast", choices=("fast", "official"), help="verify.py mode (evd)")
+    parser.add_argument("--model-preset", help="evd: verify the model with this preset's rerank section, not --mode")
+    parser.add_argument("--sift-preset", default="sift_default", help="evd: rerank section that verifies RootSIFT")
     args = parser.parse_args()
     if not DATA.is_dir():
         raise SystemExit(f"shared data not found at {DATA}")
