@@ -369,7 +369,7 @@ def plots(queries: list[dict], has_truth: bool) -> str:
 def render_page(run: Run, queries: list[dict], metrics: dict, has_truth: bool, page_size: int) -> str:
     """The whole index.html text."""
     summary = [[row["q"], row["pred"], row["conf"], row["ok"], row["inliers"]] for row in queries]
-    settings = ", ".join(f"{k}={run.settings[k]}" for k in ("matcher", "match_threshold", "verifier",
+    settings = ", ".join(f"{k}={run.settings[k]}" for k in ("matcher", "match_threshold", "ratio", "verifier",
                                                             "residual_threshold", "scoring") if k in run.settings)
     body = PAGE.format(
         title=html.escape(f"delf_pipeline report: {run.path.resolve()}"),

@@ -267,7 +267,8 @@ def pair_caption(run: Run, query_id: str, index_id: str, result: PairResult, glo
               f"global {global_:.3f}   final score {score:.3f}   status {result.status}")
     if recorded and int(recorded["inliers"]) not in (-1, inliers):
         counts += f"   (rerank.csv: {int(recorded['inliers'])} inliers)"
-    method = (f"{conf['matcher']} matching, distance < {conf['match_threshold']:g}; {conf['verifier']}, "
+    ratio = f", Lowe ratio {conf['ratio']:g}" if conf.get("ratio", 0) > 0 else ""
+    method = (f"{conf['matcher']} matching, distance < {conf['match_threshold']:g}{ratio}; {conf['verifier']}, "
               f"residual {conf['residual_threshold']:g} px, {conf['max_trials']} trials, seed {conf['seed']}; "
               f"{conf['scoring']} scoring")
     return [f"query {query_id}  vs  index {index_id} (landmark {label})", counts, method]
