@@ -1,0 +1,162 @@
+#!/usr/bin/env python
+"""What the extract stage adds over the bare model, measured in one run, as a ratio.
+
+For each backend the same photos are extracted two ways, alternately, ``--repeats`` times:
+
+* bare: every image decoded (and resized to extract.max_image_size) into memory first, not
+  timed; then only the ``extractor(image)`` calls are timed;
+* stage: ``extract.run`` on the same image files into a fresh store: listing, decoding in
+  background threads, the model, part writes, errors.csv. The model is loaded once,
+  before both (its load time is reported on its own), and handed to the stage.
+
+Reported per backend: images per second of both (median over repeats), the stage's
+overhead, stage time / bare time - 1 (target: at most 10%), and the same ratio of process
+CPU time (the work the stage adds; it is what a busy or shared machine pays). Backends: ``rootsift`` (the
+embedded default, preset sift_default) and ``savedmodel`` (preset delg_gldv2 settings).
+Without ``--model`` the SavedModel is the tiny TF2 test export of
+delf_pipeline.testing.export_test_models: its model calls are cheap, so the decode and
+write costs weigh more and its overhead ratio is pessimistic for a real DELG model.
+
+    python scripts/bench_extract.py                       # landmarks_mini, both backends
+    python scripts/bench_extract.py --model /path/to/delg --backends savedmodel --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from unittest import mock
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from delf_pipeline import extract  # noqa: E402
+from delf_pipeline.config import load_config  # noqa: E402
+from delf_pipeline.images import list_images, load_image  # noqa: E402
+
+MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "landmarks_mini"
+PRESETS = {"rootsift": "sift_default", "savedmodel": "delg_gldv2"}
+SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=Path, help="photo folder (default: ../shared/data/landmarks_mini, "
+                                                    "else skimage sample photos)")
+    parser.add_argument("--limit", type=int, default=0, help="use only the first N images (0: all)")
+    parser.add_argument("--backends", nargs="+", default=["rootsift", "savedmodel"], choices=sorted(PRESETS))
+    parser.add_argument("--model", help="SavedModel folder (default: export the tiny TF2 test model)")
+    parser.add_argument("--repeats", type=int, default=2, help="alternating bare/stage measurements per backend")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config override applied to every backend, e.g. extract.max_image_size=512")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    return parser.parse_args(argv)
+
+
+def photo_folder(args: argparse.Namespace, scratch: Path) -> Path:
+    """The photos to extract: --images, landmarks_mini, or skimage samples written to scratch."""
+    source = args.images or (MINI if MINI.is_dir() else None)
+    if source is None:
+        source = write_skimage_photos(scratch / "skimage")
+    records = list_images(source)[0][: args.limit or None]
+    folder = scratch / "photos"
+    for record in records:
+        link = folder / f"{record.id}{record.path.suffix}"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(record.path.resolve())
+    return folder
+
+
+def write_skimage_photos(folder: Path) -> Path:
+    import skimage.data
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for name in SKIMAGE_PHOTOS:
+        Image.fromarray(getattr(skimage.data, name)()).save(folder / f"{name}.jpg", quality=92)
+    return folder
+
+
+def load_backend(backend: str, conf: dict, folder: Path, scratch: Path):
+    """(extractor, load seconds): the model loaded once, as the stage would load it."""
+    records = list_images(folder)[0]
+    start = time.perf_counter()
+    extractor = extract.make_extractor(conf["extract"], records, scratch / f"load-{backend}", None)
+    return extractor, time.perf_counter() - start
+
+
+def time_bare(extractor, images: list) -> tuple[float, float]:
+    """(wall, CPU) seconds of the model calls alone."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    for image in images:
+        extractor(image)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def time_stage(extractor, conf: dict, folder: Path, out: Path) -> tuple[float, float]:
+    """(wall, CPU) seconds of the whole stage with ``extractor`` as its model."""
+    with mock.patch.object(extract, "make_extractor", lambda *args: extractor):
+        wall, cpu = time.perf_counter(), time.process_time()
+        extract.run(conf, folder, out)
+        return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def bench_backend(backend: str, args: argparse.Namespace, folder: Path, scratch: Path) -> dict:
+    conf = load_config(PRESETS[backend], overrides=args.overrides)
+    if backend == "savedmodel":
+        conf["extract"]["model"] = args.model or str(export_test_model(scratch))
+    extractor, load_seconds = load_backend(backend, conf, folder, scratch)
+    records = list_images(folder)[0]
+    images = [load_image(r.path, conf["extract"]["max_image_size"])[0] for r in records]
+    extractor(images[0])  # warm-up (first-call tracing, allocator)
+    bare, stage = [], []
+    for repeat in range(args.repeats):
+        bare.append(time_bare(extractor, images))
+        stage.append(time_stage(extractor, conf, folder, scratch / f"store-{backend}-{repeat}"))
+    bare_s, bare_cpu = (statistics.median(column) for column in zip(*bare))  # (wall, CPU) medians
+    stage_s, stage_cpu = (statistics.median(column) for column in zip(*stage))
+    return {
+        "backend": backend, "model": conf["extract"]["model"] or "(opencv sift)", "images": len(images),
+        "max_image_size": conf["extract"]["max_image_size"], "load_seconds": load_seconds,
+        "bare_seconds": [b[0] for b in bare], "stage_seconds": [s[0] for s in stage],
+        "bare_cpu_seconds": [b[1] for b in bare], "stage_cpu_seconds": [s[1] for s in stage],
+        "bare_images_per_second": len(images) / bare_s, "stage_images_per_second": len(images) / stage_s,
+        "overhead": stage_s / bare_s - 1.0, "cpu_overhead": stage_cpu / bare_cpu - 1.0,
+    }
+
+
+def export_test_model(scratch: Path) -> Path:
+    from delf_pipeline.testing.export_test_models import export_all
+
+    return export_all(scratch / "models")["tf2_delg"]
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'backend':<11} {'images':>6} {'max px':>6} {'load s':>7} {'bare img/s':>10} "
+          f"{'stage img/s':>11} {'overhead':>8} {'CPU overhead':>12}")
+    for row in rows:
+        print(f"{row['backend']:<11} {row['images']:>6} {row['max_image_size']:>6} {row['load_seconds']:>7.2f} "
+              f"{row['bare_images_per_second']:>10.2f} {row['stage_images_per_second']:>11.2f} "
+              f"{100 * row['overhead']:>7.1f}% {100 * row['cpu_overhead']:>11.1f}%")
+    print("load s: loading the model once (rootsift: learning the VLAD codebook), in neither timing.")
+    print("overhead = stage wall time / bare model wall time - 1 (median of the repeats); target <= 10%.")
+    print("CPU overhead: the same with process CPU time (all threads): the work the stage adds, which")
+    print("costs wall time only when the cores are busy (a model using every core, or a shared machine).")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench_extract.") as tmp:
+        scratch = Path(tmp)
+        folder = photo_folder(args, scratch)
+        rows = [bench_backend(backend, args, folder, scratch) for backend in args.backends]
+    print_table(rows)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
