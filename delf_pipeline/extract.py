@@ -253,6 +253,9 @@ def main(args: argparse.Namespace) -> int:
     if args.candidates:
         from .rerank import candidate_ids
 
+        if config["extract"]["backend"] == "rootsift" and not args.codebook:
+            raise ValueError("--candidates with the rootsift backend needs --codebook (the index store's "
+                             "codebook.npy): a codebook learned from the candidates alone would differ")
         only_ids = candidate_ids(args.candidates, config["rerank"]["num_to_rerank"])
     run(config, args.images, args.out, split=args.split, shard=parse_shard(args.shard),
         overwrite=args.overwrite, strict=args.strict, codebook=args.codebook, only_ids=only_ids)

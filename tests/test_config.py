@@ -87,3 +87,4 @@ def test_config_command_prints_every_key_with_its_comment(capsys):
 def test_config_list(capsys):
     assert cli_main(["config", "--list"]) == 0
     assert capsys.readouterr().out.split() == list_presets()
+

@@ -332,3 +332,11 @@ def test_model_formats_through_the_stage(delf_test_models, tmp_path, name, backe
             assert np.linalg.norm(one.global_descriptor) == pytest.approx(1.0, abs=1e-2)
         else:
             assert one.global_descriptor is None
+
+
+def test_candidates_with_rootsift_needs_the_index_codebook(tmp_path, caplog):
+    shortlist = tmp_path / "shortlist.csv"
+    shortlist.write_text("query_id,index_id,rank,score\nq,a,1,0.5\n")
+    code = cli_main(["extract", "--images", str(tmp_path), "--out", str(tmp_path / "store"),
+                     "--candidates", str(shortlist)])
+    assert code == 2 and "needs --codebook" in caplog.text
