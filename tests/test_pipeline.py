@@ -124,3 +124,8 @@ def test_demo_runs_and_writes_metrics(tmp_path, capsys):
     assert 0 <= metrics["gap"] <= 1 and metrics["queries"] == 22
     assert validate_submission(tmp_path / "run" / "submission.csv") == []
     assert "submission" in capsys.readouterr().out
+
+
+def test_model_with_a_rootsift_preset_is_a_clear_error(tmp_path, caplog):
+    code = cli_main(["run", "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--model", "/some/delg"])
+    assert code == 2 and "--model needs a model preset" in caplog.text
