@@ -30,6 +30,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "score_threshold": 175.0,  # attention score threshold (DELF/DELG)
         "max_features": 1000,  # local features kept per image
         "descriptor_dtype": "float16",  # float16 halves the store; float32 keeps it exact
+        "affine_tilts": [1.0],  # rootsift: [1, 2, 4] adds simulated views (ASIFT) for extreme viewpoints
         "vlad_words": 256,  # rootsift: VLAD codebook size (global dim = words x 128)
         "codebook_images": 500,  # rootsift: index images sampled to learn the codebook
         "seed": 0,  # rootsift: codebook k-means seed

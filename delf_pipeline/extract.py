@@ -37,6 +37,7 @@ Extractor = Callable[[np.ndarray], ImageFeatures]
 STORE_SETTINGS = (
     "backend", "model", "image_scales", "global_scale_indices", "max_image_size", "score_threshold",
     "max_features", "descriptor_dtype", "vlad_words", "codebook_images", "seed", "local_features", "local_backend",
+    "affine_tilts",
 )
 
 
@@ -104,15 +105,17 @@ def make_extractor(conf: dict, records: Sequence[ImageRecord], out: Path, codebo
     from .models import load_extractor
 
     model = load_extractor(conf)
-    return _with_rootsift_locals(model, conf["max_features"]) if local_backend == "rootsift" else model
+    if local_backend == "rootsift":
+        return _with_rootsift_locals(model, conf["max_features"], conf["affine_tilts"])
+    return model
 
 
-def _with_rootsift_locals(model: Extractor, max_features: int) -> Extractor:
+def _with_rootsift_locals(model: Extractor, max_features: int, tilts: Sequence[float]) -> Extractor:
     from .rootsift import extract_rootsift
 
     def extract(image: np.ndarray) -> ImageFeatures:
         global_descriptor = model(image).global_descriptor
-        return replace(extract_rootsift(image, max_features), global_descriptor=global_descriptor)
+        return replace(extract_rootsift(image, max_features, tilts), global_descriptor=global_descriptor)
 
     return extract
 
@@ -123,7 +126,7 @@ def _rootsift_extractor(conf: dict, records: Sequence[ImageRecord], out: Path, c
     words = _ensure_codebook(conf, records, out, codebook)
 
     def extract(image: np.ndarray) -> ImageFeatures:
-        features = extract_rootsift(image, conf["max_features"])
+        features = extract_rootsift(image, conf["max_features"], conf["affine_tilts"])
         return replace(features, global_descriptor=vlad(features.descriptors, words))
 
     return extract
@@ -166,7 +169,7 @@ def _sample_features(sample: Sequence[ImageRecord], conf: dict) -> list[ImageFea
 
     decoded = iter_decoded(sample, conf["max_image_size"])
     return [
-        extract_rootsift(image, conf["max_features"])
+        extract_rootsift(image, conf["max_features"], conf["affine_tilts"])
         for _, image, _, error in track(decoded, len(sample), "codebook sample")
         if error is None
     ]
