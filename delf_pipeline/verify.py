@@ -188,7 +188,7 @@ def match_descriptors(desc_a, desc_b, *, matcher: str, match_threshold: float, r
         return _match_kdtree(desc_a, desc_b, match_threshold)
     similarity = desc_a @ desc_b.T  # [Na, Nb]
     best = similarity.argmax(axis=1)
-    best_sim = np.take_along_axis(similarity, best[:, None], axis=1)[:, 0]
+    best_sim = similarity[np.arange(len(best)), best]
     keep = best_sim > 1.0 - 0.5 * match_threshold**2  # distance < threshold, no sqrt
     if ratio > 0:
         keep &= _passes_ratio(similarity, best_sim, ratio)
