@@ -90,6 +90,12 @@ def pending_records(out: Path, records: Sequence[ImageRecord], shard: tuple[int,
 
 
 def make_extractor(conf: dict, records: Sequence[ImageRecord], out: Path, codebook: str | Path | None) -> Extractor:
+    """The backend's extractor, keeping only the global descriptor when ``local_features`` is false."""
+    extract = _backend_extractor(conf, records, out, codebook)
+    return extract if conf["local_features"] else lambda image: extract(image).without_local()
+
+
+def _backend_extractor(conf: dict, records: Sequence[ImageRecord], out: Path, codebook) -> Extractor:
     """Load the backend once and return ``extract(image [H, W, 3] uint8) -> ImageFeatures``.
 
     With ``local_backend = "rootsift"`` and another ``backend``, the global descriptor comes

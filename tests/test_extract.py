@@ -340,3 +340,16 @@ def test_candidates_with_rootsift_needs_the_index_codebook(tmp_path, caplog):
     code = cli_main(["extract", "--images", str(tmp_path), "--out", str(tmp_path / "store"),
                      "--candidates", str(shortlist)])
     assert code == 2 and "needs --codebook" in caplog.text
+
+
+def test_global_only_store_keeps_no_local_features(tmp_path):
+    photos = write_photos(tmp_path / "photos", 3, side=200)
+    full = FeatureStore(extract.run(config(), tmp_path / "photos", tmp_path / "full"))
+    codebook = tmp_path / "full" / "codebook.npy"
+    slim = FeatureStore(extract.run(config(local_features=False), tmp_path / "photos", tmp_path / "slim",
+                                    codebook=codebook))
+    assert sorted(slim.ids) == sorted(p.stem for p in photos)
+    for image_id in slim.ids:
+        kept, whole = slim.features(image_id), full.features(image_id)
+        assert kept.num_features == 0 and kept.descriptors.shape == (0, 128) and whole.num_features > 0
+        np.testing.assert_allclose(kept.global_descriptor, whole.global_descriptor, atol=2e-3)
