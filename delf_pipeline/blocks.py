@@ -12,6 +12,7 @@ Layout: ``OUT.csv`` (final) and ``OUT.csv.blocks/block-000012.csv`` (work in pro
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -24,6 +25,12 @@ log = logging.getLogger("delf_pipeline.blocks")
 
 def blocks_dir(out_csv: Path) -> Path:
     return out_csv.with_name(out_csv.name + ".blocks")
+
+
+def remove_outputs(out_csv: Path) -> None:
+    """Delete a stage CSV and its blocks (``--overwrite``)."""
+    out_csv.unlink(missing_ok=True)
+    shutil.rmtree(blocks_dir(out_csv), ignore_errors=True)
 
 
 def plan_blocks(queries: Sequence[str], block_size: int) -> list[list[str]]:

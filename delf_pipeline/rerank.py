@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from .artifacts import check_manifest, parse_shard
-from .blocks import blocks_dir, read_table, run_blocks, write_block
+from .blocks import blocks_dir, read_table, remove_outputs, run_blocks, write_block
 from .config import fingerprint, load_config
 from .features import ImageFeatures
 from .progress import track
@@ -68,8 +68,7 @@ def run(
     """
     conf, out = config["rerank"], Path(out)
     if overwrite:
-        out.unlink(missing_ok=True)
-        _remove_dir(blocks_dir(out))
+        remove_outputs(out)
     shortlist = read_table(Path(shortlist_csv))
     check_manifest(blocks_dir(out) / "manifest.json", rerank_manifest(conf, shortlist), what="rerank output")
     candidates = top_candidates(shortlist, conf["num_to_rerank"])
@@ -231,11 +230,6 @@ def final_score(inliers: int, global_score: float, conf: dict) -> float:
         return min(inliers, cap) / cap + global_score
     raise ValueError(f"unknown rerank.scoring {conf['scoring']!r}; use official or kaggle2020")
 
-
-def _remove_dir(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

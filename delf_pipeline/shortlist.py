@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .artifacts import check_manifest, parse_shard
-from .blocks import blocks_dir, run_blocks, write_block
+from .blocks import blocks_dir, remove_outputs, run_blocks, write_block
 from .config import fingerprint, load_config
 from .progress import track
 from .store import FeatureStore
@@ -49,7 +49,7 @@ def run(
     conf, out = config["shortlist"], Path(out)
     index, queries = FeatureStore(index_store), FeatureStore(query_store)
     if overwrite:
-        _remove_outputs(out)
+        remove_outputs(out)
     manifest = {"top_k": conf["top_k"], "index_images": len(index), "query_images": len(queries),
                 "global_space": check_same_space(index, queries)}
     check_manifest(blocks_dir(out) / "manifest.json", manifest, what="shortlist")
@@ -232,12 +232,6 @@ def select_matmul(device: str) -> MatMul:
         return lambda q, c: q @ np.asarray(c, np.float32).T
     return lambda q, c: tf.matmul(q, tf.convert_to_tensor(c, tf.float32), transpose_b=True).numpy()
 
-
-def _remove_outputs(out: Path) -> None:
-    import shutil
-
-    out.unlink(missing_ok=True)
-    shutil.rmtree(blocks_dir(out), ignore_errors=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
