@@ -353,3 +353,9 @@ def test_global_only_store_keeps_no_local_features(tmp_path):
         kept, whole = slim.features(image_id), full.features(image_id)
         assert kept.num_features == 0 and kept.descriptors.shape == (0, 128) and whole.num_features > 0
         np.testing.assert_allclose(kept.global_descriptor, whole.global_descriptor, atol=2e-3)
+
+
+def test_unknown_backend_is_a_clear_error(tmp_path):
+    write_photos(tmp_path / "photos", 1, side=100)
+    with pytest.raises(ValueError, match="unknown extract.backend 'delf3'"):
+        extract.run(config(backend="delf3"), tmp_path / "photos", tmp_path / "store")

@@ -287,3 +287,16 @@ def test_index_features_are_read_once_per_worker(many, tmp_path, monkeypatch):
     assert len(shortlisted) == 3 * NUM_QUERIES
     assert sorted(index_reads) == sorted(shortlisted.unique())
     assert sorted(i for store, i in calls if store == "q") == [f"q{n:03d}" for n in range(NUM_QUERIES)]
+
+
+@pytest.mark.parametrize("index_images, shard", [(None, (1, 1)), ("images", (1, 2))])
+def test_global_only_index_without_a_way_to_local_features_is_a_clear_error(tmp_path, index_images, shard):
+    vectors = random_unit_rows(2, 8, seed=3)
+    index = write_store(tmp_path / "index", {"a": global_only(vectors[0])}, 4,
+                        extract_settings={"local_features": False})
+    queries = write_store(tmp_path / "queries", {"q": global_only(vectors[1])}, 4)
+    shortlist_frame({"q": [("a", 0.5)]}).to_csv(tmp_path / "shortlist.csv", index=False)
+    images = tmp_path / index_images if index_images else None
+    with pytest.raises(ValueError, match="holds global descriptors only. Give --index-images"):
+        rerank.run(load_config(), tmp_path / "shortlist.csv", queries, index, tmp_path / "rerank.csv",
+                   index_images=images, shard=shard)
