@@ -120,14 +120,20 @@ def _drop_duplicates(records: list[ImageRecord]) -> tuple[list[ImageRecord], lis
     return list(seen.values()), errors
 
 
-def load_image(path: Path, max_image_size: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Decode ``path`` to RGB uint8 [H, W, 3], upright (EXIF), resized so max(H, W) <= max_image_size.
+def load_image(path: Path, max_image_size: int = 0, mode: str = "RGB") -> tuple[np.ndarray, np.ndarray]:
+    """Decode ``path`` to uint8 RGB [H, W, 3] (``mode="RGB"``) or grey [H, W] (``mode="L"``),
+    upright (EXIF), resized so max(H, W) <= max_image_size.
+
+    Grey decoding of a colour JPEG reads only its luma plane (no chroma upsampling or colour
+    conversion): about 2.5x cheaper, for models that need no colour.
 
     Returns the image and the factors [2] (y, x) that map its pixel coordinates back to the
     original image: original (height, width) = (H, W) * factors, and locations [N, 2] (y, x)
     * factors are original pixels (ones when not resized; per axis, because both sides are
     rounded). Raises ImageError with a reason for unusable files.
     """
+    if mode not in ("RGB", "L"):
+        raise ValueError(f"decode mode must be RGB or L, got {mode!r}")
     path = Path(path)
     if not path.is_file():
         raise ImageError("missing file")
@@ -136,17 +142,17 @@ def load_image(path: Path, max_image_size: int = 0) -> tuple[np.ndarray, np.ndar
     try:
         with Image.open(path) as image:
             original = _upright_size(image)
-            _draft(image, max_image_size)
+            _draft(image, max_image_size, mode)
             image.load()
             image = ImageOps.exif_transpose(image)
-            rgb = to_rgb(image)
+            converted = to_mode(image, mode)
     except Image.DecompressionBombError as error:
         raise ImageError(f"image too large: {error}") from None
     except (OSError, SyntaxError, ValueError) as error:  # PIL raises these for bad or truncated data
         raise ImageError(f"cannot decode image: {error}") from None
     if min(original) < MIN_SIDE:
         raise ImageError(f"degenerate size {original[0]}x{original[1]} (min side {MIN_SIDE} px)")
-    array, factors = _resize(rgb, original, max_image_size)
+    array, factors = _resize(converted, original, max_image_size)
     if min(array.shape[:2]) < MIN_SIDE:
         raise ImageError(f"degenerate aspect ratio {original[0]}x{original[1]}: under {MIN_SIDE} px once resized")
     return array, factors
@@ -159,26 +165,38 @@ def _upright_size(image: Image.Image) -> tuple[int, int]:
     return (height, width) if turned else (width, height)
 
 
-def _draft(image: Image.Image, max_image_size: int) -> None:
-    """Let the JPEG decoder scale by 1/2, 1/4 or 1/8 while both sides stay >= the target size.
+def _draft(image: Image.Image, max_image_size: int, mode: str) -> None:
+    """Let the JPEG decoder scale by 1/2, 1/4 or 1/8 while both sides stay >= the target size,
+    and decode a colour JPEG straight to grey when ``mode`` is ``"L"``.
 
     Decoding in the DCT domain is several times cheaper than decoding the full image and
     shrinking it; the final resize to the exact target happens in :func:`_resize`.
     """
+    if image.format != "JPEG":
+        return
     longest = max(image.size)
-    if image.format == "JPEG" and 0 < max_image_size < longest:
+    size = image.size
+    if 0 < max_image_size < longest:
         scale = max_image_size / longest
-        image.draft(image.mode, (math.ceil(image.size[0] * scale), math.ceil(image.size[1] * scale)))
+        size = (math.ceil(image.size[0] * scale), math.ceil(image.size[1] * scale))
+    target_mode = "L" if mode == "L" and image.mode == "RGB" else image.mode  # libjpeg converts YCbCr -> Y only
+    if size != image.size or target_mode != image.mode:
+        image.draft(target_mode, size)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode (L, P, RGBA, CMYK, I;16, I, F, 1, ...) as 8-bit RGB."""
+    return to_mode(image, "RGB")
+
+
+def to_mode(image: Image.Image, mode: str) -> Image.Image:
+    """Any PIL mode (L, P, RGBA, CMYK, I;16, I, F, 1, ...) as 8-bit ``mode`` (``"RGB"`` or ``"L"``)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
         array = np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
         image = Image.fromarray(array, mode="L")
-    return image.convert("RGB") if image.mode != "RGB" else image
+    return image.convert(mode) if image.mode != mode else image
 
 
 def _resize(image: Image.Image, original: tuple[int, int], max_image_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -194,16 +212,17 @@ def _resize(image: Image.Image, original: tuple[int, int], max_image_size: int) 
 
 
 def iter_decoded(
-    records: Sequence[ImageRecord], max_image_size: int, workers: int = 2, lookahead: int = 8
+    records: Sequence[ImageRecord], max_image_size: int, workers: int = 2, lookahead: int = 8, mode: str = "RGB"
 ) -> Iterator[tuple[ImageRecord, np.ndarray | None, np.ndarray, str | None]]:
     """Decode ``records`` in background threads, in order: (record, image, factors [2], error).
 
+    ``image`` is [H, W, 3] uint8 for ``mode="RGB"``, [H, W] for ``mode="L"`` (see :func:`load_image`).
     Decoding overlaps whatever the caller does with the previous images (the model), with
     at most ``lookahead`` decoded images waiting. ``image`` is None when ``error`` is set.
     """
     def decode(record: ImageRecord):
         try:
-            image, factors = load_image(record.path, max_image_size)
+            image, factors = load_image(record.path, max_image_size, mode)
             return record, image, factors, None
         except ImageError as error:
             return record, None, np.ones(2), str(error)

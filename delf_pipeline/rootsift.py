@@ -19,7 +19,7 @@ SIFT_DIM = 128
 
 
 def extract_rootsift(image: np.ndarray, max_features: int, tilts: Sequence[float] = (1.0,)) -> ImageFeatures:
-    """SIFT keypoints + RootSIFT descriptors of an RGB uint8 image [H, W, 3].
+    """SIFT keypoints + RootSIFT descriptors of a uint8 image, RGB [H, W, 3] or grey [H, W].
 
     ``tilts`` other than 1 add simulated views (affine view synthesis, as in ASIFT, Morel &
     Yu 2009): for tilt t the image is rotated by angles 72/t degrees apart, blurred and
@@ -30,7 +30,7 @@ def extract_rootsift(image: np.ndarray, max_features: int, tilts: Sequence[float
     Returns locations [N, 2] (y, x) in this image's pixels, descriptors [N, 128]
     (L2-normalised RootSIFT), scales [N] (keypoint size), scores [N] (detector response).
     """
-    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if image.ndim == 3 else image
     sift = cv2.SIFT_create(nfeatures=max(int(max_features), 0))
     views = [_sift_view(sift, gray, tilt, angle, max_features) for tilt, angle in view_angles(tilts)]
     views = [view for view in views if view.num_features]

@@ -292,3 +292,69 @@ def test_jpeg_drafted_to_exactly_the_target_needs_no_resize(tmp_path):
     half, factors = load_image(path, max_image_size=400)
     assert half.shape == (300, 400, 3) and np.array_equal(factors, [2.0, 2.0])
     assert np.abs(half.astype(np.int16) - reference(path, (400, 300))).mean() < 3.0
+
+
+# ---------------------------------------------------------------- grey decoding (mode="L")
+
+
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R 601 luma of RGB pixels [..., 3], as JPEG and PIL define it."""
+    return rgb.astype(np.float64) @ [0.299, 0.587, 0.114]
+
+
+@pytest.mark.parametrize("orientation, upright", [(1, (1200, 900)), (6, (900, 1200))])
+@pytest.mark.parametrize("max_image_size", [0, 200])
+def test_grey_jpeg_decode_is_the_luma_of_the_colour_decode(tmp_path, orientation, upright, max_image_size):
+    image = photo(900, 1200)
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    path = save(tmp_path / "large.jpg", image, exif=exif, quality=95)
+    with Image.open(path) as opened:
+        opened.draft("L", opened.size)
+        assert opened.mode == "L"  # the decoder reads the luma plane only
+    grey, grey_factors = load_image(path, max_image_size, mode="L")
+    rgb, rgb_factors = load_image(path, max_image_size)
+    assert grey.dtype == np.uint8 and grey.shape == rgb.shape[:2]
+    assert (grey.shape[1], grey.shape[0]) == (upright if not max_image_size else tuple(
+        round(side * 200 / 1200) for side in upright))
+    assert np.array_equal(grey_factors, rgb_factors)
+    assert np.abs(grey - luma(rgb)).mean() < 1.0  # only rounding (the colour path rounds twice)
+
+
+@pytest.mark.parametrize(
+    "name, image",
+    [
+        ("grey.png", Image.new("L", (32, 32), 77)),
+        ("rgba.png", Image.new("RGBA", (32, 32), (10, 20, 30, 0))),
+        ("palette.png", palette_image()),
+        ("bilevel.png", Image.new("1", (32, 32), 1)),
+        ("rgb.bmp", Image.new("RGB", (32, 32), (1, 2, 3))),
+        ("cmyk.jpg", Image.new("RGB", (32, 32), (200, 30, 30)).convert("CMYK")),
+    ],
+)
+def test_every_mode_decodes_to_grey_uint8(tmp_path, name, image):
+    path = save(tmp_path / name, image)
+    grey, _ = load_image(path, mode="L")
+    rgb, _ = load_image(path)
+    assert grey.shape == (32, 32) and grey.dtype == np.uint8
+    assert abs(int(grey[5, 5]) - luma(rgb[5, 5])) <= 1
+
+
+def test_16_bit_png_decodes_to_grey_over_the_full_range(tmp_path):
+    levels = np.array([0, 257, 32768, 65535], np.uint16)
+    path = save(tmp_path / "deep.png", Image.fromarray(np.repeat(np.repeat(levels, 8)[None, :], 16, axis=0)))
+    grey, _ = load_image(path, mode="L")
+    assert grey[0, ::8].tolist() == [0, 1, 128, 255]
+
+
+def test_unknown_decode_mode_is_refused(tmp_path):
+    path = save(tmp_path / "grey.png", Image.new("L", (32, 32), 77))
+    with pytest.raises(ValueError, match="decode mode must be RGB or L"):
+        load_image(path, mode="CMYK")
+
+
+def test_iter_decoded_in_grey(tmp_path):
+    records = [ImageRecord("a", save(tmp_path / "a.png", noise(40, 60))), ImageRecord("b", tmp_path / "gone.png")]
+    (first, image, _, error), (second, missing, _, reason) = iter_decoded(records, 30, mode="L")
+    assert (first.id, image.shape, error) == ("a", (20, 30), None)
+    assert (second.id, missing, reason) == ("b", None, "missing file")
