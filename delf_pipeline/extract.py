@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
-from typing import Callable, Collection, Sequence
+from typing import Callable, Collection, Iterator, Sequence
 
 import numpy as np
 
@@ -39,6 +39,22 @@ STORE_SETTINGS = (
     "max_features", "descriptor_dtype", "vlad_words", "codebook_images", "seed", "local_features", "local_backend",
     "affine_tilts",
 )
+
+
+@dataclass
+class Backend:
+    """A loaded extraction backend.
+
+    extract: ``extract(image) -> ImageFeatures`` in the decoded image's pixels; ``image`` is
+        uint8 [H, W] when ``decode_mode`` is ``"L"`` (grey), [H, W, 3] when ``"RGB"``.
+    decode_mode: how the stage decodes images for it.
+    ready: images already extracted while loading (the RootSIFT codebook sample), by id, as
+        they are stored; the stage writes these instead of decoding and extracting them again.
+    """
+
+    extract: Extractor
+    decode_mode: str = "RGB"
+    ready: dict[str, ExtractedImage] = field(default_factory=dict)
 
 
 def run(
@@ -73,8 +89,9 @@ def run(
     if not todo:
         log.info("Skipping extraction: all %d images of shard %d/%d are already in %s", len(records), *shard, out)
     else:
-        extractor = make_extractor(conf, records, out, codebook)
-        _extract_parts(out, todo, extractor, conf, shard, strict)
+        backend = load_backend(conf, records, out, codebook)
+        backend.ready = {r.id: backend.ready[r.id] for r in todo if r.id in backend.ready}  # the rest: other shards'
+        _extract_parts(out, todo, backend, conf, shard, strict)
     return finish(out, listing_errors)
 
 
@@ -89,21 +106,23 @@ def pending_records(out: Path, records: Sequence[ImageRecord], shard: tuple[int,
     return [r for r in select_shard(records, shard) if r.id not in finished]
 
 
-def make_extractor(conf: dict, records: Sequence[ImageRecord], out: Path, codebook: str | Path | None) -> Extractor:
-    """The backend's extractor, keeping only the global descriptor when ``local_features`` is false."""
-    extract = _backend_extractor(conf, records, out, codebook)
-    return extract if conf["local_features"] else lambda image: extract(image).without_local()
+def load_backend(conf: dict, records: Sequence[ImageRecord], out: Path, codebook: str | Path | None) -> Backend:
+    """The configured backend, loaded once; it keeps only global descriptors when
+    ``local_features`` is false. ``records`` (all of the index) is what RootSIFT samples to
+    learn its codebook when neither ``codebook`` nor ``out/codebook.npy`` gives one."""
+    backend = _load_backend(conf, records, out, codebook)
+    if conf["local_features"]:
+        return backend
+    ready = {i: replace(im, features=im.features.without_local()) for i, im in backend.ready.items()}
+    return Backend(lambda image: backend.extract(image).without_local(), backend.decode_mode, ready)
 
 
-def _backend_extractor(conf: dict, records: Sequence[ImageRecord], out: Path, codebook) -> Extractor:
-    """Load the backend once and return ``extract(image [H, W, 3] uint8) -> ImageFeatures``.
-
-    With ``local_backend = "rootsift"`` and another ``backend``, the global descriptor comes
-    from ``backend`` and the local features from RootSIFT (a hybrid).
-    """
+def _load_backend(conf: dict, records: Sequence[ImageRecord], out: Path, codebook) -> Backend:
+    """With ``local_backend = "rootsift"`` and another ``backend``, the global descriptor comes
+    from ``backend`` and the local features from RootSIFT (a hybrid)."""
     backend, local_backend = conf["backend"], conf["local_backend"]
     if backend == "rootsift":
-        return _rootsift_extractor(conf, records, out, codebook)
+        return _rootsift_backend(conf, records, out, codebook)
     if backend not in ("savedmodel", "hub"):
         raise ValueError(f"unknown extract.backend {backend!r}; use rootsift, savedmodel or hub")
     if local_backend not in ("", "rootsift"):
@@ -112,8 +131,8 @@ def _backend_extractor(conf: dict, records: Sequence[ImageRecord], out: Path, co
 
     model = load_extractor(conf)
     if local_backend == "rootsift":
-        return _with_rootsift_locals(model, conf["max_features"], conf["affine_tilts"])
-    return model
+        return Backend(_with_rootsift_locals(model, conf["max_features"], conf["affine_tilts"]))
+    return Backend(model)
 
 
 def _with_rootsift_locals(model: Extractor, max_features: int, tilts: Sequence[float]) -> Extractor:
@@ -126,26 +145,34 @@ def _with_rootsift_locals(model: Extractor, max_features: int, tilts: Sequence[f
     return extract
 
 
-def _rootsift_extractor(conf: dict, records: Sequence[ImageRecord], out: Path, codebook) -> Extractor:
+def _rootsift_backend(conf: dict, records: Sequence[ImageRecord], out: Path, given) -> Backend:
+    """RootSIFT locals + VLAD global over the store's codebook, on grey images.
+
+    When the codebook has to be learned, the sample images' features are kept (``ready``):
+    on an index of up to ``codebook_images`` images nothing is extracted twice.
+    """
     from .rootsift import extract_rootsift, vlad
 
-    words = _ensure_codebook(conf, records, out, codebook)
+    words, sample = _stored_codebook(out, given), {}
+    if words is None:
+        sample = _sample_features(_codebook_sample(records, conf), conf)
+        words = _learn_codebook(sample, conf, out)
 
     def extract(image: np.ndarray) -> ImageFeatures:
         features = extract_rootsift(image, conf["max_features"], conf["affine_tilts"])
         return replace(features, global_descriptor=vlad(features.descriptors, words))
 
-    return extract
+    ready = {}
+    for image_id, im in sample.items():
+        global_descriptor = vlad(im.features.descriptors, words)  # from float32, as ``extract`` does
+        descriptors = im.features.descriptors.astype(conf["descriptor_dtype"])  # as stored: half the memory
+        ready[image_id] = replace(im, features=replace(
+            im.features, descriptors=descriptors, global_descriptor=global_descriptor))
+    return Backend(extract, "L", ready)
 
 
-def _ensure_codebook(conf: dict, records: Sequence[ImageRecord], out: Path, given) -> np.ndarray:
-    """The store's VLAD codebook [K, 128]: copied from ``given``, or learned from the images.
-
-    The learning sample is a fixed, evenly spaced subset of *all* records (not of one
-    shard), so every shard process learns the identical codebook.
-    """
-    from .rootsift import learn_codebook
-
+def _stored_codebook(out: Path, given) -> np.ndarray | None:
+    """The store's VLAD codebook [K, 128], copied from ``given`` if set; None if it has none yet."""
     path = out / "codebook.npy"
     if given is not None:
         given_words = np.load(given)
@@ -154,14 +181,24 @@ def _ensure_codebook(conf: dict, records: Sequence[ImageRecord], out: Path, give
         if not path.exists():
             _save_atomic(path, given_words)
         return given_words
-    if path.exists():
-        return np.load(path)
+    return np.load(path) if path.exists() else None
+
+
+def _codebook_sample(records: Sequence[ImageRecord], conf: dict) -> list[ImageRecord]:
+    """A fixed, evenly spaced subset of *all* records (not of one shard), so every shard
+    process learns the identical codebook."""
     step = max(1, len(records) // max(1, conf["codebook_images"]))
-    sample = list(records[::step])[: conf["codebook_images"]]
-    descriptors = [f.descriptors for f in _sample_features(sample, conf)]
+    return list(records[::step])[: conf["codebook_images"]]
+
+
+def _learn_codebook(sample: dict[str, ExtractedImage], conf: dict, out: Path) -> np.ndarray:
+    """k-means codebook [K, 128] of the sample's descriptors, saved as ``out/codebook.npy``."""
+    from .rootsift import learn_codebook
+
     log.info("learning a %d-word VLAD codebook from %d images", conf["vlad_words"], len(sample))
+    descriptors = [im.features.descriptors for im in sample.values()]
     words = learn_codebook(np.concatenate(descriptors), conf["vlad_words"], conf["seed"])
-    _save_atomic(path, words)
+    _save_atomic(out / "codebook.npy", words)
     return words
 
 
@@ -170,43 +207,66 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
         np.save(handle, array)
 
 
-def _sample_features(sample: Sequence[ImageRecord], conf: dict) -> list[ImageFeatures]:
+def _sample_features(sample: Sequence[ImageRecord], conf: dict) -> dict[str, ExtractedImage]:
+    """RootSIFT local features of the codebook sample (no global descriptor yet), by id;
+    images that fail to decode are left out (the extraction records their errors)."""
     from .rootsift import extract_rootsift
 
-    decoded = iter_decoded(sample, conf["max_image_size"])
-    return [
-        extract_rootsift(image, conf["max_features"], conf["affine_tilts"])
-        for _, image, _, error in track(decoded, len(sample), "codebook sample")
+    decoded = iter_decoded(sample, conf["max_image_size"], mode="L")
+    return {
+        record.id: _as_stored(record.id, extract_rootsift(image, conf["max_features"], conf["affine_tilts"]),
+                              image.shape, factors)
+        for record, image, factors, error in track(decoded, len(sample), "codebook sample")
         if error is None
-    ]
+    }
 
 
-def _extract_parts(out: Path, todo: list[ImageRecord], extractor: Extractor, conf: dict, shard, strict) -> None:
+def _extract_parts(out: Path, todo: list[ImageRecord], backend: Backend, conf: dict, shard, strict) -> None:
     """Extract ``todo`` in parts of ``part_size`` images, each written atomically."""
     size = conf["part_size"]
     first = _next_part_number(out, shard)
-    decoded = track(iter_decoded(todo, conf["max_image_size"]), len(todo), f"extract {shard[0]}/{shard[1]}")
+    results = track(_extract_each(todo, backend, conf), len(todo), f"extract {shard[0]}/{shard[1]}")
     for number, start in enumerate(range(0, len(todo), size), start=first):
-        chunk = islice(decoded, min(size, len(todo) - start))  # lazy: decoding overlaps the model
-        extracted, errors = _extract_chunk(chunk, extractor, strict)
+        extracted, errors = _split_results(islice(results, min(size, len(todo) - start)), strict)
         write_part(out / "parts" / _part_name(shard, number), extracted, errors,
                    conf["descriptor_dtype"], _local_dim(extracted))
-    next(decoded, None)  # let the progress report finish (its last line comes after the last item)
+    next(results, None)  # let the progress report finish (its last line comes after the last item)
 
 
-def _extract_chunk(chunk, extractor: Extractor, strict: bool) -> tuple[list[ExtractedImage], list[ErrorRecord]]:
-    extracted, errors = [], []
-    for record, image, factors, error in chunk:
-        if error is not None:
-            failure = ErrorRecord(record.id, str(record.path), error)
-            if strict:
-                raise ImageError(_describe(failure))
-            errors.append(failure)
+def _extract_each(todo: list[ImageRecord], backend: Backend, conf: dict) -> Iterator[ExtractedImage | ErrorRecord]:
+    """Each record of ``todo`` in order: its stored form, or its error. Decoding runs ahead in
+    background threads (overlapping the model) and skips the images ``backend.ready`` has."""
+    to_decode = [r for r in todo if r.id not in backend.ready]
+    decoded = iter_decoded(to_decode, conf["max_image_size"], mode=backend.decode_mode)
+    for record in todo:
+        if record.id in backend.ready:
+            yield backend.ready.pop(record.id)
             continue
-        features = extractor(image)
-        features = replace(features, locations=features.locations * factors.astype(np.float32))
-        height, width = round(image.shape[0] * factors[0]), round(image.shape[1] * factors[1])
-        extracted.append(ExtractedImage(record.id, features, (height, width)))
+        _, image, factors, error = next(decoded)
+        if error is not None:
+            yield ErrorRecord(record.id, str(record.path), error)
+        else:
+            yield _as_stored(record.id, backend.extract(image), image.shape, factors)
+
+
+def _as_stored(image_id: str, features: ImageFeatures, shape: tuple, factors: np.ndarray) -> ExtractedImage:
+    """Features of a decoded image of ``shape`` [H, W(, 3)], with locations and size mapped back
+    to the original image by ``factors`` [2] (y, x)."""
+    features = replace(features, locations=features.locations * factors.astype(np.float32))
+    height, width = round(shape[0] * factors[0]), round(shape[1] * factors[1])
+    return ExtractedImage(image_id, features, (height, width))
+
+
+def _split_results(results, strict: bool) -> tuple[list[ExtractedImage], list[ErrorRecord]]:
+    """(extracted images, errors) of ``results``; with ``strict`` the first error raises ImageError."""
+    extracted, errors = [], []
+    for result in results:
+        if isinstance(result, ErrorRecord):
+            if strict:
+                raise ImageError(_describe(result))
+            errors.append(result)
+        else:
+            extracted.append(result)
     return extracted, errors
 
 

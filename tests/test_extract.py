@@ -251,7 +251,7 @@ def small_store(tmp_path_factory) -> tuple[Path, Path]:
 def test_second_run_skips_without_loading_a_model(small_store, monkeypatch, caplog):
     photos, store = small_store
     before = store_files(store)
-    monkeypatch.setattr(extract, "make_extractor", lambda *a: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(extract, "load_backend", lambda *a: pytest.fail("a model was loaded"))
     with caplog.at_level(logging.INFO, logger="delf_pipeline"):
         extract.run(config(part_size=4), photos, store)
     assert any(r.getMessage().startswith("Skipping extraction: all 8 images") for r in caplog.records)
@@ -359,3 +359,44 @@ def test_unknown_backend_is_a_clear_error(tmp_path):
     write_photos(tmp_path / "photos", 1, side=100)
     with pytest.raises(ValueError, match="unknown extract.backend 'delf3'"):
         extract.run(config(backend="delf3"), tmp_path / "photos", tmp_path / "store")
+
+
+# ---------------------------------------------------------------- codebook sample, grey decoding
+
+
+def count_rootsift_calls(monkeypatch) -> list[int]:
+    """Patch RootSIFT extraction to record the ndim of every image it is given."""
+    from delf_pipeline import rootsift
+
+    seen, real = [], rootsift.extract_rootsift
+    monkeypatch.setattr(rootsift, "extract_rootsift", lambda image, *a: seen.append(image.ndim) or real(image, *a))
+    return seen
+
+
+def test_codebook_sample_is_extracted_once_and_stored_as_is(tmp_path, monkeypatch):
+    write_photos(tmp_path / "photos", 8, side=200)
+    seen = count_rootsift_calls(monkeypatch)
+    learned = extract.run(config(codebook_images=5, part_size=3), tmp_path / "photos", tmp_path / "learned")
+    assert seen == [2] * 8  # 5 sample images while learning + the 3 others; grey images only
+    given = extract.run(config(codebook_images=5, part_size=3), tmp_path / "photos", tmp_path / "given",
+                        codebook=learned / "codebook.npy")
+    assert len(seen) == 16  # with a codebook given, every image goes through the model
+    assert store_files(learned) == store_files(given)
+
+
+def test_codebook_sample_of_a_global_only_store_keeps_no_local_features(tmp_path):
+    write_photos(tmp_path / "photos", 4, side=200)
+    slim = FeatureStore(extract.run(config(local_features=False), tmp_path / "photos", tmp_path / "slim"))
+    full = FeatureStore(extract.run(config(), tmp_path / "photos", tmp_path / "full",
+                                    codebook=tmp_path / "slim" / "codebook.npy"))
+    assert len(slim) == 4 and all(slim.features(i).num_features == 0 for i in slim.ids)
+    for image_id in slim.ids:
+        np.testing.assert_array_equal(slim.features(image_id).global_descriptor,
+                                      full.features(image_id).global_descriptor)
+
+
+def test_a_shard_stores_only_its_own_images_of_the_codebook_sample(tmp_path):
+    write_photos(tmp_path / "photos", 6, side=200)
+    store = FeatureStore(extract.run(config(), tmp_path / "photos", tmp_path / "store", shard=(2, 3)))
+    every = [r.id for r in list_images(tmp_path / "photos")[0]]
+    assert store.ids == every[1::3]
