@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
@@ -224,6 +225,7 @@ def _sample_features(sample: Sequence[ImageRecord], conf: dict) -> dict[str, Ext
 def _extract_parts(out: Path, todo: list[ImageRecord], backend: Backend, conf: dict, shard, strict) -> None:
     """Extract ``todo`` in parts of ``part_size`` images, each written atomically."""
     size = conf["part_size"]
+    _remove_unfinished_parts(out, shard)
     first = _next_part_number(out, shard)
     results = track(_extract_each(todo, backend, conf), len(todo), f"extract {shard[0]}/{shard[1]}")
     for number, start in enumerate(range(0, len(todo), size), start=first):
@@ -279,6 +281,17 @@ def _local_dim(extracted: list[ExtractedImage]) -> int:
 
 def _part_name(shard: tuple[int, int], number: int) -> str:
     return f"s{shard[0]:03d}of{shard[1]:03d}-p{number:06d}"
+
+
+def _remove_unfinished_parts(out: Path, shard: tuple[int, int]) -> None:
+    """Delete this shard's temporary part folders (``parts/.NAME.*.tmp``) that a killed run left.
+
+    Only this shard's: another shard's process may be writing its own right now.
+    """
+    prefix = _part_name(shard, 0)[:-6]
+    for stale in sorted((out / "parts").glob(f".{prefix}*.tmp")):
+        log.info("removing %s, left unfinished by an interrupted run", stale)
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
 
 
 def _next_part_number(out: Path, shard: tuple[int, int]) -> int:

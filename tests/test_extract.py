@@ -361,7 +361,7 @@ def test_unknown_backend_is_a_clear_error(tmp_path):
         extract.run(config(backend="delf3"), tmp_path / "photos", tmp_path / "store")
 
 
-# ---------------------------------------------------------------- codebook sample, grey decoding
+# ---------------------------------------------------------------- codebook sample, grey decoding, leftovers
 
 
 def count_rootsift_calls(monkeypatch) -> list[int]:
@@ -400,3 +400,17 @@ def test_a_shard_stores_only_its_own_images_of_the_codebook_sample(tmp_path):
     store = FeatureStore(extract.run(config(), tmp_path / "photos", tmp_path / "store", shard=(2, 3)))
     every = [r.id for r in list_images(tmp_path / "photos")[0]]
     assert store.ids == every[1::3]
+
+
+def test_unfinished_parts_of_a_killed_run_are_removed_for_this_shard_only(tmp_path, caplog):
+    write_photos(tmp_path / "photos", 2, side=200)
+    parts = tmp_path / "store" / "parts"
+    mine, theirs = parts / ".s001of002-p000000.x1y2.tmp", parts / ".s002of002-p000000.x3y4.tmp"
+    for folder in (mine, theirs):
+        folder.mkdir(parents=True)
+        (folder / "ids.txt").write_text("half written\n")
+    with caplog.at_level(logging.INFO, logger="delf_pipeline"):
+        extract.run(config(), tmp_path / "photos", tmp_path / "store", shard=(1, 2))
+    assert not mine.exists() and (theirs / "ids.txt").exists()
+    assert f"removing {mine}" in caplog.text
+    assert sorted(p.name for p in parts.iterdir()) == [".s002of002-p000000.x3y4.tmp", "s001of002-p000000"]
