@@ -47,14 +47,12 @@ class Backend:
     """A loaded extraction backend.
 
     extract: ``extract(image) -> ImageFeatures`` in the decoded image's pixels; ``image`` is
-        uint8 [H, W] when ``decode_mode`` is ``"L"`` (grey), [H, W, 3] when ``"RGB"``.
-    decode_mode: how the stage decodes images for it.
+        uint8 [H, W] when :func:`decode_mode` is ``"L"`` (grey), [H, W, 3] when ``"RGB"``.
     ready: images already extracted while loading (the RootSIFT codebook sample), by id, as
         they are stored; the stage writes these instead of decoding and extracting them again.
     """
 
     extract: Extractor
-    decode_mode: str = "RGB"
     ready: dict[str, ExtractedImage] = field(default_factory=dict)
 
 
@@ -96,8 +94,16 @@ def run(
     return finish(out, listing_errors)
 
 
+def decode_mode(conf: dict) -> str:
+    """How the stage decodes images for the configured backend: ``"L"`` (grey) for the pure
+    RootSIFT backend, which uses no colour, else ``"RGB"``."""
+    return "L" if conf["backend"] == "rootsift" else "RGB"
+
+
 def store_manifest(conf: dict) -> dict:
     settings = {key: conf[key] for key in STORE_SETTINGS}
+    if decode_mode(conf) != "RGB":  # stores without this key were all decoded in RGB
+        settings["decode"] = decode_mode(conf)
     return {"format_version": FORMAT_VERSION, "settings": settings, "fingerprint": fingerprint(settings)}
 
 
@@ -115,7 +121,7 @@ def load_backend(conf: dict, records: Sequence[ImageRecord], out: Path, codebook
     if conf["local_features"]:
         return backend
     ready = {i: replace(im, features=im.features.without_local()) for i, im in backend.ready.items()}
-    return Backend(lambda image: backend.extract(image).without_local(), backend.decode_mode, ready)
+    return Backend(lambda image: backend.extract(image).without_local(), ready)
 
 
 def _load_backend(conf: dict, records: Sequence[ImageRecord], out: Path, codebook) -> Backend:
@@ -169,7 +175,7 @@ def _rootsift_backend(conf: dict, records: Sequence[ImageRecord], out: Path, giv
         descriptors = im.features.descriptors.astype(conf["descriptor_dtype"])  # as stored: half the memory
         ready[image_id] = replace(im, features=replace(
             im.features, descriptors=descriptors, global_descriptor=global_descriptor))
-    return Backend(extract, "L", ready)
+    return Backend(extract, ready)
 
 
 def _stored_codebook(out: Path, given) -> np.ndarray | None:
@@ -213,7 +219,7 @@ def _sample_features(sample: Sequence[ImageRecord], conf: dict) -> dict[str, Ext
     images that fail to decode are left out (the extraction records their errors)."""
     from .rootsift import extract_rootsift
 
-    decoded = iter_decoded(sample, conf["max_image_size"], mode="L")
+    decoded = iter_decoded(sample, conf["max_image_size"], mode=decode_mode(conf))
     return {
         record.id: _as_stored(record.id, extract_rootsift(image, conf["max_features"], conf["affine_tilts"]),
                               image.shape, factors)
@@ -239,7 +245,7 @@ def _extract_each(todo: list[ImageRecord], backend: Backend, conf: dict) -> Iter
     """Each record of ``todo`` in order: its stored form, or its error. Decoding runs ahead in
     background threads (overlapping the model) and skips the images ``backend.ready`` has."""
     to_decode = [r for r in todo if r.id not in backend.ready]
-    decoded = iter_decoded(to_decode, conf["max_image_size"], mode=backend.decode_mode)
+    decoded = iter_decoded(to_decode, conf["max_image_size"], mode=decode_mode(conf))
     for record in todo:
         if record.id in backend.ready:
             yield backend.ready.pop(record.id)

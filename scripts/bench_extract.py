@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=0, help="use only the first N images (0: all)")
     parser.add_argument("--backends", nargs="+", default=["rootsift", "savedmodel"], choices=sorted(PRESETS))
     parser.add_argument("--model", help="SavedModel folder (default: export the tiny TF2 test model)")
-    parser.add_argument("--repeats", type=int, default=2, help="alternating bare/stage measurements per backend")
+    parser.add_argument("--repeats", type=int, default=5, help="alternating bare/stage measurements per backend")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="config override applied to every backend, e.g. extract.max_image_size=512")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -116,7 +116,7 @@ def bench_backend(backend: str, args: argparse.Namespace, folder: Path, scratch:
         conf["extract"]["model"] = args.model or str(export_test_model(scratch))
     loaded, load_seconds = load_backend(backend, conf, folder, scratch)
     records = list_images(folder)[0]
-    mode = loaded.decode_mode  # what the stage hands the model: grey for rootsift
+    mode = extract.decode_mode(conf["extract"])  # what the stage hands the model: grey for rootsift
     images = [load_image(r.path, conf["extract"]["max_image_size"], mode)[0] for r in records]
     loaded.extract(images[0])  # warm-up (first-call tracing, allocator)
     bare, stage = [], []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import os
 import shutil
@@ -414,3 +415,14 @@ def test_unfinished_parts_of_a_killed_run_are_removed_for_this_shard_only(tmp_pa
     assert not mine.exists() and (theirs / "ids.txt").exists()
     assert f"removing {mine}" in caplog.text
     assert sorted(p.name for p in parts.iterdir()) == [".s002of002-p000000.x3y4.tmp", "s001of002-p000000"]
+
+
+def test_a_rootsift_store_decoded_in_colour_is_not_resumed_in_grey(small_store, tmp_path):
+    photos, store = small_store
+    old = shutil.copytree(store, tmp_path / "old")  # as written before grey decoding: no "decode" setting
+    manifest = json.loads((old / "manifest.json").read_text())
+    assert manifest["settings"].pop("decode") == "L"
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="settings.decode: was None, now 'L'"):
+        extract.run(config(part_size=4), photos, old)
+    assert "decode" not in extract.store_manifest(config(backend="savedmodel")["extract"])["settings"]
