@@ -89,7 +89,7 @@ def run(
         log.info("Skipping extraction: all %d images of shard %d/%d are already in %s", len(records), *shard, out)
     else:
         backend = load_backend(conf, records, out, codebook)
-        backend.ready = {r.id: backend.ready[r.id] for r in todo if r.id in backend.ready}  # the rest: other shards'
+        _keep_ready_of(backend, todo)
         _extract_parts(out, todo, backend, conf, shard, strict)
     return finish(out, listing_errors)
 
@@ -226,6 +226,14 @@ def _sample_features(sample: Sequence[ImageRecord], conf: dict) -> dict[str, Ext
         for record, image, factors, error in track(decoded, len(sample), "codebook sample")
         if error is None
     }
+
+
+def _keep_ready_of(backend: Backend, todo: Sequence[ImageRecord]) -> None:
+    """Keep only the ready images (codebook sample) that are in ``todo``; others are other shards'."""
+    backend.ready = {r.id: backend.ready[r.id] for r in todo if r.id in backend.ready}
+    if backend.ready:
+        log.info("%d of the %d images to extract were extracted for the codebook sample: stored from there",
+                 len(backend.ready), len(todo))
 
 
 def _extract_parts(out: Path, todo: list[ImageRecord], backend: Backend, conf: dict, shard, strict) -> None:
