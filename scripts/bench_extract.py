@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """What the extract stage adds over the bare model, measured in one run, as a ratio.
 
-For each backend the same photos are extracted two ways, alternately, ``--repeats`` times:
+For each backend the same photos are extracted two ways, taking turns on groups of
+``--group`` photos (so a drift in the machine's speed, common on shared and virtual
+machines, hits both alike), ``--repeats`` times:
 
 * bare: every image decoded as the stage decodes it (grey for rootsift, RGB otherwise) and
   resized to extract.max_image_size, into memory first, not
   timed; then only the ``extractor(image)`` calls are timed;
-* stage: ``extract.run`` on the same image files into a fresh store: listing, decoding in
+* stage: ``extract.run`` on the group's image files into a fresh store: listing, decoding in
   background threads, the model, part writes, errors.csv. The model is loaded once,
   before both (its load time is reported on its own), and handed to the stage.
 
@@ -33,6 +35,8 @@ from dataclasses import replace
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from delf_pipeline import extract  # noqa: E402
 from delf_pipeline.config import load_config  # noqa: E402
@@ -50,25 +54,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=0, help="use only the first N images (0: all)")
     parser.add_argument("--backends", nargs="+", default=["rootsift", "savedmodel"], choices=sorted(PRESETS))
     parser.add_argument("--model", help="SavedModel folder (default: export the tiny TF2 test model)")
-    parser.add_argument("--repeats", type=int, default=5, help="alternating bare/stage measurements per backend")
+    parser.add_argument("--repeats", type=int, default=5, help="bare/stage measurements of all photos per backend")
+    parser.add_argument("--group", type=int, default=10,
+                        help="photos per turn: bare and stage alternate on groups this size (0: all in one turn)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="config override applied to every backend, e.g. extract.max_image_size=512")
     parser.add_argument("--json", type=Path, help="also write the results here")
     return parser.parse_args(argv)
 
 
-def photo_folder(args: argparse.Namespace, scratch: Path) -> Path:
-    """The photos to extract: --images, landmarks_mini, or skimage samples written to scratch."""
+def photo_groups(args: argparse.Namespace, scratch: Path) -> list[Path]:
+    """The photos to extract (--images, landmarks_mini, or skimage samples written to scratch),
+    linked into folders ``scratch/photos/gNNN`` of ``--group`` photos each."""
     source = args.images or (MINI if MINI.is_dir() else None)
     if source is None:
         source = write_skimage_photos(scratch / "skimage")
     records = list_images(source)[0][: args.limit or None]
-    folder = scratch / "photos"
-    for record in records:
-        link = folder / f"{record.id}{record.path.suffix}"
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(record.path.resolve())
-    return folder
+    size = args.group or len(records) or 1
+    groups = []
+    for start in range(0, len(records), size):
+        groups.append(scratch / "photos" / f"g{start // size:03d}")
+        for record in records[start : start + size]:
+            link = groups[-1] / f"{record.id}{record.path.suffix}"
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(record.path.resolve())
+    return groups
 
 
 def write_skimage_photos(folder: Path) -> Path:
@@ -110,24 +120,29 @@ def time_stage(backend: extract.Backend, conf: dict, folder: Path, out: Path) ->
         return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def bench_backend(backend: str, args: argparse.Namespace, folder: Path, scratch: Path) -> dict:
+def bench_backend(backend: str, args: argparse.Namespace, groups: list[Path], scratch: Path) -> dict:
     conf = load_config(PRESETS[backend], overrides=args.overrides)
     if backend == "savedmodel":
         conf["extract"]["model"] = args.model or str(export_test_model(scratch))
-    loaded, load_seconds = load_backend(backend, conf, folder, scratch)
-    records = list_images(folder)[0]
+    loaded, load_seconds = load_backend(backend, conf, scratch / "photos", scratch)
     mode = extract.decode_mode(conf["extract"])  # what the stage hands the model: grey for rootsift
-    images = [load_image(r.path, conf["extract"]["max_image_size"], mode)[0] for r in records]
+    decoded = [[load_image(r.path, conf["extract"]["max_image_size"], mode)[0] for r in list_images(group)[0]]
+               for group in groups]
+    images = [image for group in decoded for image in group]
     loaded.extract(images[0])  # warm-up (first-call tracing, allocator)
     bare, stage = [], []
     for repeat in range(args.repeats):
-        bare.append(time_bare(loaded.extract, images))
-        stage.append(time_stage(loaded, conf, folder, scratch / f"store-{backend}-{repeat}"))
+        bare_times, stage_times = np.zeros(2), np.zeros(2)  # (wall, CPU) summed over the groups
+        for number, (group, group_images) in enumerate(zip(groups, decoded)):
+            bare_times += time_bare(loaded.extract, group_images)
+            stage_times += time_stage(loaded, conf, group, scratch / f"store-{backend}-{repeat}-{number}")
+        bare.append(tuple(bare_times))
+        stage.append(tuple(stage_times))
     bare_s, bare_cpu = (statistics.median(column) for column in zip(*bare))  # (wall, CPU) medians
     stage_s, stage_cpu = (statistics.median(column) for column in zip(*stage))
     return {
         "backend": backend, "model": conf["extract"]["model"] or "(opencv sift)", "images": len(images),
-        "max_image_size": conf["extract"]["max_image_size"], "load_seconds": load_seconds,
+        "max_image_size": conf["extract"]["max_image_size"], "load_seconds": load_seconds, "groups": len(groups),
         "bare_seconds": [b[0] for b in bare], "stage_seconds": [s[0] for s in stage],
         "bare_cpu_seconds": [b[1] for b in bare], "stage_cpu_seconds": [s[1] for s in stage],
         "bare_images_per_second": len(images) / bare_s, "stage_images_per_second": len(images) / stage_s,
@@ -158,8 +173,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench_extract.") as tmp:
         scratch = Path(tmp)
-        folder = photo_folder(args, scratch)
-        rows = [bench_backend(backend, args, folder, scratch) for backend in args.backends]
+        groups = photo_groups(args, scratch)
+        rows = [bench_backend(backend, args, groups, scratch) for backend in args.backends]
     print_table(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
