@@ -20,7 +20,7 @@ import shutil
 from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
-from typing import Callable, Collection, Iterator, Sequence
+from typing import Callable, Collection, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -273,7 +273,9 @@ def _as_stored(image_id: str, features: ImageFeatures, shape: tuple, factors: np
     return ExtractedImage(image_id, features, (height, width))
 
 
-def _split_results(results, strict: bool) -> tuple[list[ExtractedImage], list[ErrorRecord]]:
+def _split_results(
+    results: Iterable[ExtractedImage | ErrorRecord], strict: bool
+) -> tuple[list[ExtractedImage], list[ErrorRecord]]:
     """(extracted images, errors) of ``results``; with ``strict`` the first error raises ImageError."""
     extracted, errors = [], []
     for result in results:

@@ -6,8 +6,8 @@ For each backend the same photos are extracted two ways, taking turns on groups 
 machines, hits both alike), ``--repeats`` times:
 
 * bare: every image decoded as the stage decodes it (grey for rootsift, RGB otherwise) and
-  resized to extract.max_image_size, into memory first, not
-  timed; then only the ``extractor(image)`` calls are timed;
+  resized to extract.max_image_size, into memory first, not timed; then only the
+  ``extract(image)`` calls are timed;
 * stage: ``extract.run`` on the group's image files into a fresh store: listing, decoding in
   background threads, the model, part writes, errors.csv. The model is loaded once,
   before both (its load time is reported on its own), and handed to the stage.
