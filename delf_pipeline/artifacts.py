@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from contextlib import contextmanager
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Iterator, Sequence, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger("delf_pipeline.artifacts")
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -50,6 +52,14 @@ def atomic_path(path: Path, is_dir: bool = False) -> Iterator[Path]:
             _remove_tree(tmp)
         elif tmp.exists():
             tmp.unlink()
+
+
+def remove_unfinished(folder: Path, name_prefix: str) -> None:
+    """Delete the temporaries of :func:`atomic_path` (``.NAME.*.tmp``) that a killed run left in
+    ``folder`` for outputs whose name starts with ``name_prefix``."""
+    for stale in sorted(Path(folder).glob(f".{name_prefix}*.tmp")):
+        log.info("removing %s, left unfinished by an interrupted run", stale)
+        _remove_tree(stale) if stale.is_dir() else stale.unlink()
 
 
 def _remove_tree(path: Path) -> None:

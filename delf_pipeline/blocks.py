@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import pandas as pd
 
-from .artifacts import atomic_path
+from .artifacts import atomic_path, remove_unfinished
 
 log = logging.getLogger("delf_pipeline.blocks")
 
@@ -55,14 +55,6 @@ def write_block(out_csv: Path, number: int, frame: pd.DataFrame) -> None:
         frame.to_csv(tmp, index=False)
 
 
-def _remove_unfinished(out_csv: Path, numbers: Sequence[int]) -> None:
-    """Delete temporary files (``.block-K.csv.*.tmp``) a killed run left for these blocks."""
-    for number in numbers:
-        for stale in blocks_dir(out_csv).glob(f".{block_path(out_csv, number).name}.*.tmp"):
-            log.info("removing %s, left unfinished by an interrupted run", stale)
-            stale.unlink()
-
-
 def merge_blocks(out_csv: Path, num_blocks: int, columns: Sequence[str]) -> bool:
     """Concatenate all blocks into ``out_csv`` once every block exists; True when done."""
     paths = [block_path(out_csv, k) for k in range(num_blocks)]
@@ -94,7 +86,8 @@ def run_blocks(
     if not todo:
         log.info("Skipping %s: all blocks of shard %d/%d are done", out_csv.name, *shard)
     else:
-        _remove_unfinished(out_csv, todo)
+        for number in todo:  # temporaries a killed run left for these blocks
+            remove_unfinished(blocks_dir(out_csv), block_path(out_csv, number).name)
         compute([(k, blocks[k]) for k in todo])
     merge_blocks(out_csv, len(blocks), columns)
     return out_csv

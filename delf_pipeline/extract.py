@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Callable, Collection, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .artifacts import atomic_path, check_manifest, parse_shard, select_shard, write_text_atomic
+from .artifacts import atomic_path, check_manifest, parse_shard, remove_unfinished, select_shard, write_text_atomic
 from .config import fingerprint, load_config
 from .features import ImageFeatures
 from .images import ErrorRecord, ImageError, ImageRecord, iter_decoded, list_images
@@ -239,7 +238,7 @@ def _keep_ready_of(backend: Backend, todo: Sequence[ImageRecord]) -> None:
 def _extract_parts(out: Path, todo: list[ImageRecord], backend: Backend, conf: dict, shard, strict) -> None:
     """Extract ``todo`` in parts of ``part_size`` images, each written atomically."""
     size = conf["part_size"]
-    _remove_unfinished_parts(out, shard)
+    remove_unfinished(out / "parts", _part_name(shard, 0)[:-6])  # this shard's only: others may be writing
     first = _next_part_number(out, shard)
     results = track(_extract_each(todo, backend, conf), len(todo), f"extract {shard[0]}/{shard[1]}")
     for number, start in enumerate(range(0, len(todo), size), start=first):
@@ -297,17 +296,6 @@ def _local_dim(extracted: list[ExtractedImage]) -> int:
 
 def _part_name(shard: tuple[int, int], number: int) -> str:
     return f"s{shard[0]:03d}of{shard[1]:03d}-p{number:06d}"
-
-
-def _remove_unfinished_parts(out: Path, shard: tuple[int, int]) -> None:
-    """Delete this shard's temporary part folders (``parts/.NAME.*.tmp``) that a killed run left.
-
-    Only this shard's: another shard's process may be writing its own right now.
-    """
-    prefix = _part_name(shard, 0)[:-6]
-    for stale in sorted((out / "parts").glob(f".{prefix}*.tmp")):
-        log.info("removing %s, left unfinished by an interrupted run", stale)
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
 
 
 def _next_part_number(out: Path, shard: tuple[int, int]) -> int:
