@@ -8,7 +8,7 @@ picks the largest depth, at most the configured one, that fits the remaining tim
 no time left it returns 0, and the predictions fall back to the global shortlist.
 
 ``jobs`` worker processes are assumed to verify ``jobs`` times as many pairs per second
-(one single-thread process per core, see DESIGN.md); that is an estimate, not measured
+(one single-thread process per core, see docs/design.md); that is an estimate, not measured
 here, which is one reason for the safety ``margin``.
 """
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Callable
 
 import pandas as pd
 
-from .artifacts import read_json
-from .blocks import blocks_dir, read_table
-from .progress import format_seconds
+from .utils.artifacts import read_json
+from .utils.blocks import blocks_dir, read_table
+from .utils.progress import format_seconds
 
 log = logging.getLogger("delf_pipeline.budget")
 
@@ -74,7 +74,8 @@ def measure_pair_seconds(conf: dict, shortlist: pd.DataFrame, query_store: Path,
     best candidates, until ``max_pairs`` pairs or ``max_seconds`` are spent (at least one
     query). The index-feature cache starts empty, so the estimate errs on the slow side.
     """
-    from .rerank import BlockWorker, top_candidates
+    from .candidates import top_candidates
+    from .rerank import BlockWorker
 
     candidates = top_candidates(shortlist, conf["num_to_rerank"])
     queries = sorted(candidates)

@@ -13,7 +13,7 @@ import sys
 
 from . import __version__
 from .config import ConfigError
-from .images import ImageError
+from .formats.images import ImageError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("extract", "extract global and local features of images into a feature store"),
@@ -21,32 +21,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rerank": ("rerank", "verify shortlisted candidates by local feature matching + RANSAC, and rescore"),
     "predict": ("predict", "aggregate candidate scores per landmark into submission.csv (and ranking.csv)"),
     "evaluate": ("evaluate", "score a submission (GAP, accuracy) and a ranking (mAP@100, P@k, R@k, MRR)"),
-    "validate-submission": ("validate_submission", "check a submission.csv; exit 1 with line-numbered reasons"),
+    "validate-submission": ("tools.validate_submission", "check a submission.csv; exit 1 with line-numbered reasons"),
     "run": ("pipeline", "all stages on a Kaggle-layout folder: extract, shortlist, rerank, predict, evaluate"),
-    "demo": ("demo", "the whole pipeline on a small landmark set built from scikit-image photos (no download)"),
-    "show-matches": ("show_matches", "picture of the local matches and RANSAC inliers of a query and its candidates"),
-    "report": ("report", "static HTML page of a run: metrics, per-query thumbnails, right/wrong, plots"),
+    "demo": ("tools.demo", "the whole pipeline on a small landmark set built from scikit-image photos (no download)"),
+    "show-matches": ("tools.show_matches", "picture of the local matches and RANSAC inliers of a query and its candidates"),
+    "report": ("tools.report", "static HTML page of a run: metrics, per-query thumbnails, right/wrong, plots"),
     "config": ("config", "print the settings a preset, config file and overrides give (every key, commented)"),
 }
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options every stage shares: preset, config file and key overrides."""
-    group = parser.add_argument_group("configuration")
-    group.add_argument("--preset", help="named preset from configs/ (default: sift_default); "
-                       "`delf-pipeline config --list` names them")
-    group.add_argument("--config", metavar="FILE", help="TOML file of settings, applied after the preset")
-    group.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-        help="override one setting, e.g. --set rerank.max_trials=500 (repeatable); "
-        "`delf-pipeline config` lists every key",
-    )
-
-
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of resumable, shardable stages."""
-    parser.add_argument("--shard", metavar="I/N", help="process only shard I of N (1-based), e.g. 2/4")
-    parser.add_argument("--overwrite", action="store_true", help="redo work that is already finished")
 
 
 def build_parser() -> argparse.ArgumentParser:

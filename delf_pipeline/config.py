@@ -1,4 +1,4 @@
-"""Configuration: built-in defaults, named presets from ``configs/``, and overrides.
+"""Configuration: built-in defaults, named presets (package data in ``presets/``), and overrides.
 
 A config is a plain nested dict with one section per stage. Presets are TOML files that
 override some keys of :data:`DEFAULTS`; ``--set section.key=value`` overrides any key
@@ -6,6 +6,7 @@ from the command line. Unknown sections or keys are errors, never silently ignor
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import json
@@ -71,11 +72,8 @@ class ConfigError(ValueError):
 
 
 def presets_dir() -> Path:
-    """The folder of named presets (``configs/`` of the checkout, or bundled copy)."""
-    bundled = Path(__file__).resolve().parent / "configs"
-    if bundled.is_dir():
-        return bundled
-    return Path(__file__).resolve().parent.parent / "configs"
+    """The folder of named presets: ``delf_pipeline/presets/``, installed with the package."""
+    return Path(__file__).resolve().parent / "presets"
 
 
 def list_presets() -> list[str]:
@@ -189,10 +187,27 @@ def fingerprint(settings: dict) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options every stage shares: preset, config file and key overrides."""
+    group = parser.add_argument_group("configuration")
+    group.add_argument("--preset", help="named preset (default: sift_default); "
+                       "`delf-pipeline config --list` names them")
+    group.add_argument("--config", metavar="FILE", help="TOML file of settings, applied after the preset")
+    group.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override one setting, e.g. --set rerank.max_trials=500 (repeatable); "
+        "`delf-pipeline config` lists every key",
+    )
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of resumable, shardable stages."""
+    parser.add_argument("--shard", metavar="I/N", help="process only shard I of N (1-based), e.g. 2/4")
+    parser.add_argument("--overwrite", action="store_true", help="redo work that is already finished")
+
+
 def add_arguments(parser) -> None:
     """``delf-pipeline config``: show the effective settings, or the preset names."""
-    from .cli import add_config_arguments
-
     parser.add_argument("--list", action="store_true", help="list the preset names and exit")
     add_config_arguments(parser)
 

@@ -23,12 +23,32 @@ from typing import Callable, Collection, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .artifacts import atomic_path, check_manifest, parse_shard, remove_unfinished, select_shard, write_text_atomic
 from .config import fingerprint, load_config
-from .features import ImageFeatures
-from .images import ErrorRecord, ImageError, ImageRecord, iter_decoded, list_images
-from .progress import track
-from .store import FORMAT_VERSION, ExtractedImage, FeatureStore, errors_to_csv, remove_store, write_part
+from .extractors.features import ImageFeatures
+from .formats.images import (
+    ErrorRecord,
+    ImageError,
+    ImageRecord,
+    iter_decoded,
+    list_images,
+)
+from .formats.store import (
+    FORMAT_VERSION,
+    ExtractedImage,
+    FeatureStore,
+    errors_to_csv,
+    remove_store,
+    write_part,
+)
+from .utils.artifacts import (
+    atomic_path,
+    check_manifest,
+    parse_shard,
+    remove_unfinished,
+    select_shard,
+    write_text_atomic,
+)
+from .utils.progress import track
 
 log = logging.getLogger("delf_pipeline.extract")
 
@@ -133,7 +153,7 @@ def _load_backend(conf: dict, records: Sequence[ImageRecord], out: Path, codeboo
         raise ValueError(f"unknown extract.backend {backend!r}; use rootsift, savedmodel or hub")
     if local_backend not in ("", "rootsift"):
         raise ValueError(f"extract.local_backend must be empty (same as backend) or rootsift, got {local_backend!r}")
-    from .models import load_extractor
+    from .extractors.models import load_extractor
 
     model = load_extractor(conf)
     if local_backend == "rootsift":
@@ -142,7 +162,7 @@ def _load_backend(conf: dict, records: Sequence[ImageRecord], out: Path, codeboo
 
 
 def _with_rootsift_locals(model: Extractor, max_features: int, tilts: Sequence[float]) -> Extractor:
-    from .rootsift import extract_rootsift
+    from .extractors.rootsift import extract_rootsift
 
     def extract(image: np.ndarray) -> ImageFeatures:
         global_descriptor = model(image).global_descriptor
@@ -157,7 +177,7 @@ def _rootsift_backend(conf: dict, records: Sequence[ImageRecord], out: Path, giv
     When the codebook has to be learned, the sample images' features are kept (``ready``):
     on an index of up to ``codebook_images`` images nothing is extracted twice.
     """
-    from .rootsift import extract_rootsift, vlad
+    from .extractors.rootsift import extract_rootsift, vlad
 
     words, sample = _stored_codebook(out, given), {}
     if words is None:
@@ -199,7 +219,7 @@ def _codebook_sample(records: Sequence[ImageRecord], conf: dict) -> list[ImageRe
 
 def _learn_codebook(sample: dict[str, ExtractedImage], conf: dict, out: Path) -> np.ndarray:
     """k-means codebook [K, 128] of the sample's descriptors, saved as ``out/codebook.npy``."""
-    from .rootsift import learn_codebook
+    from .extractors.rootsift import learn_codebook
 
     log.info("learning a %d-word VLAD codebook from %d images", conf["vlad_words"], len(sample))
     descriptors = [im.features.descriptors for im in sample.values()]
@@ -216,7 +236,7 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
 def _sample_features(sample: Sequence[ImageRecord], conf: dict) -> dict[str, ExtractedImage]:
     """RootSIFT local features of the codebook sample (no global descriptor yet), by id;
     images that fail to decode are left out (the extraction records their errors)."""
-    from .rootsift import extract_rootsift
+    from .extractors.rootsift import extract_rootsift
 
     decoded = iter_decoded(sample, conf["max_image_size"], mode=decode_mode(conf))
     return {
@@ -319,7 +339,7 @@ def _describe(error: ErrorRecord) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import add_config_arguments, add_run_arguments
+    from .config import add_config_arguments, add_run_arguments
 
     parser.add_argument("--images", required=True, help="image folder (recursive), Kaggle root, or CSV with id,path")
     parser.add_argument("--out", required=True, help="feature store folder to write (created; resumed if present)")
@@ -337,12 +357,12 @@ def main(args: argparse.Namespace) -> int:
     config = load_config(args.preset, args.config, args.overrides)
     only_ids = None
     if args.candidates:
-        from .rerank import candidate_ids
+        from .candidates import candidate_ids, read_candidates
 
         if config["extract"]["backend"] == "rootsift" and not args.codebook:
             raise ValueError("--candidates with the rootsift backend needs --codebook (the index store's "
                              "codebook.npy): a codebook learned from the candidates alone would differ")
-        only_ids = candidate_ids(args.candidates, config["rerank"]["num_to_rerank"])
+        only_ids = candidate_ids(read_candidates(args.candidates, config["rerank"]["num_to_rerank"]))
     run(config, args.images, args.out, split=args.split, shard=parse_shard(args.shard),
         overwrite=args.overwrite, strict=args.strict, codebook=args.codebook, only_ids=only_ids)
     return 0

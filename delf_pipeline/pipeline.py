@@ -17,14 +17,17 @@ continues where it stopped and gives the same files.
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 from pathlib import Path
 
 from . import extract, predict, rerank, shortlist
-from .blocks import read_table
 from .budget import TimeBudget, fit_num_to_rerank
+from .candidates import candidate_ids, read_candidates
 from .config import load_config
-from .images import list_images
+from .formats.images import list_images
+from .formats.store import FeatureStore
+from .utils.blocks import read_table
 
 log = logging.getLogger("delf_pipeline.pipeline")
 
@@ -53,8 +56,8 @@ def run(
     shortlist_csv = shortlist.run(config, index_store, query_store, out / "shortlist.csv", overwrite=overwrite)
     rerank_csv = None
     if config["rerank"]["num_to_rerank"] > 0:
-        candidates = rerank.top_candidates(read_table(shortlist_csv), config["rerank"]["num_to_rerank"])
-        index_store = rerank.candidate_store(config, index_store, candidates, data, "train", (1, 1))
+        candidates = read_candidates(shortlist_csv, config["rerank"]["num_to_rerank"])
+        index_store = candidate_local_store(config, index_store, candidate_ids(candidates), data)
     if time_budget is not None:
         config = fit_num_to_rerank(config, time_budget, shortlist_csv, query_store, index_store,
                                    out / "rerank.csv", jobs=jobs, overwrite=overwrite)
@@ -68,6 +71,21 @@ def run(
 
         print_report(evaluate(submission, solution, out / "ranking.csv", data / "train.csv", out / "metrics.json"))
     return submission
+
+
+def candidate_local_store(config: dict, index_store: Path, wanted: set[str], data: Path) -> Path:
+    """The store to read the candidates' local features from: ``index_store`` itself, or, when
+    it holds global descriptors only, ``<index_store>-candidates`` made by extracting
+    ``wanted`` (each image once) with the index store's own settings and codebook."""
+    settings = FeatureStore(index_store).manifest()["settings"]
+    if settings.get("local_features", True):
+        return index_store
+    local_config = copy.deepcopy(config)
+    local_config["extract"].update(settings, local_features=True)
+    codebook = index_store / "codebook.npy"
+    log.info("extracting local features of %d shortlisted index images", len(wanted))
+    return extract.run(local_config, data, Path(f"{index_store}-candidates"), split="train", only_ids=wanted,
+                       codebook=codebook if codebook.exists() else None)
 
 
 def _with_local_features(config: dict) -> dict:
@@ -91,7 +109,7 @@ def query_ids(data: Path, query_store: Path) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import add_config_arguments
+    from .config import add_config_arguments
 
     parser.add_argument("--data", required=True, help="Kaggle-layout folder: train.csv, train/, test/")
     parser.add_argument("--out", required=True, help="output folder (resumed if it exists)")

@@ -21,10 +21,10 @@ from typing import Iterable
 
 import pandas as pd
 
-from .artifacts import atomic_path, write_text_atomic
-from .blocks import read_table
 from .config import load_config
-from .store import FeatureStore
+from .formats.store import FeatureStore
+from .utils.artifacts import atomic_path, write_text_atomic
+from .utils.blocks import read_table
 
 log = logging.getLogger("delf_pipeline.predict")
 
@@ -110,7 +110,7 @@ def query_ids_of(store: str | Path) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import add_config_arguments
+    from .config import add_config_arguments
 
     parser.add_argument("--shortlist", required=True, help="shortlist CSV from `delf-pipeline shortlist`")
     parser.add_argument("--rerank", help="rerank CSV from `delf-pipeline rerank` (omit for global-only predictions)")

@@ -1,16 +1,16 @@
 """Stage 3, rerank: local matching + RANSAC on each query's shortlisted candidates.
 
 For every query, its ``num_to_rerank`` best shortlisted index images are verified with
-:func:`delf_pipeline.verify.verify_pair` and scored:
+:func:`delf_pipeline.verification.pairs.verify_pair` and scored:
 
 * ``official`` (DELF/DELG retrieval): order by (inliers, global score). The score column
   is ``inliers + global_score / 2``, which sorts exactly that way since |global| <= 1.
 * ``kaggle2020`` (host baseline): ``min(inliers, M) / M + global_score``, M = max_inlier_score.
 
 Inlier counts below ``min_inliers`` count as 0: unrelated pairs still get a handful of
-"inliers" from every RANSAC variant (see DESIGN.md), which must not raise their score.
+"inliers" from every RANSAC variant (see docs/design.md), which must not raise their score.
 
-Work is split into numbered query blocks (see :mod:`delf_pipeline.blocks`), run in
+Work is split into numbered query blocks (see :mod:`delf_pipeline.utils.blocks`), run in
 parallel by joblib processes (``--jobs``) or on a Dask cluster (``--dask ADDRESS``), each
 block written atomically, so a killed run resumes and shards can run anywhere.
 Each worker keeps the local features of index images it has read in a bounded cache, so
@@ -22,7 +22,6 @@ query sorted by score (descending).
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 from collections import OrderedDict
 from pathlib import Path
@@ -30,13 +29,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .artifacts import check_manifest, parse_shard
-from .blocks import blocks_dir, read_table, remove_outputs, run_blocks, write_block
+from .candidates import top_candidates
 from .config import fingerprint, load_config
-from .features import ImageFeatures
-from .progress import track
-from .store import FeatureStore
-from .verify import PairResult, verify_options, verify_pair
+from .extractors.features import ImageFeatures
+from .formats.store import FeatureStore
+from .utils.artifacts import check_manifest, parse_shard
+from .utils.blocks import (
+    blocks_dir,
+    read_table,
+    remove_outputs,
+    run_blocks,
+    write_block,
+)
+from .utils.progress import track
+from .verification.pairs import PairResult, verify_options, verify_pair
 
 log = logging.getLogger("delf_pipeline.rerank")
 
@@ -57,14 +63,12 @@ def run(
     overwrite: bool = False,
     jobs: int = 1,
     dask_address: str | None = None,
-    index_images: str | Path | None = None,
-    index_split: str = "train",
 ) -> Path:
     """Verify the shortlisted candidates of every query; writes and returns ``out``.
 
-    When ``index_store`` holds global descriptors only (``extract.local_features`` false),
-    the local features of the shortlisted candidates are extracted from ``index_images``
-    first, once per image, into the store ``<index_store>-candidates``.
+    ``index_store`` must hold the candidates' local features: a store made with
+    ``extract.local_features`` false holds global descriptors only, and then the store of
+    ``extract --candidates`` (which :func:`delf_pipeline.pipeline.run` makes itself) is given.
     """
     conf, out = config["rerank"], Path(out)
     if overwrite:
@@ -72,8 +76,8 @@ def run(
     shortlist = read_table(Path(shortlist_csv))
     check_manifest(blocks_dir(out) / "manifest.json", rerank_manifest(conf, shortlist), what="rerank output")
     candidates = top_candidates(shortlist, conf["num_to_rerank"])
-    local_store = candidate_store(config, Path(index_store), candidates, index_images, index_split, shard)
-    paths = (str(query_store), str(local_store))
+    require_local_features(Path(index_store))
+    paths = (str(query_store), str(index_store))
 
     def compute(blocks: list[tuple[int, list[str]]]) -> None:
         tasks = [(number, {q: candidates[q] for q in ids}) for number, ids in blocks]
@@ -93,42 +97,14 @@ def rerank_manifest(conf: dict, shortlist: pd.DataFrame) -> dict:
     return {"settings": settings, "shortlist": content}
 
 
-def top_candidates(shortlist: pd.DataFrame, num_to_rerank: int) -> dict[str, list[tuple[str, float]]]:
-    """query id -> [(index id, global score)] of its ``num_to_rerank`` best-ranked candidates."""
-    ordered = shortlist.sort_values(["query_id", "rank"], kind="stable")
-    top = ordered.groupby("query_id", sort=True).head(num_to_rerank)
-    result: dict[str, list[tuple[str, float]]] = {}
-    for query_id, index_id, score in zip(top["query_id"], top["index_id"], top["score"]):
-        result.setdefault(query_id, []).append((index_id, float(score)))
-    return result
-
-
-def candidate_ids(shortlist_csv: str | Path, num_to_rerank: int) -> set[str]:
-    """Union of the index images that rerank will verify (top ``num_to_rerank`` per query)."""
-    candidates = top_candidates(read_table(Path(shortlist_csv)), num_to_rerank)
-    return {index_id for pairs in candidates.values() for index_id, _ in pairs}
-
-
-def candidate_store(config: dict, index_store: Path, candidates: dict, images, split: str, shard) -> Path:
-    """The store to read candidates' local features from (see :func:`run`)."""
-    settings = FeatureStore(index_store).manifest()["settings"]
-    if settings.get("local_features", True):
-        return index_store
-    if images is None or shard != (1, 1):
+def require_local_features(index_store: Path) -> None:
+    """Raise a ValueError saying what to do when ``index_store`` holds no local features."""
+    if not FeatureStore(index_store).manifest()["settings"].get("local_features", True):
         raise ValueError(
-            f"{index_store} holds global descriptors only. Give --index-images (unsharded run) to extract the "
-            "candidates' local features on demand, or extract them first with `delf-pipeline extract "
-            "--candidates SHORTLIST.csv --set extract.local_features=true` (shardable) and pass that store as --index."
+            f"{index_store} holds global descriptors only. Extract the shortlisted candidates' local features "
+            "first with `delf-pipeline extract --candidates SHORTLIST.csv --set extract.local_features=true` "
+            "(shardable) and pass that store as --index (`delf-pipeline run` does this itself)."
         )
-    from . import extract
-
-    local_config = copy.deepcopy(config)
-    local_config["extract"].update(settings, local_features=True)
-    codebook = index_store / "codebook.npy"
-    wanted = {index_id for pairs in candidates.values() for index_id, _ in pairs}
-    log.info("extracting local features of %d shortlisted index images", len(wanted))
-    return extract.run(local_config, images, Path(f"{index_store}-candidates"), split=split, only_ids=wanted,
-                       codebook=codebook if codebook.exists() else None)
 
 
 def _run_parallel(tasks, out: Path, paths, conf: dict, jobs: int, dask_address: str | None) -> None:
@@ -233,15 +209,12 @@ def final_score(inliers: int, global_score: float, conf: dict) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import add_config_arguments, add_run_arguments
+    from .config import add_config_arguments, add_run_arguments
 
     parser.add_argument("--shortlist", required=True, help="shortlist CSV from `delf-pipeline shortlist`")
     parser.add_argument("--queries", required=True, help="feature store of the query images")
     parser.add_argument("--index", required=True, help="feature store of the index images")
     parser.add_argument("--out", required=True, help="rerank CSV to write")
-    parser.add_argument("--index-images", help="index image source, to extract candidates' local features on demand "
-                        "when --index holds global descriptors only")
-    parser.add_argument("--index-split", default="train", help="Kaggle layout: split of --index-images")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (one per core works best)")
     parser.add_argument("--dask", metavar="ADDRESS", help="run the blocks on this dask.distributed scheduler")
     add_run_arguments(parser)
@@ -251,6 +224,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     config = load_config(args.preset, args.config, args.overrides)
     run(config, args.shortlist, args.queries, args.index, args.out, shard=parse_shard(args.shard),
-        overwrite=args.overwrite, jobs=args.jobs, dask_address=args.dask, index_images=args.index_images,
-        index_split=args.index_split)
+        overwrite=args.overwrite, jobs=args.jobs, dask_address=args.dask)
     return 0

@@ -19,11 +19,11 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .artifacts import check_manifest, parse_shard
-from .blocks import blocks_dir, remove_outputs, run_blocks, write_block
 from .config import fingerprint, load_config
-from .progress import track
-from .store import FeatureStore
+from .formats.store import FeatureStore
+from .utils.artifacts import check_manifest, parse_shard
+from .utils.blocks import blocks_dir, remove_outputs, run_blocks, write_block
+from .utils.progress import track
 
 log = logging.getLogger("delf_pipeline.shortlist")
 
@@ -235,7 +235,7 @@ def select_matmul(device: str) -> MatMul:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import add_config_arguments, add_run_arguments
+    from .config import add_config_arguments, add_run_arguments
 
     parser.add_argument("--index", required=True, help="feature store of the index images")
     parser.add_argument("--queries", required=True, help="feature store of the query images")

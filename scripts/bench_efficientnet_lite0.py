@@ -5,7 +5,7 @@ labels from labels.csv): mAP and top-1 of the global descriptor (L2 per scale, s
 L2, as the official DELG extractor), and seconds per image of the model call on CPU.
 
 evd: local features of the model and of RootSIFT (same max side and feature count) on the
-15 EVD pairs, verified with delf_pipeline.verify.verify_pair (the model: --mode or the rerank
+15 EVD pairs, verified with delf_pipeline.verification.pairs.verify_pair (the model: --mode or the rerank
 section of --model-preset; RootSIFT: the rerank section of --sift-preset): one Markdown table
 of the inliers of the true pairs against "swapped" pairs (image 1 of pair i with image 2 of
 pair i + 1), how many true-pair inliers agree with the ground-truth homography, and the
@@ -24,16 +24,16 @@ from pathlib import Path
 import numpy as np
 
 from delf_pipeline.config import load_config
-from delf_pipeline.images import load_image
-from delf_pipeline.rootsift import extract_rootsift
-from delf_pipeline.verify import verify_options, verify_pair
+from delf_pipeline.extractors.rootsift import extract_rootsift
+from delf_pipeline.formats.images import load_image
+from delf_pipeline.verification.pairs import verify_options, verify_pair
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def load_model(args: argparse.Namespace):
     """``extract(image) -> ImageFeatures`` of the SavedModel, through models.load_extractor."""
-    from delf_pipeline.models import load_extractor
+    from delf_pipeline.extractors.models import load_extractor
 
     return load_extractor({
         "backend": "savedmodel", "model": args.model, "image_scales": args.scales,
@@ -153,7 +153,7 @@ def main() -> None:
     parser.add_argument("--global-scales-ind", type=int, nargs="+", default=[0], help="scales of the global descriptor")
     parser.add_argument("--max-features", type=int, default=1000, help="local features kept per image")
     parser.add_argument("--threshold", type=float, default=0.0, help="attention (feature norm) threshold")
-    parser.add_argument("--mode", default="fast", choices=("fast", "official"), help="verify.py mode (evd)")
+    parser.add_argument("--mode", default="fast", choices=("fast", "official"), help="verification mode (evd)")
     parser.add_argument("--model-preset", help="evd: verify the model with this preset's rerank section, not --mode")
     parser.add_argument("--sift-preset", default="sift_default", help="evd: rerank section that verifies RootSIFT")
     args = parser.parse_args()

@@ -40,7 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from delf_pipeline import extract  # noqa: E402
 from delf_pipeline.config import load_config  # noqa: E402
-from delf_pipeline.images import list_images, load_image  # noqa: E402
+from delf_pipeline.formats.images import list_images, load_image  # noqa: E402
 
 MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "landmarks_mini"
 PRESETS = {"rootsift": "sift_default", "savedmodel": "delg_gldv2"}

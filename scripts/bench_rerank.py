@@ -34,7 +34,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from delf_pipeline.verify import verify_pair  # noqa: E402
+from delf_pipeline.verification.pairs import verify_pair  # noqa: E402
 
 #: name -> (mode, option overrides); the first row is the baseline of the ratios.
 METHODS = {

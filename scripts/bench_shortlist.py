@@ -13,7 +13,7 @@ pages are file cache the kernel can drop). The same run measures:
 
 GFLOP/s counts 2 * Q * M * G per search, divided by the CPU time of the working thread
 (``time.thread_time``), so other processes on a busy machine do not distort the ratios;
-wall time is reported too. Threads: one (as DESIGN.md measures); with OMP_NUM_THREADS etc.
+wall time is reported too. Threads: one (as docs/design.md measures); with OMP_NUM_THREADS etc.
 set higher, CPU time no longer measures the work and only the wall column means anything.
 
     python scripts/bench_shortlist.py --sizes 50000 200000 --queries 2048 [--json out.json]
@@ -38,11 +38,11 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from delf_pipeline import shortlist  # noqa: E402
-from delf_pipeline.artifacts import write_json_atomic  # noqa: E402
 from delf_pipeline.config import load_config  # noqa: E402
 from delf_pipeline.extract import store_manifest  # noqa: E402
-from delf_pipeline.features import ImageFeatures  # noqa: E402
-from delf_pipeline.store import ExtractedImage, FeatureStore, write_part  # noqa: E402
+from delf_pipeline.extractors.features import ImageFeatures  # noqa: E402
+from delf_pipeline.formats.store import ExtractedImage, FeatureStore, write_part  # noqa: E402
+from delf_pipeline.utils.artifacts import write_json_atomic  # noqa: E402
 
 PART_ROWS = 16384  # images per synthetic store part
 NO_LOCALS = (np.zeros((0, 2), np.float32), np.zeros((0, 0), np.float32), np.zeros(0, np.float32))

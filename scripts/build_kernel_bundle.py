@@ -2,8 +2,8 @@
 """Build the one-file Kaggle kernel: the kernel script with delf_pipeline embedded in it.
 
 Kaggle runs the competition kernel with the internet off, so the package cannot be pip
-installed there. This script zips ``delf_pipeline/*.py`` and the presets of ``configs/``
-(as ``delf_pipeline/configs/``), embeds the zip as base64 in the kernel script's
+installed there. This script zips the package's modules and its presets
+(``delf_pipeline/presets/*.toml``), embeds the zip as base64 in the kernel script's
 ``BUNDLE = None`` line, and writes the result with its kernel-metadata.json:
 
     git clone /path/to/repo /tmp/clean && python /tmp/clean/scripts/build_kernel_bundle.py --out /tmp/push
@@ -35,12 +35,11 @@ def package_files(source: Path) -> list[tuple[str, Path]]:
     package = source / "delf_pipeline"
     if not (package / "__init__.py").is_file():
         raise SystemExit(f"{source} is not a delf_pipeline checkout (no delf_pipeline/__init__.py)")
-    modules = [p for p in package.rglob("*.py") if "__pycache__" not in p.parts and "configs" not in p.parts]
-    presets = sorted((source / "configs").glob("*.toml"))
+    modules = [p for p in package.rglob("*.py") if "__pycache__" not in p.parts]
+    presets = sorted((package / "presets").glob("*.toml"))
     if not presets:
-        raise SystemExit(f"no presets found in {source / 'configs'}")
-    files = [(p.relative_to(source).as_posix(), p) for p in modules]
-    files += [(f"delf_pipeline/configs/{p.name}", p) for p in presets]
+        raise SystemExit(f"no presets found in {package / 'presets'}")
+    files = [(p.relative_to(source).as_posix(), p) for p in modules + presets]
     return sorted(files)
 
 
@@ -62,7 +61,7 @@ def describe_source(source: Path) -> str:
 
     try:
         commit = git("rev-parse", "--short=12", "HEAD").strip()
-        dirty = git("status", "--porcelain", "--", "delf_pipeline", "configs", str(KERNEL_DIR)).strip()
+        dirty = git("status", "--porcelain", "--", "delf_pipeline", str(KERNEL_DIR)).strip()
     except (OSError, subprocess.CalledProcessError):
         return "not a git checkout"
     return f"git {commit}" + (" + local changes" if dirty else "")

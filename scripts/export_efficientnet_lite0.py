@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from delf_pipeline import efficientnet_lite as lite
-from delf_pipeline.images import iter_decoded, list_images
+from delf_pipeline.extractors import efficientnet_lite as lite
+from delf_pipeline.formats.images import iter_decoded, list_images
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

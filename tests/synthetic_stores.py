@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from delf_pipeline.artifacts import write_json_atomic
 from delf_pipeline.config import load_config
 from delf_pipeline.extract import store_manifest
-from delf_pipeline.features import ImageFeatures, l2_normalize
-from delf_pipeline.store import ExtractedImage, write_part
+from delf_pipeline.extractors.features import ImageFeatures, l2_normalize
+from delf_pipeline.formats.store import ExtractedImage, write_part
+from delf_pipeline.utils.artifacts import write_json_atomic
 
 
 def global_only(vector: np.ndarray) -> ImageFeatures:

@@ -1,11 +1,17 @@
-"""Tests of delf_pipeline.blocks: numbered query blocks, shards, resuming, leftovers of a kill."""
+"""Tests of delf_pipeline.utils.blocks: numbered query blocks, shards, resuming, leftovers of a kill."""
 from __future__ import annotations
 
 import logging
 
 import pandas as pd
 
-from delf_pipeline.blocks import block_path, blocks_dir, read_table, run_blocks, write_block
+from delf_pipeline.utils.blocks import (
+    block_path,
+    blocks_dir,
+    read_table,
+    run_blocks,
+    write_block,
+)
 
 QUERIES = [f"q{i}" for i in range(7)]
 COLUMNS = ("query_id", "rank")

@@ -6,7 +6,14 @@ import re
 import pytest
 
 from delf_pipeline.cli import main as cli_main
-from delf_pipeline.config import DEFAULTS, ConfigError, list_presets, load_config, parse_override, to_toml
+from delf_pipeline.config import (
+    DEFAULTS,
+    ConfigError,
+    list_presets,
+    load_config,
+    parse_override,
+    to_toml,
+)
 
 
 def test_every_preset_loads_and_names_every_section():

@@ -1,4 +1,4 @@
-"""Tests of delf_pipeline.efficientnet_lite: the PyTorch reader, the Keras network, its
+"""Tests of delf_pipeline.extractors.efficientnet_lite: the PyTorch reader, the Keras network, its
 geometry, GeM, PCA, the ImageNet sanity check and the DELG export contract.
 
 Reader tests write tiny checkpoints by hand (fake ``torch`` modules exist only while
@@ -18,7 +18,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from delf_pipeline import efficientnet_lite as lite
+from delf_pipeline.extractors import efficientnet_lite as lite
 
 # --------------------------------------------------------------------------- reader
 
@@ -356,7 +356,7 @@ def test_imagenet_parameter_count(imagenet_model):
 def test_export_loads_through_models_with_right_shapes(tmp_path, weights):
     """Random or the converted ImageNet weights, PCA to 8 dims: a valid DELG model for load_extractor."""
     pytest.importorskip("tensorflow")
-    from delf_pipeline.models import load_extractor
+    from delf_pipeline.extractors.models import load_extractor
 
     if weights == "imagenet":
         try:

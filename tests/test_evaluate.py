@@ -12,19 +12,17 @@ import numpy as np
 import pytest
 
 from delf_pipeline import cli
-from delf_pipeline.evaluate import (
-    accuracy,
-    evaluate,
-    global_average_precision,
+from delf_pipeline.evaluate import evaluate
+from delf_pipeline.formats.tables import (
     read_ids,
     read_ranking,
     read_solution,
     read_submission,
-    retrieval_metrics,
-    revisited_map,
-    trapezoidal_ap,
     validate_submission,
 )
+from delf_pipeline.metrics.recognition import accuracy, global_average_precision
+from delf_pipeline.metrics.retrieval import retrieval_metrics
+from delf_pipeline.metrics.revisitop import revisited_map, trapezoidal_ap
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -25,8 +25,8 @@ from PIL import Image
 from delf_pipeline import extract
 from delf_pipeline.cli import main as cli_main
 from delf_pipeline.config import load_config
-from delf_pipeline.images import list_images
-from delf_pipeline.store import FeatureStore, read_errors
+from delf_pipeline.formats.images import list_images
+from delf_pipeline.formats.store import FeatureStore, read_errors
 
 REPO = Path(__file__).resolve().parents[1]
 MINI = REPO.parent / "shared" / "data" / "landmarks_mini"
@@ -367,7 +367,7 @@ def test_unknown_backend_is_a_clear_error(tmp_path):
 
 def count_rootsift_calls(monkeypatch) -> list[int]:
     """Patch RootSIFT extraction to record the ndim of every image it is given."""
-    from delf_pipeline import rootsift
+    from delf_pipeline.extractors import rootsift
 
     seen, real = [], rootsift.extract_rootsift
     monkeypatch.setattr(rootsift, "extract_rootsift", lambda image, *a: seen.append(image.ndim) or real(image, *a))

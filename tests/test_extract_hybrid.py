@@ -7,7 +7,7 @@ from PIL import Image
 
 from delf_pipeline import extract
 from delf_pipeline.config import load_config
-from delf_pipeline.store import FeatureStore
+from delf_pipeline.formats.store import FeatureStore
 
 
 def write_photos(folder, count=3, side=200):

@@ -1,4 +1,4 @@
-"""Tests of delf_pipeline.images: listing (folder, Kaggle layout, CSV) and robust decoding.
+"""Tests of delf_pipeline.formats.images: listing (folder, Kaggle layout, CSV) and robust decoding.
 
 Every image here is made by the test (PIL), with hand-worked expected pixels and sizes.
 """
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from delf_pipeline.images import (
+from delf_pipeline.formats.images import (
     MIN_SIDE,
     ImageError,
     ImageRecord,

@@ -232,10 +232,10 @@ def test_bundle_from_clean_checkout_runs_without_the_package(kaggle_input, delf_
 
 
 def test_bundle_is_deterministic_and_carries_the_presets(tmp_path):
-    """Same sources, same file; the presets travel inside the package (delf_pipeline/configs)."""
+    """Same sources, same file; the presets travel inside the package (delf_pipeline/presets)."""
     build = load_script(REPO / "scripts" / "build_kernel_bundle.py")
     names = [name for name, _ in build.package_files(REPO)]
-    assert "delf_pipeline/configs/kaggle2020_baseline.toml" in names
+    assert "delf_pipeline/presets/kaggle2020_baseline.toml" in names
     assert "delf_pipeline/pipeline.py" in names and not any("__pycache__" in n for n in names)
     files = build.package_files(REPO)
     assert build.zip_bytes(files) == build.zip_bytes(files)

@@ -1,4 +1,4 @@
-"""Tests of delf_pipeline.models (loading DELF/DELG exports) and delf_pipeline.delg_export.
+"""Tests of delf_pipeline.extractors.models (loading DELF/DELG exports) and delf_pipeline.export.delg_export.
 
 The three tiny models of delf_pipeline.testing.export_test_models (random seeded weights,
 official signatures) are loaded through load_extractor, the path users take. Their
@@ -14,8 +14,13 @@ import pytest
 
 pytest.importorskip("tensorflow", reason="loading DELF/DELG models needs TensorFlow")
 
-from delf_pipeline.delg_export import Geometry, export_delg, project_descriptors, receptive_boxes  # noqa: E402
-from delf_pipeline.models import (  # noqa: E402
+from delf_pipeline.export.delg_export import (  # noqa: E402
+    Geometry,
+    export_delg,
+    project_descriptors,
+    receptive_boxes,
+)
+from delf_pipeline.extractors.models import (  # noqa: E402
     MIN_IMAGE_SIDE,
     _global_indices,
     describe_model,

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from delf_pipeline.cli import main as cli_main
-from delf_pipeline.evaluate import read_submission, validate_submission
-from delf_pipeline.images import kaggle_path
+from delf_pipeline.formats.images import kaggle_path
+from delf_pipeline.formats.tables import read_submission, validate_submission
 
 MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "landmarks_mini"
 #: place -> landmark id; 3 photos of each are the index, the next 1-2 the queries

@@ -8,12 +8,13 @@ import pandas as pd
 import pytest
 
 from delf_pipeline import predict
-from delf_pipeline.blocks import read_table
 from delf_pipeline.cli import main as cli_main
 from delf_pipeline.config import load_config
-from delf_pipeline.evaluate import read_submission, validate_submission
-from delf_pipeline.images import ErrorRecord
-from delf_pipeline.store import ExtractedImage, write_part
+from delf_pipeline.formats.images import ErrorRecord
+from delf_pipeline.formats.store import ExtractedImage, write_part
+from delf_pipeline.formats.tables import read_submission, validate_submission
+from delf_pipeline.utils.blocks import read_table
+
 from synthetic_stores import global_only, shortlist_frame
 
 LABELS = {"a": "1", "b": "2", "c": "2", "d": "1", "x": "7", "y": "3", "z": "10"}

@@ -11,8 +11,14 @@ from pathlib import Path
 import cv2
 import pytest
 
-from delf_pipeline import cli, report
-from delf_pipeline.report import gap_points, inliers_svg, precision_svg, query_rows
+from delf_pipeline import cli
+from delf_pipeline.tools import report
+from delf_pipeline.tools.report import (
+    gap_points,
+    inliers_svg,
+    precision_svg,
+    query_rows,
+)
 
 SMALL = ["extract.max_image_size=256", "extract.max_features=300", "extract.vlad_words=16",
          "rerank.num_to_rerank=5", "shortlist.top_k=10"]
@@ -22,8 +28,8 @@ SMALL = ["extract.max_image_size=256", "extract.max_features=300", "extract.vlad
 def demo_run(tmp_path_factory) -> dict:
     """A finished small demo run (OUT/data, OUT/run) and its report; about 15 s on 2 cores."""
     from delf_pipeline.config import load_config
-    from delf_pipeline.demo import build_demo_set
     from delf_pipeline.pipeline import run
+    from delf_pipeline.tools.demo import build_demo_set
 
     root = tmp_path_factory.mktemp("demo")
     solution = build_demo_set(root / "data")

@@ -14,11 +14,18 @@ import pandas as pd
 import pytest
 
 from delf_pipeline import rerank
-from delf_pipeline.blocks import blocks_dir, read_table
 from delf_pipeline.config import load_config
-from delf_pipeline.features import l2_normalize
-from delf_pipeline.store import FeatureStore
-from synthetic_stores import global_only, local_features, random_unit_rows, shortlist_frame, write_store
+from delf_pipeline.extractors.features import l2_normalize
+from delf_pipeline.formats.store import FeatureStore
+from delf_pipeline.utils.blocks import blocks_dir, read_table
+
+from synthetic_stores import (
+    global_only,
+    local_features,
+    random_unit_rows,
+    shortlist_frame,
+    write_store,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DIM = 64  # random 64-d unit descriptors are ~1.4 apart (never within 0.9): unrelated images never match
@@ -166,13 +173,6 @@ def test_a_query_without_candidates_has_no_rows(tmp_path):
     assert table["query_id"].tolist() == ["q0"]
 
 
-def test_top_candidates_takes_the_best_ranked():
-    frame = shortlist_frame({"q1": [("x", 0.9), ("y", 0.8), ("z", 0.1)], "q0": [("z", 0.5)]})
-    frame = frame.iloc[::-1]  # the order of rows in the file does not matter, rank does
-    assert rerank.top_candidates(frame, 2) == {"q0": [("z", 0.5)], "q1": [("x", 0.9), ("y", 0.8)]}
-    assert rerank.top_candidates(frame, 0) == {}
-
-
 # ---------------------------------------------------------------- many blocks: resume, jobs, Dask, shards
 
 
@@ -289,14 +289,11 @@ def test_index_features_are_read_once_per_worker(many, tmp_path, monkeypatch):
     assert sorted(i for store, i in calls if store == "q") == [f"q{n:03d}" for n in range(NUM_QUERIES)]
 
 
-@pytest.mark.parametrize("index_images, shard", [(None, (1, 1)), ("images", (1, 2))])
-def test_global_only_index_without_a_way_to_local_features_is_a_clear_error(tmp_path, index_images, shard):
+def test_global_only_index_is_a_clear_error(tmp_path):
     vectors = random_unit_rows(2, 8, seed=3)
     index = write_store(tmp_path / "index", {"a": global_only(vectors[0])}, 4,
                         extract_settings={"local_features": False})
     queries = write_store(tmp_path / "queries", {"q": global_only(vectors[1])}, 4)
     shortlist_frame({"q": [("a", 0.5)]}).to_csv(tmp_path / "shortlist.csv", index=False)
-    images = tmp_path / index_images if index_images else None
-    with pytest.raises(ValueError, match="holds global descriptors only. Give --index-images"):
-        rerank.run(load_config(), tmp_path / "shortlist.csv", queries, index, tmp_path / "rerank.csv",
-                   index_images=images, shard=shard)
+    with pytest.raises(ValueError, match="holds global descriptors only. Extract the shortlisted candidates"):
+        rerank.run(load_config(), tmp_path / "shortlist.csv", queries, index, tmp_path / "rerank.csv")

@@ -8,10 +8,11 @@ import pandas as pd
 import pytest
 
 from delf_pipeline import shortlist
-from delf_pipeline.blocks import read_table
 from delf_pipeline.cli import main as cli_main
 from delf_pipeline.config import load_config
-from delf_pipeline.store import FeatureStore
+from delf_pipeline.formats.store import FeatureStore
+from delf_pipeline.utils.blocks import read_table
+
 from synthetic_stores import global_only, random_unit_rows, write_store
 
 GLOBAL = 16

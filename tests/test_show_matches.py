@@ -12,9 +12,10 @@ import pytest
 
 from delf_pipeline import cli
 from delf_pipeline.config import load_config
-from delf_pipeline.features import ImageFeatures, l2_normalize
-from delf_pipeline.images import ImageError
-from delf_pipeline.show_matches import (
+from delf_pipeline.extractors.features import ImageFeatures, l2_normalize
+from delf_pipeline.formats.images import ImageError
+from delf_pipeline.formats.store import ExtractedImage, write_part
+from delf_pipeline.tools.show_matches import (
     GAP,
     INLIER_RGB,
     TEXT_LINE,
@@ -25,8 +26,7 @@ from delf_pipeline.show_matches import (
     safe_name,
     verify_stored,
 )
-from delf_pipeline.store import ExtractedImage, write_part
-from delf_pipeline.verify import PairResult
+from delf_pipeline.verification.pairs import PairResult
 
 SHIFT = np.array([12.0, -20.0])  # (dy, dx) from query to candidate
 TRUE, FALSE = 30, 10  # true matches, and putative matches at random places

@@ -1,12 +1,18 @@
-"""Tests of delf_pipeline.store: part round trips, chunked global reads, errors, atomicity."""
+"""Tests of delf_pipeline.formats.store: part round trips, chunked global reads, errors, atomicity."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from delf_pipeline.features import ImageFeatures, l2_normalize
-from delf_pipeline.images import ErrorRecord
-from delf_pipeline.store import ExtractedImage, FeatureStore, read_errors, remove_store, write_part
+from delf_pipeline.extractors.features import ImageFeatures, l2_normalize
+from delf_pipeline.formats.images import ErrorRecord
+from delf_pipeline.formats.store import (
+    ExtractedImage,
+    FeatureStore,
+    read_errors,
+    remove_store,
+    write_part,
+)
 
 DIM, GLOBAL = 8, 6
 

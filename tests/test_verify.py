@@ -1,4 +1,4 @@
-"""Tests of delf_pipeline.verify: matching, robust fits, options, and EVD ground truth."""
+"""Tests of delf_pipeline.verification.pairs: matching, robust fits, options, and EVD ground truth."""
 from __future__ import annotations
 
 import importlib.util
@@ -9,15 +9,9 @@ import numpy as np
 import pytest
 
 from delf_pipeline.config import DEFAULTS
-from delf_pipeline.verify import (
-    MATCHERS,
-    MODES,
-    VERIFIERS,
-    count_inliers,
-    match_descriptors,
-    verify_options,
-    verify_pair,
-)
+from delf_pipeline.verification.matching import MATCHERS, match_descriptors
+from delf_pipeline.verification.pairs import MODES, count_inliers, verify_options, verify_pair
+from delf_pipeline.verification.ransac import VERIFIERS
 
 EVD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "evd"
 HAS_DEGENSAC = importlib.util.find_spec("pydegensac") is not None
@@ -330,7 +324,7 @@ def evd():
         pytest.skip(f"EVD test data not found at {EVD}")
     import cv2
 
-    from delf_pipeline.rootsift import extract_rootsift
+    from delf_pipeline.extractors.rootsift import extract_rootsift
 
     def read(path):
         return cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
@@ -428,7 +422,7 @@ def evd_synthesis():
         pytest.skip(f"EVD test data not found at {EVD}")
     import cv2
 
-    from delf_pipeline.rootsift import extract_rootsift
+    from delf_pipeline.extractors.rootsift import extract_rootsift
 
     def features(path):
         image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
@@ -469,7 +463,7 @@ def test_evd_original_pairs_with_view_synthesis(evd_synthesis):
 def test_view_synthesis_maps_keypoints_back_into_the_image():
     import skimage.data
 
-    from delf_pipeline.rootsift import extract_rootsift, view_angles
+    from delf_pipeline.extractors.rootsift import extract_rootsift, view_angles
 
     image = skimage.data.astronaut()[:200, :300]
     plain, synth = extract_rootsift(image, 100), extract_rootsift(image, 100, tilts=(1, 2))

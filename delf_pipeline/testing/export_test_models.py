@@ -6,7 +6,7 @@ thresholds), never to measure quality: their descriptors mean nothing.
 * ``tf1_delg``: a TF1 SavedModel built in a ``tf.compat.v1`` graph and saved with the v1
   builder, tensors ``input_image:0`` ... ``global_descriptors:0`` [S, 2048] (like the
   Kaggle 2020 ``delg-saved-models/local_and_global``: no ``input_global_scales_ind``).
-* ``tf2_delg``: a TF2 SavedModel written by :func:`delf_pipeline.delg_export.export_delg`.
+* ``tf2_delg``: a TF2 SavedModel written by :func:`delf_pipeline.export.delg_export.export_delg`.
 * ``hub_delf``: a TF2 SavedModel with the TF Hub DELF v1 ``default`` signature
   (``image`` float [0, 1], ``image_scales``, ``score_threshold``, ``max_feature_num`` ->
   ``locations`` (y, x), ``descriptors`` [N, 40]).
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..delg_export import (
+from ..export.delg_export import (
     Geometry,
     export_delg,
     extract_multiscale,

@@ -31,8 +31,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .artifacts import atomic_path, read_json
-from .features import ImageFeatures
+from ..extractors.features import ImageFeatures
+from ..utils.artifacts import atomic_path, read_json
 from .images import ErrorRecord
 
 FORMAT_VERSION = 1

@@ -1,12 +1,12 @@
 """The ``validate-submission`` command: check a Kaggle submission file before uploading it.
 
-The checks themselves are :func:`delf_pipeline.evaluate.validate_submission`.
+The checks themselves are :func:`delf_pipeline.formats.tables.validate_submission`.
 """
 from __future__ import annotations
 
 import argparse
 
-from .evaluate import read_ids, validate_submission
+from ..formats.tables import read_ids, validate_submission
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,7 +9,7 @@ Three export styles are recognised from what the folder holds, not from a flag:
   ``scales:0``, ``scores:0`` and, for DELG, ``global_descriptors:0`` (one row per scale,
   or per selected scale when the graph also has ``input_global_scales_ind:0``).
 * ``tf2``: official TF2 exports (``export_local_and_global_model.py``, and
-  :mod:`delf_pipeline.delg_export`): signature ``serving_default`` with the same input
+  :mod:`delf_pipeline.export.delg_export`): signature ``serving_default`` with the same input
   names plus ``input_global_scales_ind``.
 * ``hub``: TF Hub DELF v1 (``google/delf/1``): signature ``default`` taking ``image``
   float [0, 1], ``image_scales``, ``score_threshold``, ``max_feature_num`` and giving

@@ -1,7 +1,7 @@
 """Wrap a dense backbone into the official DELG TF2 SavedModel signature.
 
 The exported model behaves like ``export_local_and_global_model.py`` of
-tensorflow/models research/delf, so :func:`delf_pipeline.models.load_extractor` (and
+tensorflow/models research/delf, so :func:`delf_pipeline.extractors.models.load_extractor` (and
 the official ``extractor.py``) load it like any DELG export. Signature
 ``serving_default``::
 
@@ -31,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 
-from .artifacts import atomic_path
+from ..utils.artifacts import atomic_path
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterator, Sequence, TypeVar
 
 T = TypeVar("T")
-log = logging.getLogger("delf_pipeline.artifacts")
+log = logging.getLogger("delf_pipeline.utils.artifacts")
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:

@@ -20,7 +20,7 @@ import pandas as pd
 
 from .artifacts import atomic_path, remove_unfinished
 
-log = logging.getLogger("delf_pipeline.blocks")
+log = logging.getLogger("delf_pipeline.utils.blocks")
 
 
 def blocks_dir(out_csv: Path) -> Path:

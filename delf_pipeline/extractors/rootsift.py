@@ -2,7 +2,7 @@
 VLAD global descriptor over a codebook learned from the index images.
 
 This is not DELF: no network, no landmark training. It needs no download and runs on
-any CPU. Measured on landmarks_mini (see ``../shared/DESIGN.md``): RootSIFT-VLAD with 256
+any CPU. Measured on landmarks_mini (see ``docs/design.md``): RootSIFT-VLAD with 256
 words learned on the index gives leave-one-out mAP 0.879, about 290 ms per image.
 """
 from __future__ import annotations

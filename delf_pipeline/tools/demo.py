@@ -19,9 +19,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .images import kaggle_path
+from ..formats.images import kaggle_path
 
-log = logging.getLogger("delf_pipeline.demo")
+log = logging.getLogger("delf_pipeline.tools.demo")
 
 LANDMARKS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "camera",
              "motorcycle")
@@ -109,7 +109,7 @@ def _write_csv(path: Path, header: tuple, rows: list) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import add_config_arguments
+    from ..config import add_config_arguments
 
     parser.add_argument("--out", default="delf_demo", help="folder for the demo data and results (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random views")
@@ -118,8 +118,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .pipeline import run
+    from ..config import load_config
+    from ..pipeline import run
 
     config = load_config(args.preset, args.config, args.overrides)
     out = Path(args.out)

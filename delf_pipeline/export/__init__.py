@@ -1,0 +1,1 @@
+"""Model export: DELF/DELG SavedModels with the official signatures."""

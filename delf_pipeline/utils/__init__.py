@@ -1,0 +1,1 @@
+"""Utilities every stage shares: atomic artifacts and manifests, numbered blocks, progress."""

@@ -1,0 +1,1 @@
+"""Pairwise geometric verification: descriptor matching, then a robust (RANSAC) model fit."""
