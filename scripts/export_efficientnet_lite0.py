@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from delf_pipeline.extractors import efficientnet_lite as lite
+from delf_pipeline.extractors.torch_checkpoint import default_cache_dir
 from delf_pipeline.formats.images import iter_decoded, list_images
 
 
@@ -33,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scales", type=float, nargs="+", default=[0.5, 0.7071, 1.0], help="pyramid of PCA images")
     parser.add_argument("--max-features", type=int, default=1000, help="local features per PCA image")
     parser.add_argument("--local-layer", default=lite.DEFAULT_LOCAL_LAYER, help="stride-16 tap for local features")
-    parser.add_argument("--cache-dir", help=f"converted-weights cache (default {lite.default_cache_dir()})")
+    parser.add_argument("--cache-dir", help=f"converted-weights cache (default {default_cache_dir()})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     return parser.parse_args(argv)
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     weights = lite.load_weights(args.cache_dir)
     print(f"weights: {lite.package_weights_path()} (ImageNet EfficientNet-Lite0), cached in "
-          f"{Path(args.cache_dir or lite.default_cache_dir()) / lite.CACHE_NAME}")
+          f"{Path(args.cache_dir or default_cache_dir()) / lite.CACHE_NAME}")
     projection = learn_projection(args, weights)
     geometry = lite.geometry(args.local_layer)
     lite.export(args.out, weights, local_layer=args.local_layer, local_projection=projection, overwrite=args.overwrite)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from delf_pipeline.extractors import efficientnet_lite as lite
+from delf_pipeline.extractors import torch_checkpoint
 
 # --------------------------------------------------------------------------- reader
 
@@ -78,7 +79,7 @@ def _state(torch, order: str = "<"):
 def _write_legacy(path, torch, order: str = "<") -> None:
     state, storages = _state(torch, order)
     with open(path, "wb") as handle:
-        for header in (lite.LEGACY_MAGIC, lite.LEGACY_PROTOCOL, {"little_endian": order == "<"}):
+        for header in (torch_checkpoint.LEGACY_MAGIC, torch_checkpoint.LEGACY_PROTOCOL, {"little_endian": order == "<"}):
             pickle.dump(header, handle, protocol=2)
         _Pickler(handle, protocol=2).dump(state)
         pickle.dump([s.key for s in storages], handle, protocol=2)
@@ -105,7 +106,7 @@ def test_read_torch_state_dict_golden(tmp_path, fake_torch, layout):
         _write_zip(path, fake_torch)
     else:
         _write_legacy(path, fake_torch, "<" if layout == "legacy_little" else ">")
-    state = lite.read_torch_state_dict(path)
+    state = torch_checkpoint.read_torch_state_dict(path)
     assert list(state) == ["w", "w_t", "tail", "count"]
     np.testing.assert_array_equal(state["w"], [[0, 1, 2], [3, 4, 5]])
     np.testing.assert_array_equal(state["w_t"], [[0, 3], [1, 4], [2, 5]])
@@ -117,18 +118,18 @@ def test_read_torch_state_dict_golden(tmp_path, fake_torch, layout):
 def test_reader_refuses_other_classes(tmp_path):
     path = tmp_path / "evil.pth"
     with open(path, "wb") as handle:
-        for header in (lite.LEGACY_MAGIC, lite.LEGACY_PROTOCOL, {"little_endian": True}):
+        for header in (torch_checkpoint.LEGACY_MAGIC, torch_checkpoint.LEGACY_PROTOCOL, {"little_endian": True}):
             pickle.dump(header, handle, protocol=2)
         pickle.dump(OrderedDict(x=os.getcwd), handle, protocol=2)
     with pytest.raises(pickle.UnpicklingError, match="refusing to load posix.getcwd"):
-        lite.read_torch_state_dict(path)
+        torch_checkpoint.read_torch_state_dict(path)
 
 
 def test_reader_rejects_non_checkpoint(tmp_path):
     path = tmp_path / "not.pth"
     path.write_bytes(pickle.dumps(12345, protocol=2))
     with pytest.raises(ValueError, match="bad magic number"):
-        lite.read_torch_state_dict(path)
+        torch_checkpoint.read_torch_state_dict(path)
 
 
 def test_reader_detects_truncation(tmp_path, fake_torch):
@@ -136,7 +137,7 @@ def test_reader_detects_truncation(tmp_path, fake_torch):
     _write_legacy(path, fake_torch)
     path.write_bytes(path.read_bytes()[:-4])
     with pytest.raises(ValueError, match="truncated"):
-        lite.read_torch_state_dict(path)
+        torch_checkpoint.read_torch_state_dict(path)
 
 
 # --------------------------------------------------------------------------- architecture
@@ -343,7 +344,7 @@ def test_imagenet_rocket_top5_has_a_launch_class(imagenet_model):
 
 
 def test_imagenet_parameter_count(imagenet_model):
-    state = lite.read_torch_state_dict(lite.package_weights_path())
+    state = torch_checkpoint.read_torch_state_dict(lite.package_weights_path())
     expected = sum(a.size for k, a in state.items() if not k.endswith("num_batches_tracked"))
     assert imagenet_model.count_params() == expected == 4_694_024
 
