@@ -25,9 +25,8 @@ from . import extract, predict, rerank, shortlist
 from .budget import TimeBudget, fit_num_to_rerank
 from .candidates import candidate_ids, read_candidates
 from .config import load_config
-from .formats.images import list_images
 from .formats.store import FeatureStore
-from .utils.blocks import read_table
+from .formats.tables import read_labels
 
 log = logging.getLogger("delf_pipeline.pipeline")
 
@@ -64,7 +63,8 @@ def run(
     if config["rerank"]["num_to_rerank"] > 0:
         rerank_csv = rerank.run(config, shortlist_csv, query_store, index_store, out / "rerank.csv",
                                 overwrite=overwrite, jobs=jobs)
-    submission = predict.run(config, shortlist_csv, index_labels(data), query_ids(data, query_store),
+    submission = predict.run(config, shortlist_csv, read_labels(data / "train.csv"),
+                             predict.query_ids(query_store, data / "sample_submission.csv"),
                              out / "submission.csv", rerank_csv=rerank_csv)
     if solution:
         from .evaluate import evaluate, print_report
@@ -91,21 +91,6 @@ def candidate_local_store(config: dict, index_store: Path, wanted: set[str], dat
 def _with_local_features(config: dict) -> dict:
     """Queries always need local features, whatever extract.local_features says for the index."""
     return {**config, "extract": {**config["extract"], "local_features": True}}
-
-
-def index_labels(data: Path) -> dict[str, str]:
-    records, _ = list_images(data, split="train")
-    return {r.id: r.label for r in records if r.label is not None}
-
-
-def query_ids(data: Path, query_store: Path) -> list[str]:
-    """Ids of sample_submission.csv (when present) first, then any other test image."""
-    ids = predict.query_ids_of(query_store)
-    sample = data / "sample_submission.csv"
-    if sample.exists():
-        listed = read_table(sample)["id"].tolist()
-        return listed + sorted(set(ids) - set(listed))
-    return ids
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

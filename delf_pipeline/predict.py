@@ -23,6 +23,7 @@ import pandas as pd
 
 from .config import load_config
 from .formats.store import FeatureStore
+from .formats.tables import read_ids, read_labels
 from .utils.artifacts import atomic_path, write_text_atomic
 from .utils.blocks import read_table
 
@@ -94,19 +95,15 @@ def submission_csv(query_ids: list[str], predictions: dict[str, tuple[str, float
     return buffer.getvalue()
 
 
-def read_labels(path: str | Path) -> dict[str, str]:
-    """``id -> landmark id`` from a CSV with ``id`` and ``landmark_id`` (or ``label``) columns."""
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    column = "landmark_id" if "landmark_id" in frame else "label" if "label" in frame else None
-    if "id" not in frame or column is None:
-        raise ValueError(f"{path}: index labels need columns id and landmark_id (or label); found {list(frame)}")
-    return dict(zip(frame["id"], frame[column]))
-
-
-def query_ids_of(store: str | Path) -> list[str]:
-    """Every query of a store, including those whose image failed (they still need a row)."""
+def query_ids(store: str | Path, listed_csv: str | Path | None = None) -> list[str]:
+    """The ids that need a submission row: those of ``listed_csv`` (e.g. sample_submission.csv,
+    when it exists) in its order, then every other query of ``store``, failed images included."""
     found = FeatureStore(store)
-    return sorted(set(found.ids) | {error.id for error in found.errors()})
+    ids = sorted(set(found.ids) | {error.id for error in found.errors()})
+    if listed_csv is None or not Path(listed_csv).exists():
+        return ids
+    listed = read_ids(listed_csv)
+    return listed + sorted(set(ids) - set(listed))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -125,6 +122,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     config = load_config(args.preset, args.config, args.overrides)
     queries = Path(args.queries)
-    ids = read_table(queries)["id"].tolist() if queries.suffix == ".csv" else query_ids_of(queries)
+    ids = read_ids(queries) if queries.suffix == ".csv" else query_ids(queries)
     run(config, args.shortlist, read_labels(args.index_labels), ids, args.out, rerank_csv=args.rerank)
     return 0

@@ -22,6 +22,7 @@ from delf_pipeline import extract, predict, rerank, shortlist
 from delf_pipeline.cli import setup_logging
 from delf_pipeline.config import load_config
 from delf_pipeline.evaluate import evaluate
+from delf_pipeline.formats.tables import read_labels
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "landmarks_mini"
 ROWS = (("gap", "GAP"), ("accuracy", "top-1 accuracy"), ("map@100", "mAP@100"), ("mrr", "MRR"),
@@ -54,8 +55,8 @@ def run(config: dict, data: Path, out: Path, jobs: int, features: Path | None = 
     start = time.perf_counter()
     rerank_csv = rerank.run(config, shortlist_csv, store, store, out / "rerank.csv", jobs=jobs)
     seconds["rerank"] = time.perf_counter() - start
-    labels = predict.read_labels(labels_csv)
-    ids = predict.query_ids_of(store)
+    labels = read_labels(labels_csv)
+    ids = predict.query_ids(store)
     results = {"seconds": seconds}
     for name, rerank_input in (("global", None), ("reranked", rerank_csv)):
         submission = predict.run(config, shortlist_csv, labels, ids, out / name / "submission.csv",

@@ -508,3 +508,14 @@ def test_retrieval_on_landmarks_mini_labels():
     assert out["recall@100"] == pytest.approx(1.0)
     assert out["precision@100"] == pytest.approx(m.mean() / 100)
     assert out["queries"] == 79 and out["skipped_no_relevant"] == 0
+
+
+def test_index_labels_are_read_by_one_rule(tmp_path):
+    """predict and evaluate read the same file alike: landmark_id or label, BOM or not."""
+    from delf_pipeline.formats.tables import read_index_labels, read_labels
+
+    (tmp_path / "kaggle.csv").write_text("\ufeffid,landmark_id\na,5\nb,5\nc,7\n", encoding="utf-8")
+    (tmp_path / "plain.csv").write_text("id,label\na,5\nb,5\nc,7\n")
+    for name in ("kaggle.csv", "plain.csv"):
+        assert read_labels(tmp_path / name) == {"a": "5", "b": "5", "c": "7"}
+        assert read_index_labels(tmp_path / name) == {"5": {"a", "b"}, "7": {"c"}}

@@ -12,7 +12,11 @@ from delf_pipeline.cli import main as cli_main
 from delf_pipeline.config import load_config
 from delf_pipeline.formats.images import ErrorRecord
 from delf_pipeline.formats.store import ExtractedImage, write_part
-from delf_pipeline.formats.tables import read_submission, validate_submission
+from delf_pipeline.formats.tables import (
+    read_labels,
+    read_submission,
+    validate_submission,
+)
 from delf_pipeline.utils.blocks import read_table
 
 from synthetic_stores import global_only, shortlist_frame
@@ -131,7 +135,7 @@ def test_queries_with_failed_images_get_a_row(inputs, monkeypatch):
     images = [ExtractedImage(q, global_only(np.ones(4, np.float32) / 2), (8, 8)) for q in ("q0", "q1")]
     write_part(store / "parts" / "p0", images, [ErrorRecord("broken", "test/b/r/o/broken.jpg", "empty file")],
                "float32", 0)
-    assert predict.query_ids_of(store) == ["broken", "q0", "q1"]
+    assert predict.query_ids(store) == ["broken", "q0", "q1"]
     pd.DataFrame({"id": ["x", "a"], "landmark_id": ["7", "1"]}).to_csv(inputs / "train.csv", index=False)
     args = ["predict", "--shortlist", str(inputs / "shortlist.csv"), "--rerank", str(inputs / "rerank.csv"),
             "--index-labels", str(inputs / "train.csv"), "--out", str(inputs / "submission.csv")]
@@ -145,7 +149,7 @@ def test_queries_with_failed_images_get_a_row(inputs, monkeypatch):
 
 def test_index_labels_need_an_id_and_a_label_column(tmp_path):
     pd.DataFrame({"id": ["a"], "label": ["5"]}).to_csv(tmp_path / "ok.csv", index=False)
-    assert predict.read_labels(tmp_path / "ok.csv") == {"a": "5"}
+    assert read_labels(tmp_path / "ok.csv") == {"a": "5"}
     pd.DataFrame({"image": ["a"], "landmark_id": ["5"]}).to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(ValueError, match="index labels need columns id and landmark_id"):
-        predict.read_labels(tmp_path / "bad.csv")
+        read_labels(tmp_path / "bad.csv")

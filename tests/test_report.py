@@ -12,6 +12,7 @@ import cv2
 import pytest
 
 from delf_pipeline import cli
+from delf_pipeline.metrics.recognition import global_average_precision
 from delf_pipeline.tools import report
 from delf_pipeline.tools.report import (
     gap_points,
@@ -71,8 +72,13 @@ def test_gap_points_order_and_landmark_count():
         {"q": "e", "truth": None, "pred": "1", "conf": 1.0},  # not in the solution: ignored
     ]
     points, landmarks = gap_points(queries)
-    assert points == [(0.9, False, "c"), (0.5, False, "a"), (0.5, True, "b")]
+    assert points == [(0.5, False, "a"), (0.5, True, "b"), (0.9, False, "c")]  # query-id order, as GAP takes them
     assert landmarks == 3
+    # pooled by confidence, ties by query id: c (wrong), a (wrong), b (right, P = 1/3): GAP = (1/3) / 3
+    assert "GAP 0.1111" in precision_svg(points, landmarks)
+    predictions = {row["q"]: (row["pred"], row["conf"]) for row in queries if row["pred"] and row["truth"] is not None}
+    solution = {row["q"]: set(row["truth"]) for row in queries if row["truth"] is not None}
+    assert global_average_precision(predictions, solution) == pytest.approx(1 / 9)
 
 
 class _Run:

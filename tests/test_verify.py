@@ -10,7 +10,12 @@ import pytest
 
 from delf_pipeline.config import DEFAULTS
 from delf_pipeline.verification.matching import MATCHERS, match_descriptors
-from delf_pipeline.verification.pairs import MODES, count_inliers, verify_options, verify_pair
+from delf_pipeline.verification.pairs import (
+    MODES,
+    count_inliers,
+    verify_options,
+    verify_pair,
+)
 from delf_pipeline.verification.ransac import VERIFIERS
 
 EVD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "evd"

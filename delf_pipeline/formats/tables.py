@@ -213,14 +213,21 @@ def read_ranking(path: str | Path) -> dict[str, list[str]]:
     return _group_runs(table["query_id"].to_numpy(), table["index_id"].tolist())
 
 
-def read_index_labels(path: str | Path) -> dict[str, set[str]]:
-    """Index labels CSV ``id,landmark_id`` -> {landmark label: set of index image ids}."""
+def read_labels(path: str | Path) -> dict[str, str]:
+    """Index labels CSV -> {image id: landmark label}: columns ``id`` and ``landmark_id``
+    (Kaggle ``train.csv``) or ``label``; a UTF-8 BOM is accepted."""
     import pandas as pd
 
-    table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = {"id", "landmark_id"} - set(table.columns)
-    if missing:
-        raise ValueError(f"{path}: index labels lack column(s) {', '.join(sorted(missing))}")
-    table = table.sort_values("landmark_id", kind="stable")
-    runs = _group_runs(table["landmark_id"].to_numpy(), table["id"].tolist())
-    return {label: set(images) for label, images in runs.items()}
+    table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    column = "landmark_id" if "landmark_id" in table else "label" if "label" in table else None
+    if "id" not in table or column is None:
+        raise ValueError(f"{path}: index labels need columns id and landmark_id (or label); found {list(table)}")
+    return dict(zip(table["id"], table[column]))
+
+
+def read_index_labels(path: str | Path) -> dict[str, set[str]]:
+    """Index labels CSV (see :func:`read_labels`) -> {landmark label: set of index image ids}."""
+    groups: dict[str, set[str]] = {}
+    for image_id, label in read_labels(path).items():
+        groups.setdefault(label, set()).add(image_id)
+    return groups

@@ -48,9 +48,26 @@ def global_average_precision(
         scored = {q: p for q, p in scored.items() if solution[q]}
     ids = sorted(scored)  # one prediction per query, so (query id, label) order is query id order
     confidence = np.array([scored[q][1] for q in ids], dtype=np.float64)
-    hits = np.array([scored[q][0] in solution[q] for q in ids], dtype=bool)[np.argsort(-confidence, kind="stable")]
-    precision = np.cumsum(hits) / np.arange(1, hits.size + 1)
-    return float(np.sum(precision[hits]) / num_landmark_queries)
+    hits = np.array([scored[q][0] in solution[q] for q in ids], dtype=bool)
+    return gap_of_pooled(confidence, hits, num_landmark_queries)
+
+
+def pooled_precision(confidence: np.ndarray, hits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """GAP's pooling: (order [N], precision [N]) of predictions given in query-id order.
+
+    confidence: [N] float; hits: [N] bool (prediction right). ``order`` sorts them by
+    confidence descending, ties kept in the given (query id) order; ``precision[i]`` is the
+    precision of the first i + 1 predictions in that order.
+    """
+    order = np.argsort(-np.asarray(confidence, dtype=np.float64), kind="stable")
+    ranked_hits = np.asarray(hits, dtype=bool)[order]
+    return order, np.cumsum(ranked_hits) / np.arange(1, ranked_hits.size + 1)
+
+
+def gap_of_pooled(confidence: np.ndarray, hits: np.ndarray, num_landmark_queries: int) -> float:
+    """GAP = (1/M) sum_i P(i) rel(i) of predictions [N] in query-id order (see :func:`pooled_precision`)."""
+    order, precision = pooled_precision(confidence, hits)
+    return float(np.sum(precision[np.asarray(hits, dtype=bool)[order]]) / num_landmark_queries)
 
 
 def accuracy(predictions: Mapping[str, Prediction | None], solution: Mapping[str, set[str]]) -> float:

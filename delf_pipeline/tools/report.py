@@ -29,6 +29,7 @@ from PIL import Image, ImageOps
 from ..config import load_config
 from ..formats.images import ImageError, to_rgb
 from ..formats.tables import read_solution, read_submission
+from ..metrics.recognition import pooled_precision
 from ..utils.artifacts import atomic_path, read_json, write_text_atomic
 from ..utils.progress import track
 from .show_matches import (
@@ -222,13 +223,10 @@ def _json(value) -> str:
 
 
 def gap_points(queries: list[dict]) -> tuple[list[tuple[float, bool, str]], int]:
-    """Predictions sorted as GAP pools them: ([(confidence, right, query id)], M landmark queries).
-
-    Only queries with a known truth count; ties go by query id, as in :mod:`delf_pipeline.evaluate`.
-    """
-    known = [row for row in queries if row["truth"] is not None]
+    """Predictions with a known truth in query-id order: ([(confidence, right, query id)], M
+    landmark queries), as :func:`delf_pipeline.metrics.recognition.pooled_precision` takes them."""
+    known = sorted((row for row in queries if row["truth"] is not None), key=lambda row: row["q"])
     points = [(row["conf"], row["pred"] in row["truth"], row["q"]) for row in known if row["pred"]]
-    points.sort(key=lambda p: (-p[0], p[2]))
     return points, sum(1 for row in known if row["truth"])
 
 
@@ -241,8 +239,9 @@ def precision_svg(points: list[tuple[float, bool, str]], landmark_queries: int, 
     """
     if not points or not landmark_queries:
         return "<p>No predictions with a known truth: nothing to plot.</p>"
+    order, precision = pooled_precision(np.array([p[0] for p in points]), np.array([p[1] for p in points]))
+    points = [points[i] for i in order]
     right = np.array([p[1] for p in points], float)
-    precision = np.cumsum(right) / np.arange(1, len(points) + 1)
     conf = np.array([p[0] for p in points])
     gap = float((precision * right).sum() / landmark_queries)
     frame = _Frame(width, height, (1, len(points)), (0.0, 1.0))

@@ -33,7 +33,6 @@ import numpy as np
 from .matching import MATCHERS, match_descriptors
 from .ransac import MIN_SAMPLES, VERIFIERS, fit_model
 
-
 #: The two named settings of ``verify_pair(mode=...)``; any key can be overridden.
 MODES: dict[str, dict[str, Any]] = {
     "official": {
