@@ -2,8 +2,8 @@
 """Build the one-file Kaggle kernel: the kernel script with delf_pipeline embedded in it.
 
 Kaggle runs the competition kernel with the internet off, so the package cannot be pip
-installed there. This script zips the package's modules and its presets
-(``delf_pipeline/presets/*.toml``), embeds the zip as base64 in the kernel script's
+installed there. This script zips the package's modules and its data files (presets
+``delf_pipeline/presets/*.toml``, the report's page assets), embeds the zip as base64 in the kernel script's
 ``BUNDLE = None`` line, and writes the result with its kernel-metadata.json:
 
     git clone /path/to/repo /tmp/clean && python /tmp/clean/scripts/build_kernel_bundle.py --out /tmp/push
@@ -31,7 +31,7 @@ ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed timestamps: the same sources give the 
 
 
 def package_files(source: Path) -> list[tuple[str, Path]]:
-    """(name in the zip, file) of the package modules and presets of the checkout ``source``."""
+    """(name in the zip, file) of the package modules and data files of the checkout ``source``."""
     package = source / "delf_pipeline"
     if not (package / "__init__.py").is_file():
         raise SystemExit(f"{source} is not a delf_pipeline checkout (no delf_pipeline/__init__.py)")
@@ -39,7 +39,8 @@ def package_files(source: Path) -> list[tuple[str, Path]]:
     presets = sorted((package / "presets").glob("*.toml"))
     if not presets:
         raise SystemExit(f"no presets found in {package / 'presets'}")
-    files = [(p.relative_to(source).as_posix(), p) for p in modules + presets]
+    assets = sorted((package / "tools" / "report_assets").glob("*"))
+    files = [(p.relative_to(source).as_posix(), p) for p in modules + presets + assets]
     return sorted(files)
 
 

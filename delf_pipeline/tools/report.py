@@ -45,6 +45,7 @@ from .show_matches import (
 log = logging.getLogger("delf_pipeline.tools.report")
 
 CHUNK = 500  # queries per details file
+ASSETS = Path(__file__).resolve().parent / "report_assets"  # page.html, style.css, report.js
 RIGHT, WRONG = "#1a9850", "#d73027"
 
 
@@ -378,12 +379,12 @@ def render_page(run: Run, queries: list[dict], metrics: dict, has_truth: bool, p
     summary = [[row["q"], row["pred"], row["conf"], row["ok"], row["inliers"]] for row in queries]
     settings = ", ".join(f"{k}={run.settings[k]}" for k in ("matcher", "match_threshold", "ratio", "verifier",
                                                             "residual_threshold", "scoring") if k in run.settings)
-    body = PAGE.format(
+    body = asset("page.html").format(
         title=html.escape(f"delf_pipeline report: {run.path.resolve()}"),
         run=html.escape(str(run.path.resolve())), settings=html.escape(settings),
         metrics=metrics_table(metrics), plots=plots(queries, has_truth), counts=html.escape(_counts(queries)),
         data=_json({"queries": summary, "chunk": CHUNK, "pageSize": page_size, "truth": has_truth}),
-        style=STYLE, script=SCRIPT,
+        style=asset("style.css"), script=asset("report.js"),
     )
     return body
 
@@ -397,187 +398,9 @@ def _counts(queries: list[dict]) -> str:
     return text
 
 
-STYLE = """
-body{font:14px/1.4 system-ui,sans-serif;margin:16px 24px;color:#222}
-h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:20px 0 8px}
-.sub{color:#666;font-size:12px;word-break:break-all}
-table.metrics{border-collapse:collapse} table.metrics th,table.metrics td{padding:2px 10px;border-bottom:1px solid #eee}
-table.metrics th{text-align:left;font-weight:normal;color:#444} table.metrics td{text-align:right;font-variant-numeric:tabular-nums}
-.top{display:flex;flex-wrap:wrap;gap:32px} .top>section:last-child{flex:1;min-width:540px}
-.plots{display:flex;flex-wrap:wrap;gap:16px} figure{margin:0} figcaption{font-size:12px;color:#444;max-width:520px}
-.controls{display:flex;flex-wrap:wrap;gap:12px;align-items:center;margin:8px 0;padding:8px;background:#f6f6f6;border-radius:6px}
-.query{display:flex;gap:10px;padding:8px 0;border-bottom:1px solid #ddd}
-.card{width:168px;font-size:12px;flex:none} .card.q{width:190px;border-right:2px solid #ccc;padding-right:8px}
-.thumb{width:160px;height:160px;object-fit:contain;background:#eee;display:block;border:3px solid transparent}
-.noimg{width:160px;height:160px;background:#eee;color:#888;display:flex;align-items:center;justify-content:center}
-.right .thumb{border-color:#1a9850} .wrong .thumb{border-color:#d73027}
-.badge{display:inline-block;padding:0 6px;border-radius:8px;color:#fff;font-size:11px}
-.badge.right{background:#1a9850} .badge.wrong{background:#d73027}
-.mono{font-family:ui-monospace,monospace;word-break:break-all} .num{font-variant-numeric:tabular-nums}
-#status{margin-top:16px;color:#666;font-size:12px}
-"""
-
-PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
-<meta name="viewport" content="width=device-width, initial-scale=1"><style>{style}</style></head>
-<body>
-<h1>delf_pipeline report</h1>
-<div class="sub">run {run}<br>rerank: {settings}</div>
-<div class="top"><section><h2>Metrics</h2>
-{metrics}</section>
-<section><h2>Plots</h2>
-{plots}</section></div>
-<h2>Queries</h2>
-<p>{counts}. Click a candidate for its match picture (faint: putative matches, green: RANSAC inliers).</p>
-<div class="controls">
-  <label>show <select id="filter"><option value="all">all</option><option value="right">right</option>
-    <option value="wrong">wrong</option><option value="landmark">predicted</option>
-    <option value="none">no prediction</option></select></label>
-  <label>confidence &ge; <input id="minconf" type="number" step="any" style="width:6em"></label>
-  <label>sort <select id="sort"><option value="conf-desc">confidence, high first</option>
-    <option value="conf-asc">confidence, low first</option><option value="inl-asc">inliers, few first</option>
-    <option value="id">query id</option></select></label>
-  <label>per page <select id="size"><option>10</option><option>25</option><option>50</option>
-    <option>100</option><option>200</option></select></label>
-  <button id="prev">&laquo; prev</button><span id="pageinfo" class="num"></span><button id="next">next &raquo;</button>
-</div>
-<div id="rows"></div>
-<div id="status" data-ready="0" data-loaded="0" data-failed="0" data-errors="0">loading...</div>
-<script type="application/json" id="data">{data}</script>
-<script>{script}</script>
-</body></html>
-"""
-
-SCRIPT = r"""
-"use strict";
-const DATA = JSON.parse(document.getElementById("data").textContent);
-const chunks = {}, waiting = {};
-const seen = {loaded: 0, failed: 0, errors: [], failedSrc: []};
-const state = {filter: "all", minConf: null, sort: "conf-desc", page: 0, size: DATA.pageSize};
-window.onerror = (message) => { seen.errors.push(String(message)); showStatus(); };
-window.addEventListener("unhandledrejection", (e) => { seen.errors.push(String(e.reason)); showStatus(); });
-const consoleError = console.error.bind(console);
-console.error = (...args) => { seen.errors.push(args.join(" ")); showStatus(); consoleError(...args); };
-document.addEventListener("load", (e) => { if (e.target.tagName === "IMG") { seen.loaded++; showStatus(); } }, true);
-document.addEventListener("error", (e) => {
-  if (e.target.tagName === "IMG") { seen.failed++; seen.failedSrc.push(e.target.getAttribute("src")); showStatus(); }
-  else if (e.target.tagName === "SCRIPT") { seen.errors.push("cannot load " + e.target.getAttribute("src")); showStatus(); }
-}, true);
-
-function showStatus() {
-  const s = document.getElementById("status");
-  s.dataset.loaded = seen.loaded; s.dataset.failed = seen.failed; s.dataset.errors = seen.errors.length;
-  s.textContent = "images: " + seen.loaded + " loaded, " + seen.failed + " failed" +
-    (seen.failedSrc.length ? " (" + seen.failedSrc.slice(0, 5).join(", ") + ")" : "") +
-    "; script errors: " + seen.errors.length + (seen.errors.length ? " (" + seen.errors.slice(0, 3).join("; ") + ")" : "");
-}
-
-window.reportChunk = (number, rows) => { chunks[number] = rows; (waiting[number] || []).forEach((f) => f()); };
-function loadChunk(number) {
-  if (chunks[number]) return Promise.resolve();
-  return new Promise((resolve) => {
-    if (!waiting[number]) {
-      waiting[number] = [];
-      const tag = document.createElement("script");
-      tag.src = "details/chunk-" + number + ".js";
-      document.head.appendChild(tag);
-    }
-    waiting[number].push(resolve);
-  });
-}
-
-function el(tag, attrs, ...children) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
-  for (const c of children) node.append(c);
-  return node;
-}
-function fmt(x, digits) { return x === null || x === undefined ? "-" : Number(x).toFixed(digits); }
-function picture(src, alt) {
-  return src ? el("img", {class: "thumb", src: src, loading: "lazy", alt: alt}) : el("div", {class: "noimg"}, "no image");
-}
-
-function selected() {
-  const order = DATA.queries.map((q, i) => i).filter((i) => {
-    const [, pred, conf, ok] = DATA.queries[i];
-    if (state.filter === "right" || state.filter === "wrong") { if (ok !== state.filter) return false; }
-    if (state.filter === "landmark" && !pred) return false;
-    if (state.filter === "none" && pred) return false;
-    return state.minConf === null || (conf !== null && conf >= state.minConf);
-  });
-  const conf = (i) => DATA.queries[i][2] === null ? -Infinity : DATA.queries[i][2];
-  const keys = {
-    "conf-desc": (a, b) => conf(b) - conf(a), "conf-asc": (a, b) => conf(a) - conf(b),
-    "inl-asc": (a, b) => DATA.queries[a][4] - DATA.queries[b][4],
-    "id": (a, b) => (DATA.queries[a][0] < DATA.queries[b][0] ? -1 : 1),
-  };
-  return order.sort((a, b) => keys[state.sort](a, b) || a - b);
-}
-
-function queryCard(i, detail) {
-  const [id, pred, conf, ok, inliers] = DATA.queries[i];
-  const [thumb, truth] = detail;
-  const verdict = ok ? el("span", {class: "badge " + ok}, ok) : "";
-  return el("div", {class: "card q " + ok},
-    picture(thumb, "query " + id), el("div", {class: "mono"}, id),
-    el("div", {}, "truth: " + (truth === null ? "unknown" : truth.length ? truth.join(" ") : "non-landmark")),
-    el("div", {}, "predicted: " + (pred || "none") + " ", verdict),
-    el("div", {class: "num"}, "confidence " + fmt(conf, 3) + ", inliers " + (inliers < 0 ? "-" : inliers)));
-}
-
-function candidateCard(c) {
-  const image = picture(c.thumb, "candidate " + c.id);
-  const linked = c.picture ? el("a", {href: c.picture, target: "_blank", title: "match picture"}, image) : image;
-  const mark = c.ok ? el("span", {class: "badge " + c.ok}, c.ok === "right" ? "same landmark" : "other") : "";
-  return el("div", {class: "card " + c.ok}, linked,
-    el("div", {}, "#" + c.rank + " landmark " + (c.label || "?") + " ", mark),
-    el("div", {class: "num"}, "global " + fmt(c.global, 3) + " | inliers " + (c.inliers < 0 ? "-" : c.inliers)),
-    el("div", {class: "num"}, "score " + fmt(c.score, 3) + (c.picture ? " | " : ""),
-       c.picture ? el("a", {href: c.picture, target: "_blank"}, "matches") : ""));
-}
-
-async function render() {
-  const order = selected();
-  const pages = Math.max(1, Math.ceil(order.length / state.size));
-  state.page = Math.min(state.page, pages - 1);
-  const shown = order.slice(state.page * state.size, (state.page + 1) * state.size);
-  await Promise.all([...new Set(shown.map((i) => Math.floor(i / DATA.chunk)))].map(loadChunk));
-  const rows = document.getElementById("rows");
-  rows.replaceChildren(...shown.map((i) => {
-    const detail = chunks[Math.floor(i / DATA.chunk)][i % DATA.chunk];
-    return el("div", {class: "query"}, queryCard(i, detail), ...detail[2].map(candidateCard));
-  }));
-  document.getElementById("pageinfo").textContent = " page " + (state.page + 1) + " / " + pages + " (" +
-    order.length + " of " + DATA.queries.length + " queries) ";
-  document.getElementById("status").dataset.ready = "1";
-  document.getElementById("status").dataset.rows = shown.length;
-  showStatus();
-}
-
-function bind(id, event, update) {
-  document.getElementById(id).addEventListener(event, (e) => { update(e.target.value); render(); });
-}
-bind("filter", "change", (v) => { state.filter = v; state.page = 0; });
-bind("sort", "change", (v) => { state.sort = v; state.page = 0; });
-bind("size", "change", (v) => { state.size = Number(v); state.page = 0; });
-bind("minconf", "input", (v) => { state.minConf = v === "" ? null : Number(v); state.page = 0; });
-bind("prev", "click", () => { state.page = Math.max(0, state.page - 1); });
-bind("next", "click", () => { state.page += 1; });
-function fromHash() {  // e.g. index.html#filter=wrong&sort=conf-asc&minconf=0.5&page=2
-  const hash = new URLSearchParams(location.hash.slice(1));
-  for (const [key, id] of [["filter", "filter"], ["sort", "sort"], ["minconf", "minconf"]]) {
-    if (hash.has(key)) document.getElementById(id).value = hash.get(key);
-  }
-  state.filter = document.getElementById("filter").value;
-  state.sort = document.getElementById("sort").value;
-  const min = document.getElementById("minconf").value;
-  state.minConf = min === "" ? null : Number(min);
-  state.page = Math.max(0, Number(hash.get("page") || 1) - 1);
-}
-document.getElementById("size").value = String(state.size);
-fromHash();
-render();
-"""
+def asset(name: str) -> str:
+    """Text of a page asset shipped with the package (``tools/report_assets/NAME``)."""
+    return (ASSETS / name).read_text(encoding="utf-8")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
