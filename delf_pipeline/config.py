@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from .verification.matching import MATCHERS
+from .verification.pairs import MODES
+from .verification.ransac import VERIFIERS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -21,49 +24,62 @@ else:  # Python 3.10 (older Kaggle images): the same parser, published as tomli
 
 DEFAULT_PRESET = "sift_default"
 
-DEFAULTS: dict[str, dict[str, Any]] = {
+def _official(key: str, comment: str) -> tuple[Any, str]:
+    """The official re-ranking value of a rerank key (one definition: verification.pairs.MODES)."""
+    return MODES["official"][key], comment
+
+
+#: Every setting as section -> key -> (default value, the comment printed beside it).
+SETTINGS: dict[str, dict[str, tuple[Any, str]]] = {
     "extract": {
-        "backend": "rootsift",  # rootsift (embedded default) | savedmodel (DELF/DELG export) | hub (DELF v1)
-        "model": "",  # SavedModel folder or TF Hub handle (savedmodel / hub backends)
-        "image_scales": [0.7071, 1.0, 1.4142],  # pyramid scales fed to the model
-        "global_scale_indices": [0, 1, 2],  # which of image_scales build the global descriptor
-        "max_image_size": 1024,  # longest side before the model; 0 keeps the original size
-        "score_threshold": 175.0,  # attention score threshold (DELF/DELG)
-        "max_features": 1000,  # local features kept per image
-        "descriptor_dtype": "float16",  # float16 halves the store; float32 keeps it exact
-        "affine_tilts": [1.0],  # rootsift: [1, 2, 4] adds simulated views (ASIFT) for extreme viewpoints
-        "vlad_words": 256,  # rootsift: VLAD codebook size (global dim = words x 128)
-        "codebook_images": 500,  # rootsift: index images sampled to learn the codebook
-        "seed": 0,  # rootsift: codebook k-means seed
-        "local_backend": "",  # "" (same as backend) | rootsift: RootSIFT local features with a model's global
-        "local_features": True,  # false: store global descriptors only (local ones on demand at rerank)
-        "part_size": 256,  # images per store part (unit of atomic write and resume)
+        "backend": ("rootsift", "rootsift (embedded default) | savedmodel (DELF/DELG export) | hub (DELF v1)"),
+        "model": ("", "SavedModel folder or TF Hub handle (savedmodel / hub backends)"),
+        "image_scales": ([0.7071, 1.0, 1.4142], "pyramid scales fed to the model"),
+        "global_scale_indices": ([0, 1, 2], "which of image_scales build the global descriptor"),
+        "max_image_size": (1024, "longest side before the model; 0 keeps the original size"),
+        "score_threshold": (175.0, "attention score threshold (DELF/DELG)"),
+        "max_features": (1000, "local features kept per image"),
+        "descriptor_dtype": ("float16", "float16 halves the store; float32 keeps it exact"),
+        "affine_tilts": ([1.0], "rootsift: [1, 2, 4] adds simulated views (ASIFT) for extreme viewpoints"),
+        "vlad_words": (256, "rootsift: VLAD codebook size (global dim = words x 128)"),
+        "codebook_images": (500, "rootsift: index images sampled to learn the codebook"),
+        "seed": (0, "rootsift: codebook k-means seed"),
+        "local_backend": ("", '"" (same as backend) | rootsift: RootSIFT local features with a model\'s global'),
+        "local_features": (True, "false: store global descriptors only (local ones on demand at rerank)"),
+        "part_size": (256, "images per store part (unit of atomic write and resume)"),
     },
     "shortlist": {
-        "top_k": 100,  # index images kept per query
-        "chunk_rows": 4096,  # index rows per matrix product (memory bound, not index bound)
-        "exclude_same_id": False,  # leave-one-out: never shortlist an image for itself
-        "device": "auto",  # auto | cpu | gpu: where the matrix products run (gpu = TensorFlow)
+        "top_k": (100, "index images kept per query"),
+        "chunk_rows": (4096, "index rows per matrix product (memory bound, not index bound)"),
+        "exclude_same_id": (False, "leave-one-out: never shortlist an image for itself"),
+        "device": ("auto", "auto | cpu | gpu: where the matrix products run (gpu = TensorFlow)"),
     },
     "rerank": {
-        "num_to_rerank": 100,  # shortlisted candidates verified per query
-        "matcher": "kdtree",  # kdtree (official) | nn (same answer by matmul) | mutual (mutual nearest neighbours)
-        "match_threshold": 0.8,  # max descriptor distance of a putative match
-        "ratio": 0.0,  # nn / mutual matchers: Lowe ratio test, 0 disables
-        "verifier": "skimage_affine",  # skimage_affine | magsac | magsac_affine | msac_affine | affine2d | degensac
-        "residual_threshold": 20.0,  # RANSAC inlier threshold in pixels
-        "max_trials": 1000,  # RANSAC iterations
-        "confidence": 0.99,  # magsac / affine2d / degensac confidence
-        "min_matches": 4,  # fewer putative matches than this give 0 inliers (official: > 3)
-        "seed": 0,  # RANSAC seed
-        "min_inliers": 0,  # inlier counts below this count as 0 (unrelated pairs get ~6-16)
-        "scoring": "official",  # official: order by (inliers, global) | kaggle2020
-        "max_inlier_score": 70,  # kaggle2020: inliers are capped at this then divided by it
+        "num_to_rerank": (100, "shortlisted candidates verified per query"),
+        "matcher": _official("matcher", "kdtree (official) | nn (same answer by matmul) | mutual (mutual nearest "
+                             "neighbours)"),
+        "match_threshold": _official("match_threshold", "max descriptor distance of a putative match"),
+        "ratio": _official("ratio", "nn / mutual matchers: Lowe ratio test, 0 disables"),
+        "verifier": _official("verifier", " | ".join(VERIFIERS)),
+        "residual_threshold": _official("residual_threshold", "RANSAC inlier threshold in pixels"),
+        "max_trials": _official("max_trials", "RANSAC iterations"),
+        "confidence": _official("confidence", "magsac / affine2d / degensac confidence"),
+        "min_matches": _official("min_matches", "fewer putative matches than this give 0 inliers (official: > 3)"),
+        "seed": (0, "RANSAC seed"),
+        "min_inliers": (0, "inlier counts below this count as 0 (unrelated pairs get ~6-16)"),
+        "scoring": ("official", "official: order by (inliers, global) | kaggle2020"),
+        "max_inlier_score": (70, "kaggle2020: inliers are capped at this then divided by it"),
     },
     "predict": {
-        "top_k": 3,  # candidates per query that vote for a class
-        "aggregation": "sum",  # sum | max: how a class pools its candidates' scores
+        "top_k": (3, "candidates per query that vote for a class"),
+        "aggregation": ("sum", "sum | max: how a class pools its candidates' scores"),
     },
+}
+DEFAULTS: dict[str, dict[str, Any]] = {
+    section: {key: value for key, (value, _) in keys.items()} for section, keys in SETTINGS.items()
+}
+COMMENTS: dict[tuple[str, str], str] = {
+    (section, key): comment for section, keys in SETTINGS.items() for key, (_, comment) in keys.items()
 }
 
 
@@ -86,16 +102,23 @@ def load_config(
     config_file: str | Path | None = None,
     overrides: list[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Merge ``DEFAULTS`` <- preset <- config file <- ``section.key=value`` overrides."""
+    """Merge ``DEFAULTS`` <- preset <- config file <- ``section.key=value`` overrides, then validate.
+
+    The preset is ``preset``, else the one the config file names (``preset = "..."``), else
+    :data:`DEFAULT_PRESET`: a config file is always layered over a preset.
+    """
     config = copy.deepcopy(DEFAULTS)
-    name = preset or (None if config_file else DEFAULT_PRESET)
-    if name:
-        _merge_preset(config, name, seen=())
-    if config_file:
-        merge(config, _read_toml(Path(config_file)), origin=str(config_file))
+    data = _read_toml(Path(config_file)) if config_file else {}
+    named = data.pop("preset", None)
+    if named is not None and not isinstance(named, str):
+        raise ConfigError(f"{config_file}: preset must be a preset name (a string), got {named!r}")
+    name = preset or named or DEFAULT_PRESET
+    _merge_preset(config, name, seen=())
+    merge(config, data, origin=str(config_file))
     for item in overrides or []:
         merge(config, parse_override(item), origin=f"--set {item}")
-    config["preset"] = name or str(config_file)
+    validate(config)
+    config["preset"] = name
     return config
 
 
@@ -158,33 +181,101 @@ def _coerce(value: Any, default: Any, key: str, origin: str) -> Any:
     raise ConfigError(f"{origin}: {key} must be {type(default).__name__}, got {value!r}")
 
 
+def _at_least(low: float) -> Callable[[Any], str | None]:
+    return lambda value: None if value >= low else f"must be >= {low}"
+
+
+def _between(low: float, high: float) -> Callable[[Any], str | None]:
+    """Open interval on the right: low <= value < high."""
+    return lambda value: None if low <= value < high else f"must be in [{low}, {high})"
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "must be > 0"
+
+
+def _list_of(check: Callable[[Any], str | None], what: str) -> Callable[[Any], str | None]:
+    """A check of a non-empty list of numbers, each passing ``check``."""
+    def check_list(value: list) -> str | None:
+        ok = value and all(isinstance(v, (int, float)) and check(v) is None for v in value)
+        return None if ok else f"must be a non-empty list of numbers {what}"
+
+    return check_list
+
+
+def _indices(value: list) -> str | None:
+    return None if all(isinstance(v, int) and v >= 0 for v in value) else "must be a list of indices >= 0"
+
+
+def _probability(value: float) -> str | None:
+    return None if 0 < value < 1 else "must be in (0, 1)"
+
+
+#: Keys whose value is one of a few names: (section, key) -> the names.
+CHOICES: dict[tuple[str, str], tuple[Any, ...]] = {
+    ("extract", "backend"): ("rootsift", "savedmodel", "hub"),
+    ("extract", "local_backend"): ("", "rootsift"),
+    ("extract", "descriptor_dtype"): ("float16", "float32"),
+    ("shortlist", "device"): ("auto", "cpu", "gpu"),
+    ("rerank", "matcher"): MATCHERS,
+    ("rerank", "verifier"): VERIFIERS,
+    ("rerank", "scoring"): ("official", "kaggle2020"),
+    ("predict", "aggregation"): ("sum", "max"),
+}
+#: The check of every other key with a domain beyond its type: (section, key) -> check(value),
+#: which returns None when the value is valid, else what is wrong.
+RANGES: dict[tuple[str, str], Callable[[Any], str | None]] = {
+    ("extract", "image_scales"): _list_of(_positive, "> 0"),
+    ("extract", "global_scale_indices"): _indices,
+    ("extract", "max_image_size"): _at_least(0),
+    ("extract", "max_features"): _at_least(1),
+    ("extract", "affine_tilts"): _list_of(_at_least(1), ">= 1"),
+    ("extract", "vlad_words"): _at_least(1),
+    ("extract", "codebook_images"): _at_least(1),
+    ("extract", "part_size"): _at_least(1),
+    ("shortlist", "top_k"): _at_least(1),
+    ("shortlist", "chunk_rows"): _at_least(1),
+    ("rerank", "num_to_rerank"): _at_least(0),
+    ("rerank", "match_threshold"): _positive,
+    ("rerank", "ratio"): _between(0, 1),
+    ("rerank", "residual_threshold"): _positive,
+    ("rerank", "max_trials"): _at_least(1),
+    ("rerank", "confidence"): _probability,
+    ("rerank", "min_matches"): _at_least(0),
+    ("rerank", "min_inliers"): _at_least(0),
+    ("rerank", "max_inlier_score"): _at_least(1),
+    ("predict", "top_k"): _at_least(1),
+}
+
+
+def problem_of(section: str, key: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for ``section.key`` (:data:`CHOICES`, :data:`RANGES`), or None."""
+    if (section, key) in CHOICES:
+        names = CHOICES[(section, key)]
+        return None if value in names else f"must be one of {', '.join(map(repr, names))}"
+    check = RANGES.get((section, key))
+    return check(value) if check else None
+
+
+def validate(config: dict) -> None:
+    """Raise ConfigError naming the first key of ``config`` with an invalid value."""
+    for section, keys in DEFAULTS.items():
+        for key in keys:
+            value = config[section][key]
+            problem = problem_of(section, key, value)
+            if problem:
+                raise ConfigError(f"{section}.{key} {problem}, got {value!r}")
+
+
 def to_toml(config: dict) -> str:
-    """The stage sections of ``config`` as TOML text, each key with its comment from DEFAULTS."""
-    comments = _default_comments()
-    lines = [f"# preset: {config.get('preset')}"]
+    """The settings of ``config`` as TOML text that loads back with ``--config`` (its preset
+    first), each key with its comment from :data:`SETTINGS`."""
+    lines = [f"preset = {json.dumps(config.get('preset', DEFAULT_PRESET))}"]
     for section in DEFAULTS:
         lines.append(f"\n[{section}]")
         for key, value in config[section].items():
-            lines.append(f"{key} = {json.dumps(value)}  # {comments.get((section, key), '')}".rstrip(" #"))
+            lines.append(f"{key} = {json.dumps(value)}  # {COMMENTS[(section, key)]}")
     return "\n".join(lines) + "\n"
-
-
-def _default_comments() -> dict[tuple[str, str], str]:
-    """(section, key) -> the comment written beside the key in this file's DEFAULTS."""
-    comments, section = {}, None
-    for line in Path(__file__).read_text().splitlines():
-        stripped = line.strip()
-        if stripped.endswith(": {") and stripped.startswith('"'):
-            section = stripped.split('"')[1]
-        elif section and stripped.startswith('"') and "#" in stripped:
-            comments[(section, stripped.split('"')[1])] = stripped.split("#", 1)[1].strip()
-    return comments
-
-
-def fingerprint(settings: dict) -> str:
-    """A short stable hash of ``settings`` (any JSON-able dict), recorded in artifacts."""
-    text = json.dumps(settings, sort_keys=True, default=str)
-    return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -192,7 +283,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("configuration")
     group.add_argument("--preset", help="named preset (default: sift_default); "
                        "`delf-pipeline config --list` names them")
-    group.add_argument("--config", metavar="FILE", help="TOML file of settings, applied after the preset")
+    group.add_argument("--config", metavar="FILE", help="TOML file of settings, layered over the preset (the "
+                       "default one unless the file names preset = \"NAME\" or --preset is given)")
     group.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="override one setting, e.g. --set rerank.max_trials=500 (repeatable); "

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 from typing import Callable, Collection, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .config import fingerprint, load_config
+from .config import load_config
 from .extractors.features import ImageFeatures
 from .formats.images import (
     ErrorRecord,
@@ -46,6 +46,7 @@ from .utils.artifacts import (
     parse_shard,
     remove_unfinished,
     select_shard,
+    settings_manifest,
     write_text_atomic,
 )
 from .utils.progress import track
@@ -53,26 +54,7 @@ from .utils.progress import track
 log = logging.getLogger("delf_pipeline.extract")
 
 Extractor = Callable[[np.ndarray], ImageFeatures]
-# settings that change what is stored; the others (part_size, ...) only change how
-STORE_SETTINGS = (
-    "backend", "model", "image_scales", "global_scale_indices", "max_image_size", "score_threshold",
-    "max_features", "descriptor_dtype", "vlad_words", "codebook_images", "seed", "local_features", "local_backend",
-    "affine_tilts",
-)
-
-
-@dataclass
-class Backend:
-    """A loaded extraction backend.
-
-    extract: ``extract(image) -> ImageFeatures`` in the decoded image's pixels; ``image`` is
-        uint8 [H, W] when :func:`decode_mode` is ``"L"`` (grey), [H, W, 3] when ``"RGB"``.
-    ready: images already extracted while loading (the RootSIFT codebook sample), by id, as
-        they are stored; the stage writes these instead of decoding and extracting them again.
-    """
-
-    extract: Extractor
-    ready: dict[str, ExtractedImage] = field(default_factory=dict)
+RUNTIME_KEYS = ("part_size",)  # extract keys that change how the store is written, not what it holds
 
 
 def run(
@@ -86,10 +68,13 @@ def run(
     strict: bool = False,
     codebook: str | Path | None = None,
     only_ids: Collection[str] | None = None,
+    extractor: Extractor | None = None,
 ) -> Path:
     """Extract features of the images in ``images`` into the store ``out``; returns ``out``.
 
     ``only_ids`` restricts the work to those image ids (e.g. the shortlisted candidates).
+    ``extractor`` replaces the configured backend (tests and benchmarks inject one): no model
+    is loaded and no codebook learned; it is given images decoded as :func:`decode_mode` says.
     """
     conf, out = config["extract"], Path(out)
     records, listing_errors = list_images(images, split)
@@ -103,13 +88,11 @@ def run(
         remove_store(out)
     check_manifest(out / "manifest.json", store_manifest(conf), what="feature store")
     (out / "parts").mkdir(parents=True, exist_ok=True)
-    todo = pending_records(out, records, shard)
-    if not todo:
+    if not pending_records(out, records, shard):
         log.info("Skipping extraction: all %d images of shard %d/%d are already in %s", len(records), *shard, out)
     else:
-        backend = load_backend(conf, records, out, codebook)
-        _keep_ready_of(backend, todo)
-        _extract_parts(out, todo, backend, conf, shard, strict)
+        extractor = extractor or load_backend(conf, records, out, codebook, shard)
+        _extract_parts(out, pending_records(out, records, shard), extractor, conf, shard, strict)
     return finish(out, listing_errors)
 
 
@@ -120,10 +103,10 @@ def decode_mode(conf: dict) -> str:
 
 
 def store_manifest(conf: dict) -> dict:
-    settings = {key: conf[key] for key in STORE_SETTINGS}
-    if decode_mode(conf) != "RGB":  # stores without this key were all decoded in RGB
-        settings["decode"] = decode_mode(conf)
-    return {"format_version": FORMAT_VERSION, "settings": settings, "fingerprint": fingerprint(settings)}
+    """The store's manifest: every ``extract`` key but :data:`RUNTIME_KEYS`, and how images
+    were decoded (``decode``, recorded when not RGB: older stores were all decoded in RGB)."""
+    decode = {"decode": decode_mode(conf)} if decode_mode(conf) != "RGB" else {}
+    return {"format_version": FORMAT_VERSION, **settings_manifest({**conf, **decode}, RUNTIME_KEYS)}
 
 
 def pending_records(out: Path, records: Sequence[ImageRecord], shard: tuple[int, int]) -> list[ImageRecord]:
@@ -132,23 +115,24 @@ def pending_records(out: Path, records: Sequence[ImageRecord], shard: tuple[int,
     return [r for r in select_shard(records, shard) if r.id not in finished]
 
 
-def load_backend(conf: dict, records: Sequence[ImageRecord], out: Path, codebook: str | Path | None) -> Backend:
+def load_backend(conf: dict, records: Sequence[ImageRecord], out: Path, codebook: str | Path | None,
+                 shard: tuple[int, int] = (1, 1)) -> Extractor:
     """The configured backend, loaded once; it keeps only global descriptors when
-    ``local_features`` is false. ``records`` (all of the index) is what RootSIFT samples to
-    learn its codebook when neither ``codebook`` nor ``out/codebook.npy`` gives one."""
-    backend = _load_backend(conf, records, out, codebook)
+    ``local_features`` is false. RootSIFT needs a codebook: ``codebook``, else ``out/codebook.npy``,
+    else one learned by :func:`codebook_step` from ``records`` (all of the index)."""
+    extractor = _load_backend(conf, records, out, codebook, shard)
     if conf["local_features"]:
-        return backend
-    ready = {i: replace(im, features=im.features.without_local()) for i, im in backend.ready.items()}
-    return Backend(lambda image: backend.extract(image).without_local(), ready)
+        return extractor
+    return lambda image: extractor(image).without_local()
 
 
-def _load_backend(conf: dict, records: Sequence[ImageRecord], out: Path, codebook) -> Backend:
+def _load_backend(conf: dict, records: Sequence[ImageRecord], out: Path, codebook, shard) -> Extractor:
     """With ``local_backend = "rootsift"`` and another ``backend``, the global descriptor comes
     from ``backend`` and the local features from RootSIFT (a hybrid)."""
     backend, local_backend = conf["backend"], conf["local_backend"]
     if backend == "rootsift":
-        return _rootsift_backend(conf, records, out, codebook)
+        words = _stored_codebook(out, codebook)
+        return _rootsift_extractor(conf, codebook_step(out, records, conf, shard) if words is None else words)
     if backend not in ("savedmodel", "hub"):
         raise ValueError(f"unknown extract.backend {backend!r}; use rootsift, savedmodel or hub")
     if local_backend not in ("", "rootsift"):
@@ -157,44 +141,37 @@ def _load_backend(conf: dict, records: Sequence[ImageRecord], out: Path, codeboo
 
     model = load_extractor(conf)
     if local_backend == "rootsift":
-        return Backend(_with_rootsift_locals(model, conf["max_features"], conf["affine_tilts"]))
-    return Backend(model)
+        return _with_rootsift_locals(model, conf)
+    return model
 
 
-def _with_rootsift_locals(model: Extractor, max_features: int, tilts: Sequence[float]) -> Extractor:
+def _rootsift_locals(conf: dict) -> Extractor:
+    """RootSIFT local features only (no global descriptor), as the config asks."""
     from .extractors.rootsift import extract_rootsift
 
+    return lambda image: extract_rootsift(image, conf["max_features"], conf["affine_tilts"])
+
+
+def _with_rootsift_locals(model: Extractor, conf: dict) -> Extractor:
+    local = _rootsift_locals(conf)
+
     def extract(image: np.ndarray) -> ImageFeatures:
-        global_descriptor = model(image).global_descriptor
-        return replace(extract_rootsift(image, max_features, tilts), global_descriptor=global_descriptor)
+        return replace(local(image), global_descriptor=model(image).global_descriptor)
 
     return extract
 
 
-def _rootsift_backend(conf: dict, records: Sequence[ImageRecord], out: Path, given) -> Backend:
-    """RootSIFT locals + VLAD global over the store's codebook, on grey images.
+def _rootsift_extractor(conf: dict, words: np.ndarray) -> Extractor:
+    """RootSIFT locals + VLAD global over the codebook ``words`` [K, 128], on grey images."""
+    from .extractors.rootsift import vlad
 
-    When the codebook has to be learned, the sample images' features are kept (``ready``):
-    on an index of up to ``codebook_images`` images nothing is extracted twice.
-    """
-    from .extractors.rootsift import extract_rootsift, vlad
-
-    words, sample = _stored_codebook(out, given), {}
-    if words is None:
-        sample = _sample_features(_codebook_sample(records, conf), conf)
-        words = _learn_codebook(sample, conf, out)
+    local = _rootsift_locals(conf)
 
     def extract(image: np.ndarray) -> ImageFeatures:
-        features = extract_rootsift(image, conf["max_features"], conf["affine_tilts"])
+        features = local(image)
         return replace(features, global_descriptor=vlad(features.descriptors, words))
 
-    ready = {}
-    for image_id, im in sample.items():
-        global_descriptor = vlad(im.features.descriptors, words)  # from float32, as ``extract`` does
-        descriptors = im.features.descriptors.astype(conf["descriptor_dtype"])  # as stored: half the memory
-        ready[image_id] = replace(im, features=replace(
-            im.features, descriptors=descriptors, global_descriptor=global_descriptor))
-    return Backend(extract, ready)
+    return extract
 
 
 def _stored_codebook(out: Path, given) -> np.ndarray | None:
@@ -210,6 +187,30 @@ def _stored_codebook(out: Path, given) -> np.ndarray | None:
     return np.load(path) if path.exists() else None
 
 
+def codebook_step(out: Path, records: Sequence[ImageRecord], conf: dict, shard: tuple[int, int]) -> np.ndarray:
+    """Learn the VLAD codebook [K, 128] of the store ``out`` (saved as ``out/codebook.npy``).
+
+    An ordinary resumable step: the sample's RootSIFT features are extracted, in parts, into
+    the store ``out/codebook-sample-IofN`` (float32, as the extraction computes VLAD); the
+    codebook is learned from them; then this shard's sample images are written as ordinary
+    parts of ``out`` with their VLAD, so the extraction that follows skips them like any
+    finished image, and the sample store is removed. Every shard learns the same codebook.
+    """
+    sample_out = out / f"codebook-sample-{shard[0]}of{shard[1]}"
+    sample = _codebook_sample(records, conf)
+    sample_conf = {**conf, "descriptor_dtype": "float32"}
+    (sample_out / "parts").mkdir(parents=True, exist_ok=True)
+    _extract_parts(sample_out, pending_records(sample_out, sample, (1, 1)), _rootsift_locals(conf), sample_conf,
+                   (1, 1), strict=False, label="codebook sample")
+    store = FeatureStore(sample_out)
+    words = _learn_codebook(store, conf, out)
+    mine = [r for r in pending_records(out, records, shard) if r.id in store]
+    _write_parts(out, _with_vlad(store, mine, words, conf), len(mine), conf, shard, strict=False,
+                 label="codebook sample to the store")
+    remove_store(sample_out)
+    return words
+
+
 def _codebook_sample(records: Sequence[ImageRecord], conf: dict) -> list[ImageRecord]:
     """A fixed, evenly spaced subset of *all* records (not of one shard), so every shard
     process learns the identical codebook."""
@@ -217,15 +218,27 @@ def _codebook_sample(records: Sequence[ImageRecord], conf: dict) -> list[ImageRe
     return list(records[::step])[: conf["codebook_images"]]
 
 
-def _learn_codebook(sample: dict[str, ExtractedImage], conf: dict, out: Path) -> np.ndarray:
-    """k-means codebook [K, 128] of the sample's descriptors, saved as ``out/codebook.npy``."""
+def _learn_codebook(sample: FeatureStore, conf: dict, out: Path) -> np.ndarray:
+    """k-means codebook [K, 128] of the sample store's descriptors, saved as ``out/codebook.npy``."""
     from .extractors.rootsift import learn_codebook
 
     log.info("learning a %d-word VLAD codebook from %d images", conf["vlad_words"], len(sample))
-    descriptors = [im.features.descriptors for im in sample.values()]
+    descriptors = [sample.features(image_id).descriptors for image_id in sample.ids]
     words = learn_codebook(np.concatenate(descriptors), conf["vlad_words"], conf["seed"])
     _save_atomic(out / "codebook.npy", words)
     return words
+
+
+def _with_vlad(sample: FeatureStore, records: Sequence[ImageRecord], words: np.ndarray,
+               conf: dict) -> Iterator[ExtractedImage]:
+    """The sample store's images ``records`` as the extraction would store them: with their VLAD."""
+    from .extractors.rootsift import vlad
+
+    for record in records:
+        features = sample.features(record.id)
+        features = replace(features, global_descriptor=vlad(features.descriptors, words))
+        yield ExtractedImage(record.id, features if conf["local_features"] else features.without_local(),
+                             sample.size(record.id))
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
@@ -233,55 +246,35 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
         np.save(handle, array)
 
 
-def _sample_features(sample: Sequence[ImageRecord], conf: dict) -> dict[str, ExtractedImage]:
-    """RootSIFT local features of the codebook sample (no global descriptor yet), by id;
-    images that fail to decode are left out (the extraction records their errors)."""
-    from .extractors.rootsift import extract_rootsift
-
-    decoded = iter_decoded(sample, conf["max_image_size"], mode=decode_mode(conf))
-    return {
-        record.id: _as_stored(record.id, extract_rootsift(image, conf["max_features"], conf["affine_tilts"]),
-                              image.shape, factors)
-        for record, image, factors, error in track(decoded, len(sample), "codebook sample")
-        if error is None
-    }
+def _extract_parts(out: Path, todo: list[ImageRecord], extractor: Extractor, conf: dict, shard, strict,
+                   label: str = "extract") -> None:
+    """Extract ``todo`` into parts of ``out`` (see :func:`_write_parts`)."""
+    _write_parts(out, _extract_each(todo, extractor, conf), len(todo), conf, shard, strict, label)
 
 
-def _keep_ready_of(backend: Backend, todo: Sequence[ImageRecord]) -> None:
-    """Keep only the ready images (codebook sample) that are in ``todo``; others are other shards'."""
-    backend.ready = {r.id: backend.ready[r.id] for r in todo if r.id in backend.ready}
-    if backend.ready:
-        log.info("%d of the %d images to extract were extracted for the codebook sample: stored from there",
-                 len(backend.ready), len(todo))
-
-
-def _extract_parts(out: Path, todo: list[ImageRecord], backend: Backend, conf: dict, shard, strict) -> None:
-    """Extract ``todo`` in parts of ``part_size`` images, each written atomically."""
+def _write_parts(out: Path, results: Iterator[ExtractedImage | ErrorRecord], count: int, conf: dict, shard,
+                 strict, label: str) -> None:
+    """Write ``count`` results in parts of ``part_size`` images, each written atomically."""
     size = conf["part_size"]
     remove_unfinished(out / "parts", _part_name(shard, 0)[:-6])  # this shard's only: others may be writing
     first = _next_part_number(out, shard)
-    results = track(_extract_each(todo, backend, conf), len(todo), f"extract {shard[0]}/{shard[1]}")
-    for number, start in enumerate(range(0, len(todo), size), start=first):
-        extracted, errors = _split_results(islice(results, min(size, len(todo) - start)), strict)
+    results = track(results, count, f"{label} {shard[0]}/{shard[1]}")
+    for number, start in enumerate(range(0, count, size), start=first):
+        extracted, errors = _split_results(islice(results, min(size, count - start)), strict)
         write_part(out / "parts" / _part_name(shard, number), extracted, errors,
                    conf["descriptor_dtype"], _local_dim(extracted))
     next(results, None)  # let the progress report finish (its last line comes after the last item)
 
 
-def _extract_each(todo: list[ImageRecord], backend: Backend, conf: dict) -> Iterator[ExtractedImage | ErrorRecord]:
+def _extract_each(todo: list[ImageRecord], extractor: Extractor, conf: dict) -> Iterator[ExtractedImage | ErrorRecord]:
     """Each record of ``todo`` in order: its stored form, or its error. Decoding runs ahead in
-    background threads (overlapping the model) and skips the images ``backend.ready`` has."""
-    to_decode = [r for r in todo if r.id not in backend.ready]
-    decoded = iter_decoded(to_decode, conf["max_image_size"], mode=decode_mode(conf))
-    for record in todo:
-        if record.id in backend.ready:
-            yield backend.ready.pop(record.id)
-            continue
-        _, image, factors, error = next(decoded)
+    background threads, overlapping the model."""
+    decoded = iter_decoded(todo, conf["max_image_size"], mode=decode_mode(conf))
+    for record, image, factors, error in decoded:
         if error is not None:
             yield ErrorRecord(record.id, str(record.path), error)
         else:
-            yield _as_stored(record.id, backend.extract(image), image.shape, factors)
+            yield _as_stored(record.id, extractor(image), image.shape, factors)
 
 
 def _as_stored(image_id: str, features: ImageFeatures, shape: tuple, factors: np.ndarray) -> ExtractedImage:

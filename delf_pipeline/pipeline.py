@@ -81,7 +81,8 @@ def candidate_local_store(config: dict, index_store: Path, wanted: set[str], dat
     if settings.get("local_features", True):
         return index_store
     local_config = copy.deepcopy(config)
-    local_config["extract"].update(settings, local_features=True)
+    local_config["extract"].update({k: v for k, v in settings.items() if k in local_config["extract"]},
+                                   local_features=True)
     codebook = index_store / "codebook.npy"
     log.info("extracting local features of %d shortlisted index images", len(wanted))
     return extract.run(local_config, data, Path(f"{index_store}-candidates"), split="train", only_ids=wanted,

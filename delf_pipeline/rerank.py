@@ -22,6 +22,7 @@ query sorted by score (descending).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 from collections import OrderedDict
 from pathlib import Path
@@ -30,10 +31,10 @@ import numpy as np
 import pandas as pd
 
 from .candidates import top_candidates
-from .config import fingerprint, load_config
+from .config import load_config
 from .extractors.features import ImageFeatures
 from .formats.store import FeatureStore
-from .utils.artifacts import check_manifest, parse_shard
+from .utils.artifacts import check_manifest, fingerprint, parse_shard, settings_manifest
 from .utils.blocks import (
     blocks_dir,
     read_table,
@@ -48,8 +49,6 @@ log = logging.getLogger("delf_pipeline.rerank")
 
 COLUMNS = ("query_id", "index_id", "global_score", "matches", "inliers", "score", "status")
 QUERY_BLOCK = 32  # queries per block: the unit of resume, sharding and parallel work
-VERIFY_KEYS = ("matcher", "match_threshold", "ratio", "verifier", "residual_threshold", "max_trials",
-               "confidence", "min_matches", "seed", "num_to_rerank", "min_inliers", "scoring", "max_inlier_score")
 
 
 def run(
@@ -92,9 +91,15 @@ def run(
 
 
 def rerank_manifest(conf: dict, shortlist: pd.DataFrame) -> dict:
-    settings = {key: conf[key] for key in VERIFY_KEYS}
-    content = fingerprint({"rows": len(shortlist), "head": shortlist.head(1000).to_csv(index=False)})
-    return {"settings": settings, "shortlist": content}
+    """Every ``rerank`` key (none of them is runtime-only: ``--jobs`` is not a setting) and the
+    whole shortlist's content: any changed row or key gives another manifest."""
+    return {**settings_manifest(conf), "shortlist": table_fingerprint(shortlist)}
+
+
+def table_fingerprint(table: pd.DataFrame) -> str:
+    """Hash of every cell (and the column names) of ``table``, in row order."""
+    rows = pd.util.hash_pandas_object(table, index=False).to_numpy()
+    return fingerprint({"columns": list(table.columns), "rows": hashlib.sha1(rows.tobytes()).hexdigest()})
 
 
 def require_local_features(index_store: Path) -> None:

@@ -19,9 +19,9 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .config import fingerprint, load_config
+from .config import load_config
 from .formats.store import FeatureStore
-from .utils.artifacts import check_manifest, parse_shard
+from .utils.artifacts import check_manifest, fingerprint, parse_shard, settings_manifest
 from .utils.blocks import blocks_dir, remove_outputs, run_blocks, write_block
 from .utils.progress import track
 
@@ -31,6 +31,7 @@ COLUMNS = ("query_id", "index_id", "rank", "score")
 QUERY_BLOCK = 1024  # queries per block (one output file each)
 PASS_QUERIES = 4096  # queries searched together in one pass over the index (whole blocks)
 CHUNK_BYTES = 64 << 20  # at most this much index data per matrix product
+RUNTIME_KEYS = ("chunk_rows", "device")  # shortlist keys that change how the products run, not their result
 PAD_ROW = np.iinfo(np.int64).max  # row of the -inf padding in candidate blocks (never kept)
 
 MatMul = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -50,7 +51,7 @@ def run(
     index, queries = FeatureStore(index_store), FeatureStore(query_store)
     if overwrite:
         remove_outputs(out)
-    manifest = {"top_k": conf["top_k"], "index_images": len(index), "query_images": len(queries),
+    manifest = {**settings_manifest(conf, RUNTIME_KEYS), "index_images": len(index), "query_images": len(queries),
                 "global_space": check_same_space(index, queries)}
     check_manifest(blocks_dir(out) / "manifest.json", manifest, what="shortlist")
     matmul = select_matmul(conf["device"])

@@ -31,9 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 
@@ -91,8 +89,9 @@ def write_skimage_photos(folder: Path) -> Path:
     return folder
 
 
-def load_backend(backend: str, conf: dict, folder: Path, scratch: Path) -> tuple[extract.Backend, float]:
-    """(backend, load seconds): the model loaded once, as the stage would load it."""
+def load_backend(backend: str, conf: dict, folder: Path, scratch: Path) -> tuple[extract.Extractor, float]:
+    """(extractor, load seconds): the model loaded once, as the stage would load it (rootsift:
+    with its codebook learned from ``folder``)."""
     records = list_images(folder)[0]
     start = time.perf_counter()
     loaded = extract.load_backend(conf["extract"], records, scratch / f"load-{backend}", None)
@@ -107,17 +106,13 @@ def time_bare(extractor, images: list) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def time_stage(backend: extract.Backend, conf: dict, folder: Path, out: Path) -> tuple[float, float]:
-    """(wall, CPU) seconds of the whole stage with ``backend``'s model, every image through it.
-
-    The features of the codebook sample that loading kept (``backend.ready``; the stage
-    stores them rather than extracting twice) are left out: this measures the per-image
-    cost, which is what an index much larger than the sample pays."""
-    every_image = replace(backend, ready={})
-    with mock.patch.object(extract, "load_backend", lambda *args: every_image):
-        wall, cpu = time.perf_counter(), time.process_time()
-        extract.run(conf, folder, out)
-        return time.perf_counter() - wall, time.process_time() - cpu
+def time_stage(extractor: extract.Extractor, conf: dict, folder: Path, out: Path) -> tuple[float, float]:
+    """(wall, CPU) seconds of the whole stage with the loaded ``extractor`` injected, every
+    image through it: the per-image cost, which is what an index much larger than the
+    codebook sample pays."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    extract.run(conf, folder, out, extractor=extractor)
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def bench_backend(backend: str, args: argparse.Namespace, groups: list[Path], scratch: Path) -> dict:
@@ -129,12 +124,12 @@ def bench_backend(backend: str, args: argparse.Namespace, groups: list[Path], sc
     decoded = [[load_image(r.path, conf["extract"]["max_image_size"], mode)[0] for r in list_images(group)[0]]
                for group in groups]
     images = [image for group in decoded for image in group]
-    loaded.extract(images[0])  # warm-up (first-call tracing, allocator)
+    loaded(images[0])  # warm-up (first-call tracing, allocator)
     bare, stage = [], []
     for repeat in range(args.repeats):
         bare_times, stage_times = np.zeros(2), np.zeros(2)  # (wall, CPU) summed over the groups
         for number, (group, group_images) in enumerate(zip(groups, decoded)):
-            bare_times += time_bare(loaded.extract, group_images)
+            bare_times += time_bare(loaded, group_images)
             stage_times += time_stage(loaded, conf, group, scratch / f"store-{backend}-{repeat}-{number}")
         bare.append(tuple(bare_times))
         stage.append(tuple(stage_times))

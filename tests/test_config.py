@@ -7,13 +7,18 @@ import pytest
 
 from delf_pipeline.cli import main as cli_main
 from delf_pipeline.config import (
+    CHOICES,
+    COMMENTS,
     DEFAULTS,
     ConfigError,
     list_presets,
     load_config,
+    RANGES,
     parse_override,
     to_toml,
+    tomllib,
 )
+from delf_pipeline.verification.pairs import MODES
 
 
 def test_every_preset_loads_and_names_every_section():
@@ -86,9 +91,85 @@ def test_config_command_prints_every_key_with_its_comment(capsys):
     text = capsys.readouterr().out
     assert "num_to_rerank = 3  # shortlisted candidates verified per query" in text
     keys = [line for line in text.splitlines() if re.match(r"^\w+ = ", line)]
-    assert len(keys) == sum(len(section) for section in DEFAULTS.values())
-    assert all(" # " in line for line in keys)  # every key has its comment
-    assert to_toml(load_config()).startswith("# preset: sift_default")
+    assert keys[0] == 'preset = "kaggle2020_baseline"'
+    assert len(keys[1:]) == sum(len(section) for section in DEFAULTS.values())
+    assert all(" # " in line for line in keys[1:])  # every key has its comment
+    assert to_toml(load_config()).startswith('preset = "sift_default"')
+
+
+def test_comments_are_data_for_every_key():
+    assert set(COMMENTS) == {(s, k) for s, keys in DEFAULTS.items() for k in keys}
+    assert all(COMMENTS.values())
+
+
+def test_printed_config_loads_back_to_the_same_settings(tmp_path):
+    config = load_config("kaggle2020_baseline", overrides=["rerank.num_to_rerank=3"])
+    (tmp_path / "saved.toml").write_text(to_toml(config))
+    assert load_config(config_file=tmp_path / "saved.toml") == config
+
+
+def test_a_config_file_is_layered_over_the_default_preset(tmp_path, capsys):
+    (tmp_path / "f.toml").write_text("[predict]\ntop_k = 7\n")
+    assert cli_main(["config", "--config", str(tmp_path / "f.toml")]) == 0
+    printed = tomllib.loads(capsys.readouterr().out)
+    default = load_config()
+    assert printed["preset"] == "sift_default" and printed["predict"]["top_k"] == 7
+    assert printed["rerank"] == default["rerank"]  # mutual + msac_affine, 20 candidates: not kdtree/skimage
+    assert printed["extract"] == default["extract"]
+
+
+def test_a_config_file_may_name_its_preset(tmp_path):
+    (tmp_path / "f.toml").write_text('preset = "kaggle2020_baseline"\n[predict]\ntop_k = 7\n')
+    config = load_config(config_file=tmp_path / "f.toml")
+    assert config["preset"] == "kaggle2020_baseline" and config["predict"]["top_k"] == 7
+    assert config["rerank"] == load_config("kaggle2020_baseline")["rerank"]
+    assert load_config("delg_gldv2", tmp_path / "f.toml")["preset"] == "delg_gldv2"  # --preset wins
+
+
+def test_the_default_rerank_settings_are_the_official_mode():
+    assert {key: DEFAULTS["rerank"][key] for key in MODES["official"]} == MODES["official"]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("extract.backend=nope", "extract.backend"),
+    ("extract.local_backend=hub", "extract.local_backend"),
+    ("extract.descriptor_dtype=int8", "extract.descriptor_dtype"),
+    ("extract.image_scales=[]", "extract.image_scales"),
+    ("extract.image_scales=[0.5, -1.0]", "extract.image_scales"),
+    ("extract.global_scale_indices=[-1]", "extract.global_scale_indices"),
+    ("extract.max_image_size=-1", "extract.max_image_size"),
+    ("extract.max_features=0", "extract.max_features"),
+    ("extract.affine_tilts=[0.5]", "extract.affine_tilts"),
+    ("extract.vlad_words=0", "extract.vlad_words"),
+    ("extract.codebook_images=0", "extract.codebook_images"),
+    ("extract.part_size=0", "extract.part_size"),
+    ("shortlist.top_k=0", "shortlist.top_k"),
+    ("shortlist.chunk_rows=0", "shortlist.chunk_rows"),
+    ("shortlist.device=tpu", "shortlist.device"),
+    ("rerank.num_to_rerank=-1", "rerank.num_to_rerank"),
+    ("rerank.matcher=flann", "rerank.matcher"),
+    ("rerank.match_threshold=0", "rerank.match_threshold"),
+    ("rerank.ratio=1.0", "rerank.ratio"),
+    ("rerank.verifier=nope", "rerank.verifier"),
+    ("rerank.residual_threshold=0", "rerank.residual_threshold"),
+    ("rerank.max_trials=0", "rerank.max_trials"),
+    ("rerank.confidence=1.0", "rerank.confidence"),
+    ("rerank.min_matches=-1", "rerank.min_matches"),
+    ("rerank.min_inliers=-1", "rerank.min_inliers"),
+    ("rerank.scoring=best", "rerank.scoring"),
+    ("rerank.max_inlier_score=0", "rerank.max_inlier_score"),
+    ("predict.top_k=0", "predict.top_k"),
+    ("predict.aggregation=mean", "predict.aggregation"),
+])
+def test_an_invalid_value_fails_at_load_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)} must"):
+        load_config(overrides=[override])
+
+
+def test_every_checked_key_is_a_setting_and_every_preset_passes_the_checks():
+    assert set(CHOICES) | set(RANGES) <= set(COMMENTS)
+    for name in list_presets():
+        load_config(name)  # validates
 
 
 def test_config_list(capsys):

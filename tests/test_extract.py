@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -374,15 +375,54 @@ def count_rootsift_calls(monkeypatch) -> list[int]:
     return seen
 
 
-def test_codebook_sample_is_extracted_once_and_stored_as_is(tmp_path, monkeypatch):
+def same_features(store: FeatureStore, other: FeatureStore) -> None:
+    assert sorted(store.ids) == sorted(other.ids)
+    for image_id in store.ids:
+        mine, theirs = store.features(image_id), other.features(image_id)
+        for name in ("locations", "descriptors", "scales", "scores", "global_descriptor"):
+            np.testing.assert_array_equal(getattr(mine, name), getattr(theirs, name), err_msg=f"{image_id} {name}")
+        assert store.size(image_id) == other.size(image_id)
+
+
+def test_codebook_sample_is_extracted_once_into_ordinary_parts(tmp_path, monkeypatch):
     write_photos(tmp_path / "photos", 8, side=200)
     seen = count_rootsift_calls(monkeypatch)
     learned = extract.run(config(codebook_images=5, part_size=3), tmp_path / "photos", tmp_path / "learned")
     assert seen == [2] * 8  # 5 sample images while learning + the 3 others; grey images only
+    assert sorted(p.name for p in learned.iterdir()) == ["codebook.npy", "errors.csv", "manifest.json", "parts"]
     given = extract.run(config(codebook_images=5, part_size=3), tmp_path / "photos", tmp_path / "given",
                         codebook=learned / "codebook.npy")
     assert len(seen) == 16  # with a codebook given, every image goes through the model
-    assert store_files(learned) == store_files(given)
+    same_features(FeatureStore(learned), FeatureStore(given))
+
+
+def test_a_run_killed_after_the_codebook_sample_resumes_it_as_ordinary_parts(tmp_path, monkeypatch):
+    write_photos(tmp_path / "photos", 6, side=200)
+    records = list_images(tmp_path / "photos")[0]
+    store, conf = tmp_path / "store", config(codebook_images=4, part_size=2)["extract"]
+    (store / "parts").mkdir(parents=True)
+    sample = store / "codebook-sample-1of1"
+    (sample / "parts").mkdir(parents=True)
+    extract._extract_parts(sample, records[:2], extract._rootsift_locals(conf), {**conf, "descriptor_dtype": "float32"},
+                           (1, 1), strict=False)  # half of the sample, then killed
+    seen = count_rootsift_calls(monkeypatch)
+    extract.run(config(codebook_images=4, part_size=2), tmp_path / "photos", store)
+    assert len(seen) == 4  # the 2 other sample images, then the 2 images outside the sample
+    fresh = extract.run(config(codebook_images=4, part_size=2), tmp_path / "photos", tmp_path / "fresh")
+    same_features(FeatureStore(store), FeatureStore(fresh))
+
+
+def test_an_injected_extractor_replaces_the_backend(tmp_path, monkeypatch):
+    from delf_pipeline.extractors.rootsift import empty_features
+
+    write_photos(tmp_path / "photos", 3, side=100)
+    monkeypatch.setattr(extract, "load_backend", lambda *a: pytest.fail("a backend was loaded"))
+    shapes = []
+    store = extract.run(config(), tmp_path / "photos", tmp_path / "store",
+                        extractor=lambda image: shapes.append(image.shape) or replace(
+                            empty_features(128), global_descriptor=np.ones(4, np.float32)))
+    assert len(shapes) == 3 and all(len(shape) == 2 for shape in shapes)  # grey, as rootsift is given
+    assert FeatureStore(store).global_matrix().shape == (3, 4) and not (store / "codebook.npy").exists()
 
 
 def test_codebook_sample_of_a_global_only_store_keeps_no_local_features(tmp_path):
@@ -423,6 +463,6 @@ def test_a_rootsift_store_decoded_in_colour_is_not_resumed_in_grey(small_store, 
     manifest = json.loads((old / "manifest.json").read_text())
     assert manifest["settings"].pop("decode") == "L"
     (old / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match="settings.decode: was None, now 'L'"):
+    with pytest.raises(ValueError, match=r"settings.decode: not recorded \(older manifest\), now 'L'"):
         extract.run(config(part_size=4), photos, old)
     assert "decode" not in extract.store_manifest(config(backend="savedmodel")["extract"])["settings"]

@@ -1,13 +1,14 @@
 """Helpers every stage shares: atomic writes, shard selection, manifests."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence, TypeVar
+from typing import Collection, Iterator, Sequence, TypeVar
 
 T = TypeVar("T")
 log = logging.getLogger("delf_pipeline.utils.artifacts")
@@ -82,6 +83,26 @@ def read_json(path: Path) -> dict:
         return json.load(handle)
 
 
+def fingerprint(data) -> str:
+    """A short stable hash of ``data`` (anything JSON-able), recorded in artifacts."""
+    text = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def settings_manifest(section: dict, ignored: Collection[str] = ()) -> dict:
+    """``{"settings", "fingerprint"}`` of a WHOLE config section minus ``ignored``, the short
+    explicit list of keys that cannot change the artifact (how it is computed, not what).
+
+    Every other key, including one added later, is covered: an artifact made with any other
+    value is refused by :func:`check_manifest`, which names the key.
+    """
+    unknown = sorted(set(ignored) - set(section))
+    if unknown:
+        raise ValueError(f"ignored keys {unknown} are not in the settings section {sorted(section)}")
+    settings = {key: value for key, value in section.items() if key not in ignored}
+    return {"settings": settings, "fingerprint": fingerprint(settings)}
+
+
 def check_manifest(path: Path, expected: dict, what: str) -> None:
     """Write ``expected`` to ``path`` or raise if an existing manifest differs.
 
@@ -89,7 +110,7 @@ def check_manifest(path: Path, expected: dict, what: str) -> None:
     """
     if path.exists():
         found = read_json(path)
-        lines = "; ".join(_differences({k: found.get(k) for k in expected}, expected))
+        lines = "; ".join(_differences({k: found[k] for k in expected if k in found}, expected))
         if lines:
             raise ValueError(
                 f"{what} at {path.parent} was made with other settings ({lines}). "
@@ -101,12 +122,20 @@ def check_manifest(path: Path, expected: dict, what: str) -> None:
 
 def _differences(found: dict, expected: dict, prefix: str = "") -> list[str]:
     """``key: was A, now B`` per differing key; nested dicts are compared key by key
-    (``settings.max_features: was 1000, now 500``) so the message names the setting."""
+    (``settings.max_features: was 1000, now 500``) so the message names the setting. A key
+    only one side records (a manifest written by an older version) is named as such."""
     lines = []
     for key in sorted(set(found) | set(expected)):
-        old, new = found.get(key), expected.get(key)
+        old, new = found.get(key, _MISSING), expected.get(key, _MISSING)
         if isinstance(old, dict) and isinstance(new, dict):
             lines += _differences(old, new, f"{prefix}{key}.")
+        elif old is _MISSING:
+            lines.append(f"{prefix}{key}: not recorded (older manifest), now {new!r}")
+        elif new is _MISSING:
+            lines.append(f"{prefix}{key}: was {old!r}, no longer a setting")
         elif old != new:
             lines.append(f"{prefix}{key}: was {old!r}, now {new!r}")
     return lines
+
+
+_MISSING = object()

@@ -1,0 +1,107 @@
+"""Staleness checks cannot miss a key: every key of every artifact-making section, changed
+alone, makes the stage refuse the existing artifact naming that key, unless the stage lists
+it as runtime-only (it changes how the artifact is computed, not what it holds).
+
+The keys are read from DEFAULTS, so a key added later is covered without touching this file.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from delf_pipeline import extract, rerank, shortlist
+from delf_pipeline.config import CHOICES, DEFAULTS, load_config
+from delf_pipeline.utils.artifacts import check_manifest, settings_manifest
+from synthetic_stores import local_features, random_unit_rows, shortlist_frame, write_store
+
+# the stage of each section that writes a resumable artifact; predict rewrites its output on
+# every run (nothing is reused), so it has no staleness check to miss
+RUNTIME_KEYS = {"extract": extract.RUNTIME_KEYS, "shortlist": shortlist.RUNTIME_KEYS, "rerank": ()}
+KEYS = [(section, key) for section in RUNTIME_KEYS for key in DEFAULTS[section]]
+
+
+def other_value(section: str, key: str, value):
+    """A different valid value of the same type as ``value``."""
+    if (section, key) in CHOICES:
+        return next(name for name in CHOICES[(section, key)] if name != value)
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "x"
+    return [*value, 2.0]
+
+
+def test_every_section_but_predict_has_a_staleness_check():
+    assert set(DEFAULTS) - set(RUNTIME_KEYS) == {"predict"}
+    assert all(set(keys) <= set(DEFAULTS[s]) for s, keys in RUNTIME_KEYS.items())
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory) -> dict:
+    """One finished artifact per stage, and a function rerunning that stage with a config."""
+    root = tmp_path_factory.mktemp("made")
+    config = load_config(overrides=["extract.vlad_words=4", "extract.max_image_size=128", "rerank.num_to_rerank=2"])
+    photos = root / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (96, 96), np.uint8)).save(photos / f"p{i}.png")
+    features = {f"i{n}": local_features(random_unit_rows(6, 2, n) * 50 + 60, random_unit_rows(6, 8, n + 9),
+                                        random_unit_rows(1, 4, n)[0]) for n in range(4)}
+    queries = write_store(root / "q", dict(list(features.items())[:2]), part_size=2, local_dim=8)
+    index = write_store(root / "i", features, part_size=2, local_dim=8)
+    shortlist_frame({"i0": [("i1", 0.5), ("i2", 0.4)], "i1": [("i0", 0.5), ("i3", 0.1)]}).to_csv(
+        root / "short.csv", index=False)
+    reruns = {
+        "extract": lambda c: extract.run(c, photos, root / "store"),
+        "shortlist": lambda c: shortlist.run(c, index, queries, root / "shortlist.csv"),
+        "rerank": lambda c: rerank.run(c, root / "short.csv", queries, index, root / "rerank.csv"),
+    }
+    for run in reruns.values():
+        run(config)
+    return {"config": config, "reruns": reruns}
+
+
+@pytest.mark.parametrize("section, key", KEYS, ids=[f"{s}.{k}" for s, k in KEYS])
+def test_a_changed_key_is_refused_naming_it_unless_runtime_only(made, section, key):
+    config = copy.deepcopy(made["config"])
+    config[section][key] = other_value(section, key, config[section][key])
+    if key in RUNTIME_KEYS[section]:
+        made["reruns"][section](config)  # reused as it is
+        return
+    with pytest.raises(ValueError, match=rf"settings\.{key}: was .*--overwrite"):
+        made["reruns"][section](config)
+
+
+def test_rerank_fingerprints_every_shortlist_row_not_the_head():
+    candidates = {f"q{q:04d}": [(f"i{i}", 0.5 - i / 10) for i in range(3)] for q in range(1000)}
+    table = shortlist_frame(candidates)
+    changed = table.copy()
+    changed.loc[len(changed) - 1, "score"] = 0.0  # the last of 3000 rows
+    conf = load_config()["rerank"]
+    assert rerank.rerank_manifest(conf, table) != rerank.rerank_manifest(conf, changed)
+    assert rerank.rerank_manifest(conf, table) == rerank.rerank_manifest(conf, table.copy())
+
+
+def test_settings_manifest_covers_the_whole_section_minus_the_ignored_keys():
+    section = {"a": 1, "b": [1.0], "speed": 9}
+    manifest = settings_manifest(section, ignored=("speed",))
+    assert manifest["settings"] == {"a": 1, "b": [1.0]}
+    assert manifest == settings_manifest({**section, "speed": 10}, ignored=("speed",))
+    assert manifest["fingerprint"] != settings_manifest({**section, "a": 2}, ("speed",))["fingerprint"]
+    with pytest.raises(ValueError, match=r"ignored keys \['nope'\]"):
+        settings_manifest(section, ignored=("nope",))
+
+
+def test_a_manifest_of_an_older_version_is_refused_saying_so(tmp_path: Path):
+    old = {"top_k": 100, "index_images": 3}
+    check_manifest(tmp_path / "manifest.json", old, what="shortlist")
+    with pytest.raises(ValueError) as error:
+        check_manifest(tmp_path / "manifest.json", {"settings": {"top_k": 100}, "index_images": 3}, "shortlist")
+    assert "settings: not recorded (older manifest), now {'top_k': 100}" in str(error.value)
