@@ -121,7 +121,15 @@ def test_rerun_skips_every_stage_and_gives_the_same_submission(kaggle_run, caplo
 def test_demo_runs_and_writes_metrics(tmp_path, capsys):
     assert cli_main(["demo", "--out", str(tmp_path)]) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert 0 <= metrics["gap"] <= 1 and metrics["queries"] == 22
+    # the demo is seeded: its exact metrics (found by running it; fractions of its 22 queries,
+    # 16 of them landmarks with 3 index views each)
+    assert (metrics["queries"], metrics["landmark_queries"], metrics["predicted"]) == (22, 16, 22)
+    assert (metrics["gap"], metrics["gap_ignoring_non_landmarks"], metrics["accuracy"]) == (1.0, 1.0, 1.0)
+    retrieval = metrics["retrieval"]
+    assert retrieval == pytest.approx({
+        "map@100": 55 / 56, "mrr": 1.0, "precision@1": 1.0, "precision@5": 47 / 80, "precision@10": 47 / 160,
+        "precision@100": 3 / 100, "recall@1": 1 / 3, "recall@5": 47 / 48, "recall@10": 47 / 48,
+        "recall@100": 1.0, "queries": 16, "skipped_no_relevant": 6}, rel=1e-12)
     assert validate_submission(tmp_path / "run" / "submission.csv") == []
     assert "submission" in capsys.readouterr().out
 
