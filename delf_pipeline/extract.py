@@ -24,6 +24,7 @@ from typing import Callable, Collection, Iterable, Iterator, Sequence
 import numpy as np
 
 from .config import load_config
+from .export.efficientnet_lite0 import BUILTIN, builtin_model, export_record
 from .extractors.features import ImageFeatures
 from .formats.images import (
     ErrorRecord,
@@ -86,6 +87,7 @@ def run(
         raise ImageError(_describe(listing_errors[0]))
     if overwrite:
         remove_store(out)
+    conf = resolve_model(conf, records)
     check_manifest(out / "manifest.json", store_manifest(conf), what="feature store")
     (out / "parts").mkdir(parents=True, exist_ok=True)
     if not pending_records(out, records, shard):
@@ -103,10 +105,24 @@ def decode_mode(conf: dict) -> str:
 
 
 def store_manifest(conf: dict) -> dict:
-    """The store's manifest: every ``extract`` key but :data:`RUNTIME_KEYS`, and how images
-    were decoded (``decode``, recorded when not RGB: older stores were all decoded in RGB)."""
+    """The store's manifest: every ``extract`` key but :data:`RUNTIME_KEYS`, how images were
+    decoded (``decode``, recorded when not RGB: older stores were all decoded in RGB) and, for a
+    model exported by this package, what the export was made from (``model_export``)."""
     decode = {"decode": decode_mode(conf)} if decode_mode(conf) != "RGB" else {}
-    return {"format_version": FORMAT_VERSION, **settings_manifest({**conf, **decode}, RUNTIME_KEYS)}
+    manifest = {"format_version": FORMAT_VERSION, **settings_manifest({**conf, **decode}, RUNTIME_KEYS)}
+    record = export_record(conf["model"]) if conf["model"] else None
+    return {**manifest, "model_export": record} if record else manifest
+
+
+def resolve_model(conf: dict, records: Sequence[ImageRecord]) -> dict:
+    """``conf`` with ``model = "builtin:efficientnet_lite0"`` replaced by the folder of its export,
+    which is made on first use with the local PCA learned from ``records`` (the index images
+    about to be extracted); any other model is left as it is."""
+    if not conf["model"].startswith("builtin:"):
+        return conf
+    if conf["model"] != BUILTIN:
+        raise ValueError(f"unknown built-in model extract.model={conf['model']!r}; the built-in one is {BUILTIN!r}")
+    return {**conf, "model": str(builtin_model(conf, records))}
 
 
 def pending_records(out: Path, records: Sequence[ImageRecord], shard: tuple[int, int]) -> list[ImageRecord]:

@@ -50,7 +50,7 @@ def run(
     features = out / "features"
     index_store = extract.run(config, data, features / "index", split="train", overwrite=overwrite)
     codebook = index_store / "codebook.npy"
-    query_store = extract.run(_with_local_features(config), data, features / "query", split="test",
+    query_store = extract.run(_query_config(config, index_store), data, features / "query", split="test",
                               overwrite=overwrite, codebook=codebook if codebook.exists() else None)
     shortlist_csv = shortlist.run(config, index_store, query_store, out / "shortlist.csv", overwrite=overwrite)
     rerank_csv = None
@@ -89,9 +89,11 @@ def candidate_local_store(config: dict, index_store: Path, wanted: set[str], dat
                        codebook=codebook if codebook.exists() else None)
 
 
-def _with_local_features(config: dict) -> dict:
-    """Queries always need local features, whatever extract.local_features says for the index."""
-    return {**config, "extract": {**config["extract"], "local_features": True}}
+def _query_config(config: dict, index_store: Path) -> dict:
+    """The queries' settings: local features always, whatever extract.local_features says for the
+    index, and the index store's model (a built-in model is exported, with its PCA, for the index)."""
+    model = FeatureStore(index_store).manifest()["settings"]["model"]
+    return {**config, "extract": {**config["extract"], "local_features": True, "model": model}}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
