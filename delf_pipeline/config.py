@@ -10,6 +10,7 @@ import argparse
 import copy
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -211,60 +212,57 @@ def _probability(value: float) -> str | None:
     return None if 0 < value < 1 else "must be in (0, 1)"
 
 
-#: Keys whose value is one of a few names: (section, key) -> the names.
-CHOICES: dict[tuple[str, str], tuple[Any, ...]] = {
-    ("extract", "backend"): ("rootsift", "savedmodel", "hub"),
-    ("extract", "local_backend"): ("", "rootsift"),
-    ("extract", "descriptor_dtype"): ("float16", "float32"),
-    ("shortlist", "device"): ("auto", "cpu", "gpu"),
-    ("rerank", "matcher"): MATCHERS,
-    ("rerank", "verifier"): VERIFIERS,
-    ("rerank", "scoring"): ("official", "kaggle2020"),
-    ("predict", "aggregation"): ("sum", "max"),
-}
-#: The check of every other key with a domain beyond its type: (section, key) -> check(value),
-#: which returns None when the value is valid, else what is wrong.
-RANGES: dict[tuple[str, str], Callable[[Any], str | None]] = {
+@dataclass(frozen=True)
+class OneOf:
+    """The check of a key whose value is one of a few ``names``."""
+
+    names: tuple
+
+    def __call__(self, value: Any) -> str | None:
+        return None if value in self.names else f"must be one of {', '.join(map(repr, self.names))}"
+
+
+#: The one validation table: (section, key) -> check(value), which returns None when the value
+#: is valid, else what is wrong. Keys not listed accept any value of their default's type.
+CHECKS: dict[tuple[str, str], Callable[[Any], str | None]] = {
+    ("extract", "backend"): OneOf(("rootsift", "savedmodel", "hub")),
+    ("extract", "local_backend"): OneOf(("", "rootsift")),
     ("extract", "image_scales"): _list_of(_positive, "> 0"),
     ("extract", "global_scale_indices"): _indices,
     ("extract", "max_image_size"): _at_least(0),
     ("extract", "max_features"): _at_least(1),
+    ("extract", "descriptor_dtype"): OneOf(("float16", "float32")),
     ("extract", "affine_tilts"): _list_of(_at_least(1), ">= 1"),
     ("extract", "vlad_words"): _at_least(1),
     ("extract", "codebook_images"): _at_least(1),
     ("extract", "part_size"): _at_least(1),
     ("shortlist", "top_k"): _at_least(1),
     ("shortlist", "chunk_rows"): _at_least(1),
+    ("shortlist", "device"): OneOf(("auto", "cpu", "gpu")),
     ("rerank", "num_to_rerank"): _at_least(0),
+    ("rerank", "matcher"): OneOf(MATCHERS),
     ("rerank", "match_threshold"): _positive,
     ("rerank", "ratio"): _between(0, 1),
+    ("rerank", "verifier"): OneOf(VERIFIERS),
     ("rerank", "residual_threshold"): _positive,
     ("rerank", "max_trials"): _at_least(1),
     ("rerank", "confidence"): _probability,
     ("rerank", "min_matches"): _at_least(0),
     ("rerank", "min_inliers"): _at_least(0),
+    ("rerank", "scoring"): OneOf(("official", "kaggle2020")),
     ("rerank", "max_inlier_score"): _at_least(1),
     ("predict", "top_k"): _at_least(1),
+    ("predict", "aggregation"): OneOf(("sum", "max")),
 }
 
 
-def problem_of(section: str, key: str, value: Any) -> str | None:
-    """What is wrong with ``value`` for ``section.key`` (:data:`CHOICES`, :data:`RANGES`), or None."""
-    if (section, key) in CHOICES:
-        names = CHOICES[(section, key)]
-        return None if value in names else f"must be one of {', '.join(map(repr, names))}"
-    check = RANGES.get((section, key))
-    return check(value) if check else None
-
-
 def validate(config: dict) -> None:
-    """Raise ConfigError naming the first key of ``config`` with an invalid value."""
-    for section, keys in DEFAULTS.items():
-        for key in keys:
-            value = config[section][key]
-            problem = problem_of(section, key, value)
-            if problem:
-                raise ConfigError(f"{section}.{key} {problem}, got {value!r}")
+    """Raise ConfigError naming the first key of ``config`` that :data:`CHECKS` rejects."""
+    for (section, key), check in CHECKS.items():
+        value = config[section][key]
+        problem = check(value)
+        if problem:
+            raise ConfigError(f"{section}.{key} {problem}, got {value!r}")
 
 
 def to_toml(config: dict) -> str:
