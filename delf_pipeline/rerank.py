@@ -93,7 +93,7 @@ def run(
 def rerank_manifest(conf: dict, shortlist: pd.DataFrame) -> dict:
     """Every ``rerank`` key (none of them is runtime-only: ``--jobs`` is not a setting) and the
     whole shortlist's content: any changed row or key gives another manifest."""
-    return {**settings_manifest(conf), "shortlist": table_fingerprint(shortlist)}
+    return {**settings_manifest(conf), "shortlist_content": table_fingerprint(shortlist)}
 
 
 def table_fingerprint(table: pd.DataFrame) -> str:

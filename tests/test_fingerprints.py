@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from delf_pipeline import extract, rerank, shortlist
-from delf_pipeline.config import CHOICES, DEFAULTS, load_config
+from delf_pipeline.config import CHECKS, DEFAULTS, OneOf, load_config
 from delf_pipeline.utils.artifacts import check_manifest, settings_manifest
 from synthetic_stores import local_features, random_unit_rows, shortlist_frame, write_store
 
@@ -26,8 +26,9 @@ KEYS = [(section, key) for section in RUNTIME_KEYS for key in DEFAULTS[section]]
 
 def other_value(section: str, key: str, value):
     """A different valid value of the same type as ``value``."""
-    if (section, key) in CHOICES:
-        return next(name for name in CHOICES[(section, key)] if name != value)
+    check = CHECKS.get((section, key))
+    if isinstance(check, OneOf):
+        return next(name for name in check.names if name != value)
     if isinstance(value, bool):
         return not value
     if isinstance(value, (int, float)):
@@ -65,7 +66,7 @@ def made(tmp_path_factory) -> dict:
     }
     for run in reruns.values():
         run(config)
-    return {"config": config, "reruns": reruns}
+    return {"config": config, "reruns": reruns, "root": root}
 
 
 @pytest.mark.parametrize("section, key", KEYS, ids=[f"{s}.{k}" for s, k in KEYS])
@@ -87,6 +88,14 @@ def test_rerank_fingerprints_every_shortlist_row_not_the_head():
     conf = load_config()["rerank"]
     assert rerank.rerank_manifest(conf, table) != rerank.rerank_manifest(conf, changed)
     assert rerank.rerank_manifest(conf, table) == rerank.rerank_manifest(conf, table.copy())
+
+
+def test_rerank_refuses_a_shortlist_with_another_row(made, tmp_path):
+    root = made["root"]
+    changed = tmp_path / "short.csv"
+    changed.write_text((root / "short.csv").read_text().replace("i3,2,0.1", "i3,2,0.2"))
+    with pytest.raises(ValueError, match="shortlist_content: was .*--overwrite"):
+        rerank.run(made["config"], changed, root / "q", root / "i", root / "rerank.csv")
 
 
 def test_settings_manifest_covers_the_whole_section_minus_the_ignored_keys():
