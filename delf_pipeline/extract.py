@@ -87,7 +87,7 @@ def run(
         raise ImageError(_describe(listing_errors[0]))
     if overwrite:
         remove_store(out)
-    conf = resolve_model(conf, records)
+    conf = resolve_model(conf, records) if extractor is None else conf
     check_manifest(out / "manifest.json", store_manifest(conf), what="feature store")
     (out / "parts").mkdir(parents=True, exist_ok=True)
     if not pending_records(out, records, shard):
@@ -122,7 +122,10 @@ def resolve_model(conf: dict, records: Sequence[ImageRecord]) -> dict:
         return conf
     if conf["model"] != BUILTIN:
         raise ValueError(f"unknown built-in model extract.model={conf['model']!r}; the built-in one is {BUILTIN!r}")
-    return {**conf, "model": str(builtin_model(conf, records))}
+    model = builtin_model(conf, records)
+    log.info("%s is %s; extract the queries of these index images with --set extract.model=%s (its PCA was "
+             "learned from them; `delf-pipeline run` does this itself)", BUILTIN, model, model)
+    return {**conf, "model": str(model)}
 
 
 def pending_records(out: Path, records: Sequence[ImageRecord], shard: tuple[int, int]) -> list[ImageRecord]:
@@ -148,7 +151,9 @@ def _load_backend(conf: dict, records: Sequence[ImageRecord], out: Path, codeboo
     backend, local_backend = conf["backend"], conf["local_backend"]
     if backend == "rootsift":
         words = _stored_codebook(out, codebook)
-        return _rootsift_extractor(conf, codebook_step(out, records, conf, shard) if words is None else words)
+        if words is None or _sample_store(out, shard).is_dir():  # to learn, or a killed run's step to finish
+            words = codebook_step(out, records, conf, shard, words)
+        return _rootsift_extractor(conf, words)
     if backend not in ("savedmodel", "hub"):
         raise ValueError(f"unknown extract.backend {backend!r}; use rootsift, savedmodel or hub")
     if local_backend not in ("", "rootsift"):
@@ -203,28 +208,36 @@ def _stored_codebook(out: Path, given) -> np.ndarray | None:
     return np.load(path) if path.exists() else None
 
 
-def codebook_step(out: Path, records: Sequence[ImageRecord], conf: dict, shard: tuple[int, int]) -> np.ndarray:
+def codebook_step(out: Path, records: Sequence[ImageRecord], conf: dict, shard: tuple[int, int],
+                  words: np.ndarray | None = None) -> np.ndarray:
     """Learn the VLAD codebook [K, 128] of the store ``out`` (saved as ``out/codebook.npy``).
 
     An ordinary resumable step: the sample's RootSIFT features are extracted, in parts, into
     the store ``out/codebook-sample-IofN`` (float32, as the extraction computes VLAD); the
-    codebook is learned from them; then this shard's sample images are written as ordinary
-    parts of ``out`` with their VLAD, so the extraction that follows skips them like any
+    codebook is learned from them (unless a killed run already saved it: ``words``); then this
+    shard's sample images are written as ordinary parts of ``out`` with their VLAD (the first
+    parts: store order is part order), so the extraction that follows skips them like any
     finished image, and the sample store is removed. Every shard learns the same codebook.
     """
-    sample_out = out / f"codebook-sample-{shard[0]}of{shard[1]}"
+    sample_out = _sample_store(out, shard)
     sample = _codebook_sample(records, conf)
     sample_conf = {**conf, "descriptor_dtype": "float32"}
-    (sample_out / "parts").mkdir(parents=True, exist_ok=True)
+    for folder in (out, sample_out):
+        (folder / "parts").mkdir(parents=True, exist_ok=True)
     _extract_parts(sample_out, pending_records(sample_out, sample, (1, 1)), _rootsift_locals(conf), sample_conf,
                    (1, 1), strict=False, label="codebook sample")
     store = FeatureStore(sample_out)
-    words = _learn_codebook(store, conf, out)
+    words = _learn_codebook(store, conf, out) if words is None else words
     mine = [r for r in pending_records(out, records, shard) if r.id in store]
     _write_parts(out, _with_vlad(store, mine, words, conf), len(mine), conf, shard, strict=False,
                  label="codebook sample to the store")
     remove_store(sample_out)
     return words
+
+
+def _sample_store(out: Path, shard: tuple[int, int]) -> Path:
+    """The folder of this shard's codebook sample store (see :func:`codebook_step`)."""
+    return out / f"codebook-sample-{shard[0]}of{shard[1]}"
 
 
 def _codebook_sample(records: Sequence[ImageRecord], conf: dict) -> list[ImageRecord]:

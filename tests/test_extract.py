@@ -130,10 +130,13 @@ def mini_run(tmp_path_factory):
 
 @needs_mini
 def test_default_extraction_stores_all_79_photos(mini_run):
-    result, _, store = mini_run
+    result, folder, store = mini_run
     assert result.returncode == 0, result.stderr
     features = FeatureStore(store)
-    assert features.ids == [r.id for r in list_images(MINI)[0]] and len(features) == 79
+    assert sorted(features.ids) == sorted(r.id for r in list_images(MINI)[0]) and len(features) == 79
+    records = list_images(folder)[0]
+    sample = [r.id for r in records[:: len(records) // 20][:20] if r.id in features]
+    assert features.ids[: len(sample)] == sample  # the codebook sample's parts come first
     with open(MINI / "labels.csv", newline="") as handle:
         sizes = {row["image"].rsplit(".", 1)[0]: (int(row["height"]), int(row["width"])) for row in csv.DictReader(handle)}
     for image_id in features.ids:
@@ -410,6 +413,24 @@ def test_a_run_killed_after_the_codebook_sample_resumes_it_as_ordinary_parts(tmp
     assert len(seen) == 4  # the 2 other sample images, then the 2 images outside the sample
     fresh = extract.run(config(codebook_images=4, part_size=2), tmp_path / "photos", tmp_path / "fresh")
     same_features(FeatureStore(store), FeatureStore(fresh))
+
+
+def test_a_run_killed_after_learning_the_codebook_finishes_the_step(tmp_path, monkeypatch):
+    write_photos(tmp_path / "photos", 6, side=200)
+    fresh = extract.run(config(codebook_images=4, part_size=2), tmp_path / "photos", tmp_path / "fresh")
+    records = list_images(tmp_path / "photos")[0]
+    store, conf = tmp_path / "store", config(codebook_images=4, part_size=2)["extract"]
+    sample = store / "codebook-sample-1of1"
+    (sample / "parts").mkdir(parents=True)
+    (store / "parts").mkdir()
+    extract._extract_parts(sample, records[:4], extract._rootsift_locals(conf), {**conf, "descriptor_dtype": "float32"},
+                           (1, 1), strict=False)  # the whole sample, the codebook saved, then killed
+    shutil.copy(fresh / "codebook.npy", store / "codebook.npy")
+    seen = count_rootsift_calls(monkeypatch)
+    extract.run(config(codebook_images=4, part_size=2), tmp_path / "photos", store)
+    assert len(seen) == 2 and not sample.exists()  # the sample's images come from its store
+    same_features(FeatureStore(store), FeatureStore(fresh))
+    assert FeatureStore(store).ids == FeatureStore(fresh).ids
 
 
 def test_an_injected_extractor_replaces_the_backend(tmp_path, monkeypatch):
