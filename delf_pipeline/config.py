@@ -33,7 +33,7 @@ def _official(key: str, comment: str) -> tuple[Any, str]:
 #: Every setting as section -> key -> (default value, the comment printed beside it).
 SETTINGS: dict[str, dict[str, tuple[Any, str]]] = {
     "extract": {
-        "backend": ("rootsift", "rootsift (embedded default) | savedmodel (DELF/DELG export) | hub (DELF v1)"),
+        "backend": ("rootsift", "rootsift (embedded default) | xfeat | savedmodel (DELF/DELG export) | hub (DELF v1)"),
         "model": ("", "SavedModel folder or TF Hub handle (savedmodel / hub backends)"),
         "image_scales": ([0.7071, 1.0, 1.4142], "pyramid scales fed to the model"),
         "global_scale_indices": ([0, 1, 2], "which of image_scales build the global descriptor"),
@@ -42,10 +42,13 @@ SETTINGS: dict[str, dict[str, tuple[Any, str]]] = {
         "max_features": (1000, "local features kept per image"),
         "descriptor_dtype": ("float16", "float16 halves the store; float32 keeps it exact"),
         "affine_tilts": ([1.0], "rootsift: [1, 2, 4] adds simulated views (ASIFT) for extreme viewpoints"),
-        "vlad_words": (256, "rootsift: VLAD codebook size (global dim = words x 128)"),
-        "codebook_images": (500, "rootsift: index images sampled to learn the codebook"),
-        "seed": (0, "rootsift: codebook k-means seed"),
-        "local_backend": ("", '"" (same as backend) | rootsift: RootSIFT local features with a model\'s global'),
+        "vlad_words": (256, "rootsift, xfeat: VLAD codebook size (global dim = words x 128, x 64 for xfeat)"),
+        "codebook_images": (500, "rootsift, xfeat: index images sampled to learn the codebook"),
+        "seed": (0, "rootsift, xfeat: codebook k-means seed"),
+        "local_backend": ("", '"" (same as backend) | rootsift | xfeat: these local features with a model\'s global'),
+        "xfeat_weights": ("", 'xfeat: folder with xfeat.pt and LICENSE; "" = the cache (delf-pipeline weights fetch xfeat)'),
+        "xfeat_threshold": (0.05, "xfeat: keypoint heatmap threshold of the non-maximum suppression (authors' 0.05)"),
+        "xfeat_scales": ([1.0], "xfeat: image scales detected on; the best max_features of all are kept"),
         "local_features": (True, "false: store global descriptors only (local ones on demand at rerank)"),
         "part_size": (256, "images per store part (unit of atomic write and resume)"),
     },
@@ -225,8 +228,10 @@ class OneOf:
 #: The one validation table: (section, key) -> check(value), which returns None when the value
 #: is valid, else what is wrong. Keys not listed accept any value of their default's type.
 CHECKS: dict[tuple[str, str], Callable[[Any], str | None]] = {
-    ("extract", "backend"): OneOf(("rootsift", "savedmodel", "hub")),
-    ("extract", "local_backend"): OneOf(("", "rootsift")),
+    ("extract", "backend"): OneOf(("rootsift", "xfeat", "savedmodel", "hub")),
+    ("extract", "local_backend"): OneOf(("", "rootsift", "xfeat")),
+    ("extract", "xfeat_threshold"): _between(0, 1),
+    ("extract", "xfeat_scales"): _list_of(_positive, "> 0"),
     ("extract", "image_scales"): _list_of(_positive, "> 0"),
     ("extract", "global_scale_indices"): _indices,
     ("extract", "max_image_size"): _at_least(0),

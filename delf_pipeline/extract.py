@@ -4,6 +4,8 @@ Backends (``extract.backend``):
 
 * ``rootsift`` (embedded default, no download): OpenCV SIFT + RootSIFT local features and a
   RootSIFT-VLAD global descriptor over a codebook learned from the index images;
+* ``xfeat``: XFeat learned local features (64-d, weights fetched once with
+  ``delf-pipeline weights fetch xfeat``) and a VLAD of them over a codebook learned the same way;
 * ``savedmodel``: a DELF/DELG SavedModel exported by the official code (TF1 tensors or the
   TF2 export), from the path in ``extract.model``;
 * ``hub``: the TF Hub DELF v1 module (local folder or hub handle).
@@ -56,6 +58,7 @@ log = logging.getLogger("delf_pipeline.extract")
 
 Extractor = Callable[[np.ndarray], ImageFeatures]
 RUNTIME_KEYS = ("part_size",)  # extract keys that change how the store is written, not what it holds
+LOCAL_BACKENDS = ("rootsift", "xfeat")  # backends with their own local features and a VLAD global
 
 
 def run(
@@ -100,7 +103,8 @@ def run(
 
 def decode_mode(conf: dict) -> str:
     """How the stage decodes images for the configured backend: ``"L"`` (grey) for the pure
-    RootSIFT backend, which uses no colour, else ``"RGB"``."""
+    RootSIFT backend, which uses no colour, else ``"RGB"`` (XFeat averages the three channels,
+    which is not the luma that grey decoding gives)."""
     return "L" if conf["backend"] == "rootsift" else "RGB"
 
 
@@ -137,8 +141,8 @@ def pending_records(out: Path, records: Sequence[ImageRecord], shard: tuple[int,
 def load_backend(conf: dict, records: Sequence[ImageRecord], out: Path, codebook: str | Path | None,
                  shard: tuple[int, int] = (1, 1)) -> Extractor:
     """The configured backend, loaded once; it keeps only global descriptors when
-    ``local_features`` is false. RootSIFT needs a codebook: ``codebook``, else ``out/codebook.npy``,
-    else one learned by :func:`codebook_step` from ``records`` (all of the index)."""
+    ``local_features`` is false. RootSIFT and XFeat need a codebook: ``codebook``, else
+    ``out/codebook.npy``, else one learned by :func:`codebook_step` from ``records`` (all of the index)."""
     extractor = _load_backend(conf, records, out, codebook, shard)
     if conf["local_features"]:
         return extractor
@@ -146,47 +150,52 @@ def load_backend(conf: dict, records: Sequence[ImageRecord], out: Path, codebook
 
 
 def _load_backend(conf: dict, records: Sequence[ImageRecord], out: Path, codebook, shard) -> Extractor:
-    """With ``local_backend = "rootsift"`` and another ``backend``, the global descriptor comes
-    from ``backend`` and the local features from RootSIFT (a hybrid)."""
+    """With ``local_backend`` set (rootsift or xfeat) and a model ``backend``, the global
+    descriptor comes from the model and the local features from ``local_backend`` (a hybrid)."""
     backend, local_backend = conf["backend"], conf["local_backend"]
-    if backend == "rootsift":
+    if backend in LOCAL_BACKENDS:
+        local = local_extractor(conf, backend)
         words = _stored_codebook(out, codebook)
         if words is None or _sample_store(out, shard).is_dir():  # to learn, or a killed run's step to finish
-            words = codebook_step(out, records, conf, shard, words)
-        return _rootsift_extractor(conf, words)
+            words = codebook_step(out, records, conf, shard, words, local)
+        return _vlad_extractor(local, words)
     if backend not in ("savedmodel", "hub"):
-        raise ValueError(f"unknown extract.backend {backend!r}; use rootsift, savedmodel or hub")
-    if local_backend not in ("", "rootsift"):
-        raise ValueError(f"extract.local_backend must be empty (same as backend) or rootsift, got {local_backend!r}")
+        raise ValueError(f"unknown extract.backend {backend!r}; use rootsift, xfeat, savedmodel or hub")
+    if local_backend not in ("", *LOCAL_BACKENDS):
+        raise ValueError(f"extract.local_backend must be empty (same as backend), rootsift or xfeat, "
+                         f"got {local_backend!r}")
     from .extractors.models import load_extractor
 
     model = load_extractor(conf)
-    if local_backend == "rootsift":
-        return _with_rootsift_locals(model, conf)
+    if local_backend:
+        return _with_locals(model, local_extractor(conf, local_backend))
     return model
 
 
-def _rootsift_locals(conf: dict) -> Extractor:
-    """RootSIFT local features only (no global descriptor), as the config asks."""
-    from .extractors.rootsift import extract_rootsift
+def local_extractor(conf: dict, name: str) -> Extractor:
+    """Local features only (no global descriptor) of the local backend ``name`` (rootsift or
+    xfeat), as the config asks. XFeat's weights come from ``xfeat_weights`` or the cache."""
+    if name == "rootsift":
+        from .extractors.rootsift import extract_rootsift
 
-    return lambda image: extract_rootsift(image, conf["max_features"], conf["affine_tilts"])
+        return lambda image: extract_rootsift(image, conf["max_features"], conf["affine_tilts"])
+    from .extractors import weights, xfeat
+
+    path = weights.locate("xfeat", conf["xfeat_weights"] or None)
+    return xfeat.XFeatExtractor(xfeat.load_weights(path), conf["max_features"], conf["xfeat_threshold"],
+                                tuple(conf["xfeat_scales"]))
 
 
-def _with_rootsift_locals(model: Extractor, conf: dict) -> Extractor:
-    local = _rootsift_locals(conf)
-
+def _with_locals(model: Extractor, local: Extractor) -> Extractor:
     def extract(image: np.ndarray) -> ImageFeatures:
         return replace(local(image), global_descriptor=model(image).global_descriptor)
 
     return extract
 
 
-def _rootsift_extractor(conf: dict, words: np.ndarray) -> Extractor:
-    """RootSIFT locals + VLAD global over the codebook ``words`` [K, 128], on grey images."""
+def _vlad_extractor(local: Extractor, words: np.ndarray) -> Extractor:
+    """``local`` features + VLAD global over the codebook ``words`` [K, D]."""
     from .extractors.rootsift import vlad
-
-    local = _rootsift_locals(conf)
 
     def extract(image: np.ndarray) -> ImageFeatures:
         features = local(image)
@@ -196,7 +205,7 @@ def _rootsift_extractor(conf: dict, words: np.ndarray) -> Extractor:
 
 
 def _stored_codebook(out: Path, given) -> np.ndarray | None:
-    """The store's VLAD codebook [K, 128], copied from ``given`` if set; None if it has none yet."""
+    """The store's VLAD codebook [K, D], copied from ``given`` if set; None if it has none yet."""
     path = out / "codebook.npy"
     if given is not None:
         given_words = np.load(given)
@@ -209,10 +218,11 @@ def _stored_codebook(out: Path, given) -> np.ndarray | None:
 
 
 def codebook_step(out: Path, records: Sequence[ImageRecord], conf: dict, shard: tuple[int, int],
-                  words: np.ndarray | None = None) -> np.ndarray:
-    """Learn the VLAD codebook [K, 128] of the store ``out`` (saved as ``out/codebook.npy``).
+                  words: np.ndarray | None = None, local: Extractor | None = None) -> np.ndarray:
+    """Learn the VLAD codebook [K, D] of the store ``out`` (saved as ``out/codebook.npy``).
 
-    An ordinary resumable step: the sample's RootSIFT features are extracted, in parts, into
+    An ordinary resumable step: the sample's local features (``local``, default the
+    configured backend's) are extracted, in parts, into
     the store ``out/codebook-sample-IofN`` (float32, as the extraction computes VLAD); the
     codebook is learned from them (unless a killed run already saved it: ``words``); then this
     shard's sample images are written as ordinary parts of ``out`` with their VLAD (the first
@@ -224,7 +234,8 @@ def codebook_step(out: Path, records: Sequence[ImageRecord], conf: dict, shard: 
     sample_conf = {**conf, "descriptor_dtype": "float32"}
     for folder in (out, sample_out):
         (folder / "parts").mkdir(parents=True, exist_ok=True)
-    _extract_parts(sample_out, pending_records(sample_out, sample, (1, 1)), _rootsift_locals(conf), sample_conf,
+    local = local or local_extractor(conf, conf["backend"])
+    _extract_parts(sample_out, pending_records(sample_out, sample, (1, 1)), local, sample_conf,
                    (1, 1), strict=False, label="codebook sample")
     store = FeatureStore(sample_out)
     words = _learn_codebook(store, conf, out) if words is None else words
@@ -248,7 +259,7 @@ def _codebook_sample(records: Sequence[ImageRecord], conf: dict) -> list[ImageRe
 
 
 def _learn_codebook(sample: FeatureStore, conf: dict, out: Path) -> np.ndarray:
-    """k-means codebook [K, 128] of the sample store's descriptors, saved as ``out/codebook.npy``."""
+    """k-means codebook [K, D] of the sample store's descriptors, saved as ``out/codebook.npy``."""
     from .extractors.rootsift import learn_codebook
 
     log.info("learning a %d-word VLAD codebook from %d images", conf["vlad_words"], len(sample))
@@ -366,7 +377,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=True, help="image folder (recursive), Kaggle root, or CSV with id,path")
     parser.add_argument("--out", required=True, help="feature store folder to write (created; resumed if present)")
     parser.add_argument("--split", default="train", help="Kaggle layout: which split folder to read (train or test)")
-    parser.add_argument("--codebook", help="rootsift: use this codebook.npy (the index store's) instead of learning one")
+    parser.add_argument("--codebook", help="rootsift, xfeat: use this codebook.npy (the index store's) instead of learning one")
     parser.add_argument("--candidates", metavar="SHORTLIST_CSV",
                         help="extract only the index images shortlisted there (top rerank.num_to_rerank per query): "
                              "local features for an index store made with extract.local_features=false")
@@ -381,9 +392,9 @@ def main(args: argparse.Namespace) -> int:
     if args.candidates:
         from .candidates import candidate_ids, read_candidates
 
-        if config["extract"]["backend"] == "rootsift" and not args.codebook:
-            raise ValueError("--candidates with the rootsift backend needs --codebook (the index store's "
-                             "codebook.npy): a codebook learned from the candidates alone would differ")
+        if config["extract"]["backend"] in LOCAL_BACKENDS and not args.codebook:
+            raise ValueError(f"--candidates with the {config['extract']['backend']} backend needs --codebook (the "
+                             "index store's codebook.npy): a codebook learned from the candidates alone would differ")
         only_ids = candidate_ids(read_candidates(args.candidates, config["rerank"]["num_to_rerank"]))
     run(config, args.images, args.out, split=args.split, shard=parse_shard(args.shard),
         overwrite=args.overwrite, strict=args.strict, codebook=args.codebook, only_ids=only_ids)

@@ -113,9 +113,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f'extract.model="{args.model}"'] if args.model else [])
     config = load_config(args.preset, args.config, overrides)
-    if args.model and config["extract"]["backend"] == "rootsift":
+    if args.model and config["extract"]["backend"] in ("rootsift", "xfeat"):
         raise ValueError(f"--model needs a model preset (e.g. --preset delg_gldv2 or kaggle2020_baseline); "
-                         f"preset {config['preset']} uses the rootsift backend, which has no model")
+                         f"preset {config['preset']} uses the {config['extract']['backend']} backend, which has no model")
     budget = TimeBudget(args.time_budget_hours * 3600) if args.time_budget_hours else None
     submission = run(config, args.data, args.out, solution=args.solution, jobs=args.jobs, overwrite=args.overwrite,
                      time_budget=budget)

@@ -406,7 +406,8 @@ def test_a_run_killed_after_the_codebook_sample_resumes_it_as_ordinary_parts(tmp
     (store / "parts").mkdir(parents=True)
     sample = store / "codebook-sample-1of1"
     (sample / "parts").mkdir(parents=True)
-    extract._extract_parts(sample, records[:2], extract._rootsift_locals(conf), {**conf, "descriptor_dtype": "float32"},
+    extract._extract_parts(sample, records[:2], extract.local_extractor(conf, "rootsift"),
+                           {**conf, "descriptor_dtype": "float32"},
                            (1, 1), strict=False)  # half of the sample, then killed
     seen = count_rootsift_calls(monkeypatch)
     extract.run(config(codebook_images=4, part_size=2), tmp_path / "photos", store)
@@ -423,7 +424,8 @@ def test_a_run_killed_after_learning_the_codebook_finishes_the_step(tmp_path, mo
     sample = store / "codebook-sample-1of1"
     (sample / "parts").mkdir(parents=True)
     (store / "parts").mkdir()
-    extract._extract_parts(sample, records[:4], extract._rootsift_locals(conf), {**conf, "descriptor_dtype": "float32"},
+    extract._extract_parts(sample, records[:4], extract.local_extractor(conf, "rootsift"),
+                           {**conf, "descriptor_dtype": "float32"},
                            (1, 1), strict=False)  # the whole sample, the codebook saved, then killed
     shutil.copy(fresh / "codebook.npy", store / "codebook.npy")
     seen = count_rootsift_calls(monkeypatch)
