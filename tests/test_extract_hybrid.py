@@ -39,9 +39,20 @@ def test_global_from_the_model_local_from_rootsift(delf_test_models, tmp_path):
                                    atol=2e-3)  # the model's (float16 store)
 
 
+def test_global_from_the_model_local_from_xfeat(delf_test_models, xfeat_weights_file, tmp_path):
+    write_photos(tmp_path / "photos", count=2)
+    config = hybrid_config(delf_test_models["tf2_delg"])
+    config["extract"].update(local_backend="xfeat", xfeat_weights=str(xfeat_weights_file.parent))
+    store = FeatureStore(extract.run(config, tmp_path / "photos", tmp_path / "hybrid"))
+    for image_id in store.ids:
+        features = store.features(image_id)
+        assert 0 < features.num_features <= 200 and features.descriptors.shape[1] == 64  # XFeat
+        assert features.global_descriptor.shape == (2048,)  # the DELG test model's
+
+
 def test_unknown_local_backend_is_a_clear_error(delf_test_models, tmp_path):
     write_photos(tmp_path / "photos", count=1)
     config = hybrid_config(delf_test_models["tf2_delg"])
     config["extract"]["local_backend"] = "orb"
-    with pytest.raises(ValueError, match="local_backend must be empty .* or rootsift"):
+    with pytest.raises(ValueError, match="local_backend must be empty .* rootsift or xfeat"):
         extract.run(config, tmp_path / "photos", tmp_path / "store")

