@@ -106,10 +106,10 @@ def evd(args: argparse.Namespace) -> None:
           "max swapped | true-pair inliers agreeing with ground truth | extraction s/image (median) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for label, (extract, options) in backends.items():
-        print(_evd_row(label, extract, options, folder, names, args))
+        print(evd_row(label, extract, options, folder, names, args))
 
 
-def _evd_row(label: str, extract, options: dict, folder: Path, names: list[str], args: argparse.Namespace) -> str:
+def evd_row(label: str, extract, options: dict, folder: Path, names: list[str], args: argparse.Namespace) -> str:
     """One Markdown table row of ``extract``'s local features on the EVD pairs, verified with ``options``."""
     seconds: list[float] = []
     sides = {side: [_local(extract, folder / side / f"{n}.png", args, seconds) for n in names] for side in ("1", "2")}

@@ -12,9 +12,11 @@ Reported (process CPU time by default, see --clock): median ms per pair (matchin
 verification), speed-up against the official row measured in the same run, recall of
 the true matches among the inliers (nan for false pairs, fraction 0), and the mean
 count of false inliers. "kdtree + magsac++" is OpenCV's USAC_MAGSAC homography with
-1000 iterations, as one would write it first.
+1000 iterations, as one would write it first. Every setting runs at each descriptor
+dimension of --dims (128: RootSIFT/DELG, 64: XFeat); "vs first dim" is a method's time
+divided by its time at the first dimension, same features and inlier fraction, same run.
 
-    python scripts/bench_rerank.py --features 300 1000 --inlier-fractions 0.1 0.3 0.6
+    python scripts/bench_rerank.py --features 300 1000 --inlier-fractions 0.1 0.3 0.6 --dims 128 64
 """
 from __future__ import annotations
 
@@ -79,13 +81,13 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def synthetic_pair(rng, n: int, fraction: float, args) -> dict:
-    """One pair: loc_* [n, 2] (y, x), desc_* [n, D] float32, truth [T, 2] (row a, row b)."""
+def synthetic_pair(rng, n: int, fraction: float, dim: int, args) -> dict:
+    """One pair: loc_* [n, 2] (y, x), desc_* [n, dim] float32, truth [T, 2] (row a, row b)."""
     size = float(args.image_size)
     xy_a = rng.uniform(0, size, (n, 2))
-    desc_a = unit_rows(rng.normal(size=(n, args.dim)))
+    desc_a = unit_rows(rng.normal(size=(n, dim)))
     # a close neighbour for every descriptor: distance ~ desc_noise * sqrt(2)
-    desc_b = unit_rows(desc_a + args.desc_noise * rng.normal(size=desc_a.shape) / np.sqrt(args.dim))
+    desc_b = unit_rows(desc_a + args.desc_noise * rng.normal(size=desc_a.shape) / np.sqrt(dim))
     true = int(round(fraction * n))
     xy_b = rng.uniform(0, size, (n, 2))
     transform = random_transform(rng, args.transform, size)
@@ -153,20 +155,25 @@ def benchmark(args) -> list[dict]:
     rows = []
     for n in args.features:
         for fraction in args.inlier_fractions:
-            rng = np.random.default_rng(args.seed)
-            pairs = [synthetic_pair(rng, n, fraction, args) for _ in range(args.pairs)]
-            stats = time_methods(pairs, methods, args.repeats, n, CLOCKS[args.clock])
-            base = stats[next(iter(methods))]["ms"]
-            for name in methods:
-                rows.append({"features": n, "inlier_fraction": fraction, "method": name,
-                             **stats[name], "speedup": base / stats[name]["ms"]})
-                print_row(rows[-1])
+            first = {}
+            for dim in args.dims:
+                rng = np.random.default_rng(args.seed)
+                pairs = [synthetic_pair(rng, n, fraction, dim, args) for _ in range(args.pairs)]
+                stats = time_methods(pairs, methods, args.repeats, n, CLOCKS[args.clock])
+                base = stats[next(iter(methods))]["ms"]
+                for name in methods:
+                    first.setdefault(name, stats[name]["ms"])
+                    rows.append({"features": n, "inlier_fraction": fraction, "dim": dim, "method": name,
+                                 **stats[name], "speedup": base / stats[name]["ms"],
+                                 "vs_first_dim": stats[name]["ms"] / first[name]})
+                    print_row(rows[-1])
     return rows
 
 
 def print_row(row: dict) -> None:
-    print(f"{row['features']:>8} {row['inlier_fraction']:>8.0%} {row['method']:<36} {row['ms']:>9.3f} "
-          f"{row['speedup']:>8.1f}x {row['recall']:>7.3f} {row['false_inliers']:>7.1f}", flush=True)
+    print(f"{row['features']:>8} {row['inlier_fraction']:>8.0%} {row['dim']:>4} {row['method']:<36} "
+          f"{row['ms']:>9.3f} {row['speedup']:>8.1f}x {row['vs_first_dim']:>9.2f} {row['recall']:>7.3f} "
+          f"{row['false_inliers']:>7.1f}", flush=True)
 
 
 def parse_args(argv=None):
@@ -177,7 +184,8 @@ def parse_args(argv=None):
                         help="fraction of putative matches that are true (0: a false pair, the common case)")
     parser.add_argument("--pairs", type=int, default=10, help="synthetic pairs per setting")
     parser.add_argument("--repeats", type=int, default=3, help="timings per pair (best is kept)")
-    parser.add_argument("--dim", type=int, default=128, help="descriptor dimension")
+    parser.add_argument("--dims", type=int, nargs="+", default=[128, 64],
+                        help="descriptor dimensions (128: RootSIFT, DELG; 64: XFeat), each a set of rows")
     parser.add_argument("--desc-noise", type=float, default=0.35, help="descriptor perturbation of a match")
     parser.add_argument("--pixel-noise", type=float, default=2.0, help="std of true-match location noise (px)")
     parser.add_argument("--image-size", type=float, default=1024, help="side of the square images (px)")
@@ -197,7 +205,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
-    print(f"{'features':>8} {'true':>8} {'method':<36} {'ms/pair':>9} {'speedup':>9} {'recall':>7} {'false':>7}")
+    print(f"{'features':>8} {'true':>8} {'dim':>4} {'method':<36} {'ms/pair':>9} {'speedup':>9} "
+          f"{'vs 1st dim':>9} {'recall':>7} {'false':>7}")
     with single_thread():
         rows = benchmark(args)
     if args.json:
