@@ -9,6 +9,10 @@ installed there. This script zips the package's modules and its data files (pres
     git clone /path/to/repo /tmp/clean && python /tmp/clean/scripts/build_kernel_bundle.py --out /tmp/push
     kaggle kernels push -p /tmp/push
 
+``--weights xfeat`` also puts the XFeat weights and their licence (from the cache, checked
+by sha256: ``delf-pipeline weights fetch xfeat`` first) in the bundle, for ``--features xfeat``
+offline; the kernel file grows by ~8 MB.
+
 Bundle what is committed: build from a clean checkout. The bundle records the commit it
 came from and whether the tree had local changes, and the kernel logs it.
 """
@@ -42,6 +46,22 @@ def package_files(source: Path) -> list[tuple[str, Path]]:
     assets = sorted((package / "tools" / "report_assets").glob("*"))
     files = [(p.relative_to(source).as_posix(), p) for p in modules + presets + assets]
     return sorted(files)
+
+
+def weights_files(source: Path, names: list[str], cache_dir: Path | None) -> list[tuple[str, Path]]:
+    """(name in the zip, file) of each weights ``names`` and its licence, checked by the
+    sha256 sums pinned in the checkout ``source``; they unpack beside the package."""
+    sys.path.insert(0, str(source))
+    from delf_pipeline.extractors import weights
+
+    files = []
+    for name in names:
+        try:
+            folder = weights.locate(name, weights.weights_dir(name, cache_dir)).parent
+        except (FileNotFoundError, ValueError) as error:
+            raise SystemExit(f"cannot bundle the {name} weights: {error}") from None
+        files += [(f"delf_pipeline_weights/{name}/{file}", folder / file) for file, _ in weights.spec(name).members.values()]
+    return files
 
 
 def zip_bytes(files: list[tuple[str, Path]]) -> bytes:
@@ -78,11 +98,11 @@ def embed(kernel_text: str, description: str, blob: bytes) -> str:
     return kernel_text.replace(MARKER, bundle)
 
 
-def build(source: Path, out: Path) -> Path:
+def build(source: Path, out: Path, weights: list[str] = (), cache_dir: Path | None = None) -> Path:
     """Write ``out/<code_file>`` (bundled kernel) and ``out/kernel-metadata.json``; returns the kernel file."""
     kernel_dir = source / KERNEL_DIR
     metadata = json.loads((kernel_dir / "kernel-metadata.json").read_text())
-    files = package_files(source)
+    files = package_files(source) + weights_files(source, list(weights), cache_dir)
     text = embed((kernel_dir / metadata["code_file"]).read_text(), describe_source(source), zip_bytes(files))
     out.mkdir(parents=True, exist_ok=True)
     kernel = out / metadata["code_file"]
@@ -102,8 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, default=ROOT, help="checkout to bundle (default: this script's)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the kernel file and kernel-metadata.json")
+    parser.add_argument("--weights", action="append", default=[], metavar="NAME",
+                        help="also bundle these weights with their licence (xfeat), from the cache")
+    parser.add_argument("--cache-dir", type=Path, help="weights cache (default: $DELF_PIPELINE_CACHE or ~/.cache)")
     args = parser.parse_args(argv)
-    build(args.source.resolve(), args.out)
+    build(args.source.resolve(), args.out, args.weights, args.cache_dir)
     return 0
 
 

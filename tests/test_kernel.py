@@ -231,6 +231,26 @@ def test_bundle_from_clean_checkout_runs_without_the_package(kaggle_input, delf_
     assert Path(used.group(1)).parent.parent.name.startswith("delf_pipeline_bundle_")
 
 
+def test_bundle_with_xfeat_weights_runs_offline(kaggle_input, xfeat_weights_file, python_without_package, tmp_path):
+    """build_kernel_bundle.py --weights xfeat: --features xfeat runs from the one file with an
+    empty cache (nothing to fetch offline), the weights and their licence unpacked beside the package."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("the bundle is built from a git clone; this is not a git checkout or git is missing")
+    clone, push = tmp_path / "clone", tmp_path / "push"
+    subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True)
+    cache = xfeat_weights_file.parents[2]  # <cache>/weights/xfeat/xfeat.pt
+    subprocess.run([sys.executable, str(clone / "scripts" / "build_kernel_bundle.py"), "--out", str(push),
+                    "--weights", "xfeat", "--cache-dir", str(cache)], check=True, capture_output=True)
+    env = dict(isolated_env(tmp_path), DELF_PIPELINE_CACHE=str(tmp_path / "empty_cache"))
+    args = paths(kaggle_input, tmp_path) + ["--features", "xfeat", "--time-budget-hours", "0"]
+    log = run_kernel(push / "delf_landmark_recognition_2020.py", args + SMALL + ["--set", "extract.vlad_words=16"],
+                     python=python_without_package, env=env, cwd=tmp_path)
+    read_submission(tmp_path / "working" / "submission.csv", kaggle_input)
+    bundle = Path(re.search(r"delf_pipeline \S+ from (\S+) ", log).group(1)).parents[1]
+    assert sorted(p.name for p in (bundle / "delf_pipeline_weights" / "xfeat").iterdir()) == ["LICENSE", "xfeat.pt"]
+    assert not (tmp_path / "empty_cache").exists()
+
+
 def test_bundle_is_deterministic_and_carries_the_presets(tmp_path):
     """Same sources, same file; the presets travel inside the package (delf_pipeline/presets)."""
     build = load_script(REPO / "scripts" / "build_kernel_bundle.py")
@@ -316,6 +336,16 @@ def test_kernel_config_per_feature_kind(tmp_path):
     assert (config["preset"], config["extract"]["backend"]) == ("sift_default", "rootsift")
     with pytest.raises(SystemExit, match="DELG model folder not found"):
         kernel.kernel_config(kernel.parse_args(["--model", str(tmp_path / "x")]))
+    config = kernel.kernel_config(kernel.parse_args(["--features", "xfeat", "--xfeat-weights", str(tmp_path)]))
+    assert (config["preset"], config["extract"]["xfeat_weights"]) == ("xfeat", tmp_path.as_posix())
+    config = kernel.kernel_config(kernel.parse_args(["--features", "xfeat"]))  # unbundled: the cache
+    assert (config["preset"], config["extract"]["xfeat_weights"]) == ("xfeat", "")
+
+
+def test_bundle_without_cached_weights_is_a_clear_error(tmp_path):
+    build = load_script(REPO / "scripts" / "build_kernel_bundle.py")
+    with pytest.raises(SystemExit, match="cannot bundle the xfeat weights: .*weights fetch xfeat"):
+        build.weights_files(REPO, ["xfeat"], tmp_path)
 
 
 def test_make_budget():

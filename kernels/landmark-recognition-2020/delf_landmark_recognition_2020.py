@@ -11,6 +11,8 @@ Paths, in order of precedence: command-line flag, environment variable, Kaggle d
   --model   DELF_KERNEL_MODEL    /kaggle/input/delg-saved-models/local_and_global
   --output  DELF_KERNEL_OUTPUT   /kaggle/working/submission.csv
   --work    DELF_KERNEL_WORK     $TMPDIR/delf_pipeline_kernel (feature stores, shortlist, rerank)
+  --xfeat-weights DELF_KERNEL_XFEAT_WEIGHTS  the bundle's copy (build_kernel_bundle.py --weights xfeat),
+                                 else the delf_pipeline cache
 
 The package comes from the bundle that scripts/build_kernel_bundle.py embeds in this file
 (Kaggle runs with the internet off), or, in the unbundled source, from an installed
@@ -35,8 +37,10 @@ from pathlib import Path
 NUM_PUBLIC_TRAIN_IMAGES = 1580470
 #: the competition's run-time limit is 9 hours; the rest is kept for safety.
 DEFAULT_TIME_BUDGET_HOURS = 8.5
-#: --features -> preset: DELG SavedModel (host baseline) or the embedded RootSIFT default.
-FEATURE_PRESETS = {"delg": "kaggle2020_baseline", "rootsift": "sift_default"}
+#: --features -> preset: DELG SavedModel (host baseline), the embedded RootSIFT default, or XFeat.
+FEATURE_PRESETS = {"delg": "kaggle2020_baseline", "rootsift": "sift_default", "xfeat": "xfeat"}
+#: where build_kernel_bundle.py --weights puts weights in the bundle, beside the package
+BUNDLED_WEIGHTS = "delf_pipeline_weights"
 #: (source description, base64 zip of the package); scripts/build_kernel_bundle.py sets it.
 BUNDLE = None
 
@@ -57,8 +61,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work", default=env("DELF_KERNEL_WORK", str(Path(tempfile.gettempdir()) / "delf_pipeline_kernel")),
                         help="scratch folder for feature stores and stage CSVs; a rerun resumes from it [DELF_KERNEL_WORK]")
     parser.add_argument("--features", choices=sorted(FEATURE_PRESETS), default=env("DELF_KERNEL_FEATURES", "delg"),
-                        help="delg: the SavedModel in --model; rootsift: embedded OpenCV features, no model "
-                             "[DELF_KERNEL_FEATURES]")
+                        help="delg: the SavedModel in --model; rootsift: embedded OpenCV features, no model; "
+                             "xfeat: XFeat features, weights from the bundle or --xfeat-weights [DELF_KERNEL_FEATURES]")
+    parser.add_argument("--xfeat-weights", default=env("DELF_KERNEL_XFEAT_WEIGHTS", ""),
+                        help="folder with xfeat.pt and LICENSE (default: the bundle's copy, else the cache) "
+                             "[DELF_KERNEL_XFEAT_WEIGHTS]")
     parser.add_argument("--preset", default=None, help="use this named preset instead of the one --features selects")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one setting, e.g. --set rerank.num_to_rerank=5 (repeatable)")
@@ -153,8 +160,20 @@ def kernel_config(args: argparse.Namespace) -> dict:
         if not Path(args.model).is_dir():
             raise SystemExit(f"DELG model folder not found: {args.model} (see --model, or --features rootsift)")
         overrides.insert(0, f'extract.model="{Path(args.model).as_posix()}"')
+    weights = args.xfeat_weights or bundled_weights("xfeat")
+    if args.features == "xfeat" and weights:
+        overrides.insert(0, f'extract.xfeat_weights="{Path(weights).as_posix()}"')
     config = load_config(args.preset or FEATURE_PRESETS[args.features], None, overrides)
     return fall_back_verifier(config)
+
+
+def bundled_weights(name: str) -> str:
+    """The folder of weights ``name`` unpacked with the bundle, or "" (not bundled, or without them)."""
+    package = sys.modules.get("delf_pipeline")
+    if BUNDLE is None or package is None:
+        return ""
+    folder = Path(package.__file__).resolve().parents[1] / BUNDLED_WEIGHTS / name
+    return str(folder) if folder.is_dir() else ""
 
 
 def fall_back_verifier(config: dict) -> dict:
