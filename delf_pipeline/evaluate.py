@@ -16,6 +16,7 @@ from .formats.tables import (
     solution_rows,
 )
 from .metrics.recognition import accuracy, global_average_precision
+from .formats.run_record import read_run_record, recorded_path
 from .metrics.retrieval import relevant_index_images, retrieval_metrics
 from .utils.artifacts import write_json_atomic
 
@@ -78,9 +79,24 @@ def print_report(result: dict) -> None:
     Console().print(table)
 
 
+def run_inputs(run_dir: str | Path) -> dict:
+    """The arguments of :func:`evaluate` for a folder of ``delf-pipeline run``, from its run.json:
+    its submission and ranking, the solution it was given (None if none), the labels of its
+    data's train.csv."""
+    run_dir = Path(run_dir)
+    record = read_run_record(run_dir)
+    ranking = run_dir / "ranking.csv"
+    has_ranking = ranking.is_file()
+    return {"predictions_path": run_dir / "submission.csv", "solution_path": recorded_path(record, "solution"),
+            "ranking_path": ranking if has_ranking else None,
+            "index_labels_path": recorded_path(record, "data") / "train.csv" if has_ranking else None}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--predictions", required=True, metavar="SUB.csv", help="submission to score (id,landmarks)")
-    parser.add_argument("--solution", required=True, metavar="SOL.csv", help="ground truth (id,landmarks[,Usage])")
+    parser.add_argument("--run", metavar="OUT", help="folder of `delf-pipeline run`: the four files below come "
+                                                     "from its run.json (each flag given still wins)")
+    parser.add_argument("--predictions", metavar="SUB.csv", help="submission to score (id,landmarks)")
+    parser.add_argument("--solution", metavar="SOL.csv", help="ground truth (id,landmarks[,Usage])")
     parser.add_argument("--ranking", metavar="R.csv", help="retrieval ranking (query_id,index_id,rank|score)")
     parser.add_argument("--index-labels", metavar="train.csv", help="index labels (id,landmark_id), needed with --ranking")
     parser.add_argument("--usage", choices=["Public", "Private", "all"], default="all", help="solution rows to score")
@@ -88,6 +104,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    result = evaluate(args.predictions, args.solution, args.ranking, args.index_labels, args.json, args.usage)
+    given = {"predictions_path": args.predictions, "solution_path": args.solution, "ranking_path": args.ranking,
+             "index_labels_path": args.index_labels}
+    inputs = run_inputs(args.run) if args.run else {}
+    inputs.update({key: value for key, value in given.items() if value})
+    if args.run and not inputs["solution_path"]:
+        raise ValueError(f"{args.run} was run without --solution: give --solution")
+    if not (inputs.get("predictions_path") and inputs.get("solution_path")):
+        raise ValueError("give --run OUT, or --predictions and --solution")
+    result = evaluate(**inputs, json_path=args.json, usage=args.usage)
     print_report(result)
     return 0

@@ -98,7 +98,10 @@ def run(
     else:
         extractor = extractor or load_backend(conf, records, out, codebook, shard)
         _extract_parts(out, pending_records(out, records, shard), extractor, conf, shard, strict)
-    return finish(out, listing_errors)
+    finish(out, listing_errors)
+    if strict:
+        _refuse_recorded(out, only_ids)
+    return out
 
 
 def decode_mode(conf: dict) -> str:
@@ -365,6 +368,15 @@ def finish(out: Path, listing_errors: list[ErrorRecord]) -> Path:
     log.info("feature store %s: %d images, %d errors%s", out, len(store), len(errors),
              f" (see {out / 'errors.csv'})" if errors else "")
     return out
+
+
+def _refuse_recorded(out: Path, only_ids: Collection[str] | None) -> None:
+    """--strict on a store where an earlier run recorded a failed image (of ``only_ids``, if
+    given): ImageError, as if it had failed now (a rerun skips recorded images)."""
+    recorded = [e for e in FeatureStore(out).errors() if only_ids is None or e.id in only_ids]
+    if recorded:
+        raise ImageError(f"{_describe(recorded[0])} (recorded in {out / 'errors.csv'} by an earlier run; "
+                         f"{len(recorded)} in all)")
 
 
 def _describe(error: ErrorRecord) -> str:

@@ -3,7 +3,11 @@
 ``DATA/train.csv`` + ``DATA/train/...`` are the index (with landmark labels) and
 ``DATA/test/...`` the queries. Writes, under ``OUT``::
 
+    run.json                         what the run was given (data, preset, overrides, model,
+                                     solution, package version): ``report``, ``show-matches``
+                                     and ``evaluate`` need only ``--run OUT``
     features/index, features/query   feature stores (extract)
+    errors.csv                       id,path,reason of every image of every store that failed
     shortlist.csv                    top-K index images per query
     features/index-candidates        local features of shortlisted index images, when
                                      extract.local_features is false (extracted once each)
@@ -20,13 +24,17 @@ import argparse
 import copy
 import logging
 from pathlib import Path
+from typing import Sequence
 
 from . import extract, predict, rerank, shortlist
 from .budget import TimeBudget, fit_num_to_rerank
 from .candidates import candidate_ids, read_candidates
 from .config import load_config
-from .formats.store import FeatureStore
+from .formats.images import list_images
+from .formats.run_record import run_record, write_run_record
+from .formats.store import FeatureStore, errors_to_csv, read_errors
 from .formats.tables import read_labels
+from .utils.artifacts import write_text_atomic
 
 log = logging.getLogger("delf_pipeline.pipeline")
 
@@ -40,23 +48,31 @@ def run(
     jobs: int = 1,
     overwrite: bool = False,
     time_budget: TimeBudget | None = None,
+    strict: bool = False,
+    config_file: str | Path | None = None,
+    overrides: Sequence[str] = (),
 ) -> Path:
     """Run extract, shortlist, rerank, predict (and evaluate) on ``data``; returns submission.csv.
 
     With ``time_budget``, rerank.num_to_rerank is lowered to fit the time left after the
-    shortlist (see :mod:`delf_pipeline.budget`).
+    shortlist (see :mod:`delf_pipeline.budget`). ``strict``: stop (ImageError) at the first
+    unusable image instead of recording it. ``config_file`` and ``overrides`` are only
+    recorded in ``OUT/run.json`` (``config`` already holds their effect).
     """
     data, out = Path(data), Path(out)
+    check_kaggle_layout(data)
+    write_run_record(out, run_record(config, data, solution=solution, config_file=config_file, overrides=overrides))
     features = out / "features"
-    index_store = extract.run(config, data, features / "index", split="train", overwrite=overwrite)
+    index_store = extract.run(config, data, features / "index", split="train", overwrite=overwrite, strict=strict)
     codebook = index_store / "codebook.npy"
     query_store = extract.run(_query_config(config, index_store), data, features / "query", split="test",
-                              overwrite=overwrite, codebook=codebook if codebook.exists() else None)
+                              overwrite=overwrite, strict=strict, codebook=codebook if codebook.exists() else None)
     shortlist_csv = shortlist.run(config, index_store, query_store, out / "shortlist.csv", overwrite=overwrite)
     rerank_csv = None
     if config["rerank"]["num_to_rerank"] > 0:
         candidates = read_candidates(shortlist_csv, config["rerank"]["num_to_rerank"])
-        index_store = candidate_local_store(config, index_store, candidate_ids(candidates), data)
+        index_store = candidate_local_store(config, index_store, candidate_ids(candidates), data, strict=strict)
+    write_run_errors(out / "errors.csv", sorted({features / "index", query_store, index_store}))
     if time_budget is not None:
         config = fit_num_to_rerank(config, time_budget, shortlist_csv, query_store, index_store,
                                    out / "rerank.csv", jobs=jobs, overwrite=overwrite)
@@ -73,7 +89,35 @@ def run(
     return submission
 
 
-def candidate_local_store(config: dict, index_store: Path, wanted: set[str], data: Path) -> Path:
+def check_kaggle_layout(data: Path) -> None:
+    """ValueError naming what ``data`` lacks to be a Kaggle-layout folder: ``train.csv``
+    (id,landmark_id), ``train/`` and ``test/`` (``a/b/c/ID.jpg``) with at least one test image."""
+    if data.is_file():
+        raise ValueError(f"--data {data} is a file; `run` needs the Kaggle-layout folder that holds train.csv, "
+                         f"train/ and test/ (a CSV of id,path suits `delf-pipeline extract --images`)")
+    if not data.is_dir():
+        raise ValueError(f"--data {data}: folder not found")
+    missing = [name for name, found in (("train.csv", (data / "train.csv").is_file()),
+                                        ("train/", (data / "train").is_dir()), ("test/", (data / "test").is_dir()))
+               if not found]
+    if missing:
+        raise ValueError(f"--data {data} is not a Kaggle-layout folder: it has no {', '.join(missing)} "
+                         "(wanted: train.csv with id,landmark_id, train/a/b/c/ID.jpg, test/a/b/c/ID.jpg; "
+                         "for a plain folder of photos run the stages one by one, see `delf-pipeline extract --help`)")
+    if not list_images(data, split="test")[0]:
+        raise ValueError(f"--data {data}: test/ holds no .jpg image, so there is no query")
+
+
+def write_run_errors(path: Path, stores: Sequence[Path]) -> None:
+    """``OUT/errors.csv``: the rows of every store's errors.csv (id,path,reason), store by store."""
+    errors = [error for store in stores for error in read_errors(store / "errors.csv")]
+    write_text_atomic(path, errors_to_csv(errors))
+    if errors:
+        log.info("%d image(s) could not be used: see %s", len(errors), path)
+
+
+def candidate_local_store(config: dict, index_store: Path, wanted: set[str], data: Path, *,
+                          strict: bool = False) -> Path:
     """The store to read the candidates' local features from: ``index_store`` itself, or, when
     it holds global descriptors only, ``<index_store>-candidates`` made by extracting
     ``wanted`` (each image once) with the index store's own settings and codebook."""
@@ -86,7 +130,7 @@ def candidate_local_store(config: dict, index_store: Path, wanted: set[str], dat
     codebook = index_store / "codebook.npy"
     log.info("extracting local features of %d shortlisted index images", len(wanted))
     return extract.run(local_config, data, Path(f"{index_store}-candidates"), split="train", only_ids=wanted,
-                       codebook=codebook if codebook.exists() else None)
+                       strict=strict, codebook=codebook if codebook.exists() else None)
 
 
 def _query_config(config: dict, index_store: Path) -> dict:
@@ -105,6 +149,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--solution", help="solution CSV (id,landmarks[,Usage]): also write and print metrics")
     parser.add_argument("--jobs", type=int, default=1, help="rerank worker processes")
     parser.add_argument("--overwrite", action="store_true", help="redo every stage")
+    parser.add_argument("--strict", action="store_true",
+                        help="stop with exit code 1 at the first unusable image (also one an earlier run recorded)")
     parser.add_argument("--time-budget-hours", type=float,
                         help="lower rerank.num_to_rerank so the run fits this many hours (timed on sample pairs)")
     add_config_arguments(parser)
@@ -118,6 +164,6 @@ def main(args: argparse.Namespace) -> int:
                          f"preset {config['preset']} uses the {config['extract']['backend']} backend, which has no model")
     budget = TimeBudget(args.time_budget_hours * 3600) if args.time_budget_hours else None
     submission = run(config, args.data, args.out, solution=args.solution, jobs=args.jobs, overwrite=args.overwrite,
-                     time_budget=budget)
+                     time_budget=budget, strict=args.strict, config_file=args.config, overrides=overrides)
     print(f"submission: {submission}")
     return 0

@@ -5,12 +5,15 @@ import csv
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
 
+from delf_pipeline import __version__
 from delf_pipeline.cli import main as cli_main
 from delf_pipeline.formats.images import kaggle_path
+from delf_pipeline.formats.store import read_errors
 from delf_pipeline.formats.tables import read_submission, validate_submission
 
 MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "landmarks_mini"
@@ -115,6 +118,85 @@ def test_rerun_skips_every_stage_and_gives_the_same_submission(kaggle_run, caplo
     skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Skipping")]
     assert len(skipped) == 4, skipped  # index and query extraction, shortlist, rerank
     assert kaggle_run["submission"].read_bytes() == first
+
+
+# ---------------------------------------------------------------- the run folder: OUT alone is enough
+
+
+def test_run_records_its_inputs(kaggle_run):
+    record = json.loads((kaggle_run["root"] / "out" / "run.json").read_text())
+    data = (kaggle_run["root"] / "data").resolve()
+    assert record["data"] == str(data) and record["solution"] == str(data / "solution.csv")
+    assert record["preset"] == "sift_default" and record["overrides"] == FAST[1::2]
+    assert record["version"] == __version__ and record["model"] == "" and record["config_file"] is None
+    assert record["config"]["extract"]["max_image_size"] == 512
+
+
+def test_run_writes_one_errors_csv_of_both_stores(kaggle_run):
+    out = kaggle_run["root"] / "out"
+    stores = [read_errors(out / "features" / name / "errors.csv") for name in ("index", "query")]
+    combined = read_errors(out / "errors.csv")
+    assert combined == stores[0] + stores[1] and [e.id for e in combined] == ["00000000deadbeef"]
+
+
+def test_evaluate_takes_everything_from_the_run_folder(kaggle_run, capsys):
+    out = kaggle_run["root"] / "out"
+    json_path = kaggle_run["root"] / "evaluate-run.json"
+    assert cli_main(["evaluate", "--run", str(out), "--json", str(json_path)]) == 0
+    assert json.loads(json_path.read_text()) == json.loads((out / "metrics.json").read_text())  # retrieval too
+    assert "retrieval map@100" in capsys.readouterr().out
+
+
+def test_evaluate_of_a_run_without_solution_asks_for_one(kaggle_run, tmp_path, caplog):
+    record = json.loads((kaggle_run["root"] / "out" / "run.json").read_text())
+    (tmp_path / "run.json").write_text(json.dumps({**record, "solution": None}))
+    assert cli_main(["evaluate", "--run", str(tmp_path)]) == 2
+    assert f"{tmp_path} was run without --solution: give --solution" in caplog.text
+
+
+def test_report_of_a_run_shows_every_image_in_chromium(kaggle_run, tmp_path, caplog):
+    from test_report import open_in_chromium, page_status
+
+    out = kaggle_run["root"] / "out"
+    with caplog.at_level(logging.WARNING, logger="delf_pipeline"):
+        assert cli_main(["report", "--run", str(out)]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "thumbnail of" in warnings[0] and "00000000deadbeef.jpg" in warnings[0]
+    done = open_in_chromium((out / "report" / "index.html").resolve().as_uri(), tmp_path, "--dump-dom")
+    status = page_status(done.stdout)
+    images = done.stdout.count("<img ")
+    assert status["ready"] == "1" and status["rows"] == "11"
+    assert (status["errors"], status["failed"]) == ("0", "0"), status
+    assert status["loaded"] == str(images) and images == 10 * 6  # 10 readable queries + their 5 candidates each
+    assert done.stdout.count('class="noimg"') == 1  # the broken test file only
+    assert "CONSOLE" not in done.stderr, done.stderr
+    pictures = sorted((out / "report" / "matches").rglob("*.jpg"))
+    assert len(pictures) == 10 * 3 and done.stdout.count('title="match picture"') == 10 * 3
+    assert "gap" in done.stdout and "retrieval map@100" in done.stdout  # metrics from the recorded solution
+
+
+def test_show_matches_from_the_run_folder_alone(kaggle_run, tmp_path, capsys):
+    query = next(q for q, t in kaggle_run["truth"].items() if t)
+    code = cli_main(["show-matches", "--run", str(kaggle_run["root"] / "out"), "--query", query, "--top", "2",
+                     "--out", str(tmp_path / "pictures")])
+    assert code == 0
+    printed = capsys.readouterr().out.split()
+    assert len(printed) == 2 and all(Path(p).is_file() and Path(p).stat().st_size > 0 for p in printed)
+
+
+def test_strict_rerun_stops_at_an_image_an_earlier_run_recorded(kaggle_run, caplog):
+    before = kaggle_run["submission"].read_bytes()
+    assert cli_main([*kaggle_run["args"], "--strict"]) == 1
+    assert "--strict: image '00000000deadbeef'" in caplog.text and "by an earlier run" in caplog.text
+    assert kaggle_run["submission"].read_bytes() == before
+
+
+def test_strict_run_stops_at_the_first_unusable_image(kaggle_run, tmp_path, caplog):
+    shutil.copytree(kaggle_run["root"] / "out" / "features" / "index", tmp_path / "features" / "index")  # resumed
+    args = ["run", "--data", str(kaggle_run["root"] / "data"), "--out", str(tmp_path), "--strict", *FAST]
+    assert cli_main(args) == 1
+    assert "--strict: image '00000000deadbeef'" in caplog.text and "by an earlier run" not in caplog.text
+    assert not (tmp_path / "submission.csv").exists()
 
 
 @pytest.mark.slow

@@ -128,7 +128,8 @@ def main(args: argparse.Namespace) -> int:
     if not solution.exists():
         log.info("building the demo landmark set in %s", data)
         build_demo_set(data, args.seed)
-    submission = run(config, data, out / "run", solution=solution, jobs=args.jobs)
+    submission = run(config, data, out / "run", solution=solution, jobs=args.jobs, config_file=args.config,
+                     overrides=args.overrides)
     print(f"\nDemo outputs in {out.resolve()}:\n  data: {data}\n  submission: {submission}\n"
           f"  metrics: {out / 'run' / 'metrics.json'}")
     return 0

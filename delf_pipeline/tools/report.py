@@ -26,8 +26,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
-from ..config import load_config
 from ..formats.images import ImageError, to_rgb
+from ..formats.run_record import recorded_path
 from ..formats.tables import read_solution, read_submission
 from ..metrics.recognition import pooled_precision
 from ..utils.artifacts import atomic_path, read_json, write_text_atomic
@@ -35,7 +35,7 @@ from ..utils.progress import track
 from .show_matches import (
     Run,
     candidate_table,
-    default_data,
+    given_config,
     match_picture_path,
     open_run,
     render_pair,
@@ -67,14 +67,14 @@ def build(
     """Write the report of ``run_dir``; returns the path of its ``index.html``.
 
     top: candidates shown per query; matches: how many of them get a match picture (0: none).
-    solution: ground truth CSV (default: ``solution.csv`` of the data folder, when present).
+    data, solution: the images and the ground truth CSV; default: those of the run's ``run.json``.
     """
     if top < 1 or not 0 <= matches <= top:
         raise ValueError(f"need top >= 1 and 0 <= matches <= top, got top={top}, matches={matches}")
     run = open_run(run_dir, data, config, overrides)
     out = Path(out) if out else run.path / "report"
-    data_dir = Path(data) if data else default_data(run.path)
-    solution = Path(solution) if solution else _default_solution(data_dir)
+    data_dir = Path(data) if data else recorded_path(run.record, "data")
+    solution = Path(solution) if solution else recorded_path(run.record, "solution")
     truth = read_solution(solution) if solution else None
     table = candidate_table(run.path, top)
     queries = query_rows(run, table, read_submission(run.path / "submission.csv"), truth)
@@ -86,12 +86,6 @@ def build(
     write_text_atomic(out / "index.html", page)
     log.info("report %s: %d queries", out / "index.html", len(queries))
     return out / "index.html"
-
-
-def _default_solution(data_dir: Path | None) -> Path | None:
-    """``DATA/solution.csv`` (the demo writes one) when the data folder has it."""
-    found = data_dir / "solution.csv" if data_dir and data_dir.is_dir() else None
-    return found if found and found.is_file() else None
 
 
 def run_metrics(run_dir: Path, solution: Path | None, data_dir: Path | None) -> dict:
@@ -167,23 +161,20 @@ def _make_thumbnails(run: Run, queries: list[dict], folder: Path, size: int, ove
     """Thumbnails of every shown image (skipping existing ones); sets ``thumb`` on each row/candidate."""
     ids = {row["q"] for row in queries} | {cand["id"] for row in queries for cand in row["cands"]}
     todo = [i for i in sorted(ids) if overwrite or not (folder / f"{safe_name(i)}.jpg").exists()]
-    failed = 0
-    for image_id in track(todo, len(todo), "thumbnails"):
-        if image_id not in run.images:
-            failed += 1
-            continue
+    unknown = [i for i in todo if i not in run.images]
+    for image_id in track([i for i in todo if i in run.images], len(todo) - len(unknown), "thumbnails"):
         try:
             make_thumbnail(run.images[image_id], folder / f"{safe_name(image_id)}.jpg", size)
         except ImageError as error:
             log.warning("%s", error)
-            failed += 1
     made = {i: f"{folder.name}/{safe_name(i)}.jpg" for i in ids if (folder / f"{safe_name(i)}.jpg").exists()}
     for row in queries:
         row["thumb"] = made.get(row["q"], "")
         for cand in row["cands"]:
             cand["thumb"] = made.get(cand["id"], "")
-    if failed:
-        log.warning("%d image(s) have no thumbnail (source unknown or unreadable); give --data?", failed)
+    if unknown:
+        log.warning("%d image(s) have no thumbnail: their source files are unknown, e.g. %s; give --data",
+                    len(unknown), unknown[0])
 
 
 def _make_match_pictures(run: Run, queries: list[dict], out: Path, count: int, height: int, overwrite: bool) -> None:
@@ -406,9 +397,9 @@ def asset(name: str) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..config import add_config_arguments
 
-    parser.add_argument("--run", required=True, help="run folder (OUT/run of `delf-pipeline run` or demo)")
-    parser.add_argument("--solution", help="ground truth CSV id,landmarks[,Usage] (default: DATA/solution.csv if any)")
-    parser.add_argument("--data", help="where the images are: Kaggle root, folder or CSV (default: RUN/../data)")
+    parser.add_argument("--run", required=True, help="run folder: OUT of `delf-pipeline run`, OUT/run of demo")
+    parser.add_argument("--solution", help="ground truth CSV id,landmarks[,Usage] (default: the run's, if any)")
+    parser.add_argument("--data", help="where the images are: Kaggle root, folder or CSV (default: the run's data)")
     parser.add_argument("--out", help="report folder (default: RUN/report)")
     parser.add_argument("--top", type=int, default=5, help="candidates shown per query")
     parser.add_argument("--matches", type=int, default=3, help="candidates per query with a match picture (0: none)")
@@ -418,8 +409,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    config = load_config(args.preset, args.config, args.overrides)
-    page = build(args.run, args.out, data=args.data, solution=args.solution, config=config, overrides=args.overrides,
+    page = build(args.run, args.out, data=args.data, solution=args.solution, config=given_config(args),
+                 overrides=args.overrides,
                  top=args.top, matches=args.matches, page_size=args.page_size, overwrite=args.overwrite)
     print(f"report: {page.resolve().as_uri()}")
     return 0

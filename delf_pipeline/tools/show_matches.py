@@ -3,8 +3,8 @@
 The pair is verified again from the run's feature stores with the run's own rerank settings
 (``rerank.csv.blocks/manifest.json``), so the picture shows exactly what re-ranking counted,
 for every feature backend, without extracting anything. Images are read from their source
-files: ``--data`` (Kaggle root, folder or CSV with ``id,path``), or by default the ``data``
-folder beside the run (the layout ``delf-pipeline demo`` writes: ``OUT/data``, ``OUT/run``).
+files: ``--data`` (Kaggle root, folder or CSV with ``id,path``), or by default the data folder
+recorded in the run's ``run.json`` (written by ``delf-pipeline run`` and ``demo``).
 
 Layout of a picture: the query (left) and the candidate (right) scaled to one height, every
 putative match drawn faint, RANSAC inliers drawn clearly in green, and a margin above with
@@ -16,7 +16,7 @@ import argparse
 import hashlib
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -27,6 +27,7 @@ import pandas as pd
 from ..config import load_config, parse_override
 from ..extractors.features import ImageFeatures
 from ..formats.images import ImageError, list_images, load_image
+from ..formats.run_record import RECORD_NAME, read_run_record, recorded_path
 from ..formats.store import FeatureStore
 from ..rerank import final_score
 from ..utils.artifacts import atomic_path, read_json
@@ -55,6 +56,7 @@ class Run:
     images: image id -> source file (index and query images).
     labels: index image id -> landmark id.
     settings: the rerank section used to verify pairs.
+    record: the run's ``run.json`` ({} when it has none: a run folder made stage by stage).
     """
 
     path: Path
@@ -64,6 +66,7 @@ class Run:
     labels: dict[str, str]
     settings: dict
     candidates: FeatureStore | None = None
+    record: dict = field(default_factory=dict)
 
     def index_store(self, image_id: str) -> FeatureStore:
         """The store with the local features of index image ``image_id``."""
@@ -78,28 +81,27 @@ def open_run(
 ) -> Run:
     """Stores, image paths, labels and rerank settings of ``run_dir``.
 
-    data: where the images are (Kaggle root, folder or CSV); default: ``run_dir/../data``.
-    config: fallback settings when the run has no rerank manifest; ``overrides``
-        (``rerank.key=value``) apply on top of the run's settings.
+    data: where the images are (Kaggle root, folder or CSV); default: the data folder of the
+        run's ``run.json``.
+    config: fallback settings when the run has no rerank manifest (default: the settings of
+        its ``run.json``); ``overrides`` (``rerank.key=value``) apply on top of the run's settings.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder not found: {run_dir}")
-    source = Path(data) if data else default_data(run_dir)
+    record = read_run_record(run_dir) if (run_dir / RECORD_NAME).is_file() else {}
+    source = Path(data) if data else recorded_path(record, "data")
+    if source is not None and not data and not source.exists():
+        raise FileNotFoundError(f"the data folder of {run_dir / RECORD_NAME}, {source}, is gone: give --data")
     images, labels = image_sources(source) if source else ({}, {})
     if source is None:
-        log.warning("no image source: give --data (the Kaggle root or image folder the run was made from)")
-    settings = rerank_settings(run_dir, config or load_config(), overrides)
+        log.warning("%s has no %s: give --data (the Kaggle root or image folder the run was made from)",
+                    run_dir, RECORD_NAME)
+    settings = rerank_settings(run_dir, config or record.get("config") or load_config(), overrides)
     stores = run_dir / "features"
     candidates = FeatureStore(stores / "index-candidates") if (stores / "index-candidates").is_dir() else None
     return Run(run_dir, FeatureStore(stores / "query"), FeatureStore(stores / "index"), images, labels, settings,
-               candidates)
-
-
-def default_data(run_dir: Path) -> Path | None:
-    """The demo layout's data folder beside the run (``OUT/data`` for ``OUT/run``), if present."""
-    candidate = run_dir.resolve().parent / "data"
-    return candidate if (candidate / "train.csv").is_file() else None
+               candidates, record)
 
 
 def image_sources(source: Path) -> tuple[dict[str, Path], dict[str, str]]:
@@ -351,20 +353,24 @@ def render_query(run: Run, query_id: str, folder: Path, top: int = 3, height: in
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..config import add_config_arguments
 
-    parser.add_argument("--run", required=True, help="run folder (OUT/run of `delf-pipeline run` or demo)")
+    parser.add_argument("--run", required=True, help="run folder: OUT of `delf-pipeline run`, OUT/run of demo")
     parser.add_argument("--query", required=True, help="query image id")
     parser.add_argument("--candidate", help="index image id (default: the query's --top best candidates)")
     parser.add_argument("--top", type=int, default=3, help="candidates drawn when --candidate is not given")
-    parser.add_argument("--data", help="where the images are: Kaggle root, folder or CSV (default: RUN/../data)")
+    parser.add_argument("--data", help="where the images are: Kaggle root, folder or CSV (default: the run's data)")
     parser.add_argument("--out", help="picture file .png/.jpg (with --candidate) or folder (default: RUN/matches)")
     parser.add_argument("--format", choices=["png", "jpg"], default="png", help="picture format in a folder")
     parser.add_argument("--height", type=int, default=480, help="height of each image in the picture (pixels)")
     add_config_arguments(parser)
 
 
+def given_config(args: argparse.Namespace) -> dict | None:
+    """The settings of --preset/--config when given, else None (the run's own are used)."""
+    return load_config(args.preset, args.config, args.overrides) if args.preset or args.config else None
+
+
 def main(args: argparse.Namespace) -> int:
-    config = load_config(args.preset, args.config, args.overrides)
-    run = open_run(args.run, args.data, config, args.overrides)
+    run = open_run(args.run, args.data, given_config(args), args.overrides)
     folder = Path(args.out) if args.out else run.path / "matches"
     suffix = f".{args.format}"
     if args.candidate:
