@@ -27,7 +27,7 @@ def test_every_preset_loads_and_names_every_section():
 
 
 def test_reference_presets_hold_the_official_values():
-    # values from DESIGN.md's table of official defaults
+    # values from docs/design.md's table of reference defaults
     delf = load_config("delf_v1_hub")
     assert delf["extract"]["image_scales"] == [0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0]
     assert delf["extract"]["score_threshold"] == 100.0
