@@ -1,5 +1,6 @@
-"""The package as a wheel user gets it: the presets are inside the wheel, and a venv with only
-the wheel installed (not editable, not this checkout) runs ``delf-pipeline demo``.
+"""The package as a wheel user gets it: the presets and the report's assets are inside the
+wheel, and a venv with only the wheel installed (not editable, not this checkout) runs
+``delf-pipeline demo``.
 
 No network: the wheel is built with the build tools already installed
 (``pip wheel --no-deps --no-build-isolation``), and the fresh venv borrows this
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PRESETS = REPO / "delf_pipeline" / "presets"
+PACKAGE = REPO / "delf_pipeline"
 SOURCES = ("delf_pipeline", "setup.cfg", "pyproject.toml", "README.md")
 
 
@@ -37,12 +38,13 @@ def wheel(tmp_path_factory) -> Path:
     return found
 
 
-def test_wheel_holds_every_preset_byte_for_byte(wheel):
+@pytest.mark.parametrize("folder, pattern", [("presets", "*.toml"), ("tools/report_assets", "*")])
+def test_wheel_holds_the_package_data_byte_for_byte(wheel, folder, pattern):
     with zipfile.ZipFile(wheel) as archive:
         inside = {Path(name).name: archive.read(name) for name in archive.namelist()
-                  if name.startswith("delf_pipeline/presets/")}
-    assert inside == {path.name: path.read_bytes() for path in PRESETS.glob("*.toml")}
-    assert "sift_default.toml" in inside
+                  if name.startswith(f"delf_pipeline/{folder}/")}
+    source = {path.name: path.read_bytes() for path in (PACKAGE / folder).glob(pattern) if path.is_file()}
+    assert source and inside == source
 
 
 @pytest.mark.slow
