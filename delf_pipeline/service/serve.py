@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
+import threading
+from contextlib import contextmanager
+from typing import Iterator
 
 from .limits import Limits
 
@@ -42,3 +46,30 @@ def main(args: argparse.Namespace) -> int:
         log.warning("serving on %s: reachable from other machines (the API has no authentication)", args.host)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
+
+
+@contextmanager
+def running(app, limit_max_requests: int | None = None, timeout: float = 60.0) -> Iterator[str]:
+    """Serve ``app`` with uvicorn in a background thread on a free loopback port; yields its
+    base URL and stops the server on exit. With ``limit_max_requests`` the server also stops
+    by itself after that many requests (a bounded load test)."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, log_level="warning", limit_max_requests=limit_max_requests)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        for _ in range(int(timeout * 20)):
+            if server.started or not thread.is_alive():
+                break
+            thread.join(0.05)
+        if not server.started:
+            raise RuntimeError("uvicorn did not start")
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()

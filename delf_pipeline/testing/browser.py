@@ -74,6 +74,8 @@ class Browser:
         self._session = self._call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         for domain in ("Page", "Runtime", "Log"):
             self.call(f"{domain}.enable")
+        self.call("Emulation.setDeviceMetricsOverride",  # the viewport itself, whatever the window's frame takes
+                  {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
 
     def __enter__(self) -> "Browser":
         return self
