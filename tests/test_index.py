@@ -177,3 +177,8 @@ def test_top_k_in_memory(top_k):
 def test_top_k_in_memory_empty_index():
     rows, scores = top_k_in_memory(np.ones((1, 4), np.float32), np.zeros((0, 4), np.float32), 5, select_matmul("cpu"))
     assert rows.shape == scores.shape == (1, 0)
+
+
+def test_serve_command_binds_loopback_by_default():
+    args = cli.build_parser().parse_args(["serve", "--index", "somewhere"])
+    assert (args.host, args.port, args.workers, args.queue) == ("127.0.0.1", 8000, 2, 16)
