@@ -183,8 +183,9 @@ def format_answer(answer: dict, landmarks: int = 5) -> str:
              f"  {'landmark':<24} {'confidence':>10}  voters"]
     lines += [f"  {str(m['landmark_id']):<24} {m['confidence']:>10.3f}  {len(m['candidates'])}"
               for m in answer["landmarks"][:landmarks]] or ["  (no landmark)"]
-    lines.append(f"  {'candidate':<32} {'landmark':<24} {'global':>7} {'inliers':>7} {'score':>7}")
-    lines += [f"  {c['index_id']:<32} {str(c['landmark_id']):<24} {c['global_score']:>7.3f} "
+    width = max([len("candidate")] + [len(c["index_id"]) for c in answer["candidates"]])
+    lines.append(f"  {'candidate':<{width}} {'landmark':<24} {'global':>7} {'inliers':>7} {'score':>7}")
+    lines += [f"  {c['index_id']:<{width}} {str(c['landmark_id']):<24} {c['global_score']:>7.3f} "
               f"{c['inliers'] if c['inliers'] >= 0 else '-':>7} {c['score']:>7.3f}" for c in answer["candidates"]]
     return "\n".join(lines)
 

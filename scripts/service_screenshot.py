@@ -5,7 +5,7 @@ Builds the ``delf-pipeline demo`` landmark set (views of scikit-image photos), a
 its index views labelled with the photos' names, serves it on loopback, opens the page in
 headless Chromium, uploads one query view and saves the page once it shows the answer.
 
-    python scripts/service_screenshot.py --out runs/screenshot --shot docs/service_page.png
+    python scripts/service_screenshot.py --out runs/screenshot --shot docs/service_page.jpg
 """
 from __future__ import annotations
 
@@ -40,14 +40,14 @@ def demo_index(out: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/screenshot"), help="demo data and index")
-    parser.add_argument("--shot", type=Path, default=Path("docs/service_page.png"), help="PNG to write")
+    parser.add_argument("--shot", type=Path, default=Path("docs/service_page.jpg"), help="PNG to write")
     parser.add_argument("--photo", default="motorcycle/query/0",
                         help="demo query view to upload (the other camera of the stereo pair by default)")
     parser.add_argument("--chromium", default="chromium")
     args = parser.parse_args()
     built = demo_index(args.out)
     photo = kaggle_path(args.out / "data", "test", demo_id(args.photo))
-    with running(create_app(built)) as url, Browser(args.chromium, height=1250) as page:
+    with running(create_app(built)) as url, Browser(args.chromium, height=1480) as page:
         page.navigate(url + "/")
         page.set_files("#photo-input", [photo])
         page.wait_for("['done', 'error'].includes(document.getElementById('status').dataset.state)", timeout=120)

@@ -177,7 +177,9 @@ class Browser:
         self.call("DOM.setFileInputFiles", {"nodeId": node, "files": [str(Path(f).resolve()) for f in files]})
 
     def screenshot(self, path: str | Path) -> Path:
-        """A PNG of the page's viewport at ``path``."""
-        data = self.call("Page.captureScreenshot", {"format": "png"})["data"]
+        """The page's viewport at ``path``: JPEG (quality 85) for a .jpg name, else PNG."""
+        jpeg = Path(path).suffix.lower() in (".jpg", ".jpeg")
+        options = {"format": "jpeg", "quality": 85} if jpeg else {"format": "png"}
+        data = self.call("Page.captureScreenshot", options)["data"]
         Path(path).write_bytes(base64.b64decode(data))
         return Path(path)

@@ -20,8 +20,8 @@ function element(tag, props, ...children) {
   return node;
 }
 
-function thumbnailCard(url, title, lines, verified) {
-  const card = element("div", {className: "candidate" + (verified ? " verified" : "")});
+function thumbnailCard(url, title, lines) {
+  const card = element("div", {className: "candidate"});
   card.append(element("img", {src: url, alt: title, loading: "lazy"}), element("b", {}, title));
   for (const line of lines) card.append(element("div", {}, line));
   return card;
@@ -39,8 +39,7 @@ function showAnswer(answer) {
   if (!answer.landmarks.length) landmarks.append(element("li", {}, "no landmark found"));
   $("candidates").replaceChildren(...answer.candidates.map((c) => thumbnailCard(
     c.thumbnail, c.landmark_id ?? "(no label)",
-    [`global ${c.global_score.toFixed(3)}`, c.inliers >= 0 ? `${c.inliers} inliers` : "not verified"],
-    c.inliers > 0)));
+    [`global ${c.global_score.toFixed(3)}`, c.inliers >= 0 ? `${c.inliers} inliers` : "not verified"])));
   const match = $("match");
   if (answer.match_picture) { match.src = answer.match_picture; match.hidden = false; }
   else { match.removeAttribute("src"); match.hidden = true; }
@@ -59,7 +58,7 @@ async function showLandmark(id) {
   const body = await response.json();
   $("gallery-title").textContent = `Index photos of ${id} (${body.images.length})`;
   $("gallery-title").hidden = false;
-  $("gallery").replaceChildren(...body.images.map((im) => thumbnailCard(im.thumbnail, im.id, [], false)));
+  $("gallery").replaceChildren(...body.images.map((im) => thumbnailCard(im.thumbnail, im.id, [])));
 }
 
 async function search(file) {
