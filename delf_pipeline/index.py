@@ -36,6 +36,7 @@ from PIL import Image
 from . import __version__, extract
 from .config import load_config
 from .formats.images import ImageRecord, iter_decoded, list_images
+from .formats import tables
 from .formats.store import FeatureStore
 from .utils.artifacts import atomic_path, read_json, write_json_atomic, write_text_atomic
 from .utils.progress import track
@@ -179,14 +180,13 @@ def info(index_path: str | Path) -> dict:
 
 
 def read_labels(path: str | Path) -> dict[str, str]:
-    """image id -> landmark id from a CSV with ``id`` and ``landmark_id`` (or ``label``) columns,
-    or with ``image`` (a relative path: the id is that path without its extension) and ``label``."""
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    column = "landmark_id" if "landmark_id" in frame else "label" if "label" in frame else None
-    if column is None or ("id" not in frame and "image" not in frame):
-        raise ValueError(f"{path}: labels need columns id (or image) and landmark_id (or label); found {list(frame)}")
-    ids = frame["id"] if "id" in frame else frame["image"].map(lambda p: Path(p).with_suffix("").as_posix())
-    return dict(zip(ids, frame[column]))
+    """image id -> landmark id: :func:`formats.tables.read_labels` (``id`` with ``landmark_id`` or
+    ``label``), or a photo folder's list with ``image`` (a relative path: the id is that path
+    without its extension, as a folder source names it) and ``label``, as landmarks_mini has."""
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    if "id" in frame or "image" not in frame or "label" not in frame:
+        return tables.read_labels(path)
+    return dict(zip(frame["image"].map(lambda p: Path(p).with_suffix("").as_posix()), frame["label"]))
 
 
 def preview_name(image_id: str) -> str:

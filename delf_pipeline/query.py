@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from .candidates import top_candidates
-from .extract import as_stored, decode_mode, load_backend
+from .extract import as_stored, decode_mode, load_backend, resolve_model
 from .extractors.features import ImageFeatures
 from .formats.images import ImageError, decode_bytes
 from .index import Index, open_index
@@ -85,8 +85,8 @@ class Searcher:
         self.config = self.index.config
         self.top_candidates = top_candidates
         self.max_pixels = max_pixels
-        conf = self.config["extract"]
-        self.extract = load_backend(conf, [], self.index.store_path, None).extract
+        conf = resolve_model(self.config["extract"], [])  # a built-in model: its export, made at build
+        self.extract = load_backend(conf, [], self.index.store_path, None)
         self.ids = self.index.store.ids
         self.matrix = self.index.store.global_matrix()  # [M, G] float32
         self.matmul = select_matmul(self.config["shortlist"]["device"])

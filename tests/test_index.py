@@ -148,7 +148,7 @@ def test_read_labels(tmp_path, text, expected):
 
 def test_read_labels_names_the_missing_columns(tmp_path):
     (tmp_path / "labels.csv").write_text("name,place\na,b\n")
-    with pytest.raises(ValueError, match="labels.csv: labels need columns id"):
+    with pytest.raises(ValueError, match="labels.csv: index labels need columns id and landmark_id"):
         index.read_labels(tmp_path / "labels.csv")
 
 
