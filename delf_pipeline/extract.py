@@ -317,10 +317,10 @@ def _extract_each(todo: list[ImageRecord], extractor: Extractor, conf: dict) -> 
         if error is not None:
             yield ErrorRecord(record.id, str(record.path), error)
         else:
-            yield _as_stored(record.id, extractor(image), image.shape, factors)
+            yield as_stored(record.id, extractor(image), image.shape, factors)
 
 
-def _as_stored(image_id: str, features: ImageFeatures, shape: tuple, factors: np.ndarray) -> ExtractedImage:
+def as_stored(image_id: str, features: ImageFeatures, shape: tuple, factors: np.ndarray) -> ExtractedImage:
     """Features of a decoded image of ``shape`` [H, W(, 3)], with locations and size mapped back
     to the original image by ``factors`` [2] (y, x)."""
     features = replace(features, locations=features.locations * factors.astype(np.float32))

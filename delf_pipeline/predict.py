@@ -69,6 +69,13 @@ def final_ranking(shortlist: pd.DataFrame, rerank: pd.DataFrame | None) -> pd.Da
 
 def aggregate(ranking: pd.DataFrame, labels: dict[str, str], top_k: int, how: str) -> dict[str, tuple[str, float]]:
     """query id -> (landmark id, confidence) from the ``top_k`` best ranked candidates."""
+    best = class_scores(ranking, labels, top_k, how).drop_duplicates("query_id")
+    return {q: (label, float(score)) for q, label, score in zip(best["query_id"], best["label"], best["score"])}
+
+
+def class_scores(ranking: pd.DataFrame, labels: dict[str, str], top_k: int, how: str) -> pd.DataFrame:
+    """Rows ``query_id,label,score``: every class voted for by a query's ``top_k`` best ranked
+    candidates, with its pooled score; each query's classes best first (ties: label)."""
     if how not in ("sum", "max"):
         raise ValueError(f"predict.aggregation must be sum or max, got {how!r}")
     top = ranking[ranking["rank"] <= top_k].copy()
@@ -78,10 +85,9 @@ def aggregate(ranking: pd.DataFrame, labels: dict[str, str], top_k: int, how: st
         log.warning("%d shortlisted index images have no label and do not vote", unlabelled)
     per_class = top.dropna(subset=["label"]).groupby(["query_id", "label"], sort=True)["score"].agg(how)
     if per_class.empty:
-        return {}
-    best = per_class.reset_index().sort_values(["query_id", "score", "label"], ascending=[True, False, True])
-    best = best.drop_duplicates("query_id")
-    return {q: (label, float(score)) for q, label, score in zip(best["query_id"], best["label"], best["score"])}
+        return pd.DataFrame({"query_id": [], "label": [], "score": []})
+    ordered = per_class.reset_index().sort_values(["query_id", "score", "label"], ascending=[True, False, True])
+    return ordered.reset_index(drop=True)
 
 
 def submission_csv(query_ids: list[str], predictions: dict[str, tuple[str, float]]) -> str:

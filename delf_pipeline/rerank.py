@@ -158,8 +158,8 @@ def _rerank_and_write(number: int, block: dict, out: str, paths: tuple[str, str]
 class BlockWorker:
     """Verifies blocks of queries, keeping recently used index features in memory."""
 
-    def __init__(self, query_store: str, index_store: str, conf: dict, cache_images: int = 2000):
-        self.queries = FeatureStore(query_store)
+    def __init__(self, query_store: str | None, index_store: str, conf: dict, cache_images: int = 2000):
+        self.queries = FeatureStore(query_store) if query_store is not None else None  # None: queries given in memory
         self.index = FeatureStore(index_store)
         self.conf = conf
         self.options = verify_options(conf)
@@ -183,8 +183,11 @@ class BlockWorker:
         return pd.DataFrame(rows, columns=list(COLUMNS))
 
     def rerank_query(self, query_id: str, candidates: list[tuple[str, float]]) -> list[tuple]:
-        """Verify one query against its candidates; rows sorted by score descending."""
-        query = self.queries.features(query_id)
+        """Verify one stored query against its candidates; rows sorted by score descending."""
+        return self.rerank_features(query_id, self.queries.features(query_id), candidates)
+
+    def rerank_features(self, query_id: str, query: ImageFeatures, candidates: list[tuple[str, float]]) -> list[tuple]:
+        """:meth:`rerank_query` of a query whose features are given (in original-image pixels)."""
         rows = []
         for index_id, global_score in candidates:
             result = self.verify(query, self.index_features(index_id))

@@ -137,6 +137,15 @@ def top_k_search(
     return index_ids, rows, scores
 
 
+def top_k_in_memory(queries: np.ndarray, matrix: np.ndarray, top_k: int, matmul: MatMul) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`top_k_search` against an index held in memory: matrix [M, G] float32.
+
+    Returns (rows [Q, K] into ``matrix``, scores [Q, K]), K = min(top_k, M), sorted as there.
+    """
+    empty = (np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32))
+    return _sorted(*_merge_chunk(*empty, matmul(queries, matrix), 0, top_k))
+
+
 def search_blocks(
     blocks: list[np.ndarray], index: FeatureStore, top_k: int, chunk_rows: int, matmul: MatMul
 ) -> tuple[list[str], list[tuple[np.ndarray, np.ndarray]]]:

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from delf_pipeline.formats.images import (
+    decode_bytes,
     MIN_SIDE,
     ImageError,
     ImageRecord,
@@ -358,3 +359,28 @@ def test_iter_decoded_in_grey(tmp_path):
     (first, image, _, error), (second, missing, _, reason) = iter_decoded(records, 30, mode="L")
     assert (first.id, image.shape, error) == ("a", (20, 30), None)
     assert (second.id, missing, reason) == ("b", None, "missing file")
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_decode_bytes_is_load_image_in_memory(tmp_path, mode):
+    path = save(tmp_path / "photo.jpg", noise(300, 200))
+    from_file, factors_file = load_image(path, 128, mode)
+    from_bytes, factors_bytes = decode_bytes(path.read_bytes(), 128, mode)
+    np.testing.assert_array_equal(from_file, from_bytes)
+    np.testing.assert_array_equal(factors_file, factors_bytes)
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", r"empty file \(0 bytes\)"),
+    (b"plain text", r"cannot identify image file \(not an image"),
+])
+def test_decode_bytes_reasons_name_no_path(data, reason):
+    with pytest.raises(ImageError, match=reason):
+        decode_bytes(data)
+
+
+def test_decode_bytes_refuses_more_pixels_than_allowed_before_decoding(tmp_path):
+    data = save(tmp_path / "wide.png", Image.new("L", (3000, 2000))).read_bytes()
+    with pytest.raises(ImageError, match=r"image too large: 3000x2000 pixels \(limit 5 megapixels\)"):
+        decode_bytes(data, max_pixels=5_000_000)
+    assert decode_bytes(data, max_pixels=6_000_000)[0].shape == (2000, 3000, 3)

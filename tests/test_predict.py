@@ -65,8 +65,19 @@ def test_unlabelled_candidates_do_not_vote(caplog):
     assert predict.aggregate(table, LABELS, 1, "sum") == {}  # the unlabelled one used the only vote
 
 
+@pytest.mark.parametrize("how, expected", [
+    ("sum", [("2", 0.95), ("1", 0.9)]),  # every class the top 3 vote for, best first
+    ("max", [("1", 0.9), ("2", 0.5)]),
+])
+def test_golden_class_scores_list_every_voted_class(how, expected):
+    table = ranking({"q": [("a", 0.9), ("b", 0.5), ("c", 0.45), ("d", 0.6)]})
+    classes = predict.class_scores(table, LABELS, 3, how)
+    assert [(label, round(score, 6)) for label, score in zip(classes["label"], classes["score"])] == expected
+
+
 def test_empty_ranking_gives_no_votes():
     assert predict.aggregate(ranking({}), LABELS, 3, "sum") == {}
+    assert predict.class_scores(ranking({}), LABELS, 3, "sum").empty
 
 
 def test_unknown_aggregation_is_refused():

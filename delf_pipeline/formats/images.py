@@ -15,6 +15,7 @@ records, never dropped silently. Decoding problems raise :class:`ImageError` wit
 from __future__ import annotations
 
 import csv
+import io
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 MIN_SIDE = 16  # pixels; smaller images are recorded as errors (degenerate size)
@@ -132,22 +133,45 @@ def load_image(path: Path, max_image_size: int = 0, mode: str = "RGB") -> tuple[
     * factors are original pixels (ones when not resized; per axis, because both sides are
     rounded). Raises ImageError with a reason for unusable files.
     """
-    if mode not in ("RGB", "L"):
-        raise ValueError(f"decode mode must be RGB or L, got {mode!r}")
     path = Path(path)
     if not path.is_file():
         raise ImageError("missing file")
     if path.stat().st_size == 0:
         raise ImageError("empty file (0 bytes)")
+    return _decode(path, max_image_size, mode)
+
+
+def decode_bytes(
+    data: bytes, max_image_size: int = 0, mode: str = "RGB", max_pixels: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`load_image` of an encoded image held in memory (an upload).
+
+    ``max_pixels`` > 0 refuses, before decoding, images whose width x height is larger (a
+    small file can claim a huge size: a decompression bomb). Reasons never name a path.
+    """
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    return _decode(io.BytesIO(data), max_image_size, mode, max_pixels)
+
+
+def _decode(source, max_image_size: int, mode: str, max_pixels: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The body of :func:`load_image` for a path or a binary file object."""
+    if mode not in ("RGB", "L"):
+        raise ValueError(f"decode mode must be RGB or L, got {mode!r}")
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             original = _upright_size(image)
+            if 0 < max_pixels < original[0] * original[1]:
+                raise ImageError(f"image too large: {original[0]}x{original[1]} pixels "
+                                 f"(limit {max_pixels / 1e6:g} megapixels)")
             _draft(image, max_image_size, mode)
             image.load()
             image = ImageOps.exif_transpose(image)
             converted = to_mode(image, mode)
     except Image.DecompressionBombError as error:
         raise ImageError(f"image too large: {error}") from None
+    except UnidentifiedImageError:
+        raise ImageError("cannot decode image: cannot identify image file (not an image, or an unsupported format)") from None
     except (OSError, SyntaxError, ValueError) as error:  # PIL raises these for bad or truncated data
         raise ImageError(f"cannot decode image: {error}") from None
     if min(original) < MIN_SIDE:

@@ -1,0 +1,297 @@
+"""A portable search index: ``delf-pipeline index build|add|info``.
+
+One self-contained folder holds everything a search by photo needs; it names no path
+outside itself, so a moved or copied index keeps working::
+
+    INDEX/manifest.json     what it is: format, package version, preset, counts, history
+    INDEX/config.json       the full settings (extract, shortlist, rerank, predict)
+    INDEX/labels.csv        id,landmark_id of the index images
+    INDEX/store/            the feature store made by :func:`delf_pipeline.extract.run`
+                            (rootsift: with its codebook.npy)
+    INDEX/previews/         small JPEG copies of the index images (thumbnails, match pictures),
+                            named by a hash of the image id; absent with --previews 0
+    INDEX/calibration.json  the confidence calibration, when one was given
+
+Model backends (``savedmodel``, ``hub``) keep their model by reference: ``extract.model``
+in config.json, as given. ``index add`` extracts new images into new store parts with the
+same settings and codebook, and merges their labels; nothing is rebuilt.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image
+
+from . import __version__, extract
+from .config import load_config
+from .formats.images import ImageRecord, iter_decoded, list_images
+from .formats import tables
+from .formats.store import FeatureStore
+from .utils.artifacts import atomic_path, read_json, write_json_atomic, write_text_atomic
+from .utils.progress import track
+
+log = logging.getLogger("delf_pipeline.index")
+
+FORMAT = "delf_pipeline index"
+FORMAT_VERSION = 1
+PREVIEW_QUALITY = 85  # JPEG quality of the previews
+
+
+@dataclass
+class Index:
+    """An opened index folder (see the module docstring)."""
+
+    path: Path
+    manifest: dict
+    config: dict
+
+    @property
+    def store_path(self) -> Path:
+        return self.path / "store"
+
+    @cached_property
+    def store(self) -> FeatureStore:
+        return FeatureStore(self.store_path)
+
+    @cached_property
+    def labels(self) -> dict[str, str]:
+        """index image id -> landmark id."""
+        return read_labels(self.path / "labels.csv")
+
+    def preview(self, image_id: str) -> Path | None:
+        """The preview JPEG of an index image, or None when the index has none for it."""
+        path = self.path / "previews" / preview_name(image_id)
+        return path if path.is_file() else None
+
+    def images_of(self, landmark_id: str) -> list[str]:
+        """Index image ids labelled ``landmark_id``, sorted."""
+        return sorted(i for i, label in self.labels.items() if label == landmark_id)
+
+    @property
+    def calibration(self) -> dict | None:
+        path = self.path / "calibration.json"
+        return read_json(path) if path.is_file() else None
+
+
+def open_index(path: str | Path) -> Index:
+    """Open the index folder ``path``; ValueError names what is missing or foreign."""
+    path = Path(path)
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"no index at {path} (no manifest.json): make one with `delf-pipeline index build`")
+    manifest = read_json(manifest_path)
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{manifest_path} is not a delf_pipeline index manifest (format {manifest.get('format')!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: index format version {manifest.get('format_version')} is not "
+                         f"{FORMAT_VERSION}, the one this delf_pipeline {__version__} reads; rebuild it")
+    for name in ("config.json", "labels.csv", "store"):
+        if not (path / name).exists():
+            raise FileNotFoundError(f"index {path} is incomplete: {name} is missing")
+    return Index(path, manifest, read_json(path / "config.json"))
+
+
+def build(
+    config: dict,
+    images: str | Path,
+    out: str | Path,
+    *,
+    labels: str | Path | None = None,
+    split: str = "train",
+    previews: int = 512,
+    calibration: str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Make the index ``out`` from ``images`` (a source :func:`list_images` reads); returns ``out``.
+
+    labels: CSV of the images' landmarks (see :func:`read_labels`); default: the labels of a
+    Kaggle train.csv or an ``id,path,landmark_id`` CSV. previews: longest side of the
+    preview JPEGs (0: none). A finished index is reused only with the same settings
+    (resumable like extract); ``overwrite`` rebuilds it.
+    """
+    out = Path(out)
+    if not config["extract"]["local_features"]:
+        raise ValueError("an index needs local features for re-ranking: drop extract.local_features=false")
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    if (out / "config.json").exists() and _stage_sections(read_json(out / "config.json")) != _stage_sections(config):
+        raise ValueError(f"index {out} was made with other settings; use --overwrite or another folder")
+    write_json_atomic(out / "config.json", config)
+    records = _listed(images, split)
+    extract.run(config, images, out / "store", split=split)
+    _merge_labels(out, _labels_of(records, labels))
+    _write_previews(out, records, previews)
+    if calibration:
+        shutil.copyfile(calibration, out / "calibration.json")
+    _write_manifest(out, config, previews, "build", len(records))
+    return out
+
+
+def add(index_path: str | Path, images: str | Path, *, labels: str | Path | None = None, split: str = "train") -> Path:
+    """Append the images of ``images`` to an index as new store parts, with the index's own
+    settings and codebook; ids already in the index are kept as they were. Returns the index path."""
+    index = open_index(index_path)
+    records = _listed(images, split)
+    known = index.store.finished_ids()
+    fresh = [r for r in records if r.id not in known]
+    if len(fresh) < len(records):
+        log.info("%d of the %d images are already in the index: kept as they were", len(records) - len(fresh),
+                 len(records))
+    extract.run(index.config, images, index.store_path, split=split, only_ids={r.id for r in fresh})
+    _merge_labels(index.path, _labels_of(fresh, labels))
+    _write_previews(index.path, fresh, index.manifest["previews"])
+    _write_manifest(index.path, index.config, index.manifest["previews"], "add", len(fresh))
+    return index.path
+
+
+def info(index_path: str | Path) -> dict:
+    """What an index holds, as a JSON-able dict (no absolute path)."""
+    index = open_index(index_path)
+    conf = index.config["extract"]
+    files = [p for p in index.path.rglob("*") if p.is_file()]
+    return {
+        "package_version": index.manifest["package_version"],
+        "format_version": index.manifest["format_version"],
+        "preset": index.config.get("preset"),
+        "backend": conf["backend"] + (f" + {conf['local_backend']} locals" if conf["local_backend"] else ""),
+        "model": conf["model"] or None,
+        "codebook_words": conf["vlad_words"] if (index.store_path / "codebook.npy").is_file() else None,
+        "images": len(index.store),
+        "errors": len(index.store.errors()),
+        "store_parts": len(index.store.parts),
+        "landmarks": len(set(index.labels.values())),
+        "labelled_images": len(index.labels),
+        "previews": index.manifest["previews"],
+        "calibration": index.calibration is not None,
+        "megabytes": round(sum(p.stat().st_size for p in files) / 1e6, 1),
+        "history": index.manifest["history"],
+    }
+
+
+def read_labels(path: str | Path) -> dict[str, str]:
+    """image id -> landmark id: :func:`formats.tables.read_labels` (``id`` with ``landmark_id`` or
+    ``label``), or a photo folder's list with ``image`` (a relative path: the id is that path
+    without its extension, as a folder source names it) and ``label``, as landmarks_mini has."""
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    if "id" in frame or "image" not in frame or "label" not in frame:
+        return tables.read_labels(path)
+    return dict(zip(frame["image"].map(lambda p: Path(p).with_suffix("").as_posix()), frame["label"]))
+
+
+def preview_name(image_id: str) -> str:
+    """File name of an image's preview: a hash of its id (ids may hold '/' and any character)."""
+    return hashlib.sha1(image_id.encode("utf-8")).hexdigest()[:20] + ".jpg"
+
+
+def _stage_sections(config: dict) -> dict:
+    return {key: value for key, value in config.items() if key != "preset"}
+
+
+def _listed(images: str | Path, split: str) -> list[ImageRecord]:
+    records, _ = list_images(images, split)  # listing errors are recorded by the extraction
+    return records
+
+
+def _labels_of(records: list[ImageRecord], labels_csv: str | Path | None) -> dict[str, str]:
+    """Landmark ids of ``records`` from ``labels_csv`` or, without it, from the records themselves."""
+    given = read_labels(labels_csv) if labels_csv else {r.id: r.label for r in records if r.label is not None}
+    found = {r.id: given[r.id] for r in records if r.id in given}
+    if records and not found:
+        where = labels_csv or "the image source (a Kaggle train.csv or a CSV with landmark_id)"
+        raise ValueError(f"none of the {len(records)} images has a label in {where}: give --labels CSV")
+    if len(found) < len(records):
+        log.warning("%d of %d images have no label: they can be found but vote for no landmark",
+                    len(records) - len(found), len(records))
+    return found
+
+
+def _merge_labels(out: Path, new: dict[str, str]) -> None:
+    """Add ``new`` labels to ``out/labels.csv``; labels already there win."""
+    path = out / "labels.csv"
+    merged = {**new, **(read_labels(path) if path.is_file() else {})}
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["id", "landmark_id"])
+    writer.writerows(sorted(merged.items()))
+    write_text_atomic(path, buffer.getvalue())
+
+
+def _write_previews(out: Path, records: list[ImageRecord], size: int) -> None:
+    """A JPEG of at most ``size`` px per side for every stored image of ``records`` lacking one."""
+    if size <= 0:
+        return
+    folder = out / "previews"
+    folder.mkdir(parents=True, exist_ok=True)
+    stored = set(FeatureStore(out / "store").ids)
+    todo = [r for r in records if r.id in stored and not (folder / preview_name(r.id)).is_file()]
+    for record, image, _, error in track(iter_decoded(todo, size), len(todo), "previews"):
+        if error is None:
+            with atomic_path(folder / preview_name(record.id)) as tmp:
+                Image.fromarray(image).save(tmp, "JPEG", quality=PREVIEW_QUALITY)
+
+
+def _write_manifest(out: Path, config: dict, previews: int, command: str, images: int) -> None:
+    path = out / "manifest.json"
+    history = read_json(path)["history"] if path.is_file() else []
+    history.append({"command": command, "images": images, "package_version": __version__,
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    write_json_atomic(path, {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "package_version": __version__,
+        "preset": config.get("preset"), "previews": previews, "images": len(FeatureStore(out / "store")),
+        "history": history,
+    })
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .config import add_config_arguments
+
+    sub = parser.add_subparsers(dest="index_command", metavar="ACTION", required=True)
+    made = sub.add_parser("build", help="extract index images into a new portable index folder")
+    made.add_argument("--images", required=True, help="image folder (recursive), Kaggle root, or CSV with id,path")
+    made.add_argument("--labels", help="CSV id,landmark_id (or image,label); default: the labels of the source")
+    made.add_argument("--out", required=True, help="index folder to write (resumed if present)")
+    made.add_argument("--split", default="train", help="Kaggle layout: which split folder to read")
+    made.add_argument("--previews", type=int, default=512, help="longest side of preview JPEGs (0: none)")
+    made.add_argument("--calibration", help="calibration.json to keep in the index")
+    made.add_argument("--overwrite", action="store_true", help="rebuild the index from scratch")
+    add_config_arguments(made)
+    more = sub.add_parser("add", help="append labelled images to an index (new store parts, same settings)")
+    more.add_argument("index", help="index folder")
+    more.add_argument("--images", required=True, help="image folder (recursive), Kaggle root, or CSV with id,path")
+    more.add_argument("--labels", help="CSV id,landmark_id (or image,label); default: the labels of the source")
+    more.add_argument("--split", default="train", help="Kaggle layout: which split folder to read")
+    shown = sub.add_parser("info", help="print what an index holds")
+    shown.add_argument("index", help="index folder")
+    shown.add_argument("--json", action="store_true", help="print JSON")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.index_command == "build":
+        config = load_config(args.preset, args.config, args.overrides)
+        out = build(config, args.images, args.out, labels=args.labels, split=args.split, previews=args.previews,
+                    calibration=args.calibration, overwrite=args.overwrite)
+        print(f"index: {out}")
+    elif args.index_command == "add":
+        print(f"index: {add(args.index, args.images, labels=args.labels, split=args.split)}")
+    facts = info(getattr(args, "index", None) or args.out)
+    print(json.dumps(facts, indent=2) if getattr(args, "json", False) else format_info(facts))
+    return 0
+
+
+def format_info(facts: dict) -> str:
+    """:func:`info` as aligned ``key: value`` lines (the history as one line per command)."""
+    lines = [f"{key:>16}: {value}" for key, value in facts.items() if key != "history"]
+    lines += [f"{'history':>16}: {h['time']} {h['command']} {h['images']} images (delf_pipeline {h['package_version']})"
+              for h in facts["history"]]
+    return "\n".join(lines)

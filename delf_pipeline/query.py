@@ -1,0 +1,213 @@
+"""Search by photo: ``delf-pipeline query --index INDEX PHOTO...``.
+
+A :class:`Searcher` loads an index once (its extractor and codebook, the global descriptor
+matrix in memory, the labels), then answers one photo at a time with the stages' own
+functions, in memory instead of through files:
+
+1. decode: the photo as the index's extraction decodes (same mode and size limit);
+2. extract: the index's backend, locations mapped back to original pixels (as stored);
+3. shortlist: one matrix product against the index matrix, top ``shortlist.top_k``;
+4. rerank: the ``rerank.num_to_rerank`` best (:func:`candidates.top_candidates`) verified by
+   :class:`rerank.BlockWorker` with the index's rerank settings;
+5. answer: :func:`predict.final_ranking` and the per-class votes of :func:`predict.class_scores`.
+
+The answer (:meth:`Answer.to_json`) lists the best landmarks with their confidence (the
+pooled score that ``submission.csv`` reports) and the best candidates with their global
+score and inliers, and how long each step took.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+
+from .candidates import top_candidates
+from .extract import as_stored, decode_mode, load_backend, resolve_model
+from .extractors.features import ImageFeatures
+from .formats.images import ImageError, decode_bytes
+from .index import Index, open_index
+from .predict import class_scores, final_ranking
+from .rerank import COLUMNS as RERANK_COLUMNS
+from .rerank import BlockWorker
+from .shortlist import select_matmul, top_k_in_memory
+from .verification.pairs import PairResult
+
+log = logging.getLogger("delf_pipeline.query")
+
+STEPS = ("decode", "extract", "shortlist", "rerank", "answer")
+QUERY_ID = "photo"  # the query's id in the stage tables (never written anywhere)
+MAX_PIXELS = 50_000_000  # larger claimed sizes are refused before decoding (decompression bombs)
+
+
+@dataclass
+class Answer:
+    """The answer for one photo.
+
+    landmarks: best first, dicts ``landmark_id, confidence, candidates`` (ids of the voters).
+    candidates: best first, dicts ``rank, index_id, landmark_id, global_score, matches,
+        inliers, score, status`` (matches/inliers -1 and status "not verified" past the rerank).
+    timings: seconds per step of :data:`STEPS`.
+    image: the decoded photo, uint8 [H, W] or [H, W, 3]; factors [2] (y, x) to original pixels.
+    features: its features in original-image pixels.
+    """
+
+    photo: str
+    landmarks: list[dict]
+    candidates: list[dict]
+    timings: dict[str, float]
+    image: np.ndarray = field(repr=False)
+    factors: np.ndarray = field(repr=False)
+    features: ImageFeatures = field(repr=False)
+
+    def to_json(self) -> dict:
+        """What ``query --json`` prints and ``POST /query`` returns for this photo."""
+        return {"photo": self.photo, "landmarks": self.landmarks, "candidates": self.candidates,
+                "timings_ms": {step: round(seconds * 1000, 1) for step, seconds in self.timings.items()}}
+
+
+class Searcher:
+    """An index loaded once, answering photos (see the module docstring).
+
+    Thread-safe: each thread verifies with its own :class:`BlockWorker` (and feature cache).
+    """
+
+    def __init__(self, index: str | Path, *, top_candidates: int = 10, max_pixels: int = MAX_PIXELS):
+        self.index: Index = open_index(index)
+        self.config = self.index.config
+        self.top_candidates = top_candidates
+        self.max_pixels = max_pixels
+        conf = resolve_model(self.config["extract"], [])  # a built-in model: its export, made at build
+        self.extract = load_backend(conf, [], self.index.store_path, None)
+        self.ids = self.index.store.ids
+        self.matrix = self.index.store.global_matrix()  # [M, G] float32
+        self.matmul = select_matmul(self.config["shortlist"]["device"])
+        self.labels = self.index.labels
+        self._local = threading.local()
+        log.info("index %s: %d images, global matrix %s (%.0f MB in memory)", self.index.path.name, len(self.ids),
+                 self.matrix.shape, self.matrix.nbytes / 1e6)
+
+    def worker(self) -> BlockWorker:
+        """This thread's verifier over the index store."""
+        if not hasattr(self._local, "worker"):
+            self._local.worker = BlockWorker(None, str(self.index.store_path), self.config["rerank"])
+        return self._local.worker
+
+    def search_file(self, path: str | Path) -> Answer:
+        """:meth:`search` of an image file (named by its file name in the answer)."""
+        return self.search(Path(path).read_bytes(), Path(path).name)
+
+    def search(self, data: bytes, photo: str = "photo") -> Answer:
+        """The answer for one encoded image; ImageError (with a reason) when it is unusable."""
+        timings: dict[str, float] = {}
+        conf = self.config["extract"]
+        with _timed(timings, "decode"):
+            image, factors = decode_bytes(data, conf["max_image_size"], decode_mode(conf), self.max_pixels)
+        with _timed(timings, "extract"):
+            features = as_stored(QUERY_ID, self.extract(image), image.shape, factors).features
+        with _timed(timings, "shortlist"):
+            shortlist = self.shortlist(features)
+        with _timed(timings, "rerank"):
+            reranked = self.rerank(features, shortlist)
+        with _timed(timings, "answer"):
+            landmarks, candidates = self.answer(shortlist, reranked)
+        return Answer(photo, landmarks, candidates, timings, image, factors, features)
+
+    def shortlist(self, features: ImageFeatures) -> pd.DataFrame:
+        """Shortlist rows ``query_id,index_id,rank,score`` of the photo (top ``shortlist.top_k``)."""
+        if features.global_descriptor is None:
+            raise ValueError(f"the index's backend {self.config['extract']['backend']!r} gives no global descriptor")
+        query = features.global_descriptor[None].astype(np.float32)
+        rows, scores = top_k_in_memory(query, self.matrix, self.config["shortlist"]["top_k"], self.matmul)
+        return pd.DataFrame({"query_id": QUERY_ID, "index_id": [self.ids[r] for r in rows[0]],
+                             "rank": np.arange(1, rows.shape[1] + 1), "score": scores[0]})
+
+    def rerank(self, features: ImageFeatures, shortlist: pd.DataFrame) -> pd.DataFrame:
+        """Rerank rows (rerank.COLUMNS) of the photo's ``num_to_rerank`` best candidates."""
+        if self.config["rerank"]["num_to_rerank"] <= 0 or shortlist.empty:
+            return pd.DataFrame(columns=list(RERANK_COLUMNS))
+        candidates = top_candidates(shortlist, self.config["rerank"]["num_to_rerank"])[QUERY_ID]
+        return pd.DataFrame(self.worker().rerank_features(QUERY_ID, features, candidates), columns=list(RERANK_COLUMNS))
+
+    def answer(self, shortlist: pd.DataFrame, reranked: pd.DataFrame) -> tuple[list[dict], list[dict]]:
+        """(landmarks, candidates) of :class:`Answer` from the photo's shortlist and rerank rows."""
+        ranking = final_ranking(shortlist, reranked if len(reranked) else None)
+        conf = self.config["predict"]
+        classes = class_scores(ranking, self.labels, conf["top_k"], conf["aggregation"])
+        voters = ranking[ranking["rank"] <= conf["top_k"]]
+        landmarks = [{"landmark_id": label, "confidence": round(float(score), 6),
+                      "candidates": [i for i in voters["index_id"] if self.labels.get(i) == label]}
+                     for label, score in zip(classes["label"], classes["score"])]
+        top = (ranking[ranking["rank"] <= self.top_candidates]
+               .merge(shortlist[["index_id", "score"]].rename(columns={"score": "global_score"}), on="index_id")
+               .merge(reranked[["index_id", "matches", "inliers", "status"]], on="index_id", how="left"))
+        candidates = [{
+            "rank": int(row.rank), "index_id": row.index_id, "landmark_id": self.labels.get(row.index_id),
+            "global_score": round(float(row.global_score), 6), "score": round(float(row.score), 6),
+            "matches": -1 if pd.isna(row.matches) else int(row.matches),
+            "inliers": -1 if pd.isna(row.inliers) else int(row.inliers),
+            "status": "not verified" if pd.isna(row.status) else row.status,
+        } for row in top.itertuples()]
+        return landmarks, candidates
+
+    def verify_best(self, answer: Answer) -> tuple[str, PairResult, ImageFeatures] | None:
+        """(index id, pair result, its features) of the answer's best verified candidate, verified
+        again as the rerank did (same seed, so the same matches); None when none was verified."""
+        verified = [c for c in answer.candidates if c["inliers"] >= 0]
+        if not verified:
+            return None
+        index_id = verified[0]["index_id"]
+        candidate = self.worker().index_features(index_id)
+        return index_id, self.worker().verify(answer.features, candidate), candidate
+
+
+@contextmanager
+def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[step] = time.perf_counter() - start
+
+
+def format_answer(answer: dict, landmarks: int = 5) -> str:
+    """A query's JSON answer as a short text table."""
+    times = ", ".join(f"{step} {ms:.0f}" for step, ms in answer["timings_ms"].items())
+    lines = [f"{answer['photo']}  ({sum(answer['timings_ms'].values()):.0f} ms: {times})",
+             f"  {'landmark':<24} {'confidence':>10}  voters"]
+    lines += [f"  {str(m['landmark_id']):<24} {m['confidence']:>10.3f}  {len(m['candidates'])}"
+              for m in answer["landmarks"][:landmarks]] or ["  (no landmark)"]
+    width = max([len("candidate")] + [len(c["index_id"]) for c in answer["candidates"]])
+    lines.append(f"  {'candidate':<{width}} {'landmark':<24} {'global':>7} {'inliers':>7} {'score':>7}")
+    lines += [f"  {c['index_id']:<{width}} {str(c['landmark_id']):<24} {c['global_score']:>7.3f} "
+              f"{c['inliers'] if c['inliers'] >= 0 else '-':>7} {c['score']:>7.3f}" for c in answer["candidates"]]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--index", required=True, help="index folder from `delf-pipeline index build`")
+    parser.add_argument("photos", nargs="+", metavar="PHOTO", help="image files to look up")
+    parser.add_argument("--top", type=int, default=5, help="candidates shown per photo")
+    parser.add_argument("--json", action="store_true", help="print one JSON list (the answers of POST /query)")
+
+
+def main(args: argparse.Namespace) -> int:
+    searcher = Searcher(args.index, top_candidates=args.top)
+    answers, failed = [], 0
+    for photo in args.photos:
+        try:
+            answers.append(searcher.search_file(photo).to_json())
+        except (ImageError, OSError) as error:
+            failed += 1
+            answers.append({"photo": Path(photo).name, "error": str(error)})
+    if args.json:
+        print(json.dumps(answers, indent=2))
+    else:
+        print("\n\n".join(f"{a['photo']}: {a['error']}" if "error" in a else format_answer(a) for a in answers))
+    return 1 if failed else 0

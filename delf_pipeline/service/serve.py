@@ -1,0 +1,75 @@
+"""``delf-pipeline serve --index INDEX``: the HTTP API and web page on uvicorn.
+
+FastAPI and uvicorn are imported only when the command runs (the ``serve`` extra), so the
+rest of the command line works without them.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+from .limits import Limits
+
+log = logging.getLogger("delf_pipeline.service")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    limits = Limits()
+    parser.add_argument("--index", required=True, help="index folder from `delf-pipeline index build`")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=limits.workers,
+                        help="photos searched at once, each in a thread (default: %(default)s; one per core)")
+    parser.add_argument("--queue", type=int, default=limits.queue,
+                        help="requests waiting beyond those; more get 503 (default: %(default)s)")
+    parser.add_argument("--max-megabytes", type=float, default=limits.max_bytes / 1e6,
+                        help="largest upload accepted (default: %(default)s)")
+    parser.add_argument("--max-megapixels", type=float, default=limits.max_pixels / 1e6,
+                        help="largest image size accepted, checked before decoding (default: %(default)s)")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        raise ImportError("delf-pipeline serve needs FastAPI and uvicorn: pip install 'delf_pipeline[serve]'") from None
+    from .app import create_app
+
+    limits = Limits(workers=args.workers, queue=args.queue, max_bytes=int(args.max_megabytes * 1e6),
+                    max_pixels=int(args.max_megapixels * 1e6))
+    app = create_app(args.index, limits)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s: reachable from other machines (the API has no authentication)", args.host)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+@contextmanager
+def running(app, limit_max_requests: int | None = None, timeout: float = 60.0) -> Iterator[str]:
+    """Serve ``app`` with uvicorn in a background thread on a free loopback port; yields its
+    base URL and stops the server on exit. With ``limit_max_requests`` the server also stops
+    by itself after that many requests (a bounded load test)."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, log_level="warning", limit_max_requests=limit_max_requests)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        for _ in range(int(timeout * 20)):
+            if server.started or not thread.is_alive():
+                break
+            thread.join(0.05)
+        if not server.started:
+            raise RuntimeError("uvicorn did not start")
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()

@@ -1,0 +1,184 @@
+"""The portable index (build, add, info, moved copies) and the query command, on a tiny set of
+views of scikit-image photos (the demo's), plus the in-memory helpers they use."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from delf_pipeline import cli, index
+from delf_pipeline.config import load_config
+from delf_pipeline.query import Searcher
+from delf_pipeline.shortlist import select_matmul, top_k_in_memory
+
+SMALL = ["extract.max_image_size=320", "extract.max_features=300", "extract.vlad_words=8",
+         "rerank.num_to_rerank=4", "shortlist.top_k=8"]
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+
+
+def write_views(folder: Path, names: tuple[str, ...], views: int, seed: int) -> Path:
+    """``folder/NAME/vK.jpg`` views of scikit-image photos (320 px wide); returns ``folder``."""
+    from delf_pipeline.tools.demo import load_photo, random_view
+
+    rng = np.random.default_rng(seed)
+    for name in names:
+        photo = cv2.resize(load_photo(name), (320, 240), interpolation=cv2.INTER_AREA)
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for view in range(views):
+            cv2.imwrite(str(folder / name / f"v{view}.jpg"), cv2.cvtColor(random_view(photo, rng), cv2.COLOR_RGB2BGR))
+    return folder
+
+
+def labels_csv(folder: Path, out: Path) -> Path:
+    """``image,label`` rows (the landmarks_mini layout) for every view under ``folder``."""
+    rows = [f"{p.relative_to(folder).as_posix()},{p.parent.name}" for p in sorted(folder.rglob("*.jpg"))]
+    out.write_text("image,label\n" + "\n".join(rows) + "\n")
+    return out
+
+
+@pytest.fixture(scope="module")
+def views(tmp_path_factory) -> dict:
+    """Index views of three photos, more views of a fourth (to add), and query views of all four."""
+    root = tmp_path_factory.mktemp("views")
+    first = write_views(root / "first", PHOTOS[:3], 3, seed=1)
+    more = write_views(root / "more", PHOTOS[3:], 3, seed=2)
+    queries = write_views(root / "queries", PHOTOS, 1, seed=3)
+    return {"root": root, "first": first, "more": more, "queries": queries}
+
+
+@pytest.fixture(scope="module")
+def built(views, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("index") / "idx"
+    labels = labels_csv(views["first"], views["root"] / "first.csv")
+    return index.build(load_config(overrides=SMALL), views["first"], out, labels=labels, previews=128)
+
+
+def answer_without_timings(searcher: Searcher, photo: Path) -> dict:
+    answer = searcher.search_file(photo).to_json()
+    answer.pop("timings_ms")
+    return answer
+
+
+def test_build_writes_a_self_contained_index(built, views):
+    for name in ("manifest.json", "config.json", "labels.csv", "store/manifest.json", "store/codebook.npy"):
+        assert (built / name).is_file(), name
+    facts = index.info(built)
+    assert (facts["images"], facts["landmarks"], facts["labelled_images"], facts["errors"]) == (9, 3, 9, 0)
+    assert facts["package_version"] == cli.__version__ and facts["codebook_words"] == 8
+    assert len(list((built / "previews").glob("*.jpg"))) == 9
+    assert max(cv2.imread(str(index.open_index(built).preview("coffee/v0"))).shape[:2]) == 128
+    for name in ("manifest.json", "config.json", "labels.csv"):
+        assert str(views["root"]) not in (built / name).read_text(), f"{name} names a path outside the index"
+
+
+def test_a_moved_copy_answers_the_same(built, views, tmp_path):
+    copy = shutil.copytree(built, tmp_path / "elsewhere" / "copy")
+    original, moved = Searcher(built), Searcher(copy)
+    for query in sorted(views["queries"].glob("*/v0.jpg")):
+        assert answer_without_timings(original, query) == answer_without_timings(moved, query)
+
+
+def test_query_finds_each_indexed_photo(built, views):
+    searcher = Searcher(built, top_candidates=3)
+    for name in PHOTOS[:3]:
+        answer = searcher.search_file(views["queries"] / name / "v0.jpg")
+        assert answer.landmarks[0]["landmark_id"] == name
+        assert answer.candidates[0]["landmark_id"] == name and answer.candidates[0]["inliers"] > 10
+        assert len(answer.candidates) == 3 and set(answer.timings) == {"decode", "extract", "shortlist", "rerank",
+                                                                       "answer"}
+
+
+def test_add_appends_parts_and_keeps_what_was_there(built, views, tmp_path):
+    grown = shutil.copytree(built, tmp_path / "grown")
+    before = {p.relative_to(grown): p.read_bytes() for p in (grown / "store").rglob("*.npy")}
+    index.add(grown, views["more"], labels=labels_csv(views["more"], tmp_path / "more.csv"))
+    store = index.open_index(grown).store
+    assert len(store.parts) == 2 and len(store) == 12
+    for name, data in before.items():  # first part and codebook untouched: nothing rebuilt
+        assert (grown / name).read_bytes() == data, name
+    facts = index.info(grown)
+    assert (facts["landmarks"], [h["command"] for h in facts["history"]]) == (4, ["build", "add"])
+    answer = Searcher(grown).search_file(views["queries"] / "rocket" / "v0.jpg")
+    assert answer.landmarks[0]["landmark_id"] == "rocket"
+
+
+def test_add_keeps_known_ids_as_they_were(built, views, tmp_path):
+    again = shutil.copytree(built, tmp_path / "again")
+    index.add(again, views["first"], labels=labels_csv(views["first"], tmp_path / "other.csv"))
+    assert len(index.open_index(again).store.parts) == 1
+
+
+def test_query_command_json_and_bad_photo(built, views, tmp_path, capsys):
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not a photo")
+    code = cli.main(["query", "--index", str(built), str(views["queries"] / "coffee" / "v0.jpg"), str(bad), "--json"])
+    answers = json.loads(capsys.readouterr().out)
+    assert code == 1
+    assert answers[0]["landmarks"][0]["landmark_id"] == "coffee"
+    assert answers[1] == {"photo": "notes.jpg", "error": "cannot decode image: cannot identify image file "
+                                                          "(not an image, or an unsupported format)"}
+
+
+def test_query_command_table(built, views, capsys):
+    assert cli.main(["query", "--index", str(built), str(views["queries"] / "chelsea" / "v0.jpg"), "--top", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("v0.jpg  (") and "extract" in lines[0]
+    assert lines[2].split()[0] == "chelsea" and len(lines) == 6  # head, 1+ landmark rows, head, 2 candidates
+
+
+def test_index_info_command(built, capsys):
+    assert cli.main(["index", "info", str(built), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 9
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("id,landmark_id\na/1,7\n", {"a/1": "7"}),
+    ("id,label\na,x\n", {"a": "x"}),
+    ("image,label\nplace/p1.jpg,place\n", {"place/p1": "place"}),
+    ("image,label\n", {}),
+])
+def test_read_labels(tmp_path, text, expected):
+    (tmp_path / "labels.csv").write_text(text)
+    assert index.read_labels(tmp_path / "labels.csv") == expected
+
+
+def test_read_labels_names_the_missing_columns(tmp_path):
+    (tmp_path / "labels.csv").write_text("name,place\na,b\n")
+    with pytest.raises(ValueError, match="labels.csv: index labels need columns id and landmark_id"):
+        index.read_labels(tmp_path / "labels.csv")
+
+
+def test_open_index_refuses_what_is_not_one(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no index at"):
+        index.open_index(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"format": "something else"}')
+    with pytest.raises(ValueError, match="is not a delf_pipeline index"):
+        index.open_index(tmp_path)
+
+
+def test_build_refuses_an_index_without_local_features(tmp_path):
+    with pytest.raises(ValueError, match="needs local features"):
+        index.build(load_config(overrides=["extract.local_features=false"]), tmp_path, tmp_path / "idx")
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 10])
+def test_top_k_in_memory(top_k):
+    # scores of the one query: rows 0..4 -> 0.1, 0.9, 0.5, 0.9, -1 (tie at 0.9: lower row first)
+    matrix = np.array([[0.1], [0.9], [0.5], [0.9], [-1.0]], np.float32)
+    rows, scores = top_k_in_memory(np.ones((1, 1), np.float32), matrix, top_k, select_matmul("cpu"))
+    assert rows.tolist() == [[1, 3, 2, 0, 4][:top_k]]
+    np.testing.assert_allclose(scores, [[0.9, 0.9, 0.5, 0.1, -1.0][:top_k]])
+
+
+def test_top_k_in_memory_empty_index():
+    rows, scores = top_k_in_memory(np.ones((1, 4), np.float32), np.zeros((0, 4), np.float32), 5, select_matmul("cpu"))
+    assert rows.shape == scores.shape == (1, 0)
+
+
+def test_serve_command_binds_loopback_by_default():
+    args = cli.build_parser().parse_args(["serve", "--index", "somewhere"])
+    assert (args.host, args.port, args.workers, args.queue) == ("127.0.0.1", 8000, 2, 16)
