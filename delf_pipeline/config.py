@@ -76,7 +76,16 @@ SETTINGS: dict[str, dict[str, tuple[Any, str]]] = {
     },
     "predict": {
         "top_k": (3, "candidates per query that vote for a class"),
-        "aggregation": ("sum", "sum | max: how a class pools its candidates' scores"),
+        "aggregation": ("max", "sum | max | mean_best | verified: how a class pools its candidates (docs/confidence.md)"),
+        "calibration": ("", "calibration.json from `delf-pipeline calibrate`: confidences become P(right)"),
+        "abstain": (0.0, "empty row when the confidence is below this (calibrate prints the F1-best one)"),
+        "max_share": (0.0, ">0: a landmark predicted for more than this share of queries gets confidence "
+                           "x max_share / share"),
+    },
+    "calibrate": {
+        "sample": (200, "index images used as leave-one-out queries (0: all of them)"),
+        "seed": (0, "seed of the sample"),
+        "l2": (1.0, "logistic regression penalty on the standardised weights"),
     },
 }
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -257,7 +266,11 @@ CHECKS: dict[tuple[str, str], Callable[[Any], str | None]] = {
     ("rerank", "scoring"): OneOf(("official", "kaggle2020")),
     ("rerank", "max_inlier_score"): _at_least(1),
     ("predict", "top_k"): _at_least(1),
-    ("predict", "aggregation"): OneOf(("sum", "max")),
+    ("predict", "aggregation"): OneOf(("sum", "max", "mean_best", "verified")),
+    ("predict", "abstain"): _at_least(0),
+    ("predict", "max_share"): _between(0, 1),
+    ("calibrate", "sample"): _at_least(0),
+    ("calibrate", "l2"): _at_least(0),
 }
 
 

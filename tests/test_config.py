@@ -161,6 +161,10 @@ INVALID = [
     ("rerank.max_inlier_score=0", "rerank.max_inlier_score"),
     ("predict.top_k=0", "predict.top_k"),
     ("predict.aggregation=mean", "predict.aggregation"),
+    ("predict.abstain=-0.1", "predict.abstain"),
+    ("predict.max_share=1.5", "predict.max_share"),
+    ("calibrate.sample=-1", "calibrate.sample"),
+    ("calibrate.l2=-1.0", "calibrate.l2"),
 ]
 
 

@@ -1,0 +1,147 @@
+"""``delf-pipeline calibrate``: fit P(prediction right | evidence) from the index alone.
+
+Leave-one-out over a seeded sample of index images: each one is a query against the rest of
+the index (its own image excluded by ``shortlist.exclude_same_id``), through the real
+shortlist and rerank, and its prediction (``predict.aggregation`` over ``predict.top_k``) is
+right when it names the image's own landmark. An image whose place has no other photo in
+the index can only be predicted wrong: such images act as non-landmark queries. A logistic
+model (:mod:`delf_pipeline.evidence.calibration`) is fitted on the evidence of these
+predictions and written to ``calibration.json`` (default: beside the index store), which
+``predict`` then uses so that submission confidences are probabilities.
+
+It also prints, per threshold of the fitted confidence, the precision, recall and F1 of "the
+prediction is right" on the sample, and the threshold that maximises each: the F1 one is the
+suggested ``predict.abstain`` (queries below it get an empty row). The sample's predictions
+are in-sample for the fit, so these figures are optimistic on small samples.
+
+Work files (``shortlist.csv``, ``rerank.csv``) go to ``--work`` (default: ``calibration/``
+beside the output) and resume like the stages.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import rerank, shortlist
+from .artifacts import write_text_atomic
+from .blocks import read_table
+from .config import load_config
+from .evidence import aggregation, calibration
+from .store import FeatureStore
+
+log = logging.getLogger("delf_pipeline.calibrate")
+
+THRESHOLDS = np.round(np.arange(0.0, 1.0001, 0.05), 2)  # rows of the printed threshold table
+
+
+def run(
+    config: dict,
+    index_store: str | Path,
+    labels: dict[str, str],
+    out: str | Path,
+    *,
+    work: str | Path | None = None,
+    jobs: int = 1,
+    index_images: str | Path | None = None,
+) -> Path:
+    """Fit and write ``out`` (calibration.json); returns ``out``."""
+    out = Path(out)
+    work = Path(work) if work else out.parent / "calibration"
+    evidence = loo_evidence(config, index_store, labels, work, jobs=jobs, index_images=index_images)
+    right = evidence["right"].to_numpy()
+    conf = config["calibrate"]
+    settings = {"aggregation": config["predict"]["aggregation"], "top_k": config["predict"]["top_k"],
+                "sample": len(evidence), "right": int(right.sum()), "seed": conf["seed"], "l2": conf["l2"]}
+    fitted = calibration.fit(evidence, right, l2=conf["l2"], settings=settings)
+    probability = fitted.probability(evidence)
+    table = calibration.threshold_table(probability, right, THRESHOLDS)
+    chosen = calibration.chosen_thresholds(table)
+    fitted.settings.update(thresholds=chosen,
+                           reliability=calibration.reliability(probability, right).to_dict(orient="records"))
+    write_text_atomic(out, fitted.to_json())
+    print(describe(fitted, table, chosen))
+    log.info("calibration %s: %d leave-one-out queries, %d right", out, len(evidence), int(right.sum()))
+    return out
+
+
+def loo_evidence(config: dict, index_store: str | Path, labels: dict[str, str], work: Path, *, jobs: int = 1,
+                 index_images: str | Path | None = None) -> pd.DataFrame:
+    """Best-class evidence rows of the leave-one-out sample, with a ``right`` column (bool)."""
+    candidates = loo_candidates(config, index_store, work, jobs=jobs, index_images=index_images)
+    best = predicted_classes(config, candidates, labels)
+    return best.assign(right=[labels.get(q) == label for q, label in zip(best["query_id"], best["label"])])
+
+
+def loo_candidates(config: dict, index_store: str | Path, work: Path, *, jobs: int = 1,
+                   index_images: str | Path | None = None) -> pd.DataFrame:
+    """Candidate table (aggregation.CANDIDATE_COLUMNS) of the sampled index images as queries."""
+    index = FeatureStore(index_store)
+    ids = sample_ids(index.ids, config["calibrate"]["sample"], config["calibrate"]["seed"])
+    loo = copy.deepcopy(config)
+    loo["shortlist"]["exclude_same_id"] = True
+    shortlist_csv = work / "shortlist.csv"
+    if not shortlist_csv.exists():
+        matmul = shortlist.select_matmul(loo["shortlist"]["device"])
+        frame = shortlist.shortlist_blocks(index, [ids], index, loo["shortlist"], matmul)[0]
+        write_text_atomic(shortlist_csv, frame.to_csv(index=False))
+    ranked = read_table(shortlist_csv)
+    rerank_csv = None
+    if loo["rerank"]["num_to_rerank"] > 0:
+        candidates = rerank.top_candidates(ranked, loo["rerank"]["num_to_rerank"])
+        local_store = rerank.candidate_store(loo, Path(index_store), candidates, index_images, "train", (1, 1))
+        rerank_csv = rerank.run(loo, shortlist_csv, index_store, local_store, work / "rerank.csv", jobs=jobs)
+    return aggregation.candidate_table(ranked, read_table(rerank_csv) if rerank_csv else None)
+
+
+def predicted_classes(config: dict, candidates: pd.DataFrame, labels: dict[str, str]) -> pd.DataFrame:
+    """Best-class evidence row per query under ``predict.aggregation`` and ``predict.top_k``."""
+    conf = config["predict"]
+    return aggregation.best_classes(aggregation.class_evidence(candidates, labels, conf["top_k"], conf["aggregation"]))
+
+
+def sample_ids(ids: list[str], size: int, seed: int) -> list[str]:
+    """``size`` ids drawn without replacement with ``seed`` (all of them when size is 0 or larger), sorted."""
+    if size <= 0 or size >= len(ids):
+        return sorted(ids)
+    chosen = np.random.default_rng(seed).choice(len(ids), size=size, replace=False)
+    return sorted(ids[i] for i in chosen)
+
+
+def describe(fitted: calibration.Calibration, table: pd.DataFrame, chosen: dict[str, float]) -> str:
+    """The weights, the threshold table and the chosen thresholds as text."""
+    weights = ", ".join(f"{n} {w:+.3f}" for n, w in zip(fitted.features, fitted.weights))
+    lines = [f"P(right) = expit({weights}, bias {fitted.bias:+.3f})  (standardised features)",
+             "", "| threshold | kept | precision | recall | F1 |", "|---|---|---|---|---|"]
+    lines += [f"| {r.threshold:.2f} | {r.kept} | {r.precision:.3f} | {r.recall:.3f} | {r.f1:.3f} |"
+              for r in table.itertuples()]
+    lines.append("")
+    lines.append("best threshold: " + ", ".join(f"{name} {value:.2f}" for name, value in chosen.items())
+                 + f"  (suggested abstain threshold: --set predict.abstain={chosen['f1']:.2f})")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .cli import add_config_arguments
+
+    parser.add_argument("--index", required=True, help="feature store of the index images")
+    parser.add_argument("--index-labels", required=True, help="CSV with id,landmark_id of the index images")
+    parser.add_argument("--out", help="calibration file to write (default: calibration.json beside the index store)")
+    parser.add_argument("--work", help="folder of the leave-one-out shortlist and rerank (default: beside --out)")
+    parser.add_argument("--index-images", help="index images, when --index holds global descriptors only")
+    parser.add_argument("--jobs", type=int, default=1, help="rerank worker processes")
+    add_config_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    from .predict import read_labels
+
+    config = load_config(args.preset, args.config, args.overrides)
+    out = Path(args.out) if args.out else Path(args.index).parent / "calibration.json"
+    run(config, args.index, read_labels(args.index_labels), out, work=args.work, jobs=args.jobs,
+        index_images=args.index_images)
+    return 0

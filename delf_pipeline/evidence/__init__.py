@@ -1,0 +1,1 @@
+"""Per-class evidence of ranked candidates (aggregation) and P(right | evidence) (calibration)."""
