@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "shortlist": ("shortlist", "top-K index images per query by global descriptor similarity"),
     "rerank": ("rerank", "verify shortlisted candidates by local feature matching + RANSAC, and rescore"),
     "predict": ("predict", "aggregate candidate scores per landmark into submission.csv (and ranking.csv)"),
+    "calibrate": ("calibrate", "fit P(prediction right | evidence) by leave-one-out on the index: calibration.json"),
     "evaluate": ("evaluate", "score a submission (GAP, accuracy) and a ranking (mAP@100, P@k, R@k, MRR)"),
     "validate-submission": ("tools.validate_submission", "check a submission.csv; exit 1 with line-numbered reasons"),
     "run": ("pipeline", "all stages on a Kaggle-layout folder: extract, shortlist, rerank, predict, evaluate"),

@@ -1,10 +1,14 @@
-"""Stage 4, predict: per-class score aggregation into a Kaggle ``submission.csv``.
+"""Stage 4, predict: per-class evidence into a Kaggle ``submission.csv``.
 
 The final ranking of a query is its re-ranked candidates (by rerank score), followed by the
 rest of its shortlist (by global score); without a rerank file it is the shortlist alone
-(global-only recognition). The ``top_k`` best candidates vote for their landmark: a class
-scores the sum (or max) of its candidates' scores, and the best class is the prediction,
-with that score as confidence, as the Kaggle 2020 host baseline does.
+(global-only recognition). The ``top_k`` best candidates vote for their landmark, pooled by
+``predict.aggregation`` (sum as the Kaggle 2020 host baseline, max, mean_best or verified:
+see :mod:`delf_pipeline.evidence.aggregation`), and the best class is the prediction.
+
+Its confidence is the class's aggregated score, or, with ``predict.calibration`` (a
+``calibration.json`` from ``delf-pipeline calibrate``), the fitted probability that the
+prediction is right. ``predict.abstain`` leaves the row empty below that confidence.
 
 Writes ``submission.csv`` (``id,landmarks`` with ``"<landmark_id> <confidence>"``; every
 query id exactly once, an empty cell where a query has no candidate) and, beside it,
@@ -19,9 +23,12 @@ import logging
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import pandas as pd
 
 from .config import load_config
+from .evidence.aggregation import best_classes, candidate_table, class_evidence
+from .evidence.calibration import Calibration
 from .formats.store import FeatureStore
 from .formats.tables import read_ids, read_labels
 from .utils.artifacts import atomic_path, write_text_atomic
@@ -41,53 +48,61 @@ def run(
 ) -> Path:
     """Write ``out`` (submission.csv) and ``ranking.csv`` beside it; returns ``out``."""
     conf, out = config["predict"], Path(out)
-    ranking = final_ranking(read_table(Path(shortlist_csv)), read_table(Path(rerank_csv)) if rerank_csv else None)
+    candidates = candidate_table(read_table(Path(shortlist_csv)), read_table(Path(rerank_csv)) if rerank_csv else None)
     with atomic_path(out.with_name("ranking.csv")) as tmp:
-        ranking.to_csv(tmp, index=False)
-    predictions = aggregate(ranking, index_labels, conf["top_k"], conf["aggregation"])
+        candidates[list(RANKING_COLUMNS)].to_csv(tmp, index=False)
+    best = best_classes(class_evidence(candidates, index_labels, conf["top_k"], conf["aggregation"]))
+    confidence = confidences(best, conf)
+    keep = confidence >= conf["abstain"]
+    predictions = {q: (label, float(c)) for q, label, c, k in zip(best["query_id"], best["label"], confidence, keep) if k}
     ids = list(dict.fromkeys(query_ids))
     write_text_atomic(out, submission_csv(ids, predictions))
     answered = sum(1 for i in ids if i in predictions)
-    log.info("submission %s: %d queries, %d with a prediction, %d empty", out, len(ids), answered, len(ids) - answered)
+    log.info("submission %s: %d queries, %d with a prediction, %d empty (%d abstained)", out, len(ids), answered,
+             len(ids) - answered, int((~keep).sum()))
     return out
+
+
+RANKING_COLUMNS = ("query_id", "index_id", "rank", "score")
 
 
 def final_ranking(shortlist: pd.DataFrame, rerank: pd.DataFrame | None) -> pd.DataFrame:
     """Rows ``query_id,index_id,rank,score``: re-ranked candidates first, then the rest by global score."""
-    base = shortlist[["query_id", "index_id", "score"]].assign(verified=0)
-    if rerank is not None and len(rerank):
-        verified = rerank[["query_id", "index_id", "score"]].assign(verified=1)
-        keys = set(zip(verified["query_id"], verified["index_id"]))
-        rest = base[[key not in keys for key in zip(base["query_id"], base["index_id"])]]
-        base = pd.concat([verified, rest], ignore_index=True)
-    ordered = base.sort_values(["query_id", "verified", "score", "index_id"], ascending=[True, False, False, True],
-                               kind="stable")
-    ordered = ordered.drop(columns="verified").reset_index(drop=True)
-    ordered.insert(2, "rank", ordered.groupby("query_id", sort=False).cumcount() + 1)
-    return ordered
+    return candidate_table(shortlist, rerank)[list(RANKING_COLUMNS)]
+
+
+def confidences(best: pd.DataFrame, conf: dict) -> np.ndarray:
+    """[N] confidence of best-class rows: aggregated score, or P(right) with ``conf["calibration"]``."""
+    if not conf["calibration"]:
+        return best["score"].to_numpy(np.float64)
+    fitted = load_calibration(conf["calibration"], conf)
+    return fitted.probability(best) if len(best) else np.zeros(0)
+
+
+def load_calibration(path: str | Path, conf: dict) -> Calibration:
+    """The calibration at ``path``, checked against the predict settings it must have been fitted with."""
+    fitted = Calibration.load(path)
+    for key in ("aggregation", "top_k"):
+        if key in fitted.settings and fitted.settings[key] != conf[key]:
+            raise ValueError(f"{path} was fitted with predict.{key} = {fitted.settings[key]!r}, not {conf[key]!r}: "
+                             "rerun `delf-pipeline calibrate` with these settings")
+    return fitted
 
 
 def aggregate(ranking: pd.DataFrame, labels: dict[str, str], top_k: int, how: str) -> dict[str, tuple[str, float]]:
-    """query id -> (landmark id, confidence) from the ``top_k`` best ranked candidates."""
+    """query id -> (landmark id, class score) from the ``top_k`` best ranked candidates of ``ranking``
+    (a candidate table, or plain ``query_id,index_id,rank,score`` rows counted as unverified)."""
     best = class_scores(ranking, labels, top_k, how).drop_duplicates("query_id")
     return {q: (label, float(score)) for q, label, score in zip(best["query_id"], best["label"], best["score"])}
 
 
 def class_scores(ranking: pd.DataFrame, labels: dict[str, str], top_k: int, how: str) -> pd.DataFrame:
     """Rows ``query_id,label,score``: every class voted for by a query's ``top_k`` best ranked
-    candidates, with its pooled score; each query's classes best first (ties: label)."""
-    if how not in ("sum", "max"):
-        raise ValueError(f"predict.aggregation must be sum or max, got {how!r}")
-    top = ranking[ranking["rank"] <= top_k].copy()
-    top["label"] = top["index_id"].map(labels)
-    unlabelled = int(top["label"].isna().sum())
-    if unlabelled:
-        log.warning("%d shortlisted index images have no label and do not vote", unlabelled)
-    per_class = top.dropna(subset=["label"]).groupby(["query_id", "label"], sort=True)["score"].agg(how)
-    if per_class.empty:
-        return pd.DataFrame({"query_id": [], "label": [], "score": []})
-    ordered = per_class.reset_index().sort_values(["query_id", "score", "label"], ascending=[True, False, True])
-    return ordered.reset_index(drop=True)
+    candidates, with its pooled score; each query's classes best first (ties: label). ``ranking``
+    is a candidate table, or plain ``query_id,index_id,rank,score`` rows counted as unverified."""
+    plain = {"global_score": ranking["score"], "inliers": 0, "verified": 0}
+    table = ranking.assign(**{k: v for k, v in plain.items() if k not in ranking})
+    return class_evidence(table, labels, top_k, how)[["query_id", "label", "score"]]
 
 
 def submission_csv(query_ids: list[str], predictions: dict[str, tuple[str, float]]) -> str:
@@ -122,11 +137,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="query feature store (its ids, failed ones included) or a CSV with an id column "
                              "such as sample_submission.csv")
     parser.add_argument("--out", required=True, help="submission CSV to write; ranking.csv is written beside it")
+    parser.add_argument("--calibration", help="calibration.json from `delf-pipeline calibrate` (sets predict.calibration)")
     add_config_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
     config = load_config(args.preset, args.config, args.overrides)
+    if args.calibration:
+        config["predict"]["calibration"] = args.calibration
     queries = Path(args.queries)
     ids = read_ids(queries) if queries.suffix == ".csv" else query_ids(queries)
     run(config, args.shortlist, read_labels(args.index_labels), ids, args.out, rerank_csv=args.rerank)

@@ -51,3 +51,23 @@ def shortlist_frame(candidates: dict[str, list[tuple[str, float]]]) -> pd.DataFr
     """A shortlist table (query_id,index_id,rank,score) from query -> [(index id, score)] in rank order."""
     rows = [(q, i, rank, score) for q, cands in candidates.items() for rank, (i, score) in enumerate(cands, 1)]
     return pd.DataFrame(rows, columns=["query_id", "index_id", "rank", "score"])
+
+
+DIM = 64  # random 64-d unit descriptors are ~1.4 apart (never within 0.9): unrelated images never match
+PLACE_FEATURES = 60
+
+
+def place_view(place: int, shared: int, seed: int, global_seed: int, extra: int = 10):
+    """A view of ``place``: ``shared`` of its features moved by a random similarity transform
+    (each an inlier of any other view of the place) plus ``extra`` unrelated features."""
+    base = np.random.default_rng(1000 + place)
+    descriptors = random_unit_rows(PLACE_FEATURES, DIM, seed=1000 + place)[:shared]
+    locations = base.uniform(50, 400, (PLACE_FEATURES, 2))[:shared]
+    rng = np.random.default_rng(seed)
+    angle, scale = rng.uniform(-0.3, 0.3), rng.uniform(0.8, 1.2)
+    rotation = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    moved = locations @ rotation.T + rng.uniform(-20, 20, 2)
+    noisy = l2_normalize(descriptors + rng.normal(0, 0.01, descriptors.shape))
+    return local_features(np.vstack([moved, rng.uniform(0, 480, (extra, 2))]),
+                          np.vstack([noisy, random_unit_rows(extra, DIM, seed=seed + 50000)]),
+                          random_unit_rows(1, 8, global_seed)[0])

@@ -10,6 +10,7 @@ import pytest
 from delf_pipeline import predict
 from delf_pipeline.cli import main as cli_main
 from delf_pipeline.config import load_config
+from delf_pipeline.evidence.calibration import Calibration
 from delf_pipeline.formats.images import ErrorRecord
 from delf_pipeline.formats.store import ExtractedImage, write_part
 from delf_pipeline.formats.tables import (
@@ -81,7 +82,7 @@ def test_empty_ranking_gives_no_votes():
 
 
 def test_unknown_aggregation_is_refused():
-    with pytest.raises(ValueError, match="predict.aggregation must be sum or max, got 'mean'"):
+    with pytest.raises(ValueError, match="predict.aggregation must be one of sum, max, mean_best, verified, got .mean."):
         predict.aggregate(ranking({"q": [("a", 1.0)]}), LABELS, 3, "mean")
 
 
@@ -164,3 +165,36 @@ def test_index_labels_need_an_id_and_a_label_column(tmp_path):
     pd.DataFrame({"image": ["a"], "landmark_id": ["5"]}).to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(ValueError, match="index labels need columns id and landmark_id"):
         read_labels(tmp_path / "bad.csv")
+
+
+# ---------------------------------------------------------------- calibrated confidence
+
+
+def write_calibration(path, weights=(2.0,), bias=0.0, **settings) -> str:
+    """A calibration on the single feature log_inliers, standardised by mean log(11) and scale 1."""
+    fitted = Calibration(["log_inliers"], [float(np.log(11))], [1.0], list(weights), bias,
+                         {"aggregation": "sum", "top_k": 2, **settings})
+    path.write_text(fitted.to_json())
+    return str(path)
+
+
+def test_calibrated_confidence_is_the_fitted_probability(inputs):
+    # q0's best class 2 (b, c: 5 inliers each in rerank_frame) -> expit(2 (log 6 - log 11)); q1 unverified -> expit(-2 log 11)
+    settings = dict(top_k=2, aggregation="sum", calibration=write_calibration(inputs / "calibration.json"))
+    out = predict.run(config(**settings), inputs / "shortlist.csv", LABELS, ["q0", "q1"], inputs / "submission.csv",
+                      rerank_csv=inputs / "rerank.csv")
+    expected = 1 / (1 + np.exp(-2 * (np.log(6) - np.log(11)))), 1 / (1 + np.exp(2 * np.log(11)))
+    assert out.read_text() == f"id,landmarks\nq0,2 {expected[0]:.6f}\nq1,7 {expected[1]:.6f}\n"
+
+
+def test_abstain_leaves_low_confidence_rows_empty(inputs):
+    settings = dict(top_k=2, aggregation="sum", calibration=write_calibration(inputs / "calibration.json"), abstain=0.1)
+    out = predict.run(config(**settings), inputs / "shortlist.csv", LABELS, ["q0", "q1"], inputs / "submission.csv",
+                      rerank_csv=inputs / "rerank.csv")
+    assert out.read_text().splitlines()[1:] == [f"q0,2 {1 / (1 + np.exp(-2 * np.log(6 / 11))):.6f}", "q1,"]
+
+
+def test_calibration_fitted_with_other_settings_is_refused(inputs):
+    settings = dict(top_k=2, aggregation="max", calibration=write_calibration(inputs / "calibration.json"))
+    with pytest.raises(ValueError, match="fitted with predict.aggregation = 'sum', not 'max'"):
+        predict.run(config(**settings), inputs / "shortlist.csv", LABELS, ["q0"], inputs / "submission.csv")

@@ -15,39 +15,20 @@ import pytest
 
 from delf_pipeline import rerank
 from delf_pipeline.config import load_config
-from delf_pipeline.extractors.features import l2_normalize
 from delf_pipeline.formats.store import FeatureStore
 from delf_pipeline.utils.blocks import blocks_dir, read_table
 
 from synthetic_stores import (
+    DIM,
     global_only,
     local_features,
     random_unit_rows,
     shortlist_frame,
     write_store,
 )
+from synthetic_stores import place_view as image
 
 REPO = Path(__file__).resolve().parents[1]
-DIM = 64  # random 64-d unit descriptors are ~1.4 apart (never within 0.9): unrelated images never match
-PLACE_FEATURES = 60
-
-
-def image(place: int, shared: int, seed: int, global_seed: int, extra: int = 10):
-    """A view of ``place``: ``shared`` of its features moved by a random similarity transform
-    (each an inlier of any other view of the place) plus ``extra`` unrelated features."""
-    base = np.random.default_rng(1000 + place)
-    descriptors = random_unit_rows(PLACE_FEATURES, DIM, seed=1000 + place)[:shared]
-    locations = base.uniform(50, 400, (PLACE_FEATURES, 2))[:shared]
-    rng = np.random.default_rng(seed)
-    angle, scale = rng.uniform(-0.3, 0.3), rng.uniform(0.8, 1.2)
-    rotation = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    moved = locations @ rotation.T + rng.uniform(-20, 20, 2)
-    noisy = l2_normalize(descriptors + rng.normal(0, 0.01, descriptors.shape))
-    return local_features(np.vstack([moved, rng.uniform(0, 480, (extra, 2))]),
-                          np.vstack([noisy, random_unit_rows(extra, DIM, seed=seed + 50000)]),
-                          random_unit_rows(1, 8, global_seed)[0])
-
-
 def config(**rerank_settings) -> dict:
     conf = load_config()  # sift_default: mutual matcher at 0.9, MAGSAC++ homography at 8 px, min_matches 5
     conf["rerank"].update(rerank_settings)

@@ -1,0 +1,73 @@
+"""Tests of delf_pipeline.calibrate: leave-one-out over the index through the real shortlist and
+rerank, the fitted calibration.json, and the command line."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from delf_pipeline import calibrate
+from delf_pipeline.cli import main as cli_main
+from delf_pipeline.config import load_config
+from delf_pipeline.evidence.calibration import Calibration
+from synthetic_stores import DIM, place_view, write_store
+
+# places 0-2 have four views each (they verify one another); places 3-6 one photo each: as
+# leave-one-out queries those can only be predicted wrong, like non-landmark queries.
+VIEWS = {**{f"p{p}v{v}": (p, v) for p in range(3) for v in range(4)}, **{f"p{p}v0": (p, 0) for p in range(3, 7)}}
+LABELS = {image_id: f"place{p}" for image_id, (p, _) in VIEWS.items()}
+
+
+@pytest.fixture(scope="module")
+def index_store(tmp_path_factory):
+    images = {i: place_view(p, 30, seed=10 * p + v, global_seed=100 + 10 * p + v) for i, (p, v) in VIEWS.items()}
+    return write_store(tmp_path_factory.mktemp("calib") / "index", images, part_size=5, local_dim=DIM)
+
+
+def test_leave_one_out_evidence_marks_one_photo_places_wrong(index_store, tmp_path):
+    evidence = calibrate.loo_evidence(load_config(), index_store, LABELS, tmp_path)
+    right = dict(zip(evidence["query_id"], evidence["right"]))
+    assert len(right) == 16 and right == {i: VIEWS[i][0] < 3 for i in VIEWS}
+    assert (evidence.loc[evidence["right"], "best_inliers"] >= 20).all()
+    assert (evidence.loc[~evidence["right"], "best_inliers"] == 0).all()
+
+
+def test_calibration_file_beside_the_index_ranks_right_above_wrong(index_store, tmp_path, capsys):
+    out = calibrate.run(load_config(), index_store, LABELS, tmp_path / "calibration.json", work=tmp_path / "w")
+    fitted = Calibration.load(out)
+    assert fitted.settings["sample"] == 16 and fitted.settings["right"] == 12
+    assert fitted.settings["aggregation"] == "sum" and fitted.settings["top_k"] == 3
+    evidence = calibrate.loo_evidence(load_config(), index_store, LABELS, tmp_path / "w")
+    probability = fitted.probability(evidence)
+    assert probability[evidence["right"].to_numpy()].min() > 0.5 > probability[~evidence["right"].to_numpy()].max()
+    printed = capsys.readouterr().out
+    assert "| threshold | kept | precision | recall | F1 |" in printed and "suggested abstain threshold" in printed
+    assert fitted.settings["thresholds"]["recall"] == 0.0  # recall is highest when nothing is left out
+
+
+def test_sample_is_seeded_and_bounded():
+    ids = [f"i{n:02d}" for n in range(20)]
+    assert calibrate.sample_ids(ids, 5, seed=3) == calibrate.sample_ids(ids, 5, seed=3)
+    assert len(calibrate.sample_ids(ids, 5, seed=3)) == 5 and calibrate.sample_ids(ids, 5, 3) != calibrate.sample_ids(ids, 5, 4)
+    assert calibrate.sample_ids(ids, 0, seed=0) == ids == calibrate.sample_ids(ids, 50, seed=0)
+
+
+def test_command_line_writes_calibration_json_beside_the_index(index_store, tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("id,landmark_id\n" + "".join(f"{i},{label}\n" for i, label in LABELS.items()))
+    store = tmp_path / "features" / "index"
+    store.parent.mkdir()
+    store.symlink_to(index_store)
+    assert cli_main(["calibrate", "--index", str(store), "--index-labels", str(labels),
+                     "--set", "calibrate.sample=10"]) == 0
+    data = json.loads((tmp_path / "features" / "calibration.json").read_text())
+    assert data["settings"]["sample"] == 10 and data["features"] == list(Calibration.load(
+        tmp_path / "features" / "calibration.json").features)
+
+
+def test_an_index_where_every_prediction_is_right_cannot_calibrate(index_store, tmp_path):
+    one_place = {i: "everywhere" for i in LABELS}
+    with pytest.raises(ValueError, match="calibration needs right and wrong predictions; got 16 right of 16"):
+        calibrate.run(load_config(), index_store, one_place, tmp_path / "c.json", work=tmp_path / "w")
+    assert not (tmp_path / "c.json").exists()
