@@ -14,6 +14,9 @@ prediction is right" on the sample, and the threshold that maximises each: the F
 suggested ``predict.abstain`` (queries below it get an empty row). The sample's predictions
 are in-sample for the fit, so these figures are optimistic on small samples.
 
+``--non-landmarks DIR`` adds the closeness of each query to images without a landmark as a
+feature (formula in :mod:`delf_pipeline.evidence.nonlandmarks`).
+
 Work files (``shortlist.csv``, ``rerank.csv``) go to ``--work`` (default: ``calibration/``
 beside the output) and resume like the stages.
 """
@@ -32,6 +35,7 @@ from .artifacts import write_text_atomic
 from .blocks import read_table
 from .config import load_config
 from .evidence import aggregation, calibration
+from .evidence.nonlandmarks import add_nonlandmark
 from .store import FeatureStore
 
 log = logging.getLogger("delf_pipeline.calibrate")
@@ -48,15 +52,27 @@ def run(
     work: str | Path | None = None,
     jobs: int = 1,
     index_images: str | Path | None = None,
+    non_landmarks: str | Path | None = None,
 ) -> Path:
-    """Fit and write ``out`` (calibration.json); returns ``out``."""
+    """Fit and write ``out`` (calibration.json); returns ``out``.
+
+    With ``non_landmarks`` (a folder of images without a landmark), their global descriptors
+    are extracted to ``WORK/non_landmarks`` and the evidence gains the ``nonlandmark``
+    feature (:mod:`delf_pipeline.evidence.nonlandmarks`); the store's path is recorded in the
+    file so that ``predict`` computes the same feature for its queries.
+    """
     out = Path(out)
     work = Path(work) if work else out.parent / "calibration"
     evidence = loo_evidence(config, index_store, labels, work, jobs=jobs, index_images=index_images)
-    right = evidence["right"].to_numpy()
     conf = config["calibrate"]
     settings = {"aggregation": config["predict"]["aggregation"], "top_k": config["predict"]["top_k"],
-                "sample": len(evidence), "right": int(right.sum()), "seed": conf["seed"], "l2": conf["l2"]}
+                "seed": conf["seed"], "l2": conf["l2"]}
+    if non_landmarks:
+        store = nonlandmark_store(config, Path(index_store), Path(non_landmarks), work / "non_landmarks")
+        evidence = add_nonlandmark(evidence, index_store, store)
+        settings["non_landmarks"] = str(store.resolve())
+    right = evidence["right"].to_numpy()
+    settings.update(sample=len(evidence), right=int(right.sum()))
     fitted = calibration.fit(evidence, right, l2=conf["l2"], settings=settings)
     probability = fitted.probability(evidence)
     table = calibration.threshold_table(probability, right, THRESHOLDS)
@@ -67,6 +83,16 @@ def run(
     print(describe(fitted, table, chosen))
     log.info("calibration %s: %d leave-one-out queries, %d right", out, len(evidence), int(right.sum()))
     return out
+
+
+def nonlandmark_store(config: dict, index_store: Path, images: Path, out: Path) -> Path:
+    """Global descriptors of the non-landmark ``images`` in the index's feature space (its codebook)."""
+    from . import extract
+
+    globals_only = copy.deepcopy(config)
+    globals_only["extract"]["local_features"] = False
+    codebook = index_store / "codebook.npy"
+    return extract.run(globals_only, images, out, codebook=codebook if codebook.exists() else None)
 
 
 def loo_evidence(config: dict, index_store: str | Path, labels: dict[str, str], work: Path, *, jobs: int = 1,
@@ -133,6 +159,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="calibration file to write (default: calibration.json beside the index store)")
     parser.add_argument("--work", help="folder of the leave-one-out shortlist and rerank (default: beside --out)")
     parser.add_argument("--index-images", help="index images, when --index holds global descriptors only")
+    parser.add_argument("--non-landmarks", metavar="DIR",
+                        help="folder of images without a landmark: closeness to them becomes a calibration feature")
     parser.add_argument("--jobs", type=int, default=1, help="rerank worker processes")
     add_config_arguments(parser)
 
@@ -143,5 +171,5 @@ def main(args: argparse.Namespace) -> int:
     config = load_config(args.preset, args.config, args.overrides)
     out = Path(args.out) if args.out else Path(args.index).parent / "calibration.json"
     run(config, args.index, read_labels(args.index_labels), out, work=args.work, jobs=args.jobs,
-        index_images=args.index_images)
+        index_images=args.index_images, non_landmarks=args.non_landmarks)
     return 0

@@ -81,7 +81,7 @@ def run(
                                 overwrite=overwrite, jobs=jobs)
     submission = predict.run(config, shortlist_csv, read_labels(data / "train.csv"),
                              predict.query_ids(query_store, data / "sample_submission.csv"),
-                             out / "submission.csv", rerank_csv=rerank_csv)
+                             out / "submission.csv", rerank_csv=rerank_csv, query_store=query_store)
     if solution:
         from .evaluate import evaluate, print_report
 

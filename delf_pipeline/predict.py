@@ -29,6 +29,7 @@ import pandas as pd
 from .config import load_config
 from .evidence.aggregation import best_classes, candidate_table, class_evidence
 from .evidence.calibration import Calibration
+from .evidence.nonlandmarks import add_nonlandmark
 from .formats.store import FeatureStore
 from .formats.tables import read_ids, read_labels
 from .utils.artifacts import atomic_path, write_text_atomic
@@ -45,14 +46,19 @@ def run(
     out: str | Path,
     *,
     rerank_csv: str | Path | None = None,
+    query_store: str | Path | None = None,
 ) -> Path:
-    """Write ``out`` (submission.csv) and ``ranking.csv`` beside it; returns ``out``."""
+    """Write ``out`` (submission.csv) and ``ranking.csv`` beside it; returns ``out``.
+
+    ``query_store`` (the queries' feature store) is needed by a calibration that uses
+    non-landmark images, for the queries' global descriptors.
+    """
     conf, out = config["predict"], Path(out)
     candidates = candidate_table(read_table(Path(shortlist_csv)), read_table(Path(rerank_csv)) if rerank_csv else None)
     with atomic_path(out.with_name("ranking.csv")) as tmp:
         candidates[list(RANKING_COLUMNS)].to_csv(tmp, index=False)
     best = best_classes(class_evidence(candidates, index_labels, conf["top_k"], conf["aggregation"]))
-    confidence = confidences(best, conf)
+    confidence = confidences(best, conf, query_store)
     keep = confidence >= conf["abstain"]
     predictions = {q: (label, float(c)) for q, label, c, k in zip(best["query_id"], best["label"], confidence, keep) if k}
     ids = list(dict.fromkeys(query_ids))
@@ -71,11 +77,16 @@ def final_ranking(shortlist: pd.DataFrame, rerank: pd.DataFrame | None) -> pd.Da
     return candidate_table(shortlist, rerank)[list(RANKING_COLUMNS)]
 
 
-def confidences(best: pd.DataFrame, conf: dict) -> np.ndarray:
+def confidences(best: pd.DataFrame, conf: dict, query_store: str | Path | None = None) -> np.ndarray:
     """[N] confidence of best-class rows: aggregated score, or P(right) with ``conf["calibration"]``."""
     if not conf["calibration"]:
         return best["score"].to_numpy(np.float64)
     fitted = load_calibration(conf["calibration"], conf)
+    if "nonlandmark" in fitted.features:
+        if query_store is None:
+            raise ValueError(f"{conf['calibration']} uses non-landmark images: predict needs the query feature store "
+                             "(--queries STORE)")
+        best = add_nonlandmark(best, query_store, fitted.settings["non_landmarks"])
     return fitted.probability(best) if len(best) else np.zeros(0)
 
 
@@ -146,6 +157,7 @@ def main(args: argparse.Namespace) -> int:
     if args.calibration:
         config["predict"]["calibration"] = args.calibration
     queries = Path(args.queries)
-    ids = read_ids(queries) if queries.suffix == ".csv" else query_ids(queries)
-    run(config, args.shortlist, read_labels(args.index_labels), ids, args.out, rerank_csv=args.rerank)
+    store = None if queries.suffix == ".csv" else queries
+    ids = query_ids(store) if store else read_ids(queries)
+    run(config, args.shortlist, read_labels(args.index_labels), ids, args.out, rerank_csv=args.rerank, query_store=store)
     return 0

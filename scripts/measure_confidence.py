@@ -81,22 +81,24 @@ def scores(best: pd.DataFrame, confidence: np.ndarray, solution: dict) -> tuple[
 
 
 def calibrated(config: dict, best: pd.DataFrame, labels: dict, index_loo: pd.DataFrame | None) -> np.ndarray | None:
-    """P(right) of ``best`` from the index leave-one-out fit (cross-fitted when index_loo is None)."""
-    if index_loo is not None:
-        train = calibrate.predicted_classes(config, index_loo, labels)
-        right = np.array([labels.get(q) == label for q, label in zip(train["query_id"], train["label"])])
-        try:
-            return calibration.fit(train, right).probability(best)
-        except ValueError as error:  # e.g. every leave-one-out prediction right
-            logging.warning("no calibration: %s", error)
-            return None
-    right = np.array([labels.get(q) == label for q, label in zip(best["query_id"], best["label"])])
-    fold = np.random.default_rng(0).permutation(len(best)) % FOLDS
-    probability = np.zeros(len(best))
-    for k in range(FOLDS):
-        fitted = calibration.fit(best[fold != k], right[fold != k])
-        probability[fold == k] = fitted.probability(best[fold == k])
-    return probability
+    """P(right) of ``best`` from the index leave-one-out fit (cross-fitted when index_loo is None);
+    None when the sample cannot be fitted (every prediction right, say)."""
+    try:
+        if index_loo is not None:
+            train = calibrate.predicted_classes(config, index_loo, labels)
+            return calibration.fit(train, _right(train, labels)).probability(best)
+        right, fold = _right(best, labels), np.random.default_rng(0).permutation(len(best)) % FOLDS
+        probability = np.zeros(len(best))
+        for k in range(FOLDS):
+            probability[fold == k] = calibration.fit(best[fold != k], right[fold != k]).probability(best[fold == k])
+        return probability
+    except ValueError as error:
+        logging.warning("no calibration: %s", error)
+        return None
+
+
+def _right(best: pd.DataFrame, labels: dict) -> np.ndarray:
+    return np.array([labels.get(q) == label for q, label in zip(best["query_id"], best["label"])])
 
 
 def measure(config: dict, task: str, work: Path, data: Path, jobs: int) -> list[tuple]:

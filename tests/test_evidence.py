@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from delf_pipeline.evidence import aggregation, calibration
+from delf_pipeline.evidence import aggregation, calibration, nonlandmarks
+from synthetic_stores import global_only, write_store
 
 # a one-photo building "B" against a 29-photo street "S" (s00..s28)
 LABELS = {"b0": "B", **{f"s{i:02d}": "S" for i in range(29)}, "u": "U", "v": "V"}
@@ -159,3 +160,29 @@ def test_reliability_bins_by_hand():
     assert table["count"].tolist() == [1, 2, 2]
     np.testing.assert_allclose(table["confidence"], [0.05, 0.135, 0.975])
     np.testing.assert_allclose(table["observed"], [0, 0.5, 1])
+
+
+# ---------------------------------------------------------------- non-landmarks
+
+
+def test_nonlandmark_similarity_by_hand():
+    queries = np.array([[1.0, 0.0], [0.0, 1.0]])
+    non_landmarks = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+    # query 0: cosines 1, 0.6, 0 -> best two 1 and 0.6 -> 0.8; query 1: 0, 0.8, 1 -> 0.9
+    np.testing.assert_allclose(nonlandmarks.nonlandmark_similarity(queries, non_landmarks, 2), [0.8, 0.9])
+    np.testing.assert_allclose(nonlandmarks.nonlandmark_similarity(queries, non_landmarks, 9), [1.6 / 3, 1.8 / 3])
+    assert nonlandmarks.nonlandmark_similarity(np.zeros((0, 2)), non_landmarks).shape == (0,)
+
+
+def test_nonlandmark_similarity_refuses_an_empty_set_or_other_dimension():
+    with pytest.raises(ValueError, match="non-landmark set is empty"):
+        nonlandmarks.nonlandmark_similarity(np.ones((1, 2)), np.zeros((0, 2)))
+    with pytest.raises(ValueError, match="differ in dimension"):
+        nonlandmarks.nonlandmark_similarity(np.ones((1, 2)), np.ones((1, 3)))
+
+
+def test_nonlandmark_feature_is_best_global_minus_closeness(tmp_path):
+    queries = write_store(tmp_path / "q", {"q0": global_only([1.0, 0.0]), "q1": global_only([0.0, 1.0])}, 4)
+    others = write_store(tmp_path / "n", {"n0": global_only([0.0, 1.0])}, 4)
+    best = pd.DataFrame({"query_id": ["q1", "q0"], "best_global": [0.5, 0.5]})
+    assert nonlandmarks.add_nonlandmark(best, queries, others)["nonlandmark"].tolist() == [-0.5, 0.5]

@@ -198,3 +198,21 @@ def test_calibration_fitted_with_other_settings_is_refused(inputs):
     settings = dict(top_k=2, aggregation="max", calibration=write_calibration(inputs / "calibration.json"))
     with pytest.raises(ValueError, match="fitted with predict.aggregation = 'sum', not 'max'"):
         predict.run(config(**settings), inputs / "shortlist.csv", LABELS, ["q0"], inputs / "submission.csv")
+
+
+def test_calibration_with_non_landmarks_needs_and_uses_the_query_store(inputs):
+    from synthetic_stores import write_store
+
+    queries = write_store(inputs / "q", {"q0": global_only([1.0, 0.0]), "q1": global_only([0.0, 1.0])}, 4)
+    others = write_store(inputs / "n", {"n0": global_only([0.0, 1.0])}, 4)
+    fitted = Calibration(["nonlandmark"], [0.0], [1.0], [3.0], 0.0,
+                         {"aggregation": "sum", "top_k": 1, "non_landmarks": str(others)})
+    (inputs / "c.json").write_text(fitted.to_json())
+    conf = config(top_k=1, calibration=str(inputs / "c.json"))
+    with pytest.raises(ValueError, match="uses non-landmark images: predict needs the query feature store"):
+        predict.run(conf, inputs / "shortlist.csv", LABELS, ["q0"], inputs / "submission.csv")
+    out = predict.run(conf, inputs / "shortlist.csv", LABELS, ["q0", "q1"], inputs / "submission.csv",
+                      query_store=queries)
+    # global only: best_global q0 0.9 (a), q1 0.6 (x); closeness to n0: q0 0, q1 1
+    expected = 1 / (1 + np.exp(-3 * 0.9)), 1 / (1 + np.exp(-3 * (0.6 - 1.0)))
+    assert out.read_text() == f"id,landmarks\nq0,1 {expected[0]:.6f}\nq1,7 {expected[1]:.6f}\n"

@@ -29,6 +29,8 @@ from synthetic_stores import (
 from synthetic_stores import place_view as image
 
 REPO = Path(__file__).resolve().parents[1]
+
+
 def config(**rerank_settings) -> dict:
     conf = load_config()  # sift_default: mutual matcher at 0.9, MAGSAC++ homography at 8 px, min_matches 5
     conf["rerank"].update(rerank_settings)

@@ -35,6 +35,8 @@ def feature_matrix(evidence: pd.DataFrame, names: tuple[str, ...] = FEATURES) ->
     """[N, F] float64 features of best-class rows (columns of aggregation.EVIDENCE_COLUMNS)."""
     columns = {"score": evidence["score"], "margin": evidence["margin"], "agree": evidence["agree"],
                "log_inliers": np.log1p(evidence["best_inliers"].astype(float)), "best_global": evidence["best_global"]}
+    if "nonlandmark" in evidence:  # evidence.nonlandmarks: closeness to non-landmark images
+        columns["nonlandmark"] = evidence["nonlandmark"]
     unknown = [n for n in names if n not in columns]
     if unknown:
         raise ValueError(f"unknown calibration feature(s) {unknown}; known: {', '.join(columns)}")
@@ -86,9 +88,14 @@ class Calibration:
         return cls(**{k: data[k] for k in ("features", "mean", "scale", "weights", "bias", "settings") if k in data})
 
 
-def fit(evidence: pd.DataFrame, right: np.ndarray, features: tuple[str, ...] = FEATURES, l2: float = L2,
+def fit(evidence: pd.DataFrame, right: np.ndarray, features: tuple[str, ...] | None = None, l2: float = L2,
         settings: dict | None = None) -> Calibration:
-    """Fit on best-class rows ``evidence`` [N] and ``right`` [N] (prediction right: 1, wrong: 0)."""
+    """Fit on best-class rows ``evidence`` [N] and ``right`` [N] (prediction right: 1, wrong: 0).
+
+    features: default FEATURES, plus ``nonlandmark`` when ``evidence`` has that column.
+    """
+    if features is None:
+        features = FEATURES + (("nonlandmark",) if "nonlandmark" in evidence else ())
     right = np.asarray(right, np.float64)
     if len(right) != len(evidence) or not 0 < right.sum() < len(right):
         raise ValueError(f"calibration needs right and wrong predictions; got {int(right.sum())} right "
