@@ -30,13 +30,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import rerank, shortlist
-from .artifacts import write_text_atomic
-from .blocks import read_table
+from . import extract, rerank, shortlist
+from .candidates import candidate_ids, top_candidates
 from .config import load_config
 from .evidence import aggregation, calibration
 from .evidence.nonlandmarks import add_nonlandmark
-from .store import FeatureStore
+from .formats.store import FeatureStore
+from .utils.artifacts import write_text_atomic
+from .utils.blocks import read_table
 
 log = logging.getLogger("delf_pipeline.calibrate")
 
@@ -87,8 +88,6 @@ def run(
 
 def nonlandmark_store(config: dict, index_store: Path, images: Path, out: Path) -> Path:
     """Global descriptors of the non-landmark ``images`` in the index's feature space (its codebook)."""
-    from . import extract
-
     globals_only = copy.deepcopy(config)
     globals_only["extract"]["local_features"] = False
     codebook = index_store / "codebook.npy"
@@ -118,8 +117,8 @@ def loo_candidates(config: dict, index_store: str | Path, work: Path, *, jobs: i
     ranked = read_table(shortlist_csv)
     rerank_csv = None
     if loo["rerank"]["num_to_rerank"] > 0:
-        candidates = rerank.top_candidates(ranked, loo["rerank"]["num_to_rerank"])
-        local_store = rerank.candidate_store(loo, Path(index_store), candidates, index_images, "train", (1, 1))
+        wanted = candidate_ids(top_candidates(ranked, loo["rerank"]["num_to_rerank"]))
+        local_store = extract.candidate_local_store(loo, Path(index_store), wanted, index_images)
         rerank_csv = rerank.run(loo, shortlist_csv, index_store, local_store, work / "rerank.csv", jobs=jobs)
     return aggregation.candidate_table(ranked, read_table(rerank_csv) if rerank_csv else None)
 
@@ -152,7 +151,7 @@ def describe(fitted: calibration.Calibration, table: pd.DataFrame, chosen: dict[
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import add_config_arguments
+    from .config import add_config_arguments
 
     parser.add_argument("--index", required=True, help="feature store of the index images")
     parser.add_argument("--index-labels", required=True, help="CSV with id,landmark_id of the index images")

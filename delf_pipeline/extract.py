@@ -17,6 +17,7 @@ the same store).
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 from dataclasses import replace
 from itertools import islice
@@ -102,6 +103,23 @@ def run(
     if strict:
         _refuse_recorded(out, only_ids)
     return out
+
+
+def candidate_local_store(config: dict, index_store: Path, wanted: set[str], data: Path, *,
+                          strict: bool = False) -> Path:
+    """The store to read the candidates' local features from: ``index_store`` itself, or, when
+    it holds global descriptors only, ``<index_store>-candidates`` made by extracting
+    ``wanted`` (each image once) with the index store's own settings and codebook."""
+    settings = FeatureStore(index_store).manifest()["settings"]
+    if settings.get("local_features", True):
+        return index_store
+    local_config = copy.deepcopy(config)
+    local_config["extract"].update({k: v for k, v in settings.items() if k in local_config["extract"]},
+                                   local_features=True)
+    codebook = index_store / "codebook.npy"
+    log.info("extracting local features of %d shortlisted index images", len(wanted))
+    return run(local_config, data, Path(f"{index_store}-candidates"), split="train", only_ids=wanted,
+               strict=strict, codebook=codebook if codebook.exists() else None)
 
 
 def decode_mode(conf: dict) -> str:

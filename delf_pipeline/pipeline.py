@@ -21,7 +21,6 @@ continues where it stopped and gives the same files.
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -71,7 +70,7 @@ def run(
     rerank_csv = None
     if config["rerank"]["num_to_rerank"] > 0:
         candidates = read_candidates(shortlist_csv, config["rerank"]["num_to_rerank"])
-        index_store = candidate_local_store(config, index_store, candidate_ids(candidates), data, strict=strict)
+        index_store = extract.candidate_local_store(config, index_store, candidate_ids(candidates), data, strict=strict)
     write_run_errors(out / "errors.csv", sorted({features / "index", query_store, index_store}))
     if time_budget is not None:
         config = fit_num_to_rerank(config, time_budget, shortlist_csv, query_store, index_store,
@@ -114,23 +113,6 @@ def write_run_errors(path: Path, stores: Sequence[Path]) -> None:
     write_text_atomic(path, errors_to_csv(errors))
     if errors:
         log.info("%d image(s) could not be used: see %s", len(errors), path)
-
-
-def candidate_local_store(config: dict, index_store: Path, wanted: set[str], data: Path, *,
-                          strict: bool = False) -> Path:
-    """The store to read the candidates' local features from: ``index_store`` itself, or, when
-    it holds global descriptors only, ``<index_store>-candidates`` made by extracting
-    ``wanted`` (each image once) with the index store's own settings and codebook."""
-    settings = FeatureStore(index_store).manifest()["settings"]
-    if settings.get("local_features", True):
-        return index_store
-    local_config = copy.deepcopy(config)
-    local_config["extract"].update({k: v for k, v in settings.items() if k in local_config["extract"]},
-                                   local_features=True)
-    codebook = index_store / "codebook.npy"
-    log.info("extracting local features of %d shortlisted index images", len(wanted))
-    return extract.run(local_config, data, Path(f"{index_store}-candidates"), split="train", only_ids=wanted,
-                       strict=strict, codebook=codebook if codebook.exists() else None)
 
 
 def _query_config(config: dict, index_store: Path) -> dict:

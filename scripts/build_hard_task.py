@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from delf_pipeline.demo import demo_id, load_photo
-from delf_pipeline.images import kaggle_path
+from delf_pipeline.formats.images import kaggle_path
+from delf_pipeline.tools.demo import demo_id, load_photo
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 NON_LANDMARKS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "moon", "coins", "hubble_deep_field")

@@ -31,12 +31,13 @@ import numpy as np
 import pandas as pd
 
 from delf_pipeline import calibrate, extract, pipeline
-from delf_pipeline.blocks import read_table
 from delf_pipeline.config import load_config
-from delf_pipeline.demo import build_demo_set
-from delf_pipeline.evaluate import accuracy, global_average_precision, read_solution
 from delf_pipeline.evidence import aggregation, calibration
+from delf_pipeline.formats.tables import read_solution
+from delf_pipeline.metrics.recognition import accuracy, global_average_precision
 from delf_pipeline.predict import read_labels
+from delf_pipeline.tools.demo import build_demo_set
+from delf_pipeline.utils.blocks import read_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build_hard_task  # noqa: E402  (a sibling script)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..store import FeatureStore
+from ..formats.store import FeatureStore
 
 NEIGHBOURS = 5  # non-landmark images averaged per query (2020 1st place: top 5 or 10)
 
