@@ -8,7 +8,9 @@ see :mod:`delf_pipeline.evidence.aggregation`), and the best class is the predic
 
 Its confidence is the class's aggregated score, or, with ``predict.calibration`` (a
 ``calibration.json`` from ``delf-pipeline calibrate``), the fitted probability that the
-prediction is right. ``predict.abstain`` leaves the row empty below that confidence.
+prediction is right. ``predict.max_share`` scales down the confidence of a landmark predicted
+for too large a share of the queries, and ``predict.abstain`` then leaves the row empty below
+a confidence.
 
 Writes ``submission.csv`` (``id,landmarks`` with ``"<landmark_id> <confidence>"``; every
 query id exactly once, an empty cell where a query has no candidate) and, beside it,
@@ -27,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from .config import load_config
-from .evidence.aggregation import best_classes, candidate_table, class_evidence
+from .evidence.aggregation import best_classes, candidate_table, class_evidence, frequency_factor
 from .evidence.calibration import Calibration
 from .evidence.nonlandmarks import add_nonlandmark
 from .formats.store import FeatureStore
@@ -58,7 +60,7 @@ def run(
     with atomic_path(out.with_name("ranking.csv")) as tmp:
         candidates[list(RANKING_COLUMNS)].to_csv(tmp, index=False)
     best = best_classes(class_evidence(candidates, index_labels, conf["top_k"], conf["aggregation"]))
-    confidence = confidences(best, conf, query_store)
+    confidence = confidences(best, conf, query_store) * frequency_factor(best["label"], conf["max_share"])
     keep = confidence >= conf["abstain"]
     predictions = {q: (label, float(c)) for q, label, c, k in zip(best["query_id"], best["label"], confidence, keep) if k}
     ids = list(dict.fromkeys(query_ids))

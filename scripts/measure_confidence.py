@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""The confidence table of docs/confidence.md in one run: GAP, top-1 and GAP / (GAP of the same
-predictions ordered right) of every aggregation, raw and calibrated, on three tasks:
+"""The confidence table of docs/confidence.md in one run: top-1, GAP and GAP / (GAP of the same
+predictions ordered right) of every aggregation, with four confidences, on three tasks:
 
 * ``loo``: landmarks_mini leave-one-out (every photo a query against the other 78);
 * ``hard``: the task of scripts/build_hard_task.py (EVD pairs, one-photo places beside a
@@ -10,11 +10,14 @@ predictions ordered right) of every aggregation, raw and calibrated, on three ta
 "GAP ordered right" puts every right prediction above every wrong one; it equals top-1
 accuracy (each right prediction then has precision 1), so the ratio is GAP / top-1.
 
-"calibrated" = the confidence is P(right) from a logistic fit (delf_pipeline.calibrate) on
-the leave-one-out evidence of the task's own index: no query label is used. On ``loo`` the
-queries *are* the index images, so there the fit is cross-fitted: 5 folds, each query's
-confidence from the model fitted on the other four. "before" is the preset's aggregation
-with raw scores as confidence (today's behaviour). Example::
+Confidences: ``raw`` = the aggregated score (today's behaviour; the preset's aggregation
+with it is "before"); ``calibrated`` = P(right) from a logistic fit (delf_pipeline.calibrate)
+on the leave-one-out evidence of the task's own index, no query label used; ``+non-landmarks``
+= the same fit with the non-landmark feature, against scikit-image samples that are neither
+queries nor index images of any task (NON_LANDMARKS); ``+max_share`` = calibrated, times the
+frequent-distractor factor with predict.max_share = MAX_SHARE. On ``loo`` the queries *are*
+the index images, so there the fit is cross-fitted: 5 folds, each query's confidence from
+the model fitted on the other four. Example::
 
     python scripts/measure_confidence.py --out /tmp/confidence [--preset sift_default] [--jobs 2]
 """
@@ -25,18 +28,21 @@ import copy
 import csv
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from delf_pipeline import calibrate, extract, pipeline
 from delf_pipeline.config import load_config
 from delf_pipeline.evidence import aggregation, calibration
+from delf_pipeline.evidence.nonlandmarks import add_nonlandmark
 from delf_pipeline.formats.tables import read_solution
 from delf_pipeline.metrics.recognition import accuracy, global_average_precision
 from delf_pipeline.predict import read_labels
-from delf_pipeline.tools.demo import build_demo_set
+from delf_pipeline.tools.demo import build_demo_set, load_photo
 from delf_pipeline.utils.blocks import read_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,24 +50,44 @@ import build_hard_task  # noqa: E402  (a sibling script)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FOLDS = 5
+MAX_SHARE = 0.1
+NON_LANDMARKS = ("grass", "gravel", "text", "cell", "logo", "retina", "colorwheel", "microaneurysms")
+VARIANTS = ("raw", "calibrated", "+non-landmarks", "+max_share")
 
 
-def loo_task(config: dict, data: Path, work: Path, jobs: int) -> tuple[pd.DataFrame, dict, dict, pd.DataFrame]:
-    """landmarks_mini leave-one-out: (candidates, labels, solution, index LOO evidence = the same queries)."""
+@dataclass
+class Task:
+    """What a task gives the measurement: query candidates, index labels, solution (query id ->
+    set of landmarks), the query and index stores, and the index's leave-one-out candidates
+    (None on ``loo``, whose queries are the index itself)."""
+
+    candidates: pd.DataFrame
+    labels: dict
+    solution: dict
+    query_store: Path
+    index_store: Path
+    index_loo: pd.DataFrame | None
+
+
+
+
+def loo_task(config: dict, data: Path, work: Path, jobs: int) -> Task:
+    """landmarks_mini leave-one-out: every photo a query against the other photos."""
     with open(data / "labels.csv", newline="") as handle:
         labels = {Path(r["image"]).with_suffix("").as_posix(): r["label"] for r in csv.DictReader(handle)}
     store = extract.run(config, data, work / "features")
     candidates = calibrate.loo_candidates(_all(config), store, work / "loo", jobs=jobs)
-    return candidates, labels, {q: {label} for q, label in labels.items()}, None
+    return Task(candidates, labels, {q: {label} for q, label in labels.items()}, store, store, None)
 
 
-def pipeline_task(config: dict, data: Path, work: Path, jobs: int) -> tuple[pd.DataFrame, dict, dict, pd.DataFrame]:
-    """A Kaggle-layout task: (query candidates, index labels, solution, index LOO candidates)."""
+def pipeline_task(config: dict, data: Path, work: Path, jobs: int) -> Task:
+    """A Kaggle-layout task through ``delf-pipeline run``, plus its index's leave-one-out."""
     pipeline.run(config, data, work, jobs=jobs)
     candidates = aggregation.candidate_table(read_table(work / "shortlist.csv"), _rerank(work / "rerank.csv"))
-    labels = read_labels(data / "train.csv")
-    index_loo = calibrate.loo_candidates(_all(config), work / "features" / "index", work / "calibration", jobs=jobs)
-    return candidates, labels, read_solution(data / "solution.csv"), index_loo
+    index = work / "features" / "index"
+    index_loo = calibrate.loo_candidates(_all(config), index, work / "calibration", jobs=jobs)
+    return Task(candidates, read_labels(data / "train.csv"), read_solution(data / "solution.csv"),
+                work / "features" / "query", index, index_loo)
 
 
 def _rerank(path: Path) -> pd.DataFrame | None:
@@ -75,18 +101,27 @@ def _all(config: dict) -> dict:
     return whole
 
 
+def non_landmark_folder(folder: Path) -> Path:
+    """The NON_LANDMARKS scikit-image samples as JPEG files in ``folder`` (made once)."""
+    for name in NON_LANDMARKS:
+        path = folder / f"{name}.jpg"
+        if not path.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(load_photo(name)).save(path, quality=90)
+    return folder
+
+
 def scores(best: pd.DataFrame, confidence: np.ndarray, solution: dict) -> tuple[float, float]:
     """(GAP, top-1) of best-class rows with ``confidence`` [N] against ``solution``."""
     predictions = {q: (label, float(c)) for q, label, c in zip(best["query_id"], best["label"], confidence)}
     return global_average_precision(predictions, solution), accuracy(predictions, solution)
 
 
-def calibrated(config: dict, best: pd.DataFrame, labels: dict, index_loo: pd.DataFrame | None) -> np.ndarray | None:
-    """P(right) of ``best`` from the index leave-one-out fit (cross-fitted when index_loo is None);
-    None when the sample cannot be fitted (every prediction right, say)."""
+def calibrated(best: pd.DataFrame, train: pd.DataFrame | None, labels: dict) -> np.ndarray | None:
+    """P(right) of ``best`` fitted on ``train`` (cross-fitted on ``best`` itself when None); None
+    when the sample cannot be fitted (every prediction right, say)."""
     try:
-        if index_loo is not None:
-            train = calibrate.predicted_classes(config, index_loo, labels)
+        if train is not None:
             return calibration.fit(train, _right(train, labels)).probability(best)
         right, fold = _right(best, labels), np.random.default_rng(0).permutation(len(best)) % FOLDS
         probability = np.zeros(len(best))
@@ -102,33 +137,45 @@ def _right(best: pd.DataFrame, labels: dict) -> np.ndarray:
     return np.array([labels.get(q) == label for q, label in zip(best["query_id"], best["label"])])
 
 
-def measure(config: dict, task: str, work: Path, data: Path, jobs: int) -> list[tuple]:
-    """Rows (task, aggregation, confidence, GAP, top-1, ratio) for every aggregation."""
-    if task == "loo":
-        candidates, labels, solution, index_loo = loo_task(config, data / "landmarks_mini", work, jobs)
+def confidences(task: Task, setting: dict, nl_store: Path) -> tuple[pd.DataFrame, dict[str, np.ndarray | None]]:
+    """Best-class rows of the task's queries under ``setting`` and their confidence per VARIANTS."""
+    best = calibrate.predicted_classes(setting, task.candidates, task.labels)
+    train = None if task.index_loo is None else calibrate.predicted_classes(setting, task.index_loo, task.labels)
+    plain = calibrated(best, train, task.labels)
+    with_nl = calibrated(add_nonlandmark(best, task.query_store, nl_store),
+                         None if train is None else add_nonlandmark(train, task.index_store, nl_store), task.labels)
+    share = None if plain is None else plain * aggregation.frequency_factor(best["label"], MAX_SHARE)
+    return best, dict(zip(VARIANTS, (best["score"].to_numpy(), plain, with_nl, share)))
+
+
+def measure(config: dict, task_name: str, work: Path, data: Path, jobs: int) -> list[tuple]:
+    """Rows (task, aggregation, top-1, {variant: GAP or None}) for every aggregation."""
+    if task_name == "loo":
+        task = loo_task(config, data / "landmarks_mini", work, jobs)
     else:
         folder = work / "data"
         if not (folder / "solution.csv").exists():
-            build_hard_task.build(folder, data) if task == "hard" else build_demo_set(folder)
-        candidates, labels, solution, index_loo = pipeline_task(config, folder, work / "run", jobs)
+            build_hard_task.build(folder, data) if task_name == "hard" else build_demo_set(folder)
+        task = pipeline_task(config, folder, work / "run", jobs)
+    nl_store = calibrate.nonlandmark_store(config, task.index_store, non_landmark_folder(work.parent / "non_landmarks"),
+                                          work / "non_landmarks_store")
     rows = []
     for how in aggregation.AGGREGATIONS:
         setting = copy.deepcopy(config)
         setting["predict"]["aggregation"] = how
-        best = calibrate.predicted_classes(setting, candidates, labels)
-        for name, confidence in (("raw", best["score"].to_numpy()),
-                                 ("calibrated", calibrated(setting, best, labels, index_loo))):
-            if confidence is not None:
-                gap, top1 = scores(best, confidence, solution)
-                rows.append((task, how, name, gap, top1, gap / top1 if top1 else float("nan")))
+        best, variants = confidences(task, setting, nl_store)
+        gaps = {name: None if c is None else scores(best, c, task.solution)[0] for name, c in variants.items()}
+        rows.append((task_name, how, scores(best, variants["raw"], task.solution)[1], gaps))
     return rows
 
 
 def markdown(rows: list[tuple], before: str) -> str:
-    lines = ["| task | aggregation | confidence | GAP | top-1 | GAP / ordered right |", "|---|---|---|---|---|---|"]
-    for task, how, name, gap, top1, ratio in rows:
-        mark = " (before)" if how == before and name == "raw" else ""
-        lines.append(f"| {task} | {how}{mark} | {name} | {gap:.3f} | {top1:.3f} | {ratio:.3f} |")
+    """One line per (task, aggregation): top-1, then GAP (GAP / top-1) per confidence variant."""
+    lines = ["| task | aggregation | top-1 | " + " | ".join(f"GAP ({v})" for v in VARIANTS) + " |",
+             "|---|---|---|" + "---|" * len(VARIANTS)]
+    for task, how, top1, gaps in rows:
+        cells = [("n/a" if g is None else f"{g:.3f} ({g / top1:.2f})") for g in gaps.values()]
+        lines.append(f"| {task} | {how}{' (before)' if how == before else ''} | {top1:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -142,11 +189,12 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="rerank worker processes")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("delf_pipeline.evidence").setLevel(logging.ERROR)  # unlabelled non-landmark candidates
     config = load_config(args.preset, None, args.overrides)
     rows = []
     for task in args.tasks.split(","):
         rows += measure(config, task, args.out / task, args.data, args.jobs)
-    print(f"preset {config['preset']}, predict.top_k {config['predict']['top_k']}")
+    print(f"preset {config['preset']}, predict.top_k {config['predict']['top_k']}; cells: GAP (GAP / top-1)")
     print(markdown(rows, config["predict"]["aggregation"]))
 
 

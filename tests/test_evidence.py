@@ -186,3 +186,18 @@ def test_nonlandmark_feature_is_best_global_minus_closeness(tmp_path):
     others = write_store(tmp_path / "n", {"n0": global_only([0.0, 1.0])}, 4)
     best = pd.DataFrame({"query_id": ["q1", "q0"], "best_global": [0.5, 0.5]})
     assert nonlandmarks.add_nonlandmark(best, queries, others)["nonlandmark"].tolist() == [-0.5, 0.5]
+
+
+# ---------------------------------------------------------------- frequent distractors
+
+
+@pytest.mark.parametrize("max_share, expected", [
+    (0.0, [1, 1, 1, 1, 1]),  # off
+    (0.2, [0.25, 0.25, 0.25, 0.25, 1]),  # S: 4 of 5 (share 0.8) -> 0.2 / 0.8; B: share 0.2 -> 1
+    (0.5, [0.625, 0.625, 0.625, 0.625, 1]),
+    (0.8, [1, 1, 1, 1, 1]),
+])
+def test_frequency_factor_by_hand(max_share, expected):
+    labels = pd.Series(["S", "S", "S", "S", "B"])
+    np.testing.assert_allclose(aggregation.frequency_factor(labels, max_share), expected)
+    assert aggregation.frequency_factor(pd.Series([], dtype=object), max_share).shape == (0,)

@@ -216,3 +216,10 @@ def test_calibration_with_non_landmarks_needs_and_uses_the_query_store(inputs):
     # global only: best_global q0 0.9 (a), q1 0.6 (x); closeness to n0: q0 0, q1 1
     expected = 1 / (1 + np.exp(-3 * 0.9)), 1 / (1 + np.exp(-3 * (0.6 - 1.0)))
     assert out.read_text() == f"id,landmarks\nq0,1 {expected[0]:.6f}\nq1,7 {expected[1]:.6f}\n"
+
+
+def test_max_share_scales_down_a_frequent_landmark(inputs):
+    # top_k 1, global only: q0 -> a (label 1, 0.9), q1 -> x (label 7, 0.6): each 1/2 of the predictions
+    out = predict.run(config(top_k=1, max_share=0.25), inputs / "shortlist.csv", LABELS, ["q0", "q1"],
+                      inputs / "submission.csv")
+    assert out.read_text() == "id,landmarks\nq0,1 0.450000\nq1,7 0.300000\n"

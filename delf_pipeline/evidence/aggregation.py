@@ -104,3 +104,17 @@ def _aggregate(classes: pd.DataFrame, labels: dict[str, str], top_k: int, how: s
 def best_classes(evidence: pd.DataFrame) -> pd.DataFrame:
     """The best class of each query: the first row per query of :func:`class_evidence`'s output."""
     return evidence.drop_duplicates("query_id").reset_index(drop=True)
+
+
+def frequency_factor(labels: pd.Series, max_share: float) -> np.ndarray:
+    """[N] confidence factor of each prediction: min(1, max_share / share of its label).
+
+    share = the fraction of all N predictions that name this label. A landmark predicted for
+    more than ``max_share`` of the queries (a frequent distractor: a place whose photos look
+    like many things) has its confidences scaled down in proportion, after the idea of
+    smlyaka's 2019 ban of landmark ids predicted too often; 0 turns the rule off (all ones).
+    """
+    if max_share <= 0 or labels.empty:
+        return np.ones(len(labels))
+    share = labels.map(labels.value_counts(normalize=True)).to_numpy(np.float64)
+    return np.minimum(1.0, max_share / share)
