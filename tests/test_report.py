@@ -19,6 +19,7 @@ from delf_pipeline.tools.report import (
     inliers_svg,
     precision_svg,
     query_rows,
+    reliability_svg,
 )
 
 SMALL = ["extract.max_image_size=256", "extract.max_features=300", "extract.vlad_words=16",
@@ -99,7 +100,42 @@ def test_query_rows_verdicts():
     assert [r["ok"] for r in query_rows(_Run(), table, predictions, None)] == ["", "", ""]
 
 
+def test_reliability_diagram_by_hand():
+    points = [(0.95, True, "a"), (0.91, True, "b"), (0.15, False, "c"), (0.12, True, "d")]
+    svg = reliability_svg(points)
+    assert 'id="reliability-plot"' in svg and svg.count("<circle") == 2  # bins 0.1-0.2 and 0.9-1.0
+    assert "0.1-0.2: 2 predictions, mean 0.135, 0.500 right" in svg and "0.9-1.0: 2 predictions, mean 0.930, 1.000 right" in svg
+
+
+@pytest.mark.parametrize("points, note", [([], "no reliability diagram"), ([(2.5, True, "a")], "scores, not probabilities")])
+def test_reliability_diagram_needs_probabilities(points, note):
+    assert note in reliability_svg(points) and "<svg" not in reliability_svg(points)
+
+
 # ---------------------------------------------------------------- the page of a real run
+
+
+@pytest.fixture(scope="module")
+def calibrated_run(demo_run) -> dict:
+    """The demo run predicted again with a calibration (P(right) from the best inliers, weights by
+    hand) so its confidences are probabilities, and its report."""
+    import numpy as np
+
+    from delf_pipeline import predict
+    from delf_pipeline.config import load_config
+    from delf_pipeline.evidence.calibration import Calibration
+    from delf_pipeline.utils.blocks import read_table
+
+    run = demo_run["root"] / "calibrated"
+    shutil.copytree(demo_run["run"], run, ignore=shutil.ignore_patterns("report"))
+    (run / "calibration.json").write_text(
+        Calibration(["log_inliers"], [float(np.log(11))], [1.0], [2.0], 0.0, {"aggregation": "sum", "top_k": 3}).to_json())
+    config = load_config(overrides=SMALL + [f'predict.calibration="{run / "calibration.json"}"'])
+    data = demo_run["root"] / "data"
+    predict.run(config, run / "shortlist.csv", predict.read_labels(data / "train.csv"),
+                read_table(data / "sample_submission.csv")["id"].tolist(), run / "submission.csv",
+                rerank_csv=run / "rerank.csv")
+    return {"run": run, "page": report.build(run, top=4, matches=1, page_size=10)}
 
 
 def test_report_files(demo_run):
@@ -176,6 +212,14 @@ def query_rows_of(demo_run) -> list[str]:
     text = demo_run["page"].read_text()
     data = json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', text).group(1))
     return [row[3] for row in data["queries"]]
+
+
+def test_reliability_diagram_renders_in_chromium(calibrated_run, tmp_path):
+    done = open_in_chromium(calibrated_run["page"].resolve().as_uri(), tmp_path, "--dump-dom")
+    assert page_status(done.stdout)["errors"] == "0"
+    plot = re.search(r'<svg id="reliability-plot".*?</svg>', done.stdout, re.S)
+    assert plot and plot.group(0).count("<circle") >= 2, "the reliability diagram has no bins"
+    assert "CONSOLE" not in done.stderr, done.stderr
 
 
 def test_report_screenshot(demo_run, tmp_path):

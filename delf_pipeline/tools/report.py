@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
+from ..evidence.calibration import reliability
 from ..formats.images import ImageError, to_rgb
 from ..formats.run_record import recorded_path
 from ..formats.tables import read_solution, read_submission
@@ -249,6 +250,27 @@ def precision_svg(points: list[tuple[float, bool, str]], landmark_queries: int, 
     return frame.svg(title, parts, "precision-plot")
 
 
+def reliability_svg(points: list[tuple[float, bool, str]], width: int = 520, height: int = 280) -> str:
+    """Reliability diagram: per confidence bin of [0, 1], the fraction of right predictions
+    against the mean confidence (dot area ~ predictions in the bin); the diagonal is perfect
+    calibration. Confidences outside [0, 1] are scores, not probabilities: a note says so."""
+    if not points:
+        return "<p>No predictions with a known truth: no reliability diagram.</p>"
+    conf = np.array([p[0] for p in points])
+    if conf.min() < 0 or conf.max() > 1:
+        return (f"<p>Confidences run {conf.min():.3g} .. {conf.max():.3g}: scores, not probabilities, so no "
+                "reliability diagram. <code>delf-pipeline calibrate</code> makes them probabilities.</p>")
+    bins = reliability(conf, np.array([p[1] for p in points]))
+    frame = _Frame(width, height, (0.0, 1.0), (0.0, 1.0))
+    parts = [frame.axes("predicted probability (mean of the bin)", "observed fraction right"),
+             frame.polyline(np.array([0.0, 1.0]), np.array([0.0, 1.0]), "#999", "diagonal")]
+    parts += [frame.marker(row.confidence, row.observed, "#2b5d9c", True,
+                           f"{row.low:.1f}-{row.high:.1f}: {row.count} predictions, mean {row.confidence:.3f}, "
+                           f"{row.observed:.3f} right", radius=2 + 6 * math.sqrt(row.count / len(points)))
+              for row in bins.itertuples()]
+    return frame.svg("Reliability: predicted probability against observed fraction right", parts, "reliability-plot")
+
+
 def _scaled(values: np.ndarray) -> np.ndarray:
     low, high = float(values.min()), float(values.max())
     return np.full(len(values), 0.5) if high == low else (values - low) / (high - low)
@@ -300,7 +322,8 @@ class _Frame:
             text = f"{value:.0f}" if counts else f"{value:.2f}"
             ticks.append(f'<text x="{left - 6}" y="{self.y(value) + 4:.1f}" text-anchor="end">{text}</text>')
         for value in np.linspace(self.x0, self.x1, 5):
-            ticks.append(f'<text x="{self.x(value):.1f}" y="{bottom + 16}" text-anchor="middle">{value:.0f}</text>')
+            text = f"{value:.0f}" if self.x1 > 1 else f"{value:.2f}"
+            ticks.append(f'<text x="{self.x(value):.1f}" y="{bottom + 16}" text-anchor="middle">{text}</text>')
         return (f'<line x1="{left}" y1="{bottom}" x2="{self.x(self.x1):.1f}" y2="{bottom}" stroke="#333"/>'
                 f'<line x1="{left}" y1="{bottom}" x2="{left}" y2="{self.y(self.y1):.1f}" stroke="#333"/>'
                 + "".join(ticks)
@@ -313,10 +336,11 @@ class _Frame:
         coords = " ".join(f"{self.x(xs[i]):.1f},{self.y(ys[i]):.1f}" for i in keep)
         return f'<polyline class="{name}" points="{coords}" fill="none" stroke="{color}" stroke-width="1.5"/>'
 
-    def marker(self, x: float, y: float, color: str, filled: bool, tip: str) -> str:
+    def marker(self, x: float, y: float, color: str, filled: bool, tip: str, radius: float = 3) -> str:
         cx, cy = self.x(x), self.y(y)
         if filled:
-            return f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="3" fill="{color}"><title>{html.escape(tip)}</title></circle>'
+            return (f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{radius:.1f}" fill="{color}">'
+                    f'<title>{html.escape(tip)}</title></circle>')
         return (f'<path d="M{cx - 3:.1f},{cy - 3:.1f}L{cx + 3:.1f},{cy + 3:.1f}M{cx - 3:.1f},{cy + 3:.1f}'
                 f'L{cx + 3:.1f},{cy - 3:.1f}" stroke="{color}" stroke-width="1.5"><title>{html.escape(tip)}</title></path>')
 
@@ -356,13 +380,14 @@ def metrics_table(metrics: dict) -> str:
 
 
 def plots(queries: list[dict], has_truth: bool) -> str:
-    """The two plots, or a note when there is no ground truth."""
+    """The plots (precision, inliers, reliability), or a note when there is no ground truth."""
     if not has_truth:
         return "<p>Plots need the ground truth: give --solution.</p>"
     points, landmark_queries = gap_points(queries)
     right = [row["inliers"] for row in queries if row["ok"] == "right" and row["pred"] and row["inliers"] >= 0]
     wrong = [row["inliers"] for row in queries if row["ok"] == "wrong" and row["pred"] and row["inliers"] >= 0]
-    return f'<div class="plots">{precision_svg(points, landmark_queries)}{inliers_svg(right, wrong)}</div>'
+    return (f'<div class="plots">{precision_svg(points, landmark_queries)}{inliers_svg(right, wrong)}'
+            f'{reliability_svg(points)}</div>')
 
 
 def render_page(run: Run, queries: list[dict], metrics: dict, has_truth: bool, page_size: int) -> str:
