@@ -21,21 +21,27 @@ continues where it stopped and gives the same files.
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
-from . import extract, predict, rerank, shortlist
-from .budget import TimeBudget, fit_num_to_rerank
+from . import calibrate, extract, predict, rerank, shortlist
+from .budget import TimeBudget, affordable_depth, fit_num_to_rerank, measure_pair_seconds
 from .candidates import candidate_ids, read_candidates
 from .config import load_config
+from .evidence.calibration import CalibrationError
 from .formats.images import list_images
 from .formats.run_record import run_record, write_run_record
 from .formats.store import FeatureStore, errors_to_csv, read_errors
 from .formats.tables import read_labels
 from .utils.artifacts import write_text_atomic
+from .utils.blocks import read_table
 
 log = logging.getLogger("delf_pipeline.pipeline")
+
+CALIBRATION_SHARE = 0.5  # of the time left after the queries' rerank, at most, for the calibration
+MIN_CALIBRATION_SAMPLE = 10  # fewer leave-one-out queries than this: no calibration
 
 
 def run(
@@ -50,6 +56,8 @@ def run(
     strict: bool = False,
     config_file: str | Path | None = None,
     overrides: Sequence[str] = (),
+    calibrate_index: bool = False,
+    non_landmarks: str | Path | None = None,
 ) -> Path:
     """Run extract, shortlist, rerank, predict (and evaluate) on ``data``; returns submission.csv.
 
@@ -57,6 +65,10 @@ def run(
     shortlist (see :mod:`delf_pipeline.budget`). ``strict``: stop (ImageError) at the first
     unusable image instead of recording it. ``config_file`` and ``overrides`` are only
     recorded in ``OUT/run.json`` (``config`` already holds their effect).
+    With ``calibrate_index``, ``delf-pipeline calibrate`` runs on the index after the queries'
+    rerank (its sample cut to the time left under a budget, or skipped with a log line) and
+    predict uses ``features/calibration.json``; ``non_landmarks`` is its optional folder of
+    images without a landmark.
     """
     data, out = Path(data), Path(out)
     check_kaggle_layout(data)
@@ -67,7 +79,7 @@ def run(
     query_store = extract.run(_query_config(config, index_store), data, features / "query", split="test",
                               overwrite=overwrite, strict=strict, codebook=codebook if codebook.exists() else None)
     shortlist_csv = shortlist.run(config, index_store, query_store, out / "shortlist.csv", overwrite=overwrite)
-    rerank_csv = None
+    rerank_csv, global_store = None, index_store
     if config["rerank"]["num_to_rerank"] > 0:
         candidates = read_candidates(shortlist_csv, config["rerank"]["num_to_rerank"])
         index_store = extract.candidate_local_store(config, index_store, candidate_ids(candidates), data, strict=strict)
@@ -78,6 +90,10 @@ def run(
     if config["rerank"]["num_to_rerank"] > 0:
         rerank_csv = rerank.run(config, shortlist_csv, query_store, index_store, out / "rerank.csv",
                                 overwrite=overwrite, jobs=jobs)
+    if calibrate_index:
+        config = with_calibration(config, data, global_store, out, jobs=jobs, budget=time_budget,
+                                  pair_seconds=lambda: _pair_seconds(config, shortlist_csv, query_store, index_store),
+                                  non_landmarks=non_landmarks)
     submission = predict.run(config, shortlist_csv, read_labels(data / "train.csv"),
                              predict.query_ids(query_store, data / "sample_submission.csv"),
                              out / "submission.csv", rerank_csv=rerank_csv, query_store=query_store)
@@ -115,6 +131,41 @@ def write_run_errors(path: Path, stores: Sequence[Path]) -> None:
         log.info("%d image(s) could not be used: see %s", len(errors), path)
 
 
+def with_calibration(config: dict, data: Path, index_store: Path, out: Path, *, jobs: int, budget: TimeBudget | None,
+                     pair_seconds: Callable[[], float], non_landmarks: str | Path | None) -> dict:
+    """``config`` with predict.calibration set to a fresh ``OUT/features/calibration.json``, or
+    unchanged (with a log line) when the budget leaves too little time or the sample cannot be fitted.
+    pair_seconds: () -> seconds per verified pair, called only under a budget."""
+    config = copy.deepcopy(config)
+    conf = config["calibrate"]
+    images = len(FeatureStore(index_store))
+    wanted = min(conf["sample"], images) if conf["sample"] > 0 else images
+    if budget is not None:
+        depth = config["rerank"]["num_to_rerank"]  # pairs verified per leave-one-out query
+        seconds = pair_seconds() if depth > 0 else 0.0
+        conf["sample"] = affordable_depth(CALIBRATION_SHARE * budget.remaining(), seconds, max(depth, 1), jobs, wanted)
+        if conf["sample"] < MIN_CALIBRATION_SAMPLE:
+            log.warning("calibration skipped: the time left fits %d of %d leave-one-out queries (need %d)",
+                        conf["sample"], wanted, MIN_CALIBRATION_SAMPLE)
+            return config
+        log.info("calibration: %d leave-one-out queries fit in the time budget", conf["sample"])
+    target = out / "features" / "calibration.json"
+    try:
+        calibrate.run(config, index_store, read_labels(data / "train.csv"), target, work=out / "calibration", jobs=jobs,
+                      index_images=data, non_landmarks=non_landmarks)
+    except CalibrationError as error:
+        log.warning("calibration skipped: %s", error)
+        return config
+    config["predict"]["calibration"] = str(target)
+    return config
+
+
+def _pair_seconds(config: dict, shortlist_csv: Path, query_store: Path, index_store: Path) -> float:
+    """Seconds per verified pair, timed on up to 50 of the queries' shortlisted pairs."""
+    return measure_pair_seconds(config["rerank"], read_table(shortlist_csv), query_store, index_store, 50,
+                                max_seconds=30.0)[0]
+
+
 def _query_config(config: dict, index_store: Path) -> dict:
     """The queries' settings: local features always, whatever extract.local_features says for the
     index, and the index store's model (a built-in model is exported, with its PCA, for the index)."""
@@ -135,6 +186,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop with exit code 1 at the first unusable image (also one an earlier run recorded)")
     parser.add_argument("--time-budget-hours", type=float,
                         help="lower rerank.num_to_rerank so the run fits this many hours (timed on sample pairs)")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="run `delf-pipeline calibrate` on the index so that confidences are probabilities")
+    parser.add_argument("--non-landmarks", metavar="DIR", help="with --calibrate: folder of images without a landmark")
     add_config_arguments(parser)
 
 
@@ -145,7 +199,10 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--model needs a model preset (e.g. --preset delg_gldv2 or kaggle2020_baseline); "
                          f"preset {config['preset']} uses the {config['extract']['backend']} backend, which has no model")
     budget = TimeBudget(args.time_budget_hours * 3600) if args.time_budget_hours else None
+    if args.non_landmarks and not args.calibrate:
+        raise ValueError("--non-landmarks works through the calibration: add --calibrate")
     submission = run(config, args.data, args.out, solution=args.solution, jobs=args.jobs, overwrite=args.overwrite,
-                     time_budget=budget, strict=args.strict, config_file=args.config, overrides=overrides)
+                     time_budget=budget, strict=args.strict, config_file=args.config, overrides=overrides,
+                     calibrate_index=args.calibrate, non_landmarks=args.non_landmarks)
     print(f"submission: {submission}")
     return 0

@@ -123,6 +123,10 @@ def test_delg_model_end_to_end(kaggle_input, delf_test_models, tmp_path):
     rows = read_submission(tmp_path / "working" / "submission.csv", kaggle_input)
     assert len(rows) == len(kaggle_input["test"])
     assert "time budget: num_to_rerank=10 fits" in log  # default 8.5 h budget, nothing lowered
+    assert "calibration: 12 leave-one-out queries fit in the time budget" in log
+    assert re.search(r"calibration .*calibration.json: 12 leave-one-out queries, [0-9]+ right", log), log[-3000:]
+    confidences = [float(r["landmarks"].split()[1]) for r in rows]
+    assert all(0 < c < 1 for c in confidences)  # probabilities
     assert re.search(r"time budget: [0-9.]+ ms per pair \([1-9][0-9]* pairs timed\), 5 queries", log)
     assert ("pydegensac is not installed" in log) != pydegensac_installed()
     assert (tmp_path / "work" / "rerank.csv").is_file()
@@ -138,6 +142,9 @@ def test_rootsift_end_to_end_from_environment(kaggle_input, tmp_path):
     read_submission(tmp_path / "out" / "submission.csv", kaggle_input)
     assert "time budget" not in log
     assert "pydegensac" not in log  # sift_default verifies with magsac: no fallback needed
+    # all 12 train images predicted right when left out: nothing to learn from, so raw confidences
+    assert "calibration skipped: calibration needs right and wrong predictions; got 12 right of 12" in log
+    assert not (tmp_path / "w" / "features" / "calibration.json").exists()
     assert (tmp_path / "w" / "rerank.csv").is_file()
 
 
@@ -148,6 +155,8 @@ def test_exhausted_budget_predicts_from_the_shortlist(kaggle_input, tmp_path):
     read_submission(tmp_path / "working" / "submission.csv", kaggle_input)
     assert "num_to_rerank lowered from 20 to 0" in log
     assert not (tmp_path / "work" / "rerank.csv").exists()
+    assert "calibration skipped: the time left fits 0 of 12 leave-one-out queries (need 10)" in log
+    assert not (tmp_path / "work" / "features" / "calibration.json").exists()
 
 
 @pytest.mark.parametrize("how", ["flag", "environment"])

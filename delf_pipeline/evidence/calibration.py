@@ -27,6 +27,10 @@ import pandas as pd
 from scipy.optimize import minimize
 from scipy.special import expit, log_expit
 
+class CalibrationError(ValueError):
+    """The sample cannot be fitted: it lacks right or wrong predictions."""
+
+
 FEATURES = ("score", "margin", "log_inliers", "agree", "best_global")
 L2 = 1.0  # penalty on the standardised weights (not the bias): a prior worth about one sample per weight
 
@@ -98,7 +102,7 @@ def fit(evidence: pd.DataFrame, right: np.ndarray, features: tuple[str, ...] | N
         features = FEATURES + (("nonlandmark",) if "nonlandmark" in evidence else ())
     right = np.asarray(right, np.float64)
     if len(right) != len(evidence) or not 0 < right.sum() < len(right):
-        raise ValueError(f"calibration needs right and wrong predictions; got {int(right.sum())} right "
+        raise CalibrationError(f"calibration needs right and wrong predictions; got {int(right.sum())} right "
                          f"of {len(right)} (sample more index images, or an index with repeated places)")
     x = feature_matrix(evidence, features)
     mean, scale = x.mean(axis=0), x.std(axis=0)

@@ -3,7 +3,10 @@
 
 A thin main over ``delf_pipeline.pipeline.run`` with the ``kaggle2020_baseline`` preset
 (DELG local_and_global SavedModel, KD-tree matching, homography RANSAC, host-baseline
-scoring). It writes ``submission.csv`` with a row for every test id.
+scoring). It writes ``submission.csv`` with a row for every test id. Unless
+``--no-calibrate``, the confidences are calibrated probabilities (``delf-pipeline calibrate``
+on a sample of train images, sized to the time budget; skipped with a log line when the
+budget leaves too little).
 
 Paths, in order of precedence: command-line flag, environment variable, Kaggle default.
 
@@ -72,6 +75,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--time-budget-hours", type=float,
                         default=float(env("DELF_KERNEL_TIME_BUDGET_HOURS", DEFAULT_TIME_BUDGET_HOURS)),
                         help="lower num_to_rerank so the whole run fits; 0 disables [DELF_KERNEL_TIME_BUDGET_HOURS]")
+    parser.add_argument("--calibrate", action=argparse.BooleanOptionalAction,
+                        default=env("DELF_KERNEL_CALIBRATE", "1") == "1",
+                        help="fit confidences as probabilities by leave-one-out on train images, with the sample cut "
+                             "to the time budget (skipped, with a log line, when too little is left) "
+                             "[DELF_KERNEL_CALIBRATE=0 turns it off]")
     parser.add_argument("--jobs", type=int, default=int(env("DELF_KERNEL_JOBS", "1")),
                         help="rerank worker processes [DELF_KERNEL_JOBS]")
     parser.add_argument("--public-run-shortcut", action="store_true",
@@ -102,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     from delf_pipeline.pipeline import run
 
     config = kernel_config(args)
-    submission = run(config, data, Path(args.work), jobs=args.jobs, time_budget=budget)
+    submission = run(config, data, Path(args.work), jobs=args.jobs, time_budget=budget, calibrate_index=args.calibrate)
     copy_file(submission, output)
     log.info("wrote %s", output)
     return 0
