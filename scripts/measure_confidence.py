@@ -10,14 +10,14 @@ predictions ordered right) of every aggregation, with four confidences, on three
 "GAP ordered right" puts every right prediction above every wrong one; it equals top-1
 accuracy (each right prediction then has precision 1), so the ratio is GAP / top-1.
 
-Confidences: ``raw`` = the aggregated score (today's behaviour; the preset's aggregation
-with it is "before"); ``calibrated`` = P(right) from a logistic fit (delf_pipeline.calibrate)
+Confidences: ``raw`` = the aggregated score (with ``sum``, the behaviour before this work:
+"before"); ``calibrated`` = P(right) from a logistic fit (delf_pipeline.calibrate)
 on the leave-one-out evidence of the task's own index, no query label used; ``+non-landmarks``
 = the same fit with the non-landmark feature, against scikit-image samples that are neither
 queries nor index images of any task (NON_LANDMARKS); ``+max_share`` = calibrated, times the
 frequent-distractor factor with predict.max_share = MAX_SHARE. On ``loo`` the queries *are*
 the index images, so there the fit is cross-fitted: 5 folds, each query's confidence from
-the model fitted on the other four. Example::
+the model fitted on the other four. A last table sets BEFORE against AFTER. Example::
 
     python scripts/measure_confidence.py --out /tmp/confidence [--preset sift_default] [--jobs 2]
 """
@@ -53,6 +53,8 @@ FOLDS = 5
 MAX_SHARE = 0.1
 NON_LANDMARKS = ("grass", "gravel", "text", "cell", "logo", "retina", "colorwheel", "microaneurysms")
 VARIANTS = ("raw", "calibrated", "+non-landmarks", "+max_share")
+BEFORE = ("sum", "raw")  # (aggregation, confidence) before this work
+AFTER = ("max", "+non-landmarks")
 
 
 @dataclass
@@ -169,13 +171,28 @@ def measure(config: dict, task_name: str, work: Path, data: Path, jobs: int) -> 
     return rows
 
 
-def markdown(rows: list[tuple], before: str) -> str:
+def markdown(rows: list[tuple]) -> str:
     """One line per (task, aggregation): top-1, then GAP (GAP / top-1) per confidence variant."""
     lines = ["| task | aggregation | top-1 | " + " | ".join(f"GAP ({v})" for v in VARIANTS) + " |",
              "|---|---|---|" + "---|" * len(VARIANTS)]
     for task, how, top1, gaps in rows:
         cells = [("n/a" if g is None else f"{g:.3f} ({g / top1:.2f})") for g in gaps.values()]
-        lines.append(f"| {task} | {how}{' (before)' if how == before else ''} | {top1:.3f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {task} | {how}{' (before)' if how == BEFORE[0] else ''} | {top1:.3f} | " + " | ".join(cells)
+                     + " |")
+    return "\n".join(lines)
+
+
+def summary(rows: list[tuple]) -> str:
+    """Per task: BEFORE against AFTER (raw scores where AFTER's confidence could not be fitted)."""
+    lines = ["| task | top-1 before | top-1 after | GAP before | GAP after | ratio before | ratio after |",
+             "|---|---|---|---|---|---|---|"]
+    for task in dict.fromkeys(row[0] for row in rows):
+        found = {how: (top1, gaps) for name, how, top1, gaps in rows if name == task}
+        top_b, gap_b = found[BEFORE[0]][0], found[BEFORE[0]][1][BEFORE[1]]
+        top_a, gaps = found[AFTER[0]]
+        gap_a = gaps[AFTER[1]] if gaps[AFTER[1]] is not None else gaps["raw"]
+        lines.append(f"| {task} | {top_b:.3f} | {top_a:.3f} | {gap_b:.3f} | {gap_a:.3f} | {gap_b / top_b:.2f} | "
+                     f"{gap_a / top_a:.2f} |")
     return "\n".join(lines)
 
 
@@ -194,8 +211,11 @@ def main() -> None:
     rows = []
     for task in args.tasks.split(","):
         rows += measure(config, task, args.out / task, args.data, args.jobs)
-    print(f"preset {config['preset']}, predict.top_k {config['predict']['top_k']}; cells: GAP (GAP / top-1)")
-    print(markdown(rows, config["predict"]["aggregation"]))
+    print(f"preset {config['preset']}, predict.top_k {config['predict']['top_k']}; cells: GAP (GAP / top-1)\n")
+    print(markdown(rows))
+    print(f"\nbefore: {BEFORE[0]} with {BEFORE[1]} confidence; after: {AFTER[0]} with {AFTER[1]} confidence "
+          "(raw where it could not be fitted)")
+    print(summary(rows))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def test_calibration_file_beside_the_index_ranks_right_above_wrong(index_store, 
     out = calibrate.run(load_config(), index_store, LABELS, tmp_path / "calibration.json", work=tmp_path / "w")
     fitted = Calibration.load(out)
     assert fitted.settings["sample"] == 16 and fitted.settings["right"] == 12
-    assert fitted.settings["aggregation"] == "sum" and fitted.settings["top_k"] == 3
+    assert fitted.settings["aggregation"] == "max" and fitted.settings["top_k"] == 3
     evidence = calibrate.loo_evidence(load_config(), index_store, LABELS, tmp_path / "w")
     probability = fitted.probability(evidence)
     assert probability[evidence["right"].to_numpy()].min() > 0.5 > probability[~evidence["right"].to_numpy()].max()

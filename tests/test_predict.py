@@ -206,7 +206,7 @@ def test_calibration_with_non_landmarks_needs_and_uses_the_query_store(inputs):
     queries = write_store(inputs / "q", {"q0": global_only([1.0, 0.0]), "q1": global_only([0.0, 1.0])}, 4)
     others = write_store(inputs / "n", {"n0": global_only([0.0, 1.0])}, 4)
     fitted = Calibration(["nonlandmark"], [0.0], [1.0], [3.0], 0.0,
-                         {"aggregation": "sum", "top_k": 1, "non_landmarks": str(others)})
+                         {"aggregation": "max", "top_k": 1, "non_landmarks": str(others)})
     (inputs / "c.json").write_text(fitted.to_json())
     conf = config(top_k=1, calibration=str(inputs / "c.json"))
     with pytest.raises(ValueError, match="uses non-landmark images: predict needs the query feature store"):

@@ -129,7 +129,7 @@ def calibrated_run(demo_run) -> dict:
     run = demo_run["root"] / "calibrated"
     shutil.copytree(demo_run["run"], run, ignore=shutil.ignore_patterns("report"))
     (run / "calibration.json").write_text(
-        Calibration(["log_inliers"], [float(np.log(11))], [1.0], [2.0], 0.0, {"aggregation": "sum", "top_k": 3}).to_json())
+        Calibration(["log_inliers"], [float(np.log(11))], [1.0], [2.0], 0.0, {"aggregation": "max", "top_k": 3}).to_json())
     config = load_config(overrides=SMALL + [f'predict.calibration="{run / "calibration.json"}"'])
     data = demo_run["root"] / "data"
     predict.run(config, run / "shortlist.csv", predict.read_labels(data / "train.csv"),
