@@ -17,8 +17,9 @@ are in-sample for the fit, so these figures are optimistic on small samples.
 ``--non-landmarks DIR`` adds the closeness of each query to images without a landmark as a
 feature (formula in :mod:`delf_pipeline.evidence.nonlandmarks`).
 
-Work files (``shortlist.csv``, ``rerank.csv``) go to ``--work`` (default: ``calibration/``
-beside the output) and resume like the stages.
+Work files (``loo-FINGERPRINT/shortlist.csv`` and ``rerank.csv``, the fingerprint naming the
+sample and the shortlist settings) go to ``--work`` (default: ``calibration/`` beside the
+output) and resume like the stages.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import pandas as pd
 
 from . import extract, rerank, shortlist
 from .candidates import candidate_ids, top_candidates
-from .config import load_config
+from .config import fingerprint, load_config
 from .evidence import aggregation, calibration
 from .evidence.nonlandmarks import add_nonlandmark
 from .formats.store import FeatureStore
@@ -109,6 +110,7 @@ def loo_candidates(config: dict, index_store: str | Path, work: Path, *, jobs: i
     ids = sample_ids(index.ids, config["calibrate"]["sample"], config["calibrate"]["seed"])
     loo = copy.deepcopy(config)
     loo["shortlist"]["exclude_same_id"] = True
+    work = work / f"loo-{fingerprint({'ids': ids, 'shortlist': loo['shortlist']})}"  # a new sample, a new folder
     shortlist_csv = work / "shortlist.csv"
     if not shortlist_csv.exists():
         matmul = shortlist.select_matmul(loo["shortlist"]["device"])

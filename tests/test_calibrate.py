@@ -70,3 +70,12 @@ def test_an_index_where_every_prediction_is_right_cannot_calibrate(index_store, 
     with pytest.raises(ValueError, match="calibration needs right and wrong predictions; got 16 right of 16"):
         calibrate.run(load_config(), index_store, one_place, tmp_path / "c.json", work=tmp_path / "w")
     assert not (tmp_path / "c.json").exists()
+
+
+def test_another_sample_in_the_same_work_folder_is_not_the_old_one(index_store, tmp_path):
+    config = load_config()
+    config["calibrate"]["sample"] = 8
+    assert len(calibrate.loo_evidence(config, index_store, LABELS, tmp_path)) == 8
+    config["calibrate"]["sample"] = 0
+    assert len(calibrate.loo_evidence(config, index_store, LABELS, tmp_path)) == 16
+    assert len(list(tmp_path.glob("loo-*/shortlist.csv"))) == 2
