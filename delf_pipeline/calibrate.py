@@ -33,11 +33,12 @@ import pandas as pd
 
 from . import extract, rerank, shortlist
 from .candidates import candidate_ids, top_candidates
-from .config import fingerprint, load_config
+from .config import load_config
 from .evidence import aggregation, calibration
 from .evidence.nonlandmarks import add_nonlandmark
 from .formats.store import FeatureStore
-from .utils.artifacts import write_text_atomic
+from .formats.tables import read_labels
+from .utils.artifacts import fingerprint, write_text_atomic
 from .utils.blocks import read_table
 
 log = logging.getLogger("delf_pipeline.calibrate")
@@ -167,8 +168,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .predict import read_labels
-
     config = load_config(args.preset, args.config, args.overrides)
     out = Path(args.out) if args.out else Path(args.index).parent / "calibration.json"
     run(config, args.index, read_labels(args.index_labels), out, work=args.work, jobs=args.jobs,

@@ -39,9 +39,8 @@ from delf_pipeline import calibrate, extract, pipeline
 from delf_pipeline.config import load_config
 from delf_pipeline.evidence import aggregation, calibration
 from delf_pipeline.evidence.nonlandmarks import add_nonlandmark
-from delf_pipeline.formats.tables import read_solution
+from delf_pipeline.formats.tables import read_labels, read_solution
 from delf_pipeline.metrics.recognition import accuracy, global_average_precision
-from delf_pipeline.predict import read_labels
 from delf_pipeline.tools.demo import build_demo_set, load_photo
 from delf_pipeline.utils.blocks import read_table
 
