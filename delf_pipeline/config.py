@@ -57,6 +57,15 @@ SETTINGS: dict[str, dict[str, tuple[Any, str]]] = {
         "chunk_rows": (4096, "index rows per matrix product (memory bound, not index bound)"),
         "exclude_same_id": (False, "leave-one-out: never shortlist an image for itself"),
         "device": ("auto", "auto | cpu | gpu: where the matrix products run (gpu = TensorFlow)"),
+        "whitening": ("", '"" | pca | supervised (index labels): learned once on the index, stored beside it'),
+        "whitening_dim": (0, "whitened dimensions kept; 0 keeps all the index spans (at most images - 1)"),
+        "whitening_shrinkage": (0.0, "0..1: covariance shrunk towards the identity (few images, many dims)"),
+        "whitening_images": (100000, "index images (sampled, seed 0) the whitening is learned on"),
+        "dba": ("", '"" | plain | supervised (same-label neighbours): database-side augmentation, stored beside the index'),
+        "dba_top_n": (3, "neighbours (the image itself included) averaged per index image"),
+        "dba_alpha": (0.0, "neighbour weight similarity ** alpha (0: plain mean)"),
+        "qe_top_n": (0, "query expansion: first results added to the query, 0 disables"),
+        "qe_alpha": (0.0, "0: average QE; > 0: alpha-QE (Radenovic et al. 2018 use 3)"),
     },
     "rerank": {
         "num_to_rerank": (100, "shortlisted candidates verified per query"),
@@ -203,6 +212,11 @@ def _between(low: float, high: float) -> Callable[[Any], str | None]:
     return lambda value: None if low <= value < high else f"must be in [{low}, {high})"
 
 
+def _closed(low: float, high: float) -> Callable[[Any], str | None]:
+    """Closed interval: low <= value <= high."""
+    return lambda value: None if low <= value <= high else f"must be in [{low}, {high}]"
+
+
 def _positive(value: Any) -> str | None:
     return None if value > 0 else "must be > 0"
 
@@ -253,6 +267,15 @@ CHECKS: dict[tuple[str, str], Callable[[Any], str | None]] = {
     ("shortlist", "top_k"): _at_least(1),
     ("shortlist", "chunk_rows"): _at_least(1),
     ("shortlist", "device"): OneOf(("auto", "cpu", "gpu")),
+    ("shortlist", "whitening"): OneOf(("", "pca", "supervised")),
+    ("shortlist", "whitening_dim"): _at_least(0),
+    ("shortlist", "whitening_shrinkage"): _closed(0, 1),
+    ("shortlist", "whitening_images"): _at_least(2),
+    ("shortlist", "dba"): OneOf(("", "plain", "supervised")),
+    ("shortlist", "dba_top_n"): _at_least(1),
+    ("shortlist", "dba_alpha"): _at_least(0),
+    ("shortlist", "qe_top_n"): _at_least(0),
+    ("shortlist", "qe_alpha"): _at_least(0),
     ("rerank", "num_to_rerank"): _at_least(0),
     ("rerank", "matcher"): OneOf(MATCHERS),
     ("rerank", "match_threshold"): _positive,

@@ -6,6 +6,19 @@ PASS_QUERIES / QUERY_BLOCK blocks share one pass over the index, so each chunk's
 float32 conversion serves many queries. Peak memory depends on these sizes, not on the size
 of the index. On a GPU the products run in TensorFlow; otherwise NumPy's BLAS.
 
+Before the search, optional post-processing of the global descriptors (shortlist section of
+the config; see :mod:`delf_pipeline.descriptors`):
+
+* whitening (PCA or supervised by the index labels), learned once on the index;
+* database-side augmentation (DBA, plain or supervised by the labels) of the index;
+* query expansion (average or alpha-QE): a first search, the query replaced by the weighted
+  sum of itself and its ``qe_top_n`` first results, then the search that is kept.
+
+Whitening and DBA are written once as a new global-only store under
+``INDEX_STORE/derived/NAME-FINGERPRINT/`` (the whitening itself in ``whitening.npz`` there);
+the index store's own descriptors are never changed. The fingerprint covers the settings, the
+index ids and descriptor space, and the labels, so a changed input makes a new folder.
+
 Output CSV: ``query_id,index_id,rank,score`` (rank 1 = most similar).
 """
 from __future__ import annotations
@@ -14,14 +27,17 @@ import argparse
 import logging
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
 
 from .config import load_config
-from .formats.store import FeatureStore
-from .utils.artifacts import check_manifest, fingerprint, parse_shard, settings_manifest
+from .descriptors.expansion import augment_database, expand_queries, supervised_dba
+from .descriptors.whitening import Whitening, learn_pca_whitening, learn_supervised_whitening
+from .extractors.features import ImageFeatures
+from .formats.store import ExtractedImage, FeatureStore, write_part
+from .utils.artifacts import atomic_path, check_manifest, fingerprint, parse_shard, settings_manifest, write_json_atomic
 from .utils.blocks import blocks_dir, remove_outputs, run_blocks, write_block
 from .utils.progress import track
 
@@ -33,6 +49,7 @@ PASS_QUERIES = 4096  # queries searched together in one pass over the index (who
 CHUNK_BYTES = 64 << 20  # at most this much index data per matrix product
 RUNTIME_KEYS = ("chunk_rows", "device")  # shortlist keys that change how the products run, not their result
 PAD_ROW = np.iinfo(np.int64).max  # row of the -inf padding in candidate blocks (never kept)
+DERIVED_PART_ROWS = 65536  # index rows per part of a derived (whitened / augmented) store
 
 MatMul = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -45,25 +62,130 @@ def run(
     *,
     shard: tuple[int, int] = (1, 1),
     overwrite: bool = False,
+    index_labels: dict[str, str] | None = None,
 ) -> Path:
-    """Write the shortlist CSV ``out`` for every query of ``query_store``; returns ``out``."""
+    """Write the shortlist CSV ``out`` for every query of ``query_store``; returns ``out``.
+
+    ``index_labels`` (index id -> landmark id) are needed only by supervised whitening / DBA.
+    """
     conf, out = config["shortlist"], Path(out)
     index, queries = FeatureStore(index_store), FeatureStore(query_store)
     if overwrite:
         remove_outputs(out)
+    check_postprocess(conf, index_labels)
     manifest = {**settings_manifest(conf, RUNTIME_KEYS), "index_images": len(index), "query_images": len(queries),
-                "global_space": check_same_space(index, queries)}
+                "global_space": check_same_space(index, queries),
+                "labels": _labels_fingerprint(index, index_labels) if _supervised(conf) else None}
     check_manifest(blocks_dir(out) / "manifest.json", manifest, what="shortlist")
     matmul = select_matmul(conf["device"])
 
     def compute(blocks: list[tuple[int, list[str]]]) -> None:
+        searched, whitening = prepare_index(index, conf, index_labels, matmul)
         passes = group_blocks(blocks, PASS_QUERIES)
         for group in track(passes, len(passes), "shortlist passes"):
-            frames = shortlist_blocks(queries, [ids for _, ids in group], index, conf, matmul)
+            frames = shortlist_blocks(queries, [ids for _, ids in group], searched, conf, matmul, whitening)
             for (number, _), frame in zip(group, frames):
                 write_block(out, number, frame)
 
     return run_blocks(out, queries.ids, QUERY_BLOCK, shard, COLUMNS, compute)
+
+
+def check_postprocess(conf: dict, index_labels: dict[str, str] | None) -> None:
+    """ValueError when supervised whitening / DBA is asked for without index labels (the values
+    themselves are checked when the config is loaded, :data:`delf_pipeline.config.CHECKS`)."""
+    if _supervised(conf) and not index_labels:
+        raise ValueError("supervised whitening / DBA needs the index labels: give --index-labels CSV (id,landmark_id)")
+
+
+def _supervised(conf: dict) -> bool:
+    return "supervised" in (conf["whitening"], conf["dba"])
+
+
+def _labels_fingerprint(index: FeatureStore, labels: dict[str, str] | None) -> str:
+    return fingerprint({"labels": [(labels or {}).get(i, "") for i in index.ids]})
+
+
+def prepare_index(index: FeatureStore, conf: dict, labels: dict[str, str] | None,
+                  matmul: MatMul) -> tuple[FeatureStore, Whitening | None]:
+    """The store to search (the index itself, or its whitened / augmented copy, made once) and
+    the whitening to apply to queries (None without whitening)."""
+    searched, whitening = index, None
+    if conf["whitening"]:
+        settings = {key: value for key, value in conf.items() if key.startswith("whitening")}
+        folder = _derived_folder(index, "whitened", settings, labels if conf["whitening"] == "supervised" else None)
+        if not (folder / "manifest.json").exists():
+            learned = learn_whitening(index, conf, labels)
+            _write_derived(folder, settings, index.iter_global(DERIVED_PART_ROWS), learned.apply, learned)
+        searched, whitening = FeatureStore(folder), Whitening.load(folder / "whitening.npz")
+    if conf["dba"]:
+        settings = {"source": searched.path.name, **{k: conf[k] for k in ("dba", "dba_top_n", "dba_alpha")}}
+        folder = _derived_folder(index, "dba", settings, labels if conf["dba"] == "supervised" else None)
+        if not (folder / "manifest.json").exists():
+            _write_derived(folder, settings, augmented_chunks(searched, conf, labels, matmul), None, None)
+        searched = FeatureStore(folder)
+    return searched, whitening
+
+
+def learn_whitening(index: FeatureStore, conf: dict, labels: dict[str, str] | None) -> Whitening:
+    """Whitening learned on up to ``whitening_images`` index descriptors (sampled with seed 0)."""
+    ids = index.ids
+    if len(ids) > conf["whitening_images"]:
+        rows = np.sort(np.random.default_rng(0).choice(len(ids), conf["whitening_images"], replace=False))
+        ids = [ids[r] for r in rows]
+    matrix = index.global_matrix(ids)
+    log.info("learning %s whitening on %d index descriptors", conf["whitening"], len(ids))
+    if conf["whitening"] == "pca":
+        return learn_pca_whitening(matrix, conf["whitening_dim"], conf["whitening_shrinkage"])
+    names = np.array([labels.get(i, "") for i in ids], dtype=object)
+    return learn_supervised_whitening(matrix, names, conf["whitening_dim"], conf["whitening_shrinkage"])
+
+
+def augmented_chunks(store: FeatureStore, conf: dict, labels: dict[str, str] | None,
+                     matmul: MatMul) -> Iterator[tuple[list[str], np.ndarray]]:
+    """DBA of every index descriptor, in store order, as (ids, [n, G]) chunks.
+
+    Plain: each image's ``dba_top_n`` nearest index images (itself included) by the exact
+    search. Supervised: nearest among the images of its own label (needs all descriptors in
+    memory, [N, G] float32).
+    """
+    if conf["dba"] == "supervised":
+        ids = store.ids
+        names = np.array([labels.get(i, "") for i in ids], dtype=object)
+        matrix = supervised_dba(store.global_matrix(), names, conf["dba_top_n"], conf["dba_alpha"])
+        for start in range(0, len(ids), DERIVED_PART_ROWS):
+            yield ids[start:start + DERIVED_PART_ROWS], matrix[start:start + DERIVED_PART_ROWS]
+        return
+    for ids, chunk in store.iter_global(DERIVED_PART_ROWS):
+        all_ids, [(rows, sims)] = search_blocks([chunk], store, conf["dba_top_n"], conf["chunk_rows"], matmul)
+        neighbours = store.global_matrix([all_ids[r] for r in rows.reshape(-1)]).reshape(*rows.shape, -1)
+        yield ids, augment_database(neighbours, sims, conf["dba_alpha"])
+
+
+def _derived_folder(index: FeatureStore, kind: str, settings: dict, labels: dict[str, str] | None) -> Path:
+    """INDEX/derived/KIND-FINGERPRINT of the settings, index ids, descriptor space and labels."""
+    key = {"settings": settings, "ids": fingerprint({"ids": index.ids}), "space": _global_space(index),
+           "labels": _labels_fingerprint(index, labels) if labels is not None else None}
+    return index.path / "derived" / f"{kind}-{fingerprint(key)}"
+
+
+def _write_derived(folder: Path, settings: dict, chunks, transform, whitening: Whitening | None) -> None:
+    """A global-only store of ``transform(chunk)`` for each (ids, chunk), written atomically."""
+    log.info("writing %s", folder)
+    dtype = "float32"
+    with atomic_path(folder, is_dir=True) as tmp:
+        if whitening is not None:
+            whitening.save(tmp / "whitening.npz")
+        for number, (ids, chunk) in enumerate(chunks):
+            vectors = transform(chunk) if transform else chunk
+            images = [ExtractedImage(i, _global_only(v), (0, 0)) for i, v in zip(ids, vectors)]
+            write_part(tmp / "parts" / f"p{number:06d}", images, [], dtype, 0)
+        (tmp / "parts").mkdir(exist_ok=True)
+        write_json_atomic(tmp / "manifest.json", {"derived": settings})
+
+
+def _global_only(vector: np.ndarray) -> ImageFeatures:
+    empty = np.zeros(0, np.float32)
+    return ImageFeatures(np.zeros((0, 2), np.float32), np.zeros((0, 0), np.float32), empty, empty, vector)
 
 
 def group_blocks(blocks: list[tuple[int, list[str]]], max_queries: int) -> list[list[tuple[int, list[str]]]]:
@@ -101,13 +223,41 @@ def _global_space(store: FeatureStore) -> str:
 
 
 def shortlist_blocks(
-    queries: FeatureStore, blocks: list[list[str]], index: FeatureStore, conf: dict, matmul: MatMul
+    queries: FeatureStore, blocks: list[list[str]], index: FeatureStore, conf: dict, matmul: MatMul,
+    whitening: Whitening | None = None,
 ) -> list[pd.DataFrame]:
-    """Top-K rows of each block of query ids, as frames with COLUMNS, from one pass over the index."""
+    """Top-K rows of each block of query ids, as frames with COLUMNS, from one pass over the index
+    (two with query expansion)."""
     exclude = bool(conf["exclude_same_id"])
     matrices = [queries.global_matrix(ids) for ids in blocks]
+    if whitening is not None:
+        matrices = [whitening.apply(m) for m in matrices]
+    if conf["qe_top_n"]:
+        matrices = expand_blocks(matrices, blocks, index, conf, matmul)
     index_ids, results = search_blocks(matrices, index, conf["top_k"] + exclude, conf["chunk_rows"], matmul)
     return [_frame(ids, index_ids, *result, conf) for ids, result in zip(blocks, results)]
+
+
+def expand_blocks(matrices: list[np.ndarray], blocks: list[list[str]], index: FeatureStore, conf: dict,
+                  matmul: MatMul) -> list[np.ndarray]:
+    """Query expansion of each block [Q_b, G]: a first search for the ``qe_top_n`` first results
+    (never the query itself with exclude_same_id), then :func:`expand_queries`."""
+    exclude, n = bool(conf["exclude_same_id"]), conf["qe_top_n"]
+    index_ids, results = search_blocks(matrices, index, n + exclude, conf["chunk_rows"], matmul)
+    expanded = []
+    for query_ids, matrix, (rows, scores) in zip(blocks, matrices, results):
+        rows, scores = _without_self(query_ids, index_ids, rows, scores, n) if exclude else (rows[:, :n], scores[:, :n])
+        neighbours = index.global_matrix([index_ids[r] for r in rows.reshape(-1)]).reshape(*rows.shape, -1)
+        expanded.append(expand_queries(matrix, neighbours, scores, conf["qe_alpha"]))
+    return expanded
+
+
+def _without_self(query_ids: list[str], index_ids: list[str], rows: np.ndarray, scores: np.ndarray,
+                  n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` of rows / scores [Q, K] (K <= n + 1) that are not the query's own id."""
+    own = np.array([[index_ids[r] == q for r in row] for q, row in zip(query_ids, rows)], bool).reshape(rows.shape)
+    keep = np.argsort(own, axis=1, kind="stable")[:, :min(n, rows.shape[1] - 1)]  # own id moves to the end
+    return np.take_along_axis(rows, keep, 1), np.take_along_axis(scores, keep, 1)
 
 
 def _frame(query_ids: list[str], index_ids: list[str], top_rows: np.ndarray, top_scores: np.ndarray,
@@ -250,11 +400,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", required=True, help="feature store of the index images")
     parser.add_argument("--queries", required=True, help="feature store of the query images")
     parser.add_argument("--out", required=True, help="shortlist CSV to write (query_id,index_id,rank,score)")
+    parser.add_argument("--index-labels", help="CSV id,landmark_id of the index images (supervised whitening / DBA)")
     add_run_arguments(parser)
     add_config_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
+    from .predict import read_labels
+
     config = load_config(args.preset, args.config, args.overrides)
-    run(config, args.index, args.queries, args.out, shard=parse_shard(args.shard), overwrite=args.overwrite)
+    labels = read_labels(args.index_labels) if args.index_labels else None
+    run(config, args.index, args.queries, args.out, shard=parse_shard(args.shard), overwrite=args.overwrite,
+        index_labels=labels)
     return 0
