@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("predict", "aggregate candidate scores per landmark into submission.csv (and ranking.csv)"),
     "calibrate": ("calibrate", "fit P(prediction right | evidence) by leave-one-out on the index: calibration.json"),
     "evaluate": ("evaluate", "score a submission (GAP, accuracy) and a ranking (mAP@100, P@k, R@k, MRR)"),
+    "evaluate-revisitop": ("evaluate_revisitop", "Revisited Oxford/Paris: crop queries to bbx, extract, rank, "
+                           "print Easy/Medium/Hard mAP and mP@k"),
     "validate-submission": ("tools.validate_submission", "check a submission.csv; exit 1 with line-numbered reasons"),
     "run": ("pipeline", "all stages on a Kaggle-layout folder: extract, shortlist, rerank, predict, evaluate"),
     "demo": ("tools.demo", "the whole pipeline on a small landmark set built from scikit-image photos (no download)"),

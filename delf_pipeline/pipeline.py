@@ -78,7 +78,9 @@ def run(
     codebook = index_store / "codebook.npy"
     query_store = extract.run(_query_config(config, index_store), data, features / "query", split="test",
                               overwrite=overwrite, strict=strict, codebook=codebook if codebook.exists() else None)
-    shortlist_csv = shortlist.run(config, index_store, query_store, out / "shortlist.csv", overwrite=overwrite)
+    labels = read_labels(data / "train.csv")
+    shortlist_csv = shortlist.run(config, index_store, query_store, out / "shortlist.csv", overwrite=overwrite,
+                                  index_labels=labels)
     rerank_csv, global_store = None, index_store
     if config["rerank"]["num_to_rerank"] > 0:
         candidates = read_candidates(shortlist_csv, config["rerank"]["num_to_rerank"])
@@ -94,7 +96,7 @@ def run(
         config = with_calibration(config, data, global_store, out, jobs=jobs, budget=time_budget,
                                   pair_seconds=lambda: _pair_seconds(config, shortlist_csv, query_store, index_store),
                                   non_landmarks=non_landmarks)
-    submission = predict.run(config, shortlist_csv, read_labels(data / "train.csv"),
+    submission = predict.run(config, shortlist_csv, labels,
                              predict.query_ids(query_store, data / "sample_submission.csv"),
                              out / "submission.csv", rerank_csv=rerank_csv, query_store=query_store)
     if solution:
