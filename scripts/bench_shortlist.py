@@ -13,10 +13,12 @@ pages are file cache the kernel can drop). The same run measures:
 
 GFLOP/s counts 2 * Q * M * G per search, divided by the CPU time of the working thread
 (``time.thread_time``), so other processes on a busy machine do not distort the ratios;
-wall time is reported too. Threads: one (as docs/design.md measures); with OMP_NUM_THREADS etc.
+wall time is reported too. With ``--qe-top-n N`` the stage runs query expansion (a first
+search for N results, the expanded queries searched again): GFLOP/s then counts both passes.
+Threads: one (as docs/design.md measures); with OMP_NUM_THREADS etc.
 set higher, CPU time no longer measures the work and only the wall column means anything.
 
-    python scripts/bench_shortlist.py --sizes 50000 200000 --queries 2048 [--json out.json]
+    python scripts/bench_shortlist.py --sizes 50000 200000 --queries 2048 [--qe-top-n 3] [--json out.json]
 """
 from __future__ import annotations
 
@@ -99,10 +101,11 @@ def status_kb(field: str) -> int:
     raise KeyError(f"{field} not in /proc/self/status")
 
 
-def measure_stage(index: Path, queries: Path, top_k: int, chunk_rows: int) -> dict:
+def measure_stage(index: Path, queries: Path, top_k: int, chunk_rows: int, qe_top_n: int = 0) -> dict:
     """Child process: one shortlist stage run, its time and peak memory."""
     config = load_config()
-    config["shortlist"].update({"top_k": top_k, "chunk_rows": chunk_rows, "device": "cpu"})
+    config["shortlist"].update({"top_k": top_k, "chunk_rows": chunk_rows, "device": "cpu", "qe_top_n": qe_top_n,
+                                "qe_alpha": 3.0})
     with tempfile.TemporaryDirectory() as tmp, MemoryWatch() as watch:
         wall, cpu = time.perf_counter(), time.thread_time()
         shortlist.run(config, index, queries, Path(tmp) / "shortlist.csv")
@@ -140,7 +143,7 @@ def _timed(work) -> float:
 def run_child(args: argparse.Namespace, index: Path, queries: Path) -> dict:
     """``measure_stage`` in a fresh process (so each index size starts from zero memory)."""
     command = [sys.executable, __file__, "--child", str(index), str(queries),
-               "--top-k", str(args.top_k), "--chunk-rows", str(args.chunk_rows)]
+               "--top-k", str(args.top_k), "--chunk-rows", str(args.chunk_rows), "--qe-top-n", str(args.qe_top_n)]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -150,13 +153,14 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
     block = min(args.queries, shortlist.QUERY_BLOCK)
     gemm = measure_gemm(block, args.dim, args.chunk_rows)
     results = {"gemm_gflops": gemm, "queries": args.queries, "dim": args.dim, "top_k": args.top_k,
-               "chunk_rows": args.chunk_rows, "threads": os.environ["OMP_NUM_THREADS"], "sizes": []}
+               "chunk_rows": args.chunk_rows, "threads": os.environ["OMP_NUM_THREADS"], "qe_top_n": args.qe_top_n,
+               "sizes": []}
     for size in args.sizes:
         index = build_store(workdir / f"index-{size}", size, args.dim, seed=2)
         runs = [run_child(args, index, queries) for _ in range(args.repeats)]
         stage = min(runs, key=lambda run: run["seconds"])
         stage.update({key: max(run[key] for run in runs) for key in ("peak_rss_mb", "peak_anon_mb")})
-        flops = 2 * args.queries * size * args.dim
+        flops = 2 * args.queries * size * args.dim * (2 if args.qe_top_n else 1)  # QE: two passes
         single = measure_single(index, args.single_queries, args.dim, args.top_k, args.chunk_rows)
         results["sizes"].append({
             "index_rows": size, **stage, "gflops": flops / stage["seconds"] / 1e9,
@@ -169,7 +173,8 @@ def print_table(results: dict) -> None:
     gemm = results["gemm_gflops"]
     print(f"GEMM peak ([{min(results['queries'], shortlist.QUERY_BLOCK)}, {results['dim']}] @ "
           f"[{results['dim']}, {results['chunk_rows']}] float32, {results['threads']} thread(s)): {gemm:.1f} GFLOP/s")
-    print(f"{results['queries']} queries, top {results['top_k']}, chunks of {results['chunk_rows']} rows\n")
+    qe = f", query expansion top {results['qe_top_n']} (two passes)" if results.get("qe_top_n") else ""
+    print(f"{results['queries']} queries, top {results['top_k']}, chunks of {results['chunk_rows']} rows{qe}\n")
     header = ("index rows", "stage CPU s", "wall s", "GFLOP/s", "% of GEMM", "1-query GFLOP/s", "batch speed-up",
               "peak RSS MB", "peak anon MB")
     print(" | ".join(header))
@@ -190,13 +195,15 @@ def main() -> None:
     parser.add_argument("--chunk-rows", type=int, default=load_config()["shortlist"]["chunk_rows"],
                         help="index rows per matrix product")
     parser.add_argument("--single-queries", type=int, default=8, help="queries timed one at a time")
+    parser.add_argument("--qe-top-n", type=int, default=0, help="query expansion: first results added (0: off)")
     parser.add_argument("--repeats", type=int, default=2, help="stage runs per size (fastest kept, peak memory: max)")
     parser.add_argument("--workdir", type=Path, help="where the synthetic stores go (kept; default: a temp dir)")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     parser.add_argument("--child", nargs=2, metavar=("INDEX", "QUERIES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure_stage(Path(args.child[0]), Path(args.child[1]), args.top_k, args.chunk_rows)))
+        print(json.dumps(measure_stage(Path(args.child[0]), Path(args.child[1]), args.top_k, args.chunk_rows,
+                                       args.qe_top_n)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         results = benchmark(args, args.workdir or Path(tmp))

@@ -35,6 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scales", type=float, nargs="+", default=[0.5, 0.7071, 1.0], help="pyramid of PCA images")
     parser.add_argument("--max-features", type=int, default=1000, help="local features per PCA image")
     parser.add_argument("--local-layer", default=lite.DEFAULT_LOCAL_LAYER, help="stride-16 tap for local features")
+    parser.add_argument("--pooling", choices=["gem", "mac", "spoc"], default="gem",
+                        help="global descriptor pooling over the head features (default: gem)")
+    parser.add_argument("--gem-p", type=float, default=lite.GEM_P, help="GeM exponent p (default: %(default)s)")
     parser.add_argument("--cache-dir", help=f"converted-weights cache (default {default_cache_dir()})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     return parser.parse_args(argv)
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             local_layer=args.local_layer, dim=args.pca_dim, whiten=args.whiten, scales=args.scales,
             max_features=args.max_features)
     path = export.export_model(args.out, weights, local_layer=args.local_layer, projection=projection,
-                               record=summary, overwrite=args.overwrite)
+                               record=summary, overwrite=args.overwrite, pooling=args.pooling, gem_p=args.gem_p)
     print(f"exported {path}: {export.export_record(path)}")
     print(f"use it with: delf-pipeline extract --preset efficientnet_lite0 --set extract.model={path} ...")
     return 0

@@ -2,7 +2,7 @@
 """Shortlist post-processing measured: whitening, DBA and query expansion, one run.
 
 For each global descriptor (``--descriptors``: RootSIFT-VLAD of ``sift_default``, the
-EfficientNet-Lite0 GeM of ``efficientnet_lite0_rootsift``; both verify with RootSIFT) and
+EfficientNet-Lite0 global descriptor of ``efficientnet_lite0_rootsift``; all verify with RootSIFT) and
 each variant of :data:`VARIANTS`, on two tasks built from ``../shared/data``:
 
 * ``loo``: landmarks_mini leave-one-out (every photo a query against the other 78);
@@ -10,14 +10,16 @@ each variant of :data:`VARIANTS`, on two tasks built from ``../shared/data``:
   2, chosen with seed 0) + image 1 of each EVD pair (its own place); queries = the held-out
   photos + image 2 of each EVD pair (extreme viewpoint changes).
 
-it runs the real stages (shortlist, rerank, predict, evaluate) and prints mAP@100, MRR,
+The Lite0 poolings other than GeM (MAC, SPoC: models exported with ``--pooling``) run only
+:data:`POOLING_VARIANTS`. For each it runs the real stages (shortlist, rerank, predict, evaluate) and prints mAP@100, MRR,
 recall@20 and recall@100 of the shortlist (what re-ranking can reach), the re-ranked GAP,
 and the seconds the shortlist and rerank stages took (whitening / DBA learned afresh for
 every variant, so their one-off cost is in the shortlist column). Variants that learn from
 the index (DBA, supervised whitening) are not run on ``loo``: there the query is itself an
 index image, so they would learn from it.
 
-    python scripts/measure_shortlist.py --out runs/measure --lite0-model DIR [--json out.json]
+    python scripts/measure_shortlist.py --out runs/measure --model lite0_gem=DIR --model lite0_mac=DIR2 \\
+        --model lite0_spoc=DIR3 [--json out.json]
 """
 from __future__ import annotations
 
@@ -39,7 +41,13 @@ from delf_pipeline.evaluate import evaluate, read_index_labels, read_ranking, re
 from delf_pipeline.evaluate import retrieval_metrics
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-DESCRIPTORS = {"rootsift_vlad": "sift_default", "lite0_gem": "efficientnet_lite0_rootsift"}
+DESCRIPTORS = {  # name: preset (the Lite0 ones need --model NAME=DIR, exported with that pooling)
+    "rootsift_vlad": "sift_default",
+    "lite0_gem": "efficientnet_lite0_rootsift",
+    "lite0_mac": "efficientnet_lite0_rootsift",
+    "lite0_spoc": "efficientnet_lite0_rootsift",
+}
+POOLING_VARIANTS = ("baseline", "alpha-QE n3 a3")  # the only variants run for the other poolings
 VARIANTS = {  # name: shortlist settings
     "baseline": {},
     "pca-w s0.1": {"whitening": "pca", "whitening_shrinkage": 0.1},
@@ -150,23 +158,26 @@ def main() -> None:
     parser.add_argument("--descriptors", nargs="+", choices=list(DESCRIPTORS), default=list(DESCRIPTORS))
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--tasks", nargs="+", choices=["loo", "split"], default=["loo", "split"])
-    parser.add_argument("--lite0-model", help="exported EfficientNet-Lite0 SavedModel (lite0_gem)")
+    parser.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
+                        help="exported EfficientNet-Lite0 SavedModel of a lite0_* descriptor (repeatable)")
     parser.add_argument("--jobs", type=int, default=1, help="rerank worker processes")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     setup_logging(False)
     logging.getLogger("delf_pipeline").setLevel(logging.WARNING)
+    models = dict(item.split("=", 1) for item in args.model)
     lists = task_lists(args.data, args.out / "lists")
     results = []
     for descriptor in args.descriptors:
-        overrides = [f'extract.model="{args.lite0_model}"'] if descriptor == "lite0_gem" else []
-        if descriptor == "lite0_gem" and not args.lite0_model:
-            raise SystemExit("lite0_gem needs --lite0-model (scripts/export_efficientnet_lite0.py --out DIR)")
+        if descriptor.startswith("lite0") and descriptor not in models:
+            raise SystemExit(f"{descriptor} needs --model {descriptor}=DIR (scripts/export_efficientnet_lite0.py)")
+        overrides = [f'extract.model="{models[descriptor]}"'] if descriptor in models else []
+        variants = [v for v in args.variants if v in POOLING_VARIANTS or descriptor in ("rootsift_vlad", "lite0_gem")]
         for task in args.tasks:
             base = load_config(DESCRIPTORS[descriptor], None, overrides)
             base["shortlist"]["exclude_same_id"] = task == "loo"
             stores = build_stores(base, task, lists[task], args.out / descriptor / task / "features")
-            for variant in args.variants:
+            for variant in variants:
                 settings = VARIANTS[variant]
                 if task == "loo" and any(str(v) in LEARNS_FROM_INDEX for v in settings.values()):
                     continue

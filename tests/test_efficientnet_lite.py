@@ -278,6 +278,23 @@ def test_gem_clamps_negative_to_eps():
     np.testing.assert_allclose(out, 1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("pooling", ["gem", "mac", "spoc"])
+def test_pool_global_matches_numpy_formulas(pooling):
+    """The exported model's pooling equals descriptors.pooling (before normalisation) on a random map."""
+    pytest.importorskip("tensorflow")
+    from delf_pipeline.descriptors import pooling as formulas
+
+    features = np.random.default_rng(0).random((1, 3, 5, 4)).astype(np.float32)
+    expected = {"gem": lambda m: formulas.gem(m, 2.5), "mac": formulas.mac, "spoc": formulas.spoc}[pooling](features[0])
+    np.testing.assert_allclose(lite.pool_global(features, pooling, 2.5).numpy()[0], expected, rtol=1e-5)
+
+
+def test_pool_global_unknown():
+    pytest.importorskip("tensorflow")
+    with pytest.raises(ValueError, match="gem, mac or spoc, got 'rmac'"):
+        lite.pool_global(np.ones((1, 2, 2, 1), np.float32), "rmac")
+
+
 def test_learn_pca_hand_worked():
     # Points on the line y = 2x (plus one off-line pair): the first axis is (1, 2)/sqrt(5).
     data = np.array([[-2, -4], [-1, -2], [1, 2], [2, 4], [0.1, -0.05], [-0.1, 0.05]], np.float32)

@@ -61,13 +61,17 @@ def learn_projection(weights, images: Iterator[np.ndarray], *, local_layer: str,
 
 
 def export_model(out: str | Path, weights, *, local_layer: str = lite.DEFAULT_LOCAL_LAYER, projection=None,
-                 record: dict | None = None, overwrite: bool = False) -> Path:
-    """Export the SavedModel to ``out``, with ``record`` (what it was made from) beside it."""
-    path = lite.export(out, weights, local_layer=local_layer, local_projection=projection, overwrite=overwrite)
+                 record: dict | None = None, overwrite: bool = False, pooling: str = "gem",
+                 gem_p: float = lite.GEM_P) -> Path:
+    """Export the SavedModel to ``out``, with ``record`` (what it was made from) beside it; the
+    global descriptor pooled by ``pooling`` (gem with ``gem_p``, mac, spoc)."""
+    path = lite.export(out, weights, local_layer=local_layer, local_projection=projection, overwrite=overwrite,
+                       pooling=pooling, gem_p=gem_p)
     geometry = lite.geometry(local_layer)
+    pooled = f"GeM p={gem_p:g}" if pooling == "gem" else pooling.upper()
     record = {"model": "efficientnet_lite0 (ImageNet)", "local_layer": local_layer,
               "stride": geometry["stride"], "receptive_field": geometry["receptive_field"],
-              "global": f"GeM p={lite.GEM_P:g} over the {lite.HEAD_CHANNELS}-d head", **(record or {})}
+              "global": f"{pooled} over the {lite.HEAD_CHANNELS}-d head", **(record or {})}
     write_json_atomic(Path(path) / RECORD_NAME, record)
     return Path(path)
 

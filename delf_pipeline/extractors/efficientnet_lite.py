@@ -240,14 +240,31 @@ def gem(features, p: float = GEM_P, eps: float = 1e-6):
     return tf.reduce_mean(clipped**p, axis=[1, 2]) ** (1.0 / p)
 
 
-def backbone_outputs(model, images, gem_p: float = GEM_P):
+def pool_global(features, pooling: str = "gem", p: float = GEM_P):
+    """features [B, h, w, C] -> [B, C] by ``pooling``: gem (with p), mac (maximum) or spoc (mean).
+
+    The same formulas as :mod:`delf_pipeline.descriptors.pooling` (NumPy, which also has
+    R-MAC), written in TensorFlow so they run inside the exported model.
+    """
+    import tensorflow as tf
+
+    if pooling == "gem":
+        return gem(features, p)
+    if pooling == "mac":
+        return tf.reduce_max(features, axis=[1, 2])
+    if pooling == "spoc":
+        return tf.reduce_mean(features, axis=[1, 2])
+    raise ValueError(f"EfficientNet global pooling must be gem, mac or spoc, got {pooling!r}")
+
+
+def backbone_outputs(model, images, gem_p: float = GEM_P, pooling: str = "gem"):
     """Run ``model`` (from :func:`build_model`) the way the DELG exporter expects.
 
     images: float32 [1, h, w, 3], RGB in 0..255. The image is padded bottom/right with the
     mean pixel to a multiple of 32 and the outputs are cropped back to the real image.
     Returns local features [1, ceil(h/16), ceil(w/16), C], attention [1, ceil(h/16),
     ceil(w/16)] (L2 norm of each local feature: a proxy, no attention head was trained) and
-    the GeM global descriptor [1, 1280], not normalised.
+    the global descriptor [1, 1280] pooled by ``pooling`` (:func:`pool_global`), not normalised.
     """
     import tensorflow as tf
 
@@ -256,11 +273,11 @@ def backbone_outputs(model, images, gem_p: float = GEM_P):
     local, head, _ = model(padded, training=False)
     local = local[:, : -(-height // 16), : -(-width // 16)]
     head = head[:, : -(-height // 32), : -(-width // 32)]
-    return local, tf.norm(local, axis=-1), gem(head, gem_p)
+    return local, tf.norm(local, axis=-1), pool_global(head, pooling, gem_p)
 
 
 def make_backbone(weights: dict[str, list[np.ndarray]] | None = None, local_layer: str = DEFAULT_LOCAL_LAYER,
-                  gem_p: float = GEM_P):
+                  gem_p: float = GEM_P, pooling: str = "gem"):
     """A trackable ``tf.Module`` for :func:`delf_pipeline.export.delg_export.export_delg`.
 
     Calling it maps float32 pixels [1, h, w, 3] in 0..255 to (local features
@@ -277,7 +294,7 @@ def make_backbone(weights: dict[str, list[np.ndarray]] | None = None, local_laye
             self.model = model
 
         def __call__(self, images):
-            return backbone_outputs(self.model, images, gem_p)
+            return backbone_outputs(self.model, images, gem_p, pooling)
 
     return EfficientNetLite0Backbone()
 
@@ -311,11 +328,12 @@ def learn_pca(descriptors: np.ndarray, dim: int, whiten: bool = False, eps: floa
 
 
 def export(path: str | Path, weights: dict[str, list[np.ndarray]] | None, *, local_layer: str = DEFAULT_LOCAL_LAYER,
-           local_projection=None, overwrite: bool = False) -> Path:
-    """Export EfficientNet-Lite0 as a DELG SavedModel (official ``serving_default`` signature)."""
+           local_projection=None, overwrite: bool = False, pooling: str = "gem", gem_p: float = GEM_P) -> Path:
+    """Export EfficientNet-Lite0 as a DELG SavedModel (official ``serving_default`` signature),
+    its global descriptor pooled by ``pooling`` (gem with ``gem_p``, mac, spoc)."""
     from ..export.delg_export import export_delg
 
-    backbone = make_backbone(weights, local_layer)
+    backbone = make_backbone(weights, local_layer, gem_p, pooling)
     return export_delg(path, backbone, local_projection=local_projection, overwrite=overwrite, **geometry(local_layer))
 
 
