@@ -25,11 +25,11 @@ from pathlib import Path
 from PIL import Image
 
 from . import extract, predict, rerank, shortlist
-from .artifacts import atomic_path, write_json_atomic
-from .blocks import read_table
 from .config import load_config
-from .evaluate import revisited_map
-from .formats.revisitop import PROTOCOLS, GroundTruth, crop_box, read_ground_truth
+from .formats.revisitop import GroundTruth, crop_box, read_ground_truth
+from .metrics.revisitop import PROTOCOLS, revisited_map
+from .utils.artifacts import atomic_path, write_json_atomic
+from .utils.blocks import read_table
 
 log = logging.getLogger("delf_pipeline.evaluate_revisitop")
 IMAGE_SUFFIX = ".jpg"  # the datasets' image files: NAME.jpg
@@ -104,7 +104,7 @@ def format_table(result: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import add_config_arguments
+    from .config import add_config_arguments
 
     parser.add_argument("--gnd", required=True, help="official ground truth: gnd_roxford5k.pkl or gnd_rparis6k.pkl")
     parser.add_argument("--images", required=True, help="folder of the dataset's NAME.jpg images")

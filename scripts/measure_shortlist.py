@@ -34,11 +34,12 @@ from pathlib import Path
 import numpy as np
 
 from delf_pipeline import extract, predict, rerank, shortlist
-from delf_pipeline.blocks import read_table
 from delf_pipeline.cli import setup_logging
 from delf_pipeline.config import load_config
-from delf_pipeline.evaluate import evaluate, read_index_labels, read_ranking, relevant_index_images, read_solution
-from delf_pipeline.evaluate import retrieval_metrics
+from delf_pipeline.evaluate import evaluate
+from delf_pipeline.formats.tables import read_index_labels, read_ranking, read_solution
+from delf_pipeline.metrics.retrieval import relevant_index_images, retrieval_metrics
+from delf_pipeline.utils.blocks import read_table
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DESCRIPTORS = {  # name: preset (the Lite0 ones need --model NAME=DIR, exported with that pooling)

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 
 from delf_pipeline import shortlist
-from delf_pipeline.blocks import read_table
 from delf_pipeline.config import load_config
 from delf_pipeline.descriptors.expansion import augment_database, expand_queries, supervised_dba
 from delf_pipeline.descriptors.whitening import learn_pca_whitening, learn_supervised_whitening
-from delf_pipeline.store import FeatureStore
+from delf_pipeline.formats.store import FeatureStore
+from delf_pipeline.utils.blocks import read_table
 from synthetic_stores import global_only, random_unit_rows, write_store
 
 GLOBAL = 8

@@ -33,7 +33,6 @@ _NUMPY_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray", "numpy.core
                   "numpy")
 # plain containers and bytes: older pickle protocols name their constructors as globals
 _BUILTINS = {cls.__name__: cls for cls in (bytes, bytearray, set, frozenset, list, dict, tuple)}
-PROTOCOLS = ("easy", "medium", "hard")
 
 
 @dataclass(frozen=True)
