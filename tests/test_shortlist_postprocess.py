@@ -134,3 +134,14 @@ def test_changed_labels_make_a_new_derived_index(stores, tmp_path):
     assert len(list((index.path / "derived").glob("dba-*"))) == 2
 
 
+def test_cli_reads_index_labels(stores, tmp_path):
+    from delf_pipeline.cli import main as cli_main
+
+    index, queries = stores
+    labels = tmp_path / "train.csv"
+    labels.write_text("id,landmark_id\n" + "".join(f"{i},{c}\n" for i, c in LABELS.items()))
+    args = ["shortlist", "--index", str(index.path), "--queries", str(queries.path), "--out", str(tmp_path / "s.csv"),
+            "--set", 'shortlist.device="cpu"', "--set", 'shortlist.dba="supervised"', "--set", "shortlist.top_k=2"]
+    assert cli_main(args) == 2  # no labels: the ValueError names --index-labels
+    assert cli_main(args + ["--index-labels", str(labels)]) == 0
+    assert len(read_table(tmp_path / "s.csv")) == 2 * len(queries)
