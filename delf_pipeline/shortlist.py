@@ -37,7 +37,10 @@ from .descriptors.expansion import augment_database, expand_queries, supervised_
 from .descriptors.whitening import Whitening, learn_pca_whitening, learn_supervised_whitening
 from .extractors.features import ImageFeatures
 from .formats.store import ExtractedImage, FeatureStore, write_part
-from .utils.artifacts import atomic_path, check_manifest, fingerprint, parse_shard, settings_manifest, write_json_atomic
+from .formats.tables import read_labels
+from .utils.artifacts import (
+    atomic_path, check_manifest, fingerprint, parse_shard, settings_manifest, write_json_atomic,
+)
 from .utils.blocks import blocks_dir, remove_outputs, run_blocks, write_block
 from .utils.progress import track
 
@@ -406,8 +409,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .predict import read_labels
-
     config = load_config(args.preset, args.config, args.overrides)
     labels = read_labels(args.index_labels) if args.index_labels else None
     run(config, args.index, args.queries, args.out, shard=parse_shard(args.shard), overwrite=args.overwrite,

@@ -37,7 +37,7 @@ from delf_pipeline import extract, predict, rerank, shortlist
 from delf_pipeline.cli import setup_logging
 from delf_pipeline.config import load_config
 from delf_pipeline.evaluate import evaluate
-from delf_pipeline.formats.tables import read_index_labels, read_ranking, read_solution
+from delf_pipeline.formats.tables import read_index_labels, read_labels, read_ranking, read_solution
 from delf_pipeline.metrics.retrieval import relevant_index_images, retrieval_metrics
 from delf_pipeline.utils.blocks import read_table
 
@@ -123,7 +123,7 @@ def run_variant(config: dict, task: str, stores: tuple[Path, Path], paths: dict[
     index, queries = stores
     shutil.rmtree(index / "derived", ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
-    labels = predict.read_labels(paths["labels"])
+    labels = read_labels(paths["labels"])
     start = time.perf_counter()
     shortlist_csv = shortlist.run(config, index, queries, out / "shortlist.csv", index_labels=labels)
     shortlist_seconds = time.perf_counter() - start
