@@ -6,7 +6,8 @@ functions, in memory instead of through files:
 
 1. decode: the photo as the index's extraction decodes (same mode and size limit);
 2. extract: the index's backend, locations mapped back to original pixels (as stored);
-3. shortlist: one matrix product against the index matrix, top ``shortlist.top_k``;
+3. shortlist: one matrix product against the index matrix, top ``shortlist.top_k`` (with the
+   index's whitening / DBA / query expansion settings, as :mod:`delf_pipeline.shortlist`);
 4. rerank: the ``rerank.num_to_rerank`` best (:func:`candidates.top_candidates`) verified by
    :class:`rerank.BlockWorker` with the index's rerank settings;
 5. answer: :func:`predict.final_ranking` and the per-class votes of :func:`predict.class_scores`.
@@ -38,7 +39,7 @@ from .index import Index, open_index
 from .predict import class_scores, final_ranking
 from .rerank import COLUMNS as RERANK_COLUMNS
 from .rerank import BlockWorker
-from .shortlist import select_matmul, top_k_in_memory
+from .shortlist import expand_in_memory, prepare_index, select_matmul, top_k_in_memory
 from .verification.pairs import PairResult
 
 log = logging.getLogger("delf_pipeline.query")
@@ -88,9 +89,10 @@ class Searcher:
         conf = resolve_model(self.config["extract"], [])  # a built-in model: its export, made at build
         self.extract = load_backend(conf, [], self.index.store_path, None)
         self.ids = self.index.store.ids
-        self.matrix = self.index.store.global_matrix()  # [M, G] float32
         self.matmul = select_matmul(self.config["shortlist"]["device"])
         self.labels = self.index.labels
+        searched, self.whitening = prepare_index(self.index.store, self.config["shortlist"], self.labels, self.matmul)
+        self.matrix = searched.global_matrix()  # [M, G] float32, whitened / augmented if so configured
         self._local = threading.local()
         log.info("index %s: %d images, global matrix %s (%.0f MB in memory)", self.index.path.name, len(self.ids),
                  self.matrix.shape, self.matrix.nbytes / 1e6)
@@ -125,8 +127,13 @@ class Searcher:
         """Shortlist rows ``query_id,index_id,rank,score`` of the photo (top ``shortlist.top_k``)."""
         if features.global_descriptor is None:
             raise ValueError(f"the index's backend {self.config['extract']['backend']!r} gives no global descriptor")
+        conf = self.config["shortlist"]
         query = features.global_descriptor[None].astype(np.float32)
-        rows, scores = top_k_in_memory(query, self.matrix, self.config["shortlist"]["top_k"], self.matmul)
+        if self.whitening is not None:
+            query = self.whitening.apply(query)
+        if conf["qe_top_n"]:
+            query = expand_in_memory(query, self.matrix, conf, self.matmul)
+        rows, scores = top_k_in_memory(query, self.matrix, conf["top_k"], self.matmul)
         return pd.DataFrame({"query_id": QUERY_ID, "index_id": [self.ids[r] for r in rows[0]],
                              "rank": np.arange(1, rows.shape[1] + 1), "score": scores[0]})
 

@@ -255,6 +255,12 @@ def expand_blocks(matrices: list[np.ndarray], blocks: list[list[str]], index: Fe
     return expanded
 
 
+def expand_in_memory(queries: np.ndarray, matrix: np.ndarray, conf: dict, matmul: MatMul) -> np.ndarray:
+    """Query expansion of queries [Q, G] against an index held in memory, matrix [M, G] float32."""
+    rows, scores = top_k_in_memory(queries, matrix, conf["qe_top_n"], matmul)
+    return expand_queries(queries, matrix[rows], scores, conf["qe_alpha"])
+
+
 def _without_self(query_ids: list[str], index_ids: list[str], rows: np.ndarray, scores: np.ndarray,
                   n: int) -> tuple[np.ndarray, np.ndarray]:
     """The first ``n`` of rows / scores [Q, K] (K <= n + 1) that are not the query's own id."""

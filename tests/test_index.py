@@ -92,6 +92,28 @@ def test_query_finds_each_indexed_photo(built, views):
                                                                        "answer"}
 
 
+def test_query_applies_the_index_whitening_and_expansion(built, views, tmp_path):
+    """A Searcher with shortlist whitening + query expansion scores the photo as that maths by hand."""
+    from delf_pipeline.descriptors.expansion import expand_queries
+    from delf_pipeline.descriptors.whitening import learn_pca_whitening
+
+    copy = shutil.copytree(built, tmp_path / "whitened")
+    config = json.loads((copy / "config.json").read_text())
+    config["shortlist"].update({"whitening": "pca", "whitening_shrinkage": 0.5, "qe_top_n": 2, "qe_alpha": 1.0})
+    (copy / "config.json").write_text(json.dumps(config))
+    searcher = Searcher(copy)
+    answer = searcher.search_file(views["queries"] / "coffee" / "v0.jpg")
+    assert list((copy / "store" / "derived").glob("whitened-*/whitening.npz"))
+    whitening = learn_pca_whitening(index.open_index(built).store.global_matrix(), 0, 0.5)
+    matrix = whitening.apply(index.open_index(built).store.global_matrix())
+    query = whitening.apply(answer.features.global_descriptor[None])
+    first = np.argsort(-(matrix @ query[0]), kind="stable")[:2]
+    expanded = expand_queries(query, matrix[first][None], (matrix[first] @ query[0])[None], alpha=1.0)[0]
+    expected = np.sort(matrix @ expanded)[::-1][:8]  # shortlist.top_k = 8 of the 9 images, all candidates here
+    found = sorted((c["global_score"] for c in answer.candidates), reverse=True)
+    np.testing.assert_allclose(found, expected, atol=1e-5)
+
+
 def test_add_appends_parts_and_keeps_what_was_there(built, views, tmp_path):
     grown = shutil.copytree(built, tmp_path / "grown")
     before = {p.relative_to(grown): p.read_bytes() for p in (grown / "store").rglob("*.npy")}
