@@ -99,23 +99,32 @@ def nonlandmark_store(config: dict, index_store: Path, images: Path, out: Path) 
 def loo_evidence(config: dict, index_store: str | Path, labels: dict[str, str], work: Path, *, jobs: int = 1,
                  index_images: str | Path | None = None) -> pd.DataFrame:
     """Best-class evidence rows of the leave-one-out sample, with a ``right`` column (bool)."""
-    candidates = loo_candidates(config, index_store, work, jobs=jobs, index_images=index_images)
+    candidates = loo_candidates(config, index_store, work, jobs=jobs, index_images=index_images, labels=labels)
     best = predicted_classes(config, candidates, labels)
     return best.assign(right=[labels.get(q) == label for q, label in zip(best["query_id"], best["label"])])
 
 
 def loo_candidates(config: dict, index_store: str | Path, work: Path, *, jobs: int = 1,
-                   index_images: str | Path | None = None) -> pd.DataFrame:
-    """Candidate table (aggregation.CANDIDATE_COLUMNS) of the sampled index images as queries."""
+                   index_images: str | Path | None = None, labels: dict[str, str] | None = None) -> pd.DataFrame:
+    """Candidate table (aggregation.CANDIDATE_COLUMNS) of the sampled index images as queries.
+
+    The shortlist is searched as the shortlist stage searches (the index's whitening / DBA,
+    ``labels`` for the supervised ones, and query expansion), so its scores are on the scale
+    the calibration is applied to.
+    """
     index = FeatureStore(index_store)
     ids = sample_ids(index.ids, config["calibrate"]["sample"], config["calibrate"]["seed"])
     loo = copy.deepcopy(config)
     loo["shortlist"]["exclude_same_id"] = True
-    work = work / f"loo-{fingerprint({'ids': ids, 'shortlist': loo['shortlist']})}"  # a new sample, a new folder
+    key = {"ids": ids, "shortlist": loo["shortlist"]}
+    if "supervised" in (loo["shortlist"]["whitening"], loo["shortlist"]["dba"]):
+        key["labels"] = sorted((labels or {}).items())  # supervised whitening / DBA learn from them
+    work = work / f"loo-{fingerprint(key)}"  # a new sample (or other settings), a new folder
     shortlist_csv = work / "shortlist.csv"
     if not shortlist_csv.exists():
         matmul = shortlist.select_matmul(loo["shortlist"]["device"])
-        frame = shortlist.shortlist_blocks(index, [ids], index, loo["shortlist"], matmul)[0]
+        searched, whitening = shortlist.prepare_index(index, loo["shortlist"], labels, matmul)
+        frame = shortlist.shortlist_blocks(index, [ids], searched, loo["shortlist"], matmul, whitening)[0]
         write_text_atomic(shortlist_csv, frame.to_csv(index=False))
     ranked = read_table(shortlist_csv)
     rerank_csv = None
