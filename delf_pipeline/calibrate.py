@@ -116,7 +116,7 @@ def loo_candidates(config: dict, index_store: str | Path, work: Path, *, jobs: i
     ids = sample_ids(index.ids, config["calibrate"]["sample"], config["calibrate"]["seed"])
     loo = copy.deepcopy(config)
     loo["shortlist"]["exclude_same_id"] = True
-    key = {"ids": ids, "shortlist": loo["shortlist"]}
+    key = {"ids": ids, "shortlist": loo["shortlist"], "index": (index.manifest().get("fingerprint"), len(index))}
     if "supervised" in (loo["shortlist"]["whitening"], loo["shortlist"]["dba"]):
         key["labels"] = sorted((labels or {}).items())  # supervised whitening / DBA learn from them
     work = work / f"loo-{fingerprint(key)}"  # a new sample (or other settings), a new folder

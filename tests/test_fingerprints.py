@@ -18,8 +18,8 @@ from delf_pipeline.config import CHECKS, DEFAULTS, OneOf, load_config
 from delf_pipeline.utils.artifacts import check_manifest, settings_manifest
 from synthetic_stores import local_features, random_unit_rows, shortlist_frame, write_store
 
-# the stage of each section that writes a resumable artifact; predict rewrites its output on
-# every run (nothing is reused), so it has no staleness check to miss
+# the stage of each section that writes a resumable artifact; predict and calibrate rewrite
+# their output on every run (nothing is reused), so they have no staleness check to miss
 RUNTIME_KEYS = {"extract": extract.RUNTIME_KEYS, "shortlist": shortlist.RUNTIME_KEYS, "rerank": ()}
 KEYS = [(section, key) for section in RUNTIME_KEYS for key in DEFAULTS[section]]
 
@@ -38,8 +38,8 @@ def other_value(section: str, key: str, value):
     return [*value, 2.0]
 
 
-def test_every_section_but_predict_has_a_staleness_check():
-    assert set(DEFAULTS) - set(RUNTIME_KEYS) == {"predict"}
+def test_every_section_but_predict_and_calibrate_has_a_staleness_check():
+    assert set(DEFAULTS) - set(RUNTIME_KEYS) == {"predict", "calibrate"}
     assert all(set(keys) <= set(DEFAULTS[s]) for s, keys in RUNTIME_KEYS.items())
 
 
