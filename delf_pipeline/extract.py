@@ -12,12 +12,14 @@ Backends (``extract.backend``):
 
 The stage is resumable (finished ids are skipped before any model loads; each part is
 written atomically) and shardable (``--shard I/N``: N processes write disjoint parts of
-the same store).
+the same store). With ``--dask ADDRESS`` the parts are tasks on a Dask cluster whose workers
+share the store's folder; each worker loads the model once (see :func:`_extract_part`).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import logging
 from dataclasses import replace
 from itertools import islice
@@ -53,6 +55,7 @@ from .utils.artifacts import (
     settings_manifest,
     write_text_atomic,
 )
+from .utils.parallel import run_tasks, worker_local
 from .utils.progress import track
 
 log = logging.getLogger("delf_pipeline.extract")
@@ -74,13 +77,18 @@ def run(
     codebook: str | Path | None = None,
     only_ids: Collection[str] | None = None,
     extractor: Extractor | None = None,
+    dask_address: str | None = None,
 ) -> Path:
     """Extract features of the images in ``images`` into the store ``out``; returns ``out``.
 
     ``only_ids`` restricts the work to those image ids (e.g. the shortlisted candidates).
     ``extractor`` replaces the configured backend (tests and benchmarks inject one): no model
     is loaded and no codebook learned; it is given images decoded as :func:`decode_mode` says.
+    ``dask_address``: run the parts on that dask.distributed scheduler (same store bytes); the
+    workers load the configured backend, so it does not go with ``extractor``.
     """
+    if extractor is not None and dask_address:
+        raise ValueError("an injected extractor runs in this process: it cannot go with dask_address")
     conf, out = config["extract"], Path(out)
     records, listing_errors = list_images(images, split)
     if only_ids is not None:
@@ -96,6 +104,8 @@ def run(
     (out / "parts").mkdir(parents=True, exist_ok=True)
     if not pending_records(out, records, shard):
         log.info("Skipping extraction: all %d images of shard %d/%d are already in %s", len(records), *shard, out)
+    elif dask_address:
+        _extract_on_dask(dask_address, out, records, conf, shard, strict, codebook)
     else:
         extractor = extractor or load_backend(conf, records, out, codebook, shard)
         _extract_parts(out, pending_records(out, records, shard), extractor, conf, shard, strict)
@@ -321,10 +331,54 @@ def _write_parts(out: Path, results: Iterator[ExtractedImage | ErrorRecord], cou
     first = _next_part_number(out, shard)
     results = track(results, count, f"{label} {shard[0]}/{shard[1]}")
     for number, start in enumerate(range(0, count, size), start=first):
-        extracted, errors = _split_results(islice(results, min(size, count - start)), strict)
-        write_part(out / "parts" / _part_name(shard, number), extracted, errors,
-                   conf["descriptor_dtype"], _local_dim(extracted))
+        _write_results(out, _part_name(shard, number), islice(results, min(size, count - start)), conf, strict)
     next(results, None)  # let the progress report finish (its last line comes after the last item)
+
+
+def _write_results(out: Path, name: str, results: Iterable[ExtractedImage | ErrorRecord], conf: dict,
+                   strict: bool) -> None:
+    """Write ``results`` as the part ``out/parts/name`` (atomically)."""
+    extracted, errors = _split_results(results, strict)
+    write_part(out / "parts" / name, extracted, errors, conf["descriptor_dtype"], _local_dim(extracted))
+
+
+def _extract_on_dask(address: str, out: Path, records: Sequence[ImageRecord], conf: dict, shard: tuple[int, int],
+                     strict: bool, codebook) -> None:
+    """The parts :func:`_extract_parts` would write, each a task on the Dask scheduler at ``address``.
+
+    The codebook step (RootSIFT, XFeat) runs here, once, before any task starts. Temporaries
+    of workers killed while writing (their tasks ran again on other workers) are removed
+    once all tasks are done.
+    """
+    if conf["backend"] in LOCAL_BACKENDS:
+        load_backend(conf, records, out, codebook, shard)  # learns and stores the codebook if needed
+    todo = pending_records(out, records, shard)
+    prefix = _part_name(shard, 0)[:-6]
+    remove_unfinished(out / "parts", prefix)  # this shard's only: others may be writing
+    size, first, model = conf["part_size"], _next_part_number(out, shard), _model_key(out, conf)
+    tasks = [(str(out), _part_name(shard, number), todo[start : start + size], conf, strict, shard, model)
+             for number, start in enumerate(range(0, len(todo), size), start=first)]
+    run_tasks(_extract_part, tasks, f"extract {shard[0]}/{shard[1]} parts", dask_address=address)
+    remove_unfinished(out / "parts", prefix)
+
+
+def _model_key(out: Path, conf: dict) -> tuple[str, str, str]:
+    """What a worker's loaded backend depends on: the store, its settings and its codebook."""
+    codebook = out / "codebook.npy"
+    words = hashlib.sha256(codebook.read_bytes()).hexdigest() if codebook.exists() else ""
+    return str(out), store_manifest(conf)["fingerprint"], words
+
+
+def _extract_part(out: str, name: str, records: list[ImageRecord], conf: dict, strict: bool,
+                  shard: tuple[int, int], model: tuple[str, str, str]) -> str:
+    """Task on a worker: extract ``records`` into the part ``out/parts/name``; returns ``name``.
+
+    The backend is loaded on the worker's first task and kept for the next ones (one model
+    per worker process); its codebook, if any, is the one the client stored in ``out``.
+    """
+    extractor = worker_local(("extract", *model), lambda: load_backend(conf, [], Path(out), None, shard))
+    _write_results(Path(out), name, _extract_each(records, extractor, conf), conf, strict)
+    return name
 
 
 def _extract_each(todo: list[ImageRecord], extractor: Extractor, conf: dict) -> Iterator[ExtractedImage | ErrorRecord]:
@@ -412,6 +466,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="extract only the index images shortlisted there (top rerank.num_to_rerank per query): "
                              "local features for an index store made with extract.local_features=false")
     parser.add_argument("--strict", action="store_true", help="stop with exit code 1 at the first unusable image")
+    parser.add_argument("--dask", metavar="ADDRESS", help="extract the parts on this dask.distributed scheduler "
+                                                          "(its workers must see --images and --out)")
     add_run_arguments(parser)
     add_config_arguments(parser)
 
@@ -427,5 +483,6 @@ def main(args: argparse.Namespace) -> int:
                              "index store's codebook.npy): a codebook learned from the candidates alone would differ")
         only_ids = candidate_ids(read_candidates(args.candidates, config["rerank"]["num_to_rerank"]))
     run(config, args.images, args.out, split=args.split, shard=parse_shard(args.shard),
-        overwrite=args.overwrite, strict=args.strict, codebook=args.codebook, only_ids=only_ids)
+        overwrite=args.overwrite, strict=args.strict, codebook=args.codebook, only_ids=only_ids,
+        dask_address=args.dask)
     return 0

@@ -42,6 +42,7 @@ from .utils.blocks import (
     run_blocks,
     write_block,
 )
+from .utils.parallel import run_tasks, worker_local
 from .utils.progress import track
 from .verification.pairs import PairResult, verify_options, verify_pair
 
@@ -119,39 +120,14 @@ def _run_parallel(tasks, out: Path, paths, conf: dict, jobs: int, dask_address: 
         for number, block in track(tasks, len(tasks), "rerank blocks"):
             write_block(out, number, worker.rerank_block(block))
         return
-    from joblib import Parallel, delayed, parallel_config
-
-    backend = {"backend": "dask"} if dask_address else {"backend": "loky", "n_jobs": jobs}
-    client = _dask_client(dask_address) if dask_address else None
-    try:
-        with parallel_config(**backend):
-            runner = Parallel(n_jobs=-1 if dask_address else jobs, return_as="generator_unordered")
-            done = runner(delayed(_rerank_and_write)(number, block, str(out), paths, conf) for number, block in tasks)
-            for _ in track(done, len(tasks), "rerank blocks"):
-                pass
-    finally:
-        if client is not None:
-            client.close()
-
-
-def _dask_client(address: str):
-    try:
-        from dask.distributed import Client
-    except ImportError:
-        raise ImportError("--dask needs dask.distributed: pip install 'delf_pipeline[dask]'") from None
-    return Client(address)
-
-
-_WORKERS: dict[tuple, "BlockWorker"] = {}  # one per worker process and (stores, settings)
+    tasks = [(number, block, str(out), paths, conf) for number, block in tasks]
+    run_tasks(_rerank_and_write, tasks, "rerank blocks", jobs=jobs, dask_address=dask_address)
 
 
 def _rerank_and_write(number: int, block: dict, out: str, paths: tuple[str, str], conf: dict) -> int:
     """Task run in a worker process: verify one block and write it atomically."""
-    key = (*paths, fingerprint(conf))
-    if key not in _WORKERS:
-        _WORKERS.clear()
-        _WORKERS[key] = BlockWorker(*paths, conf)
-    write_block(Path(out), number, _WORKERS[key].rerank_block(block))
+    worker = worker_local(("rerank", *paths, fingerprint(conf)), lambda: BlockWorker(*paths, conf))
+    write_block(Path(out), number, worker.rerank_block(block))
     return number
 
 

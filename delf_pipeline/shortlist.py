@@ -4,7 +4,8 @@ Exact search by chunked matrix products: queries [B, G] against the index in chu
 [C, G] streamed from the memory-mapped store, keeping a running top-K. The queries of up to
 PASS_QUERIES / QUERY_BLOCK blocks share one pass over the index, so each chunk's float16 ->
 float32 conversion serves many queries. Peak memory depends on these sizes, not on the size
-of the index. On a GPU the products run in TensorFlow; otherwise NumPy's BLAS.
+of the index. On a GPU the products run in TensorFlow; otherwise NumPy's BLAS. With
+``--dask ADDRESS`` the passes are tasks on a Dask cluster whose workers share the output folder.
 
 Before the search, optional post-processing of the global descriptors (shortlist section of
 the config; see :mod:`delf_pipeline.descriptors`):
@@ -42,6 +43,7 @@ from .utils.artifacts import (
     atomic_path, check_manifest, fingerprint, parse_shard, settings_manifest, write_json_atomic,
 )
 from .utils.blocks import blocks_dir, remove_outputs, run_blocks, write_block
+from .utils.parallel import run_tasks, worker_local
 from .utils.progress import track
 
 log = logging.getLogger("delf_pipeline.shortlist")
@@ -66,10 +68,13 @@ def run(
     shard: tuple[int, int] = (1, 1),
     overwrite: bool = False,
     index_labels: dict[str, str] | None = None,
+    dask_address: str | None = None,
 ) -> Path:
     """Write the shortlist CSV ``out`` for every query of ``query_store``; returns ``out``.
 
     ``index_labels`` (index id -> landmark id) are needed only by supervised whitening / DBA.
+    ``dask_address``: run the passes on that dask.distributed scheduler (same CSV bytes); the
+    whitened / augmented index, if any, is made here first.
     """
     conf, out = config["shortlist"], Path(out)
     index, queries = FeatureStore(index_store), FeatureStore(query_store)
@@ -85,12 +90,30 @@ def run(
     def compute(blocks: list[tuple[int, list[str]]]) -> None:
         searched, whitening = prepare_index(index, conf, index_labels, matmul)
         passes = group_blocks(blocks, PASS_QUERIES)
+        if dask_address:
+            tasks = [(str(searched.path), str(query_store), group, conf, str(out), whitening) for group in passes]
+            run_tasks(_shortlist_pass, tasks, "shortlist passes", dask_address=dask_address)
+            return
         for group in track(passes, len(passes), "shortlist passes"):
-            frames = shortlist_blocks(queries, [ids for _, ids in group], searched, conf, matmul, whitening)
-            for (number, _), frame in zip(group, frames):
-                write_block(out, number, frame)
+            write_pass(out, group, queries, searched, conf, matmul, whitening)
 
     return run_blocks(out, queries.ids, QUERY_BLOCK, shard, COLUMNS, compute)
+
+
+def write_pass(out: Path, group: list[tuple[int, list[str]]], queries: FeatureStore, index: FeatureStore,
+               conf: dict, matmul: MatMul, whitening: Whitening | None) -> None:
+    """Search the (number, query ids) blocks of one pass and write each block's CSV."""
+    frames = shortlist_blocks(queries, [ids for _, ids in group], index, conf, matmul, whitening)
+    for (number, _), frame in zip(group, frames):
+        write_block(out, number, frame)
+
+
+def _shortlist_pass(index_store: str, query_store: str, group: list[tuple[int, list[str]]], conf: dict,
+                    out: str, whitening: Whitening | None) -> None:
+    """Task on a worker: one pass. The matrix product (TensorFlow on a GPU) is set up once per
+    worker; the stores are opened per task, so a store that grew between runs is seen whole."""
+    matmul = worker_local(("shortlist", conf["device"]), lambda: select_matmul(conf["device"]))
+    write_pass(Path(out), group, FeatureStore(query_store), FeatureStore(index_store), conf, matmul, whitening)
 
 
 def check_postprocess(conf: dict, index_labels: dict[str, str] | None) -> None:
@@ -410,6 +433,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queries", required=True, help="feature store of the query images")
     parser.add_argument("--out", required=True, help="shortlist CSV to write (query_id,index_id,rank,score)")
     parser.add_argument("--index-labels", help="CSV id,landmark_id of the index images (supervised whitening / DBA)")
+    parser.add_argument("--dask", metavar="ADDRESS", help="run the passes on this dask.distributed scheduler "
+                                                          "(its workers must see the stores and --out)")
     add_run_arguments(parser)
     add_config_arguments(parser)
 
@@ -418,5 +443,5 @@ def main(args: argparse.Namespace) -> int:
     config = load_config(args.preset, args.config, args.overrides)
     labels = read_labels(args.index_labels) if args.index_labels else None
     run(config, args.index, args.queries, args.out, shard=parse_shard(args.shard), overwrite=args.overwrite,
-        index_labels=labels)
+        index_labels=labels, dask_address=args.dask)
     return 0

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -286,9 +287,14 @@ def test_shards_into_one_store_equal_a_single_run(small_store, tmp_path):
     sharded = tmp_path / "sharded"
     for index in (1, 2):
         extract.run(config(part_size=4), photos, sharded, shard=(index, 2))
-    store, reference = FeatureStore(sharded), FeatureStore(single)
-    assert [p.path.name for p in store.parts] == ["s001of002-p000000", "s002of002-p000000"]
-    assert sorted(store.ids) == sorted(reference.ids) and len(store) == 8
+    assert [p.path.name for p in FeatureStore(sharded).parts] == ["s001of002-p000000", "s002of002-p000000"]
+    assert_same_images(sharded, single)
+
+
+def assert_same_images(store_path: Path, reference_path: Path) -> None:
+    """Both stores hold the same images with identical features, however they are split into parts."""
+    store, reference = FeatureStore(store_path), FeatureStore(reference_path)
+    assert sorted(store.ids) == sorted(reference.ids) and len(store) == len(reference)
     for image_id in reference.ids:
         a, b = store.features(image_id), reference.features(image_id)
         for name in ("locations", "descriptors", "scales", "scores", "global_descriptor"):
@@ -489,3 +495,83 @@ def test_a_rootsift_store_decoded_in_colour_is_not_resumed_in_grey(small_store, 
     with pytest.raises(ValueError, match=r"settings.decode: not recorded \(older manifest\), now 'L'"):
         extract.run(config(part_size=4), photos, old)
     assert "decode" not in extract.store_manifest(config(backend="savedmodel")["extract"])["settings"]
+
+
+# ---------------------------------------------------------------- Dask cluster
+
+
+def local_cluster(processes: bool):
+    """A 2-worker, 1-thread-each ``LocalCluster`` (skips without dask.distributed)."""
+    distributed = pytest.importorskip("dask.distributed", reason="the Dask run needs dask[distributed] (test extra)")
+    return distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=processes, dashboard_address=None)
+
+
+def test_dask_cluster_writes_the_local_store_byte_for_byte(tmp_path, monkeypatch):
+    write_photos(tmp_path / "photos", 12, side=200)
+    conf = config(codebook_images=4, part_size=3)  # the client learns the codebook; 3 parts of the others: tasks
+    local = extract.run(conf, tmp_path / "photos", tmp_path / "local")
+    seen = count_rootsift_calls(monkeypatch)
+    loads, real_load = [], extract.load_backend
+    monkeypatch.setattr(extract, "load_backend", lambda conf, records, *a: loads.append(len(records))
+                        or real_load(conf, records, *a))
+    with local_cluster(processes=False) as cluster:
+        on_dask = extract.run(conf, tmp_path / "photos", tmp_path / "dask", dask_address=cluster.scheduler_address)
+    assert store_files(on_dask) == store_files(local)
+    assert [p.path.name for p in FeatureStore(on_dask).parts] == [f"s001of001-p{i:06d}" for i in range(5)]
+    assert seen == [2] * 12  # the 4 sample images on the client, the 8 others on the workers: each once
+    assert loads == [12, 0]  # the client (codebook step over all 12), then one load for the workers' 3 tasks
+
+
+def test_dask_run_resumes_a_killed_local_run_and_removes_its_leftovers(small_store, tmp_path):
+    photos, single = small_store
+    store = tmp_path / "store"
+    shutil.copytree(single, store)
+    shutil.rmtree(store / "parts" / "s001of001-p000001")  # the second part never finished
+    leftover = store / "parts" / ".s001of001-p000001.abc.tmp"
+    leftover.mkdir()
+    with local_cluster(processes=False) as cluster:
+        args = ["extract", "--images", photos, "--out", store, "--set", "extract.part_size=4", *FAST_ARGS,
+                "--dask", cluster.scheduler_address]
+        assert cli_main(list(map(str, args))) == 0
+    assert not leftover.exists()
+    assert store_files(store) == store_files(single)
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_run_leaves_nothing_a_rerun_does_not_finish(tmp_path):
+    import dask
+
+    write_photos(tmp_path / "photos", 24, side=320)
+    conf = config(part_size=2, codebook_images=2)  # the client's codebook-sample part, then 11 tasks of 2 photos
+    local = extract.run(conf, tmp_path / "photos", tmp_path / "local")
+    out, failures = tmp_path / "dask", []
+    # a task whose worker dies fails the run at once instead of moving to another worker
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), local_cluster(processes=True) as cluster:
+        from dask.distributed import Client
+
+        with Client(cluster.scheduler_address) as client:
+            pids = client.run(os.getpid)
+
+        def first_run() -> None:
+            try:
+                extract.run(conf, tmp_path / "photos", out, dask_address=cluster.scheduler_address)
+            except Exception as error:  # noqa: BLE001 - the test checks which error ended the run
+                failures.append(error)
+
+        run = threading.Thread(target=first_run)
+        run.start()
+        deadline = time.monotonic() + 300
+        while len([p for p in (out / "parts").glob("s*") if p.is_dir()]) < 2:  # a task's part is written
+            assert run.is_alive() and time.monotonic() < deadline, "extract ended before a task wrote a part"
+            time.sleep(0.002)
+        os.kill(next(iter(pids.values())), signal.SIGKILL)
+        done = len(FeatureStore(out).parts)
+        run.join(timeout=300)
+        assert not run.is_alive(), "the run did not end after its worker was killed"
+        assert 2 <= done < 12, "the kill came too late to test resuming"
+        assert [type(error).__name__ for error in failures] == ["KilledWorker"]
+        assert len(FeatureStore(out).parts) < 12  # the killed worker's parts are missing
+        extract.run(conf, tmp_path / "photos", out, dask_address=cluster.scheduler_address)
+    assert_same_images(out, local)  # the parts the rerun wrote are numbered after the others
+    assert (out / "errors.csv").read_bytes() == (local / "errors.csv").read_bytes()
+    assert not [p for p in (out / "parts").iterdir() if p.name.startswith(".")]

@@ -238,3 +238,23 @@ def test_no_queries_give_a_header_only_csv(stores, tmp_path):
     out = shortlist.run(config(), stores[0], empty.path, tmp_path / "shortlist.csv")
     assert out.read_text().strip() == ",".join(shortlist.COLUMNS)
     assert read_table(out).empty and isinstance(read_table(out), pd.DataFrame)
+
+
+def test_dask_cluster_writes_the_local_csv_byte_for_byte_and_resumes(stores, tmp_path, monkeypatch):
+    distributed = pytest.importorskip("dask.distributed", reason="the Dask run needs dask[distributed] (test extra)")
+    monkeypatch.setattr(shortlist, "QUERY_BLOCK", 4)
+    monkeypatch.setattr(shortlist, "PASS_QUERIES", 8)  # 6 blocks in 3 passes: 3 tasks
+    local = shortlist.run(config(top_k=5), *stores, tmp_path / "local.csv")
+    resumed = tmp_path / "resumed.csv"
+    shortlist.run(config(top_k=5), *stores, resumed, shard=(2, 2))  # blocks 1, 3, 5 done before
+    leftover = tmp_path / "resumed.csv.blocks" / ".block-000002.csv.abc.tmp"  # as a killed worker leaves it
+    leftover.write_text("query_id,ind")
+    args = ["shortlist", "--index", str(stores[0]), "--queries", str(stores[1]), "--set", "shortlist.top_k=5",
+            "--set", 'shortlist.device="cpu"']
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster:
+        on_dask = shortlist.run(config(top_k=5), *stores, tmp_path / "dask.csv",
+                                dask_address=cluster.scheduler_address)
+        assert cli_main([*args, "--out", str(resumed), "--dask", cluster.scheduler_address]) == 0
+    assert on_dask.read_bytes() == local.read_bytes()
+    assert resumed.read_bytes() == local.read_bytes() and not leftover.exists()

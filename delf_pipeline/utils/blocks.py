@@ -86,11 +86,16 @@ def run_blocks(
     if not todo:
         log.info("Skipping %s: all blocks of shard %d/%d are done", out_csv.name, *shard)
     else:
-        for number in todo:  # temporaries a killed run left for these blocks
-            remove_unfinished(blocks_dir(out_csv), block_path(out_csv, number).name)
+        _remove_unfinished_blocks(out_csv, todo)  # temporaries a killed run left for these blocks
         compute([(k, blocks[k]) for k in todo])
+        _remove_unfinished_blocks(out_csv, todo)  # of cluster workers killed mid-write (their task ran again)
     merge_blocks(out_csv, len(blocks), columns)
     return out_csv
+
+
+def _remove_unfinished_blocks(out_csv: Path, numbers: list[int]) -> None:
+    for number in numbers:
+        remove_unfinished(blocks_dir(out_csv), block_path(out_csv, number).name)
 
 
 def read_table(path: Path) -> pd.DataFrame:
