@@ -170,6 +170,8 @@ class BlockWorker:
             inliers = result.inliers if result.inliers >= self.conf["min_inliers"] else 0
             score = final_score(inliers, global_score, self.conf)
             rows.append((query_id, index_id, global_score, result.matches, inliers, score, result.status))
+        for store in (self.queries, self.index):  # resident memory bounded by a query's reads, not the union
+            store.release()
         return sorted(rows, key=lambda row: (-row[5], row[1]))
 
     def verify(self, query: ImageFeatures, candidate: ImageFeatures) -> PairResult:

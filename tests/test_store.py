@@ -156,3 +156,22 @@ def test_remove_store_deletes_the_folder_and_tolerates_absence(tmp_path):
     remove_store(tmp_path / "s")
     remove_store(tmp_path / "s")
     assert not (tmp_path / "s").exists()
+
+
+def rss_file_kb() -> int:
+    """Resident file-backed memory of this process (RssFile of /proc/self/status), kB."""
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    pytest.skip("no RssFile in /proc/self/status (not Linux)")
+
+
+def test_release_unmaps_what_was_read_and_reads_go_on(tmp_path):
+    store, written = make_store(tmp_path, {"p0": [40000] * 4}, "float16")  # descriptors: 4 x 40000 x 8 x 2 B
+    before = rss_file_kb()
+    read = {image_id: store.features(image_id).descriptors for image_id in written}  # float32 copies: touch every page
+    mapped = rss_file_kb() - before
+    store.release()
+    assert mapped >= 2000 and rss_file_kb() - before <= mapped - 2000  # the descriptors' pages left RSS
+    for image_id, descriptors in read.items():
+        np.testing.assert_array_equal(store.features(image_id).descriptors, descriptors)

@@ -206,6 +206,13 @@ class FeatureStore:
         """Ids already extracted or recorded as failed: work a resumed run skips."""
         return {i for part in self.parts for i in part.ids} | {e.id for e in self.errors()}
 
+    def release(self) -> None:
+        """Unmap the part arrays read so far. Pages of a map count in the process's resident
+        memory until it is unmapped, so a long run of random reads (rerank over a candidate
+        union) calls this now and then to keep its RSS bounded (a Dask nanny watches RSS)."""
+        for part in self.parts:
+            part._arrays.clear()
+
 
 def _take(ids: list[str], blocks: list[np.ndarray], n: int) -> tuple[list[str], np.ndarray]:
     """Pop the first ``n`` rows from the pending ``ids`` / ``blocks`` buffers."""
