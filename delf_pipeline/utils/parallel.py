@@ -46,14 +46,14 @@ def _run_on_dask(function: Callable[..., object], tasks: Sequence[tuple], label:
 
     Not joblib's dask backend: when a task's worker dies more often than the scheduler's
     ``distributed.scheduler.allowed-failures``, its ``Parallel`` never returned (joblib 1.6,
-    distributed 2026.8), where a future raises ``KilledWorker``.
+    distributed 2026.8); the future raises ``KilledWorker``.
     A failed task does not stop the others: the run returns or raises only when no task of
     it runs any more, so a rerun started right after it cannot race one of them (a cancelled
     task that already runs would go on writing).
     """
+    client = dask_client(address)  # first: it names the extra to install when dask is missing
     from dask.distributed import as_completed
 
-    client = dask_client(address)
     try:
         futures = [client.submit(function, *task, pure=False) for task in tasks]
         failed = [f for f in track(as_completed(futures), len(futures), label) if f.status != "finished"]
