@@ -19,8 +19,10 @@ memory (RssAnon: what is not file cache the kernel can drop). In the same run, f
 cache each time: a plain sequential read of the same files (8 MiB reads) and, for rerank,
 reading every candidate through ``FeatureStore.features`` in the rerank's order.
 
-    nice python scripts/bench_scale.py --index-sizes 25000 100000 400000 --queries 10000 \\
+    nice python scripts/bench_scale.py --index-sizes 100000 400000 1580000 --queries 10000 \\
         --union-sizes 2500 10000 --workdir /work/scratch/bench_scale --json scale.json
+
+(the run of docs/scale.md: 6.5 GB of index at its largest, ~25 min on 2 busy cores)
 
 The stores go in a new folder under ``--workdir``, deleted at the end (``--keep``: kept).
 """
