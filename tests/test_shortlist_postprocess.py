@@ -10,7 +10,7 @@ from delf_pipeline.descriptors.expansion import augment_database, expand_queries
 from delf_pipeline.descriptors.whitening import learn_pca_whitening, learn_supervised_whitening
 from delf_pipeline.formats.store import FeatureStore
 from delf_pipeline.utils.blocks import read_table
-from synthetic_stores import global_only, random_unit_rows, write_store
+from synthetic_stores import global_only, write_store
 
 GLOBAL = 8
 
