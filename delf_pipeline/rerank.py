@@ -159,8 +159,14 @@ class BlockWorker:
         return pd.DataFrame(rows, columns=list(COLUMNS))
 
     def rerank_query(self, query_id: str, candidates: list[tuple[str, float]]) -> list[tuple]:
-        """Verify one stored query against its candidates; rows sorted by score descending."""
-        return self.rerank_features(query_id, self.queries.features(query_id), candidates)
+        """Verify one stored query against its candidates; rows sorted by score descending.
+
+        The stores' mapped pages are released after each query, so a worker's resident memory
+        is bounded by one query's reads, not by the union of its candidates."""
+        rows = self.rerank_features(query_id, self.queries.features(query_id), candidates)
+        for store in (self.queries, self.index):
+            store.release()
+        return rows
 
     def rerank_features(self, query_id: str, query: ImageFeatures, candidates: list[tuple[str, float]]) -> list[tuple]:
         """:meth:`rerank_query` of a query whose features are given (in original-image pixels)."""
@@ -170,8 +176,6 @@ class BlockWorker:
             inliers = result.inliers if result.inliers >= self.conf["min_inliers"] else 0
             score = final_score(inliers, global_score, self.conf)
             rows.append((query_id, index_id, global_score, result.matches, inliers, score, result.status))
-        for store in (self.queries, self.index):  # resident memory bounded by a query's reads, not the union
-            store.release()
         return sorted(rows, key=lambda row: (-row[5], row[1]))
 
     def verify(self, query: ImageFeatures, candidate: ImageFeatures) -> PairResult:
