@@ -1,8 +1,10 @@
-"""Measure an exported EfficientNet-Lite0 DELG model on the shared real data.
+"""Measure exported EfficientNet-Lite DELG models on the shared real data.
 
 retrieval: leave-one-out on landmarks_mini (each photo a query against the other 78,
-labels from labels.csv): mAP and top-1 of the global descriptor (L2 per scale, summed,
-L2, as the official DELG extractor), and seconds per image of the model call on CPU.
+labels from labels.csv): mAP (= mAP@100: 78 candidates) and top-1 of the global descriptor
+(L2 per scale, summed, L2, as the official DELG extractor), and seconds per image of the
+model call on CPU. Several ``--model`` folders are timed in the same run, interleaved image
+by image, each also as a ratio to the first model.
 
 evd: local features of the model and of RootSIFT (same max side and feature count) on the
 15 EVD pairs, verified with delf_pipeline.verification.pairs.verify_pair (the model: --mode or the rerank
@@ -11,7 +13,7 @@ of the inliers of the true pairs against "swapped" pairs (image 1 of pair i with
 pair i + 1), how many true-pair inliers agree with the ground-truth homography, and the
 extraction seconds per image in the same run.
 
-    python scripts/bench_efficientnet_lite0.py retrieval --model DIR --max-image-size 512
+    python scripts/bench_efficientnet_lite0.py retrieval --model DIR [DIR2 ...] --max-image-size 512
     python scripts/bench_efficientnet_lite0.py evd --model DIR --max-image-size 1024
 """
 from __future__ import annotations
@@ -31,12 +33,12 @@ from delf_pipeline.verification.pairs import verify_options, verify_pair
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def load_model(args: argparse.Namespace):
-    """``extract(image) -> ImageFeatures`` of the SavedModel, through models.load_extractor."""
+def load_model(args: argparse.Namespace, model: str):
+    """``extract(image) -> ImageFeatures`` of the SavedModel ``model``, through models.load_extractor."""
     from delf_pipeline.extractors.models import load_extractor
 
     return load_extractor({
-        "backend": "savedmodel", "model": args.model, "image_scales": args.scales,
+        "backend": "savedmodel", "model": model, "image_scales": args.scales,
         "global_scale_indices": args.global_scales_ind, "score_threshold": args.threshold,
         "max_features": args.max_features,
     })
@@ -66,35 +68,40 @@ def retrieval(args: argparse.Namespace) -> None:
     folder = DATA / "landmarks_mini"
     with open(folder / "labels.csv") as handle:
         rows = list(csv.DictReader(handle))
-    extract = load_model(args)
-    extract(np.zeros((64, 64, 3), np.uint8))  # warm-up trace
-    descriptors, seconds, baseline = [], [], []
+    extracts = [load_model(args, model) for model in args.model]
+    for extract in extracts:
+        extract(np.zeros((64, 64, 3), np.uint8))  # warm-up trace
+    descriptors, seconds, baseline = [[] for _ in extracts], [[] for _ in extracts], []
     for row in rows:
         image, _ = load_image(folder / row["image"], args.max_image_size)
-        start = time.perf_counter()
-        descriptors.append(extract(image).global_descriptor)
-        seconds.append(time.perf_counter() - start)
+        for extract, found, timed in zip(extracts, descriptors, seconds):
+            start = time.perf_counter()
+            found.append(extract(image).global_descriptor)
+            timed.append(time.perf_counter() - start)
         start = time.perf_counter()
         extract_rootsift(image, args.max_features)
         baseline.append(time.perf_counter() - start)
-    mean_ap, top1 = leave_one_out(np.stack(descriptors), np.array([r["label"] for r in rows]))
     print(f"landmarks_mini leave-one-out, {len(rows)} images, max side {args.max_image_size}, "
-          f"scales {args.scales}, global scales {args.global_scales_ind}")
-    print(f"  mAP {mean_ap:.3f}  top-1 {top1:.3f}  model time {np.median(seconds) * 1000:.0f} ms/img "
-          f"median, {np.mean(seconds) * 1000:.0f} ms mean")
-    print(f"  baseline in the same run: RootSIFT extraction (no VLAD) {np.median(baseline) * 1000:.0f} ms/img "
-          f"median; model / baseline = {np.median(seconds) / np.median(baseline):.2f}")
+          f"scales {args.scales}, global scales {args.global_scales_ind}\n")
+    print("| model | mAP@100 | top-1 | ms/img (median) | ms/img (mean) | time / first model | time / RootSIFT |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for model, found, timed in zip(args.model, descriptors, seconds):
+        mean_ap, top1 = leave_one_out(np.stack(found), np.array([r["label"] for r in rows]))
+        print(f"| {Path(model).name} | {mean_ap:.3f} | {top1:.3f} | {np.median(timed) * 1000:.0f} "
+              f"| {np.mean(timed) * 1000:.0f} | {np.median(timed) / np.median(seconds[0]):.2f} "
+              f"| {np.median(timed) / np.median(baseline):.2f} |")
+    print(f"\nRootSIFT extraction (no VLAD) in the same run: {np.median(baseline) * 1000:.0f} ms/img median")
 
 
 def evd(args: argparse.Namespace) -> None:
     folder = DATA / "evd"
     names = sorted(p.stem for p in (folder / "1").glob("*.png"))
-    model = load_model(args)
+    model = load_model(args, args.model[0])
     model(np.zeros((64, 64, 3), np.uint8))  # warm-up trace
     preset = args.model_preset
     model_options = verify_options(load_config(preset)["rerank"]) if preset else {"mode": args.mode}
     backends = {
-        f"{Path(args.model).name} ({preset or args.mode})": (model, model_options),
+        f"{Path(args.model[0]).name} ({preset or args.mode})": (model, model_options),
         f"RootSIFT ({args.sift_preset})": (
             lambda image: extract_rootsift(image, args.max_features),
             verify_options(load_config(args.sift_preset)["rerank"]),
@@ -147,7 +154,8 @@ def _agree_with_truth(result, sides, i: int, homography: np.ndarray, threshold: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("task", choices=("retrieval", "evd"))
-    parser.add_argument("--model", required=True, help="exported DELG SavedModel folder")
+    parser.add_argument("--model", required=True, nargs="+",
+                        help="exported DELG SavedModel folder(s); evd uses the first only")
     parser.add_argument("--max-image-size", type=int, default=512, help="longest side before the model")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0], help="pyramid scales")
     parser.add_argument("--global-scales-ind", type=int, nargs="+", default=[0], help="scales of the global descriptor")

