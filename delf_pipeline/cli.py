@@ -15,6 +15,14 @@ from . import __version__
 from .config import ConfigError
 from .formats.images import ImageError
 
+EXIT_OK = 0  # finished
+EXIT_FAILED = 1  # --strict met an unusable image; validate-submission found problems
+EXIT_USAGE = 2  # a bad argument, setting or input file (argparse uses 2 too)
+EXIT_DAMAGED = 3  # an artifact of an earlier run fails its checks (part, block, manifest, codebook)
+EXIT_BUSY = 4  # another process is writing the same output (shard)
+EXIT_OS = 5  # the file system refused (permission, disk full, not a folder, ...)
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+
 COMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("extract", "extract global and local features of images into a feature store"),
     "shortlist": ("shortlist", "top-K index images per query by global descriptor similarity"),

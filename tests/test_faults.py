@@ -1,0 +1,323 @@
+"""Fault injection (issue 12): kill -9 at seeded random points of every stage, then resume;
+concurrent writers of one store and of one run folder; corrupted parts, blocks, manifests and
+ids.txt. Every case must end in the bytes of a clean run or a one-line refusal naming the file
+with the documented exit code, never exit 0 with a different result.
+
+Stages run in forked children of the test process (no interpreter start-up per run); a kill
+point is "the N-th call of a delf_pipeline function in the main thread", drawn with a seed.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from delf_pipeline import cli
+from delf_pipeline.utils.artifacts import output_lock, shard_name
+from delf_pipeline.utils.blocks import block_path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic_images import FAST, write_kaggle  # noqa: E402
+
+KILLS_PER_STAGE = 8
+
+
+def forked(argv: list[str], cwd: Path, kill_at: int | None = None) -> tuple[int, int, str]:
+    """Run ``delf-pipeline ARGV`` in a forked child (in ``cwd``). With ``kill_at`` the child sends
+    itself SIGKILL at its kill_at-th delf_pipeline call. Returns (exit code, or -9 when killed;
+    calls counted; stderr)."""
+    err = tempfile.TemporaryFile()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        os.close(read_end)
+        os.dup2(err.fileno(), 2)
+        os.dup2(err.fileno(), 1)
+        code, calls = 99, 0
+        try:
+            os.chdir(cwd)
+
+            def profile(frame, event, _arg):
+                nonlocal calls
+                if event == "call" and frame.f_globals.get("__name__", "").startswith("delf_pipeline"):
+                    calls += 1
+                    if calls == kill_at:
+                        os.kill(os.getpid(), signal.SIGKILL)
+
+            sys.setprofile(profile)
+            code = cli.main(argv)
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 2
+        finally:
+            sys.setprofile(None)
+            os.write(write_end, str(calls).encode())
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(code)
+    os.close(write_end)
+    calls = os.read(read_end, 64)
+    os.close(read_end)
+    _, status = os.waitpid(pid, 0)
+    code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    err.seek(0)
+    return code, int(calls or 0), err.read().decode("utf-8", "replace")
+
+
+def stage_commands(data: Path) -> list[list[str]]:
+    """The five stages on the Kaggle folder ``data``, outputs relative to the working folder."""
+    return [
+        ["extract", "--images", str(data), "--split", "train", "--out", "index", *FAST],
+        ["extract", "--images", str(data), "--split", "test", "--out", "query", "--codebook", "index/codebook.npy",
+         *FAST],
+        ["shortlist", "--index", "index", "--queries", "query", "--out", "shortlist.csv", *FAST],
+        ["rerank", "--shortlist", "shortlist.csv", "--queries", "query", "--index", "index", "--out", "rerank.csv",
+         *FAST],
+        ["predict", "--shortlist", "shortlist.csv", "--rerank", "rerank.csv", "--index-labels",
+         str(data / "train.csv"), "--queries", str(data / "sample_submission.csv"), "--out", "submission.csv", *FAST],
+    ]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """{relative path: bytes} of every file, without lock files and the temporaries of a kill."""
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.startswith(".lock-") and not (p.name.startswith(".") and p.name.endswith(".tmp"))
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    """Kaggle data and the folders after each stage of a clean run: {"data", "after": [Path] * 6}."""
+    root = tmp_path_factory.mktemp("faults")
+    write_kaggle(root / "data")
+    commands = stage_commands(root / "data")
+    after = [root / "after0"]
+    after[0].mkdir()
+    for number, argv in enumerate(commands, start=1):
+        shutil.copytree(after[-1], root / f"after{number}")
+        after.append(root / f"after{number}")
+        code, _, stderr = forked(argv, after[-1])
+        assert code == 0, stderr
+    assert (after[-1] / "submission.csv").read_text().count("\n") == 4
+    return {"root": root, "data": root / "data", "after": after, "commands": commands}
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if " ERROR " in line]
+
+
+def assert_refused(code: int, stderr: str, expected_code: int, names: str) -> None:
+    """A one-line refusal: the documented exit code, one ERROR line naming ``names``, no traceback."""
+    assert code == expected_code, stderr
+    lines = error_lines(stderr)
+    assert len(lines) == 1 and names in lines[0], stderr
+    assert "Traceback" not in stderr
+
+
+# ------------------------------------------------------------------ kill -9 at random points, resume
+
+
+@pytest.mark.parametrize("stage", range(5), ids=["extract-index", "extract-query", "shortlist", "rerank", "predict"])
+def test_kill_at_seeded_random_points_then_resume_gives_the_clean_bytes(reference, tmp_path, stage):
+    before, expected = reference["after"][stage], snapshot(reference["after"][stage + 1])
+    argv = reference["commands"][stage]
+    probe = tmp_path / "probe"
+    shutil.copytree(before, probe)
+    code, calls, stderr = forked(argv, probe)
+    assert code == 0 and calls > KILLS_PER_STAGE, stderr
+    points = sorted(random.Random(12 + stage).sample(range(1, calls + 1), KILLS_PER_STAGE))
+    for point in points:
+        work = tmp_path / f"kill{point}"
+        shutil.copytree(before, work)
+        killed, _, _ = forked(argv, work, kill_at=point)
+        assert killed == -signal.SIGKILL, f"no kill at call {point} of {calls}"
+        code, _, stderr = forked(argv, work)
+        assert code == 0, f"resume after a kill at call {point}: {stderr}"
+        assert snapshot(work) == expected, f"kill at call {point} of {calls}"
+
+
+def test_three_kills_in_a_row_then_resume(reference, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(reference["after"][0], work)
+    argv = reference["commands"][0]
+    for point in (40, 400, 900):
+        forked(argv, work, kill_at=point)
+    code, _, stderr = forked(argv, work)
+    assert code == 0, stderr
+    assert snapshot(work) == snapshot(reference["after"][1])
+
+
+# ------------------------------------------------------------------ two writers of one output
+
+
+def test_a_second_writer_of_a_store_shard_is_refused_while_the_first_holds_it(reference, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(reference["after"][0], work)
+    with output_lock(work / "index", shard_name((1, 1)), "feature store"):
+        code, _, stderr = forked(reference["commands"][0], work)
+    assert_refused(code, stderr, cli.EXIT_BUSY, str(work / "index"))
+    assert "another process" in stderr
+    code, _, stderr = forked(reference["commands"][0], work)  # the lock died with its holder
+    assert code == 0, stderr
+    assert snapshot(work) == snapshot(reference["after"][1])
+
+
+def test_a_second_writer_of_a_block_shard_is_refused(reference, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(reference["after"][2], work)
+    with output_lock(work / "shortlist.csv.blocks", shard_name((1, 1)), "shortlist"):
+        code, _, stderr = forked(reference["commands"][2], work)
+    assert_refused(code, stderr, cli.EXIT_BUSY, "shortlist.csv.blocks")
+
+
+def race(argv: list[str], cwd: Path) -> list[int]:
+    """Exit codes of two forked runs of ``argv`` started together."""
+    pids = []
+    for _ in range(2):
+        pid = os.fork()
+        if pid == 0:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+            try:
+                os.chdir(cwd)
+                code = cli.main(argv)
+            finally:
+                os._exit(locals().get("code", 99))
+        pids.append(pid)
+    return [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_two_concurrent_extracts_of_one_store_store_every_image_once(reference, tmp_path, round_):
+    work = tmp_path / "work"
+    shutil.copytree(reference["after"][0], work)
+    codes = race(reference["commands"][0], work)
+    assert sorted(codes) in ([0, 0], [0, cli.EXIT_BUSY]), codes
+    assert snapshot(work) == snapshot(reference["after"][1])
+
+
+def test_two_concurrent_runs_into_one_folder_give_the_single_run_files(reference, tmp_path):
+    data = reference["data"]
+    argv = ["run", "--data", str(data), "--out", "out", *FAST]
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    assert forked(argv, alone)[0] == 0
+    both = tmp_path / "both"
+    both.mkdir()
+    codes = race(argv, both)
+    assert sorted(codes) in ([0, 0], [0, cli.EXIT_BUSY]), codes
+    assert snapshot(both) == snapshot(alone)
+
+
+# ------------------------------------------------------------------ corrupted artifacts
+
+
+def first_part(store: Path) -> Path:
+    return sorted((store / "parts").iterdir())[0]
+
+
+def copy_of(reference, tmp_path, stage: int = 5) -> Path:
+    work = tmp_path / "work"
+    shutil.copytree(reference["after"][stage], work)
+    return work
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+CORRUPT_PART = {
+    "truncated descriptors": lambda part: truncate(part / "descriptors.npy"),
+    "empty descriptors": lambda part: (part / "descriptors.npy").write_bytes(b""),
+    "random global": lambda part: (part / "global.npy").write_bytes(
+        np.random.default_rng(0).bytes((part / "global.npy").stat().st_size)),
+    "appended id": lambda part: (part / "ids.txt").write_text((part / "ids.txt").read_text() + "ghost\n"),
+    "swapped ids": lambda part: (part / "ids.txt").write_text(
+        "".join(reversed((part / "ids.txt").read_text().splitlines(keepends=True)))),
+    "no checksums": lambda part: (part / "part.json").unlink(),
+}
+
+
+@pytest.mark.parametrize("damage", list(CORRUPT_PART))
+def test_a_damaged_part_is_refused_by_name_at_every_stage_that_reads_it(reference, tmp_path, damage):
+    work = copy_of(reference, tmp_path)
+    part = first_part(work / "index")
+    CORRUPT_PART[damage](part)
+    (work / "rerank.csv").unlink()
+    shutil.rmtree(work / "rerank.csv.blocks")
+    for stage in (0, 3):  # extract (resume) and rerank read the index store
+        code, _, stderr = forked(reference["commands"][stage], work)
+        assert_refused(code, stderr, cli.EXIT_DAMAGED, str(part))
+
+
+def test_a_store_holding_an_id_twice_is_refused(reference, tmp_path):
+    work = copy_of(reference, tmp_path)
+    part = first_part(work / "index")
+    shutil.copytree(part, part.with_name(part.name.replace("-p", "-q")))  # what two writers used to leave
+    code, _, stderr = forked(reference["commands"][2], work)
+    assert_refused(code, stderr, cli.EXIT_DAMAGED, str(work / "index"))
+    assert "twice" in stderr
+
+
+CORRUPT_BLOCK = {
+    "cut in half": truncate,
+    "text garbage": lambda path: path.write_text("query_id,index_id\nnot,a block\n"),
+    "binary garbage": lambda path: path.write_bytes(np.random.default_rng(1).bytes(300)),
+    "rows dropped": lambda path: path.write_text("".join(path.read_text().splitlines(keepends=True)[:-2])),
+    "empty": lambda path: path.write_bytes(b""),
+}
+
+
+@pytest.mark.parametrize("damage", list(CORRUPT_BLOCK))
+@pytest.mark.parametrize("stage,name", [(2, "shortlist.csv"), (3, "rerank.csv")])
+def test_a_damaged_block_is_recomputed_and_the_result_is_the_clean_one(reference, tmp_path, damage, stage, name):
+    work = copy_of(reference, tmp_path, stage + 1)
+    CORRUPT_BLOCK[damage](block_path(work / name, 0))
+    code, _, stderr = forked(reference["commands"][stage], work)
+    assert code == 0, stderr
+    assert "recomputing" in stderr
+    assert snapshot(work) == snapshot(reference["after"][stage + 1])
+
+
+def test_a_block_of_another_shard_that_is_damaged_is_refused_by_name(reference, tmp_path):
+    work = copy_of(reference, tmp_path, 3)
+    path = block_path(work / "shortlist.csv", 0)
+    truncate(path)
+    code, _, stderr = forked([*reference["commands"][2], "--shard", "2/2"], work)
+    assert_refused(code, stderr, cli.EXIT_DAMAGED, str(path))
+
+
+@pytest.mark.parametrize("stage,manifest", [(0, "index/manifest.json"), (2, "shortlist.csv.blocks/manifest.json"),
+                                            (3, "rerank.csv.blocks/manifest.json")])
+def test_artifacts_without_their_manifest_are_refused_and_rebuilt_with_overwrite(reference, tmp_path, stage,
+                                                                                 manifest):
+    work = copy_of(reference, tmp_path, stage + 1)
+    (work / manifest).unlink()
+    code, _, stderr = forked(reference["commands"][stage], work)
+    assert_refused(code, stderr, cli.EXIT_DAMAGED, str(work / manifest))
+    code, _, stderr = forked([*reference["commands"][stage], "--overwrite"], work)
+    assert code == 0, stderr
+    assert snapshot(work) == snapshot(reference["after"][stage + 1])
+
+
+def test_a_manifest_that_is_not_json_is_refused_by_name(reference, tmp_path):
+    work = copy_of(reference, tmp_path, 1)
+    (work / "index/manifest.json").write_text('{"settings": ')
+    code, _, stderr = forked(reference["commands"][0], work)
+    assert_refused(code, stderr, cli.EXIT_DAMAGED, str(work / "index/manifest.json"))
+
+
+def test_a_codebook_of_random_bytes_is_refused_by_name_never_unpickled(reference, tmp_path):
+    work = copy_of(reference, tmp_path, 1)
+    (work / "index/codebook.npy").write_bytes(np.random.default_rng(2).bytes(600))
+    code, _, stderr = forked(reference["commands"][1], work)
+    assert_refused(code, stderr, cli.EXIT_DAMAGED, "codebook.npy")
+    assert "pickle" not in stderr

@@ -1,0 +1,358 @@
+"""Every misuse of issue 12 through the real command (``python -m delf_pipeline`` in a
+subprocess): a clear one-line message naming the path and the cause, the exit code documented
+in docs/faults.md, and never a traceback. Data problems that used to be dropped silently
+(control characters in ids, symlinks, upper-case extensions, BOMs) are checked here too."""
+from __future__ import annotations
+
+import csv
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from delf_pipeline import cli
+from delf_pipeline.formats.images import kaggle_path, list_images
+from delf_pipeline.formats.store import FeatureStore, read_errors
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic_images import FAST, photo, write_csv, write_kaggle, write_photos  # noqa: E402
+from synthetic_stores import global_only, random_unit_rows, write_store  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def delf(*args: str, cwd: Path, umask: int | None = None, code: str | None = None) -> subprocess.CompletedProcess:
+    """``python -m delf_pipeline ARGS`` (or ``python -c CODE ARGS``) run from ``cwd`` with this checkout."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "delf_pipeline", *args]
+    preexec = (lambda: os.umask(umask)) if umask is not None else None
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120,
+                          preexec_fn=preexec)
+
+
+def assert_refused(result: subprocess.CompletedProcess, code: int, *words: str) -> None:
+    """Exit ``code``, one ERROR line holding every one of ``words``, no traceback."""
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(lines) == 1, result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory) -> Path:
+    """index/ and query/ stores with global descriptors only, and a good shortlist.csv."""
+    root = tmp_path_factory.mktemp("misuse")
+    vectors = random_unit_rows(6, 4, seed=3)
+    write_store(root / "index", {f"i{k}": global_only(v) for k, v in enumerate(vectors[:4])}, 2)
+    write_store(root / "query", {f"q{k}": global_only(v) for k, v in enumerate(vectors[4:])}, 2)
+    write_csv(root / "labels.csv", ("id", "landmark_id"), [(f"i{k}", str(k % 2)) for k in range(4)])
+    assert delf("shortlist", "--index", "index", "--queries", "query", "--out", "shortlist.csv",
+                cwd=root).returncode == 0
+    return root
+
+
+# ------------------------------------------------------------------ D7: user and environment errors
+
+
+def test_out_that_is_a_file(tmp_path):
+    write_photos(tmp_path / "img", places=1)
+    (tmp_path / "s").write_text("a file")
+    result = delf("extract", "--images", "img", "--out", "s", *FAST, cwd=tmp_path)
+    assert_refused(result, cli.EXIT_OS, "s", "Not a directory")
+
+
+def test_csv_out_that_is_a_folder(stores, tmp_path):
+    (tmp_path / "sub.csv").mkdir()
+    result = delf("predict", "--shortlist", str(stores / "shortlist.csv"), "--index-labels",
+                  str(stores / "labels.csv"), "--queries", str(stores / "query"), "--out", "sub.csv", cwd=tmp_path)
+    assert_refused(result, cli.EXIT_OS, "sub.csv", "Is a directory")
+
+
+def test_validate_submission_on_a_folder(tmp_path):
+    (tmp_path / "sub").mkdir()
+    assert_refused(delf("validate-submission", "sub", cwd=tmp_path), cli.EXIT_OS, "sub", "Is a directory")
+
+
+def test_read_only_output_folder(stores, tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root ignores folder permissions; the in-process test below covers PermissionError")
+    (tmp_path / "ro").mkdir(mode=0o500)
+    result = delf("shortlist", "--index", str(stores / "index"), "--queries", str(stores / "query"), "--out",
+                  "ro/shortlist.csv", cwd=tmp_path)
+    assert_refused(result, cli.EXIT_OS, "ro", "Permission denied")
+
+
+@pytest.mark.parametrize("error,code,words", [
+    (OSError(errno.ENOSPC, "No space left on device"), cli.EXIT_OS, ("submission.csv", "No space left")),
+    (PermissionError(errno.EACCES, "Permission denied"), cli.EXIT_OS, ("submission.csv", "Permission denied")),
+    (KeyboardInterrupt(), cli.EXIT_INTERRUPTED, ("interrupted",)),
+])
+def test_full_disk_permission_and_ctrl_c_while_writing(stores, tmp_path, monkeypatch, caplog, error, code, words):
+    def fail(*_args, **_kwargs):
+        raise error
+
+    monkeypatch.setattr(Path, "write_text", fail)
+    result = cli.main(["predict", "--shortlist", str(stores / "shortlist.csv"), "--index-labels",
+                       str(stores / "labels.csv"), "--queries", str(stores / "query"), "--out",
+                       str(tmp_path / "submission.csv")])
+    assert result == code
+    [record] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert all(word in record.getMessage() for word in words), record.getMessage()
+    assert "\n" not in record.getMessage()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ranking.csv"]  # no temporaries, no half file
+
+
+def test_ctrl_c_during_a_real_extraction_exits_130_without_traceback(tmp_path):
+    for place in range(40):
+        for view in range(3):
+            photo(place, view).resize((384, 384)).save(tmp_path / f"p{place}_{view}.png")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen([sys.executable, "-m", "delf_pipeline", "extract", "--images", ".", "--out",
+                                "s", "--set", "extract.vlad_words=4"], cwd=tmp_path, env=env,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "s" / "parts").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == cli.EXIT_INTERRUPTED, stderr
+    assert "Traceback" not in stderr and "interrupted" in stderr
+
+
+# ------------------------------------------------------------------ D8: messages that name the file
+
+
+def test_empty_descriptors_npy(stores, tmp_path):
+    write_store(tmp_path / "index", {"i0": global_only(np.ones(4))}, 1)
+    part = next((tmp_path / "index" / "parts").iterdir())
+    (part / "descriptors.npy").write_bytes(b"")
+    result = delf("shortlist", "--index", "index", "--queries", str(stores / "query"), "--out", "s.csv",
+                  cwd=tmp_path)
+    assert_refused(result, cli.EXIT_DAMAGED, str(part / "descriptors.npy"))
+
+
+def test_truncated_global_npy(stores, tmp_path):
+    write_store(tmp_path / "index", {"i0": global_only(np.ones(4)), "i1": global_only(np.ones(4))}, 2)
+    path = next((tmp_path / "index" / "parts").iterdir()) / "global.npy"
+    path.write_bytes(path.read_bytes()[:-8])
+    result = delf("shortlist", "--index", "index", "--queries", str(stores / "query"), "--out", "s.csv",
+                  cwd=tmp_path)
+    assert_refused(result, cli.EXIT_DAMAGED, str(path))
+
+
+def test_invalid_manifest_json(stores, tmp_path):
+    write_store(tmp_path / "index", {"i0": global_only(np.ones(4))}, 1)
+    (tmp_path / "index" / "manifest.json").write_text("{not json")
+    result = delf("shortlist", "--index", "index", "--queries", str(stores / "query"), "--out", "s.csv",
+                  cwd=tmp_path)
+    assert_refused(result, cli.EXIT_DAMAGED, "manifest.json", "JSON")
+
+
+def test_random_bytes_codebook_is_never_unpickled(tmp_path):
+    write_photos(tmp_path / "img", places=1)
+    (tmp_path / "codebook.npy").write_bytes(np.random.default_rng(0).bytes(500))
+    result = delf("extract", "--images", "img", "--out", "s", "--codebook", "codebook.npy", *FAST, cwd=tmp_path)
+    assert_refused(result, cli.EXIT_DAMAGED, "codebook.npy")
+    assert "pickle" not in result.stderr
+
+
+def test_csv_row_with_too_many_fields(stores, tmp_path):
+    text = (stores / "shortlist.csv").read_text().splitlines()
+    (tmp_path / "short.csv").write_text("\n".join([*text[:3], text[3] + ",extra,fields", *text[4:]]) + "\n")
+    result = delf("rerank", "--shortlist", "short.csv", "--queries", str(stores / "query"), "--index",
+                  str(stores / "index"), "--out", "r.csv", cwd=tmp_path)
+    assert_refused(result, cli.EXIT_USAGE, "short.csv", "line 4")
+
+
+def test_garbage_shortlist(stores, tmp_path):
+    (tmp_path / "short.csv").write_text("hello world\nthis is not a shortlist\n")
+    result = delf("rerank", "--shortlist", "short.csv", "--queries", str(stores / "query"), "--index",
+                  str(stores / "index"), "--out", "r.csv", cwd=tmp_path)
+    assert_refused(result, cli.EXIT_USAGE, "short.csv", "query_id")
+
+
+def test_latin1_byte_in_train_csv(tmp_path):
+    write_kaggle(tmp_path / "data", places=1)
+    with open(tmp_path / "data" / "train.csv", "ab") as handle:
+        handle.write("caf\xe9,1\n".encode("latin-1"))
+    result = delf("extract", "--images", "data", "--out", "s", *FAST, cwd=tmp_path)
+    assert_refused(result, cli.EXIT_USAGE, "train.csv", "UTF-8")
+
+
+# ------------------------------------------------------------------ D9, D10, D12, D13
+
+
+def test_index_without_images_says_so(stores, tmp_path):
+    write_kaggle(tmp_path / "data", places=1)
+    write_csv(tmp_path / "data" / "train.csv", ("id", "landmark_id"), [])
+    assert delf("extract", "--images", "data", "--out", "index", *FAST, cwd=tmp_path).returncode == 0
+    result = delf("shortlist", "--index", "index", "--queries", str(stores / "query"), "--out", "s.csv",
+                  cwd=tmp_path)
+    assert_refused(result, cli.EXIT_USAGE, "index", "no index images")
+
+
+def test_bom_in_train_csv_is_accepted(tmp_path):
+    write_kaggle(tmp_path / "data", places=2)
+    train = tmp_path / "data" / "train.csv"
+    train.write_bytes(b"\xef\xbb\xbf" + train.read_bytes())
+    result = delf("extract", "--images", "data", "--out", "s", *FAST, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(FeatureStore(tmp_path / "s")) == 4
+
+
+def test_bom_in_index_labels_and_shortlist_is_accepted(stores, tmp_path):
+    for name in ("labels.csv", "shortlist.csv"):
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + (stores / name).read_bytes())
+    result = delf("predict", "--shortlist", "shortlist.csv", "--index-labels", "labels.csv", "--queries",
+                  str(stores / "query"), "--out", "sub.csv", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "0 with a prediction" not in result.stderr
+
+
+def test_solution_row_with_an_empty_id_is_refused(tmp_path):
+    write_csv(tmp_path / "sol.csv", ("id", "landmarks"), [("q1", "1"), ("", "2")])
+    write_csv(tmp_path / "sub.csv", ("id", "landmarks"), [("q1", "1 0.9")])
+    result = delf("evaluate", "--predictions", "sub.csv", "--solution", "sol.csv", cwd=tmp_path)
+    assert_refused(result, cli.EXIT_USAGE, "sol.csv", "line 3", "empty id")
+
+
+@pytest.mark.parametrize("row,reason", [('q1,"101 0.9\n', "quote"), ("q1,101 1_000\n", "not a number")])
+def test_validate_submission_rejects_an_unterminated_quote_and_underscored_numbers(tmp_path, row, reason):
+    (tmp_path / "sub.csv").write_text("id,landmarks\n" + row)
+    result = delf("validate-submission", "sub.csv", cwd=tmp_path)
+    assert result.returncode == 1 and reason in result.stdout, result.stdout
+    assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------ D2, D6: nothing dropped silently
+
+
+def test_an_id_with_a_newline_goes_to_errors_csv(tmp_path):
+    write_photos(tmp_path / "img", places=2)
+    (tmp_path / "img" / "p0_v0.png").rename(tmp_path / "img" / "b\nc.png")
+    result = delf("extract", "--images", "img", "--out", "s", *FAST, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    store = FeatureStore(tmp_path / "s")
+    assert len(store) == 3 and "b\nc" not in store.ids
+    [error] = read_errors(tmp_path / "s" / "errors.csv")
+    assert error.id == "b\nc" and "control character" in error.reason
+
+
+def test_symlink_loops_and_dangling_symlinks_are_recorded(tmp_path):
+    write_photos(tmp_path / "img", places=1)
+    (tmp_path / "img" / "loop.jpg").symlink_to("loop.jpg")
+    (tmp_path / "img" / "gone.JPG").symlink_to(tmp_path / "nowhere.jpg")
+    (tmp_path / "img" / "sub").mkdir()
+    (tmp_path / "img" / "sub" / "up").symlink_to("..")  # a folder loop must not recurse forever
+    records, errors = list_images(tmp_path / "img")
+    assert [r.id for r in records] == ["p0_v0", "p0_v1"]
+    assert sorted((e.id, e.reason.split(":")[0]) for e in errors) == [
+        ("gone", "dangling symlink"), ("loop", "symlink loop")]
+
+
+def test_upper_case_extensions_in_the_kaggle_layout(tmp_path):
+    truth = write_kaggle(tmp_path / "data", places=2)
+    query = next(iter(truth))
+    path = kaggle_path(tmp_path / "data", "test", query)
+    path.rename(path.with_suffix(".JPG"))
+    records, errors = list_images(tmp_path / "data", "test")
+    assert sorted(r.id for r in records) == sorted(truth) and not errors
+    train_id = next(csv.DictReader(open(tmp_path / "data" / "train.csv")))["id"]
+    path = kaggle_path(tmp_path / "data", "train", train_id)
+    path.rename(path.with_suffix(".JPG"))
+    records, errors = list_images(tmp_path / "data", "train")
+    assert train_id in {r.id for r in records} and not errors
+    assert [r.path.suffix for r in records if r.id == train_id] == [".JPG"]
+
+
+# ------------------------------------------------------------------ D14, D15, D17
+
+
+@pytest.mark.parametrize("umask,file_mode,dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
+def test_outputs_respect_the_umask(stores, tmp_path, umask, file_mode, dir_mode):
+    write_photos(tmp_path / "img", places=1)
+    assert delf("extract", "--images", "img", "--out", "s", *FAST, cwd=tmp_path, umask=umask).returncode == 0
+    result = delf("predict", "--shortlist", str(stores / "shortlist.csv"), "--index-labels",
+                  str(stores / "labels.csv"), "--queries", str(stores / "query"), "--out", "sub.csv",
+                  cwd=tmp_path, umask=umask)
+    assert result.returncode == 0, result.stderr
+    part = next((tmp_path / "s" / "parts").iterdir())
+    assert (tmp_path / "sub.csv").stat().st_mode & 0o777 == file_mode
+    assert (part / "ids.txt").stat().st_mode & 0o777 == file_mode
+    assert part.stat().st_mode & 0o777 == dir_mode
+
+
+LOKY_MAIN = """
+import sys, time
+from joblib import Parallel, delayed, parallel_config
+from delf_pipeline.rerank import worker_config
+with parallel_config(**worker_config(2)):
+    Parallel(n_jobs=2)(delayed(time.sleep)(120) for _ in range(2))
+"""
+
+
+def children(pid: int) -> set[int]:
+    """Pids of the live child processes of ``pid`` (Linux /proc)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.add(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds worker processes through /proc (Linux)")
+def test_rerank_workers_do_not_outlive_a_killed_main_process(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    main = subprocess.Popen([sys.executable, "-c", LOKY_MAIN], env=env, cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    workers: set[int] = set()
+    while time.monotonic() < deadline and len(workers) < 3:  # two workers and the resource tracker
+        time.sleep(0.2)
+        workers = children(main.pid)
+    assert len(workers) >= 3, workers
+    time.sleep(1.0)  # let the workers start their task
+    main.kill()
+    main.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(alive(pid) for pid in workers):
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in workers)
+
+
+BOMB = """
+import sys
+import PIL.Image
+PIL.Image.MAX_IMAGE_PIXELS = 5000  # 96 x 96 = 9216 px: over the warning limit, under twice it
+from delf_pipeline.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_decompression_bomb_warning_goes_through_the_log(tmp_path):
+    write_photos(tmp_path / "img", places=1, views=1)
+    result = delf("extract", "--images", "img", "--out", "s", *FAST, cwd=tmp_path, code=BOMB)
+    assert result.returncode == 0, result.stderr
+    assert "DecompressionBombWarning" not in result.stderr
+    warnings = [line for line in result.stderr.splitlines() if " WARNING " in line]
+    assert len(warnings) == 1 and "p0_v0.png" in warnings[0] and "pixels" in warnings[0], result.stderr
