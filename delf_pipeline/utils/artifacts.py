@@ -1,6 +1,8 @@
-"""Helpers every stage shares: atomic writes, shard selection, manifests."""
+"""Helpers every stage shares: atomic writes, one writer per output shard, shard selection,
+manifests, and the errors that name a damaged artifact or a busy output."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -10,8 +12,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Collection, Iterator, Sequence, TypeVar
 
+import numpy as np
+
 T = TypeVar("T")
 log = logging.getLogger("delf_pipeline.utils.artifacts")
+
+
+class DamagedArtifact(ValueError):
+    """An output of an earlier run fails its checks (missing manifest, checksum, row count,
+    truncated or unreadable file); the message names its path."""
+
+
+class OutputBusy(RuntimeError):
+    """Another process holds the lock of the output shard this process wants to write."""
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -34,20 +47,74 @@ def select_shard(items: Sequence[T], shard: tuple[int, int]) -> list[T]:
     return list(items[i - 1 :: n])
 
 
+def shard_name(shard: tuple[int, int]) -> str:
+    """``(2, 4)`` -> ``"s002of004"``: how part names and lock files name a shard."""
+    return f"s{shard[0]:03d}of{shard[1]:03d}"
+
+
+@contextmanager
+def output_lock(folder: Path, name: str, what: str) -> Iterator[None]:
+    """Hold the exclusive lock ``folder/.lock-NAME`` while this process writes that shard of an output.
+
+    ``fcntl.flock``: the kernel releases it when the process ends, however it ends (kill -9
+    included), so a killed run never leaves a stale lock. A second writer of the same shard
+    stops at once with :class:`OutputBusy`. Lock files are left in place (deleting one while
+    another process waits on it would let two writers in).
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(20, "Not a directory", str(folder))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f".lock-{name}"
+    handle = open(path, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise OutputBusy(f"{what} {folder} (shard {name}) is being written by another process (it holds {path}); "
+                         "wait for it to finish, or write to another output") from None
+    try:
+        yield
+    finally:
+        handle.close()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (/proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: Path, is_dir: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path``; it replaces ``path`` only if the block succeeds."""
+    """Yield a temporary sibling of ``path``; it replaces ``path`` only if the block succeeds.
+
+    The temporary gets the permissions of a plainly created file or folder (0666 / 0777 less
+    the umask), not the 0600 / 0700 of ``tempfile``. An OSError of the block or the rename is
+    raised again naming ``path`` (a full disk, say, otherwise names no file).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if is_dir:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        os.chmod(tmp, 0o777 & ~_umask())
     else:
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())
         os.close(fd)
         tmp = Path(name)
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as error:
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from error
     finally:
         if tmp.is_dir():
             _remove_tree(tmp)
@@ -79,8 +146,24 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 
 def read_json(path: Path) -> dict:
-    with open(path) as handle:
-        return json.load(handle)
+    """The JSON object in ``path``; :class:`DamagedArtifact` naming it if it is not one."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DamagedArtifact(f"{path} is not valid JSON ({error}); rebuild it with --overwrite") from None
+    if not isinstance(data, dict):
+        raise DamagedArtifact(f"{path} is not valid JSON for a manifest (an object); rebuild it with --overwrite")
+    return data
+
+
+def load_array(path: Path) -> np.ndarray:
+    """A ``.npy`` array (never a pickle); :class:`DamagedArtifact` naming ``path`` if it is none."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, EOFError) as error:
+        reason = "truncated" if isinstance(error, EOFError) or "size" in str(error) else "not a .npy array"
+        raise DamagedArtifact(f"{path} is damaged ({reason}); rebuild it") from None
 
 
 def fingerprint(data) -> str:
@@ -106,8 +189,15 @@ def settings_manifest(section: dict, ignored: Collection[str] = ()) -> dict:
 def check_manifest(path: Path, expected: dict, what: str) -> None:
     """Write ``expected`` to ``path`` or raise if an existing manifest differs.
 
-    This is what keeps an artifact made with other settings from being silently reused.
+    This is what keeps an artifact made with other settings from being silently reused. A
+    folder that holds artifacts but no manifest is refused too (:class:`DamagedArtifact`):
+    nothing says which settings made them.
     """
+    if not path.exists() and holds_artifacts(path.parent):
+        raise DamagedArtifact(
+            f"{path} is missing, but {what} at {path.parent} holds artifacts made with unknown settings. "
+            "Use --overwrite to rebuild it or choose another output folder."
+        )
     if path.exists():
         found = read_json(path)
         lines = "; ".join(_differences({k: found[k] for k in expected if k in found}, expected))
@@ -118,6 +208,27 @@ def check_manifest(path: Path, expected: dict, what: str) -> None:
             )
     else:
         write_json_atomic(path, expected)
+
+
+def holds_artifacts(folder: Path) -> bool:
+    """True when ``folder`` holds any file other than hidden ones (locks, temporaries of a kill)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return False
+    return any(
+        p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        for p in folder.rglob("*")
+    )
+
+
+def remove_contents(folder: Path) -> None:
+    """Delete everything in ``folder`` but its lock files (``--overwrite``; see :func:`output_lock`)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for child in folder.iterdir():
+        if not child.name.startswith(".lock-"):
+            _remove_tree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
 
 
 def _differences(found: dict, expected: dict, prefix: str = "") -> list[str]:
