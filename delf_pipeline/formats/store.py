@@ -14,6 +14,16 @@ Layout of a store folder::
         global.npy             L2-normalised global descriptors (float16/32)    [n, G]
         sizes.npy   int32      original (height, width)                         [n, 2]
         errors.csv             images of this part that failed
+        part.json              what the part holds: rows, and per file its size in bytes,
+                               array shape and dtype, and CRC-32 (written last, inside the
+                               same atomic rename, from the arrays in memory)
+
+Opening a part checks it against part.json: every file's size and array header (a cut or
+padded file), the CRC-32 of ids.txt, errors.csv, offsets.npy and sizes.npy (a changed,
+added or swapped id), and that ids, offsets and sizes agree on the row count. global.npy's
+CRC-32 is checked as it streams by (:meth:`FeatureStore.iter_global`). The local feature
+arrays are checked by size and header only: rerank reads a few rows of them, and checking
+their content would read the whole store. A store holding an id twice is refused.
 
 Ragged arrays with offsets (not one file per image) keep reading in bulk fast and scale to
 millions of images. Arrays are opened with ``mmap_mode="r"``: looking up one image touches
@@ -23,7 +33,8 @@ from __future__ import annotations
 
 import csv
 import io
-import shutil
+import json
+import zlib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -32,11 +43,13 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..extractors.features import ImageFeatures
-from ..utils.artifacts import atomic_path, read_json
-from .images import ErrorRecord
+from ..utils.artifacts import DamagedArtifact, atomic_path, read_json, remove_contents
+from .images import ErrorRecord, has_control_character
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: parts record what they hold (part.json)
 ERROR_COLUMNS = ("id", "path", "reason")
+PART_INFO = "part.json"
+CHECKED_CONTENT = ("ids.txt", "errors.csv", "offsets.npy", "sizes.npy")  # CRC-32 checked on open
 
 
 @dataclass
@@ -51,22 +64,43 @@ class ExtractedImage:
 def write_part(
     part_dir: Path, images: Sequence[ExtractedImage], errors: Sequence[ErrorRecord], dtype: str, local_dim: int
 ) -> None:
-    """Write one part atomically: it appears complete or not at all."""
+    """Write one part atomically: it appears complete or not at all, with its part.json."""
+    bad = [im.id for im in images if has_control_character(im.id)]
+    if bad:
+        raise ValueError(f"image id {bad[0]!r} holds a control character: it cannot be stored in ids.txt")
+    arrays = _part_arrays(images, dtype, local_dim)
+    texts = {"ids.txt": "".join(f"{im.id}\n" for im in images).encode("utf-8"),
+             "errors.csv": errors_to_csv(errors).encode("utf-8")}
     with atomic_path(part_dir, is_dir=True) as tmp:
-        counts = [im.features.num_features for im in images]
-        np.save(tmp / "offsets.npy", np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
-        np.save(tmp / "locations.npy", _stack([im.features.locations for im in images], (0, 2), np.float32))
-        np.save(tmp / "descriptors.npy", _stack([im.features.descriptors for im in images], (0, local_dim), dtype))
-        np.save(tmp / "scales.npy", _stack([im.features.scales for im in images], (0,), np.float32))
-        np.save(tmp / "scores.npy", _stack([im.features.scores for im in images], (0,), np.float32))
-        np.save(tmp / "sizes.npy", np.array([im.size for im in images], np.int32).reshape(-1, 2))
-        globals_ = [im.features.global_descriptor for im in images if im.features.global_descriptor is not None]
-        if globals_:
-            if len(globals_) != len(images):
-                raise ValueError("either every image of a part has a global descriptor or none has")
-            np.save(tmp / "global.npy", np.stack(globals_).astype(dtype))
-        (tmp / "ids.txt").write_text("".join(f"{im.id}\n" for im in images), encoding="utf-8")
-        (tmp / "errors.csv").write_text(errors_to_csv(errors), encoding="utf-8")
+        files = {}
+        for name, array in arrays.items():
+            np.save(tmp / f"{name}.npy", array)
+            files[f"{name}.npy"] = {"bytes": (tmp / f"{name}.npy").stat().st_size, "shape": list(array.shape),
+                                    "dtype": array.dtype.str, "crc32": zlib.crc32(array)}
+        for name, data in texts.items():
+            (tmp / name).write_bytes(data)
+            files[name] = {"bytes": len(data), "crc32": zlib.crc32(data)}
+        info = {"rows": len(images), "files": files}
+        (tmp / PART_INFO).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _part_arrays(images: Sequence[ExtractedImage], dtype: str, local_dim: int) -> dict[str, np.ndarray]:
+    """The arrays of a part by name (see the module docstring), C-contiguous."""
+    counts = [im.features.num_features for im in images]
+    arrays = {
+        "offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        "locations": _stack([im.features.locations for im in images], (0, 2), np.float32),
+        "descriptors": _stack([im.features.descriptors for im in images], (0, local_dim), dtype),
+        "scales": _stack([im.features.scales for im in images], (0,), np.float32),
+        "scores": _stack([im.features.scores for im in images], (0,), np.float32),
+        "sizes": np.array([im.size for im in images], np.int32).reshape(-1, 2),
+    }
+    globals_ = [im.features.global_descriptor for im in images if im.features.global_descriptor is not None]
+    if globals_:
+        if len(globals_) != len(images):
+            raise ValueError("either every image of a part has a global descriptor or none has")
+        arrays["global"] = np.stack(globals_).astype(dtype)
+    return {name: np.ascontiguousarray(array) for name, array in arrays.items()}
 
 
 def _stack(arrays: list[np.ndarray], empty_shape: tuple, dtype) -> np.ndarray:
@@ -84,16 +118,76 @@ def errors_to_csv(errors: Sequence[ErrorRecord]) -> str:
 
 def read_errors(path: Path) -> list[ErrorRecord]:
     with open(path, newline="", encoding="utf-8") as handle:
-        return [ErrorRecord(r["id"], r["path"], r["reason"]) for r in csv.DictReader(handle)]
+        return _errors_of(handle)
+
+
+def _errors_of(handle) -> list[ErrorRecord]:
+    return [ErrorRecord(r["id"], r["path"], r["reason"]) for r in csv.DictReader(handle)]
 
 
 class Part:
-    """One finished part of a store, its arrays memory-mapped on first use."""
+    """One finished part of a store, checked against its part.json when opened (see the module
+    docstring; :class:`DamagedArtifact` naming the part otherwise), its arrays memory-mapped on
+    first use."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.ids = (path / "ids.txt").read_text(encoding="utf-8").splitlines()
+        self.info = self._read_info()
+        self._contents = {name: self._checked(name) for name in CHECKED_CONTENT if name in self.info["files"]}
+        self.ids = self._contents["ids.txt"].decode("utf-8").split("\n")[:-1]
         self._arrays: dict[str, np.ndarray] = {}
+        self._check_rows()
+
+    def _damaged(self, reason: str) -> DamagedArtifact:
+        return DamagedArtifact(f"store part {self.path} is damaged: {reason}. Delete the part and rerun "
+                               "extract to extract its images again, or rebuild the store with --overwrite")
+
+    def _read_info(self) -> dict:
+        path = self.path / PART_INFO
+        if not path.is_file():
+            raise self._damaged(f"{path} is missing (no record of what the part holds)")
+        info = read_json(path)
+        if not isinstance(info.get("rows"), int) or not isinstance(info.get("files"), dict):
+            raise self._damaged(f"{path} lacks rows or files")
+        for name, record in info["files"].items():
+            self._check_file(name, record)
+        return info
+
+    def _check_file(self, name: str, record: dict) -> None:
+        """Size in bytes and, for arrays, the header's shape and dtype as recorded."""
+        path = self.path / name
+        if not path.is_file():
+            raise self._damaged(f"{path} is missing")
+        if path.stat().st_size != record["bytes"]:
+            raise self._damaged(f"{path} holds {path.stat().st_size} bytes, {record['bytes']} were written")
+        if name.endswith(".npy"):
+            try:
+                shape, dtype = _npy_header(path)
+            except (ValueError, EOFError) as error:
+                raise self._damaged(f"{path} has no valid .npy header ({error})") from None
+            if list(shape) != record["shape"] or dtype.str != record["dtype"]:
+                raise self._damaged(f"{path} holds an array {shape} {dtype}, {tuple(record['shape'])} "
+                                    f"{record['dtype']} was written")
+
+    def _checked(self, name: str) -> bytes:
+        """The bytes of ``name`` (or, for an array, its data), once their CRC-32 matches."""
+        path = self.path / name
+        data = np.load(path) if name.endswith(".npy") else path.read_bytes()
+        if zlib.crc32(data) != self.info["files"][name]["crc32"]:
+            raise self._damaged(f"{path} does not match its checksum (changed after it was written)")
+        return data
+
+    def _check_rows(self) -> None:
+        rows, offsets = self.info["rows"], self._contents["offsets.npy"]
+        if len(self.ids) != rows:
+            raise self._damaged(f"{self.path / 'ids.txt'} holds {len(self.ids)} ids for {rows} rows")
+        if len(offsets) != rows + 1 or len(self._contents["sizes.npy"]) != rows:
+            raise self._damaged("offsets.npy or sizes.npy disagree with the row count")
+        for name in ("locations", "descriptors", "scales", "scores"):
+            if self.info["files"][f"{name}.npy"]["shape"][0] != offsets[-1]:
+                raise self._damaged(f"{name}.npy does not hold the {offsets[-1]} features offsets.npy counts")
+        if self.has_global and self.info["files"]["global.npy"]["shape"][0] != rows:
+            raise self._damaged(f"global.npy does not hold {rows} rows")
 
     def array(self, name: str) -> np.ndarray:
         """The part's ``name``.npy, memory-mapped read-only."""
@@ -103,10 +197,14 @@ class Part:
 
     @property
     def has_global(self) -> bool:
-        return (self.path / "global.npy").exists()
+        return "global.npy" in self.info["files"]
+
+    def global_checksum(self) -> int:
+        """The CRC-32 global.npy's data had when it was written."""
+        return self.info["files"]["global.npy"]["crc32"]
 
     def errors(self) -> list[ErrorRecord]:
-        return read_errors(self.path / "errors.csv")
+        return _errors_of(io.StringIO(self._contents["errors.csv"].decode("utf-8"), newline=""))
 
     def local(self, row: int) -> ImageFeatures:
         start, stop = self.array("offsets")[row : row + 2]
@@ -139,8 +237,23 @@ class FeatureStore:
 
     @cached_property
     def parts(self) -> list[Part]:
+        """Every finished part, checked (:class:`DamagedArtifact` for a damaged part or an id held twice)."""
         names = sorted(p.name for p in (self.path / "parts").iterdir() if p.is_dir() and not p.name.startswith("."))
-        return [Part(self.path / "parts" / name) for name in names]
+        parts = [Part(self.path / "parts" / name) for name in names]
+        self._check_unique(parts)
+        return parts
+
+    def _check_unique(self, parts: list[Part]) -> None:
+        """Refuse a store holding an id twice (what two writers of one shard used to leave)."""
+        seen: dict[str, str] = {}
+        for part in parts:
+            counts = {} if len(set(part.ids)) == len(part.ids) else {i: part.ids.count(i) for i in part.ids}
+            for image_id in part.ids:
+                first = seen.setdefault(image_id, part.path.name)
+                if first != part.path.name or counts.get(image_id, 1) > 1:
+                    raise DamagedArtifact(
+                        f"feature store {self.path} holds an image id twice ({image_id!r} in parts {first} and "
+                        f"{part.path.name}): written by two processes at once? Rebuild it with --overwrite")
 
     @cached_property
     def _rows(self) -> dict[str, tuple[int, int]]:
@@ -179,9 +292,13 @@ class FeatureStore:
                 raise ValueError(f"store part {part.path} has no global descriptors")
             # a map of its own, released after the part, so pages read do not pile up in resident memory
             matrix = np.load(part.path / "global.npy", mmap_mode="r") if part.ids else None
+            checksum = 0
             for start in range(0, len(part.ids), chunk_rows):
                 ids.extend(part.ids[start : start + chunk_rows])
                 blocks.append(matrix[start : start + chunk_rows])
+                checksum = zlib.crc32(blocks[-1], checksum)
+                if start + chunk_rows >= len(part.ids) and checksum != part.global_checksum():
+                    raise part._damaged(f"{part.path / 'global.npy'} does not match its checksum")
                 while len(ids) >= chunk_rows:
                     yield _take(ids, blocks, chunk_rows)
         if ids:
@@ -223,7 +340,15 @@ def _take(ids: list[str], blocks: list[np.ndarray], n: int) -> tuple[list[str], 
     return head_ids, head
 
 
+def _npy_header(path: Path) -> tuple[tuple, np.dtype]:
+    """(shape, dtype) from a .npy file's header, without mapping it; ValueError if it has none."""
+    with open(path, "rb") as handle:
+        major, _ = np.lib.format.read_magic(handle)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(handle)
+    return shape, dtype
+
+
 def remove_store(path: Path) -> None:
-    """Delete a store folder (used by --overwrite)."""
-    if path.exists():
-        shutil.rmtree(path)
+    """Empty a store folder but for its lock files (used by --overwrite)."""
+    remove_contents(path)
