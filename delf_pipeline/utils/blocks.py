@@ -8,17 +8,24 @@ concatenated in order into the stage's CSV, which is therefore the same however 
 work was split or interrupted.
 
 Layout: ``OUT.csv`` (final) and ``OUT.csv.blocks/block-000012.csv`` (work in progress).
+A block's first line records what it holds, ``# delf-block rows=N sha256=HEX`` (the digest
+of the CSV text after that line, computed from the text in memory before it is written, in
+the same atomic write). A block that fails the check is recomputed when it is this shard's
+and refused, by name, when it is another shard's.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
-import shutil
+import re
 from pathlib import Path
 from typing import Callable, Sequence
 
 import pandas as pd
 
-from .artifacts import atomic_path, remove_unfinished
+from ..formats.tables import read_csv_frame
+from .artifacts import DamagedArtifact, atomic_path, remove_contents, remove_unfinished
 
 log = logging.getLogger("delf_pipeline.utils.blocks")
 
@@ -27,10 +34,14 @@ def blocks_dir(out_csv: Path) -> Path:
     return out_csv.with_name(out_csv.name + ".blocks")
 
 
+BLOCK_HEADER = re.compile(rb"# delf-block rows=(\d+) sha256=([0-9a-f]{64})")
+ID_COLUMNS = ("query_id", "index_id")
+
+
 def remove_outputs(out_csv: Path) -> None:
-    """Delete a stage CSV and its blocks (``--overwrite``)."""
+    """Delete a stage CSV and its blocks, but not the lock files (``--overwrite``)."""
     out_csv.unlink(missing_ok=True)
-    shutil.rmtree(blocks_dir(out_csv), ignore_errors=True)
+    remove_contents(blocks_dir(out_csv))
 
 
 def plan_blocks(queries: Sequence[str], block_size: int) -> list[list[str]]:
@@ -44,25 +55,61 @@ def block_path(out_csv: Path, number: int) -> Path:
 
 
 def pending_blocks(out_csv: Path, blocks: list[list[str]], shard: tuple[int, int]) -> list[int]:
-    """Numbers of this shard's blocks that are not written yet."""
+    """Numbers of this shard's blocks that are not written yet, or fail their check (those
+    are deleted, with a warning, to be recomputed)."""
     index, count = shard
-    return [k for k in range(len(blocks)) if k % count == index - 1 and not block_path(out_csv, k).exists()]
+    return [k for k in range(len(blocks)) if k % count == index - 1 and not _usable(block_path(out_csv, k))]
+
+
+def _usable(path: Path) -> bool:
+    if not path.exists():
+        return False
+    try:
+        read_block(path)
+    except DamagedArtifact as error:
+        log.warning("%s; recomputing it", error)
+        path.unlink()
+        return False
+    return True
 
 
 def write_block(out_csv: Path, number: int, frame: pd.DataFrame) -> None:
-    """Write one block atomically."""
+    """Write one block atomically, its first line recording its row count and checksum."""
+    body = frame.to_csv(index=False).encode("utf-8")
+    header = f"# delf-block rows={len(frame)} sha256={hashlib.sha256(body).hexdigest()}\n".encode()
     with atomic_path(block_path(out_csv, number)) as tmp:
-        frame.to_csv(tmp, index=False)
+        tmp.write_bytes(header + body)
+
+
+def read_block(path: Path) -> pd.DataFrame:
+    """A block's rows, once its checksum and row count match its first line; else
+    :class:`DamagedArtifact` naming ``path``."""
+    head, _, body = path.read_bytes().partition(b"\n")
+    found = BLOCK_HEADER.fullmatch(head)
+    if found is None:
+        raise DamagedArtifact(f"block {path} is damaged (no '# delf-block rows=N sha256=...' first line)")
+    if hashlib.sha256(body).hexdigest().encode() != found[2]:
+        raise DamagedArtifact(f"block {path} is damaged (its checksum does not match: cut short or changed)")
+    frame = pd.read_csv(io.BytesIO(body), dtype={c: str for c in ID_COLUMNS}, keep_default_na=False)
+    if len(frame) != int(found[1]):
+        raise DamagedArtifact(f"block {path} is damaged ({len(frame)} rows, its first line says {int(found[1])})")
+    return frame
 
 
 def merge_blocks(out_csv: Path, num_blocks: int, columns: Sequence[str]) -> bool:
-    """Concatenate all blocks into ``out_csv`` once every block exists; True when done."""
+    """Concatenate all blocks into ``out_csv`` once every block exists; True when done.
+
+    Every block is checked first: a damaged one (another shard's) is refused by name.
+    """
     paths = [block_path(out_csv, k) for k in range(num_blocks)]
     missing = [p.name for p in paths if not p.exists()]
     if missing:
         log.info("%s: %d of %d blocks still to do (other shards?)", out_csv.name, len(missing), num_blocks)
         return False
-    frames = [pd.read_csv(p, dtype={"query_id": str, "index_id": str}, keep_default_na=False) for p in paths]
+    try:
+        frames = [read_block(p) for p in paths]
+    except DamagedArtifact as error:
+        raise DamagedArtifact(f"{error}: rerun the shard it belongs to, which recomputes it") from None
     merged = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(columns))
     with atomic_path(out_csv) as tmp:
         merged.to_csv(tmp, index=False, columns=list(columns))
@@ -98,8 +145,9 @@ def _remove_unfinished_blocks(out_csv: Path, numbers: list[int]) -> None:
         remove_unfinished(blocks_dir(out_csv), block_path(out_csv, number).name)
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    """Read a stage CSV with string ids (ids such as ``0001`` keep their zeros)."""
+def read_table(path: Path, required: Sequence[str] = ()) -> pd.DataFrame:
+    """Read a stage CSV with string ids (ids such as ``0001`` keep their zeros); ValueError
+    naming ``path`` when it cannot be parsed or lacks a ``required`` column."""
     if not Path(path).exists():
         raise FileNotFoundError(f"{path} not found (is the stage that writes it finished for every shard?)")
-    return pd.read_csv(path, dtype={"query_id": str, "index_id": str, "id": str}, keep_default_na=False)
+    return read_csv_frame(path, (*ID_COLUMNS, "id"), required)
