@@ -9,14 +9,18 @@ Three kinds of image source are understood:
 * a CSV file with ``id`` and ``path`` columns (relative paths are taken from the CSV's
   folder) and optionally ``landmark_id``.
 
-Problems found while listing (malformed rows, duplicate ids) are returned as error
-records, never dropped silently. Decoding problems raise :class:`ImageError` with a reason.
+Problems found while listing (malformed rows, duplicate ids, ids holding a control
+character such as a newline, dangling symlinks and symlink loops) are returned as error
+records, never dropped silently. Extensions match whatever their case. Decoding problems
+raise :class:`ImageError` with a reason.
 """
 from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +31,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 MIN_SIDE = 16  # pixels; smaller images are recorded as errors (degenerate size)
+log = logging.getLogger("delf_pipeline.formats.images")
 
 
 @dataclass(frozen=True)
@@ -55,30 +60,81 @@ def list_images(source: str | Path, split: str = "train") -> tuple[list[ImageRec
     elif (source / "train.csv").is_file() and (source / split).is_dir():
         records, errors = _list_kaggle(source, split)
     elif source.is_dir():
-        records, errors = _list_folder(source), []
+        records, errors = _list_folder(source)
     else:
         raise FileNotFoundError(f"image source not found (folder, Kaggle root or CSV): {source}")
+    records, unusable = _drop_unusable_ids(records)
     unique, duplicates = _drop_duplicates(records)
-    return sorted(unique, key=lambda r: r.id), errors + duplicates
+    return sorted(unique, key=lambda r: r.id), errors + unusable + duplicates
 
 
-def _list_folder(folder: Path) -> list[ImageRecord]:
-    paths = (p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    return [ImageRecord(p.relative_to(folder).with_suffix("").as_posix(), p) for p in paths]
+def has_control_character(text: str) -> bool:
+    """True when ``text`` holds a control character or a line/paragraph separator (what
+    would break a one-id-per-line file)."""
+    return any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in text)
+
+
+def _drop_unusable_ids(records: list[ImageRecord]) -> tuple[list[ImageRecord], list[ErrorRecord]]:
+    kept, errors = [], []
+    for record in records:
+        if has_control_character(record.id):
+            bad = next(c for c in record.id if has_control_character(c))
+            errors.append(ErrorRecord(record.id, str(record.path), f"id holds a control character (U+{ord(bad):04X})"))
+        else:
+            kept.append(record)
+    return kept, errors
+
+
+def _list_folder(folder: Path) -> tuple[list[ImageRecord], list[ErrorRecord]]:
+    """Image files under ``folder`` (symlinked folders are not followed); entries with an image
+    extension that are not readable files (dangling symlinks, symlink loops) as errors."""
+    records, errors = [], []
+    for path in folder.rglob("*"):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        image_id = path.relative_to(folder).with_suffix("").as_posix()
+        if path.is_file():
+            records.append(ImageRecord(image_id, path))
+        elif not path.is_dir():
+            errors.append(ErrorRecord(image_id, str(path), _not_a_file(path)))
+    return records, errors
+
+
+def _not_a_file(path: Path) -> str:
+    """Why ``path`` (with an image extension) is not an image file."""
+    if not path.is_symlink():
+        return "not a regular file"
+    try:
+        path.resolve(strict=True)
+    except FileNotFoundError:
+        return f"dangling symlink: {path.readlink()} does not exist"
+    except (RuntimeError, OSError):  # RuntimeError: Python < 3.13 reports a loop so
+        return f"symlink loop: {path.readlink()}"
+    return "not a regular file"
 
 
 def _list_kaggle(root: Path, split: str) -> tuple[list[ImageRecord], list[ErrorRecord]]:
     """Kaggle layout: train ids and labels from train.csv; other splits from the files."""
     if split != "train":
-        return [ImageRecord(p.stem, p) for p in (root / split).rglob("*.jpg")], []
+        records, errors = _list_folder(root / split)
+        records = [ImageRecord(r.path.stem, r.path) for r in records if r.path.suffix.lower() in (".jpg", ".jpeg")]
+        return records, [ErrorRecord(Path(e.path).stem, e.path, e.reason) for e in errors]
     rows, errors = _read_rows(root / "train.csv", required=("id", "landmark_id"))
-    records = [ImageRecord(r["id"], kaggle_path(root, split, r["id"]), r["landmark_id"]) for r in rows]
+    records = [ImageRecord(r["id"], _any_case(kaggle_path(root, split, r["id"])), r["landmark_id"]) for r in rows]
     return records, errors
 
 
 def kaggle_path(root: Path, split: str, image_id: str) -> Path:
     """``ROOT/split/a/b/c/abc....jpg`` for id ``abc...``."""
     return root / split / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg"
+
+
+def _any_case(path: Path) -> Path:
+    """``path``, or the file beside it whose name differs only in case (``ABC.JPG``) when ``path`` is missing."""
+    if path.exists() or not path.parent.is_dir():
+        return path
+    wanted = path.name.lower()
+    return next((p for p in sorted(path.parent.iterdir()) if p.name.lower() == wanted), path)
 
 
 def _list_csv(path: Path) -> tuple[list[ImageRecord], list[ErrorRecord]]:
@@ -92,8 +148,19 @@ def _list_csv(path: Path) -> tuple[list[ImageRecord], list[ErrorRecord]]:
 
 
 def _read_rows(path: Path, required: Sequence[str]) -> tuple[list[dict], list[ErrorRecord]]:
-    """Rows of a CSV with the ``required`` columns; malformed rows become error records."""
-    with open(path, newline="", encoding="utf-8") as handle:
+    """Rows of a CSV with the ``required`` columns; malformed rows become error records.
+    A UTF-8 BOM is accepted; other text than UTF-8 is a ValueError naming the file."""
+    try:
+        return _read_rows_of(path, required)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error.reason}: byte 0x{error.object[error.start]:02x} "
+                         f"at offset {error.start}); save it as UTF-8") from None
+    except csv.Error as error:
+        raise ValueError(f"{path} is not a valid CSV file ({error})") from None
+
+
+def _read_rows_of(path: Path, required: Sequence[str]) -> tuple[list[dict], list[ErrorRecord]]:
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:
@@ -160,6 +227,7 @@ def _decode(source, max_image_size: int, mode: str, max_pixels: int = 0) -> tupl
         raise ValueError(f"decode mode must be RGB or L, got {mode!r}")
     try:
         with Image.open(source) as image:
+            _log_if_huge(source if isinstance(source, Path) else "an image in memory", image)
             original = _upright_size(image)
             if 0 < max_pixels < original[0] * original[1]:
                 raise ImageError(f"image too large: {original[0]}x{original[1]} pixels "
@@ -180,6 +248,15 @@ def _decode(source, max_image_size: int, mode: str, max_pixels: int = 0) -> tupl
     if min(array.shape[:2]) < MIN_SIDE:
         raise ImageError(f"degenerate aspect ratio {original[0]}x{original[1]}: under {MIN_SIDE} px once resized")
     return array, factors
+
+
+def _log_if_huge(path: Path, image: Image.Image) -> None:
+    """Say through the log (not as a raw warning) that an image is over PIL's decompression-bomb
+    warning size; over twice that size PIL refuses it (an ImageError)."""
+    pixels = image.size[0] * image.size[1]
+    if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:
+        log.warning("%s: %d x %d = %d pixels, over PIL's decompression-bomb warning size (%d pixels): decoding it "
+                    "anyway", path, *image.size, pixels, Image.MAX_IMAGE_PIXELS)
 
 
 def _upright_size(image: Image.Image) -> tuple[int, int]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -21,16 +22,58 @@ import numpy as np
 Prediction = tuple[str, float]
 SUBMISSION_HEADER = ["id", "landmarks"]
 USAGES = ("Public", "Private", "Ignored")
+NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")  # what a confidence may look like (no 1_000)
 
+
+class CsvSyntaxError(ValueError):
+    """A CSV file that cannot be parsed past ``line`` (e.g. an unterminated quote)."""
+
+    def __init__(self, path: str | Path, line: int, reason: str):
+        super().__init__(f"{path} line {line}: {reason}")
+        self.line, self.reason = line, reason
 
 
 def _read_rows(path: str | Path) -> Iterable[tuple[int, list[str]]]:
-    """Yield (line number, fields) of a CSV file; line 1 is the header; blank lines skipped."""
+    """Yield (line number, fields) of a CSV file; line 1 is the header; blank lines skipped.
+
+    A UTF-8 BOM is accepted; text that is not UTF-8 or an unterminated quote raises
+    :class:`CsvSyntaxError` naming the file and line.
+    """
     with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
-        for row in reader:
-            if row:
-                yield reader.line_num, row
+        reader = csv.reader(handle, strict=True)
+        try:
+            for row in reader:
+                if row:
+                    yield reader.line_num, row
+        except csv.Error as error:
+            reason = "unterminated quote" if "end of data" in str(error) else str(error)
+            raise CsvSyntaxError(path, reader.line_num, reason) from None
+        except UnicodeDecodeError as error:
+            raise CsvSyntaxError(path, reader.line_num + 1, f"not UTF-8 text ({error.reason})") from None
+
+
+def read_csv_frame(path: str | Path, str_columns: Sequence[str], required: Sequence[str] = ()):
+    """A CSV table as a pandas frame (``str_columns`` as strings, no NaN for empty cells; a UTF-8
+    BOM accepted); ValueError naming ``path`` when it cannot be parsed or lacks a ``required`` column."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path, dtype={c: str for c in str_columns}, keep_default_na=False, encoding="utf-8-sig")
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path} is empty; expected a CSV with a header") from None
+    except pd.errors.ParserError as error:
+        raise ValueError(f"{path} is not a valid CSV table: {_parser_reason(error)}") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, frame.columns))}")
+    return frame
+
+
+def _parser_reason(error: Exception) -> str:
+    """pandas' "Error tokenizing data. C error: Expected 4 fields in line 5, saw 6" -> its last part."""
+    return str(error).split("C error: ")[-1].strip()
 
 
 def _parse_prediction(row: list[str]) -> tuple[str, Prediction | None]:
@@ -52,6 +95,8 @@ def _parse_prediction(row: list[str]) -> tuple[str, Prediction | None]:
         raise ValueError(f"confidence {tokens[1]!r} is not a number") from None
     if not math.isfinite(confidence):
         raise ValueError(f"confidence {tokens[1]!r} is not finite")
+    if not NUMBER.fullmatch(tokens[1]):
+        raise ValueError(f"confidence {tokens[1]!r} is not a number (digits, '.', exponent only)")
     return query_id, (tokens[0], confidence)
 
 
@@ -63,10 +108,18 @@ def _scan_submission(path: str | Path) -> tuple[dict[str, Prediction | None], di
     predictions: dict[str, Prediction | None] = {}
     lines: dict[str, int] = {}
     problems: list[tuple[int, str]] = []
-    rows = iter(_read_rows(path))
+    try:
+        _scan_rows(iter(_read_rows(path)), predictions, lines, problems)
+    except CsvSyntaxError as error:
+        problems.append((error.line, error.reason))
+    return predictions, lines, problems
+
+
+def _scan_rows(rows, predictions: dict, lines: dict, problems: list) -> None:
     first = next(rows, None)
     if first is None:
-        return predictions, lines, [(1, "empty file, expected the header 'id,landmarks'")]
+        problems.append((1, "empty file, expected the header 'id,landmarks'"))
+        return
     if [field.strip() for field in first[1]] != SUBMISSION_HEADER:
         problems.append((first[0], f"header must be 'id,landmarks', got {','.join(first[1])!r}"))
     for line, row in rows:
@@ -79,7 +132,6 @@ def _scan_submission(path: str | Path) -> tuple[dict[str, Prediction | None], di
             problems.append((line, f"duplicate id {query_id!r} (first on line {lines[query_id]})"))
             continue
         predictions[query_id], lines[query_id] = prediction, line
-    return predictions, lines, problems
 
 
 def _format_problems(problems: list[tuple[int, str]]) -> list[str]:
@@ -140,6 +192,8 @@ def solution_rows(path: str | Path) -> list[tuple[str, set[str], str | None]]:
         if len(row) != len(first[1]):
             raise ValueError(f"{path} line {line}: expected {len(first[1])} columns, found {len(row)}")
         query_id = row[column["id"]].strip()
+        if not query_id:
+            raise ValueError(f"{path} line {line}: empty id")
         if query_id in seen:
             raise ValueError(f"{path} line {line}: duplicate id {query_id!r} (first on line {seen[query_id]})")
         usage = _usage_tag(row[column["Usage"]], path, line) if "Usage" in column else None
@@ -196,12 +250,7 @@ def read_ranking(path: str | Path) -> dict[str, list[str]]:
     Order: ``rank`` ascending if present, else ``score`` descending then ``global_score``
     descending (either alone also works); equal keys keep file order.
     """
-    import pandas as pd
-
-    table = pd.read_csv(path, dtype={"query_id": str, "index_id": str}, keep_default_na=False)
-    missing = {"query_id", "index_id"} - set(table.columns)
-    if missing:
-        raise ValueError(f"{path}: ranking lacks column(s) {', '.join(sorted(missing))}")
+    table = read_csv_frame(path, ("query_id", "index_id"), ("query_id", "index_id"))
     if "rank" in table.columns:
         keys, ascending = ["rank"], [True]
     else:
@@ -216,9 +265,7 @@ def read_ranking(path: str | Path) -> dict[str, list[str]]:
 def read_labels(path: str | Path) -> dict[str, str]:
     """Index labels CSV -> {image id: landmark label}: columns ``id`` and ``landmark_id``
     (Kaggle ``train.csv``) or ``label``; a UTF-8 BOM is accepted."""
-    import pandas as pd
-
-    table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    table = read_csv_frame(path, ("id", "landmark_id", "label"))
     column = "landmark_id" if "landmark_id" in table else "label" if "label" in table else None
     if "id" not in table or column is None:
         raise ValueError(f"{path}: index labels need columns id and landmark_id (or label); found {list(table)}")
