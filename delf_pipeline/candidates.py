@@ -13,6 +13,7 @@ import pandas as pd
 from .utils.blocks import read_table
 
 Candidates = dict[str, list[tuple[str, float]]]
+SHORTLIST_COLUMNS = ("query_id", "index_id", "rank", "score")
 
 
 def top_candidates(shortlist: pd.DataFrame, num_to_rerank: int) -> Candidates:
@@ -32,4 +33,4 @@ def candidate_ids(candidates: Candidates) -> set[str]:
 
 def read_candidates(shortlist_csv: str | Path, num_to_rerank: int) -> Candidates:
     """:func:`top_candidates` of the shortlist CSV at ``shortlist_csv``."""
-    return top_candidates(read_table(Path(shortlist_csv)), num_to_rerank)
+    return top_candidates(read_table(Path(shortlist_csv), SHORTLIST_COLUMNS), num_to_rerank)

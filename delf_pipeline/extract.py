@@ -49,10 +49,13 @@ from .formats.store import (
 from .utils.artifacts import (
     atomic_path,
     check_manifest,
+    load_array,
+    output_lock,
     parse_shard,
     remove_unfinished,
     select_shard,
     settings_manifest,
+    shard_name,
     write_text_atomic,
 )
 from .utils.parallel import run_tasks, worker_local
@@ -97,19 +100,21 @@ def run(
         listing_errors = [e for e in listing_errors if e.id in wanted]
     if strict and listing_errors:
         raise ImageError(_describe(listing_errors[0]))
-    if overwrite:
-        remove_store(out)
-    conf = resolve_model(conf, records) if extractor is None else conf
-    check_manifest(out / "manifest.json", store_manifest(conf), what="feature store")
-    (out / "parts").mkdir(parents=True, exist_ok=True)
-    if not pending_records(out, records, shard):
-        log.info("Skipping extraction: all %d images of shard %d/%d are already in %s", len(records), *shard, out)
-    elif dask_address:
-        _extract_on_dask(dask_address, out, records, conf, shard, strict, codebook)
-    else:
-        extractor = extractor or load_backend(conf, records, out, codebook, shard)
-        _extract_parts(out, pending_records(out, records, shard), extractor, conf, shard, strict)
-    finish(out, listing_errors)
+    with output_lock(out, shard_name(shard), "feature store"):  # one writer per shard of a store
+        if overwrite:
+            remove_store(out)
+        conf = resolve_model(conf, records) if extractor is None else conf
+        check_manifest(out / "manifest.json", store_manifest(conf), what="feature store")
+        (out / "parts").mkdir(parents=True, exist_ok=True)
+        if not pending_records(out, records, shard):
+            log.info("Skipping extraction: all %d images of shard %d/%d are already in %s", len(records), *shard,
+                     out)
+        elif dask_address:
+            _extract_on_dask(dask_address, out, records, conf, shard, strict, codebook)
+        else:
+            extractor = extractor or load_backend(conf, records, out, codebook, shard)
+            _extract_parts(out, pending_records(out, records, shard), extractor, conf, shard, strict)
+        finish(out, listing_errors)
     if strict:
         _refuse_recorded(out, only_ids)
     return out
@@ -239,13 +244,13 @@ def _stored_codebook(out: Path, given) -> np.ndarray | None:
     """The store's VLAD codebook [K, D], copied from ``given`` if set; None if it has none yet."""
     path = out / "codebook.npy"
     if given is not None:
-        given_words = np.load(given)
-        if path.exists() and not np.array_equal(np.load(path), given_words):
+        given_words = load_array(Path(given))
+        if path.exists() and not np.array_equal(load_array(path), given_words):
             raise ValueError(f"{out} was built with another codebook than {given}; use --overwrite")
         if not path.exists():
             _save_atomic(path, given_words)
         return given_words
-    return np.load(path) if path.exists() else None
+    return load_array(path) if path.exists() else None
 
 
 def codebook_step(out: Path, records: Sequence[ImageRecord], conf: dict, shard: tuple[int, int],
@@ -423,7 +428,7 @@ def _local_dim(extracted: list[ExtractedImage]) -> int:
 
 
 def _part_name(shard: tuple[int, int], number: int) -> str:
-    return f"s{shard[0]:03d}of{shard[1]:03d}-p{number:06d}"
+    return f"{shard_name(shard)}-p{number:06d}"
 
 
 def _next_part_number(out: Path, shard: tuple[int, int]) -> int:

@@ -56,7 +56,9 @@ def run(
     non-landmark images, for the queries' global descriptors.
     """
     conf, out = config["predict"], Path(out)
-    candidates = candidate_table(read_table(Path(shortlist_csv)), read_table(Path(rerank_csv)) if rerank_csv else None)
+    shortlist = read_table(Path(shortlist_csv), ("query_id", "index_id", "score"))
+    rerank = read_table(Path(rerank_csv), ("query_id", "index_id", "score")) if rerank_csv else None
+    candidates = candidate_table(shortlist, rerank)
     with atomic_path(out.with_name("ranking.csv")) as tmp:
         candidates[list(RANKING_COLUMNS)].to_csv(tmp, index=False)
     best = best_classes(class_evidence(candidates, index_labels, conf["top_k"], conf["aggregation"]))

@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .candidates import top_candidates
+from .candidates import SHORTLIST_COLUMNS, top_candidates
 from .config import load_config
 from .extractors.features import ImageFeatures
 from .formats.store import FeatureStore
-from .utils.artifacts import check_manifest, fingerprint, parse_shard, settings_manifest
+from .utils.artifacts import check_manifest, fingerprint, output_lock, parse_shard, settings_manifest, shard_name
 from .utils.blocks import (
     blocks_dir,
     read_table,
@@ -71,10 +71,7 @@ def run(
     ``extract --candidates`` (which :func:`delf_pipeline.pipeline.run` makes itself) is given.
     """
     conf, out = config["rerank"], Path(out)
-    if overwrite:
-        remove_outputs(out)
-    shortlist = read_table(Path(shortlist_csv))
-    check_manifest(blocks_dir(out) / "manifest.json", rerank_manifest(conf, shortlist), what="rerank output")
+    shortlist = read_table(Path(shortlist_csv), SHORTLIST_COLUMNS)
     candidates = top_candidates(shortlist, conf["num_to_rerank"])
     require_local_features(Path(index_store))
     paths = (str(query_store), str(index_store))
@@ -83,7 +80,11 @@ def run(
         tasks = [(number, {q: candidates[q] for q in ids}) for number, ids in blocks]
         _run_parallel(tasks, out, paths, conf, jobs, dask_address)
 
-    run_blocks(out, list(candidates), QUERY_BLOCK, shard, COLUMNS, compute)
+    with output_lock(blocks_dir(out), shard_name(shard), "rerank output"):  # one writer per shard
+        if overwrite:
+            remove_outputs(out)
+        check_manifest(blocks_dir(out) / "manifest.json", rerank_manifest(conf, shortlist), what="rerank output")
+        run_blocks(out, list(candidates), QUERY_BLOCK, shard, COLUMNS, compute)
     if out.exists():
         counts = read_table(out)["status"].value_counts().to_dict()
         log.info("rerank %s: %d pairs verified (%s)", out, sum(counts.values()),

@@ -40,7 +40,8 @@ from .extractors.features import ImageFeatures
 from .formats.store import ExtractedImage, FeatureStore, write_part
 from .formats.tables import read_labels
 from .utils.artifacts import (
-    atomic_path, check_manifest, fingerprint, parse_shard, settings_manifest, write_json_atomic,
+    atomic_path, check_manifest, fingerprint, load_array, output_lock, parse_shard, settings_manifest, shard_name,
+    write_json_atomic,
 )
 from .utils.blocks import blocks_dir, remove_outputs, run_blocks, write_block
 from .utils.parallel import run_tasks, worker_local
@@ -78,13 +79,13 @@ def run(
     """
     conf, out = config["shortlist"], Path(out)
     index, queries = FeatureStore(index_store), FeatureStore(query_store)
-    if overwrite:
-        remove_outputs(out)
+    if not len(index):
+        raise ValueError(f"no index images in {index.path}: nothing to shortlist from (is train.csv or the "
+                         "image folder empty, or did every image fail? see its errors.csv)")
     check_postprocess(conf, index_labels)
     manifest = {**settings_manifest(conf, RUNTIME_KEYS), "index_images": len(index), "query_images": len(queries),
                 "global_space": check_same_space(index, queries),
                 "labels": _labels_fingerprint(index, index_labels) if _supervised(conf) else None}
-    check_manifest(blocks_dir(out) / "manifest.json", manifest, what="shortlist")
     matmul = select_matmul(conf["device"])
 
     def compute(blocks: list[tuple[int, list[str]]]) -> None:
@@ -97,7 +98,11 @@ def run(
         for group in track(passes, len(passes), "shortlist passes"):
             write_pass(out, group, queries, searched, conf, matmul, whitening)
 
-    return run_blocks(out, queries.ids, QUERY_BLOCK, shard, COLUMNS, compute)
+    with output_lock(blocks_dir(out), shard_name(shard), "shortlist"):  # one writer per shard
+        if overwrite:
+            remove_outputs(out)
+        check_manifest(blocks_dir(out) / "manifest.json", manifest, what="shortlist")
+        return run_blocks(out, queries.ids, QUERY_BLOCK, shard, COLUMNS, compute)
 
 
 def write_pass(out: Path, group: list[tuple[int, list[str]]], queries: FeatureStore, index: FeatureStore,
@@ -244,7 +249,7 @@ def _global_space(store: FeatureStore) -> str:
     settings.pop("local_features", None)  # whether local features are stored does not change the globals
     codebook = store.path / "codebook.npy"
     if codebook.exists():
-        settings["codebook"] = fingerprint({"words": np.load(codebook).tobytes().hex()})
+        settings["codebook"] = fingerprint({"words": load_array(codebook).tobytes().hex()})
     return fingerprint(settings)
 
 

@@ -293,7 +293,7 @@ def test_outputs_respect_the_umask(stores, tmp_path, umask, file_mode, dir_mode)
 LOKY_MAIN = """
 import sys, time
 from joblib import Parallel, delayed, parallel_config
-from delf_pipeline.rerank import worker_config
+from delf_pipeline.utils.parallel import worker_config
 with parallel_config(**worker_config(2)):
     Parallel(n_jobs=2)(delayed(time.sleep)(120) for _ in range(2))
 """

@@ -250,7 +250,7 @@ def _decode(source, max_image_size: int, mode: str, max_pixels: int = 0) -> tupl
     return array, factors
 
 
-def _log_if_huge(path: Path, image: Image.Image) -> None:
+def _log_if_huge(path: Path | str, image: Image.Image) -> None:
     """Say through the log (not as a raw warning) that an image is over PIL's decompression-bomb
     warning size; over twice that size PIL refuses it (an ImageError)."""
     pixels = image.size[0] * image.size[1]

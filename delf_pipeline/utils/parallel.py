@@ -14,9 +14,11 @@ State that is expensive to build (a model, a verifier with its cache) is kept by
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Callable, Hashable, Sequence, TypeVar
 
+from .processes import exit_with_parent
 from .progress import track
 
 T = TypeVar("T")
@@ -34,11 +36,19 @@ def run_tasks(function: Callable[..., object], tasks: Sequence[tuple], label: st
     if dask_address:
         _run_on_dask(function, tasks, label, dask_address)
         return
-    from joblib import Parallel, delayed
+    from joblib import Parallel, delayed, parallel_config
 
-    runner = Parallel(n_jobs=jobs, backend="loky", return_as="generator_unordered")
-    for _ in track(runner(delayed(function)(*task) for task in tasks), len(tasks), label):
-        pass
+    with parallel_config(**worker_config(jobs)):
+        runner = Parallel(n_jobs=jobs, return_as="generator_unordered")
+        for _ in track(runner(delayed(function)(*task) for task in tasks), len(tasks), label):
+            pass
+
+
+def worker_config(jobs: int) -> dict:
+    """joblib ``parallel_config`` of ``jobs`` loky worker processes that end with this process:
+    each watches its parent (:func:`exit_with_parent`), so killing the main process does not
+    leave the workers (and their resource tracker) running until loky's 5-minute idle timeout."""
+    return {"backend": "loky", "n_jobs": jobs, "initializer": exit_with_parent, "initargs": (os.getpid(),)}
 
 
 def _run_on_dask(function: Callable[..., object], tasks: Sequence[tuple], label: str, address: str) -> None:
