@@ -9,11 +9,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+import threading
+import warnings
 
 from . import __version__
 from .config import ConfigError
 from .formats.images import ImageError
+from .utils.artifacts import DamagedArtifact, OutputBusy
 
 EXIT_OK = 0  # finished
 EXIT_FAILED = 1  # --strict met an unusable image; validate-submission found problems
@@ -64,24 +68,82 @@ def _module(name: str):
 
 
 def setup_logging(verbose: bool) -> None:
+    """Log lines on stderr; PIL's decompression-bomb warning is left to images.load_image,
+    which logs it naming the file."""
+    from PIL import Image
+
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+class Interrupted(BaseException):
+    """Ctrl-C (SIGINT) while a command runs. Not KeyboardInterrupt: CPython ends a process whose
+    KeyboardInterrupt crossed certain C calls (an extension's import) by SIGINT even after it
+    was handled, and libraries are less likely to swallow an exception they do not know."""
+
+
+def _interrupt(_signum, _frame):
+    raise Interrupted()
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    """Run one command; errors end in one log line and the exit codes above (docs/faults.md),
+    with a traceback only under --verbose."""
+    argv = sys.argv[1:] if argv is None else argv
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, _interrupt) if in_main_thread else None
     try:
+        return _run(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _run(argv: list[str]) -> int:
+    verbose = "-v" in argv or "--verbose" in argv
+    log = logging.getLogger("delf_pipeline")
+    try:
+        setup_logging(verbose)
+        args = build_parser().parse_args(argv)
         return int(_module(COMMANDS[args.command][0]).main(args) or 0)
-    except ImageError as error:  # --strict stops at the first unusable image
-        logging.getLogger("delf_pipeline").error("%s", error)
-        return 1
-    except (ConfigError, ValueError, FileNotFoundError, KeyError) as error:
-        if args.verbose:
+    except (KeyboardInterrupt, Interrupted):
+        log.error("interrupted: finished work is kept, the same command resumes it")
+        return EXIT_INTERRUPTED
+    except Exception as error:  # noqa: BLE001 - sorted into exit codes by exit_code(); others re-raised
+        code = exit_code(error)
+        if code is None or verbose:
             raise
-        logging.getLogger("delf_pipeline").error("%s", error)
-        return 2
+        log.error("%s", describe(error))
+        return code
+
+
+def exit_code(error: Exception) -> int | None:
+    """The documented exit code of an error a user or the environment causes; None for a bug."""
+    if isinstance(error, ImageError):  # --strict stops at the first unusable image
+        return EXIT_FAILED
+    if isinstance(error, DamagedArtifact):
+        return EXIT_DAMAGED
+    if isinstance(error, OutputBusy):
+        return EXIT_BUSY
+    if isinstance(error, (ConfigError, ValueError, FileNotFoundError, KeyError)):
+        return EXIT_USAGE
+    if isinstance(error, OSError):
+        return EXIT_OS
+    return None
+
+
+def describe(error: Exception) -> str:
+    """One line: an OSError as ``PATH: cause``, a KeyError without its quotes, others as they say."""
+    if isinstance(error, OSError) and error.strerror:
+        paths = [str(p) for p in (error.filename, error.filename2) if p is not None]
+        text = f"{' -> '.join(paths)}: {error.strerror}" if paths else error.strerror
+    elif isinstance(error, KeyError) and error.args:
+        text = str(error.args[0])
+    else:
+        text = str(error)
+    return " ".join(text.split("\n"))

@@ -8,6 +8,7 @@ point is "the N-th call of a delf_pipeline function in the main thread", drawn w
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
@@ -41,6 +42,8 @@ def forked(argv: list[str], cwd: Path, kill_at: int | None = None) -> tuple[int,
         os.dup2(err.fileno(), 2)
         os.dup2(err.fileno(), 1)
         code, calls = 99, 0
+        logging.getLogger().handlers.clear()  # pytest's capture: let the command log to this stderr
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
         try:
             os.chdir(cwd)
 
@@ -110,6 +113,11 @@ def reference(tmp_path_factory) -> dict:
     return {"root": root, "data": root / "data", "after": after, "commands": commands}
 
 
+def rel(work: Path, path: Path) -> str:
+    """``path`` as the commands, run in ``work`` with relative paths, name it."""
+    return str(path.relative_to(work))
+
+
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if " ERROR " in line]
 
@@ -125,7 +133,13 @@ def assert_refused(code: int, stderr: str, expected_code: int, names: str) -> No
 # ------------------------------------------------------------------ kill -9 at random points, resume
 
 
-@pytest.mark.parametrize("stage", range(5), ids=["extract-index", "extract-query", "shortlist", "rerank", "predict"])
+SLOW = pytest.mark.slow  # ~10 s on 2 busy cores: 17 extractions
+
+
+@pytest.mark.parametrize("stage", [pytest.param(0, id="extract-index", marks=SLOW),
+                                   pytest.param(1, id="extract-query", marks=SLOW),
+                                   pytest.param(2, id="shortlist"), pytest.param(3, id="rerank"),
+                                   pytest.param(4, id="predict")])
 def test_kill_at_seeded_random_points_then_resume_gives_the_clean_bytes(reference, tmp_path, stage):
     before, expected = reference["after"][stage], snapshot(reference["after"][stage + 1])
     argv = reference["commands"][stage]
@@ -163,7 +177,7 @@ def test_a_second_writer_of_a_store_shard_is_refused_while_the_first_holds_it(re
     shutil.copytree(reference["after"][0], work)
     with output_lock(work / "index", shard_name((1, 1)), "feature store"):
         code, _, stderr = forked(reference["commands"][0], work)
-    assert_refused(code, stderr, cli.EXIT_BUSY, str(work / "index"))
+    assert_refused(code, stderr, cli.EXIT_BUSY, rel(work, work / "index"))
     assert "another process" in stderr
     code, _, stderr = forked(reference["commands"][0], work)  # the lock died with its holder
     assert code == 0, stderr
@@ -185,11 +199,12 @@ def race(argv: list[str], cwd: Path) -> list[int]:
         pid = os.fork()
         if pid == 0:
             os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+            code = 99
             try:
                 os.chdir(cwd)
                 code = cli.main(argv)
             finally:
-                os._exit(locals().get("code", 99))
+                os._exit(code)
         pids.append(pid)
     return [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
 
@@ -255,7 +270,7 @@ def test_a_damaged_part_is_refused_by_name_at_every_stage_that_reads_it(referenc
     shutil.rmtree(work / "rerank.csv.blocks")
     for stage in (0, 3):  # extract (resume) and rerank read the index store
         code, _, stderr = forked(reference["commands"][stage], work)
-        assert_refused(code, stderr, cli.EXIT_DAMAGED, str(part))
+        assert_refused(code, stderr, cli.EXIT_DAMAGED, rel(work, part))
 
 
 def test_a_store_holding_an_id_twice_is_refused(reference, tmp_path):
@@ -263,7 +278,7 @@ def test_a_store_holding_an_id_twice_is_refused(reference, tmp_path):
     part = first_part(work / "index")
     shutil.copytree(part, part.with_name(part.name.replace("-p", "-q")))  # what two writers used to leave
     code, _, stderr = forked(reference["commands"][2], work)
-    assert_refused(code, stderr, cli.EXIT_DAMAGED, str(work / "index"))
+    assert_refused(code, stderr, cli.EXIT_DAMAGED, rel(work, work / "index"))
     assert "twice" in stderr
 
 
@@ -292,7 +307,7 @@ def test_a_block_of_another_shard_that_is_damaged_is_refused_by_name(reference, 
     path = block_path(work / "shortlist.csv", 0)
     truncate(path)
     code, _, stderr = forked([*reference["commands"][2], "--shard", "2/2"], work)
-    assert_refused(code, stderr, cli.EXIT_DAMAGED, str(path))
+    assert_refused(code, stderr, cli.EXIT_DAMAGED, rel(work, path))
 
 
 @pytest.mark.parametrize("stage,manifest", [(0, "index/manifest.json"), (2, "shortlist.csv.blocks/manifest.json"),
@@ -302,7 +317,7 @@ def test_artifacts_without_their_manifest_are_refused_and_rebuilt_with_overwrite
     work = copy_of(reference, tmp_path, stage + 1)
     (work / manifest).unlink()
     code, _, stderr = forked(reference["commands"][stage], work)
-    assert_refused(code, stderr, cli.EXIT_DAMAGED, str(work / manifest))
+    assert_refused(code, stderr, cli.EXIT_DAMAGED, rel(work, work / manifest))
     code, _, stderr = forked([*reference["commands"][stage], "--overwrite"], work)
     assert code == 0, stderr
     assert snapshot(work) == snapshot(reference["after"][stage + 1])
@@ -312,7 +327,7 @@ def test_a_manifest_that_is_not_json_is_refused_by_name(reference, tmp_path):
     work = copy_of(reference, tmp_path, 1)
     (work / "index/manifest.json").write_text('{"settings": ')
     code, _, stderr = forked(reference["commands"][0], work)
-    assert_refused(code, stderr, cli.EXIT_DAMAGED, str(work / "index/manifest.json"))
+    assert_refused(code, stderr, cli.EXIT_DAMAGED, rel(work, work / "index/manifest.json"))
 
 
 def test_a_codebook_of_random_bytes_is_refused_by_name_never_unpickled(reference, tmp_path):
