@@ -34,14 +34,8 @@ from .candidates import SHORTLIST_COLUMNS, top_candidates
 from .config import load_config
 from .extractors.features import ImageFeatures
 from .formats.store import FeatureStore
-from .utils.artifacts import check_manifest, fingerprint, output_lock, parse_shard, settings_manifest, shard_name
-from .utils.blocks import (
-    blocks_dir,
-    read_table,
-    remove_outputs,
-    run_blocks,
-    write_block,
-)
+from .utils.artifacts import fingerprint, parse_shard, settings_manifest
+from .utils.blocks import claim_blocks, read_table, run_blocks, write_block
 from .utils.parallel import run_tasks, worker_local
 from .utils.progress import track
 from .verification.pairs import PairResult, verify_options, verify_pair
@@ -80,10 +74,7 @@ def run(
         tasks = [(number, {q: candidates[q] for q in ids}) for number, ids in blocks]
         _run_parallel(tasks, out, paths, conf, jobs, dask_address)
 
-    with output_lock(blocks_dir(out), shard_name(shard), "rerank output"):  # one writer per shard
-        if overwrite:
-            remove_outputs(out)
-        check_manifest(blocks_dir(out) / "manifest.json", rerank_manifest(conf, shortlist), what="rerank output")
+    with claim_blocks(out, shard, "rerank output", rerank_manifest(conf, shortlist), overwrite):
         run_blocks(out, list(candidates), QUERY_BLOCK, shard, COLUMNS, compute)
     if out.exists():
         counts = read_table(out)["status"].value_counts().to_dict()

@@ -39,11 +39,8 @@ from .descriptors.whitening import Whitening, learn_pca_whitening, learn_supervi
 from .extractors.features import ImageFeatures
 from .formats.store import ExtractedImage, FeatureStore, write_part
 from .formats.tables import read_labels
-from .utils.artifacts import (
-    atomic_path, check_manifest, fingerprint, load_array, output_lock, parse_shard, settings_manifest, shard_name,
-    write_json_atomic,
-)
-from .utils.blocks import blocks_dir, remove_outputs, run_blocks, write_block
+from .utils.artifacts import atomic_path, fingerprint, load_array, parse_shard, settings_manifest, write_json_atomic
+from .utils.blocks import claim_blocks, run_blocks, write_block
 from .utils.parallel import run_tasks, worker_local
 from .utils.progress import track
 
@@ -98,10 +95,7 @@ def run(
         for group in track(passes, len(passes), "shortlist passes"):
             write_pass(out, group, queries, searched, conf, matmul, whitening)
 
-    with output_lock(blocks_dir(out), shard_name(shard), "shortlist"):  # one writer per shard
-        if overwrite:
-            remove_outputs(out)
-        check_manifest(blocks_dir(out) / "manifest.json", manifest, what="shortlist")
+    with claim_blocks(out, shard, "shortlist", manifest, overwrite):
         return run_blocks(out, queries.ids, QUERY_BLOCK, shard, COLUMNS, compute)
 
 

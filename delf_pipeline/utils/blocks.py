@@ -19,13 +19,22 @@ import hashlib
 import io
 import logging
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import pandas as pd
 
 from ..formats.tables import read_csv_frame
-from .artifacts import DamagedArtifact, atomic_path, remove_contents, remove_unfinished
+from .artifacts import (
+    DamagedArtifact,
+    atomic_path,
+    check_manifest,
+    output_lock,
+    remove_contents,
+    remove_unfinished,
+    shard_name,
+)
 
 log = logging.getLogger("delf_pipeline.utils.blocks")
 
@@ -42,6 +51,18 @@ def remove_outputs(out_csv: Path) -> None:
     """Delete a stage CSV and its blocks, but not the lock files (``--overwrite``)."""
     out_csv.unlink(missing_ok=True)
     remove_contents(blocks_dir(out_csv))
+
+
+@contextmanager
+def claim_blocks(out_csv: Path, shard: tuple[int, int], what: str, manifest: dict, overwrite: bool) -> Iterator[None]:
+    """Hold the lock of this shard of ``out_csv``'s blocks (one writer per shard, see
+    :func:`output_lock`); inside it, ``overwrite`` starts from nothing and ``manifest`` is
+    checked against the blocks' manifest (or written)."""
+    with output_lock(blocks_dir(out_csv), shard_name(shard), what):
+        if overwrite:
+            remove_outputs(out_csv)
+        check_manifest(blocks_dir(out_csv) / "manifest.json", manifest, what=what)
+        yield
 
 
 def plan_blocks(queries: Sequence[str], block_size: int) -> list[list[str]]:
