@@ -398,7 +398,8 @@ def test_codebook_sample_is_extracted_once_into_ordinary_parts(tmp_path, monkeyp
     seen = count_rootsift_calls(monkeypatch)
     learned = extract.run(config(codebook_images=5, part_size=3), tmp_path / "photos", tmp_path / "learned")
     assert seen == [2] * 8  # 5 sample images while learning + the 3 others; grey images only
-    assert sorted(p.name for p in learned.iterdir()) == ["codebook.npy", "errors.csv", "manifest.json", "parts"]
+    assert sorted(p.name for p in learned.iterdir() if not p.name.startswith(".lock-")) == [
+        "codebook.npy", "errors.csv", "manifest.json", "parts"]
     given = extract.run(config(codebook_images=5, part_size=3), tmp_path / "photos", tmp_path / "given",
                         codebook=learned / "codebook.npy")
     assert len(seen) == 16  # with a codebook given, every image goes through the model
@@ -410,6 +411,7 @@ def test_a_run_killed_after_the_codebook_sample_resumes_it_as_ordinary_parts(tmp
     records = list_images(tmp_path / "photos")[0]
     store, conf = tmp_path / "store", config(codebook_images=4, part_size=2)["extract"]
     (store / "parts").mkdir(parents=True)
+    (store / "manifest.json").write_text(json.dumps(extract.store_manifest(conf)))  # a run writes it first
     sample = store / "codebook-sample-1of1"
     (sample / "parts").mkdir(parents=True)
     extract._extract_parts(sample, records[:2], extract.local_extractor(conf, "rootsift"),
@@ -430,6 +432,7 @@ def test_a_run_killed_after_learning_the_codebook_finishes_the_step(tmp_path, mo
     sample = store / "codebook-sample-1of1"
     (sample / "parts").mkdir(parents=True)
     (store / "parts").mkdir()
+    (store / "manifest.json").write_text(json.dumps(extract.store_manifest(conf)))  # a run writes it first
     extract._extract_parts(sample, records[:4], extract.local_extractor(conf, "rootsift"),
                            {**conf, "descriptor_dtype": "float32"},
                            (1, 1), strict=False)  # the whole sample, the codebook saved, then killed

@@ -151,13 +151,16 @@ def test_store_without_global_descriptors_refuses_iter_global(tmp_path):
         list(store.iter_global())
 
 
-def test_remove_store_empties_the_folder_but_its_lock_files_and_tolerates_absence(tmp_path):
+def test_remove_store_keeps_lock_files_else_deletes_the_folder_and_tolerates_absence(tmp_path):
     make_store(tmp_path / "s", {"p0": [1]})
     (tmp_path / "s" / ".lock-s001of001").touch()  # held, maybe, by the process that is overwriting
     remove_store(tmp_path / "s")
     remove_store(tmp_path / "s")
     assert [p.name for p in (tmp_path / "s").iterdir()] == [".lock-s001of001"]
+    make_store(tmp_path / "t", {"p0": [1]})
+    remove_store(tmp_path / "t")  # no lock file: the folder goes too (a codebook sample store)
     remove_store(tmp_path / "absent")
+    assert not (tmp_path / "t").exists()
 
 
 def rss_file_kb() -> int:

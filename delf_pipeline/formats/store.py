@@ -341,5 +341,8 @@ def _npy_header(path: Path) -> tuple[tuple, np.dtype]:
 
 
 def remove_store(path: Path) -> None:
-    """Empty a store folder but for its lock files (used by --overwrite)."""
+    """Delete a store folder; one with lock files is emptied but for them (``--overwrite``:
+    the lock is held by the process that overwrites it)."""
     remove_contents(path)
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
