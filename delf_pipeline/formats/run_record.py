@@ -18,7 +18,6 @@ It is written atomically when the run starts, so a killed run's folder knows its
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -71,10 +70,7 @@ def read_run_record(run_dir: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {run_dir} is not a folder written by `delf-pipeline run` "
                                 "(or was written before runs recorded their inputs)")
-    try:
-        record = read_json(path)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    record = read_json(path)  # DamagedArtifact (a ValueError) naming the file when it is not JSON
     missing = [key for key in KEYS if key not in record] if isinstance(record, dict) else list(KEYS)
     if missing:
         raise ValueError(f"{path}: not a run record, missing key(s) {', '.join(missing)}")

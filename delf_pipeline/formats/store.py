@@ -146,7 +146,7 @@ class Part:
         if not path.is_file():
             raise self._damaged(f"{path} is missing (no record of what the part holds)")
         info = read_json(path)
-        if not isinstance(info.get("rows"), int) or not isinstance(info.get("files"), dict):
+        if not isinstance(info, dict) or not isinstance(info.get("rows"), int) or not isinstance(info.get("files"), dict):
             raise self._damaged(f"{path} lacks rows or files")
         for name, record in info["files"].items():
             self._check_file(name, record)

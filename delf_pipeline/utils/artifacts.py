@@ -145,16 +145,13 @@ def write_json_atomic(path: Path, data: dict) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def read_json(path: Path) -> dict:
-    """The JSON object in ``path``; :class:`DamagedArtifact` naming it if it is not one."""
+def read_json(path: Path):
+    """The JSON value in ``path``; :class:`DamagedArtifact` naming it if it is not JSON."""
     try:
         with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
+            return json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DamagedArtifact(f"{path} is not valid JSON ({error}); rebuild it with --overwrite") from None
-    if not isinstance(data, dict):
-        raise DamagedArtifact(f"{path} is not valid JSON for a manifest (an object); rebuild it with --overwrite")
-    return data
 
 
 def load_array(path: Path) -> np.ndarray:
@@ -200,6 +197,8 @@ def check_manifest(path: Path, expected: dict, what: str) -> None:
         )
     if path.exists():
         found = read_json(path)
+        if not isinstance(found, dict):
+            raise DamagedArtifact(f"{path} is not a manifest (a JSON object); rebuild it with --overwrite")
         lines = "; ".join(_differences({k: found[k] for k in expected if k in found}, expected))
         if lines:
             raise ValueError(
