@@ -35,11 +35,23 @@ import pandas as pd
 
 from .config import load_config
 from .descriptors.expansion import augment_database, expand_queries, supervised_dba
-from .descriptors.whitening import Whitening, learn_pca_whitening, learn_supervised_whitening
+from .descriptors.whitening import (
+    Whitening,
+    learn_pca_whitening,
+    learn_supervised_whitening,
+)
 from .extractors.features import ImageFeatures
 from .formats.store import ExtractedImage, FeatureStore, write_part
 from .formats.tables import read_labels
-from .utils.artifacts import atomic_path, fingerprint, load_array, parse_shard, settings_manifest, write_json_atomic
+from .utils.artifacts import (
+    atomic_path,
+    fingerprint,
+    load_array,
+    made_once,
+    parse_shard,
+    settings_manifest,
+    write_json_atomic,
+)
 from .utils.blocks import claim_blocks, run_blocks, write_block
 from .utils.parallel import run_tasks, worker_local
 from .utils.progress import track
@@ -138,15 +150,17 @@ def prepare_index(index: FeatureStore, conf: dict, labels: dict[str, str] | None
     if conf["whitening"]:
         settings = {key: value for key, value in conf.items() if key.startswith("whitening")}
         folder = _derived_folder(index, "whitened", settings, labels if conf["whitening"] == "supervised" else None)
-        if not (folder / "manifest.json").exists():
-            learned = learn_whitening(index, conf, labels)
-            _write_derived(folder, settings, index.iter_global(DERIVED_PART_ROWS), learned.apply, learned)
+        with made_once(folder) as to_make:
+            if to_make:
+                learned = learn_whitening(index, conf, labels)
+                _write_derived(folder, settings, index.iter_global(DERIVED_PART_ROWS), learned.apply, learned)
         searched, whitening = FeatureStore(folder), Whitening.load(folder / "whitening.npz")
     if conf["dba"]:
         settings = {"source": searched.path.name, **{k: conf[k] for k in ("dba", "dba_top_n", "dba_alpha")}}
         folder = _derived_folder(index, "dba", settings, labels if conf["dba"] == "supervised" else None)
-        if not (folder / "manifest.json").exists():
-            _write_derived(folder, settings, augmented_chunks(searched, conf, labels, matmul), None, None)
+        with made_once(folder) as to_make:
+            if to_make:
+                _write_derived(folder, settings, augmented_chunks(searched, conf, labels, matmul), None, None)
         searched = FeatureStore(folder)
     return searched, whitening
 

@@ -145,3 +145,37 @@ def test_cli_reads_index_labels(stores, tmp_path):
     assert cli_main(args) == 2  # no labels: the ValueError names --index-labels
     assert cli_main(args + ["--index-labels", str(labels)]) == 0
     assert len(read_table(tmp_path / "s.csv")) == 2 * len(queries)
+
+
+def test_two_shard_processes_make_a_derived_store_once(stores, monkeypatch):
+    """Two shortlist shards that need the same whitened index at the same moment: the second
+    waits for the first and reuses its store (before: both wrote it, and the second rename
+    failed with 'Directory not empty')."""
+    import threading
+
+    index, _ = stores
+    conf = config(whitening="pca", whitening_shrinkage=0.2, whitening_dim=5)["shortlist"]
+    learned, started, errors = [], threading.Barrier(2), []
+    real = shortlist.learn_whitening
+
+    def slow_learn(*args):
+        learned.append(1)
+        threading.Event().wait(0.5)  # both threads are inside prepare_index now
+        return real(*args)
+
+    monkeypatch.setattr(shortlist, "learn_whitening", slow_learn)
+
+    def prepare():
+        started.wait()
+        try:
+            shortlist.prepare_index(FeatureStore(index.path), conf, None, shortlist.select_matmul("cpu"))
+        except Exception as error:  # noqa: BLE001 - the test reports whatever a thread raised
+            errors.append(error)
+
+    threads = [threading.Thread(target=prepare) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(learned) == 1
+    assert len(list((index.path / "derived").glob("whitened-*/manifest.json"))) == 1

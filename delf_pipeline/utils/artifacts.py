@@ -53,6 +53,19 @@ def shard_name(shard: tuple[int, int]) -> str:
 
 
 @contextmanager
+def made_once(folder: Path) -> Iterator[bool]:
+    """Serialise the making of a shared, deterministic output ``folder`` (e.g. a whitened copy
+    of an index that several shard processes need): wait for the lock ``.lock-NAME`` beside
+    it, then yield whether it still has to be made (no ``manifest.json`` yet). A process that
+    waited finds the first one's result and reuses it. The lock dies with its process."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".lock-{folder.name}", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # blocks until the maker holding it is done
+        yield not (folder / "manifest.json").exists()
+
+
+@contextmanager
 def output_lock(folder: Path, name: str, what: str) -> Iterator[None]:
     """Hold the exclusive lock ``folder/.lock-NAME`` while this process writes that shard of an output.
 
