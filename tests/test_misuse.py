@@ -27,13 +27,26 @@ from synthetic_stores import global_only, random_unit_rows, write_store  # noqa:
 REPO = Path(__file__).resolve().parents[1]
 
 
-def delf(*args: str, cwd: Path, umask: int | None = None, code: str | None = None) -> subprocess.CompletedProcess:
+def delf(*args: str, cwd: Path, umask: int | None = None, code: str | None = None,
+         preexec=None) -> subprocess.CompletedProcess:
     """``python -m delf_pipeline ARGS`` (or ``python -c CODE ARGS``) run from ``cwd`` with this checkout."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "delf_pipeline", *args]
-    preexec = (lambda: os.umask(umask)) if umask is not None else None
+    if umask is not None:
+        preexec = lambda: os.umask(umask)  # noqa: E731
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120,
                           preexec_fn=preexec)
+
+
+def obey_permissions() -> None:
+    """In the child before exec: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the
+    capability bounding set, so that even root (CI runs as root) obeys folder permissions."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) refused")
 
 
 def assert_refused(result: subprocess.CompletedProcess, code: int, *words: str) -> None:
@@ -82,11 +95,9 @@ def test_validate_submission_on_a_folder(tmp_path):
 
 
 def test_read_only_output_folder(stores, tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("root ignores folder permissions; the in-process test below covers PermissionError")
     (tmp_path / "ro").mkdir(mode=0o500)
     result = delf("shortlist", "--index", str(stores / "index"), "--queries", str(stores / "query"), "--out",
-                  "ro/shortlist.csv", cwd=tmp_path)
+                  "ro/shortlist.csv", cwd=tmp_path, preexec=obey_permissions if os.geteuid() == 0 else None)
     assert_refused(result, cli.EXIT_OS, "ro", "Permission denied")
 
 
