@@ -10,11 +10,13 @@ functions, in memory instead of through files:
    index's whitening / DBA / query expansion settings, as :mod:`delf_pipeline.shortlist`);
 4. rerank: the ``rerank.num_to_rerank`` best (:func:`candidates.top_candidates`) verified by
    :class:`rerank.BlockWorker` with the index's rerank settings;
-5. answer: :func:`predict.final_ranking` and the per-class votes of :func:`predict.class_scores`.
+5. answer: the final ranking and per-class evidence of :mod:`delf_pipeline.evidence.aggregation`,
+   as ``predict`` makes them.
 
 The answer (:meth:`Answer.to_json`) lists the best landmarks with their confidence (the
-pooled score that ``submission.csv`` reports) and the best candidates with their global
-score and inliers, and how long each step took.
+pooled score that ``submission.csv`` reports, or P(right) when the index keeps a
+``calibration.json``) and the best candidates with their global score and inliers, and how
+long each step took.
 """
 from __future__ import annotations
 
@@ -32,11 +34,13 @@ import numpy as np
 import pandas as pd
 
 from .candidates import top_candidates
+from .evidence.aggregation import candidate_table, class_evidence
+from .evidence.calibration import Calibration
 from .extract import as_stored, decode_mode, load_backend, resolve_model
 from .extractors.features import ImageFeatures
 from .formats.images import ImageError, decode_bytes
 from .index import Index, open_index
-from .predict import class_scores, final_ranking
+from .predict import load_calibration
 from .rerank import COLUMNS as RERANK_COLUMNS
 from .rerank import BlockWorker
 from .shortlist import expand_in_memory, prepare_index, select_matmul, top_k_in_memory
@@ -75,6 +79,18 @@ class Answer:
                 "timings_ms": {step: round(seconds * 1000, 1) for step, seconds in self.timings.items()}}
 
 
+def index_calibration(path: Path, predict_conf: dict) -> Calibration | None:
+    """The calibration an index keeps (checked against its predict settings), or None when it
+    keeps none or one that needs a non-landmark store (that store is not part of an index)."""
+    if not path.is_file():
+        return None
+    fitted = load_calibration(path, predict_conf)
+    if "nonlandmark" in fitted.features:
+        log.warning("%s uses non-landmark images, whose store is not in the index: confidences stay raw scores", path)
+        return None
+    return fitted
+
+
 class Searcher:
     """An index loaded once, answering photos (see the module docstring).
 
@@ -93,6 +109,7 @@ class Searcher:
         self.labels = self.index.labels
         searched, self.whitening = prepare_index(self.index.store, self.config["shortlist"], self.labels, self.matmul)
         self.matrix = searched.global_matrix()  # [M, G] float32, whitened / augmented if so configured
+        self.calibration = index_calibration(self.index.path / "calibration.json", self.config["predict"])
         self._local = threading.local()
         log.info("index %s: %d images, global matrix %s (%.0f MB in memory)", self.index.path.name, len(self.ids),
                  self.matrix.shape, self.matrix.nbytes / 1e6)
@@ -145,16 +162,19 @@ class Searcher:
         return pd.DataFrame(self.worker().rerank_features(QUERY_ID, features, candidates), columns=list(RERANK_COLUMNS))
 
     def answer(self, shortlist: pd.DataFrame, reranked: pd.DataFrame) -> tuple[list[dict], list[dict]]:
-        """(landmarks, candidates) of :class:`Answer` from the photo's shortlist and rerank rows."""
-        ranking = final_ranking(shortlist, reranked if len(reranked) else None)
+        """(landmarks, candidates) of :class:`Answer` from the photo's shortlist and rerank rows.
+
+        A landmark's confidence is its aggregated score, or, when the index keeps a calibration,
+        P(right) of its evidence (as ``predict`` computes for the best class of a query)."""
+        ranking = candidate_table(shortlist, reranked if len(reranked) else None)
         conf = self.config["predict"]
-        classes = class_scores(ranking, self.labels, conf["top_k"], conf["aggregation"])
+        classes = class_evidence(ranking, self.labels, conf["top_k"], conf["aggregation"])
+        confidence = self.calibration.probability(classes) if self.calibration and len(classes) else classes["score"]
         voters = ranking[ranking["rank"] <= conf["top_k"]]
         landmarks = [{"landmark_id": label, "confidence": round(float(score), 6),
                       "candidates": [i for i in voters["index_id"] if self.labels.get(i) == label]}
-                     for label, score in zip(classes["label"], classes["score"])]
-        top = (ranking[ranking["rank"] <= self.top_candidates]
-               .merge(shortlist[["index_id", "score"]].rename(columns={"score": "global_score"}), on="index_id")
+                     for label, score in zip(classes["label"], confidence)]
+        top = (ranking[ranking["rank"] <= self.top_candidates].drop(columns=["inliers"])
                .merge(reranked[["index_id", "matches", "inliers", "status"]], on="index_id", how="left"))
         candidates = [{
             "rank": int(row.rank), "index_id": row.index_id, "landmark_id": self.labels.get(row.index_id),

@@ -92,6 +92,25 @@ def test_query_finds_each_indexed_photo(built, views):
                                                                        "answer"}
 
 
+def test_query_answers_with_the_index_calibration(built, views, tmp_path):
+    """A calibration kept in the index makes each landmark's confidence P(right) of its
+    evidence, as predict's confidences are (hand-made fit: a weight on log_inliers only)."""
+    from delf_pipeline.evidence.calibration import FEATURES, Calibration
+
+    conf = load_config(overrides=SMALL)["predict"]
+    fitted = Calibration(list(FEATURES), [0.0] * 5, [1.0] * 5, [0.0, 0.0, 1.0, 0.0, 0.0], -2.0,
+                         {"aggregation": conf["aggregation"], "top_k": conf["top_k"]})
+    calibrated = shutil.copytree(built, tmp_path / "calibrated")
+    (calibrated / "calibration.json").write_text(fitted.to_json())
+    raw, searcher = Searcher(built), Searcher(calibrated)
+    photo = views["queries"] / "coffee" / "v0.jpg"
+    answer = searcher.search_file(photo)
+    inliers = answer.candidates[0]["inliers"]
+    best = answer.landmarks[0]
+    assert best["landmark_id"] == "coffee" and raw.search_file(photo).landmarks[0]["landmark_id"] == "coffee"
+    assert best["confidence"] == pytest.approx(1 / (1 + np.exp(2.0 - np.log1p(inliers))), abs=1e-6)
+
+
 def test_query_applies_the_index_whitening_and_expansion(built, views, tmp_path):
     """A Searcher with shortlist whitening + query expansion scores the photo as that maths by hand."""
     from delf_pipeline.descriptors.expansion import expand_queries
