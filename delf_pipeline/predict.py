@@ -104,22 +104,6 @@ def load_calibration(path: str | Path, conf: dict) -> Calibration:
     return fitted
 
 
-def aggregate(ranking: pd.DataFrame, labels: dict[str, str], top_k: int, how: str) -> dict[str, tuple[str, float]]:
-    """query id -> (landmark id, class score) from the ``top_k`` best ranked candidates of ``ranking``
-    (a candidate table, or plain ``query_id,index_id,rank,score`` rows counted as unverified)."""
-    best = class_scores(ranking, labels, top_k, how).drop_duplicates("query_id")
-    return {q: (label, float(score)) for q, label, score in zip(best["query_id"], best["label"], best["score"])}
-
-
-def class_scores(ranking: pd.DataFrame, labels: dict[str, str], top_k: int, how: str) -> pd.DataFrame:
-    """Rows ``query_id,label,score``: every class voted for by a query's ``top_k`` best ranked
-    candidates, with its pooled score; each query's classes best first (ties: label). ``ranking``
-    is a candidate table, or plain ``query_id,index_id,rank,score`` rows counted as unverified."""
-    plain = {"global_score": ranking["score"], "inliers": 0, "verified": 0}
-    table = ranking.assign(**{k: v for k, v in plain.items() if k not in ranking})
-    return class_evidence(table, labels, top_k, how)[["query_id", "label", "score"]]
-
-
 def submission_csv(query_ids: list[str], predictions: dict[str, tuple[str, float]]) -> str:
     """Kaggle submission text: header ``id,landmarks``, one row per query id."""
     buffer = io.StringIO()

@@ -10,6 +10,7 @@ import pytest
 from delf_pipeline import predict
 from delf_pipeline.cli import main as cli_main
 from delf_pipeline.config import load_config
+from delf_pipeline.evidence.aggregation import class_evidence
 from delf_pipeline.evidence.calibration import Calibration
 from delf_pipeline.formats.images import ErrorRecord
 from delf_pipeline.formats.store import ExtractedImage, write_part
@@ -30,6 +31,19 @@ def ranking(candidates: dict[str, list[tuple[str, float]]]) -> pd.DataFrame:
     return shortlist_frame(candidates)
 
 
+def class_votes(table: pd.DataFrame, top_k: int, how: str) -> pd.DataFrame:
+    """Rows ``query_id,label,score`` of every voted class, best first: predict's class evidence
+    of a plain ranking (every candidate unverified, global score = its score, ranks as given)."""
+    plain = table.assign(global_score=table["score"], inliers=0, verified=0)
+    return class_evidence(plain, LABELS, top_k, how)[["query_id", "label", "score"]]
+
+
+def best_votes(table: pd.DataFrame, top_k: int, how: str) -> dict[str, tuple[str, float]]:
+    """query id -> (landmark id, class score) of its best class."""
+    best = class_votes(table, top_k, how).drop_duplicates("query_id")
+    return {q: (label, float(score)) for q, label, score in zip(best["query_id"], best["label"], best["score"])}
+
+
 def config(**predict_settings) -> dict:
     conf = load_config()
     conf["predict"].update(predict_settings)
@@ -47,23 +61,23 @@ def config(**predict_settings) -> dict:
 ])
 def test_golden_class_votes(how, top_k, expected):
     table = ranking({"q": [("a", 0.9), ("b", 0.5), ("c", 0.45), ("d", 0.6)]})
-    label, score = predict.aggregate(table, LABELS, top_k, how)["q"]
+    label, score = best_votes(table, top_k, how)["q"]
     assert (label, round(score, 6)) == expected
 
 
 @pytest.mark.parametrize("how", ["sum", "max"])
 def test_tied_classes_go_to_the_smaller_label(how):
     table = ranking({"q": [("x", 0.5), ("y", 0.5), ("z", 0.5)]})  # labels 7, 3, 10
-    assert predict.aggregate(table, LABELS, 3, how) == {"q": ("10", 0.5)}  # labels compare as text
+    assert best_votes(table, 3, how) == {"q": ("10", 0.5)}  # labels compare as text
 
 
 def test_unlabelled_candidates_do_not_vote(caplog):
     table = ranking({"q0": [("unknown", 0.9), ("a", 0.3)], "q1": [("unknown", 0.8)]})
     with caplog.at_level(logging.WARNING, logger="delf_pipeline"):
-        votes = predict.aggregate(table, LABELS, 2, "sum")
+        votes = best_votes(table, 2, "sum")
     assert votes == {"q0": ("1", 0.3)}
     assert "2 shortlisted index images have no label and do not vote" in caplog.text
-    assert predict.aggregate(table, LABELS, 1, "sum") == {}  # the unlabelled one used the only vote
+    assert best_votes(table, 1, "sum") == {}  # the unlabelled one used the only vote
 
 
 @pytest.mark.parametrize("how, expected", [
@@ -72,18 +86,18 @@ def test_unlabelled_candidates_do_not_vote(caplog):
 ])
 def test_golden_class_scores_list_every_voted_class(how, expected):
     table = ranking({"q": [("a", 0.9), ("b", 0.5), ("c", 0.45), ("d", 0.6)]})
-    classes = predict.class_scores(table, LABELS, 3, how)
+    classes = class_votes(table, 3, how)
     assert [(label, round(score, 6)) for label, score in zip(classes["label"], classes["score"])] == expected
 
 
 def test_empty_ranking_gives_no_votes():
-    assert predict.aggregate(ranking({}), LABELS, 3, "sum") == {}
-    assert predict.class_scores(ranking({}), LABELS, 3, "sum").empty
+    assert best_votes(ranking({}), 3, "sum") == {}
+    assert class_votes(ranking({}), 3, "sum").empty
 
 
 def test_unknown_aggregation_is_refused():
     with pytest.raises(ValueError, match="predict.aggregation must be one of sum, max, mean_best, verified, got .mean."):
-        predict.aggregate(ranking({"q": [("a", 1.0)]}), LABELS, 3, "mean")
+        best_votes(ranking({"q": [("a", 1.0)]}), 3, "mean")
 
 
 # ---------------------------------------------------------------- final ranking
