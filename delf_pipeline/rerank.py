@@ -43,6 +43,7 @@ from .verification.pairs import PairResult, verify_options, verify_pair
 log = logging.getLogger("delf_pipeline.rerank")
 
 COLUMNS = ("query_id", "index_id", "global_score", "matches", "inliers", "score", "status")
+RELEASE_EVERY = 256  # candidates read between two releases of the stores' mapped pages
 QUERY_BLOCK = 32  # queries per block: the unit of resume, sharding and parallel work
 
 
@@ -133,6 +134,7 @@ class BlockWorker:
         self.options = verify_options(conf)
         self.cache: OrderedDict[str, ImageFeatures] = OrderedDict()
         self.cache_images = cache_images
+        self.reads_since_release = 0
 
     def index_features(self, image_id: str) -> ImageFeatures:
         """Local features of an index image, read from the store once while cached."""
@@ -153,11 +155,15 @@ class BlockWorker:
     def rerank_query(self, query_id: str, candidates: list[tuple[str, float]]) -> list[tuple]:
         """Verify one stored query against its candidates; rows sorted by score descending.
 
-        The stores' mapped pages are released after each query, so a worker's resident memory
-        is bounded by one query's reads, not by the union of its candidates."""
+        Every RELEASE_EVERY candidates the stores' mapped pages are released, so the worker's
+        resident memory is bounded by that many reads, not by the union of its candidates
+        (releasing after every query cost more: each query's candidates were mapped anew)."""
         rows = self.rerank_features(query_id, self.queries.features(query_id), candidates)
-        for store in (self.queries, self.index):
-            store.release()
+        self.reads_since_release += len(candidates)
+        if self.reads_since_release >= RELEASE_EVERY:
+            self.queries.release()
+            self.index.release()
+            self.reads_since_release = 0
         return rows
 
     def rerank_features(self, query_id: str, query: ImageFeatures, candidates: list[tuple[str, float]]) -> list[tuple]:

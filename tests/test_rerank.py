@@ -272,6 +272,18 @@ def test_index_features_are_read_once_per_worker(many, tmp_path, monkeypatch):
     assert sorted(i for store, i in calls if store == "q") == [f"q{n:03d}" for n in range(NUM_QUERIES)]
 
 
+def test_mapped_pages_are_released_every_release_every_candidates(many, tmp_path, monkeypatch):
+    """Resident memory is bounded by a count of reads: with RELEASE_EVERY = 7 and 3 candidates
+    per query, both stores are released after every third query (9 reads), and results are the same."""
+    released: list[str] = []
+    monkeypatch.setattr(rerank, "RELEASE_EVERY", 7)
+    monkeypatch.setattr(FeatureStore, "release", lambda store: released.append(store.path.name))
+    out = rerank.run(*stage_args(many, tmp_path / "rerank.csv"))
+    assert len(released) == 2 * (NUM_QUERIES // 3)
+    assert set(released) == {"q", "i"}
+    assert out.read_bytes() == (many["root"] / "reference.csv").read_bytes()
+
+
 def test_global_only_index_is_a_clear_error(tmp_path):
     vectors = random_unit_rows(2, 8, seed=3)
     index = write_store(tmp_path / "index", {"a": global_only(vectors[0])}, 4,
