@@ -23,7 +23,7 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10 (older Kaggle images): the same parser, published as tomli
     import tomli as tomllib
 
-DEFAULT_PRESET = "sift_default"
+DEFAULT_PRESET = "xfeat"
 
 def _official(key: str, comment: str) -> tuple[Any, str]:
     """The official re-ranking value of a rerank key (one definition: verification.pairs.MODES)."""
@@ -320,7 +320,7 @@ def to_toml(config: dict) -> str:
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Options every stage shares: preset, config file and key overrides."""
     group = parser.add_argument_group("configuration")
-    group.add_argument("--preset", help="named preset (default: sift_default); "
+    group.add_argument("--preset", help=f"named preset (default: {DEFAULT_PRESET}); "
                        "`delf-pipeline config --list` names them")
     group.add_argument("--config", metavar="FILE", help="TOML file of settings, layered over the preset (the "
                        "default one unless the file names preset = \"NAME\" or --preset is given)")

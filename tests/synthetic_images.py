@@ -11,8 +11,11 @@ from PIL import Image
 from delf_pipeline.formats.images import kaggle_path
 
 SIDE = 96  # pixels per photo side
-FAST = ["--set", "extract.vlad_words=4", "--set", "extract.max_image_size=96", "--set", "extract.part_size=2",
-        "--set", "extract.max_features=200", "--set", "rerank.num_to_rerank=3", "--set", "shortlist.top_k=4"]
+# Small, fast settings for tests of the stages' mechanics. The textures are made for SIFT, so they
+# pin the RootSIFT preset (XFeat has its own tests: test_xfeat.py, test_extract_hybrid.py).
+FAST = ["--preset", "sift_default", "--set", "extract.vlad_words=4", "--set", "extract.max_image_size=96",
+        "--set", "extract.part_size=2", "--set", "extract.max_features=200", "--set", "rerank.num_to_rerank=3",
+        "--set", "shortlist.top_k=4"]
 
 
 def place_texture(place: int) -> np.ndarray:

@@ -9,6 +9,7 @@ from delf_pipeline.cli import main as cli_main
 from delf_pipeline.config import (
     CHECKS,
     COMMENTS,
+    DEFAULT_PRESET,
     DEFAULTS,
     ConfigError,
     list_presets,
@@ -93,7 +94,7 @@ def test_config_command_prints_every_key_with_its_comment(capsys):
     assert keys[0] == 'preset = "kaggle2020_baseline"'
     assert len(keys[1:]) == sum(len(section) for section in DEFAULTS.values())
     assert all(" # " in line for line in keys[1:])  # every key has its comment
-    assert to_toml(load_config()).startswith('preset = "sift_default"')
+    assert to_toml(load_config()).startswith(f'preset = "{DEFAULT_PRESET}"')
 
 
 def test_comments_are_data_for_every_key():
@@ -112,7 +113,7 @@ def test_a_config_file_is_layered_over_the_default_preset(tmp_path, capsys):
     assert cli_main(["config", "--config", str(tmp_path / "f.toml")]) == 0
     printed = tomllib.loads(capsys.readouterr().out)
     default = load_config()
-    assert printed["preset"] == "sift_default" and printed["predict"]["top_k"] == 7
+    assert printed["preset"] == DEFAULT_PRESET and printed["predict"]["top_k"] == 7
     assert printed["rerank"] == default["rerank"]  # mutual + msac_affine, 20 candidates: not kdtree/skimage
     assert printed["extract"] == default["extract"]
 

@@ -53,7 +53,8 @@ def child_env() -> dict:
 
 
 def config(**extract_settings) -> dict:
-    conf = load_config()
+    """RootSIFT settings (the mechanics tested here: grey decoding, codebook sample, resume) made small."""
+    conf = load_config("sift_default")
     conf["extract"].update({**FAST, **extract_settings})
     return conf
 
@@ -142,8 +143,8 @@ def test_default_extraction_stores_all_79_photos(mini_run):
         sizes = {row["image"].rsplit(".", 1)[0]: (int(row["height"]), int(row["width"])) for row in csv.DictReader(handle)}
     for image_id in features.ids:
         one = features.features(image_id)
-        assert 0 < one.num_features <= 1000 and one.descriptors.shape[1] == 128
-        assert one.global_descriptor.shape == (16 * 128,)
+        assert 0 < one.num_features <= 1000 and one.descriptors.shape[1] == 64  # the default: XFeat
+        assert one.global_descriptor.shape == (16 * 64,)
         assert features.size(image_id) == sizes[image_id]
         assert (one.locations >= 0).all() and (one.locations < sizes[image_id]).all()
 
@@ -533,8 +534,8 @@ def test_dask_run_resumes_a_killed_local_run_and_removes_its_leftovers(small_sto
     leftover = store / "parts" / ".s001of001-p000001.abc.tmp"
     leftover.mkdir()
     with local_cluster(processes=False) as cluster:
-        args = ["extract", "--images", photos, "--out", store, "--set", "extract.part_size=4", *FAST_ARGS,
-                "--dask", cluster.scheduler_address]
+        args = ["extract", "--images", photos, "--out", store, "--preset", "sift_default", "--set",
+                "extract.part_size=4", *FAST_ARGS, "--dask", cluster.scheduler_address]
         assert cli_main(list(map(str, args))) == 0
     assert not leftover.exists()
     assert store_files(store) == store_files(single)

@@ -75,6 +75,13 @@ def stores(tmp_path_factory) -> Path:
 # ------------------------------------------------------------------ D7: user and environment errors
 
 
+def test_default_preset_without_its_weights_says_how_to_get_them(tmp_path, monkeypatch):
+    write_photos(tmp_path / "img", places=1)
+    monkeypatch.setenv("DELF_PIPELINE_CACHE", str(tmp_path / "empty_cache"))  # no XFeat weights there
+    result = delf("extract", "--images", "img", "--out", "store", cwd=tmp_path)
+    assert_refused(result, 2, "xfeat.pt is missing", "delf-pipeline weights fetch xfeat", "--preset sift_default")
+
+
 def test_out_that_is_a_file(tmp_path):
     write_photos(tmp_path / "img", places=1)
     (tmp_path / "s").write_text("a file")

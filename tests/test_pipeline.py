@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from delf_pipeline import __version__
+from delf_pipeline.config import DEFAULT_PRESET
 from delf_pipeline.cli import main as cli_main
 from delf_pipeline.formats.images import kaggle_path
 from delf_pipeline.formats.store import read_errors
@@ -127,7 +128,7 @@ def test_run_records_its_inputs(kaggle_run):
     record = json.loads((kaggle_run["root"] / "out" / "run.json").read_text())
     data = (kaggle_run["root"] / "data").resolve()
     assert record["data"] == str(data) and record["solution"] == str(data / "solution.csv")
-    assert record["preset"] == "sift_default" and record["overrides"] == FAST[1::2]
+    assert record["preset"] == DEFAULT_PRESET and record["overrides"] == FAST[1::2]
     assert record["version"] == __version__ and record["model"] == "" and record["config_file"] is None
     assert record["config"]["extract"]["max_image_size"] == 512
 
@@ -209,8 +210,8 @@ def test_demo_runs_and_writes_metrics(tmp_path, capsys):
     assert (metrics["gap"], metrics["gap_ignoring_non_landmarks"], metrics["accuracy"]) == (1.0, 1.0, 1.0)
     retrieval = metrics["retrieval"]
     assert retrieval == pytest.approx({
-        "map@100": 55 / 56, "mrr": 1.0, "precision@1": 1.0, "precision@5": 47 / 80, "precision@10": 47 / 160,
-        "precision@100": 3 / 100, "recall@1": 1 / 3, "recall@5": 47 / 48, "recall@10": 47 / 48,
+        "map@100": 1.0, "mrr": 1.0, "precision@1": 1.0, "precision@5": 48 / 80, "precision@10": 48 / 160,
+        "precision@100": 3 / 100, "recall@1": 1 / 3, "recall@5": 1.0, "recall@10": 1.0,
         "recall@100": 1.0, "queries": 16, "skipped_no_relevant": 6}, rel=1e-12)
     assert validate_submission(tmp_path / "run" / "submission.csv") == []
     assert "submission" in capsys.readouterr().out

