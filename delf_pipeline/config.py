@@ -51,6 +51,7 @@ SETTINGS: dict[str, dict[str, tuple[Any, str]]] = {
         "xfeat_scales": ([1.0], "xfeat: image scales detected on; the best max_features of all are kept"),
         "local_features": (True, "false: store global descriptors only (local ones on demand at rerank)"),
         "part_size": (256, "images per store part (unit of atomic write and resume)"),
+        "batch_size": (8, "xfeat: consecutive images of one decoded size per model call (1: one at a time)"),
     },
     "shortlist": {
         "top_k": (100, "index images kept per query"),
@@ -264,6 +265,7 @@ CHECKS: dict[tuple[str, str], Callable[[Any], str | None]] = {
     ("extract", "vlad_words"): _at_least(1),
     ("extract", "codebook_images"): _at_least(1),
     ("extract", "part_size"): _at_least(1),
+    ("extract", "batch_size"): _at_least(1),
     ("shortlist", "top_k"): _at_least(1),
     ("shortlist", "chunk_rows"): _at_least(1),
     ("shortlist", "device"): OneOf(("auto", "cpu", "gpu")),

@@ -14,6 +14,8 @@ The stage is resumable (finished ids are skipped before any model loads; each pa
 written atomically) and shardable (``--shard I/N``: N processes write disjoint parts of
 the same store). With ``--dask ADDRESS`` the parts are tasks on a Dask cluster whose workers
 share the store's folder; each worker loads the model once (see :func:`_extract_part`).
+Consecutive images of one decoded size go to the model together, up to ``batch_size`` (XFeat;
+the other backends take them one by one).
 """
 from __future__ import annotations
 
@@ -24,13 +26,19 @@ import logging
 from dataclasses import replace
 from itertools import islice
 from pathlib import Path
-from typing import Callable, Collection, Iterable, Iterator, Sequence
+from typing import Collection, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from .config import load_config
 from .export.efficientnet_lite0 import BUILTIN, builtin_model, export_record
-from .extractors.features import ImageFeatures
+from .extractors.features import (
+    BatchExtractor,
+    Extractor,
+    ImageFeatures,
+    extract_batch,
+    mapped,
+)
 from .formats.images import (
     ErrorRecord,
     ImageError,
@@ -63,7 +71,6 @@ from .utils.progress import track
 
 log = logging.getLogger("delf_pipeline.extract")
 
-Extractor = Callable[[np.ndarray], ImageFeatures]
 RUNTIME_KEYS = ("part_size",)  # extract keys that change how the store is written, not what it holds
 LOCAL_BACKENDS = ("rootsift", "xfeat")  # backends with their own local features and a VLAD global
 
@@ -86,7 +93,8 @@ def run(
 
     ``only_ids`` restricts the work to those image ids (e.g. the shortlisted candidates).
     ``extractor`` replaces the configured backend (tests and benchmarks inject one): no model
-    is loaded and no codebook learned; it is given images decoded as :func:`decode_mode` says.
+    is loaded and no codebook learned; it is given images decoded as :func:`decode_mode` says
+    (batches through its ``batch`` call if it has one, see :func:`extract_batch`).
     ``dask_address``: run the parts on that dask.distributed scheduler (same store bytes); the
     workers load the configured backend, so it does not go with ``extractor``.
     """
@@ -182,7 +190,7 @@ def load_backend(conf: dict, records: Sequence[ImageRecord], out: Path, codebook
     extractor = _load_backend(conf, records, out, codebook, shard)
     if conf["local_features"]:
         return extractor
-    return lambda image: extractor(image).without_local()
+    return mapped(extractor, ImageFeatures.without_local)
 
 
 def _load_backend(conf: dict, records: Sequence[ImageRecord], out: Path, codebook, shard) -> Extractor:
@@ -222,22 +230,21 @@ def local_extractor(conf: dict, name: str) -> Extractor:
                                 tuple(conf["xfeat_scales"]))
 
 
-def _with_locals(model: Extractor, local: Extractor) -> Extractor:
-    def extract(image: np.ndarray) -> ImageFeatures:
-        return replace(local(image), global_descriptor=model(image).global_descriptor)
+def _with_locals(model: Extractor, local: Extractor) -> BatchExtractor:
+    """``local``'s features with ``model``'s global descriptor; batched where each of them is."""
+    def batch(images: Sequence[np.ndarray]) -> list[ImageFeatures]:
+        wholes = extract_batch(model, images)
+        return [replace(features, global_descriptor=whole.global_descriptor)
+                for features, whole in zip(extract_batch(local, images), wholes)]
 
-    return extract
+    return BatchExtractor(batch)
 
 
-def _vlad_extractor(local: Extractor, words: np.ndarray) -> Extractor:
-    """``local`` features + VLAD global over the codebook ``words`` [K, D]."""
+def _vlad_extractor(local: Extractor, words: np.ndarray) -> BatchExtractor:
+    """``local`` features + VLAD global over the codebook ``words`` [K, D]; batched as ``local`` is."""
     from .extractors.rootsift import vlad
 
-    def extract(image: np.ndarray) -> ImageFeatures:
-        features = local(image)
-        return replace(features, global_descriptor=vlad(features.descriptors, words))
-
-    return extract
+    return mapped(local, lambda features: replace(features, global_descriptor=vlad(features.descriptors, words)))
 
 
 def _stored_codebook(out: Path, given) -> np.ndarray | None:
@@ -388,13 +395,35 @@ def _extract_part(out: str, name: str, records: list[ImageRecord], conf: dict, s
 
 def _extract_each(todo: list[ImageRecord], extractor: Extractor, conf: dict) -> Iterator[ExtractedImage | ErrorRecord]:
     """Each record of ``todo`` in order: its stored form, or its error. Decoding runs ahead in
-    background threads, overlapping the model."""
-    decoded = iter_decoded(todo, conf["max_image_size"], mode=decode_mode(conf))
-    for record, image, factors, error in decoded:
-        if error is not None:
-            yield ErrorRecord(record.id, str(record.path), error)
-        else:
-            yield as_stored(record.id, extractor(image), image.shape, factors)
+    background threads, overlapping the model; images are extracted in the groups of
+    :func:`_batches` (one batch call each, see :func:`extract_batch`)."""
+    decoded = iter_decoded(todo, conf["max_image_size"], lookahead=max(8, conf["batch_size"]), mode=decode_mode(conf))
+    for group in _batches(decoded, conf["batch_size"], conf["part_size"]):
+        found = iter(extract_batch(extractor, [image for _, image, _, error in group if error is None]))
+        for record, image, factors, error in group:
+            if error is not None:
+                yield ErrorRecord(record.id, str(record.path), error)
+            else:
+                yield as_stored(record.id, next(found), image.shape, factors)
+
+
+def _batches(decoded: Iterable[tuple], batch_size: int, part_size: int) -> Iterator[list[tuple]]:
+    """``decoded`` (record, image, factors, error) tuples, in order, cut into consecutive groups
+    holding at most ``batch_size`` images, all of one shape, and never crossing a part boundary
+    (every ``part_size`` records: a resumed run groups its images as the first run did). A
+    failed record (image None) stays in the group it falls in."""
+    group, shape, count = [], None, 0
+    for position, item in enumerate(decoded):
+        image = item[1]
+        cut = image is not None and count > 0 and (image.shape != shape or count == batch_size)
+        if group and (cut or position % part_size == 0):
+            yield group
+            group, count = [], 0
+        group.append(item)
+        if image is not None:
+            shape, count = image.shape, count + 1
+    if group:
+        yield group
 
 
 def as_stored(image_id: str, features: ImageFeatures, shape: tuple, factors: np.ndarray) -> ExtractedImage:

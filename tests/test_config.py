@@ -143,6 +143,7 @@ INVALID = [
     ("extract.vlad_words=0", "extract.vlad_words"),
     ("extract.codebook_images=0", "extract.codebook_images"),
     ("extract.part_size=0", "extract.part_size"),
+    ("extract.batch_size=0", "extract.batch_size"),
     ("extract.xfeat_threshold=1.0", "extract.xfeat_threshold"),
     ("extract.xfeat_scales=[0.0]", "extract.xfeat_scales"),
     ("shortlist.top_k=0", "shortlist.top_k"),

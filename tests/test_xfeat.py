@@ -134,6 +134,93 @@ def test_xfeat_backend_writes_a_store(xfeat_weights_file, tmp_path):
     assert settings["xfeat_threshold"] == 0.05 and settings["xfeat_scales"] == [1.0]
 
 
+# ---------------------------------------------------------------- batches (extract.batch_size)
+
+
+def assert_same_features(batched, single, atol: float = 1e-5) -> None:
+    """The same keypoints (as a set: near-tied scores may swap places, which is why
+    extract.batch_size is part of the store's fingerprint), descriptors and scores within ``atol``."""
+    order_b, order_s = np.lexsort(batched.locations.T), np.lexsort(single.locations.T)
+    np.testing.assert_array_equal(batched.locations[order_b], single.locations[order_s])
+    np.testing.assert_array_equal(batched.scales[order_b], single.scales[order_s])
+    np.testing.assert_allclose(batched.descriptors[order_b], single.descriptors[order_s], atol=atol)
+    np.testing.assert_allclose(batched.scores[order_b], single.scores[order_s], atol=atol)
+
+
+@pytest.mark.parametrize("scales", [(1.0,), (1.0, 0.7)])
+def test_a_batch_finds_what_one_image_at_a_time_finds(xfeat_weights, reference, scales):
+    image = reference["synthetic/image"]
+    images = [image, image[::-1].copy(), np.roll(image, 37, axis=1), 255 - image]
+    extractor = xfeat.XFeatExtractor(xfeat_weights, max_features=300, scales=scales)
+    for batched, single in zip(extractor.batch(images), map(extractor, images)):
+        assert batched.num_features == single.num_features > 100
+        assert_same_features(batched, single)
+
+
+def test_a_batch_of_real_photos_finds_what_one_at_a_time_finds(xfeat_weights):
+    paths = [DATA / "lund_street" / f"lund_0{i}.jpg" for i in (1, 2)]
+    if not all(path.is_file() for path in paths):
+        pytest.skip(f"{paths} are absent (real photos are read from ../shared/data, never copied)")
+    images = [load_image(path, 1024)[0] for path in paths]
+    assert images[0].shape == images[1].shape == (768, 1024, 3)
+    extractor = xfeat.XFeatExtractor(xfeat_weights, max_features=1000)
+    for batched, single in zip(extractor.batch(images), map(extractor, images)):
+        assert batched.num_features == single.num_features == 1000
+        assert_same_features(batched, single)
+
+
+def test_a_batch_of_several_shapes_is_refused(extractor):
+    with pytest.raises(ValueError, match=r"one shape, got \[\(32, 32, 3\), \(32, 48, 3\)\]"):
+        extractor.batch([np.zeros((32, 32, 3), np.uint8), np.zeros((32, 48, 3), np.uint8)])
+
+
+def test_the_device_is_logged_when_the_model_is_built(xfeat_weights, caplog):
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    with caplog.at_level("INFO", logger="delf_pipeline.extractors.xfeat"):
+        xfeat.XFeatExtractor(xfeat_weights)
+    expected = f"XFeat on {gpus[0].name}" if gpus else "XFeat on CPU (no GPU visible to TensorFlow)"
+    assert [r.getMessage() for r in caplog.records] == [expected]
+
+
+def test_a_batched_xfeat_store_resumed_after_a_kill_is_identical(xfeat_weights, tmp_path, monkeypatch):
+    """Batches never cross a part boundary, so the resumed run batches its images as the
+    uninterrupted one did (part_size 3, batch_size 2: batches of 2 and 1 in every part)."""
+    import skimage.data
+    from PIL import Image
+
+    from delf_pipeline import extract
+    from delf_pipeline.config import load_config
+
+    (tmp_path / "photos").mkdir()
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field"):
+        Image.fromarray(getattr(skimage.data, name)()[:160, :224]).save(tmp_path / "photos" / f"{name}.png")
+    config = load_config("xfeat", overrides=["extract.batch_size=2", "extract.part_size=3"])
+    words = np.random.default_rng(0).normal(size=(4, 64)).astype(np.float32)
+    backend = extract._vlad_extractor(xfeat.XFeatExtractor(xfeat_weights, max_features=200), words)
+    extract.run(config, tmp_path / "photos", tmp_path / "whole", extractor=backend)
+    real_write, written = extract.write_part, []
+
+    def write_then_die(*args, **kwargs):
+        if written:
+            raise KeyboardInterrupt("killed after the first part")
+        written.append(real_write(*args, **kwargs))
+
+    monkeypatch.setattr(extract, "write_part", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        extract.run(config, tmp_path / "photos", tmp_path / "resumed", extractor=backend)
+    monkeypatch.setattr(extract, "write_part", real_write)
+    extract.run(config, tmp_path / "photos", tmp_path / "resumed", extractor=backend)
+    assert files(tmp_path / "resumed") == files(tmp_path / "whole")
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    """{relative path: bytes} of the finished files under ``folder`` (no hidden locks)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.name.startswith(".")}
+
+
 # ---------------------------------------------------------------- no weights needed
 
 

@@ -1,7 +1,9 @@
-"""The per-image result of feature extraction, shared by every backend and the store."""
+"""The per-image result of feature extraction, shared by every backend and the store, and
+the extractor's call: one image, or (:class:`BatchExtractor`) a batch of images of one shape."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -47,3 +49,32 @@ def l2_normalize(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarra
     """Rows (or any axis) of ``x`` scaled to unit L2 norm; all-zero rows stay zero."""
     x = np.asarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), eps)
+
+
+Extractor = Callable[[np.ndarray], ImageFeatures]  # one image [H, W(, 3)] uint8 -> its features
+BatchCall = Callable[[Sequence[np.ndarray]], list[ImageFeatures]]
+
+
+class BatchExtractor:
+    """An extractor defined by its batch call ``batch(images) -> [features, ...]`` (images of
+    one shape, [H, W(, 3)] uint8 each); ``extractor(image)`` is ``batch([image])[0]``."""
+
+    def __init__(self, batch: BatchCall):
+        self.batch = batch
+
+    def __call__(self, image: np.ndarray) -> ImageFeatures:
+        return self.batch([image])[0]
+
+
+def extract_batch(extractor: Extractor, images: Sequence[np.ndarray]) -> list[ImageFeatures]:
+    """Features of ``images`` (each [H, W(, 3)] uint8, all of one shape), in order: one call of
+    ``extractor.batch`` when it has one, else one call of ``extractor`` per image."""
+    batch = getattr(extractor, "batch", None)
+    if batch is None or not len(images):
+        return [extractor(image) for image in images]
+    return list(batch(images))
+
+
+def mapped(extractor: Extractor, then: Callable[[ImageFeatures], ImageFeatures]) -> BatchExtractor:
+    """``extractor`` with ``then`` applied to each image's features; batched as ``extractor`` is."""
+    return BatchExtractor(lambda images: [then(features) for features in extract_batch(extractor, images)])

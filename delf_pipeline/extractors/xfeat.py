@@ -19,12 +19,16 @@ since the trained weights were used that way.
 """
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from .features import ImageFeatures, l2_normalize
+
+log = logging.getLogger("delf_pipeline.extractors.xfeat")
 
 DESCRIPTOR_DIM = 64
 CELL = 8  # stride of the dense maps
@@ -269,13 +273,14 @@ def select_keypoints(heat: np.ndarray, peaks: np.ndarray, reliability: np.ndarra
 
 
 class XFeatExtractor:
-    """``extractor(image) -> ImageFeatures``: XFeat sparse features of one uint8 image.
+    """``extractor(image) -> ImageFeatures``: XFeat sparse features of one uint8 image;
+    ``extractor.batch(images)`` does the same for images of one shape, one model call per scale.
 
     image: [H, W, 3] RGB (or [H, W] grey) uint8. Locations are (y, x) in ``image`` pixels,
     descriptors [N, 64] L2-normalised, scores the reference's (heatmap x reliability),
     N <= ``max_features``. ``scales`` other than (1.0,) run the detector on resized copies
     and keep the best ``max_features`` of all (``scales`` records each feature's scale).
-    The model runs on a GPU when TensorFlow sees one.
+    The model runs on a GPU when TensorFlow sees one (logged once, when built).
     """
 
     def __init__(self, weights: dict[str, list[np.ndarray]], max_features: int = 4096,
@@ -286,33 +291,64 @@ class XFeatExtractor:
             raise ValueError(f"scales must be positive, got {scales}")
         self.max_features, self.scales = max_features, tuple(scales)
         self.dense = make_dense_fn(build_model(weights), threshold)
+        log.info("XFeat on %s", tensorflow_device())
 
     def __call__(self, image: np.ndarray) -> ImageFeatures:
-        image = np.asarray(image)
-        if image.ndim == 2:
-            image = np.repeat(image[..., None], 3, axis=2)
-        found = [self._detect(_rescaled(image, scale), image.shape[:2]) for scale in self.scales]
+        return self.batch([image])[0]
+
+    def batch(self, images: Sequence[np.ndarray]) -> list[ImageFeatures]:
+        """Features of each of ``images`` (all [H, W, 3] RGB or all [H, W] grey uint8, one shape)."""
+        stack = _stacked_rgb(images)
+        found = [self._detect(_rescaled(stack, scale), stack.shape[1:3]) for scale in self.scales]
+        return [self._best([per_scale[i] for per_scale in found]) for i in range(len(stack))]
+
+    def _best(self, found: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> ImageFeatures:
+        """The best ``max_features`` of one image's (xy, scores, descriptors), one per scale."""
         xy = np.concatenate([f[0] for f in found])
         scores, descriptors = np.concatenate([f[1] for f in found]), np.concatenate([f[2] for f in found])
         scales = np.concatenate([np.full(len(f[1]), s, np.float32) for f, s in zip(found, self.scales)])
         keep = np.argsort(-scores, kind="stable")[: self.max_features]
         return ImageFeatures(xy[keep, ::-1].copy(), descriptors[keep], scales[keep], scores[keep])
 
-    def _detect(self, image: np.ndarray, original: tuple[int, int]):
-        """(xy [N, 2] float32 in pixels of the ``original`` (H, W) image, scores [N], descriptors
-        [N, 64]) of ``image``, the original at one scale."""
-        feats, heat, peaks, reliability = (t.numpy()[0] for t in self.dense(image[None].astype(np.float32)))
+    def _detect(self, images: np.ndarray, original: tuple[int, int]) -> list[tuple]:
+        """Per image of ``images`` [B, h, w, 3] (the originals at one scale): (xy [N, 2] float32
+        in pixels of the ``original`` (H, W) images, scores [N], descriptors [N, 64])."""
+        maps = [t.numpy() for t in self.dense(images.astype(np.float32))]
+        return [self._sparse(*image_maps, original) for image_maps in zip(*maps)]
+
+    def _sparse(self, feats: np.ndarray, heat: np.ndarray, peaks: np.ndarray, reliability: np.ndarray,
+                original: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One image's sparse features from its dense maps (shapes as :func:`make_dense_fn`'s, no B)."""
         xy, scores = select_keypoints(heat, peaks, reliability, self.max_features)
         descriptors = l2_normalize(sample_interpolated(feats, xy, heat.shape, "bicubic"))
         ratio = np.array([original[1] / heat.shape[1], original[0] / heat.shape[0]], np.float32)
         return (xy * ratio).astype(np.float32), scores.astype(np.float32), descriptors
 
 
-def _rescaled(image: np.ndarray, scale: float) -> np.ndarray:
-    """``image`` resized by ``scale`` (bilinear, the reference's pyramid resampling); as is at 1."""
-    if scale == 1.0:
-        return image
+def tensorflow_device() -> str:
+    """Where TensorFlow runs the model: its first GPU's name, else the CPU."""
     import tensorflow as tf
 
-    size = [max(MULTIPLE, round(image.shape[0] * scale)), max(MULTIPLE, round(image.shape[1] * scale))]
-    return tf.image.resize(image[None].astype(np.float32), size, method="bilinear").numpy()[0]
+    gpus = tf.config.list_logical_devices("GPU")
+    return gpus[0].name if gpus else "CPU (no GPU visible to TensorFlow)"
+
+
+def _stacked_rgb(images: Sequence[np.ndarray]) -> np.ndarray:
+    """[B, H, W, 3] uint8 of ``images`` ([H, W, 3] or grey [H, W], all of one shape)."""
+    images = [np.asarray(image) for image in images]
+    shapes = sorted({image.shape for image in images})
+    if len(shapes) != 1:
+        raise ValueError(f"a batch of XFeat needs images of one shape, got {shapes}")
+    stack = np.stack(images)
+    return np.repeat(stack[..., None], 3, axis=3) if stack.ndim == 3 else stack
+
+
+def _rescaled(images: np.ndarray, scale: float) -> np.ndarray:
+    """``images`` [B, H, W, 3] resized by ``scale`` (bilinear, the reference's pyramid
+    resampling), float32; as they are at 1."""
+    if scale == 1.0:
+        return images
+    import tensorflow as tf
+
+    size = [max(MULTIPLE, round(images.shape[1] * scale)), max(MULTIPLE, round(images.shape[2] * scale))]
+    return tf.image.resize(images.astype(np.float32), size, method="bilinear").numpy()
