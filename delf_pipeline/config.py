@@ -51,7 +51,7 @@ SETTINGS: dict[str, dict[str, tuple[Any, str]]] = {
         "xfeat_scales": ([1.0], "xfeat: image scales detected on; the best max_features of all are kept"),
         "local_features": (True, "false: store global descriptors only (local ones on demand at rerank)"),
         "part_size": (256, "images per store part (unit of atomic write and resume)"),
-        "batch_size": (8, "xfeat: consecutive images of one decoded size per model call (1: one at a time)"),
+        "batch_size": (1, "xfeat: images of one decoded size per model call; 1 measured fastest on CPU (docs/xfeat.md)"),
     },
     "shortlist": {
         "top_k": (100, "index images kept per query"),

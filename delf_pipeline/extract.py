@@ -15,7 +15,8 @@ written atomically) and shardable (``--shard I/N``: N processes write disjoint p
 the same store). With ``--dask ADDRESS`` the parts are tasks on a Dask cluster whose workers
 share the store's folder; each worker loads the model once (see :func:`_extract_part`).
 Consecutive images of one decoded size go to the model together, up to ``batch_size`` (XFeat;
-the other backends take them one by one).
+the other backends take them one by one; part of the store's fingerprint, since a batch's
+results differ from one image's in the last bits).
 """
 from __future__ import annotations
 
@@ -396,9 +397,9 @@ def _extract_part(out: str, name: str, records: list[ImageRecord], conf: dict, s
 def _extract_each(todo: list[ImageRecord], extractor: Extractor, conf: dict) -> Iterator[ExtractedImage | ErrorRecord]:
     """Each record of ``todo`` in order: its stored form, or its error. Decoding runs ahead in
     background threads, overlapping the model; images are extracted in the groups of
-    :func:`_batches` (one batch call each, see :func:`extract_batch`)."""
+    :func:`batches` (one batch call each, see :func:`extract_batch`)."""
     decoded = iter_decoded(todo, conf["max_image_size"], lookahead=max(8, conf["batch_size"]), mode=decode_mode(conf))
-    for group in _batches(decoded, conf["batch_size"], conf["part_size"]):
+    for group in batches(decoded, conf["batch_size"], conf["part_size"]):
         found = iter(extract_batch(extractor, [image for _, image, _, error in group if error is None]))
         for record, image, factors, error in group:
             if error is not None:
@@ -407,7 +408,7 @@ def _extract_each(todo: list[ImageRecord], extractor: Extractor, conf: dict) -> 
                 yield as_stored(record.id, next(found), image.shape, factors)
 
 
-def _batches(decoded: Iterable[tuple], batch_size: int, part_size: int) -> Iterator[list[tuple]]:
+def batches(decoded: Iterable[tuple], batch_size: int, part_size: int) -> Iterator[list[tuple]]:
     """``decoded`` (record, image, factors, error) tuples, in order, cut into consecutive groups
     holding at most ``batch_size`` images, all of one shape, and never crossing a part boundary
     (every ``part_size`` records: a resumed run groups its images as the first run did). A

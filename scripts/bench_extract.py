@@ -15,13 +15,20 @@ machines, hits both alike), ``--repeats`` times:
 Reported per backend: images per second of both (median over repeats), the stage's
 overhead, stage time / bare time - 1 (target: at most 10%), and the same ratio of process
 CPU time (the work the stage adds; it is what a busy or shared machine pays). Backends: ``rootsift`` (the
-embedded default, preset sift_default) and ``savedmodel`` (preset delg_gldv2 settings).
+embedded default, preset sift_default), ``savedmodel`` (preset delg_gldv2 settings) and ``xfeat``
+(preset xfeat; its weights fetched once with ``delf-pipeline weights fetch xfeat``). The bare
+calls are batched as the stage batches them (extract.batch_size, consecutive images of one size).
+
+With ``--batch-sizes 1 8`` a second table times bare calls and the stage at each
+extract.batch_size, taking turns on every group in the same run: wall and CPU seconds per
+image and their ratios to the first size.
 Without ``--model`` the SavedModel is the tiny TF2 test export of
 delf_pipeline.testing.export_test_models: its model calls are cheap, so the decode and
 write costs weigh more and its overhead ratio is pessimistic for a real DELG model.
 
     python scripts/bench_extract.py                       # landmarks_mini, both backends
     python scripts/bench_extract.py --model /path/to/delg --backends savedmodel --json out.json
+    python scripts/bench_extract.py --backends xfeat --batch-sizes 1 8 --group 20 --repeats 2
 """
 from __future__ import annotations
 
@@ -38,10 +45,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from delf_pipeline import extract  # noqa: E402
 from delf_pipeline.config import load_config  # noqa: E402
+from delf_pipeline.extractors.features import extract_batch  # noqa: E402
 from delf_pipeline.formats.images import list_images, load_image  # noqa: E402
 
 MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "landmarks_mini"
-PRESETS = {"rootsift": "sift_default", "savedmodel": "delg_gldv2"}
+PRESETS = {"rootsift": "sift_default", "savedmodel": "delg_gldv2", "xfeat": "xfeat"}
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina")
 
 
@@ -57,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="photos per turn: bare and stage alternate on groups this size (0: all in one turn)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="config override applied to every backend, e.g. extract.max_image_size=512")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", metavar="B",
+                        help="also time bare calls and the stage at each extract.batch_size (ratios to the first)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     return parser.parse_args(argv)
 
@@ -98,11 +108,11 @@ def load_backend(backend: str, conf: dict, folder: Path, scratch: Path) -> tuple
     return loaded, time.perf_counter() - start
 
 
-def time_bare(extractor, images: list) -> tuple[float, float]:
-    """(wall, CPU) seconds of the model calls alone."""
+def time_bare(extractor, images: list, batch_size: int) -> tuple[float, float]:
+    """(wall, CPU) seconds of the model calls alone, batched as the stage batches ``images``."""
     wall, cpu = time.perf_counter(), time.process_time()
-    for image in images:
-        extractor(image)
+    for group in extract.batches([(None, image, None, None) for image in images], batch_size, len(images)):
+        extract_batch(extractor, [item[1] for item in group])
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -115,7 +125,8 @@ def time_stage(extractor: extract.Extractor, conf: dict, folder: Path, out: Path
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def bench_backend(backend: str, args: argparse.Namespace, groups: list[Path], scratch: Path) -> dict:
+def prepared(backend: str, args: argparse.Namespace, groups: list[Path], scratch: Path) -> tuple:
+    """(config, loaded extractor, load seconds, decoded images of each group) of ``backend``."""
     conf = load_config(PRESETS[backend], overrides=args.overrides)
     if backend == "savedmodel":
         conf["extract"]["model"] = args.model or str(export_test_model(scratch))
@@ -123,13 +134,19 @@ def bench_backend(backend: str, args: argparse.Namespace, groups: list[Path], sc
     mode = extract.decode_mode(conf["extract"])  # what the stage hands the model: grey for rootsift
     decoded = [[load_image(r.path, conf["extract"]["max_image_size"], mode)[0] for r in list_images(group)[0]]
                for group in groups]
+    for size in {conf["extract"]["batch_size"], *(args.batch_sizes or ())}:  # warm-up: tracing, allocator
+        extract_batch(loaded, [decoded[0][0]] * size)
+    return conf, loaded, load_seconds, decoded
+
+
+def bench_backend(backend: str, args: argparse.Namespace, groups: list[Path], scratch: Path) -> dict:
+    conf, loaded, load_seconds, decoded = prepared(backend, args, groups, scratch)
     images = [image for group in decoded for image in group]
-    loaded(images[0])  # warm-up (first-call tracing, allocator)
     bare, stage = [], []
     for repeat in range(args.repeats):
         bare_times, stage_times = np.zeros(2), np.zeros(2)  # (wall, CPU) summed over the groups
         for number, (group, group_images) in enumerate(zip(groups, decoded)):
-            bare_times += time_bare(loaded, group_images)
+            bare_times += time_bare(loaded, group_images, conf["extract"]["batch_size"])
             stage_times += time_stage(loaded, conf, group, scratch / f"store-{backend}-{repeat}-{number}")
         bare.append(tuple(bare_times))
         stage.append(tuple(stage_times))
@@ -143,6 +160,42 @@ def bench_backend(backend: str, args: argparse.Namespace, groups: list[Path], sc
         "bare_images_per_second": len(images) / bare_s, "stage_images_per_second": len(images) / stage_s,
         "overhead": stage_s / bare_s - 1.0, "cpu_overhead": stage_cpu / bare_cpu - 1.0,
     }
+
+
+def bench_batch_sizes(backend: str, args: argparse.Namespace, groups: list[Path], scratch: Path) -> dict:
+    """Bare and stage (wall, CPU) seconds per image at each of ``args.batch_sizes`` (medians of
+    the repeats), the sizes taking turns on every group, first in rotation."""
+    conf, loaded, _, decoded = prepared(backend, args, groups, scratch)
+    count = sum(len(group) for group in decoded)
+    times = {(size, kind): [] for size in args.batch_sizes for kind in ("bare", "stage")}
+    for repeat in range(args.repeats):
+        sums = {key: np.zeros(2) for key in times}
+        for number, (group, group_images) in enumerate(zip(groups, decoded)):
+            turn = (number + repeat) % len(args.batch_sizes)
+            for size in args.batch_sizes[turn:] + args.batch_sizes[:turn]:
+                sized = {**conf, "extract": {**conf["extract"], "batch_size": size}}
+                sums[size, "bare"] += time_bare(loaded, group_images, size)
+                store = scratch / f"b{size}-{backend}-{repeat}-{number}"
+                sums[size, "stage"] += time_stage(loaded, sized, group, store)
+        for key, total in sums.items():
+            times[key].append(total)
+    per_image = {f"{kind} {size}": [statistics.median(column) / count for column in zip(*times[size, kind])]
+                 for size, kind in times}
+    return {"backend": backend, "images": count, "max_image_size": conf["extract"]["max_image_size"],
+            "groups": len(groups), "per_image_wall_cpu": per_image}
+
+
+def print_batch_table(rows: list[dict], sizes: list[int]) -> None:
+    print(f"\n| backend | images | batch size | bare wall s/image | bare CPU s/image | stage wall s/image "
+          f"| stage CPU s/image | stage wall / batch {sizes[0]} | stage CPU / batch {sizes[0]} |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        times = row["per_image_wall_cpu"]
+        base_wall, base_cpu = times[f"stage {sizes[0]}"]
+        for size in sizes:
+            (bare_wall, bare_cpu), (wall, cpu) = times[f"bare {size}"], times[f"stage {size}"]
+            print(f"| {row['backend']} | {row['images']} | {size} | {bare_wall:.3f} | {bare_cpu:.3f} | {wall:.3f} "
+                  f"| {cpu:.3f} | {wall / base_wall:.2f} | {cpu / base_cpu:.2f} |")
 
 
 def export_test_model(scratch: Path) -> Path:
@@ -170,9 +223,13 @@ def main(argv=None) -> int:
         scratch = Path(tmp)
         groups = photo_groups(args, scratch)
         rows = [bench_backend(backend, args, groups, scratch) for backend in args.backends]
+        batch_rows = [bench_batch_sizes(backend, args, groups, scratch) for backend in args.backends
+                      if args.batch_sizes]
     print_table(rows)
+    if batch_rows:
+        print_batch_table(batch_rows, args.batch_sizes)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        args.json.write_text(json.dumps(rows + batch_rows, indent=2) + "\n")
     return 0
 
 

@@ -52,7 +52,7 @@ def decoded(shapes: list[tuple | None]) -> list[tuple]:
 
 
 def groups(shapes: list[tuple | None], batch_size: int, part_size: int = 100) -> list[list[str]]:
-    return [[item[0] for item in group] for group in extract._batches(decoded(shapes), batch_size, part_size)]
+    return [[item[0] for item in group] for group in extract.batches(decoded(shapes), batch_size, part_size)]
 
 
 A, B = (4, 6), (6, 4)
