@@ -92,7 +92,8 @@ def test_stage_batches_by_shape_and_keeps_order_and_errors(tmp_path):
     batched = Recorder()
     store = FeatureStore(extract.run(config, tmp_path / "photos", tmp_path / "batched", extractor=batched))
     # parts: im00-im03 (im02 unreadable), im04-im07 (im06 unreadable), im08-im09
-    assert batched.calls == [[(48, 64)] * 2, [(48, 64)], [(64, 48)] * 2, [(48, 64)], [(48, 64)] * 2]
+    wide, tall = (48, 64, 3), (64, 48, 3)  # the default preset (XFeat) decodes in colour
+    assert batched.calls == [[wide] * 2, [wide], [tall] * 2, [wide], [wide] * 2]
     config["extract"]["batch_size"] = 1
     single = FeatureStore(extract.run(config, tmp_path / "photos", tmp_path / "single", extractor=image_features))
     assert store.ids == single.ids == [i for i in ids if i not in ("im02", "im06")]
