@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import signal
 import sys
 import threading
@@ -107,8 +106,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str]) -> int:
     verbose = "-v" in argv or "--verbose" in argv
-    if not verbose:  # TensorFlow's C++ INFO lines (oneDNN, CPU instructions): read once, at its import
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     log = logging.getLogger("delf_pipeline")
     try:
         setup_logging(verbose)
