@@ -118,6 +118,16 @@ def evd(args: argparse.Namespace) -> None:
 
 def evd_row(label: str, extract, options: dict, folder: Path, names: list[str], args: argparse.Namespace) -> str:
     """One Markdown table row of ``extract``'s local features on the EVD pairs, verified with ``options``."""
+    stats = evd_stats(extract, options, folder, names, args)
+    return (f"| {label} | {stats['features']:.0f} | {stats['median_true']:.0f} | {stats['max_swapped']} "
+            f"| {stats['above']}/{len(names)} | {stats['agreeing']}/{stats['true_inliers']} "
+            f"({stats['agreeing'] / max(stats['true_inliers'], 1):.0%}) | {stats['seconds']:.3f} |")
+
+
+def evd_stats(extract, options: dict, folder: Path, names: list[str], args: argparse.Namespace) -> dict:
+    """``extract``'s local features on the EVD pairs, verified with ``options``: mean features per
+    image, median true-pair and max swapped-pair inliers, true pairs above that max, true-pair
+    inliers (all, and within 20 px of the true homography), median extraction seconds."""
     seconds: list[float] = []
     sides = {side: [_local(extract, folder / side / f"{n}.png", args, seconds) for n in names] for side in ("1", "2")}
     true, swapped, agreeing = [], [], []
@@ -126,10 +136,10 @@ def evd_row(label: str, extract, options: dict, folder: Path, names: list[str], 
         true.append(result.inliers)
         agreeing.append(_agree_with_truth(result, sides, i, np.loadtxt(folder / "h" / f"{name}.txt")))
         swapped.append(verify_pair(*sides["1"][i], *sides["2"][(i + 1) % len(names)], **options).inliers)
-    features = np.mean([len(loc) for side in sides.values() for loc, _ in side])
-    return (f"| {label} | {features:.0f} | {np.median(true):.0f} | {max(swapped)} "
-            f"| {sum(t > max(swapped) for t in true)}/{len(true)} "
-            f"| {sum(agreeing)}/{sum(true)} ({sum(agreeing) / max(sum(true), 1):.0%}) | {np.median(seconds):.3f} |")
+    return {"features": float(np.mean([len(loc) for side in sides.values() for loc, _ in side])),
+            "median_true": float(np.median(true)), "max_swapped": max(swapped),
+            "above": sum(t > max(swapped) for t in true), "true_inliers": sum(true), "agreeing": sum(agreeing),
+            "seconds": float(np.median(seconds))}
 
 
 def _local(extract, path: Path, args: argparse.Namespace, seconds: list[float]) -> tuple[np.ndarray, np.ndarray]:

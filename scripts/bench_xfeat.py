@@ -1,15 +1,23 @@
 #!/usr/bin/env python3
-"""RootSIFT vs EfficientNet-Lite0 locals vs XFeat on the shared real data, in one run.
+"""RootSIFT vs EfficientNet-Lite0 locals vs XFeat on the shared real data: one table, one run.
 
-1. landmarks_mini leave-one-out (scripts/leave_one_out.py's stages) for each preset:
-   GAP, top-1 and mAP@100, global descriptor only -> re-ranked.
-2. The 15 EVD pairs (scripts/bench_efficientnet_lite0.py's row): median true-pair inliers,
-   max swapped-pair inliers, true-pair inliers within 20 px of the true homography, each
-   backend verified with its preset's rerank section.
-3. Extraction time per image on the EVD images, same run: wall and process CPU time
-   (all threads), as ratios to RootSIFT's.
+For each preset (one row):
 
-Presets that need the exported Lite0 model run only with --lite0:
+1. landmarks_mini leave-one-out (scripts/leave_one_out.py's stages): GAP, top-1 and
+   mAP@100, global descriptor only -> re-ranked;
+2. the hard task of docs/confidence.md (scripts/build_hard_task.py: EVD pairs, held-out
+   landmarks_mini photos and non-landmark queries) through ``delf-pipeline run``: top-1 and
+   GAP with the preset's own predict settings;
+3. the 15 EVD pairs (scripts/bench_efficientnet_lite0.py's statistics), for the preset's
+   local features verified with its rerank section: median true-pair inliers, max
+   swapped-pair inliers, true pairs above that max, true-pair inliers within 20 px of the
+   true homography;
+4. local-feature extraction time per EVD image, process CPU time of all threads, as a ratio
+   to RootSIFT's in the same run (wall time beside it).
+
+Hybrid presets (Lite0 global + RootSIFT or XFeat locals) fill the EVD and time columns with
+their local backend's row: the same features verified with the same settings. Presets that
+need the exported Lite0 model run only with --lite0:
 
     python scripts/export_efficientnet_lite0.py --pca-images ../shared/data/landmarks_mini --out models/lite0
     delf-pipeline weights fetch xfeat
@@ -27,66 +35,89 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_efficientnet_lite0 as lite_bench  # noqa: E402
+import build_hard_task  # noqa: E402
 import leave_one_out  # noqa: E402
 
-from delf_pipeline import extract  # noqa: E402
+from delf_pipeline import extract, pipeline  # noqa: E402
 from delf_pipeline.cli import setup_logging  # noqa: E402
 from delf_pipeline.config import load_config  # noqa: E402
+from delf_pipeline.evaluate import evaluate  # noqa: E402
 from delf_pipeline.extractors.rootsift import extract_rootsift  # noqa: E402
 from delf_pipeline.verification.pairs import verify_options  # noqa: E402
 
 DATA = lite_bench.DATA
-NO_MODEL = ("sift_default", "xfeat")
+# preset -> its local features (the EVD and time columns); a hybrid names its local backend's preset
+LOCALS = {"sift_default": "RootSIFT", "efficientnet_lite0": "Lite0 locals", "xfeat": "XFeat",
+          "efficientnet_lite0_rootsift": "sift_default", "xfeat_lite0": "xfeat"}
 WITH_LITE0 = ("efficientnet_lite0", "efficientnet_lite0_rootsift", "xfeat_lite0")
+HEADER = ("| preset | local features | LOO GAP global → re-ranked | LOO top-1 | LOO mAP@100 | hard top-1 | hard GAP "
+          "| EVD median true-pair inliers | EVD max swapped-pair inliers | EVD true pairs above max swapped "
+          "| EVD true-pair inliers within 20 px of the true homography | extraction CPU / RootSIFT "
+          "| extraction wall / RootSIFT |\n|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
-def loo_table(args: argparse.Namespace) -> str:
-    """Markdown rows: preset | GAP | top-1 | mAP@100, each global -> re-ranked."""
-    presets = NO_MODEL + (WITH_LITE0 if args.lite0 else ())
-    lines = ["| preset | GAP global → re-ranked | top-1 | mAP@100 |", "|---|---|---|---|"]
-    for preset in presets:
-        overrides = [f'extract.model="{args.lite0}"'] if preset in WITH_LITE0 else []
-        results = leave_one_out.run(load_config(preset, None, overrides), DATA / "landmarks_mini",
-                                    args.out / "loo" / preset, args.jobs)
-        cells = [f"{_metric(results['global'], key):.3f} → {_metric(results['reranked'], key):.3f}"
-                 for key in ("gap", "accuracy", "map@100")]
-        lines.append(f"| `{preset}` | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def preset_config(preset: str, args: argparse.Namespace) -> dict:
+    return load_config(preset, None, [f'extract.model="{args.lite0}"'] if preset in WITH_LITE0 else [])
+
+
+def loo_cells(preset: str, args: argparse.Namespace) -> list[str]:
+    """GAP, top-1, mAP@100 of landmarks_mini leave-one-out, each "global → re-ranked"."""
+    results = leave_one_out.run(preset_config(preset, args), DATA / "landmarks_mini", args.out / "loo" / preset,
+                                args.jobs)
+    return [f"{_metric(results['global'], key):.3f} → {_metric(results['reranked'], key):.3f}"
+            for key in ("gap", "accuracy", "map@100")]
 
 
 def _metric(metrics: dict, key: str) -> float:
     return metrics[key] if key in metrics else metrics["retrieval"][key]
 
 
-def evd_tables(args: argparse.Namespace) -> str:
-    """The EVD table (one row per backend) and the extraction-time table of the same run."""
-    folder = DATA / "evd"
-    names = sorted(p.stem for p in (folder / "1").glob("*.png"))
-    backends = {"RootSIFT (sift_default)": (lambda image: extract_rootsift(image, args.max_features), "sift_default")}
+def hard_cells(preset: str, args: argparse.Namespace) -> list[str]:
+    """Top-1 and GAP of the hard task run end to end with ``preset``."""
+    task = args.out / "hard_task"
+    if not (task / "solution.csv").exists():
+        build_hard_task.build(task, DATA)
+    out = args.out / "hard" / preset
+    submission = pipeline.run(preset_config(preset, args), task, out, jobs=args.jobs)
+    metrics = evaluate(submission, task / "solution.csv", out / "ranking.csv", task / "train.csv")
+    return [f"{metrics['accuracy']:.3f}", f"{metrics['gap']:.3f}"]
+
+
+def local_backends(args: argparse.Namespace) -> dict[str, tuple]:
+    """{preset: (extractor of its local features, image -> ImageFeatures)} of the non-hybrid presets."""
+    backends = {"sift_default": lambda image: extract_rootsift(image, args.max_features)}
     if args.lite0:
         lite_args = argparse.Namespace(model=str(args.lite0), scales=[1.0], global_scales_ind=[0], threshold=0.0,
                                        max_features=args.max_features)
-        backends["Lite0 locals (efficientnet_lite0)"] = (lite_bench.load_model(lite_args), "efficientnet_lite0")
+        backends["efficientnet_lite0"] = lite_bench.load_model(lite_args)
     xfeat_conf = load_config("xfeat")["extract"]
-    backends["XFeat (xfeat)"] = (extract.local_extractor({**xfeat_conf, "max_features": args.max_features}, "xfeat"),
-                                 "xfeat")
+    backends["xfeat"] = extract.local_extractor({**xfeat_conf, "max_features": args.max_features}, "xfeat")
+    return backends
+
+
+def evd_cells(args: argparse.Namespace) -> dict[str, list[str]]:
+    """{preset: EVD and time cells} of each local backend, every one timed in this run."""
+    folder = DATA / "evd"
+    names = sorted(p.stem for p in (folder / "1").glob("*.png"))
     row_args = argparse.Namespace(max_image_size=args.max_image_size)
-    rows, times = [], {}
-    for label, (extractor, preset) in backends.items():
+    stats, times = {}, {}
+    for preset, extractor in local_backends(args).items():
         extractor(np.zeros((64, 64, 3), np.uint8))  # warm-up (graph tracing) outside the timing
         cpu: list[float] = []
         wall: list[float] = []
-        rows.append(lite_bench.evd_row(label, _timed(extractor, cpu, wall),
-                                       verify_options(load_config(preset)["rerank"]), folder, names, row_args))
-        times[label] = (float(np.median(cpu)), float(np.median(wall)))
-    base_cpu, base_wall = times["RootSIFT (sift_default)"]
-    header = (f"EVD, {len(names)} pairs, max side {args.max_image_size}, max {args.max_features} features, CPU\n\n"
-              "| backend | features/image | median true-pair inliers | max swapped-pair inliers | true pairs above "
-              "max swapped | true-pair inliers within 20 px of the true homography | extraction s/image (median) |\n"
-              "|---|---:|---:|---:|---:|---:|---:|")
-    timing = ["| backend | CPU s/image (median) | CPU time / RootSIFT | wall / RootSIFT |", "|---|---:|---:|---:|"]
-    timing += [f"| {label} | {c:.3f} | {c / base_cpu:.2f} | {w / base_wall:.2f} |" for label, (c, w) in times.items()]
-    return header + "\n" + "\n".join(rows) + "\n\n" + "\n".join(timing)
+        stats[preset] = lite_bench.evd_stats(_timed(extractor, cpu, wall), verify_options(load_config(preset)["rerank"]),
+                                             folder, names, row_args)
+        times[preset] = (float(np.median(cpu)), float(np.median(wall)))
+    base_cpu, base_wall = times["sift_default"]
+    cells = {}
+    for preset, s in stats.items():
+        share = s["agreeing"] / max(s["true_inliers"], 1)
+        cells[preset] = [f"{s['median_true']:.0f}", f"{s['max_swapped']}", f"{s['above']}/{len(names)}",
+                         f"{s['agreeing']}/{s['true_inliers']} ({share:.0%})", f"{times[preset][0] / base_cpu:.2f}",
+                         f"{times[preset][1] / base_wall:.2f}"]
+        logging.getLogger("bench_xfeat").warning("%s: %.0f features/image, CPU %.3f s, wall %.3f s per image",
+                                                 preset, s["features"], *times[preset])
+    return cells
 
 
 def _timed(extractor, cpu: list[float], wall: list[float]):
@@ -101,9 +132,23 @@ def _timed(extractor, cpu: list[float], wall: list[float]):
     return timed
 
 
+def table(args: argparse.Namespace) -> str:
+    """The one Markdown table: a row per preset."""
+    evd = evd_cells(args)
+    lines = [HEADER]
+    for preset, local in LOCALS.items():
+        if preset in WITH_LITE0 and not args.lite0:
+            continue
+        evd_preset = local if local in LOCALS else preset
+        label = LOCALS[evd_preset]
+        cells = [f"`{preset}`", label, *loo_cells(preset, args), *hard_cells(preset, args), *evd[evd_preset]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="work folder (leave-one-out stages resume inside it)")
+    parser.add_argument("--out", type=Path, required=True, help="work folder (the stages resume inside it)")
     parser.add_argument("--lite0", type=Path, help="exported EfficientNet-Lite0 DELG model: adds the Lite0 rows")
     parser.add_argument("--max-image-size", type=int, default=1024, help="EVD: longest side, as the presets")
     parser.add_argument("--max-features", type=int, default=1000, help="EVD: local features per image")
@@ -113,10 +158,9 @@ def main() -> None:
         raise SystemExit(f"shared data not found at {DATA}")
     setup_logging(False)
     logging.getLogger("delf_pipeline").setLevel(logging.WARNING)
-    print(evd_tables(args))
-    print()
-    print(f"landmarks_mini leave-one-out, {args.out}\n")
-    print(loo_table(args))
+    print(f"landmarks_mini leave-one-out (79 queries), hard task (35 landmark + 8 non-landmark queries), "
+          f"EVD (15 pairs, max side {args.max_image_size}, max {args.max_features} features), CPU; work in {args.out}\n")
+    print(table(args))
 
 
 if __name__ == "__main__":
