@@ -87,9 +87,8 @@ def local_backends(args: argparse.Namespace) -> dict[str, tuple]:
     """{preset: (extractor of its local features, image -> ImageFeatures)} of the non-hybrid presets."""
     backends = {"sift_default": lambda image: extract_rootsift(image, args.max_features)}
     if args.lite0:
-        lite_args = argparse.Namespace(model=str(args.lite0), scales=[1.0], global_scales_ind=[0], threshold=0.0,
-                                       max_features=args.max_features)
-        backends["efficientnet_lite0"] = lite_bench.load_model(lite_args)
+        lite_args = argparse.Namespace(scales=[1.0], global_scales_ind=[0], threshold=0.0, max_features=args.max_features)
+        backends["efficientnet_lite0"] = lite_bench.load_model(lite_args, str(args.lite0))
     xfeat_conf = load_config("xfeat")["extract"]
     backends["xfeat"] = extract.local_extractor({**xfeat_conf, "max_features": args.max_features}, "xfeat")
     return backends
