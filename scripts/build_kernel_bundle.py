@@ -57,7 +57,7 @@ def weights_files(source: Path, names: list[str], cache_dir: Path | None) -> lis
     files = []
     for name in names:
         try:
-            folder = weights.locate(name, weights.weights_dir(name, cache_dir)).parent
+            folder = weights.check_all(name, weights.weights_dir(name, cache_dir))
         except (FileNotFoundError, ValueError) as error:
             raise SystemExit(f"cannot bundle the {name} weights: {error}") from None
         files += [(f"delf_pipeline_weights/{name}/{file}", folder / file) for file, _ in weights.spec(name).members.values()]

