@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .verification.matching import MATCHERS
+from .verification.matching import LEARNED_MATCHERS, MATCHERS
 from .verification.pairs import MODES
 from .verification.ransac import VERIFIERS
 
@@ -71,7 +71,7 @@ SETTINGS: dict[str, dict[str, tuple[Any, str]]] = {
     "rerank": {
         "num_to_rerank": (100, "shortlisted candidates verified per query"),
         "matcher": _official("matcher", "kdtree (official) | nn (same answer by matmul) | mutual (mutual nearest "
-                             "neighbours)"),
+                             "neighbours) | lighterglue (XFeat's learned matcher; XFeat locals only)"),
         "match_threshold": _official("match_threshold", "max descriptor distance of a putative match"),
         "ratio": _official("ratio", "nn / mutual matchers: Lowe ratio test, 0 disables"),
         "verifier": _official("verifier", " | ".join(VERIFIERS)),
@@ -279,7 +279,7 @@ CHECKS: dict[tuple[str, str], Callable[[Any], str | None]] = {
     ("shortlist", "qe_top_n"): _at_least(0),
     ("shortlist", "qe_alpha"): _at_least(0),
     ("rerank", "num_to_rerank"): _at_least(0),
-    ("rerank", "matcher"): OneOf(MATCHERS),
+    ("rerank", "matcher"): OneOf(MATCHERS + LEARNED_MATCHERS),
     ("rerank", "match_threshold"): _positive,
     ("rerank", "ratio"): _between(0, 1),
     ("rerank", "verifier"): OneOf(VERIFIERS),

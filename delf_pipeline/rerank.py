@@ -38,7 +38,7 @@ from .utils.artifacts import fingerprint, parse_shard, settings_manifest
 from .utils.blocks import claim_blocks, read_table, run_blocks, write_block
 from .utils.parallel import run_tasks, worker_local
 from .utils.progress import track
-from .verification.pairs import PairResult, verify_options, verify_pair
+from .verification.pairs import PairResult, verify_matches, verify_options, verify_pair
 
 log = logging.getLogger("delf_pipeline.rerank")
 
@@ -132,6 +132,7 @@ class BlockWorker:
         self.index = FeatureStore(index_store)
         self.conf = conf
         self.options = verify_options(conf)
+        self.glue = learned_matcher(conf, [p for p in (query_store, index_store) if p is not None])
         self.cache: OrderedDict[str, ImageFeatures] = OrderedDict()
         self.cache_images = cache_images
         self.reads_since_release = 0
@@ -158,7 +159,8 @@ class BlockWorker:
         Every RELEASE_EVERY candidates the stores' mapped pages are released, so the worker's
         resident memory is bounded by that many reads, not by the union of its candidates
         (releasing after every query cost more: each query's candidates were mapped anew)."""
-        rows = self.rerank_features(query_id, self.queries.features(query_id), candidates)
+        size = self.queries.size(query_id) if self.glue is not None else None
+        rows = self.rerank_features(query_id, self.queries.features(query_id), candidates, size)
         self.reads_since_release += len(candidates)
         if self.reads_since_release >= RELEASE_EVERY:
             self.queries.release()
@@ -166,23 +168,51 @@ class BlockWorker:
             self.reads_since_release = 0
         return rows
 
-    def rerank_features(self, query_id: str, query: ImageFeatures, candidates: list[tuple[str, float]]) -> list[tuple]:
-        """:meth:`rerank_query` of a query whose features are given (in original-image pixels)."""
+    def rerank_features(self, query_id: str, query: ImageFeatures, candidates: list[tuple[str, float]],
+                        query_size: tuple[int, int] | None = None) -> list[tuple]:
+        """:meth:`rerank_query` of a query whose features are given (in original-image pixels;
+        ``query_size``, its original (height, width), is needed by the lighterglue matcher)."""
         rows = []
         for index_id, global_score in candidates:
-            result = self.verify(query, self.index_features(index_id))
+            sizes = (query_size, self.index.size(index_id)) if self.glue is not None else None
+            result = self.verify(query, self.index_features(index_id), sizes)
             inliers = result.inliers if result.inliers >= self.conf["min_inliers"] else 0
             score = final_score(inliers, global_score, self.conf)
             rows.append((query_id, index_id, global_score, result.matches, inliers, score, result.status))
         return sorted(rows, key=lambda row: (-row[5], row[1]))
 
-    def verify(self, query: ImageFeatures, candidate: ImageFeatures) -> PairResult:
+    def verify(self, query: ImageFeatures, candidate: ImageFeatures,
+               sizes: tuple[tuple[int, int] | None, tuple[int, int]] | None = None) -> PairResult:
         """:func:`verify_pair` of two images; 0 matches when a side has no features (a store
-        part whose images all have none holds descriptors [0, 0], of another dimension)."""
+        part whose images all have none holds descriptors [0, 0], of another dimension).
+        With the lighterglue matcher, its matches go to the same verifier; it needs ``sizes``,
+        the original (height, width) of the query and of the candidate."""
         if not query.num_features or not candidate.num_features:
             return PairResult(0, 0, "too_few_matches", np.zeros((0, 2), np.int64), np.zeros(0, bool))
+        if self.glue is not None:
+            if sizes is None or sizes[0] is None:
+                raise ValueError("rerank.matcher = 'lighterglue' needs the original (height, width) of both images")
+            pairs = self.glue.match_stored(query.locations, query.descriptors, sizes[0],
+                                           candidate.locations, candidate.descriptors, sizes[1])
+            return verify_matches(query.locations, candidate.locations, pairs, **self.options)
         return verify_pair(query.locations, query.descriptors, candidate.locations, candidate.descriptors,
                            **self.options)
+
+
+def learned_matcher(conf: dict, stores: list[str]):
+    """The LighterGlue model when ``conf["matcher"]`` is ``lighterglue`` (else None), once every
+    store in ``stores`` is checked to hold XFeat local features (ValueError naming it if not)."""
+    if conf["matcher"] != "lighterglue":
+        return None
+    for path in stores:
+        settings = FeatureStore(path).manifest()["settings"]
+        local = settings.get("local_backend") or settings.get("backend")
+        if local != "xfeat":
+            raise ValueError(f"rerank.matcher = 'lighterglue' matches 64-d XFeat local features; {path} holds "
+                             f"{local!r} ones (extract.backend / extract.local_backend must be xfeat)")
+    from .verification.lighterglue import load_xfeat_lighterglue
+
+    return load_xfeat_lighterglue()
 
 
 def final_score(inliers: int, global_score: float, conf: dict) -> float:

@@ -292,3 +292,45 @@ def test_global_only_index_is_a_clear_error(tmp_path):
     shortlist_frame({"q": [("a", 0.5)]}).to_csv(tmp_path / "shortlist.csv", index=False)
     with pytest.raises(ValueError, match="holds global descriptors only. Extract the shortlisted candidates"):
         rerank.run(load_config(), tmp_path / "shortlist.csv", queries, index, tmp_path / "rerank.csv")
+
+
+# ---------------------------------------------------------------- learned matcher
+
+
+def xfeat_stores(tmp_path: Path, queries: dict, index: dict) -> tuple[Path, Path]:
+    settings = {"backend": "xfeat"}
+    return (write_store(tmp_path / "q", queries, 4, local_dim=DIM, extract_settings=settings),
+            write_store(tmp_path / "i", index, 4, local_dim=DIM, extract_settings=settings))
+
+
+def test_lighterglue_matches_go_to_the_same_verifier(tmp_path, xfeat_weights_file):
+    from delf_pipeline.verification.lighterglue import load_xfeat_lighterglue
+    from delf_pipeline.verification.pairs import verify_matches, verify_options
+
+    queries = {"q0": image(0, 40, seed=1, global_seed=1)}
+    index = {"a": image(0, 30, seed=2, global_seed=2), "b": image(1, 40, seed=3, global_seed=3)}
+    qstore, istore = xfeat_stores(tmp_path, queries, index)
+    conf = config(matcher="lighterglue")["rerank"]
+    rows = rerank.BlockWorker(str(qstore), str(istore), conf).rerank_query("q0", [("a", 0.5), ("b", 0.4)])
+    glue = load_xfeat_lighterglue()
+    for _, index_id, _, matches, inliers, _, status in rows:
+        q, c = queries["q0"], index[index_id]
+        pairs = glue.match_stored(q.locations, q.descriptors, (480, 640), c.locations, c.descriptors, (480, 640))
+        expected = verify_matches(q.locations, c.locations, pairs, **verify_options(conf))
+        assert (matches, inliers, status) == (expected.matches, expected.inliers, expected.status)
+    assert [(row[1], row[4] > 0) for row in rows] == [("a", True), ("b", False)]  # only the same place verifies
+
+
+def test_lighterglue_on_other_local_features_is_a_clear_error(tmp_path):
+    view = image(0, 10, seed=1, global_seed=1)
+    qstore = write_store(tmp_path / "q", {"q": view}, 4, local_dim=DIM)  # rootsift settings
+    with pytest.raises(ValueError, match="matches 64-d XFeat local features; .* holds 'rootsift' ones"):
+        rerank.BlockWorker(str(qstore), str(qstore), config(matcher="lighterglue")["rerank"])
+
+
+def test_lighterglue_needs_both_sizes(tmp_path, xfeat_weights_file):
+    qstore, istore = xfeat_stores(tmp_path, {"q": image(0, 10, seed=1, global_seed=1)}, {})
+    worker = rerank.BlockWorker(None, str(qstore), config(matcher="lighterglue")["rerank"])
+    view = worker.index_features("q")
+    with pytest.raises(ValueError, match="needs the original \\(height, width\\) of both images"):
+        worker.verify(view, view)

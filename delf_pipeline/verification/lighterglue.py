@@ -68,6 +68,14 @@ def load_lighterglue(path: str | Path) -> dict[str, np.ndarray]:
     return params
 
 
+def load_xfeat_lighterglue(folder: str | Path | None = None) -> LighterGlue:
+    """The matcher with the checked weights of ``delf-pipeline weights fetch xfeat`` (from the
+    cache, or ``folder`` holding the same files)."""
+    from ..extractors import weights
+
+    return LighterGlue(load_lighterglue(weights.locate("xfeat", folder, WEIGHTS_FILE)))
+
+
 def expected_shapes() -> dict[str, tuple[int, ...]]:
     """Name -> shape of every parameter the forward pass reads."""
     shapes = {"input_proj.weight": (DIM, INPUT_DIM), "input_proj.bias": (DIM,), "posenc.Wr.weight": (DIM // 2, 2)}
@@ -122,6 +130,15 @@ class LighterGlue:
         rows, cols, probs = filter_matches(scores, self.threshold)
         matches = np.stack([kept0[rows], kept1[cols]], axis=1).astype(np.int64)
         return GlueMatches(matches, probs, scores, kept0.astype(np.int64), kept1.astype(np.int64))
+
+    def match_stored(self, loc0, desc0, size0, loc1, desc1, size1) -> np.ndarray:
+        """:meth:`match`'s [M, 2] matches of two stored images: loc* [N, 2] (y, x) original pixels,
+        size* (height, width) of the original image, as the feature store keeps them. Locations
+        are clipped into the image (a feature mapped back from a resized copy can land a
+        fraction of a pixel outside)."""
+        xy0 = np.clip(np.asarray(loc0, np.float32)[:, ::-1], 0, tuple(size0)[::-1])
+        xy1 = np.clip(np.asarray(loc1, np.float32)[:, ::-1], 0, tuple(size1)[::-1])
+        return self.match(xy0, desc0, tuple(size0)[::-1], xy1, desc1, tuple(size1)[::-1]).matches
 
     def _check(self, desc, name: str) -> np.ndarray:
         desc = np.asarray(desc, np.float32)

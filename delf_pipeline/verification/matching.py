@@ -1,12 +1,15 @@
 """Putative descriptor matches between two images (kdtree, nn, mutual; Lowe's ratio test).
 
 Descriptors are L2-normalised rows, so the descriptor distance is ``sqrt(max(0, 2 - 2 * cos))``.
+The learned matcher ``lighterglue`` (:mod:`.lighterglue`) also needs keypoints, image sizes and
+its model: the rerank's worker runs it, then the same verifier.
 """
 from __future__ import annotations
 
 import numpy as np
 
-MATCHERS = ("kdtree", "nn", "mutual")
+MATCHERS = ("kdtree", "nn", "mutual")  # by descriptors alone
+LEARNED_MATCHERS = ("lighterglue",)
 
 
 def match_descriptors(desc_a, desc_b, *, matcher: str, match_threshold: float, ratio: float = 0.0) -> np.ndarray:
@@ -16,6 +19,9 @@ def match_descriptors(desc_a, desc_b, *, matcher: str, match_threshold: float, r
     match needs descriptor distance < match_threshold; ``ratio`` > 0 adds Lowe's test
     (matmul matchers only). Mutual matches are one-to-one even under exact ties.
     """
+    if matcher in LEARNED_MATCHERS:
+        raise ValueError(f"matcher {matcher!r} needs keypoints, image sizes and its model: the rerank runs it "
+                         f"(verification.lighterglue), match_descriptors takes one of {', '.join(MATCHERS)}")
     if matcher == "kdtree" and ratio > 0:
         raise ValueError("the ratio test needs matcher 'nn' or 'mutual', not 'kdtree'")
     desc_a = np.asarray(desc_a, dtype=np.float32)  # no copy for float32 input

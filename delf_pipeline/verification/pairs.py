@@ -11,7 +11,9 @@ descriptor distance is ``sqrt(max(0, 2 - 2 * cos))``. Matchers:
 - ``mutual``: mutual nearest neighbours by the same product.
 
 ``ratio`` > 0 adds Lowe's ratio test (best distance < ratio * second best) to ``nn`` and
-``mutual``.
+``mutual``. ``lighterglue`` (XFeat's learned matcher, :mod:`.lighterglue`) needs keypoints,
+image sizes and its model, so the rerank runs it and passes its matches to
+:func:`verify_matches`; ``match_threshold`` and ``ratio`` do not apply to it.
 
 Verifiers: ``skimage_affine`` (official: ``skimage.measure.ransac`` with an
 ``AffineTransform``, fitted from b to a exactly as the reference does), ``magsac``
@@ -30,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .matching import MATCHERS, match_descriptors
+from .matching import LEARNED_MATCHERS, MATCHERS, match_descriptors
 from .ransac import MIN_SAMPLES, VERIFIERS, fit_model
 
 #: The two named settings of ``verify_pair(mode=...)``; any key can be overridden.
@@ -99,8 +101,9 @@ def resolve_options(mode: str, options: dict) -> dict:
     if unknown:
         raise TypeError(f"unknown verification option(s) {', '.join(unknown)}; known: {', '.join(OPTION_KEYS)}")
     settings = {**MODES[mode], **options}
-    if settings["matcher"] not in MATCHERS:
-        raise ValueError(f"unknown matcher {settings['matcher']!r}; choose one of {', '.join(MATCHERS)}")
+    if settings["matcher"] not in MATCHERS + LEARNED_MATCHERS:
+        raise ValueError(f"unknown matcher {settings['matcher']!r}; "
+                         f"choose one of {', '.join(MATCHERS + LEARNED_MATCHERS)}")
     if settings["verifier"] not in VERIFIERS:
         raise ValueError(f"unknown verifier {settings['verifier']!r}; choose one of {', '.join(VERIFIERS)}")
     for key in ("match_threshold", "residual_threshold"):
@@ -142,6 +145,22 @@ def verify_pair(loc_a, desc_a, loc_b, desc_b, *, mode: str = "fast", seed: int =
         desc_a, desc_b, matcher=settings["matcher"],
         match_threshold=settings["match_threshold"], ratio=settings["ratio"],
     )
+    return _fit(loc_a, loc_b, pairs, settings, seed)
+
+
+def verify_matches(loc_a, loc_b, pairs, *, mode: str = "fast", seed: int = 0, **options) -> PairResult:
+    """Fit the robust model of ``verify_pair``'s settings to given putative matches (those of a
+    learned matcher); see :class:`PairResult`.
+
+    loc_*: [N, 2] (y, x) pixels; pairs: [M, 2] int (row in a, row in b).
+    """
+    settings = resolve_options(mode, options)
+    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+    return _fit(np.asarray(loc_a), np.asarray(loc_b), pairs, settings, seed)
+
+
+def _fit(loc_a: np.ndarray, loc_b: np.ndarray, pairs: np.ndarray, settings: dict, seed: int) -> PairResult:
+    """The verifier of resolved ``settings`` on putative ``pairs`` [M, 2] of (y, x) locations."""
     no_inliers = np.zeros(len(pairs), bool)
     if len(pairs) < max(int(settings["min_matches"]), MIN_SAMPLES[settings["verifier"]]):
         return PairResult(len(pairs), 0, "too_few_matches", pairs, no_inliers)
