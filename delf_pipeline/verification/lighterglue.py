@@ -159,21 +159,22 @@ class LighterGlue:
         return self.cross_block(f"{prefix}.cross_attn", x0, x1)
 
     def self_block(self, prefix: str, x: np.ndarray, rot) -> np.ndarray:
-        """[N, 96] -> [N, 96]; q, k, v interleaved in Wqkv's output (q at 0::3, k 1::3, v 2::3)."""
+        """[N, 96] -> [N, 96]; q, k, v interleaved in Wqkv's output (q at 0::3, k 1::3, v 2::3;
+        contiguous copies, as numpy's matmul only uses BLAS on those)."""
         qkv = self._linear(x, f"{prefix}.Wqkv")
-        q, k, v = (rotary(qkv[:, 0::3], rot), rotary(qkv[:, 1::3], rot), qkv[:, 2::3])
-        attention = softmax((q @ k.T) / np.sqrt(np.float32(DIM)), axis=1)
+        q, k, v = (rotary(qkv[:, 0::3], rot), rotary(qkv[:, 1::3], rot), np.ascontiguousarray(qkv[:, 2::3]))
+        attention = softmax((q * np.float32(DIM ** -0.5)) @ k.T)
         message = self._linear(attention @ v, f"{prefix}.out_proj")
         return x + self.ffn(prefix, x, message)
 
     def cross_block(self, prefix: str, x0: np.ndarray, x1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """[M, 96], [N, 96] -> the same: each image attends to the other through one similarity."""
+        """[M, 96], [N, 96] -> the same: each image attends to the other through one similarity
+        (computed in both orders, so that each softmax runs along contiguous rows)."""
         scale = np.float32(DIM ** -0.25)  # (dim^-0.5)^0.5 on each side
         qk0, qk1 = self._linear(x0, f"{prefix}.to_qk") * scale, self._linear(x1, f"{prefix}.to_qk") * scale
         v0, v1 = self._linear(x0, f"{prefix}.to_v"), self._linear(x1, f"{prefix}.to_v")
-        sim = qk0 @ qk1.T  # [M, N]
-        m0 = self._linear(softmax(sim, axis=1) @ v1, f"{prefix}.to_out")
-        m1 = self._linear(softmax(sim, axis=0).T @ v0, f"{prefix}.to_out")
+        m0 = self._linear(softmax(qk0 @ qk1.T) @ v1, f"{prefix}.to_out")  # [M, N] similarity
+        m1 = self._linear(softmax(qk1 @ qk0.T) @ v0, f"{prefix}.to_out")  # its transpose
         return x0 + self.ffn(prefix, x0, m0), x1 + self.ffn(prefix, x1, m1)
 
     def ffn(self, prefix: str, x: np.ndarray, message: np.ndarray) -> np.ndarray:
@@ -248,9 +249,12 @@ def filter_matches(scores: np.ndarray, threshold: float) -> tuple[np.ndarray, np
     return rows[keep], best[rows[keep]], probs[keep].astype(np.float32)
 
 
-def softmax(x: np.ndarray, axis: int) -> np.ndarray:
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Softmax along the rows of [M, N] ``x``, computed in place (``x`` is overwritten)."""
+    x -= x.max(axis=1, keepdims=True)
+    np.exp(x, out=x)
+    x /= x.sum(axis=1, keepdims=True)
+    return x
 
 
 def log_softmax(x: np.ndarray, axis: int) -> np.ndarray:
