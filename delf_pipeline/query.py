@@ -63,6 +63,7 @@ class Answer:
     timings: seconds per step of :data:`STEPS`.
     image: the decoded photo, uint8 [H, W] or [H, W, 3]; factors [2] (y, x) to original pixels.
     features: its features in original-image pixels.
+    size: the original (height, width) of the photo.
     """
 
     photo: str
@@ -72,6 +73,7 @@ class Answer:
     image: np.ndarray = field(repr=False)
     factors: np.ndarray = field(repr=False)
     features: ImageFeatures = field(repr=False)
+    size: tuple[int, int] = (0, 0)
 
     def to_json(self) -> dict:
         """What ``query --json`` prints and ``POST /query`` returns for this photo."""
@@ -131,14 +133,15 @@ class Searcher:
         with _timed(timings, "decode"):
             image, factors = decode_bytes(data, conf["max_image_size"], decode_mode(conf), self.max_pixels)
         with _timed(timings, "extract"):
-            features = as_stored(QUERY_ID, self.extract(image), image.shape, factors).features
+            stored = as_stored(QUERY_ID, self.extract(image), image.shape, factors)
+            features = stored.features
         with _timed(timings, "shortlist"):
             shortlist = self.shortlist(features)
         with _timed(timings, "rerank"):
-            reranked = self.rerank(features, shortlist)
+            reranked = self.rerank(features, shortlist, stored.size)
         with _timed(timings, "answer"):
             landmarks, candidates = self.answer(shortlist, reranked)
-        return Answer(photo, landmarks, candidates, timings, image, factors, features)
+        return Answer(photo, landmarks, candidates, timings, image, factors, features, stored.size)
 
     def shortlist(self, features: ImageFeatures) -> pd.DataFrame:
         """Shortlist rows ``query_id,index_id,rank,score`` of the photo (top ``shortlist.top_k``)."""
@@ -154,12 +157,14 @@ class Searcher:
         return pd.DataFrame({"query_id": QUERY_ID, "index_id": [self.ids[r] for r in rows[0]],
                              "rank": np.arange(1, rows.shape[1] + 1), "score": scores[0]})
 
-    def rerank(self, features: ImageFeatures, shortlist: pd.DataFrame) -> pd.DataFrame:
-        """Rerank rows (rerank.COLUMNS) of the photo's ``num_to_rerank`` best candidates."""
+    def rerank(self, features: ImageFeatures, shortlist: pd.DataFrame, size: tuple[int, int]) -> pd.DataFrame:
+        """Rerank rows (rerank.COLUMNS) of the photo's ``num_to_rerank`` best candidates; ``size``
+        is the photo's original (height, width)."""
         if self.config["rerank"]["num_to_rerank"] <= 0 or shortlist.empty:
             return pd.DataFrame(columns=list(RERANK_COLUMNS))
         candidates = top_candidates(shortlist, self.config["rerank"]["num_to_rerank"])[QUERY_ID]
-        return pd.DataFrame(self.worker().rerank_features(QUERY_ID, features, candidates), columns=list(RERANK_COLUMNS))
+        rows = self.worker().rerank_features(QUERY_ID, features, candidates, size)
+        return pd.DataFrame(rows, columns=list(RERANK_COLUMNS))
 
     def answer(self, shortlist: pd.DataFrame, reranked: pd.DataFrame) -> tuple[list[dict], list[dict]]:
         """(landmarks, candidates) of :class:`Answer` from the photo's shortlist and rerank rows.
@@ -193,7 +198,8 @@ class Searcher:
             return None
         index_id = verified[0]["index_id"]
         candidate = self.worker().index_features(index_id)
-        return index_id, self.worker().verify(answer.features, candidate), candidate
+        sizes = (answer.size, self.worker().index.size(index_id))
+        return index_id, self.worker().verify(answer.features, candidate, sizes), candidate
 
 
 @contextmanager
