@@ -256,7 +256,8 @@ def test_bundle_with_xfeat_weights_runs_offline(kaggle_input, xfeat_weights_file
                      python=python_without_package, env=env, cwd=tmp_path)
     read_submission(tmp_path / "working" / "submission.csv", kaggle_input)
     bundle = Path(re.search(r"delf_pipeline \S+ from (\S+) ", log).group(1)).parents[1]
-    assert sorted(p.name for p in (bundle / "delf_pipeline_weights" / "xfeat").iterdir()) == ["LICENSE", "xfeat.pt"]
+    bundled = sorted(p.name for p in (bundle / "delf_pipeline_weights" / "xfeat").iterdir())
+    assert bundled == ["LICENSE", "xfeat-lighterglue.pt", "xfeat.pt"]
     assert not (tmp_path / "empty_cache").exists()
 
 
