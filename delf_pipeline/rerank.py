@@ -201,7 +201,9 @@ class BlockWorker:
 
 def learned_matcher(conf: dict, stores: list[str]):
     """The LighterGlue model when ``conf["matcher"]`` is ``lighterglue`` (else None), once every
-    store in ``stores`` is checked to hold XFeat local features (ValueError naming it if not)."""
+    store in ``stores`` is checked to hold XFeat local features (ValueError naming it if not).
+    Its weights come from the folder the last store was extracted with (``extract.xfeat_weights``,
+    as a Kaggle bundle sets it), else from the cache."""
     if conf["matcher"] != "lighterglue":
         return None
     for path in stores:
@@ -212,7 +214,7 @@ def learned_matcher(conf: dict, stores: list[str]):
                              f"{local!r} ones (extract.backend / extract.local_backend must be xfeat)")
     from .verification.lighterglue import load_xfeat_lighterglue
 
-    return load_xfeat_lighterglue()
+    return load_xfeat_lighterglue(settings.get("xfeat_weights") or None)
 
 
 def final_score(inliers: int, global_score: float, conf: dict) -> float:

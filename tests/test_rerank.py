@@ -334,3 +334,11 @@ def test_lighterglue_needs_both_sizes(tmp_path, xfeat_weights_file):
     view = worker.index_features("q")
     with pytest.raises(ValueError, match="needs the original \\(height, width\\) of both images"):
         worker.verify(view, view)
+
+
+def test_lighterglue_weights_come_from_the_stores_xfeat_folder(tmp_path):
+    settings = {"backend": "xfeat", "xfeat_weights": str(tmp_path / "bundle")}  # as a Kaggle bundle sets it
+    store = write_store(tmp_path / "i", {"a": image(0, 10, seed=1, global_seed=1)}, 4, local_dim=DIM,
+                        extract_settings=settings)
+    with pytest.raises(FileNotFoundError, match="bundle/xfeat-lighterglue.pt is missing"):
+        rerank.BlockWorker(None, str(store), config(matcher="lighterglue")["rerank"])
