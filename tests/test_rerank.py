@@ -323,7 +323,7 @@ def test_lighterglue_matches_go_to_the_same_verifier(tmp_path, xfeat_weights_fil
 
 def test_lighterglue_on_other_local_features_is_a_clear_error(tmp_path):
     view = image(0, 10, seed=1, global_seed=1)
-    qstore = write_store(tmp_path / "q", {"q": view}, 4, local_dim=DIM)  # rootsift settings
+    qstore = write_store(tmp_path / "q", {"q": view}, 4, local_dim=DIM, extract_settings={"backend": "rootsift"})
     with pytest.raises(ValueError, match="matches 64-d XFeat local features; .* holds 'rootsift' ones"):
         rerank.BlockWorker(str(qstore), str(qstore), config(matcher="lighterglue")["rerank"])
 
