@@ -124,31 +124,46 @@ def evd_row(label: str, extract, options: dict, folder: Path, names: list[str], 
             f"({stats['agreeing'] / max(stats['true_inliers'], 1):.0%}) | {stats['seconds']:.3f} |")
 
 
-def evd_stats(extract, options: dict, folder: Path, names: list[str], args: argparse.Namespace) -> dict:
+def evd_stats(extract, options: dict, folder: Path, names: list[str], args: argparse.Namespace,
+              match=None) -> dict:
     """``extract``'s local features on the EVD pairs, verified with ``options``: mean features per
     image, median true-pair and max swapped-pair inliers, true pairs above that max, true-pair
-    inliers (all, and within 20 px of the true homography), median extraction seconds."""
+    inliers (all, and within 20 px of the true homography), median extraction seconds and median
+    verification CPU seconds per pair. ``match(a, b) -> PairResult`` of two images' (locations,
+    descriptors, original (height, width)) replaces ``verify_pair`` (a learned matcher)."""
     seconds: list[float] = []
     sides = {side: [_local(extract, folder / side / f"{n}.png", args, seconds) for n in names] for side in ("1", "2")}
+    match = match or (lambda a, b: verify_pair(a[0], a[1], b[0], b[1], **options))
+    pair_cpu: list[float] = []
     true, swapped, agreeing = [], [], []
     for i, name in enumerate(names):
-        result = verify_pair(*sides["1"][i], *sides["2"][i], **options)
+        result = _timed_pair(match, sides["1"][i], sides["2"][i], pair_cpu)
         true.append(result.inliers)
         agreeing.append(_agree_with_truth(result, sides, i, np.loadtxt(folder / "h" / f"{name}.txt")))
-        swapped.append(verify_pair(*sides["1"][i], *sides["2"][(i + 1) % len(names)], **options).inliers)
-    return {"features": float(np.mean([len(loc) for side in sides.values() for loc, _ in side])),
+        swapped.append(_timed_pair(match, sides["1"][i], sides["2"][(i + 1) % len(names)], pair_cpu).inliers)
+    return {"features": float(np.mean([len(image[0]) for side in sides.values() for image in side])),
             "median_true": float(np.median(true)), "max_swapped": max(swapped),
             "above": sum(t > max(swapped) for t in true), "true_inliers": sum(true), "agreeing": sum(agreeing),
-            "seconds": float(np.median(seconds))}
+            "seconds": float(np.median(seconds)), "pair_cpu": float(np.median(pair_cpu))}
 
 
-def _local(extract, path: Path, args: argparse.Namespace, seconds: list[float]) -> tuple[np.ndarray, np.ndarray]:
-    """Keypoints [N, 2] (y, x) in original-image pixels and descriptors [N, D]; appends the extraction time."""
+def _timed_pair(match, a: tuple, b: tuple, cpu: list[float]):
+    """``match(a, b)``, appending its process CPU time (seconds) to ``cpu``."""
+    start = time.process_time()
+    result = match(a, b)
+    cpu.append(time.process_time() - start)
+    return result
+
+
+def _local(extract, path: Path, args: argparse.Namespace, seconds: list[float]) -> tuple:
+    """Keypoints [N, 2] (y, x) in original-image pixels, descriptors [N, D] and the original
+    (height, width); appends the extraction time."""
     image, factor = load_image(path, args.max_image_size)
     start = time.perf_counter()
     features = extract(image)
     seconds.append(time.perf_counter() - start)
-    return features.locations * np.float32(factor), features.descriptors
+    size = tuple(int(round(n * f)) for n, f in zip(image.shape[:2], np.broadcast_to(factor, 2)))
+    return features.locations * np.float32(factor), features.descriptors, size
 
 
 def _agree_with_truth(result, sides, i: int, homography: np.ndarray, threshold: float = 20.0) -> int:

@@ -18,10 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_efficientnet_lite0 as lite_bench  # noqa: E402
@@ -31,61 +28,24 @@ import leave_one_out  # noqa: E402
 from delf_pipeline import extract  # noqa: E402
 from delf_pipeline.cli import setup_logging  # noqa: E402
 from delf_pipeline.config import load_config  # noqa: E402
-from delf_pipeline.formats.images import load_image  # noqa: E402
-from delf_pipeline.verification.lighterglue import load_xfeat_lighterglue  # noqa: E402
-from delf_pipeline.verification.pairs import verify_matches, verify_options, verify_pair  # noqa: E402
+from delf_pipeline.verification.pairs import verify_options  # noqa: E402
 
 MATCHERS = ("mutual", "lighterglue")
-
-
-def evd_features(folder: Path, names: list[str], max_image_size: int, max_features: int) -> dict:
-    """{side: [(locations [N, 2] (y, x) original pixels, descriptors [N, 64], (height, width))]}."""
-    conf = {**load_config("xfeat")["extract"], "max_features": max_features}
-    extractor = extract.local_extractor(conf, "xfeat")
-    sides = {}
-    for side in ("1", "2"):
-        sides[side] = []
-        for name in names:
-            image, factor = load_image(folder / side / f"{name}.png", max_image_size)
-            features = extractor(image)
-            size = tuple(int(round(n * f)) for n, f in zip(image.shape[:2], np.broadcast_to(factor, 2)))
-            sides[side].append((features.locations * np.float32(factor), features.descriptors, size))
-    return sides
-
-
-def verify(matcher: str, glue, options: dict, a: tuple, b: tuple, seconds: list[float]):
-    """The pair result of (loc, desc, size) ``a`` against ``b``; appends its process CPU time."""
-    start = time.process_time()
-    if matcher == "lighterglue":
-        pairs = glue.match_stored(a[0], a[1], a[2], b[0], b[1], b[2])
-        result = verify_matches(a[0], b[0], pairs, **options)
-    else:
-        result = verify_pair(a[0], a[1], b[0], b[1], **options)
-    seconds.append(time.process_time() - start)
-    return result
 
 
 def evd_table(args: argparse.Namespace) -> str:
     """One row per matcher on the same XFeat features (see the module docstring)."""
     folder = bench_xfeat.DATA / "evd"
     names = sorted(p.stem for p in (folder / "1").glob("*.png"))
-    sides = evd_features(folder, names, args.max_image_size, args.max_features)
-    glue = load_xfeat_lighterglue()
-    rows, cpu = [], {}
-    for matcher in MATCHERS:
-        options = {**verify_options(load_config("xfeat")["rerank"]), "matcher": matcher}
-        seconds: list[float] = []
-        true, swapped, agreeing = [], [], []
-        for i, name in enumerate(names):
-            result = verify(matcher, glue, options, sides["1"][i], sides["2"][i], seconds)
-            true.append(result.inliers)
-            agreeing.append(lite_bench._agree_with_truth(result, sides, i, np.loadtxt(folder / "h" / f"{name}.txt")))
-            other = sides["2"][(i + 1) % len(names)]
-            swapped.append(verify(matcher, glue, options, sides["1"][i], other, seconds).inliers)
-        cpu[matcher] = float(np.median(seconds))
-        rows.append(f"| {matcher} | {np.median(true):.0f} | {max(swapped)} | {sum(t > max(swapped) for t in true)}/"
-                    f"{len(true)} | {sum(agreeing)}/{sum(true)} ({sum(agreeing) / max(sum(true), 1):.0%}) "
-                    f"| {1000 * cpu[matcher]:.1f} | {cpu[matcher] / cpu['mutual']:.1f} |")
+    extractor = extract.local_extractor({**load_config("xfeat")["extract"], "max_features": args.max_features}, "xfeat")
+    options = verify_options(load_config("xfeat")["rerank"])
+    matches = {"mutual": None, "lighterglue": bench_xfeat.glue_match()}
+    stats = {matcher: lite_bench.evd_stats(extractor, options, folder, names, args, match)
+             for matcher, match in matches.items()}
+    rows = [f"| {matcher} | {s['median_true']:.0f} | {s['max_swapped']} | {s['above']}/{len(names)} "
+            f"| {s['agreeing']}/{s['true_inliers']} ({s['agreeing'] / max(s['true_inliers'], 1):.0%}) "
+            f"| {1000 * s['pair_cpu']:.1f} | {s['pair_cpu'] / stats['mutual']['pair_cpu']:.1f} |"
+            for matcher, s in stats.items()]
     return (f"EVD, {len(names)} pairs, XFeat max side {args.max_image_size}, max {args.max_features} features, "
             "verifier of the xfeat preset, CPU\n\n| matcher | median true-pair inliers | max swapped-pair inliers "
             "| true pairs above max swapped | true-pair inliers within 20 px | CPU ms/pair (median) "

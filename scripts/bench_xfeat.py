@@ -13,10 +13,13 @@ For each preset (one row):
    swapped-pair inliers, true pairs above that max, true-pair inliers within 20 px of the
    true homography;
 4. local-feature extraction time per EVD image, process CPU time of all threads, as a ratio
-   to RootSIFT's in the same run (wall time beside it).
+   to RootSIFT's in the same run (wall time beside it), and the verification's (matching +
+   RANSAC) CPU time per EVD pair, as a ratio to RootSIFT's.
 
 Hybrid presets (Lite0 global + RootSIFT or XFeat locals) fill the EVD and time columns with
-their local backend's row: the same features verified with the same settings. Presets that
+their local backend's row: the same features verified with the same settings.
+``xfeat_lighterglue`` matches XFeat's features with LighterGlue (its rerank costs ~1 s per
+pair on CPU: its leave-one-out takes about 40 minutes on 2 cores). Presets that
 need the exported Lite0 model run only with --lite0:
 
     python scripts/export_efficientnet_lite0.py --pca-images ../shared/data/landmarks_mini --out models/lite0
@@ -43,17 +46,20 @@ from delf_pipeline.cli import setup_logging  # noqa: E402
 from delf_pipeline.config import load_config  # noqa: E402
 from delf_pipeline.evaluate import evaluate  # noqa: E402
 from delf_pipeline.extractors.rootsift import extract_rootsift  # noqa: E402
-from delf_pipeline.verification.pairs import verify_options  # noqa: E402
+from delf_pipeline.verification.lighterglue import load_xfeat_lighterglue  # noqa: E402
+from delf_pipeline.verification.pairs import verify_matches, verify_options  # noqa: E402
 
 DATA = lite_bench.DATA
 # preset -> its local features (the EVD and time columns); a hybrid names its local backend's preset
 LOCALS = {"sift_default": "RootSIFT", "efficientnet_lite0": "Lite0 locals", "xfeat": "XFeat",
-          "efficientnet_lite0_rootsift": "sift_default", "xfeat_lite0": "xfeat"}
+          "xfeat_lighterglue": "XFeat + LighterGlue", "efficientnet_lite0_rootsift": "sift_default",
+          "xfeat_lite0": "xfeat"}
 WITH_LITE0 = ("efficientnet_lite0", "efficientnet_lite0_rootsift", "xfeat_lite0")
 HEADER = ("| preset | local features | LOO GAP global → re-ranked | LOO top-1 | LOO mAP@100 | hard top-1 | hard GAP "
           "| EVD median true-pair inliers | EVD max swapped-pair inliers | EVD true pairs above max swapped "
           "| EVD true-pair inliers within 20 px of the true homography | extraction CPU / RootSIFT "
-          "| extraction wall / RootSIFT |\n|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| extraction wall / RootSIFT | verification CPU per pair / RootSIFT |\n"
+          "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def preset_config(preset: str, args: argparse.Namespace) -> dict:
@@ -84,14 +90,25 @@ def hard_cells(preset: str, args: argparse.Namespace) -> list[str]:
 
 
 def local_backends(args: argparse.Namespace) -> dict[str, tuple]:
-    """{preset: (extractor of its local features, image -> ImageFeatures)} of the non-hybrid presets."""
+    """{preset: (extractor of its local features, image -> ImageFeatures; match(a, b) or None for
+    the preset's own verify_pair)} of the non-hybrid presets."""
     backends = {"sift_default": lambda image: extract_rootsift(image, args.max_features)}
     if args.lite0:
         lite_args = argparse.Namespace(scales=[1.0], global_scales_ind=[0], threshold=0.0, max_features=args.max_features)
         backends["efficientnet_lite0"] = lite_bench.load_model(lite_args, str(args.lite0))
     xfeat_conf = load_config("xfeat")["extract"]
     backends["xfeat"] = extract.local_extractor({**xfeat_conf, "max_features": args.max_features}, "xfeat")
-    return backends
+    backends["xfeat_lighterglue"] = backends["xfeat"]
+    return {preset: (extractor, glue_match() if preset == "xfeat_lighterglue" else None)
+            for preset, extractor in backends.items()}
+
+
+def glue_match():
+    """match(a, b) -> PairResult: LighterGlue on two images' (locations, descriptors, size), then
+    the xfeat_lighterglue preset's verifier (as its rerank does)."""
+    glue = load_xfeat_lighterglue()
+    options = verify_options(load_config("xfeat_lighterglue")["rerank"])
+    return lambda a, b: verify_matches(a[0], b[0], glue.match_stored(*a, *b), **options)
 
 
 def evd_cells(args: argparse.Namespace) -> dict[str, list[str]]:
@@ -100,12 +117,12 @@ def evd_cells(args: argparse.Namespace) -> dict[str, list[str]]:
     names = sorted(p.stem for p in (folder / "1").glob("*.png"))
     row_args = argparse.Namespace(max_image_size=args.max_image_size)
     stats, times = {}, {}
-    for preset, extractor in local_backends(args).items():
+    for preset, (extractor, match) in local_backends(args).items():
         extractor(np.zeros((64, 64, 3), np.uint8))  # warm-up (graph tracing) outside the timing
         cpu: list[float] = []
         wall: list[float] = []
         stats[preset] = lite_bench.evd_stats(_timed(extractor, cpu, wall), verify_options(load_config(preset)["rerank"]),
-                                             folder, names, row_args)
+                                             folder, names, row_args, match)
         times[preset] = (float(np.median(cpu)), float(np.median(wall)))
     base_cpu, base_wall = times["sift_default"]
     cells = {}
@@ -113,9 +130,10 @@ def evd_cells(args: argparse.Namespace) -> dict[str, list[str]]:
         share = s["agreeing"] / max(s["true_inliers"], 1)
         cells[preset] = [f"{s['median_true']:.0f}", f"{s['max_swapped']}", f"{s['above']}/{len(names)}",
                          f"{s['agreeing']}/{s['true_inliers']} ({share:.0%})", f"{times[preset][0] / base_cpu:.2f}",
-                         f"{times[preset][1] / base_wall:.2f}"]
-        logging.getLogger("bench_xfeat").warning("%s: %.0f features/image, CPU %.3f s, wall %.3f s per image",
-                                                 preset, s["features"], *times[preset])
+                         f"{times[preset][1] / base_wall:.2f}", f"{s['pair_cpu'] / stats['sift_default']['pair_cpu']:.2f}"]
+        logging.getLogger("bench_xfeat").warning(
+            "%s: %.0f features/image, CPU %.3f s, wall %.3f s per image; verification CPU %.1f ms per pair",
+            preset, s["features"], *times[preset], 1000 * s["pair_cpu"])
     return cells
 
 
