@@ -23,8 +23,8 @@ from typing import Callable
 
 import pandas as pd
 
+from .formats.blocks import blocks_dir, read_table
 from .utils.artifacts import read_json
-from .utils.blocks import blocks_dir, read_table
 from .utils.progress import format_seconds
 
 log = logging.getLogger("delf_pipeline.budget")
@@ -74,13 +74,13 @@ def measure_pair_seconds(conf: dict, shortlist: pd.DataFrame, query_store: Path,
     best candidates, until ``max_pairs`` pairs or ``max_seconds`` are spent (at least one
     query). The index-feature cache starts empty, so the estimate errs on the slow side.
     """
-    from .candidates import top_candidates
-    from .rerank import BlockWorker
+    from .formats.candidates import top_candidates
+    from .verification.verifier import CandidateVerifier
 
     candidates = top_candidates(shortlist, conf["num_to_rerank"])
     queries = sorted(candidates)
     step = max(1, len(queries) * conf["num_to_rerank"] // max(1, max_pairs))
-    worker = BlockWorker(str(query_store), str(index_store), conf)
+    worker = CandidateVerifier(str(query_store), str(index_store), conf)
     start, pairs = time.perf_counter(), 0
     for query_id in queries[::step]:
         pairs += len(worker.rerank_query(query_id, candidates[query_id]))

@@ -32,14 +32,16 @@ import numpy as np
 import pandas as pd
 
 from . import extract, rerank, shortlist
-from .candidates import candidate_ids, top_candidates
 from .config import load_config
+from .descriptors.derived import prepare_index
 from .evidence import aggregation, calibration
 from .evidence.nonlandmarks import add_nonlandmark
+from .formats.blocks import read_table
+from .formats.candidates import candidate_ids, top_candidates
 from .formats.store import FeatureStore
 from .formats.tables import read_labels
+from .retrieval.search import select_matmul
 from .utils.artifacts import fingerprint, write_text_atomic
-from .utils.blocks import read_table
 
 log = logging.getLogger("delf_pipeline.calibrate")
 
@@ -122,8 +124,8 @@ def loo_candidates(config: dict, index_store: str | Path, work: Path, *, jobs: i
     work = work / f"loo-{fingerprint(key)}"  # a new sample (or other settings), a new folder
     shortlist_csv = work / "shortlist.csv"
     if not shortlist_csv.exists():
-        matmul = shortlist.select_matmul(loo["shortlist"]["device"])
-        searched, whitening = shortlist.prepare_index(index, loo["shortlist"], labels, matmul)
+        matmul = select_matmul(loo["shortlist"]["device"])
+        searched, whitening = prepare_index(index, loo["shortlist"], labels, matmul)
         frame = shortlist.shortlist_blocks(index, [ids], searched, loo["shortlist"], matmul, whitening)[0]
         write_text_atomic(shortlist_csv, frame.to_csv(index=False))
     ranked = read_table(shortlist_csv)

@@ -1,4 +1,5 @@
-"""Configuration: built-in defaults, named presets (package data in ``presets/``), and overrides.
+"""Configuration: built-in defaults, named presets (the TOML files of the top-level ``configs/``
+folder, carried by the wheel as package data), and overrides.
 
 A config is a plain nested dict with one section per stage. Presets are TOML files that
 override some keys of :data:`DEFAULTS`; ``--set section.key=value`` overrides any key
@@ -111,8 +112,10 @@ class ConfigError(ValueError):
 
 
 def presets_dir() -> Path:
-    """The folder of named presets: ``delf_pipeline/presets/``, installed with the package."""
-    return Path(__file__).resolve().parent / "presets"
+    """The folder of named presets: ``configs/`` of a source checkout (an editable install
+    too), or ``delf_pipeline/presets/``, where the wheel build copies them (setup.py)."""
+    packaged = Path(__file__).resolve().parent / "presets"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / "configs"
 
 
 def list_presets() -> list[str]:

@@ -26,10 +26,10 @@ from PIL import Image
 
 from . import extract, predict, rerank, shortlist
 from .config import load_config
+from .formats.blocks import read_table
 from .formats.revisitop import GroundTruth, crop_box, read_ground_truth
 from .metrics.revisitop import PROTOCOLS, revisited_map
 from .utils.artifacts import atomic_path, write_json_atomic
-from .utils.blocks import read_table
 
 log = logging.getLogger("delf_pipeline.evaluate_revisitop")
 IMAGE_SUFFIX = ".jpg"  # the datasets' image files: NAME.jpg

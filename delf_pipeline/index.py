@@ -1,105 +1,35 @@
 """A portable search index: ``delf-pipeline index build|add|info``.
 
-One self-contained folder holds everything a search by photo needs; it names no path
-outside itself, so a moved or copied index keeps working::
-
-    INDEX/manifest.json     what it is: format, package version, preset, counts, history
-    INDEX/config.json       the full settings (extract, shortlist, rerank, predict)
-    INDEX/labels.csv        id,landmark_id of the index images
-    INDEX/store/            the feature store made by :func:`delf_pipeline.extract.run`
-                            (rootsift: with its codebook.npy)
-    INDEX/previews/         small JPEG copies of the index images (thumbnails, match pictures),
-                            named by a hash of the image id; absent with --previews 0
-    INDEX/calibration.json  the confidence calibration, when one was given
-
-Model backends (``savedmodel``, ``hub``) keep their model by reference: ``extract.model``
-in config.json, as given. ``index add`` extracts new images into new store parts with the
-same settings and codebook, and merges their labels; nothing is rebuilt.
+The job that writes the index folder (its layout: :mod:`delf_pipeline.formats.index_folder`):
+``build`` extracts the labelled images into its store with :func:`delf_pipeline.extract.run`,
+``add`` extracts new images into new store parts with the same settings and codebook and
+merges their labels (nothing is rebuilt), ``info`` says what it holds.
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import io
 import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
-import pandas as pd
 from PIL import Image
 
 from . import __version__, extract
 from .config import load_config
 from .formats.images import ImageRecord, iter_decoded, list_images
-from .formats import tables
+from .formats.index_folder import FORMAT, FORMAT_VERSION, open_index, preview_name
 from .formats.store import FeatureStore
+from .formats.tables import read_labels
 from .utils.artifacts import atomic_path, read_json, write_json_atomic, write_text_atomic
 from .utils.progress import track
 
 log = logging.getLogger("delf_pipeline.index")
 
-FORMAT = "delf_pipeline index"
-FORMAT_VERSION = 1
 PREVIEW_QUALITY = 85  # JPEG quality of the previews
-
-
-@dataclass
-class Index:
-    """An opened index folder (see the module docstring)."""
-
-    path: Path
-    manifest: dict
-    config: dict
-
-    @property
-    def store_path(self) -> Path:
-        return self.path / "store"
-
-    @cached_property
-    def store(self) -> FeatureStore:
-        return FeatureStore(self.store_path)
-
-    @cached_property
-    def labels(self) -> dict[str, str]:
-        """index image id -> landmark id."""
-        return read_labels(self.path / "labels.csv")
-
-    def preview(self, image_id: str) -> Path | None:
-        """The preview JPEG of an index image, or None when the index has none for it."""
-        path = self.path / "previews" / preview_name(image_id)
-        return path if path.is_file() else None
-
-    def images_of(self, landmark_id: str) -> list[str]:
-        """Index image ids labelled ``landmark_id``, sorted."""
-        return sorted(i for i, label in self.labels.items() if label == landmark_id)
-
-    @property
-    def calibration(self) -> dict | None:
-        path = self.path / "calibration.json"
-        return read_json(path) if path.is_file() else None
-
-
-def open_index(path: str | Path) -> Index:
-    """Open the index folder ``path``; ValueError names what is missing or foreign."""
-    path = Path(path)
-    manifest_path = path / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"no index at {path} (no manifest.json): make one with `delf-pipeline index build`")
-    manifest = read_json(manifest_path)
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{manifest_path} is not a delf_pipeline index manifest (format {manifest.get('format')!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: index format version {manifest.get('format_version')} is not "
-                         f"{FORMAT_VERSION}, the one this delf_pipeline {__version__} reads; rebuild it")
-    for name in ("config.json", "labels.csv", "store"):
-        if not (path / name).exists():
-            raise FileNotFoundError(f"index {path} is incomplete: {name} is missing")
-    return Index(path, manifest, read_json(path / "config.json"))
 
 
 def build(
@@ -115,7 +45,7 @@ def build(
 ) -> Path:
     """Make the index ``out`` from ``images`` (a source :func:`list_images` reads); returns ``out``.
 
-    labels: CSV of the images' landmarks (see :func:`read_labels`); default: the labels of a
+    labels: CSV of the images' landmarks (see :func:`.formats.tables.read_labels`); default: the labels of a
     Kaggle train.csv or an ``id,path,landmark_id`` CSV. previews: longest side of the
     preview JPEGs (0: none). A finished index is reused only with the same settings
     (resumable like extract); ``overwrite`` rebuilds it.
@@ -177,21 +107,6 @@ def info(index_path: str | Path) -> dict:
         "megabytes": round(sum(p.stat().st_size for p in files) / 1e6, 1),
         "history": index.manifest["history"],
     }
-
-
-def read_labels(path: str | Path) -> dict[str, str]:
-    """image id -> landmark id: :func:`formats.tables.read_labels` (``id`` with ``landmark_id`` or
-    ``label``), or a photo folder's list with ``image`` (a relative path: the id is that path
-    without its extension, as a folder source names it) and ``label``, as landmarks_mini has."""
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    if "id" in frame or "image" not in frame or "label" not in frame:
-        return tables.read_labels(path)
-    return dict(zip(frame["image"].map(lambda p: Path(p).with_suffix("").as_posix()), frame["label"]))
-
-
-def preview_name(image_id: str) -> str:
-    """File name of an image's preview: a hash of its id (ids may hold '/' and any character)."""
-    return hashlib.sha1(image_id.encode("utf-8")).hexdigest()[:20] + ".jpg"
 
 
 def _stage_sections(config: dict) -> dict:

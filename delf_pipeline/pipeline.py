@@ -28,15 +28,15 @@ from typing import Callable, Sequence
 
 from . import calibrate, extract, predict, rerank, shortlist
 from .budget import TimeBudget, affordable_depth, fit_num_to_rerank, measure_pair_seconds
-from .candidates import candidate_ids, read_candidates
 from .config import load_config
 from .evidence.calibration import CalibrationError
+from .formats.blocks import read_table
+from .formats.candidates import candidate_ids, read_candidates
 from .formats.images import list_images
 from .formats.run_record import run_record, write_run_record
 from .formats.store import FeatureStore, errors_to_csv, read_errors
 from .formats.tables import read_labels
 from .utils.artifacts import write_text_atomic
-from .utils.blocks import read_table
 
 log = logging.getLogger("delf_pipeline.pipeline")
 

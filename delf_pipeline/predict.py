@@ -30,12 +30,12 @@ import pandas as pd
 
 from .config import load_config
 from .evidence.aggregation import best_classes, candidate_table, class_evidence, frequency_factor
-from .evidence.calibration import Calibration
+from .evidence.calibration import load_checked
 from .evidence.nonlandmarks import add_nonlandmark
+from .formats.blocks import read_table
 from .formats.store import FeatureStore
 from .formats.tables import read_ids, read_labels
 from .utils.artifacts import atomic_path, write_text_atomic
-from .utils.blocks import read_table
 
 log = logging.getLogger("delf_pipeline.predict")
 
@@ -85,23 +85,13 @@ def confidences(best: pd.DataFrame, conf: dict, query_store: str | Path | None =
     """[N] confidence of best-class rows: aggregated score, or P(right) with ``conf["calibration"]``."""
     if not conf["calibration"]:
         return best["score"].to_numpy(np.float64)
-    fitted = load_calibration(conf["calibration"], conf)
+    fitted = load_checked(conf["calibration"], conf)
     if "nonlandmark" in fitted.features:
         if query_store is None:
             raise ValueError(f"{conf['calibration']} uses non-landmark images: predict needs the query feature store "
                              "(--queries STORE)")
         best = add_nonlandmark(best, query_store, fitted.settings["non_landmarks"])
     return fitted.probability(best) if len(best) else np.zeros(0)
-
-
-def load_calibration(path: str | Path, conf: dict) -> Calibration:
-    """The calibration at ``path``, checked against the predict settings it must have been fitted with."""
-    fitted = Calibration.load(path)
-    for key in ("aggregation", "top_k"):
-        if key in fitted.settings and fitted.settings[key] != conf[key]:
-            raise ValueError(f"{path} was fitted with predict.{key} = {fitted.settings[key]!r}, not {conf[key]!r}: "
-                             "rerun `delf-pipeline calibrate` with these settings")
-    return fitted
 
 
 def submission_csv(query_ids: list[str], predictions: dict[str, tuple[str, float]]) -> str:

@@ -2,9 +2,10 @@
 """Build the one-file Kaggle kernel: the kernel script with delf_pipeline embedded in it.
 
 Kaggle runs the competition kernel with the internet off, so the package cannot be pip
-installed there. This script zips the package's modules and its data files (presets
-``delf_pipeline/presets/*.toml``, the report's page assets), embeds the zip as base64 in the kernel script's
-``BUNDLE = None`` line, and writes the result with its kernel-metadata.json:
+installed there. This script zips the package's modules and its data files (the presets of ``configs/``, as
+``delf_pipeline/presets/`` where an installed package has them, and the report's page assets),
+embeds the zip as base64 in the kernel script's ``BUNDLE = None`` line, and writes the result
+with its kernel-metadata.json:
 
     git clone /path/to/repo /tmp/clean && python /tmp/clean/scripts/build_kernel_bundle.py --out /tmp/push
     kaggle kernels push -p /tmp/push
@@ -40,11 +41,12 @@ def package_files(source: Path) -> list[tuple[str, Path]]:
     if not (package / "__init__.py").is_file():
         raise SystemExit(f"{source} is not a delf_pipeline checkout (no delf_pipeline/__init__.py)")
     modules = [p for p in package.rglob("*.py") if "__pycache__" not in p.parts]
-    presets = sorted((package / "presets").glob("*.toml"))
+    presets = sorted((source / "configs").glob("*.toml"))
     if not presets:
-        raise SystemExit(f"no presets found in {package / 'presets'}")
+        raise SystemExit(f"no presets found in {source / 'configs'}")
     assets = sorted((package / "tools" / "report_assets").glob("*"))
-    files = [(p.relative_to(source).as_posix(), p) for p in modules + presets + assets]
+    files = [(p.relative_to(source).as_posix(), p) for p in modules + assets]
+    files += [(f"delf_pipeline/presets/{p.name}", p) for p in presets]  # where an installed package has them
     return sorted(files)
 
 

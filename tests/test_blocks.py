@@ -1,11 +1,11 @@
-"""Tests of delf_pipeline.utils.blocks: numbered query blocks, shards, resuming, leftovers of a kill."""
+"""Tests of delf_pipeline.formats.blocks: numbered query blocks, shards, resuming, leftovers of a kill."""
 from __future__ import annotations
 
 import logging
 
 import pandas as pd
 
-from delf_pipeline.utils.blocks import (
+from delf_pipeline.formats.blocks import (
     block_path,
     blocks_dir,
     read_table,

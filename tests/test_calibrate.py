@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from support.synthetic_stores import DIM, place_view, write_store
 
 from delf_pipeline import calibrate
 from delf_pipeline.cli import main as cli_main
 from delf_pipeline.config import load_config
 from delf_pipeline.evidence.calibration import Calibration
-from synthetic_stores import DIM, place_view, write_store
 
 # places 0-2 have four views each (they verify one another); places 3-6 one photo each: as
 # leave-one-out queries those can only be predicted wrong, like non-landmark queries.
@@ -85,7 +85,7 @@ def test_leave_one_out_shortlist_searches_as_the_stage_does(index_store, tmp_pat
     """With supervised whitening and query expansion on, the calibration's leave-one-out global
     scores are those of the shortlist stage run over the whole index (the same space and scale)."""
     from delf_pipeline import shortlist
-    from delf_pipeline.utils.blocks import read_table
+    from delf_pipeline.formats.blocks import read_table
 
     config = load_config(overrides=["shortlist.whitening=\"supervised\"", "shortlist.whitening_shrinkage=0.1",
                                     "shortlist.qe_top_n=2", "rerank.num_to_rerank=0", 'shortlist.device="cpu"'])

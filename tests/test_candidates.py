@@ -1,9 +1,9 @@
 """The shortlist -> candidates hand-over."""
 from __future__ import annotations
 
-from delf_pipeline.candidates import candidate_ids, read_candidates, top_candidates
+from support.synthetic_stores import shortlist_frame
 
-from synthetic_stores import shortlist_frame
+from delf_pipeline.formats.candidates import candidate_ids, read_candidates, top_candidates
 
 
 def test_top_candidates_takes_the_best_ranked():

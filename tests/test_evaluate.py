@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import SHARED_DATA
 
 from delf_pipeline import cli
 from delf_pipeline.evaluate import evaluate
@@ -24,7 +25,7 @@ from delf_pipeline.metrics.recognition import accuracy, global_average_precision
 from delf_pipeline.metrics.retrieval import retrieval_metrics
 from delf_pipeline.metrics.revisitop import revisited_map, trapezoidal_ap
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = SHARED_DATA
 
 
 def write(path: Path, text: str) -> Path:

@@ -12,10 +12,10 @@ from PIL import Image
 
 from delf_pipeline import cli
 from delf_pipeline.evaluate_revisitop import format_table, ranking_lists, score
+from delf_pipeline.formats.blocks import read_table
 from delf_pipeline.formats.revisitop import read_ground_truth
 from delf_pipeline.predict import final_ranking
 from delf_pipeline.tools.demo import load_photo, random_view
-from delf_pipeline.utils.blocks import read_table
 
 LANDMARKS, DISTRACTORS = ("astronaut", "coffee", "chelsea"), ("moon", "coins")
 BBX = [20.4, 10.0, 480.6, 400.0]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from support.synthetic_stores import global_only, write_store
 
 from delf_pipeline.evidence import aggregation, calibration, nonlandmarks
-from synthetic_stores import global_only, write_store
 
 # a one-photo building "B" against a 29-photo street "S" (s00..s28)
 LABELS = {"b0": "B", **{f"s{i:02d}": "S" for i in range(29)}, "u": "U", "v": "V"}

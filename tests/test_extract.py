@@ -23,15 +23,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from support import SHARED_DATA
 
 from delf_pipeline import extract
 from delf_pipeline.cli import main as cli_main
 from delf_pipeline.config import load_config
+from delf_pipeline.extractors.build import local_extractor
 from delf_pipeline.formats.images import list_images
 from delf_pipeline.formats.store import FeatureStore, read_errors
 
 REPO = Path(__file__).resolve().parents[1]
-MINI = REPO.parent / "shared" / "data" / "landmarks_mini"
+MINI = SHARED_DATA / "landmarks_mini"
 FAST = {"max_image_size": 512, "vlad_words": 16, "codebook_images": 20}
 FAST_ARGS = [arg for key, value in FAST.items() for arg in ("--set", f"extract.{key}={value}")]
 SOURCES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
@@ -258,7 +260,8 @@ def small_store(tmp_path_factory) -> tuple[Path, Path]:
 def test_second_run_skips_without_loading_a_model(small_store, monkeypatch, caplog):
     photos, store = small_store
     before = store_files(store)
-    monkeypatch.setattr(extract, "load_backend", lambda *a: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(extract, "build", lambda *a: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(extract, "prepare_codebook", lambda *a: pytest.fail("a model was loaded"))
     with caplog.at_level(logging.INFO, logger="delf_pipeline"):
         extract.run(config(part_size=4), photos, store)
     assert any(r.getMessage().startswith("Skipping extraction: all 8 images") for r in caplog.records)
@@ -415,9 +418,8 @@ def test_a_run_killed_after_the_codebook_sample_resumes_it_as_ordinary_parts(tmp
     (store / "manifest.json").write_text(json.dumps(extract.store_manifest(conf)))  # a run writes it first
     sample = store / "codebook-sample-1of1"
     (sample / "parts").mkdir(parents=True)
-    extract._extract_parts(sample, records[:2], extract.local_extractor(conf, "rootsift"),
-                           {**conf, "descriptor_dtype": "float32"},
-                           (1, 1), strict=False)  # half of the sample, then killed
+    extract.extract_into(sample, records[:2], local_extractor(conf, "rootsift"), {**conf, "descriptor_dtype": "float32"},
+                         (1, 1), strict=False)  # half of the sample, then killed
     seen = count_rootsift_calls(monkeypatch)
     extract.run(config(codebook_images=4, part_size=2), tmp_path / "photos", store)
     assert len(seen) == 4  # the 2 other sample images, then the 2 images outside the sample
@@ -434,9 +436,8 @@ def test_a_run_killed_after_learning_the_codebook_finishes_the_step(tmp_path, mo
     (sample / "parts").mkdir(parents=True)
     (store / "parts").mkdir()
     (store / "manifest.json").write_text(json.dumps(extract.store_manifest(conf)))  # a run writes it first
-    extract._extract_parts(sample, records[:4], extract.local_extractor(conf, "rootsift"),
-                           {**conf, "descriptor_dtype": "float32"},
-                           (1, 1), strict=False)  # the whole sample, the codebook saved, then killed
+    extract.extract_into(sample, records[:4], local_extractor(conf, "rootsift"), {**conf, "descriptor_dtype": "float32"},
+                         (1, 1), strict=False)  # the whole sample, the codebook saved, then killed
     shutil.copy(fresh / "codebook.npy", store / "codebook.npy")
     seen = count_rootsift_calls(monkeypatch)
     extract.run(config(codebook_images=4, part_size=2), tmp_path / "photos", store)
@@ -449,7 +450,8 @@ def test_an_injected_extractor_replaces_the_backend(tmp_path, monkeypatch):
     from delf_pipeline.extractors.rootsift import empty_features
 
     write_photos(tmp_path / "photos", 3, side=100)
-    monkeypatch.setattr(extract, "load_backend", lambda *a: pytest.fail("a backend was loaded"))
+    monkeypatch.setattr(extract, "build", lambda *a: pytest.fail("a backend was loaded"))
+    monkeypatch.setattr(extract, "prepare_codebook", lambda *a: pytest.fail("a backend was loaded"))
     shapes = []
     store = extract.run(config(), tmp_path / "photos", tmp_path / "store",
                         extractor=lambda image: shapes.append(image.shape) or replace(
@@ -515,15 +517,16 @@ def test_dask_cluster_writes_the_local_store_byte_for_byte(tmp_path, monkeypatch
     conf = config(codebook_images=4, part_size=3)  # the client learns the codebook; 3 parts of the others: tasks
     local = extract.run(conf, tmp_path / "photos", tmp_path / "local")
     seen = count_rootsift_calls(monkeypatch)
-    loads, real_load = [], extract.load_backend
-    monkeypatch.setattr(extract, "load_backend", lambda conf, records, *a: loads.append(len(records))
-                        or real_load(conf, records, *a))
+    prepared, builds, real_prepare, real_build = [], [], extract.prepare_codebook, extract.build
+    monkeypatch.setattr(extract, "prepare_codebook", lambda out, records, *a: prepared.append(len(records))
+                        or real_prepare(out, records, *a))
+    monkeypatch.setattr(extract, "build", lambda *a: builds.append(1) or real_build(*a))
     with local_cluster(processes=False) as cluster:
         on_dask = extract.run(conf, tmp_path / "photos", tmp_path / "dask", dask_address=cluster.scheduler_address)
     assert store_files(on_dask) == store_files(local)
     assert [p.path.name for p in FeatureStore(on_dask).parts] == [f"s001of001-p{i:06d}" for i in range(5)]
     assert seen == [2] * 12  # the 4 sample images on the client, the 8 others on the workers: each once
-    assert loads == [12, 0]  # the client (codebook step over all 12), then one load for the workers' 3 tasks
+    assert prepared == [12] and builds == [1]  # the client's codebook step over all 12, one load for the 3 tasks
 
 
 def test_dask_run_resumes_a_killed_local_run_and_removes_its_leftovers(small_store, tmp_path):

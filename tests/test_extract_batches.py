@@ -15,11 +15,9 @@ from PIL import Image
 
 from delf_pipeline import extract
 from delf_pipeline.config import load_config
-from delf_pipeline.extractors.features import (
-    BatchExtractor,
-    ImageFeatures,
-    extract_batch,
-)
+from delf_pipeline.extractors import build, stream
+from delf_pipeline.extractors.base import BatchExtractor, extract_batch
+from delf_pipeline.formats.features import ImageFeatures
 from delf_pipeline.formats.store import FeatureStore, read_errors
 
 
@@ -52,7 +50,7 @@ def decoded(shapes: list[tuple | None]) -> list[tuple]:
 
 
 def groups(shapes: list[tuple | None], batch_size: int, part_size: int = 100) -> list[list[str]]:
-    return [[item[0] for item in group] for group in extract.batches(decoded(shapes), batch_size, part_size)]
+    return [[item[0] for item in group] for group in stream.batches(decoded(shapes), batch_size, part_size)]
 
 
 A, B = (4, 6), (6, 4)
@@ -131,16 +129,16 @@ def check_one_batch_call(wrapped, inner: Recorder) -> list[ImageFeatures]:
 
 def test_vlad_wrapper_keeps_the_batch_call():
     inner, words = Recorder(), np.eye(3, dtype=np.float32)
-    found = check_one_batch_call(extract._vlad_extractor(inner, words), inner)
+    found = check_one_batch_call(build.vlad_extractor(inner, words), inner)
     assert all(f.global_descriptor.shape == (9,) for f in found)
 
 
 def test_global_only_wrapper_keeps_the_batch_call(monkeypatch):
     inner = Recorder()
-    monkeypatch.setattr(extract, "_load_backend", lambda *a: inner)
+    monkeypatch.setattr(build, "_assemble", lambda *a: inner)
     conf = {**load_config()["extract"], "local_features": False}
     images = [np.full((4, 6), value, np.uint8) for value in (10, 20, 30)]
-    found = extract.load_backend(conf, [], Path("unused"), None).batch(images)
+    found = build.build(conf).batch(images)
     assert inner.calls == [[(4, 6)] * 3]
     assert all(f.num_features == 0 for f in found)
     np.testing.assert_array_equal(found[1].global_descriptor, image_features(images[1]).global_descriptor)
@@ -148,6 +146,6 @@ def test_global_only_wrapper_keeps_the_batch_call(monkeypatch):
 
 def test_hybrid_wrapper_keeps_both_batch_calls():
     model, local = Recorder(), Recorder()
-    found = check_one_batch_call(extract._with_locals(model, local), local)
+    found = check_one_batch_call(build.with_locals(model, local), local)
     assert model.calls == local.calls
     assert found[0].global_descriptor is not None

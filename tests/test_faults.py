@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 
 from delf_pipeline import cli
+from delf_pipeline.formats.blocks import block_path
 from delf_pipeline.utils.artifacts import output_lock, shard_name
-from delf_pipeline.utils.blocks import block_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthetic_images import FAST, write_kaggle  # noqa: E402
+from support.synthetic_images import FAST, write_kaggle  # noqa: E402
 
 KILLS_PER_STAGE = 8
 

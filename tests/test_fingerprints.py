@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from support.synthetic_stores import local_features, random_unit_rows, shortlist_frame, write_store
 
 from delf_pipeline import extract, rerank, shortlist
 from delf_pipeline.config import CHECKS, DEFAULTS, OneOf, load_config
 from delf_pipeline.utils.artifacts import check_manifest, settings_manifest
-from synthetic_stores import local_features, random_unit_rows, shortlist_frame, write_store
 
 # the stage of each section that writes a resumable artifact; predict and calibrate rewrite
 # their output on every run (nothing is reused), so they have no staleness check to miss

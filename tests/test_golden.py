@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from delf_pipeline.extractors.rootsift import _kmeans_plus_plus, learn_codebook, root_sift, vlad
+from delf_pipeline.extractors.rootsift import root_sift
+from delf_pipeline.extractors.vlad import _kmeans_plus_plus, learn_codebook, vlad
 from delf_pipeline.utils.artifacts import (
     atomic_path,
     check_manifest,

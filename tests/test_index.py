@@ -12,8 +12,9 @@ import pytest
 
 from delf_pipeline import cli, index
 from delf_pipeline.config import load_config
-from delf_pipeline.query import Searcher
-from delf_pipeline.shortlist import select_matmul, top_k_in_memory
+from delf_pipeline.formats.index_folder import open_index
+from delf_pipeline.retrieval.search import select_matmul, top_k_in_memory
+from delf_pipeline.search.searcher import Searcher
 
 SMALL = ["extract.max_image_size=320", "extract.max_features=300", "extract.vlad_words=8",
          "rerank.num_to_rerank=4", "shortlist.top_k=8"]
@@ -70,7 +71,7 @@ def test_build_writes_a_self_contained_index(built, views):
     assert (facts["images"], facts["landmarks"], facts["labelled_images"], facts["errors"]) == (9, 3, 9, 0)
     assert facts["package_version"] == cli.__version__ and facts["codebook_words"] == 8
     assert len(list((built / "previews").glob("*.jpg"))) == 9
-    assert max(cv2.imread(str(index.open_index(built).preview("coffee/v0"))).shape[:2]) == 128
+    assert max(cv2.imread(str(open_index(built).preview("coffee/v0"))).shape[:2]) == 128
     for name in ("manifest.json", "config.json", "labels.csv"):
         assert str(views["root"]) not in (built / name).read_text(), f"{name} names a path outside the index"
 
@@ -123,8 +124,8 @@ def test_query_applies_the_index_whitening_and_expansion(built, views, tmp_path)
     searcher = Searcher(copy)
     answer = searcher.search_file(views["queries"] / "coffee" / "v0.jpg")
     assert list((copy / "store" / "derived").glob("whitened-*/whitening.npz"))
-    whitening = learn_pca_whitening(index.open_index(built).store.global_matrix(), 0, 0.5)
-    matrix = whitening.apply(index.open_index(built).store.global_matrix())
+    whitening = learn_pca_whitening(open_index(built).store.global_matrix(), 0, 0.5)
+    matrix = whitening.apply(open_index(built).store.global_matrix())
     query = whitening.apply(answer.features.global_descriptor[None])
     first = np.argsort(-(matrix @ query[0]), kind="stable")[:2]
     expanded = expand_queries(query, matrix[first][None], (matrix[first] @ query[0])[None], alpha=1.0)[0]
@@ -137,7 +138,7 @@ def test_add_appends_parts_and_keeps_what_was_there(built, views, tmp_path):
     grown = shutil.copytree(built, tmp_path / "grown")
     before = {p.relative_to(grown): p.read_bytes() for p in (grown / "store").rglob("*.npy")}
     index.add(grown, views["more"], labels=labels_csv(views["more"], tmp_path / "more.csv"))
-    store = index.open_index(grown).store
+    store = open_index(grown).store
     assert len(store.parts) == 2 and len(store) == 12
     for name, data in before.items():  # first part and codebook untouched: nothing rebuilt
         assert (grown / name).read_bytes() == data, name
@@ -150,7 +151,7 @@ def test_add_appends_parts_and_keeps_what_was_there(built, views, tmp_path):
 def test_add_keeps_known_ids_as_they_were(built, views, tmp_path):
     again = shutil.copytree(built, tmp_path / "again")
     index.add(again, views["first"], labels=labels_csv(views["first"], tmp_path / "other.csv"))
-    assert len(index.open_index(again).store.parts) == 1
+    assert len(open_index(again).store.parts) == 1
 
 
 def test_query_command_json_and_bad_photo(built, views, tmp_path, capsys):
@@ -195,10 +196,10 @@ def test_read_labels_names_the_missing_columns(tmp_path):
 
 def test_open_index_refuses_what_is_not_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="no index at"):
-        index.open_index(tmp_path)
+        open_index(tmp_path)
     (tmp_path / "manifest.json").write_text('{"format": "something else"}')
     with pytest.raises(ValueError, match="is not a delf_pipeline index"):
-        index.open_index(tmp_path)
+        open_index(tmp_path)
 
 
 def test_build_refuses_an_index_without_local_features(tmp_path):

@@ -21,9 +21,10 @@ import types
 from pathlib import Path
 
 import pytest
+from support import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "landmarks_mini"
+DATA = SHARED_DATA / "landmarks_mini"
 KERNEL = REPO / "kernels" / "landmark-recognition-2020" / "delf_landmark_recognition_2020.py"
 # (place, images used as train): the next image of each place is a test query
 PLACES = [("london_bridge", 3), ("piazza_san_marco", 3), ("maupertuis_castle", 3), ("sacre_coeur", 3)]

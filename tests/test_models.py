@@ -1,6 +1,6 @@
-"""Tests of delf_pipeline.extractors.models (loading DELF/DELG exports) and delf_pipeline.export.delg_export.
+"""Tests of delf_pipeline.extractors.models (loading DELF/DELG exports) and delf_pipeline.extractors.delg_export.
 
-The three tiny models of delf_pipeline.testing.export_test_models (random seeded weights,
+The three tiny models of support.export_test_models (random seeded weights,
 official signatures) are loaded through load_extractor, the path users take. Their
 attention is 1000 x the std of the normalised grey levels of each 8 x 8 cell, which
 gives hand-worked golden values; they say nothing about retrieval quality.
@@ -14,7 +14,9 @@ import pytest
 
 pytest.importorskip("tensorflow", reason="loading DELF/DELG models needs TensorFlow")
 
-from delf_pipeline.export.delg_export import (  # noqa: E402
+from support.export_test_models import HUB_DIM, LOCAL_DIM, make_backbone  # noqa: E402
+
+from delf_pipeline.extractors.delg_export import (  # noqa: E402
     Geometry,
     export_delg,
     project_descriptors,
@@ -23,11 +25,9 @@ from delf_pipeline.export.delg_export import (  # noqa: E402
 from delf_pipeline.extractors.models import (  # noqa: E402
     MIN_IMAGE_SIDE,
     _global_indices,
-    describe_model,
     load_extractor,
     pool_global,
 )
-from delf_pipeline.testing.export_test_models import HUB_DIM, LOCAL_DIM, make_backbone  # noqa: E402
 
 MODELS = ("tf1_delg", "tf2_delg", "hub_delf")
 DELG = ("tf1_delg", "tf2_delg")
@@ -220,16 +220,6 @@ def test_two_calls_are_identical(extractor, name):
     first, second = extract(image), extract(image)
     for field in ("locations", "descriptors", "scales", "scores"):
         np.testing.assert_array_equal(getattr(first, field), getattr(second, field))
-
-
-@pytest.mark.parametrize("name, expected", [
-    ("tf1_delg", {"style": "tf1", "local_dim": LOCAL_DIM, "has_global": True, "global_dim": 2048}),
-    ("tf2_delg", {"style": "tf2", "local_dim": LOCAL_DIM, "has_global": True, "global_dim": 2048}),
-    ("hub_delf", {"style": "hub", "local_dim": HUB_DIM, "has_global": False, "global_dim": None}),
-])
-def test_describe_model(delf_test_models, name, expected):
-    description = describe_model(delf_test_models[name])
-    assert description == {"model": str(delf_test_models[name]), **expected}
 
 
 # --- errors -----------------------------------------------------------------------------

@@ -9,15 +9,16 @@ import shutil
 from pathlib import Path
 
 import pytest
+from support import SHARED_DATA
 
 from delf_pipeline import __version__
-from delf_pipeline.config import DEFAULT_PRESET
 from delf_pipeline.cli import main as cli_main
+from delf_pipeline.config import DEFAULT_PRESET
 from delf_pipeline.formats.images import kaggle_path
 from delf_pipeline.formats.store import read_errors
 from delf_pipeline.formats.tables import read_submission, validate_submission
 
-MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "landmarks_mini"
+MINI = SHARED_DATA / "landmarks_mini"
 #: place -> landmark id; 3 photos of each are the index, the next 1-2 the queries
 PLACES = {"lund_street": "101", "sacre_coeur": "102", "sceaux_castle": "103", "piazza_san_marco": "104",
           "london_bridge": "105", "maupertuis_castle": "106"}

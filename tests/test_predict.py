@@ -6,12 +6,14 @@ import logging
 import numpy as np
 import pandas as pd
 import pytest
+from support.synthetic_stores import global_only, shortlist_frame
 
 from delf_pipeline import predict
 from delf_pipeline.cli import main as cli_main
 from delf_pipeline.config import load_config
 from delf_pipeline.evidence.aggregation import class_evidence
 from delf_pipeline.evidence.calibration import Calibration
+from delf_pipeline.formats.blocks import read_table
 from delf_pipeline.formats.images import ErrorRecord
 from delf_pipeline.formats.store import ExtractedImage, write_part
 from delf_pipeline.formats.tables import (
@@ -19,9 +21,6 @@ from delf_pipeline.formats.tables import (
     read_submission,
     validate_submission,
 )
-from delf_pipeline.utils.blocks import read_table
-
-from synthetic_stores import global_only, shortlist_frame
 
 LABELS = {"a": "1", "b": "2", "c": "2", "d": "1", "x": "7", "y": "3", "z": "10"}
 
@@ -176,7 +175,9 @@ def test_queries_with_failed_images_get_a_row(inputs, monkeypatch):
 def test_index_labels_need_an_id_and_a_label_column(tmp_path):
     pd.DataFrame({"id": ["a"], "label": ["5"]}).to_csv(tmp_path / "ok.csv", index=False)
     assert read_labels(tmp_path / "ok.csv") == {"a": "5"}
-    pd.DataFrame({"image": ["a"], "landmark_id": ["5"]}).to_csv(tmp_path / "bad.csv", index=False)
+    pd.DataFrame({"image": ["place/a.jpg"], "label": ["5"]}).to_csv(tmp_path / "folder.csv", index=False)
+    assert read_labels(tmp_path / "folder.csv") == {"place/a": "5"}  # a photo folder's list: id = path sans suffix
+    pd.DataFrame({"path": ["a"], "landmark_id": ["5"]}).to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(ValueError, match="index labels need columns id and landmark_id"):
         read_labels(tmp_path / "bad.csv")
 
@@ -215,7 +216,7 @@ def test_calibration_fitted_with_other_settings_is_refused(inputs):
 
 
 def test_calibration_with_non_landmarks_needs_and_uses_the_query_store(inputs):
-    from synthetic_stores import write_store
+    from support.synthetic_stores import write_store
 
     queries = write_store(inputs / "q", {"q0": global_only([1.0, 0.0]), "q1": global_only([0.0, 1.0])}, 4)
     others = write_store(inputs / "n", {"n0": global_only([0.0, 1.0])}, 4)

@@ -124,7 +124,7 @@ def calibrated_run(demo_run) -> dict:
     from delf_pipeline import predict
     from delf_pipeline.config import load_config
     from delf_pipeline.evidence.calibration import Calibration
-    from delf_pipeline.utils.blocks import read_table
+    from delf_pipeline.formats.blocks import read_table
 
     run = demo_run["root"] / "calibrated"
     shutil.copytree(demo_run["run"], run, ignore=shutil.ignore_patterns("report"))

@@ -21,15 +21,16 @@ pytest.importorskip("fastapi", reason="the service needs the serve extra: pip in
 pytest.importorskip("httpx", reason="FastAPI's test client needs httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
+from support import SHARED_DATA
 
 from delf_pipeline import index  # noqa: E402
 from delf_pipeline.config import DEFAULT_PRESET, load_config  # noqa: E402
-from delf_pipeline.query import Searcher  # noqa: E402
+from delf_pipeline.search.searcher import Searcher  # noqa: E402
 from delf_pipeline.service.app import create_app  # noqa: E402
 from delf_pipeline.service.limits import Limits  # noqa: E402
 from delf_pipeline.service.serve import running  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "landmarks_mini"
+DATA = SHARED_DATA / "landmarks_mini"
 HELD_OUT = "sacre_coeur/02928139_3448003521.jpg"  # the query; every other photo is in the index
 FAST = ["extract.max_image_size=512", "extract.max_features=500", "extract.vlad_words=32"]
 LIMITS = Limits(workers=2, queue=8, max_bytes=2_000_000, max_pixels=30_000_000)
@@ -188,7 +189,7 @@ def chromium() -> str:
 
 @pytest.mark.slow
 def test_page_in_chromium_uploads_a_photo_and_shows_the_answer(mini_index, searcher, tmp_path):
-    from delf_pipeline.testing.browser import Browser
+    from support.browser import Browser
 
     with running(create_app(mini_index, LIMITS, searcher=searcher)) as url, Browser(chromium()) as page:
         page.navigate(url + "/")

@@ -6,17 +6,17 @@ import logging
 import numpy as np
 import pandas as pd
 import pytest
+from support.synthetic_stores import global_only, random_unit_rows, write_store
 
 from delf_pipeline import shortlist
 from delf_pipeline.cli import main as cli_main
 from delf_pipeline.config import load_config
+from delf_pipeline.formats.blocks import read_table
 from delf_pipeline.formats.store import FeatureStore
-from delf_pipeline.utils.blocks import read_table
-
-from synthetic_stores import global_only, random_unit_rows, write_store
+from delf_pipeline.retrieval import search
 
 GLOBAL = 16
-CPU = shortlist.select_matmul("cpu")
+CPU = search.select_matmul("cpu")
 
 
 def store_of(path, vectors: np.ndarray, part_size: int, prefix: str = "i", **kwargs) -> FeatureStore:
@@ -50,7 +50,7 @@ def test_top_k_equals_brute_force_across_chunks_and_parts(tmp_path, part_size, c
     vectors = random_unit_rows(53, GLOBAL, seed=1)
     index = store_of(tmp_path, vectors, part_size, dtype=dtype)
     queries = random_unit_rows(9, GLOBAL, seed=2)
-    ids, rows, scores = shortlist.top_k_search(queries, index, top_k, chunk_rows, CPU)
+    ids, rows, scores = search.top_k_search(queries, index, top_k, chunk_rows, CPU)
     expected_rows, expected_scores = brute_force(queries, index.global_matrix(), top_k)
     assert ids == index.ids
     assert rows.shape == scores.shape == (9, min(top_k, 53))
@@ -67,7 +67,7 @@ def test_ties_are_ordered_by_row(tmp_path, chunk_rows, top_k):
     vectors = distinct[rng.integers(0, 4, size=60)]
     index = store_of(tmp_path, vectors, part_size=9)
     queries = np.vstack([distinct, np.zeros((1, GLOBAL), np.float32)])  # the zero query ties with everything
-    _, rows, scores = shortlist.top_k_search(queries, index, top_k, chunk_rows, CPU)
+    _, rows, scores = search.top_k_search(queries, index, top_k, chunk_rows, CPU)
     expected_rows, expected_scores = brute_force(queries, vectors, top_k)
     assert np.array_equal(scores, expected_scores)
     assert np.array_equal(rows, expected_rows)
@@ -81,7 +81,7 @@ def test_every_chunk_better_or_worse_than_the_last(tmp_path, direction):
     vectors = random_unit_rows(70, GLOBAL, seed=11)
     vectors = vectors[np.argsort(direction * (vectors @ queries.sum(axis=0)))]
     index = store_of(tmp_path, vectors, part_size=8)
-    _, rows, scores = shortlist.top_k_search(queries, index, 6, 5, CPU)
+    _, rows, scores = search.top_k_search(queries, index, 6, 5, CPU)
     expected_rows, expected_scores = brute_force(queries, vectors, 6)
     assert np.array_equal(rows, expected_rows)
     assert np.allclose(scores, expected_scores, atol=1e-6)
@@ -95,7 +95,7 @@ def test_hand_worked_top_2():
                 yield ["a", "b", "c", "d"][start : start + chunk_rows], matrix[start : start + chunk_rows]
 
     queries = np.array([[1, 0], [0, -1]], np.float32)
-    ids, rows, scores = shortlist.top_k_search(queries, Index(), 2, 1, CPU)
+    ids, rows, scores = search.top_k_search(queries, Index(), 2, 1, CPU)
     assert ids == ["a", "b", "c", "d"]
     assert rows.tolist() == [[0, 2], [0, 3]]  # query 2 scores 0, -1, -0.8, 0: the tie a/d goes to a
     assert np.allclose(scores, [[1.0, 0.6], [0.0, 0.0]])
@@ -103,7 +103,7 @@ def test_hand_worked_top_2():
 
 def test_empty_index_gives_no_candidates(tmp_path):
     index = store_of(tmp_path, np.zeros((0, GLOBAL), np.float32), part_size=4)
-    ids, rows, scores = shortlist.top_k_search(random_unit_rows(3, GLOBAL, 0), index, 5, 4, CPU)
+    ids, rows, scores = search.top_k_search(random_unit_rows(3, GLOBAL, 0), index, 5, 4, CPU)
     assert ids == [] and rows.shape == scores.shape == (3, 0)
 
 
@@ -111,15 +111,15 @@ def test_gpu_device_path_gives_the_cpu_result(tmp_path):
     pytest.importorskip("tensorflow", reason="the gpu device path runs the products in TensorFlow")
     index = store_of(tmp_path, random_unit_rows(40, GLOBAL, seed=4), part_size=16, dtype="float16")
     queries = random_unit_rows(6, GLOBAL, seed=5)
-    _, cpu_rows, cpu_scores = shortlist.top_k_search(queries, index, 7, 9, CPU)
-    _, gpu_rows, gpu_scores = shortlist.top_k_search(queries, index, 7, 9, shortlist.select_matmul("gpu"))
+    _, cpu_rows, cpu_scores = search.top_k_search(queries, index, 7, 9, CPU)
+    _, gpu_rows, gpu_scores = search.top_k_search(queries, index, 7, 9, search.select_matmul("gpu"))
     assert np.array_equal(gpu_rows, cpu_rows)
     assert np.allclose(gpu_scores, cpu_scores, atol=1e-5)
 
 
 def test_unknown_device_is_refused():
     with pytest.raises(ValueError, match="shortlist.device must be auto, cpu or gpu, got 'tpu'"):
-        shortlist.select_matmul("tpu")
+        search.select_matmul("tpu")
 
 
 # ---------------------------------------------------------------- the stage

@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from support.synthetic_stores import global_only, write_store
 
 from delf_pipeline import shortlist
 from delf_pipeline.config import load_config
+from delf_pipeline.descriptors import derived
 from delf_pipeline.descriptors.expansion import augment_database, expand_queries, supervised_dba
 from delf_pipeline.descriptors.whitening import learn_pca_whitening, learn_supervised_whitening
+from delf_pipeline.formats.blocks import read_table
 from delf_pipeline.formats.store import FeatureStore
-from delf_pipeline.utils.blocks import read_table
-from synthetic_stores import global_only, write_store
+from delf_pipeline.retrieval import search
 
 GLOBAL = 8
 
@@ -86,10 +88,10 @@ def test_pca_whitening_learned_once_stored_beside_the_index(stores, tmp_path, mo
     whitening = learn_pca_whitening(index.global_matrix(), 5, 0.2)
     x, q = whitening.apply(index.global_matrix()), whitening.apply(queries.global_matrix())
     assert_table_is(table, queries.ids, index.ids, *brute_force(q, x, 3))
-    derived = list((index.path / "derived").glob("whitened-*/whitening.npz"))
-    assert len(derived) == 1
+    made = list((index.path / "derived").glob("whitened-*/whitening.npz"))
+    assert len(made) == 1
     assert {p: p.read_bytes() for p in index.path.glob("parts/*/global.npy")} == before  # original untouched
-    monkeypatch.setattr(shortlist, "learn_whitening", lambda *a: pytest.fail("whitening learned twice"))
+    monkeypatch.setattr(derived, "learn_whitening", lambda *a: pytest.fail("whitening learned twice"))
     again = read_table(shortlist.run(conf, index.path, queries.path, tmp_path / "b.csv"))
     assert again.equals(table)
 
@@ -156,19 +158,19 @@ def test_two_shard_processes_make_a_derived_store_once(stores, monkeypatch):
     index, _ = stores
     conf = config(whitening="pca", whitening_shrinkage=0.2, whitening_dim=5)["shortlist"]
     learned, started, errors = [], threading.Barrier(2), []
-    real = shortlist.learn_whitening
+    real = derived.learn_whitening
 
     def slow_learn(*args):
         learned.append(1)
         threading.Event().wait(0.5)  # both threads are inside prepare_index now
         return real(*args)
 
-    monkeypatch.setattr(shortlist, "learn_whitening", slow_learn)
+    monkeypatch.setattr(derived, "learn_whitening", slow_learn)
 
     def prepare():
         started.wait()
         try:
-            shortlist.prepare_index(FeatureStore(index.path), conf, None, shortlist.select_matmul("cpu"))
+            derived.prepare_index(FeatureStore(index.path), conf, None, search.select_matmul("cpu"))
         except Exception as error:  # noqa: BLE001 - the test reports whatever a thread raised
             errors.append(error)
 

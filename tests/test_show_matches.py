@@ -12,7 +12,7 @@ import pytest
 
 from delf_pipeline import cli
 from delf_pipeline.config import load_config
-from delf_pipeline.extractors.features import ImageFeatures, l2_normalize
+from delf_pipeline.formats.features import ImageFeatures, l2_normalize
 from delf_pipeline.formats.images import ImageError
 from delf_pipeline.formats.store import ExtractedImage, write_part
 from delf_pipeline.tools.show_matches import (

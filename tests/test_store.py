@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from delf_pipeline.extractors.features import ImageFeatures, l2_normalize
+from delf_pipeline.formats.features import ImageFeatures, l2_normalize
 from delf_pipeline.formats.images import ErrorRecord
 from delf_pipeline.formats.store import (
     ExtractedImage,

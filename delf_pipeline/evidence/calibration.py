@@ -27,6 +27,7 @@ import pandas as pd
 from scipy.optimize import minimize
 from scipy.special import expit, log_expit
 
+
 class CalibrationError(ValueError):
     """The sample cannot be fitted: it lacks right or wrong predictions."""
 
@@ -90,6 +91,17 @@ class Calibration:
         if missing:
             raise ValueError(f"{path}: not a calibration file, missing {', '.join(missing)}")
         return cls(**{k: data[k] for k in ("features", "mean", "scale", "weights", "bias", "settings") if k in data})
+
+
+def load_checked(path: str | Path, conf: dict) -> Calibration:
+    """The calibration at ``path``, checked against the ``predict`` section ``conf`` it must have
+    been fitted with (aggregation, top_k)."""
+    fitted = Calibration.load(path)
+    for key in ("aggregation", "top_k"):
+        if key in fitted.settings and fitted.settings[key] != conf[key]:
+            raise ValueError(f"{path} was fitted with predict.{key} = {fitted.settings[key]!r}, not {conf[key]!r}: "
+                             "rerun `delf-pipeline calibrate` with these settings")
+    return fitted
 
 
 def fit(evidence: pd.DataFrame, right: np.ndarray, features: tuple[str, ...] | None = None, l2: float = L2,

@@ -326,7 +326,7 @@ def backbone_outputs(model, images, gem_p: float = GEM_P, pooling: str = "gem"):
 
 def make_backbone(weights: dict[str, list[np.ndarray]] | None = None, local_layer: str = DEFAULT_LOCAL_LAYER,
                   gem_p: float = GEM_P, pooling: str = "gem", variant: str = "lite0"):
-    """A trackable ``tf.Module`` for :func:`delf_pipeline.export.delg_export.export_delg`.
+    """A trackable ``tf.Module`` for :func:`delf_pipeline.extractors.delg_export.export_delg`.
 
     Calling it maps float32 pixels [1, h, w, 3] in 0..255 to (local features
     [1, h/16, w/16, C], attention [1, h/16, w/16], GeM global [1, 1280]); see
@@ -381,7 +381,7 @@ def export(path: str | Path, weights: dict[str, list[np.ndarray]] | None, *, loc
            variant: str = "lite0") -> Path:
     """Export EfficientNet-Lite (``variant``) as a DELG SavedModel (official ``serving_default``
     signature), its global descriptor pooled by ``pooling`` (gem with ``gem_p``, mac, spoc)."""
-    from ..export.delg_export import export_delg
+    from .delg_export import export_delg
 
     backbone = make_backbone(weights, local_layer, gem_p, pooling, variant)
     return export_delg(path, backbone, local_projection=local_projection, overwrite=overwrite,
@@ -395,7 +395,7 @@ def sample_descriptors(weights, images, *, local_layer: str = DEFAULT_LOCAL_LAYE
     """
     import tensorflow as tf
 
-    from ..export.delg_export import Geometry, make_delg_module
+    from .delg_export import Geometry, make_delg_module
 
     module = make_delg_module(make_backbone(weights, local_layer, variant=variant),
                               Geometry(**geometry(local_layer, variant)))

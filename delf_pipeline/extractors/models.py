@@ -9,7 +9,7 @@ Three export styles are recognised from what the folder holds, not from a flag:
   ``scales:0``, ``scores:0`` and, for DELG, ``global_descriptors:0`` (one row per scale,
   or per selected scale when the graph also has ``input_global_scales_ind:0``).
 * ``tf2``: official TF2 exports (``export_local_and_global_model.py``, and
-  :mod:`delf_pipeline.export.delg_export`): signature ``serving_default`` with the same input
+  :mod:`delf_pipeline.extractors.delg_export`): signature ``serving_default`` with the same input
   names plus ``input_global_scales_ind``.
 * ``hub``: TF Hub DELF v1 (``google/delf/1``): signature ``default`` taking ``image``
   float [0, 1], ``image_scales``, ``score_threshold``, ``max_feature_num`` and giving
@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .features import ImageFeatures, l2_normalize
+from ..formats.features import ImageFeatures, l2_normalize
 
 MIN_IMAGE_SIDE = 10  # official extractor: smaller images give no features
 BACKENDS = ("savedmodel", "hub")
@@ -67,21 +67,6 @@ def load_extractor(extract_conf: dict[str, Any]) -> Callable[[np.ndarray], Image
 
     extract.style = style
     return extract
-
-
-def describe_model(model: str | Path, backend: str = "savedmodel") -> dict[str, Any]:
-    """{"model", "style", "local_dim", "has_global", "global_dim"} of a model, for manifests.
-
-    Loads the model and runs it once on a 64 x 64 noise image at scale 1.
-    """
-    conf = {"backend": backend, "model": str(model), "image_scales": [1.0], "global_scale_indices": [0],
-            "score_threshold": -1e30, "max_features": 1}
-    extract = load_extractor(conf)
-    probe = np.random.default_rng(0).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
-    features = extract(probe)
-    has_global = features.global_descriptor is not None
-    return {"model": str(model), "style": extract.style, "local_dim": int(features.descriptors.shape[1]),
-            "has_global": has_global, "global_dim": len(features.global_descriptor) if has_global else None}
 
 
 def _check_settings(conf: dict[str, Any]) -> dict[str, Any]:

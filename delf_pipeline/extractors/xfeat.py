@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .features import ImageFeatures, l2_normalize
+from ..formats.features import ImageFeatures, l2_normalize
 
 log = logging.getLogger("delf_pipeline.extractors.xfeat")
 

@@ -39,8 +39,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..extractors.features import ImageFeatures
 from ..utils.artifacts import DamagedArtifact, atomic_path, read_json, remove_contents
+from .features import ImageFeatures
 from .images import ErrorRecord, has_control_character
 
 FORMAT_VERSION = 2  # 2: parts record what they hold (part.json)

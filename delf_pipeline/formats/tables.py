@@ -264,9 +264,13 @@ def read_ranking(path: str | Path) -> dict[str, list[str]]:
 
 def read_labels(path: str | Path) -> dict[str, str]:
     """Index labels CSV -> {image id: landmark label}: columns ``id`` and ``landmark_id``
-    (Kaggle ``train.csv``) or ``label``; a UTF-8 BOM is accepted."""
-    table = read_csv_frame(path, ("id", "landmark_id", "label"))
+    (Kaggle ``train.csv``) or ``label``; or a photo folder's list with ``image`` (a relative
+    path: the id is that path without its extension, as a folder source names it) and ``label``,
+    as landmarks_mini has. A UTF-8 BOM is accepted."""
+    table = read_csv_frame(path, ("id", "image", "landmark_id", "label"))
     column = "landmark_id" if "landmark_id" in table else "label" if "label" in table else None
+    if "id" not in table and "image" in table:
+        table["id"] = table["image"].map(lambda image: Path(image).with_suffix("").as_posix())
     if "id" not in table or column is None:
         raise ValueError(f"{path}: index labels need columns id and landmark_id (or label); found {list(table)}")
     return dict(zip(table["id"], table[column]))

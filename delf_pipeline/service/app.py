@@ -25,7 +25,7 @@ from fastapi.staticfiles import StaticFiles
 
 from .. import __version__
 from ..formats.images import ImageError
-from ..query import Searcher
+from ..search.searcher import Searcher
 from .limits import Limits
 from .pictures import match_picture
 

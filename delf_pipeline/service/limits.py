@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..query import MAX_PIXELS
+from ..search.searcher import MAX_PIXELS
 
 
 @dataclass(frozen=True)

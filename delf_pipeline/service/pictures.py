@@ -5,9 +5,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from ..extract import decode_mode
+from ..extractors.build import decode_mode
 from ..formats.images import decode_bytes
-from ..query import Answer, Searcher
+from ..search.searcher import Answer, Searcher
 from ..tools.show_matches import draw_matches
 
 

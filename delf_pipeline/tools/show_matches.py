@@ -25,14 +25,14 @@ import numpy as np
 import pandas as pd
 
 from ..config import load_config, parse_override
-from ..extractors.features import ImageFeatures
+from ..formats.blocks import blocks_dir, read_table
+from ..formats.features import ImageFeatures
 from ..formats.images import ImageError, list_images, load_image
 from ..formats.run_record import RECORD_NAME, read_run_record, recorded_path
 from ..formats.store import FeatureStore
-from ..rerank import final_score
 from ..utils.artifacts import atomic_path, read_json
-from ..utils.blocks import blocks_dir, read_table
 from ..verification.pairs import PairResult, verify_options, verify_pair
+from ..verification.verifier import final_score
 
 log = logging.getLogger("delf_pipeline.tools.show_matches")
 

@@ -118,15 +118,6 @@ def resolve_options(mode: str, options: dict) -> dict:
     return settings
 
 
-def count_inliers(loc_a, desc_a, loc_b, desc_b, *, mode: str = "fast", seed: int = 0, **options) -> int:
-    """Number of RANSAC inliers between a (query) and b (candidate); 0 when unverifiable.
-
-    loc_*: [N, 2] (y, x) pixels; desc_*: [N, D] L2-normalised (float16 or float32).
-    mode: "fast" or "official" (see :data:`MODES`); options override any of its keys.
-    """
-    return verify_pair(loc_a, desc_a, loc_b, desc_b, mode=mode, seed=seed, **options).inliers
-
-
 def verify_pair(loc_a, desc_a, loc_b, desc_b, *, mode: str = "fast", seed: int = 0, **options) -> PairResult:
     """Match a's descriptors to b's, then fit a robust model; see :class:`PairResult`.
 

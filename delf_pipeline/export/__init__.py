@@ -1,1 +1,0 @@
-"""Model export: DELF/DELG SavedModels with the official signatures."""

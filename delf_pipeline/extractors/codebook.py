@@ -1,0 +1,115 @@
+"""The VLAD codebook of a feature store (rootsift and xfeat backends), learned once from a
+sample of the index images as a resumable step that the extract stage takes before it
+extracts (:func:`prepare_codebook`).
+
+The step is an ordinary store writer: the sample's local features are extracted, in parts,
+into ``OUT/codebook-sample-IofN`` (float32, as the extraction computes VLAD); the codebook is
+learned from them and saved as ``OUT/codebook.npy``; then this shard's sample images are
+written as ordinary parts of ``OUT`` with their VLAD (the first parts: store order is part
+order), so the extraction that follows skips them like any finished image, and the sample
+store is removed. Every shard learns the same codebook.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ..formats.images import ImageRecord
+from ..formats.parts import pending_records, write_parts
+from ..formats.store import ExtractedImage, FeatureStore, remove_store
+from ..utils.artifacts import atomic_path, load_array
+from .base import Extractor
+from .build import LOCAL_BACKENDS, local_extractor
+from .stream import extract_records
+from .vlad import learn_codebook, vlad
+
+log = logging.getLogger("delf_pipeline.extractors.codebook")
+
+
+def prepare_codebook(out: Path, records: Sequence[ImageRecord], conf: dict, shard: tuple[int, int],
+                     given: str | Path | None) -> tuple[np.ndarray | None, Extractor | None]:
+    """(codebook [K, D], the loaded local extractor) of the store ``out``, or (None, None) for a
+    backend without one. The codebook is ``given`` (copied into ``out``), else ``out/codebook.npy``,
+    else learned by :func:`learn_step` from ``records`` (all of the index); a killed run's
+    step is finished first."""
+    if conf["backend"] not in LOCAL_BACKENDS:
+        return None, None
+    local = local_extractor(conf, conf["backend"])
+    words = stored_codebook(out, given)
+    if words is None or sample_store(out, shard).is_dir():  # to learn, or a killed run's step to finish
+        words = learn_step(out, records, conf, shard, words, local)
+    return words, local
+
+
+def stored_codebook(out: Path, given: str | Path | None = None) -> np.ndarray | None:
+    """The store's VLAD codebook [K, D], copied from ``given`` if set; None if it has none yet."""
+    path = out / "codebook.npy"
+    if given is not None:
+        given_words = load_array(Path(given))
+        if path.exists() and not np.array_equal(load_array(path), given_words):
+            raise ValueError(f"{out} was built with another codebook than {given}; use --overwrite")
+        if not path.exists():
+            _save_atomic(path, given_words)
+        return given_words
+    return load_array(path) if path.exists() else None
+
+
+def learn_step(out: Path, records: Sequence[ImageRecord], conf: dict, shard: tuple[int, int],
+               words: np.ndarray | None, local: Extractor) -> np.ndarray:
+    """Learn the VLAD codebook [K, D] of the store ``out`` with the local extractor ``local``
+    (see the module docstring), unless a killed run already saved it (``words``)."""
+    sample_out = sample_store(out, shard)
+    sample = codebook_sample(records, conf)
+    sample_conf = {**conf, "descriptor_dtype": "float32"}
+    for folder in (out, sample_out):
+        (folder / "parts").mkdir(parents=True, exist_ok=True)
+    todo = pending_records(sample_out, sample, (1, 1))
+    write_parts(sample_out, extract_records(todo, local, sample_conf), len(todo), part_size=conf["part_size"],
+                dtype="float32", shard=(1, 1), strict=False, label="codebook sample")
+    store = FeatureStore(sample_out)
+    words = _learn(store, conf, out) if words is None else words
+    mine = [r for r in pending_records(out, records, shard) if r.id in store]
+    write_parts(out, _with_vlad(store, mine, words, conf), len(mine), part_size=conf["part_size"],
+                dtype=conf["descriptor_dtype"], shard=shard, strict=False, label="codebook sample to the store")
+    remove_store(sample_out)
+    return words
+
+
+def sample_store(out: Path, shard: tuple[int, int]) -> Path:
+    """The folder of this shard's codebook sample store."""
+    return out / f"codebook-sample-{shard[0]}of{shard[1]}"
+
+
+def codebook_sample(records: Sequence[ImageRecord], conf: dict) -> list[ImageRecord]:
+    """A fixed, evenly spaced subset of *all* records (not of one shard), so every shard
+    process learns the identical codebook."""
+    step = max(1, len(records) // max(1, conf["codebook_images"]))
+    return list(records[::step])[: conf["codebook_images"]]
+
+
+def _learn(sample: FeatureStore, conf: dict, out: Path) -> np.ndarray:
+    """k-means codebook [K, D] of the sample store's descriptors, saved as ``out/codebook.npy``."""
+    log.info("learning a %d-word VLAD codebook from %d images", conf["vlad_words"], len(sample))
+    descriptors = [sample.features(image_id).descriptors for image_id in sample.ids]
+    words = learn_codebook(np.concatenate(descriptors), conf["vlad_words"], conf["seed"])
+    _save_atomic(out / "codebook.npy", words)
+    return words
+
+
+def _with_vlad(sample: FeatureStore, records: Sequence[ImageRecord], words: np.ndarray,
+               conf: dict) -> Iterator[ExtractedImage]:
+    """The sample store's images ``records`` as the extraction would store them: with their VLAD."""
+    for record in records:
+        features = sample.features(record.id)
+        features = replace(features, global_descriptor=vlad(features.descriptors, words))
+        yield ExtractedImage(record.id, features if conf["local_features"] else features.without_local(),
+                             sample.size(record.id))
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, array)

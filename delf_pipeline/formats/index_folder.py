@@ -1,0 +1,88 @@
+"""The portable index folder that ``delf-pipeline index build`` writes and ``query`` / ``serve``
+open: one self-contained folder that names no path outside itself, so a moved or copied index
+keeps working::
+
+    INDEX/manifest.json     what it is: format, package version, preset, counts, history
+    INDEX/config.json       the full settings (extract, shortlist, rerank, predict)
+    INDEX/labels.csv        id,landmark_id of the index images
+    INDEX/store/            its feature store (rootsift, xfeat: with its codebook.npy)
+    INDEX/previews/         small JPEG copies of the index images (thumbnails, match pictures),
+                            named by a hash of the image id; absent with --previews 0
+    INDEX/calibration.json  the confidence calibration, when one was given
+
+Model backends (``savedmodel``, ``hub``) keep their model by reference: ``extract.model``
+in config.json, as given.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from .. import __version__
+from ..utils.artifacts import read_json
+from .store import FeatureStore
+from .tables import read_labels
+
+FORMAT = "delf_pipeline index"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Index:
+    """An opened index folder (see the module docstring)."""
+
+    path: Path
+    manifest: dict
+    config: dict
+
+    @property
+    def store_path(self) -> Path:
+        return self.path / "store"
+
+    @cached_property
+    def store(self) -> FeatureStore:
+        return FeatureStore(self.store_path)
+
+    @cached_property
+    def labels(self) -> dict[str, str]:
+        """index image id -> landmark id."""
+        return read_labels(self.path / "labels.csv")
+
+    def preview(self, image_id: str) -> Path | None:
+        """The preview JPEG of an index image, or None when the index has none for it."""
+        path = self.path / "previews" / preview_name(image_id)
+        return path if path.is_file() else None
+
+    def images_of(self, landmark_id: str) -> list[str]:
+        """Index image ids labelled ``landmark_id``, sorted."""
+        return sorted(i for i, label in self.labels.items() if label == landmark_id)
+
+    @property
+    def calibration(self) -> dict | None:
+        path = self.path / "calibration.json"
+        return read_json(path) if path.is_file() else None
+
+
+def open_index(path: str | Path) -> Index:
+    """Open the index folder ``path``; ValueError names what is missing or foreign."""
+    path = Path(path)
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"no index at {path} (no manifest.json): make one with `delf-pipeline index build`")
+    manifest = read_json(manifest_path)
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{manifest_path} is not a delf_pipeline index manifest (format {manifest.get('format')!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: index format version {manifest.get('format_version')} is not "
+                         f"{FORMAT_VERSION}, the one this delf_pipeline {__version__} reads; rebuild it")
+    for name in ("config.json", "labels.csv", "store"):
+        if not (path / name).exists():
+            raise FileNotFoundError(f"index {path} is incomplete: {name} is missing")
+    return Index(path, manifest, read_json(path / "config.json"))
+
+
+def preview_name(image_id: str) -> str:
+    """File name of an image's preview: a hash of its id (ids may hold '/' and any character)."""
+    return hashlib.sha1(image_id.encode("utf-8")).hexdigest()[:20] + ".jpg"

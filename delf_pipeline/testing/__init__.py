@@ -1,1 +1,0 @@
-"""Helpers for tests and demos: tiny models with the official signatures (no download)."""
