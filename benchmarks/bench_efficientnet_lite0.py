@@ -7,8 +7,8 @@ model call on CPU. Several ``--model`` folders are timed in the same run, interl
 by image, each also as a ratio to the first model.
 
 evd: local features of the model and of RootSIFT (same max side and feature count) on the
-15 EVD pairs, verified with delf_pipeline.verification.pairs.verify_pair (the model: --mode or the rerank
-section of --model-preset; RootSIFT: the rerank section of --sift-preset): one Markdown table
+15 EVD pairs, verified with delf_pipeline.verification.pairs.verify_pair (the model: the rerank section
+of --model-preset; RootSIFT: the rerank section of --sift-preset): one Markdown table
 of the inliers of the true pairs against "swapped" pairs (image 1 of pair i with image 2 of
 pair i + 1), how many true-pair inliers agree with the ground-truth homography, and the
 extraction seconds per image in the same run.
@@ -87,12 +87,12 @@ def evd(args: argparse.Namespace) -> None:
     model = load_model(args, args.model[0])
     model(np.zeros((64, 64, 3), np.uint8))  # warm-up trace
     preset = args.model_preset
-    model_options = verify_options(load_config(preset)["rerank"]) if preset else {"mode": args.mode}
+    model_options = verify_options(load_config(preset).rerank)
     backends = {
-        f"{Path(args.model[0]).name} ({preset or args.mode})": (model, model_options),
+        f"{Path(args.model[0]).name} ({preset})": (model, model_options),
         f"RootSIFT ({args.sift_preset})": (
             lambda image: extract_rootsift(image, args.max_features),
-            verify_options(load_config(args.sift_preset)["rerank"]),
+            verify_options(load_config(args.sift_preset).rerank),
         ),
     }
     print(f"EVD, {len(names)} pairs, max side {args.max_image_size}, model scales {args.scales}, "
@@ -122,8 +122,8 @@ def main() -> None:
     parser.add_argument("--global-scales-ind", type=int, nargs="+", default=[0], help="scales of the global descriptor")
     parser.add_argument("--max-features", type=int, default=1000, help="local features kept per image")
     parser.add_argument("--threshold", type=float, default=0.0, help="attention (feature norm) threshold")
-    parser.add_argument("--mode", default="fast", choices=("fast", "official"), help="verification mode (evd)")
-    parser.add_argument("--model-preset", help="evd: verify the model with this preset's rerank section, not --mode")
+    parser.add_argument("--model-preset", default="efficientnet_lite0",
+                        help="evd: verify the model with this preset's rerank section (default: %(default)s)")
     parser.add_argument("--sift-preset", default="sift_default", help="evd: rerank section that verifies RootSIFT")
     args = parser.parse_args()
     if not DATA.is_dir():

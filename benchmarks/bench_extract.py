@@ -108,8 +108,8 @@ def load_backend(backend: str, conf: dict, folder: Path, scratch: Path) -> tuple
     with its codebook learned from ``folder``)."""
     records, store = list_images(folder)[0], scratch / f"load-{backend}"
     start = time.perf_counter()
-    words, local = prepare_codebook(store, records, conf["extract"], (1, 1), None)
-    loaded = build(conf["extract"], words, local)
+    words, local = prepare_codebook(store, records, conf.extract, (1, 1), None)
+    loaded = build(conf.extract, words, local)
     return loaded, time.perf_counter() - start
 
 
@@ -134,12 +134,12 @@ def prepared(backend: str, args: argparse.Namespace, groups: list[Path], scratch
     """(config, loaded extractor, load seconds, decoded images of each group) of ``backend``."""
     conf = load_config(PRESETS[backend], overrides=args.overrides)
     if backend == "savedmodel":
-        conf["extract"]["model"] = args.model or str(export_test_model(scratch))
+        conf.extract.model = args.model or str(export_test_model(scratch))
     loaded, load_seconds = load_backend(backend, conf, scratch / "photos", scratch)
-    mode = decode_mode(conf["extract"])  # what the stage hands the model: grey for rootsift
-    decoded = [[load_image(r.path, conf["extract"]["max_image_size"], mode)[0] for r in list_images(group)[0]]
+    mode = decode_mode(conf.extract)  # what the stage hands the model: grey for rootsift
+    decoded = [[load_image(r.path, conf.extract.max_image_size, mode)[0] for r in list_images(group)[0]]
                for group in groups]
-    for size in {conf["extract"]["batch_size"], *(args.batch_sizes or ())}:  # warm-up: tracing, allocator
+    for size in {conf.extract.batch_size, *(args.batch_sizes or ())}:  # warm-up: tracing, allocator
         extract_batch(loaded, [decoded[0][0]] * size)
     return conf, loaded, load_seconds, decoded
 
@@ -151,15 +151,15 @@ def bench_backend(backend: str, args: argparse.Namespace, groups: list[Path], sc
     for repeat in range(args.repeats):
         bare_times, stage_times = np.zeros(2), np.zeros(2)  # (wall, CPU) summed over the groups
         for number, (group, group_images) in enumerate(zip(groups, decoded)):
-            bare_times += time_bare(loaded, group_images, conf["extract"]["batch_size"])
+            bare_times += time_bare(loaded, group_images, conf.extract.batch_size)
             stage_times += time_stage(loaded, conf, group, scratch / f"store-{backend}-{repeat}-{number}")
         bare.append(tuple(bare_times))
         stage.append(tuple(stage_times))
     bare_s, bare_cpu = (statistics.median(column) for column in zip(*bare))  # (wall, CPU) medians
     stage_s, stage_cpu = (statistics.median(column) for column in zip(*stage))
     return {
-        "backend": backend, "model": conf["extract"]["model"] or "(opencv sift)", "images": len(images),
-        "max_image_size": conf["extract"]["max_image_size"], "load_seconds": load_seconds, "groups": len(groups),
+        "backend": backend, "model": conf.extract.model or "(opencv sift)", "images": len(images),
+        "max_image_size": conf.extract.max_image_size, "load_seconds": load_seconds, "groups": len(groups),
         "bare_seconds": [b[0] for b in bare], "stage_seconds": [s[0] for s in stage],
         "bare_cpu_seconds": [b[1] for b in bare], "stage_cpu_seconds": [s[1] for s in stage],
         "bare_images_per_second": len(images) / bare_s, "stage_images_per_second": len(images) / stage_s,
@@ -178,7 +178,8 @@ def bench_batch_sizes(backend: str, args: argparse.Namespace, groups: list[Path]
         for number, (group, group_images) in enumerate(zip(groups, decoded)):
             turn = (number + repeat) % len(args.batch_sizes)
             for size in args.batch_sizes[turn:] + args.batch_sizes[:turn]:
-                sized = {**conf, "extract": {**conf["extract"], "batch_size": size}}
+                sized = conf.copy()
+                sized.extract.batch_size = size
                 sums[size, "bare"] += time_bare(loaded, group_images, size)
                 store = scratch / f"b{size}-{backend}-{repeat}-{number}"
                 sums[size, "stage"] += time_stage(loaded, sized, group, store)
@@ -186,7 +187,7 @@ def bench_batch_sizes(backend: str, args: argparse.Namespace, groups: list[Path]
             times[key].append(total)
     per_image = {f"{kind} {size}": [statistics.median(column) / count for column in zip(*times[size, kind])]
                  for size, kind in times}
-    return {"backend": backend, "images": count, "max_image_size": conf["extract"]["max_image_size"],
+    return {"backend": backend, "images": count, "max_image_size": conf.extract.max_image_size,
             "groups": len(groups), "per_image_wall_cpu": per_image}
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import common
@@ -33,8 +34,8 @@ def evd_table(args: argparse.Namespace) -> str:
     """One row per matcher on the same XFeat features (see the module docstring)."""
     folder = common.DATA / "evd"
     names = sorted(p.stem for p in (folder / "1").glob("*.png"))
-    extractor = local_extractor({**load_config("xfeat")["extract"], "max_features": args.max_features}, "xfeat")
-    options = verify_options(load_config("xfeat")["rerank"])
+    extractor = local_extractor(replace(load_config("xfeat").extract, max_features=args.max_features), "xfeat")
+    options = verify_options(load_config("xfeat").rerank)
     matches = {"mutual": None, "lighterglue": common.glue_match()}
     stats = {matcher: common.evd_stats(extractor, options, folder, names, args, match)
              for matcher, match in matches.items()}

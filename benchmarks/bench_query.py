@@ -70,7 +70,7 @@ def padded_index(base: Path, size: int, out: Path, seed: int) -> Path:
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(base, target)
     dim = opened.store.global_matrix(opened.store.ids[:1]).shape[1]
-    dtype = opened.config["extract"]["descriptor_dtype"]
+    dtype = opened.config.extract.descriptor_dtype
     for number, start in enumerate(range(0, max(0, size - real), SYNTHETIC_PART)):
         count = min(SYNTHETIC_PART, size - real - start)
         vectors = random_unit_rows(count, dim, seed + number)

@@ -65,7 +65,7 @@ def build_local_store(path: Path, ids: list[str], features: int, dim: int, seed:
     descriptors at random (y, x) in a 1024 px square (reused if complete)."""
     if (path / "manifest.json").exists() and len(FeatureStore(path)) == len(ids):
         return path
-    conf = load_config()["extract"]
+    conf = load_config().extract
     write_json_atomic(path / "manifest.json", store_manifest(conf))
     rng = np.random.default_rng(seed)
     for number, start in enumerate(range(0, len(ids), LOCAL_PART)):
@@ -149,14 +149,14 @@ def rerank_order_read(store: Path, shortlist_csv: Path) -> dict:
 
 def child_shortlist(index: Path, queries: Path, top_k: int) -> dict:
     config = load_config()
-    config["shortlist"].update({"top_k": top_k, "device": "cpu"})
+    config.shortlist.update({"top_k": top_k, "device": "cpu"})
     with tempfile.TemporaryDirectory() as tmp:
         return _measured(lambda: shortlist.run(config, index, queries, Path(tmp) / "shortlist.csv"))
 
 
 def child_rerank(shortlist_csv: Path, queries: Path, union: Path, num_to_rerank: int, matcher: str) -> dict:
     config = load_config()
-    config["rerank"].update({"num_to_rerank": num_to_rerank, "matcher": matcher})
+    config.rerank.update({"num_to_rerank": num_to_rerank, "matcher": matcher})
     with tempfile.TemporaryDirectory() as tmp:
         return _measured(lambda: rerank.run(config, shortlist_csv, queries, union, Path(tmp) / "rerank.csv"))
 

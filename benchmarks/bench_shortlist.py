@@ -47,7 +47,7 @@ from delf_pipeline.retrieval import search  # noqa: E402
 def measure_stage(index: Path, queries: Path, top_k: int, chunk_rows: int, qe_top_n: int = 0) -> dict:
     """Child process: one shortlist stage run, its time and peak memory."""
     config = load_config()
-    config["shortlist"].update({"top_k": top_k, "chunk_rows": chunk_rows, "device": "cpu", "qe_top_n": qe_top_n,
+    config.shortlist.update({"top_k": top_k, "chunk_rows": chunk_rows, "device": "cpu", "qe_top_n": qe_top_n,
                                 "qe_alpha": 3.0})
     with tempfile.TemporaryDirectory() as tmp, MemoryWatch() as watch:
         wall, cpu = time.perf_counter(), time.thread_time()
@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=2048, help="query images (1024-4096 is typical)")
     parser.add_argument("--dim", type=int, default=2048, help="global descriptor dimension")
     parser.add_argument("--top-k", type=int, default=100, help="shortlist length")
-    parser.add_argument("--chunk-rows", type=int, default=load_config()["shortlist"]["chunk_rows"],
+    parser.add_argument("--chunk-rows", type=int, default=load_config().shortlist.chunk_rows,
                         help="index rows per matrix product")
     parser.add_argument("--single-queries", type=int, default=8, help="queries timed one at a time")
     parser.add_argument("--qe-top-n", type=int, default=0, help="query expansion: first results added (0: off)")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import common
@@ -87,8 +88,8 @@ def local_backends(args: argparse.Namespace) -> dict[str, tuple]:
     if args.lite0:
         lite_args = argparse.Namespace(scales=[1.0], global_scales_ind=[0], threshold=0.0, max_features=args.max_features)
         backends["efficientnet_lite0"] = common.load_model(lite_args, str(args.lite0))
-    xfeat_conf = load_config("xfeat")["extract"]
-    backends["xfeat"] = local_extractor({**xfeat_conf, "max_features": args.max_features}, "xfeat")
+    xfeat_conf = load_config("xfeat").extract
+    backends["xfeat"] = local_extractor(replace(xfeat_conf, max_features=args.max_features), "xfeat")
     backends["xfeat_lighterglue"] = backends["xfeat"]
     return {preset: (extractor, common.glue_match() if preset == "xfeat_lighterglue" else None)
             for preset, extractor in backends.items()}
@@ -104,7 +105,7 @@ def evd_cells(args: argparse.Namespace) -> dict[str, list[str]]:
         extractor(np.zeros((64, 64, 3), np.uint8))  # warm-up (graph tracing) outside the timing
         cpu: list[float] = []
         wall: list[float] = []
-        stats[preset] = common.evd_stats(_timed(extractor, cpu, wall), verify_options(load_config(preset)["rerank"]),
+        stats[preset] = common.evd_stats(_timed(extractor, cpu, wall), verify_options(load_config(preset).rerank),
                                              folder, names, row_args, match)
         times[preset] = (float(np.median(cpu)), float(np.median(wall)))
     base_cpu, base_wall = times["sift_default"]

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from delf_pipeline import extract, predict, rerank, shortlist
-from delf_pipeline.config import load_config
+from delf_pipeline.config import load_config, make_section
 from delf_pipeline.evaluate import evaluate
 from delf_pipeline.formats.features import ImageFeatures
 from delf_pipeline.formats.images import kaggle_path, load_image
@@ -54,7 +54,7 @@ def build_store(path: Path, rows: int, dim: int, seed: int) -> Path:
     """A store of ``rows`` random unit global descriptors [rows, dim] float16 (reused if complete)."""
     if (path / "manifest.json").exists() and len(FeatureStore(path)) == rows:
         return path
-    conf = load_config()["extract"]
+    conf = load_config().extract
     write_json_atomic(path / "manifest.json", extract.store_manifest(conf))
     rng = np.random.default_rng(seed)
     for number, start in enumerate(range(0, rows, PART_ROWS)):
@@ -107,11 +107,10 @@ def load_model(args: argparse.Namespace, model: str):
     """``extract(image) -> ImageFeatures`` of the SavedModel ``model``, through models.load_extractor."""
     from delf_pipeline.extractors.models import load_extractor
 
-    return load_extractor({
-        "backend": "savedmodel", "model": model, "image_scales": args.scales,
-        "global_scale_indices": args.global_scales_ind, "score_threshold": args.threshold,
-        "max_features": args.max_features,
-    })
+    return load_extractor(make_section(
+        "extract", backend="savedmodel", model=model, image_scales=args.scales,
+        global_scale_indices=args.global_scales_ind, score_threshold=args.threshold, max_features=args.max_features,
+    ))
 
 
 def evd_stats(extract, options: dict, folder: Path, names: list[str], args: argparse.Namespace,
@@ -170,7 +169,7 @@ def glue_match():
     """match(a, b) -> PairResult: LighterGlue on two images' (locations, descriptors, size), then
     the xfeat_lighterglue preset's verifier (as its rerank does)."""
     glue = load_xfeat_lighterglue()
-    options = verify_options(load_config("xfeat_lighterglue")["rerank"])
+    options = verify_options(load_config("xfeat_lighterglue").rerank)
     return lambda a, b: verify_matches(a[0], b[0], glue.match_stored(*a, *b), **options)
 
 
@@ -267,7 +266,7 @@ def write_label_files(data: Path, out: Path) -> tuple[Path, Path]:
 
 def leave_one_out(config: dict, data: Path, out: Path, jobs: int, features: Path | None = None) -> dict:
     """All stages; returns {"global": metrics, "reranked": metrics, "seconds": {...}}."""
-    config["shortlist"]["exclude_same_id"] = True
+    config.shortlist.exclude_same_id = True
     labels_csv, solution = write_label_files(data, out)
     seconds = {}
     start = time.perf_counter()

@@ -93,7 +93,7 @@ def _rerank(path: Path) -> pd.DataFrame | None:
 def _all(config: dict) -> dict:
     """``config`` with calibrate.sample 0: every index image is a leave-one-out query (small tasks)."""
     whole = copy.deepcopy(config)
-    whole["calibrate"]["sample"] = 0
+    whole.calibrate.sample = 0
     return whole
 
 
@@ -158,7 +158,7 @@ def measure(config: dict, task_name: str, work: Path, data: Path, jobs: int) -> 
     rows = []
     for how in aggregation.AGGREGATIONS:
         setting = copy.deepcopy(config)
-        setting["predict"]["aggregation"] = how
+        setting.predict.aggregation = how
         best, variants = confidences(task, setting, nl_store)
         gaps = {name: None if c is None else scores(best, c, task.solution)[0] for name, c in variants.items()}
         rows.append((task_name, how, scores(best, variants["raw"], task.solution)[1], gaps))
@@ -205,7 +205,7 @@ def main() -> None:
     rows = []
     for task in args.tasks.split(","):
         rows += measure(config, task, args.out / task, args.data, args.jobs)
-    print(f"preset {config['preset']}, predict.top_k {config['predict']['top_k']}; cells: GAP (GAP / top-1)\n")
+    print(f"preset {config.preset}, predict.top_k {config.predict.top_k}; cells: GAP (GAP / top-1)\n")
     print(markdown(rows))
     print(f"\nbefore: {BEFORE[0]} with {BEFORE[1]} confidence; after: {AFTER[0]} with {AFTER[1]} confidence "
           "(raw where it could not be fitted)")

@@ -36,7 +36,7 @@ import numpy as np
 
 from delf_pipeline import extract, predict, rerank, shortlist
 from delf_pipeline.cli import setup_logging
-from delf_pipeline.config import load_config
+from delf_pipeline.config import load_config, with_recorded
 from delf_pipeline.evaluate import evaluate
 from delf_pipeline.formats.blocks import read_table
 from delf_pipeline.formats.tables import read_index_labels, read_labels, read_ranking, read_solution
@@ -181,13 +181,13 @@ def main() -> None:
         variants = [v for v in args.variants if v in POOLING_VARIANTS or descriptor in ("rootsift_vlad", "lite0_gem")]
         for task in args.tasks:
             base = load_config(DESCRIPTORS[descriptor], None, overrides)
-            base["shortlist"]["exclude_same_id"] = task == "loo"
+            base.shortlist.exclude_same_id = task == "loo"
             stores = build_stores(base, task, lists[task], args.out / descriptor / task / "features")
             for variant in variants:
                 settings = VARIANTS[variant]
                 if task == "loo" and learns_from_index(settings):
                     continue
-                config = {**base, "shortlist": {**base["shortlist"], **settings}}
+                config = with_recorded(base, "shortlist", settings, "variant")
                 row = run_variant(config, task, stores, lists[task], args.out / descriptor / task / variant, args.jobs)
                 results.append({"descriptor": descriptor, "task": task, "variant": variant, **row})
                 print(markdown(results[-1:]).splitlines()[-1], flush=True)

@@ -13,7 +13,6 @@ here, which is one reason for the safety ``margin``.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -23,6 +22,7 @@ from typing import Callable
 
 import pandas as pd
 
+from .config import Config, RerankSettings, with_recorded
 from .formats.blocks import blocks_dir, read_table
 from .utils.artifacts import read_json
 from .utils.progress import format_seconds
@@ -66,7 +66,7 @@ def affordable_depth(seconds_left: float, seconds_per_pair: float, num_queries: 
     return max(0, min(configured, math.floor(seconds_left * jobs / (seconds_per_pair * num_queries))))
 
 
-def measure_pair_seconds(conf: dict, shortlist: pd.DataFrame, query_store: Path, index_store: Path,
+def measure_pair_seconds(conf: RerankSettings, shortlist: pd.DataFrame, query_store: Path, index_store: Path,
                          max_pairs: int, max_seconds: float) -> tuple[float, int]:
     """Mean seconds per verified pair and the number of pairs timed.
 
@@ -77,9 +77,9 @@ def measure_pair_seconds(conf: dict, shortlist: pd.DataFrame, query_store: Path,
     from .formats.candidates import top_candidates
     from .verification.verifier import CandidateVerifier
 
-    candidates = top_candidates(shortlist, conf["num_to_rerank"])
+    candidates = top_candidates(shortlist, conf.num_to_rerank)
     queries = sorted(candidates)
-    step = max(1, len(queries) * conf["num_to_rerank"] // max(1, max_pairs))
+    step = max(1, len(queries) * conf.num_to_rerank // max(1, max_pairs))
     worker = CandidateVerifier(str(query_store), str(index_store), conf)
     start, pairs = time.perf_counter(), 0
     for query_id in queries[::step]:
@@ -89,34 +89,34 @@ def measure_pair_seconds(conf: dict, shortlist: pd.DataFrame, query_store: Path,
     return (time.perf_counter() - start) / max(pairs, 1), pairs
 
 
-def fit_num_to_rerank(config: dict, budget: TimeBudget, shortlist_csv: Path, query_store: Path,
+def fit_num_to_rerank(config: Config, budget: TimeBudget, shortlist_csv: Path, query_store: Path,
                       index_store: Path, rerank_csv: Path, *, jobs: int = 1, overwrite: bool = False,
-                      margin: float = 0.8, sample_pairs: int = 200) -> dict:
+                      margin: float = 0.8, sample_pairs: int = 200) -> Config:
     """A copy of ``config`` whose ``rerank.num_to_rerank`` fits ``margin`` x the time left.
 
     A rerank output already begun (its manifest exists, no ``overwrite``) keeps the depth
     it was started with, so a resumed run finishes the same work.
     """
-    config = copy.deepcopy(config)
-    conf = config["rerank"]
     started = blocks_dir(Path(rerank_csv)) / "manifest.json"
     if started.exists() and not overwrite:
-        conf["num_to_rerank"] = read_json(started)["settings"]["num_to_rerank"]
-        log.info("time budget: resuming %s with num_to_rerank=%d", rerank_csv, conf["num_to_rerank"])
-        return config
-    configured, left = conf["num_to_rerank"], budget.remaining()
+        depth = read_json(started)["settings"]["num_to_rerank"]
+        log.info("time budget: resuming %s with num_to_rerank=%d", rerank_csv, depth)
+        return with_recorded(config, "rerank", {"num_to_rerank": depth}, str(started))
+    config = config.copy()
+    conf = config.rerank
+    configured, left = conf.num_to_rerank, budget.remaining()
     shortlist = read_table(Path(shortlist_csv))
     num_queries = shortlist["query_id"].nunique()
     if configured == 0 or num_queries == 0 or left <= 0:
-        conf["num_to_rerank"] = affordable_depth(left, 0.0, num_queries, jobs, configured)
+        conf.num_to_rerank = affordable_depth(left, 0.0, num_queries, jobs, configured)
     else:
         per_pair, timed = measure_pair_seconds(conf, shortlist, query_store, index_store, sample_pairs,
                                                max_seconds=0.02 * left)
         left = budget.remaining()
-        conf["num_to_rerank"] = affordable_depth(margin * left, per_pair, num_queries, jobs, configured)
+        conf.num_to_rerank = affordable_depth(margin * left, per_pair, num_queries, jobs, configured)
         log.info("time budget: %.1f ms per pair (%d pairs timed), %d queries, %d jobs", 1000 * per_pair, timed,
                  num_queries, jobs)
-    log_decision(configured, conf["num_to_rerank"], budget)
+    log_decision(configured, conf.num_to_rerank, budget)
     return config
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from . import extract, rerank, shortlist
-from .config import load_config
+from .config import Config, load_config
 from .descriptors.derived import prepare_index
 from .evidence import aggregation, calibration
 from .evidence.nonlandmarks import add_nonlandmark
@@ -49,7 +49,7 @@ THRESHOLDS = np.round(np.arange(0.0, 1.0001, 0.05), 2)  # rows of the printed th
 
 
 def run(
-    config: dict,
+    config: Config,
     index_store: str | Path,
     labels: dict[str, str],
     out: str | Path,
@@ -69,16 +69,16 @@ def run(
     out = Path(out)
     work = Path(work) if work else out.parent / "calibration"
     evidence = loo_evidence(config, index_store, labels, work, jobs=jobs, index_images=index_images)
-    conf = config["calibrate"]
-    settings = {"aggregation": config["predict"]["aggregation"], "top_k": config["predict"]["top_k"],
-                "seed": conf["seed"], "l2": conf["l2"]}
+    conf = config.calibrate
+    settings = {"aggregation": config.predict.aggregation, "top_k": config.predict.top_k,
+                "seed": conf.seed, "l2": conf.l2}
     if non_landmarks:
         store = nonlandmark_store(config, Path(index_store), Path(non_landmarks), work / "non_landmarks")
         evidence = add_nonlandmark(evidence, index_store, store)
         settings["non_landmarks"] = str(store.resolve())
     right = evidence["right"].to_numpy()
     settings.update(sample=len(evidence), right=int(right.sum()))
-    fitted = calibration.fit(evidence, right, l2=conf["l2"], settings=settings)
+    fitted = calibration.fit(evidence, right, l2=conf.l2, settings=settings)
     probability = fitted.probability(evidence)
     table = calibration.threshold_table(probability, right, THRESHOLDS)
     chosen = calibration.chosen_thresholds(table)
@@ -90,15 +90,15 @@ def run(
     return out
 
 
-def nonlandmark_store(config: dict, index_store: Path, images: Path, out: Path) -> Path:
+def nonlandmark_store(config: Config, index_store: Path, images: Path, out: Path) -> Path:
     """Global descriptors of the non-landmark ``images`` in the index's feature space (its codebook)."""
     globals_only = copy.deepcopy(config)
-    globals_only["extract"]["local_features"] = False
+    globals_only.extract.local_features = False
     codebook = index_store / "codebook.npy"
     return extract.run(globals_only, images, out, codebook=codebook if codebook.exists() else None)
 
 
-def loo_evidence(config: dict, index_store: str | Path, labels: dict[str, str], work: Path, *, jobs: int = 1,
+def loo_evidence(config: Config, index_store: str | Path, labels: dict[str, str], work: Path, *, jobs: int = 1,
                  index_images: str | Path | None = None) -> pd.DataFrame:
     """Best-class evidence rows of the leave-one-out sample, with a ``right`` column (bool)."""
     candidates = loo_candidates(config, index_store, work, jobs=jobs, index_images=index_images, labels=labels)
@@ -106,7 +106,7 @@ def loo_evidence(config: dict, index_store: str | Path, labels: dict[str, str], 
     return best.assign(right=[labels.get(q) == label for q, label in zip(best["query_id"], best["label"])])
 
 
-def loo_candidates(config: dict, index_store: str | Path, work: Path, *, jobs: int = 1,
+def loo_candidates(config: Config, index_store: str | Path, work: Path, *, jobs: int = 1,
                    index_images: str | Path | None = None, labels: dict[str, str] | None = None) -> pd.DataFrame:
     """Candidate table (aggregation.CANDIDATE_COLUMNS) of the sampled index images as queries.
 
@@ -115,32 +115,32 @@ def loo_candidates(config: dict, index_store: str | Path, work: Path, *, jobs: i
     the calibration is applied to.
     """
     index = FeatureStore(index_store)
-    ids = sample_ids(index.ids, config["calibrate"]["sample"], config["calibrate"]["seed"])
+    ids = sample_ids(index.ids, config.calibrate.sample, config.calibrate.seed)
     loo = copy.deepcopy(config)
-    loo["shortlist"]["exclude_same_id"] = True
-    key = {"ids": ids, "shortlist": loo["shortlist"], "index": (index.manifest().get("fingerprint"), len(index))}
-    if "supervised" in (loo["shortlist"]["whitening"], loo["shortlist"]["dba"]):
+    loo.shortlist.exclude_same_id = True
+    key = {"ids": ids, "shortlist": loo.shortlist, "index": (index.manifest().get("fingerprint"), len(index))}
+    if "supervised" in (loo.shortlist.whitening, loo.shortlist.dba):
         key["labels"] = sorted((labels or {}).items())  # supervised whitening / DBA learn from them
     work = work / f"loo-{fingerprint(key)}"  # a new sample (or other settings), a new folder
     shortlist_csv = work / "shortlist.csv"
     if not shortlist_csv.exists():
-        matmul = select_matmul(loo["shortlist"]["device"])
-        searched, whitening = prepare_index(index, loo["shortlist"], labels, matmul)
-        frame = shortlist.shortlist_blocks(index, [ids], searched, loo["shortlist"], matmul, whitening)[0]
+        matmul = select_matmul(loo.shortlist.device)
+        searched, whitening = prepare_index(index, loo.shortlist, labels, matmul)
+        frame = shortlist.shortlist_blocks(index, [ids], searched, loo.shortlist, matmul, whitening)[0]
         write_text_atomic(shortlist_csv, frame.to_csv(index=False))
     ranked = read_table(shortlist_csv)
     rerank_csv = None
-    if loo["rerank"]["num_to_rerank"] > 0:
-        wanted = candidate_ids(top_candidates(ranked, loo["rerank"]["num_to_rerank"]))
+    if loo.rerank.num_to_rerank > 0:
+        wanted = candidate_ids(top_candidates(ranked, loo.rerank.num_to_rerank))
         local_store = extract.candidate_local_store(loo, Path(index_store), wanted, index_images)
         rerank_csv = rerank.run(loo, shortlist_csv, index_store, local_store, work / "rerank.csv", jobs=jobs)
     return aggregation.candidate_table(ranked, read_table(rerank_csv) if rerank_csv else None)
 
 
-def predicted_classes(config: dict, candidates: pd.DataFrame, labels: dict[str, str]) -> pd.DataFrame:
+def predicted_classes(config: Config, candidates: pd.DataFrame, labels: dict[str, str]) -> pd.DataFrame:
     """Best-class evidence row per query under ``predict.aggregation`` and ``predict.top_k``."""
-    conf = config["predict"]
-    return aggregation.best_classes(aggregation.class_evidence(candidates, labels, conf["top_k"], conf["aggregation"]))
+    conf = config.predict
+    return aggregation.best_classes(aggregation.class_evidence(candidates, labels, conf.top_k, conf.aggregation))
 
 
 def sample_ids(ids: list[str], size: int, seed: int) -> list[str]:

@@ -1,23 +1,35 @@
-"""Configuration: built-in defaults, named presets (the TOML files of the top-level ``configs/``
-folder, carried by the wheel as package data), and overrides.
+"""Settings: one table (:data:`SETTINGS`) declares every key once, and everything else comes from it.
 
-A config is a plain nested dict with one section per stage. Presets are TOML files that
-override some keys of :data:`DEFAULTS`; ``--set section.key=value`` overrides any key
-from the command line. Unknown sections or keys are errors, never silently ignored.
+Each key of each section (``extract``, ``shortlist``, ``rerank``, ``predict``, ``calibrate``)
+has a default, a type (that of the default), a range or a list of choices, a comment, the
+features it applies to, and whether it only changes how work runs (``runtime``: left out of
+the fingerprints that decide whether an artifact can be reused). From the table come:
+
+* the defaults, which are the default preset's values (:data:`DEFAULT_PRESET`);
+* the one parser and validator of values from preset files, ``--config FILE`` and
+  ``--set section.key=value`` (:func:`parse_value`): booleans are ``true``/``false`` only,
+  integers only integers, numbers within their range; anything else is a :class:`ConfigError`
+  naming the key, the value and what it accepts;
+* the typed settings objects the code reads (:class:`Config` with one dataclass per section,
+  e.g. ``config.rerank.num_to_rerank``);
+* ``delf-pipeline config`` printing, each key with its comment and a mark where it does not
+  apply to the chosen features;
+* the fingerprinted part of a section (:func:`fingerprinted`).
+
+Presets are TOML files of the top-level ``configs/`` folder (the wheel carries them as package
+data) that override some keys; a preset may name a ``base`` preset it builds on.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
+import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
-
-from .verification.matching import LEARNED_MATCHERS, MATCHERS
-from .verification.pairs import MODES
-from .verification.ransac import VERIFIERS
+from typing import Any
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -25,90 +37,289 @@ else:  # Python 3.10 (older Kaggle images): the same parser, published as tomli
     import tomli as tomllib
 
 DEFAULT_PRESET = "xfeat"
-
-def _official(key: str, comment: str) -> tuple[Any, str]:
-    """The official re-ranking value of a rerank key (one definition: verification.pairs.MODES)."""
-    return MODES["official"][key], comment
-
-
-#: Every setting as section -> key -> (default value, the comment printed beside it).
-SETTINGS: dict[str, dict[str, tuple[Any, str]]] = {
-    "extract": {
-        "backend": ("rootsift", "rootsift (embedded default) | xfeat | savedmodel (DELF/DELG export) | hub (DELF v1)"),
-        "model": ("", "SavedModel folder or TF Hub handle (savedmodel / hub backends)"),
-        "image_scales": ([0.7071, 1.0, 1.4142], "pyramid scales fed to the model"),
-        "global_scale_indices": ([0, 1, 2], "which of image_scales build the global descriptor"),
-        "max_image_size": (1024, "longest side before the model; 0 keeps the original size"),
-        "score_threshold": (175.0, "attention score threshold (DELF/DELG)"),
-        "max_features": (1000, "local features kept per image"),
-        "descriptor_dtype": ("float16", "float16 halves the store; float32 keeps it exact"),
-        "affine_tilts": ([1.0], "rootsift: [1, 2, 4] adds simulated views (ASIFT) for extreme viewpoints"),
-        "vlad_words": (256, "rootsift, xfeat: VLAD codebook size (global dim = words x 128, x 64 for xfeat)"),
-        "codebook_images": (500, "rootsift, xfeat: index images sampled to learn the codebook"),
-        "seed": (0, "rootsift, xfeat: codebook k-means seed"),
-        "local_backend": ("", '"" (same as backend) | rootsift | xfeat: these local features with a model\'s global'),
-        "xfeat_weights": ("", 'xfeat: folder with xfeat.pt and LICENSE; "" = the cache (delf-pipeline weights fetch xfeat)'),
-        "xfeat_threshold": (0.05, "xfeat: keypoint heatmap threshold of the non-maximum suppression (authors' 0.05)"),
-        "xfeat_scales": ([1.0], "xfeat: image scales detected on; the best max_features of all are kept"),
-        "local_features": (True, "false: store global descriptors only (local ones on demand at rerank)"),
-        "part_size": (256, "images per store part (unit of atomic write and resume)"),
-        "batch_size": (1, "xfeat: images of one decoded size per model call; 1 measured fastest on CPU (docs/xfeat.md)"),
-    },
-    "shortlist": {
-        "top_k": (100, "index images kept per query"),
-        "chunk_rows": (4096, "index rows per matrix product (memory bound, not index bound)"),
-        "exclude_same_id": (False, "leave-one-out: never shortlist an image for itself"),
-        "device": ("auto", "auto | cpu | gpu: where the matrix products run (gpu = TensorFlow)"),
-        "whitening": ("", '"" | pca | supervised (index labels): learned once on the index, stored beside it'),
-        "whitening_dim": (0, "whitened dimensions kept; 0 keeps all the index spans (at most images - 1)"),
-        "whitening_shrinkage": (0.0, "0..1: covariance shrunk towards the identity (few images, many dims)"),
-        "whitening_images": (100000, "index images (sampled, seed 0) the whitening is learned on"),
-        "dba": ("", '"" | plain | supervised (same-label neighbours): database-side augmentation, stored beside the index'),
-        "dba_top_n": (3, "neighbours (the image itself included) averaged per index image"),
-        "dba_alpha": (0.0, "neighbour weight similarity ** alpha (0: plain mean)"),
-        "qe_top_n": (0, "query expansion: first results added to the query, 0 disables"),
-        "qe_alpha": (0.0, "0: average QE; > 0: alpha-QE (Radenovic et al. 2018 use 3)"),
-    },
-    "rerank": {
-        "num_to_rerank": (100, "shortlisted candidates verified per query"),
-        "matcher": _official("matcher", "kdtree (official) | nn (same answer by matmul) | mutual (mutual nearest "
-                             "neighbours) | lighterglue (XFeat's learned matcher; XFeat locals only)"),
-        "match_threshold": _official("match_threshold", "max descriptor distance of a putative match"),
-        "ratio": _official("ratio", "nn / mutual matchers: Lowe ratio test, 0 disables"),
-        "verifier": _official("verifier", " | ".join(VERIFIERS)),
-        "residual_threshold": _official("residual_threshold", "RANSAC inlier threshold in pixels"),
-        "max_trials": _official("max_trials", "RANSAC iterations"),
-        "confidence": _official("confidence", "magsac / affine2d / degensac confidence"),
-        "min_matches": _official("min_matches", "fewer putative matches than this give 0 inliers (official: > 3)"),
-        "seed": (0, "RANSAC seed"),
-        "min_inliers": (0, "inlier counts below this count as 0 (unrelated pairs get ~6-16)"),
-        "scoring": ("official", "official: order by (inliers, global) | kaggle2020"),
-        "max_inlier_score": (70, "kaggle2020: inliers are capped at this then divided by it"),
-    },
-    "predict": {
-        "top_k": (3, "candidates per query that vote for a class"),
-        "aggregation": ("max", "sum | max | mean_best | verified: how a class pools its candidates (docs/confidence.md)"),
-        "calibration": ("", "calibration.json from `delf-pipeline calibrate`: confidences become P(right)"),
-        "abstain": (0.0, "empty row when the confidence is below this (calibrate prints the F1-best one)"),
-        "max_share": (0.0, ">0: a landmark predicted for more than this share of queries gets confidence "
-                           "x max_share / share"),
-    },
-    "calibrate": {
-        "sample": (200, "index images used as leave-one-out queries (0: all of them)"),
-        "seed": (0, "seed of the sample"),
-        "l2": (1.0, "logistic regression penalty on the standardised weights"),
-    },
-}
-DEFAULTS: dict[str, dict[str, Any]] = {
-    section: {key: value for key, (value, _) in keys.items()} for section, keys in SETTINGS.items()
-}
-COMMENTS: dict[tuple[str, str], str] = {
-    (section, key): comment for section, keys in SETTINGS.items() for key, (_, comment) in keys.items()
-}
+SEED_MAX = 2**32 - 1
 
 
 class ConfigError(ValueError):
     """A preset, config file or override that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """One setting: its default (whose type is the key's type), comment and accepted values.
+
+    low / high: the closed range of a number, or of each number of a list (``open_low`` /
+    ``open_high`` exclude that end); choices: the accepted strings; items: (fewest, most)
+    numbers of a list; when: the feature the key applies to (see :func:`features_in_use`;
+    "" for every configuration); runtime: the key changes how work runs, not its result.
+    """
+
+    default: Any
+    comment: str
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+    choices: tuple[str, ...] = ()
+    items: tuple[int, int] = (0, 0)
+    when: str = ""
+    runtime: bool = False
+
+    @property
+    def kind(self) -> type:
+        """bool, int, float, str or list (of the numbers :attr:`item_kind` says)."""
+        return type(self.default)
+
+    @property
+    def item_kind(self) -> type:
+        return int if self.kind is list and all(type(v) is int for v in self.default) else float
+
+    def accepts(self) -> str:
+        """What the key accepts, as the refusals and ``config`` say it."""
+        if self.kind is bool:
+            return "true or false"
+        if self.choices:
+            return "one of " + ", ".join(json.dumps(c) for c in self.choices)
+        if self.kind is str:
+            return "a string"
+        bounds = f"{'(' if self.open_low else '['}{_number(self.low)}, {_number(self.high)}{')' if self.open_high else ']'}"
+        if self.kind is list:
+            kind = "integers" if self.item_kind is int else "numbers"
+            return f"a list of {self.items[0]} to {self.items[1]} {kind} in {bounds}"
+        return f"{'an integer' if self.kind is int else 'a number'} in {bounds}"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
+
+
+def _count(default: int, low: int, high: int, comment: str, **more) -> Key:
+    return Key(default, comment, low, high, **more)
+
+
+def _real(default: float, low: float, high: float, comment: str, **more) -> Key:
+    return Key(float(default), comment, low, high, **more)
+
+
+def _pick(default: str, choices: tuple[str, ...], comment: str, **more) -> Key:
+    return Key(default, comment, choices=choices, **more)
+
+
+def _text(default: str, comment: str, **more) -> Key:
+    return Key(default, comment, **more)
+
+
+def _flag(default: bool, comment: str, **more) -> Key:
+    return Key(default, comment, **more)
+
+
+def _reals(default: list, low: float, high: float, items: tuple[int, int], comment: str, **more) -> Key:
+    return Key(default, comment, low, high, items=items, **more)
+
+
+#: Every setting, declared once (defaults = the default preset, ``xfeat``).
+SETTINGS: dict[str, dict[str, Key]] = {
+    "extract": {
+        "backend": _pick("xfeat", ("rootsift", "xfeat", "savedmodel", "hub"),
+                         "xfeat (default; weights: delf-pipeline weights fetch xfeat) | rootsift (no weights) | "
+                         "savedmodel (DELF/DELG export) | hub (DELF v1)"),
+        "model": _text("", "SavedModel folder or TF Hub handle (savedmodel / hub backends)", when="model"),
+        "image_scales": _reals([0.7071, 1.0, 1.4142], 0, 8, (1, 16), "pyramid scales fed to the model",
+                               open_low=True, when="model"),
+        "global_scale_indices": _reals([0, 1, 2], 0, 15, (0, 16), "which of image_scales build the global descriptor",
+                                       when="model"),
+        "max_image_size": _count(1024, 0, 16384, "longest side before the model; 0 keeps the original size"),
+        "score_threshold": _real(175.0, 0, 1e6, "attention score threshold (DELF/DELG)", when="model"),
+        "max_features": _count(1000, 1, 100_000, "local features kept per image"),
+        "descriptor_dtype": _pick("float16", ("float16", "float32"), "float16 halves the store; float32 keeps it exact"),
+        "affine_tilts": _reals([1.0], 1, 16, (1, 8), "[1, 2, 4] adds simulated views (ASIFT) for extreme viewpoints",
+                               when="rootsift"),
+        "vlad_words": _count(256, 1, 4096, "VLAD codebook size (global dim = words x 128 for rootsift, x 64 for xfeat)",
+                             when="vlad"),
+        "codebook_images": _count(500, 1, 10_000_000, "index images sampled to learn the codebook", when="vlad"),
+        "seed": _count(0, 0, SEED_MAX, "codebook k-means seed", when="vlad"),
+        "local_backend": _pick("", ("", "rootsift", "xfeat"),
+                               '"" (same as backend) | rootsift | xfeat: these local features with a model\'s global',
+                               when="model"),
+        "xfeat_weights": _text("", 'folder with xfeat.pt and LICENSE; "" = the cache (delf-pipeline weights fetch xfeat)',
+                               when="xfeat"),
+        "xfeat_threshold": _real(0.05, 0, 1, "keypoint heatmap threshold of the non-maximum suppression (authors' 0.05)",
+                                 open_high=True, when="xfeat"),
+        "xfeat_scales": _reals([1.0], 0, 4, (1, 8), "image scales detected on; the best max_features of all are kept",
+                               open_low=True, when="xfeat"),
+        "local_features": _flag(True, "false: store global descriptors only (local ones on demand at rerank)"),
+        "part_size": _count(256, 1, 1_000_000, "images per store part (unit of atomic write and resume)", runtime=True),
+        "batch_size": _count(1, 1, 1024, "images of one decoded size per model call; 1 measured fastest on CPU "
+                             "(docs/xfeat.md)", when="xfeat"),
+    },
+    "shortlist": {
+        "top_k": _count(100, 1, 100_000, "index images kept per query"),
+        "chunk_rows": _count(4096, 1, 10_000_000, "index rows per matrix product (memory bound, not index bound)",
+                             runtime=True),
+        "exclude_same_id": _flag(False, "leave-one-out: never shortlist an image for itself"),
+        "device": _pick("auto", ("auto", "cpu", "gpu"), "where the matrix products run (gpu = TensorFlow)",
+                        runtime=True),
+        "whitening": _pick("", ("", "pca", "supervised"),
+                           'learned once on the index (supervised: by its labels), stored beside it; "" = none'),
+        "whitening_dim": _count(0, 0, 65_536, "whitened dimensions kept; 0 keeps all the index spans (at most "
+                                "images - 1)", when="whitening"),
+        "whitening_shrinkage": _real(0.0, 0, 1, "covariance shrunk towards the identity (few images, many dims)",
+                                     when="whitening"),
+        "whitening_images": _count(100_000, 2, 100_000_000, "index images (sampled, seed 0) the whitening is learned on",
+                                   when="whitening"),
+        "dba": _pick("", ("", "plain", "supervised"),
+                     'database-side augmentation (supervised: same-label neighbours), stored beside the index; "" = none'),
+        "dba_top_n": _count(3, 1, 1000, "neighbours (the image itself included) averaged per index image", when="dba"),
+        "dba_alpha": _real(0.0, 0, 100, "neighbour weight similarity ** alpha (0: plain mean)", when="dba"),
+        "qe_top_n": _count(0, 0, 1000, "query expansion: first results added to the query, 0 disables"),
+        "qe_alpha": _real(0.0, 0, 100, "0: average QE; > 0: alpha-QE (Radenovic et al. 2018 use 3)", when="qe"),
+    },
+    "rerank": {
+        "num_to_rerank": _count(20, 0, 100_000, "shortlisted candidates verified per query"),
+        "matcher": _pick("mutual", ("kdtree", "nn", "mutual", "lighterglue"),
+                         "kdtree (official) | nn (same answer by matmul) | mutual (mutual nearest neighbours) | "
+                         "lighterglue (XFeat's learned matcher; XFeat locals only)"),
+        "match_threshold": _real(0.9, 0, 2, "max descriptor distance of a putative match", open_low=True,
+                                 when="descriptor_matcher"),
+        "ratio": _real(0.9, 0, 1, "Lowe ratio test, 0 disables", open_high=True, when="ratio_matcher"),
+        "verifier": _pick("msac_affine", ("skimage_affine", "magsac", "magsac_affine", "msac_affine", "affine2d",
+                                          "degensac"),
+                          "skimage_affine (official) | magsac (MAGSAC++ homography) | magsac_affine | msac_affine "
+                          "(OpenCV USAC affine, MSAC score) | affine2d | degensac (pydegensac homography, extra)"),
+        "residual_threshold": _real(20.0, 0, 10_000, "RANSAC inlier threshold in pixels", open_low=True),
+        "max_trials": _count(2000, 1, 1_000_000, "RANSAC iterations"),
+        "confidence": _real(0.99, 0, 1, "RANSAC confidence (every verifier but skimage_affine)", open_low=True,
+                            open_high=True, when="usac"),
+        "min_matches": _count(5, 0, 100_000, "fewer putative matches than this give 0 inliers (official: > 3)"),
+        "seed": _count(0, 0, SEED_MAX, "RANSAC seed"),
+        "min_inliers": _count(0, 0, 100_000, "inlier counts below this count as 0 (unrelated pairs get ~6-16)"),
+        "scoring": _pick("kaggle2020", ("official", "kaggle2020"),
+                         "official: order by (inliers, global) | kaggle2020: min(inliers, M) / M + global"),
+        "max_inlier_score": _count(30, 1, 100_000, "M of the kaggle2020 scoring: inliers are capped at M, then / M",
+                                   when="kaggle2020"),
+    },
+    "predict": {
+        "top_k": _count(3, 1, 1000, "candidates per query that vote for a class"),
+        "aggregation": _pick("max", ("sum", "max", "mean_best", "verified"),
+                             "how a class pools its candidates (docs/confidence.md)"),
+        "calibration": _text("", "calibration.json from `delf-pipeline calibrate`: confidences become P(right)"),
+        "abstain": _real(0.0, 0, 1e6, "empty row when the confidence is below this (calibrate prints the F1-best one)"),
+        "max_share": _real(0.0, 0, 1, ">0: a landmark predicted for more than this share of queries gets confidence "
+                           "x max_share / share", open_high=True),
+    },
+    "calibrate": {
+        "sample": _count(200, 0, 10_000_000, "index images used as leave-one-out queries (0: all of them)"),
+        "seed": _count(0, 0, SEED_MAX, "seed of the sample"),
+        "l2": _real(1.0, 0, 1e6, "logistic regression penalty on the standardised weights"),
+    },
+}
+
+
+class _Section:
+    """The typed settings of one section (a dataclass made from :data:`SETTINGS`, one field per
+    key), read as attributes (``section.max_trials``); ``section[key]``, ``keys()`` and ``items()``
+    serve code that picks keys by name (fingerprints, verification options). Every value set is
+    checked against :data:`SETTINGS` (ConfigError naming the key)."""
+
+    name = ""
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        """Every value set, by the constructor too, is checked against the table."""
+        object.__setattr__(self, key, parse_value(self.name, key, value))
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, _known(self.name, key))
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        setattr(self, _known(self.name, key), value)
+
+    def keys(self) -> list[str]:
+        return list(SETTINGS[self.name])
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(key, getattr(self, key)) for key in SETTINGS[self.name]]
+
+    def update(self, values: dict | None = None, **more: Any) -> None:
+        """Set several keys (each checked)."""
+        for key, value in {**(values or {}), **more}.items():
+            setattr(self, key, value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: copy.deepcopy(getattr(self, key)) for key in SETTINGS[self.name]}
+
+
+def _known(section: str, key: str) -> str:
+    if key not in SETTINGS[section]:
+        raise KeyError(f"unknown key {section}.{key}; known: {', '.join(SETTINGS[section])}")
+    return key
+
+
+def _section_class(name: str) -> type:
+    fields = [(key, spec.kind, field(default_factory=lambda spec=spec: copy.deepcopy(spec.default)))
+              for key, spec in SETTINGS[name].items()]
+    cls = dataclasses.make_dataclass(f"{name.capitalize()}Settings", fields, bases=(_Section,))
+    cls.name = name
+    cls.__doc__ = f"The ``{name}`` settings (see delf_pipeline.config.SETTINGS)."
+    return cls
+
+
+ExtractSettings = _section_class("extract")
+ShortlistSettings = _section_class("shortlist")
+RerankSettings = _section_class("rerank")
+PredictSettings = _section_class("predict")
+CalibrateSettings = _section_class("calibrate")
+
+
+@dataclass
+class Config:
+    """Every section's typed settings and the preset they started from (``config.rerank.seed``)."""
+
+    extract: ExtractSettings = field(default_factory=ExtractSettings)
+    shortlist: ShortlistSettings = field(default_factory=ShortlistSettings)
+    rerank: RerankSettings = field(default_factory=RerankSettings)
+    predict: PredictSettings = field(default_factory=PredictSettings)
+    calibrate: CalibrateSettings = field(default_factory=CalibrateSettings)
+    preset: str = DEFAULT_PRESET
+
+    def __getitem__(self, name: str) -> Any:
+        if name != "preset" and name not in SETTINGS:
+            raise KeyError(f"unknown section {name!r}; known: {', '.join(SETTINGS)}")
+        return getattr(self, name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form: {section: {key: value}} and "preset"."""
+        return {**{name: self[name].to_dict() for name in SETTINGS}, "preset": self.preset}
+
+    def copy(self) -> "Config":
+        return copy.deepcopy(self)
+
+
+def config_from_dict(data: dict, origin: str) -> Config:
+    """The :class:`Config` of a plain dict (a run record's or an index's config.json), checked
+    key by key as a config file would be; keys the table lacks (an older or newer writer) are
+    refused naming ``origin``."""
+    config = Config(preset=data.get("preset") or DEFAULT_PRESET)
+    merge(config, {name: values for name, values in data.items() if name != "preset"}, origin)
+    return config
+
+
+def make_section(name: str, origin: str = "settings", **values: Any) -> _Section:
+    """The defaults of section ``name`` with ``values`` set, each checked as a config file's
+    would be (library use: ``make_section("extract", backend="savedmodel", model=path)``)."""
+    section = Config()[name]
+    for key, value in values.items():
+        setattr(section, key, parse_value(name, key, value, origin))
+    return section
+
+
+def with_recorded(config: Config, section: str, recorded: dict, origin: str) -> Config:
+    """A copy of ``config`` whose ``section`` holds the values an artifact's manifest recorded
+    (``origin`` names it in a refusal); recorded keys the table does not know (a store's
+    ``decode``) are left out. The one way settings are taken back from a manifest."""
+    config = config.copy()
+    merge(config, {section: {key: value for key, value in recorded.items() if key in SETTINGS[section]}}, origin)
+    return config
+
 
 
 def presets_dir() -> Path:
@@ -127,28 +338,27 @@ def load_config(
     preset: str | None = None,
     config_file: str | Path | None = None,
     overrides: list[str] | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Merge ``DEFAULTS`` <- preset <- config file <- ``section.key=value`` overrides, then validate.
+) -> Config:
+    """The defaults <- preset <- config file <- ``section.key=value`` overrides, each value parsed
+    and checked by :func:`parse_value` (ConfigError naming the key otherwise).
 
     The preset is ``preset``, else the one the config file names (``preset = "..."``), else
     :data:`DEFAULT_PRESET`: a config file is always layered over a preset.
     """
-    config = copy.deepcopy(DEFAULTS)
     data = _read_toml(Path(config_file)) if config_file else {}
     named = data.pop("preset", None)
     if named is not None and not isinstance(named, str):
         raise ConfigError(f"{config_file}: preset must be a preset name (a string), got {named!r}")
-    name = preset or named or DEFAULT_PRESET
-    _merge_preset(config, name, seen=())
+    config = Config(preset=preset or named or DEFAULT_PRESET)
+    _merge_preset(config, config.preset, seen=())
     merge(config, data, origin=str(config_file))
     for item in overrides or []:
-        merge(config, parse_override(item), origin=f"--set {item}")
-    validate(config)
-    config["preset"] = name
+        section, key, raw = split_override(item)
+        merge(config, {section: {key: parse_override_value(section, key, raw, f"--set {item}")}}, f"--set {item}")
     return config
 
 
-def _merge_preset(config: dict, name: str, seen: tuple[str, ...]) -> None:
+def _merge_preset(config: Config, name: str, seen: tuple[str, ...]) -> None:
     """Merge preset ``name`` (after its ``base = "other"`` preset, if it names one)."""
     path = presets_dir() / f"{name}.toml"
     if not path.is_file():
@@ -168,157 +378,138 @@ def _read_toml(path: Path) -> dict:
             return tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: invalid TOML: {error}") from None
 
 
-def parse_override(item: str) -> dict:
-    """``"rerank.max_trials=500"`` -> ``{"rerank": {"max_trials": 500}}`` (values parsed as TOML)."""
+def split_override(item: str) -> tuple[str, str, str]:
+    """``"rerank.max_trials=500"`` -> ``("rerank", "max_trials", "500")``."""
     key, sep, raw = item.partition("=")
     section, dot, name = key.strip().partition(".")
     if not sep or not dot or not name:
         raise ConfigError(f"override {item!r} must look like section.key=value")
+    return section.strip(), name.strip(), raw.strip()
+
+
+def parse_override_value(section: str, key: str, raw: str, origin: str) -> Any:
+    """The value of a ``--set`` text: TOML (``true``, ``3``, ``0.5``, ``[1, 2]``, ``"text"``), or a
+    bare word for a key that takes a string (``--set rerank.verifier=magsac``)."""
+    spec = _spec(section, key, origin)
     try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        value = raw.strip()  # a bare word such as magsac is taken as a string
-    return {section: {name: value}}
+        if spec.kind is str:
+            return raw
+        raise ConfigError(f"{origin}: {section}.{key} must be {spec.accepts()}, got {raw!r}") from None
 
 
-def merge(config: dict, update: dict, origin: str) -> None:
-    """Override keys of ``config`` in place; unknown sections or keys raise ConfigError."""
+def merge(config: Config, update: dict, origin: str) -> None:
+    """Set the keys of ``update`` ({section: {key: value}}) in ``config``, each checked by
+    :func:`parse_value`; unknown sections or keys raise ConfigError."""
     for section, values in update.items():
-        if section not in DEFAULTS:
-            raise ConfigError(f"{origin}: unknown section {section!r}; known: {', '.join(DEFAULTS)}")
+        if section not in SETTINGS:
+            raise ConfigError(f"{origin}: unknown section {section!r}; known: {', '.join(SETTINGS)}")
         if not isinstance(values, dict):
             raise ConfigError(f"{origin}: section {section!r} must be a table")
         for key, value in values.items():
-            if key not in DEFAULTS[section]:
-                known = ", ".join(DEFAULTS[section])
-                raise ConfigError(f"{origin}: unknown key {section}.{key}; known: {known}")
-            config[section][key] = _coerce(value, DEFAULTS[section][key], f"{section}.{key}", origin)
+            setattr(config[section], key, parse_value(section, key, value, origin))  # origin named on refusal
 
 
-def _coerce(value: Any, default: Any, key: str, origin: str) -> Any:
-    if isinstance(default, bool) or isinstance(value, type(default)):
-        return value
-    if isinstance(default, float) and isinstance(value, int):
-        return float(value)
-    raise ConfigError(f"{origin}: {key} must be {type(default).__name__}, got {value!r}")
+def _spec(section: str, key: str, origin: str) -> Key:
+    if section not in SETTINGS:
+        raise ConfigError(f"{origin}: unknown section {section!r}; known: {', '.join(SETTINGS)}")
+    if key not in SETTINGS[section]:
+        raise ConfigError(f"{origin}: unknown key {section}.{key}; known: {', '.join(SETTINGS[section])}")
+    return SETTINGS[section][key]
 
 
-def _at_least(low: float) -> Callable[[Any], str | None]:
-    return lambda value: None if value >= low else f"must be >= {low}"
+def parse_value(section: str, key: str, value: Any, origin: str = "settings") -> Any:
+    """``value`` as the key's type when it is one the key accepts (an integer for a number is
+    a float); ConfigError naming the key, the value and what it accepts otherwise."""
+    spec = _spec(section, key, origin)
+    parsed = _typed(spec, value)
+    if parsed is None:
+        raise ConfigError(f"{origin}: {section}.{key} must be {spec.accepts()}, got {value!r}")
+    return parsed
 
 
-def _between(low: float, high: float) -> Callable[[Any], str | None]:
-    """Open interval on the right: low <= value < high."""
-    return lambda value: None if low <= value < high else f"must be in [{low}, {high})"
+def _typed(spec: Key, value: Any) -> Any:
+    """``value`` converted to the key's type and checked, or None when the key does not accept it."""
+    if spec.kind is bool:
+        return value if type(value) is bool else None
+    if spec.kind is str:
+        return value if isinstance(value, str) and (not spec.choices or value in spec.choices) else None
+    if spec.kind is list:
+        if not isinstance(value, list) or not spec.items[0] <= len(value) <= spec.items[1]:
+            return None
+        numbers = [_number_in_range(spec, spec.item_kind, item) for item in value]
+        return None if any(n is None for n in numbers) else numbers
+    return _number_in_range(spec, spec.kind, value)
 
 
-def _closed(low: float, high: float) -> Callable[[Any], str | None]:
-    """Closed interval: low <= value <= high."""
-    return lambda value: None if low <= value <= high else f"must be in [{low}, {high}]"
+def _number_in_range(spec: Key, kind: type, value: Any) -> int | float | None:
+    if type(value) is bool or not isinstance(value, (int, float)):
+        return None
+    if kind is int and type(value) is not int:
+        return None
+    number = kind(value)
+    if isinstance(number, float) and not math.isfinite(number):
+        return None
+    above = number > spec.low if spec.open_low else number >= spec.low
+    below = number < spec.high if spec.open_high else number <= spec.high
+    return number if above and below else None
 
 
-def _positive(value: Any) -> str | None:
-    return None if value > 0 else "must be > 0"
+DEFAULTS = Config()  # the default preset's settings
 
-
-def _list_of(check: Callable[[Any], str | None], what: str) -> Callable[[Any], str | None]:
-    """A check of a non-empty list of numbers, each passing ``check``."""
-    def check_list(value: list) -> str | None:
-        ok = value and all(isinstance(v, (int, float)) and check(v) is None for v in value)
-        return None if ok else f"must be a non-empty list of numbers {what}"
-
-    return check_list
-
-
-def _indices(value: list) -> str | None:
-    return None if all(isinstance(v, int) and v >= 0 for v in value) else "must be a list of indices >= 0"
-
-
-def _probability(value: float) -> str | None:
-    return None if 0 < value < 1 else "must be in (0, 1)"
-
-
-@dataclass(frozen=True)
-class OneOf:
-    """The check of a key whose value is one of a few ``names``."""
-
-    names: tuple
-
-    def __call__(self, value: Any) -> str | None:
-        return None if value in self.names else f"must be one of {', '.join(map(repr, self.names))}"
-
-
-#: The one validation table: (section, key) -> check(value), which returns None when the value
-#: is valid, else what is wrong. Keys not listed accept any value of their default's type.
-CHECKS: dict[tuple[str, str], Callable[[Any], str | None]] = {
-    ("extract", "backend"): OneOf(("rootsift", "xfeat", "savedmodel", "hub")),
-    ("extract", "local_backend"): OneOf(("", "rootsift", "xfeat")),
-    ("extract", "xfeat_threshold"): _between(0, 1),
-    ("extract", "xfeat_scales"): _list_of(_positive, "> 0"),
-    ("extract", "image_scales"): _list_of(_positive, "> 0"),
-    ("extract", "global_scale_indices"): _indices,
-    ("extract", "max_image_size"): _at_least(0),
-    ("extract", "max_features"): _at_least(1),
-    ("extract", "descriptor_dtype"): OneOf(("float16", "float32")),
-    ("extract", "affine_tilts"): _list_of(_at_least(1), ">= 1"),
-    ("extract", "vlad_words"): _at_least(1),
-    ("extract", "codebook_images"): _at_least(1),
-    ("extract", "part_size"): _at_least(1),
-    ("extract", "batch_size"): _at_least(1),
-    ("shortlist", "top_k"): _at_least(1),
-    ("shortlist", "chunk_rows"): _at_least(1),
-    ("shortlist", "device"): OneOf(("auto", "cpu", "gpu")),
-    ("shortlist", "whitening"): OneOf(("", "pca", "supervised")),
-    ("shortlist", "whitening_dim"): _at_least(0),
-    ("shortlist", "whitening_shrinkage"): _closed(0, 1),
-    ("shortlist", "whitening_images"): _at_least(2),
-    ("shortlist", "dba"): OneOf(("", "plain", "supervised")),
-    ("shortlist", "dba_top_n"): _at_least(1),
-    ("shortlist", "dba_alpha"): _at_least(0),
-    ("shortlist", "qe_top_n"): _at_least(0),
-    ("shortlist", "qe_alpha"): _at_least(0),
-    ("rerank", "num_to_rerank"): _at_least(0),
-    ("rerank", "matcher"): OneOf(MATCHERS + LEARNED_MATCHERS),
-    ("rerank", "match_threshold"): _positive,
-    ("rerank", "ratio"): _between(0, 1),
-    ("rerank", "verifier"): OneOf(VERIFIERS),
-    ("rerank", "residual_threshold"): _positive,
-    ("rerank", "max_trials"): _at_least(1),
-    ("rerank", "confidence"): _probability,
-    ("rerank", "min_matches"): _at_least(0),
-    ("rerank", "min_inliers"): _at_least(0),
-    ("rerank", "scoring"): OneOf(("official", "kaggle2020")),
-    ("rerank", "max_inlier_score"): _at_least(1),
-    ("predict", "top_k"): _at_least(1),
-    ("predict", "aggregation"): OneOf(("sum", "max", "mean_best", "verified")),
-    ("predict", "abstain"): _at_least(0),
-    ("predict", "max_share"): _between(0, 1),
-    ("calibrate", "sample"): _at_least(0),
-    ("calibrate", "l2"): _at_least(0),
+#: What each ``when`` tag of :data:`SETTINGS` means, as ``config`` prints it.
+FEATURES = {
+    "model": "the savedmodel / hub backends", "vlad": "a rootsift / xfeat global descriptor",
+    "rootsift": "RootSIFT local features", "xfeat": "XFeat local features",
+    "descriptor_matcher": "the kdtree / nn / mutual matchers", "ratio_matcher": "the nn / mutual matchers",
+    "usac": "verifiers other than skimage_affine", "kaggle2020": "the kaggle2020 scoring",
+    "whitening": "a whitening", "dba": "a dba", "qe": "qe_top_n > 0",
 }
 
 
-def validate(config: dict) -> None:
-    """Raise ConfigError naming the first key of ``config`` that :data:`CHECKS` rejects."""
-    for (section, key), check in CHECKS.items():
-        value = config[section][key]
-        problem = check(value)
-        if problem:
-            raise ConfigError(f"{section}.{key} {problem}, got {value!r}")
+def features_in_use(config: Config) -> set[str]:
+    """The ``when`` tags of :data:`SETTINGS` that ``config`` uses: model (a savedmodel / hub
+    backend), vlad (a rootsift / xfeat global), rootsift / xfeat (those local features),
+    descriptor_matcher / ratio_matcher (a matcher by descriptor distance / with a ratio test),
+    usac (a verifier with a confidence), kaggle2020 (that scoring), whitening, dba, qe."""
+    extract, shortlist, rerank = config.extract, config.shortlist, config.rerank
+    model = extract.backend in ("savedmodel", "hub")
+    locals_ = extract.local_backend if model and extract.local_backend else extract.backend
+    tags = {"model" if model else "vlad", locals_}
+    tags |= {"descriptor_matcher"} if rerank.matcher != "lighterglue" else set()
+    tags |= {"ratio_matcher"} if rerank.matcher in ("nn", "mutual") else set()
+    tags |= {"usac"} if rerank.verifier != "skimage_affine" else set()
+    tags |= {"kaggle2020"} if rerank.scoring == "kaggle2020" else set()
+    flags = {"whitening": shortlist.whitening, "dba": shortlist.dba, "qe": shortlist.qe_top_n}
+    return tags | {tag for tag, value in flags.items() if value}
 
 
-def to_toml(config: dict) -> str:
+def fingerprinted(section: _Section) -> dict[str, Any]:
+    """The keys of a section that decide what its artifacts hold: all but the runtime ones."""
+    return {key: value for key, value in section.to_dict().items() if not SETTINGS[section.name][key].runtime}
+
+
+def to_toml(config: Config) -> str:
     """The settings of ``config`` as TOML text that loads back with ``--config`` (its preset
-    first), each key with its comment from :data:`SETTINGS`."""
-    lines = [f"preset = {json.dumps(config.get('preset', DEFAULT_PRESET))}"]
-    for section in DEFAULTS:
-        lines.append(f"\n[{section}]")
-        for key, value in config[section].items():
-            lines.append(f"{key} = {json.dumps(value)}  # {COMMENTS[(section, key)]}")
+    first), each key with its comment and the numbers it accepts; a key that does not apply to
+    these settings says so."""
+    used = features_in_use(config)
+    lines = [f"preset = {json.dumps(config.preset)}"]
+    for name, keys in SETTINGS.items():
+        lines.append(f"\n[{name}]")
+        for key, spec in keys.items():
+            unused = f"[unused: only for {FEATURES[spec.when]}] " if spec.when and spec.when not in used else ""
+            accepts = "" if spec.kind in (bool, str) else f" ({spec.accepts()})"
+            lines.append(f"{key} = {json.dumps(getattr(config[name], key))}  # {unused}{spec.comment}{accepts}")
     return "\n".join(lines) + "\n"
 
 

@@ -8,6 +8,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from .formats.run_record import read_run_record, recorded_path
 from .formats.tables import (
     read_index_labels,
     read_ranking,
@@ -16,7 +17,6 @@ from .formats.tables import (
     solution_rows,
 )
 from .metrics.recognition import accuracy, global_average_precision
-from .formats.run_record import read_run_record, recorded_path
 from .metrics.retrieval import relevant_index_images, retrieval_metrics
 from .utils.artifacts import write_json_atomic
 

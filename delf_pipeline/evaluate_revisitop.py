@@ -25,7 +25,7 @@ from pathlib import Path
 from PIL import Image
 
 from . import extract, predict, rerank, shortlist
-from .config import load_config
+from .config import Config, load_config
 from .formats.blocks import read_table
 from .formats.revisitop import GroundTruth, crop_box, read_ground_truth
 from .metrics.revisitop import PROTOCOLS, revisited_map
@@ -35,7 +35,7 @@ log = logging.getLogger("delf_pipeline.evaluate_revisitop")
 IMAGE_SUFFIX = ".jpg"  # the datasets' image files: NAME.jpg
 
 
-def run(config: dict, gnd: str | Path, images: str | Path, out: str | Path, *, jobs: int = 1,
+def run(config: Config, gnd: str | Path, images: str | Path, out: str | Path, *, jobs: int = 1,
         ks: tuple[int, ...] = (1, 5, 10)) -> dict:
     """All steps above; returns ``revisited_map``'s result (without per-query APs in the JSON)."""
     truth, images, out = read_ground_truth(gnd), Path(images), Path(out)
@@ -45,10 +45,11 @@ def run(config: dict, gnd: str | Path, images: str | Path, out: str | Path, *, j
     codebook = index / "codebook.npy"
     queries = extract.run(config, queries_csv, out / "features" / "queries",
                           codebook=codebook if codebook.exists() else None)
-    config = {**config, "shortlist": {**config["shortlist"], "top_k": len(truth.imlist)}}
+    config = config.copy()
+    config.shortlist.top_k = len(truth.imlist)
     shortlist_csv = shortlist.run(config, index, queries, out / "shortlist.csv")
     rerank_csv = None
-    if config["rerank"]["num_to_rerank"] > 0:
+    if config.rerank.num_to_rerank > 0:
         rerank_csv = rerank.run(config, shortlist_csv, queries, index, out / "rerank.csv", jobs=jobs)
     ranking = predict.final_ranking(read_table(shortlist_csv), read_table(rerank_csv) if rerank_csv else None)
     result = score(ranking_lists(ranking, truth.qimlist), truth, ks)

@@ -16,13 +16,12 @@ results differ from one image's in the last bits).
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import logging
 from pathlib import Path
 from typing import Collection, Sequence
 
-from .config import load_config
+from .config import Config, ExtractSettings, fingerprinted, load_config, with_recorded
 from .extractors.base import Extractor
 from .extractors.build import LOCAL_BACKENDS, build, decode_mode, resolve_model
 from .extractors.codebook import prepare_codebook, stored_codebook
@@ -52,11 +51,8 @@ from .utils.parallel import run_tasks, worker_local
 
 log = logging.getLogger("delf_pipeline.extract")
 
-RUNTIME_KEYS = ("part_size",)  # extract keys that change how the store is written, not what it holds
-
-
 def run(
-    config: dict,
+    config: Config,
     images: str | Path,
     out: str | Path,
     *,
@@ -80,7 +76,7 @@ def run(
     """
     if extractor is not None and dask_address:
         raise ValueError("an injected extractor runs in this process: it cannot go with dask_address")
-    conf, out = config["extract"], Path(out)
+    conf, out = config.extract, Path(out)
     records, listing_errors = list_images(images, split)
     if only_ids is not None:
         wanted = set(only_ids)
@@ -110,41 +106,40 @@ def run(
     return out
 
 
-def candidate_local_store(config: dict, index_store: Path, wanted: set[str], data: Path, *,
+def candidate_local_store(config: Config, index_store: Path, wanted: set[str], data: Path, *,
                           strict: bool = False) -> Path:
     """The store to read the candidates' local features from: ``index_store`` itself, or, when
     it holds global descriptors only, ``<index_store>-candidates`` made by extracting
     ``wanted`` (each image once) with the index store's own settings and codebook."""
-    settings = FeatureStore(index_store).manifest()["settings"]
-    if settings.get("local_features", True):
+    recorded = FeatureStore(index_store).manifest()["settings"]
+    if recorded.get("local_features", True):
         return index_store
-    local_config = copy.deepcopy(config)
-    local_config["extract"].update({k: v for k, v in settings.items() if k in local_config["extract"]},
-                                   local_features=True)
+    local_config = with_recorded(config, "extract", {**recorded, "local_features": True},
+                                 str(index_store / "manifest.json"))
     codebook = index_store / "codebook.npy"
     log.info("extracting local features of %d shortlisted index images", len(wanted))
     return run(local_config, data, Path(f"{index_store}-candidates"), split="train", only_ids=wanted,
                strict=strict, codebook=codebook if codebook.exists() else None)
 
 
-def store_manifest(conf: dict) -> dict:
-    """The store's manifest: every ``extract`` key but :data:`RUNTIME_KEYS`, how images were
+def store_manifest(conf: ExtractSettings) -> dict:
+    """The store's manifest: every ``extract`` key but the runtime ones, how images were
     decoded (``decode``, recorded when not RGB: older stores were all decoded in RGB) and, for a
     model exported by this package, what the export was made from (``model_export``)."""
     decode = {"decode": decode_mode(conf)} if decode_mode(conf) != "RGB" else {}
-    manifest = {"format_version": FORMAT_VERSION, **settings_manifest({**conf, **decode}, RUNTIME_KEYS)}
-    record = export_record(conf["model"]) if conf["model"] else None
+    manifest = {"format_version": FORMAT_VERSION, **settings_manifest({**fingerprinted(conf), **decode})}
+    record = export_record(conf.model) if conf.model else None
     return {**manifest, "model_export": record} if record else manifest
 
 
-def extract_into(out: Path, todo: list[ImageRecord], extractor: Extractor, conf: dict, shard: tuple[int, int],
+def extract_into(out: Path, todo: list[ImageRecord], extractor: Extractor, conf: ExtractSettings, shard: tuple[int, int],
                  strict: bool) -> None:
     """Extract ``todo`` with ``extractor`` into new parts of the store ``out``."""
-    write_parts(out, extract_records(todo, extractor, conf), len(todo), part_size=conf["part_size"],
-                dtype=conf["descriptor_dtype"], shard=shard, strict=strict, label="extract")
+    write_parts(out, extract_records(todo, extractor, conf), len(todo), part_size=conf.part_size,
+                dtype=conf.descriptor_dtype, shard=shard, strict=strict, label="extract")
 
 
-def _extract_on_dask(address: str, out: Path, records: Sequence[ImageRecord], conf: dict, shard: tuple[int, int],
+def _extract_on_dask(address: str, out: Path, records: Sequence[ImageRecord], conf: ExtractSettings, shard: tuple[int, int],
                      strict: bool) -> None:
     """The parts :func:`extract_into` would write, each a task on the Dask scheduler at ``address``
     (the codebook step, if any, ran before, here). Temporaries of workers killed while writing
@@ -153,21 +148,21 @@ def _extract_on_dask(address: str, out: Path, records: Sequence[ImageRecord], co
     todo = pending_records(out, records, shard)
     prefix = part_prefix(shard)
     remove_unfinished(out / "parts", prefix)  # this shard's only: others may be writing
-    size, first, model = conf["part_size"], next_part_number(out, shard), _model_key(out, conf)
+    size, first, model = conf.part_size, next_part_number(out, shard), _model_key(out, conf)
     tasks = [(str(out), part_name(shard, number), todo[start : start + size], conf, strict, model)
              for number, start in enumerate(range(0, len(todo), size), start=first)]
     run_tasks(_extract_part, tasks, f"extract {shard[0]}/{shard[1]} parts", dask_address=address)
     remove_unfinished(out / "parts", prefix)
 
 
-def _model_key(out: Path, conf: dict) -> tuple[str, str, str]:
+def _model_key(out: Path, conf: ExtractSettings) -> tuple[str, str, str]:
     """What a worker's loaded backend depends on: the store, its settings and its codebook."""
     codebook = out / "codebook.npy"
     words = hashlib.sha256(codebook.read_bytes()).hexdigest() if codebook.exists() else ""
     return str(out), store_manifest(conf)["fingerprint"], words
 
 
-def _extract_part(out: str, name: str, records: list[ImageRecord], conf: dict, strict: bool,
+def _extract_part(out: str, name: str, records: list[ImageRecord], conf: ExtractSettings, strict: bool,
                   model: tuple[str, str, str]) -> str:
     """Task on a worker: extract ``records`` into the part ``out/parts/name``; returns ``name``.
 
@@ -175,7 +170,7 @@ def _extract_part(out: str, name: str, records: list[ImageRecord], conf: dict, s
     per worker process); its codebook, if any, is the one the client stored in ``out``.
     """
     extractor = worker_local(("extract", *model), lambda: build(conf, stored_codebook(Path(out))))
-    write_results(Path(out), name, extract_records(records, extractor, conf), conf["descriptor_dtype"], strict)
+    write_results(Path(out), name, extract_records(records, extractor, conf), conf.descriptor_dtype, strict)
     return name
 
 
@@ -221,10 +216,10 @@ def main(args: argparse.Namespace) -> int:
     if args.candidates:
         from .formats.candidates import candidate_ids, read_candidates
 
-        if config["extract"]["backend"] in LOCAL_BACKENDS and not args.codebook:
-            raise ValueError(f"--candidates with the {config['extract']['backend']} backend needs --codebook (the "
+        if config.extract.backend in LOCAL_BACKENDS and not args.codebook:
+            raise ValueError(f"--candidates with the {config.extract.backend} backend needs --codebook (the "
                              "index store's codebook.npy): a codebook learned from the candidates alone would differ")
-        only_ids = candidate_ids(read_candidates(args.candidates, config["rerank"]["num_to_rerank"]))
+        only_ids = candidate_ids(read_candidates(args.candidates, config.rerank.num_to_rerank))
     run(config, args.images, args.out, split=args.split, shard=parse_shard(args.shard),
         overwrite=args.overwrite, strict=args.strict, codebook=args.codebook, only_ids=only_ids,
         dask_address=args.dask)

@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image
 
 from . import __version__, extract
-from .config import load_config
+from .config import Config, load_config
 from .formats.images import ImageRecord, iter_decoded, list_images
 from .formats.index_folder import FORMAT, FORMAT_VERSION, open_index, preview_name
 from .formats.store import FeatureStore
@@ -33,7 +33,7 @@ PREVIEW_QUALITY = 85  # JPEG quality of the previews
 
 
 def build(
-    config: dict,
+    config: Config,
     images: str | Path,
     out: str | Path,
     *,
@@ -51,13 +51,13 @@ def build(
     (resumable like extract); ``overwrite`` rebuilds it.
     """
     out = Path(out)
-    if not config["extract"]["local_features"]:
+    if not config.extract.local_features:
         raise ValueError("an index needs local features for re-ranking: drop extract.local_features=false")
     if overwrite and out.exists():
         shutil.rmtree(out)
-    if (out / "config.json").exists() and _stage_sections(read_json(out / "config.json")) != _stage_sections(config):
+    if (out / "config.json").exists() and _stage_sections(read_json(out / "config.json")) != _stage_sections(config.to_dict()):
         raise ValueError(f"index {out} was made with other settings; use --overwrite or another folder")
-    write_json_atomic(out / "config.json", config)
+    write_json_atomic(out / "config.json", config.to_dict())
     records = _listed(images, split)
     extract.run(config, images, out / "store", split=split)
     _merge_labels(out, _labels_of(records, labels))
@@ -88,15 +88,15 @@ def add(index_path: str | Path, images: str | Path, *, labels: str | Path | None
 def info(index_path: str | Path) -> dict:
     """What an index holds, as a JSON-able dict (no absolute path)."""
     index = open_index(index_path)
-    conf = index.config["extract"]
+    conf = index.config.extract
     files = [p for p in index.path.rglob("*") if p.is_file()]
     return {
         "package_version": index.manifest["package_version"],
         "format_version": index.manifest["format_version"],
-        "preset": index.config.get("preset"),
-        "backend": conf["backend"] + (f" + {conf['local_backend']} locals" if conf["local_backend"] else ""),
-        "model": conf["model"] or None,
-        "codebook_words": conf["vlad_words"] if (index.store_path / "codebook.npy").is_file() else None,
+        "preset": index.config.preset,
+        "backend": conf.backend + (f" + {conf.local_backend} locals" if conf.local_backend else ""),
+        "model": conf.model or None,
+        "codebook_words": conf.vlad_words if (index.store_path / "codebook.npy").is_file() else None,
         "images": len(index.store),
         "errors": len(index.store.errors()),
         "store_parts": len(index.store.parts),
@@ -109,7 +109,7 @@ def info(index_path: str | Path) -> dict:
     }
 
 
-def _stage_sections(config: dict) -> dict:
+def _stage_sections(config: Config) -> dict:
     return {key: value for key, value in config.items() if key != "preset"}
 
 
@@ -156,14 +156,14 @@ def _write_previews(out: Path, records: list[ImageRecord], size: int) -> None:
                 Image.fromarray(image).save(tmp, "JPEG", quality=PREVIEW_QUALITY)
 
 
-def _write_manifest(out: Path, config: dict, previews: int, command: str, images: int) -> None:
+def _write_manifest(out: Path, config: Config, previews: int, command: str, images: int) -> None:
     path = out / "manifest.json"
     history = read_json(path)["history"] if path.is_file() else []
     history.append({"command": command, "images": images, "package_version": __version__,
                     "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     write_json_atomic(path, {
         "format": FORMAT, "format_version": FORMAT_VERSION, "package_version": __version__,
-        "preset": config.get("preset"), "previews": previews, "images": len(FeatureStore(out / "store")),
+        "preset": config.preset, "previews": previews, "images": len(FeatureStore(out / "store")),
         "history": history,
     })
 

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 from . import calibrate, extract, predict, rerank, shortlist
 from .budget import TimeBudget, affordable_depth, fit_num_to_rerank, measure_pair_seconds
-from .config import load_config
+from .config import Config, load_config, with_recorded
 from .evidence.calibration import CalibrationError
 from .formats.blocks import read_table
 from .formats.candidates import candidate_ids, read_candidates
@@ -45,7 +45,7 @@ MIN_CALIBRATION_SAMPLE = 10  # fewer leave-one-out queries than this: no calibra
 
 
 def run(
-    config: dict,
+    config: Config,
     data: str | Path,
     out: str | Path,
     *,
@@ -82,14 +82,14 @@ def run(
     shortlist_csv = shortlist.run(config, index_store, query_store, out / "shortlist.csv", overwrite=overwrite,
                                   index_labels=labels)
     rerank_csv, global_store = None, index_store
-    if config["rerank"]["num_to_rerank"] > 0:
-        candidates = read_candidates(shortlist_csv, config["rerank"]["num_to_rerank"])
+    if config.rerank.num_to_rerank > 0:
+        candidates = read_candidates(shortlist_csv, config.rerank.num_to_rerank)
         index_store = extract.candidate_local_store(config, index_store, candidate_ids(candidates), data, strict=strict)
     write_run_errors(out / "errors.csv", sorted({features / "index", query_store, index_store}))
     if time_budget is not None:
         config = fit_num_to_rerank(config, time_budget, shortlist_csv, query_store, index_store,
                                    out / "rerank.csv", jobs=jobs, overwrite=overwrite)
-    if config["rerank"]["num_to_rerank"] > 0:
+    if config.rerank.num_to_rerank > 0:
         rerank_csv = rerank.run(config, shortlist_csv, query_store, index_store, out / "rerank.csv",
                                 overwrite=overwrite, jobs=jobs)
     if calibrate_index:
@@ -133,24 +133,24 @@ def write_run_errors(path: Path, stores: Sequence[Path]) -> None:
         log.info("%d image(s) could not be used: see %s", len(errors), path)
 
 
-def with_calibration(config: dict, data: Path, index_store: Path, out: Path, *, jobs: int, budget: TimeBudget | None,
-                     pair_seconds: Callable[[], float], non_landmarks: str | Path | None) -> dict:
+def with_calibration(config: Config, data: Path, index_store: Path, out: Path, *, jobs: int, budget: TimeBudget | None,
+                     pair_seconds: Callable[[], float], non_landmarks: str | Path | None) -> Config:
     """``config`` with predict.calibration set to a fresh ``OUT/features/calibration.json``, or
     unchanged (with a log line) when the budget leaves too little time or the sample cannot be fitted.
     pair_seconds: () -> seconds per verified pair, called only under a budget."""
     config = copy.deepcopy(config)
-    conf = config["calibrate"]
+    conf = config.calibrate
     images = len(FeatureStore(index_store))
-    wanted = min(conf["sample"], images) if conf["sample"] > 0 else images
+    wanted = min(conf.sample, images) if conf.sample > 0 else images
     if budget is not None:
-        depth = config["rerank"]["num_to_rerank"]  # pairs verified per leave-one-out query
+        depth = config.rerank.num_to_rerank  # pairs verified per leave-one-out query
         seconds = pair_seconds() if depth > 0 else 0.0
-        conf["sample"] = affordable_depth(CALIBRATION_SHARE * budget.remaining(), seconds, max(depth, 1), jobs, wanted)
-        if conf["sample"] < MIN_CALIBRATION_SAMPLE:
+        conf.sample = affordable_depth(CALIBRATION_SHARE * budget.remaining(), seconds, max(depth, 1), jobs, wanted)
+        if conf.sample < MIN_CALIBRATION_SAMPLE:
             log.warning("calibration skipped: the time left fits %d of %d leave-one-out queries (need %d)",
-                        conf["sample"], wanted, MIN_CALIBRATION_SAMPLE)
+                        conf.sample, wanted, MIN_CALIBRATION_SAMPLE)
             return config
-        log.info("calibration: %d leave-one-out queries fit in the time budget", conf["sample"])
+        log.info("calibration: %d leave-one-out queries fit in the time budget", conf.sample)
     target = out / "features" / "calibration.json"
     try:
         calibrate.run(config, index_store, read_labels(data / "train.csv"), target, work=out / "calibration", jobs=jobs,
@@ -158,21 +158,21 @@ def with_calibration(config: dict, data: Path, index_store: Path, out: Path, *, 
     except CalibrationError as error:
         log.warning("calibration skipped: %s", error)
         return config
-    config["predict"]["calibration"] = str(target)
+    config.predict.calibration = str(target)
     return config
 
 
-def _pair_seconds(config: dict, shortlist_csv: Path, query_store: Path, index_store: Path) -> float:
+def _pair_seconds(config: Config, shortlist_csv: Path, query_store: Path, index_store: Path) -> float:
     """Seconds per verified pair, timed on up to 50 of the queries' shortlisted pairs."""
-    return measure_pair_seconds(config["rerank"], read_table(shortlist_csv), query_store, index_store, 50,
+    return measure_pair_seconds(config.rerank, read_table(shortlist_csv), query_store, index_store, 50,
                                 max_seconds=30.0)[0]
 
 
-def _query_config(config: dict, index_store: Path) -> dict:
+def _query_config(config: Config, index_store: Path) -> Config:
     """The queries' settings: local features always, whatever extract.local_features says for the
     index, and the index store's model (a built-in model is exported, with its PCA, for the index)."""
     model = FeatureStore(index_store).manifest()["settings"]["model"]
-    return {**config, "extract": {**config["extract"], "local_features": True, "model": model}}
+    return with_recorded(config, "extract", {"local_features": True, "model": model}, str(index_store / "manifest.json"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -197,9 +197,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f'extract.model="{args.model}"'] if args.model else [])
     config = load_config(args.preset, args.config, overrides)
-    if args.model and config["extract"]["backend"] in ("rootsift", "xfeat"):
+    if args.model and config.extract.backend in ("rootsift", "xfeat"):
         raise ValueError(f"--model needs a model preset (e.g. --preset delg_gldv2 or kaggle2020_baseline); "
-                         f"preset {config['preset']} uses the {config['extract']['backend']} backend, which has no model")
+                         f"preset {config.preset} uses the {config.extract.backend} backend, which has no model")
     budget = TimeBudget(args.time_budget_hours * 3600) if args.time_budget_hours else None
     if args.non_landmarks and not args.calibrate:
         raise ValueError("--non-landmarks works through the calibration: add --calibrate")

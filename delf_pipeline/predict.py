@@ -28,7 +28,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from .config import load_config
+from .config import Config, PredictSettings, load_config
 from .evidence.aggregation import best_classes, candidate_table, class_evidence, frequency_factor
 from .evidence.calibration import load_checked
 from .evidence.nonlandmarks import add_nonlandmark
@@ -41,7 +41,7 @@ log = logging.getLogger("delf_pipeline.predict")
 
 
 def run(
-    config: dict,
+    config: Config,
     shortlist_csv: str | Path,
     index_labels: dict[str, str],
     query_ids: Iterable[str],
@@ -55,15 +55,15 @@ def run(
     ``query_store`` (the queries' feature store) is needed by a calibration that uses
     non-landmark images, for the queries' global descriptors.
     """
-    conf, out = config["predict"], Path(out)
+    conf, out = config.predict, Path(out)
     shortlist = read_table(Path(shortlist_csv), ("query_id", "index_id", "score"))
     rerank = read_table(Path(rerank_csv), ("query_id", "index_id", "score")) if rerank_csv else None
     candidates = candidate_table(shortlist, rerank)
     with atomic_path(out.with_name("ranking.csv")) as tmp:
         candidates[list(RANKING_COLUMNS)].to_csv(tmp, index=False)
-    best = best_classes(class_evidence(candidates, index_labels, conf["top_k"], conf["aggregation"]))
-    confidence = confidences(best, conf, query_store) * frequency_factor(best["label"], conf["max_share"])
-    keep = confidence >= conf["abstain"]
+    best = best_classes(class_evidence(candidates, index_labels, conf.top_k, conf.aggregation))
+    confidence = confidences(best, conf, query_store) * frequency_factor(best["label"], conf.max_share)
+    keep = confidence >= conf.abstain
     predictions = {q: (label, float(c)) for q, label, c, k in zip(best["query_id"], best["label"], confidence, keep) if k}
     ids = list(dict.fromkeys(query_ids))
     write_text_atomic(out, submission_csv(ids, predictions))
@@ -81,14 +81,14 @@ def final_ranking(shortlist: pd.DataFrame, rerank: pd.DataFrame | None) -> pd.Da
     return candidate_table(shortlist, rerank)[list(RANKING_COLUMNS)]
 
 
-def confidences(best: pd.DataFrame, conf: dict, query_store: str | Path | None = None) -> np.ndarray:
-    """[N] confidence of best-class rows: aggregated score, or P(right) with ``conf["calibration"]``."""
-    if not conf["calibration"]:
+def confidences(best: pd.DataFrame, conf: PredictSettings, query_store: str | Path | None = None) -> np.ndarray:
+    """[N] confidence of best-class rows: aggregated score, or P(right) with ``conf.calibration``."""
+    if not conf.calibration:
         return best["score"].to_numpy(np.float64)
-    fitted = load_checked(conf["calibration"], conf)
+    fitted = load_checked(conf.calibration, conf)
     if "nonlandmark" in fitted.features:
         if query_store is None:
-            raise ValueError(f"{conf['calibration']} uses non-landmark images: predict needs the query feature store "
+            raise ValueError(f"{conf.calibration} uses non-landmark images: predict needs the query feature store "
                              "(--queries STORE)")
         best = add_nonlandmark(best, query_store, fitted.settings["non_landmarks"])
     return fitted.probability(best) if len(best) else np.zeros(0)
@@ -133,7 +133,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     config = load_config(args.preset, args.config, args.overrides)
     if args.calibration:
-        config["predict"]["calibration"] = args.calibration
+        config.predict.calibration = args.calibration
     queries = Path(args.queries)
     store = None if queries.suffix == ".csv" else queries
     ids = query_ids(store) if store else read_ids(queries)

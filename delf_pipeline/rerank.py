@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import load_config
+from .config import Config, RerankSettings, fingerprinted, load_config
 from .formats.blocks import claim_blocks, read_table, run_blocks, write_block
 from .formats.candidates import SHORTLIST_COLUMNS, top_candidates
 from .formats.store import FeatureStore
@@ -35,7 +35,7 @@ QUERY_BLOCK = 32  # queries per block: the unit of resume, sharding and parallel
 
 
 def run(
-    config: dict,
+    config: Config,
     shortlist_csv: str | Path,
     query_store: str | Path,
     index_store: str | Path,
@@ -52,9 +52,9 @@ def run(
     ``extract.local_features`` false holds global descriptors only, and then the store of
     ``extract --candidates`` (which :func:`delf_pipeline.pipeline.run` makes itself) is given.
     """
-    conf, out = config["rerank"], Path(out)
+    conf, out = config.rerank, Path(out)
     shortlist = read_table(Path(shortlist_csv), SHORTLIST_COLUMNS)
-    candidates = top_candidates(shortlist, conf["num_to_rerank"])
+    candidates = top_candidates(shortlist, conf.num_to_rerank)
     require_local_features(Path(index_store))
     paths = (str(query_store), str(index_store))
 
@@ -71,10 +71,10 @@ def run(
     return out
 
 
-def rerank_manifest(conf: dict, shortlist: pd.DataFrame) -> dict:
+def rerank_manifest(conf: RerankSettings, shortlist: pd.DataFrame) -> dict:
     """Every ``rerank`` key (none of them is runtime-only: ``--jobs`` is not a setting) and the
     whole shortlist's content: any changed row or key gives another manifest."""
-    return {**settings_manifest(conf), "shortlist_content": table_fingerprint(shortlist)}
+    return {**settings_manifest(fingerprinted(conf)), "shortlist_content": table_fingerprint(shortlist)}
 
 
 def table_fingerprint(table: pd.DataFrame) -> str:
@@ -93,7 +93,7 @@ def require_local_features(index_store: Path) -> None:
         )
 
 
-def _run_parallel(tasks, out: Path, paths, conf: dict, jobs: int, dask_address: str | None) -> None:
+def _run_parallel(tasks, out: Path, paths, conf: RerankSettings, jobs: int, dask_address: str | None) -> None:
     """Run the blocks in this process, in joblib worker processes, or on a Dask cluster."""
     if jobs == 1 and dask_address is None:
         worker = CandidateVerifier(*paths, conf)
@@ -104,7 +104,7 @@ def _run_parallel(tasks, out: Path, paths, conf: dict, jobs: int, dask_address: 
     run_tasks(_rerank_and_write, tasks, "rerank blocks", jobs=jobs, dask_address=dask_address)
 
 
-def _rerank_and_write(number: int, block: dict, out: str, paths: tuple[str, str], conf: dict) -> int:
+def _rerank_and_write(number: int, block: dict, out: str, paths: tuple[str, str], conf: RerankSettings) -> int:
     """Task run in a worker process: verify one block and write it atomically."""
     worker = worker_local(("rerank", *paths, fingerprint(conf)), lambda: CandidateVerifier(*paths, conf))
     write_block(Path(out), number, worker.rerank_block(block))

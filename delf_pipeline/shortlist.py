@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import load_config
+from .config import Config, ShortlistSettings, fingerprinted, load_config
 from .descriptors.derived import global_space, labels_fingerprint, prepare_index
 from .descriptors.expansion import expand_blocks
 from .descriptors.whitening import Whitening
@@ -44,11 +44,10 @@ log = logging.getLogger("delf_pipeline.shortlist")
 COLUMNS = ("query_id", "index_id", "rank", "score")
 QUERY_BLOCK = 1024  # queries per block (one output file each)
 PASS_QUERIES = 4096  # queries searched together in one pass over the index (whole blocks)
-RUNTIME_KEYS = ("chunk_rows", "device")  # shortlist keys that change how the products run, not their result
 
 
 def run(
-    config: dict,
+    config: Config,
     index_store: str | Path,
     query_store: str | Path,
     out: str | Path,
@@ -64,16 +63,16 @@ def run(
     ``dask_address``: run the passes on that dask.distributed scheduler (same CSV bytes); the
     whitened / augmented index, if any, is made here first.
     """
-    conf, out = config["shortlist"], Path(out)
+    conf, out = config.shortlist, Path(out)
     index, queries = FeatureStore(index_store), FeatureStore(query_store)
     if not len(index):
         raise ValueError(f"no index images in {index.path}: nothing to shortlist from (is train.csv or the "
                          "image folder empty, or did every image fail? see its errors.csv)")
     check_postprocess(conf, index_labels)
-    manifest = {**settings_manifest(conf, RUNTIME_KEYS), "index_images": len(index), "query_images": len(queries),
+    manifest = {**settings_manifest(fingerprinted(conf)), "index_images": len(index), "query_images": len(queries),
                 "global_space": check_same_space(index, queries),
                 "labels": labels_fingerprint(index, index_labels) if _supervised(conf) else None}
-    matmul = select_matmul(conf["device"])
+    matmul = select_matmul(conf.device)
 
     def compute(blocks: list[tuple[int, list[str]]]) -> None:
         searched, whitening = prepare_index(index, conf, index_labels, matmul)
@@ -90,30 +89,30 @@ def run(
 
 
 def write_pass(out: Path, group: list[tuple[int, list[str]]], queries: FeatureStore, index: FeatureStore,
-               conf: dict, matmul: MatMul, whitening: Whitening | None) -> None:
+               conf: ShortlistSettings, matmul: MatMul, whitening: Whitening | None) -> None:
     """Search the (number, query ids) blocks of one pass and write each block's CSV."""
     frames = shortlist_blocks(queries, [ids for _, ids in group], index, conf, matmul, whitening)
     for (number, _), frame in zip(group, frames):
         write_block(out, number, frame)
 
 
-def _shortlist_pass(index_store: str, query_store: str, group: list[tuple[int, list[str]]], conf: dict,
+def _shortlist_pass(index_store: str, query_store: str, group: list[tuple[int, list[str]]], conf: ShortlistSettings,
                     out: str, whitening: Whitening | None) -> None:
     """Task on a worker: one pass. The matrix product (TensorFlow on a GPU) is set up once per
     worker; the stores are opened per task, so a store that grew between runs is seen whole."""
-    matmul = worker_local(("shortlist", conf["device"]), lambda: select_matmul(conf["device"]))
+    matmul = worker_local(("shortlist", conf.device), lambda: select_matmul(conf.device))
     write_pass(Path(out), group, FeatureStore(query_store), FeatureStore(index_store), conf, matmul, whitening)
 
 
-def check_postprocess(conf: dict, index_labels: dict[str, str] | None) -> None:
+def check_postprocess(conf: ShortlistSettings, index_labels: dict[str, str] | None) -> None:
     """ValueError when supervised whitening / DBA is asked for without index labels (the values
     themselves are checked when the config is loaded, :data:`delf_pipeline.config.CHECKS`)."""
     if _supervised(conf) and not index_labels:
         raise ValueError("supervised whitening / DBA needs the index labels: give --index-labels CSV (id,landmark_id)")
 
 
-def _supervised(conf: dict) -> bool:
-    return "supervised" in (conf["whitening"], conf["dba"])
+def _supervised(conf: ShortlistSettings) -> bool:
+    return "supervised" in (conf.whitening, conf.dba)
 
 
 def group_blocks(blocks: list[tuple[int, list[str]]], max_queries: int) -> list[list[tuple[int, list[str]]]]:
@@ -142,23 +141,23 @@ def check_same_space(index: FeatureStore, queries: FeatureStore) -> str:
 
 
 def shortlist_blocks(
-    queries: FeatureStore, blocks: list[list[str]], index: FeatureStore, conf: dict, matmul: MatMul,
+    queries: FeatureStore, blocks: list[list[str]], index: FeatureStore, conf: ShortlistSettings, matmul: MatMul,
     whitening: Whitening | None = None,
 ) -> list[pd.DataFrame]:
     """Top-K rows of each block of query ids, as frames with COLUMNS, from one pass over the index
     (two with query expansion)."""
-    exclude = bool(conf["exclude_same_id"])
+    exclude = bool(conf.exclude_same_id)
     matrices = [queries.global_matrix(ids) for ids in blocks]
     if whitening is not None:
         matrices = [whitening.apply(m) for m in matrices]
-    if conf["qe_top_n"]:
+    if conf.qe_top_n:
         matrices = expand_blocks(matrices, blocks, index, conf, matmul)
-    index_ids, results = search_blocks(matrices, index, conf["top_k"] + exclude, conf["chunk_rows"], matmul)
+    index_ids, results = search_blocks(matrices, index, conf.top_k + exclude, conf.chunk_rows, matmul)
     return [_frame(ids, index_ids, *result, conf) for ids, result in zip(blocks, results)]
 
 
 def _frame(query_ids: list[str], index_ids: list[str], top_rows: np.ndarray, top_scores: np.ndarray,
-           conf: dict) -> pd.DataFrame:
+           conf: ShortlistSettings) -> pd.DataFrame:
     """COLUMNS rows of one block from its top rows / scores [Q, K] (minus each query itself for leave-one-out)."""
     k = top_rows.shape[1]
     frame = pd.DataFrame({
@@ -166,8 +165,8 @@ def _frame(query_ids: list[str], index_ids: list[str], top_rows: np.ndarray, top
         "index_id": np.asarray(index_ids, dtype=object)[top_rows.reshape(-1)] if len(index_ids) else [],
         "score": top_scores.reshape(-1),
     })
-    if conf["exclude_same_id"]:
-        frame = frame[frame["query_id"] != frame["index_id"]].groupby("query_id", sort=False).head(conf["top_k"])
+    if conf.exclude_same_id:
+        frame = frame[frame["query_id"] != frame["index_id"]].groupby("query_id", sort=False).head(conf.top_k)
     frame.insert(2, "rank", frame.groupby("query_id", sort=False).cumcount() + 1)
     return frame.reset_index(drop=True)
 

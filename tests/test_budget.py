@@ -9,6 +9,7 @@ import pytest
 
 from delf_pipeline import budget as budget_module
 from delf_pipeline.budget import TimeBudget, affordable_depth, fit_num_to_rerank
+from delf_pipeline.config import Config, load_config
 
 
 class FakeClock:
@@ -67,8 +68,8 @@ def write_shortlist(path, queries: int, per_query: int = 10):
     return path
 
 
-def config(num_to_rerank: int = 10) -> dict:
-    return {"rerank": {"num_to_rerank": num_to_rerank}}
+def config(num_to_rerank: int = 10) -> Config:
+    return load_config(overrides=[f"rerank.num_to_rerank={num_to_rerank}"])
 
 
 def test_fit_lowers_depth_from_the_measured_pair_time(tmp_path, monkeypatch, caplog):
@@ -86,8 +87,8 @@ def test_fit_lowers_depth_from_the_measured_pair_time(tmp_path, monkeypatch, cap
     with caplog.at_level(logging.WARNING):
         fitted = fit_num_to_rerank(original, budget, write_shortlist(tmp_path / "s.csv", 40), tmp_path, tmp_path,
                                    tmp_path / "rerank.csv")
-    assert fitted["rerank"]["num_to_rerank"] == 4
-    assert original["rerank"]["num_to_rerank"] == 10  # the caller's config is not changed
+    assert fitted.rerank.num_to_rerank == 4
+    assert original.rerank.num_to_rerank == 10  # the caller's config is not changed
     assert calls == [(400, 10, 200, 2.0)]  # sampling may use 2% of the time left
     assert "num_to_rerank lowered from 10 to 4" in caplog.text
 
@@ -96,7 +97,7 @@ def test_fit_keeps_depth_that_fits(tmp_path, monkeypatch):
     monkeypatch.setattr(budget_module, "measure_pair_seconds", lambda *args, **kwargs: (0.001, 50))
     fitted = fit_num_to_rerank(config(10), TimeBudget(3600.0), write_shortlist(tmp_path / "s.csv", 40), tmp_path,
                                tmp_path, tmp_path / "rerank.csv")
-    assert fitted["rerank"]["num_to_rerank"] == 10
+    assert fitted.rerank.num_to_rerank == 10
 
 
 def test_fit_with_no_time_left_measures_nothing(tmp_path, monkeypatch):
@@ -106,7 +107,7 @@ def test_fit_with_no_time_left_measures_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(budget_module, "measure_pair_seconds", lambda *args, **kwargs: pytest.fail("measured"))
     fitted = fit_num_to_rerank(config(10), budget, write_shortlist(tmp_path / "s.csv", 3), tmp_path, tmp_path,
                                tmp_path / "rerank.csv")
-    assert fitted["rerank"]["num_to_rerank"] == 0
+    assert fitted.rerank.num_to_rerank == 0
 
 
 @pytest.mark.parametrize(("queries", "configured"), [(0, 10), (3, 0)])
@@ -114,7 +115,7 @@ def test_fit_with_nothing_to_rerank_keeps_depth(tmp_path, monkeypatch, queries, 
     monkeypatch.setattr(budget_module, "measure_pair_seconds", lambda *args, **kwargs: pytest.fail("measured"))
     fitted = fit_num_to_rerank(config(configured), TimeBudget(60.0), write_shortlist(tmp_path / "s.csv", queries),
                                tmp_path, tmp_path, tmp_path / "rerank.csv")
-    assert fitted["rerank"]["num_to_rerank"] == configured
+    assert fitted.rerank.num_to_rerank == configured
 
 
 @pytest.mark.parametrize(("overwrite", "expected"), [(False, 7), (True, 10)])
@@ -125,4 +126,4 @@ def test_fit_resumes_with_the_depth_already_started(tmp_path, monkeypatch, overw
     monkeypatch.setattr(budget_module, "measure_pair_seconds", lambda *args, **kwargs: (0.0001, 10))
     fitted = fit_num_to_rerank(config(10), TimeBudget(3600.0), write_shortlist(tmp_path / "s.csv", 2), tmp_path,
                                tmp_path, tmp_path / "rerank.csv", overwrite=overwrite)
-    assert fitted["rerank"]["num_to_rerank"] == expected
+    assert fitted.rerank.num_to_rerank == expected

@@ -74,9 +74,9 @@ def test_an_index_where_every_prediction_is_right_cannot_calibrate(index_store, 
 
 def test_another_sample_in_the_same_work_folder_is_not_the_old_one(index_store, tmp_path):
     config = load_config()
-    config["calibrate"]["sample"] = 8
+    config.calibrate.sample = 8
     assert len(calibrate.loo_evidence(config, index_store, LABELS, tmp_path)) == 8
-    config["calibrate"]["sample"] = 0
+    config.calibrate.sample = 0
     assert len(calibrate.loo_evidence(config, index_store, LABELS, tmp_path)) == 16
     assert len(list(tmp_path.glob("loo-*/shortlist.csv"))) == 2
 
@@ -89,9 +89,10 @@ def test_leave_one_out_shortlist_searches_as_the_stage_does(index_store, tmp_pat
 
     config = load_config(overrides=["shortlist.whitening=\"supervised\"", "shortlist.whitening_shrinkage=0.1",
                                     "shortlist.qe_top_n=2", "rerank.num_to_rerank=0", 'shortlist.device="cpu"'])
-    config["calibrate"]["sample"] = len(VIEWS)
+    config.calibrate.sample = len(VIEWS)
     candidates = calibrate.loo_candidates(config, index_store, tmp_path / "work", labels=LABELS)
-    staged = dict(config, shortlist={**config["shortlist"], "exclude_same_id": True})
+    staged = config.copy()
+    staged.shortlist.exclude_same_id = True
     table = read_table(shortlist.run(staged, index_store, index_store, tmp_path / "s.csv", index_labels=LABELS))
     expected = table.set_index(["query_id", "index_id"])["score"]
     found = candidates.set_index(["query_id", "index_id"])["global_score"]

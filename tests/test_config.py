@@ -1,50 +1,60 @@
-"""Tests of settings: presets, inheritance, overrides, errors, the printed config."""
+"""Tests of settings: the one table, presets, inheritance, the strict parser, the printed config."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from delf_pipeline.cli import main as cli_main
 from delf_pipeline.config import (
-    CHECKS,
-    COMMENTS,
     DEFAULT_PRESET,
     DEFAULTS,
+    SETTINGS,
     ConfigError,
+    config_from_dict,
     list_presets,
     load_config,
-    parse_override,
+    make_section,
+    parse_value,
     to_toml,
     tomllib,
 )
-from delf_pipeline.verification.pairs import MODES
+from delf_pipeline.verification.matching import LEARNED_MATCHERS, MATCHERS
+from delf_pipeline.verification.ransac import VERIFIERS
 
 
-def test_every_preset_loads_and_names_every_section():
+def test_every_preset_loads():
     for name in list_presets():
-        config = load_config(name)
-        assert set(DEFAULTS) <= set(config) and config["preset"] == name
+        assert load_config(name).preset == name
+
+
+def test_the_defaults_are_the_default_preset():
+    assert load_config(DEFAULT_PRESET).to_dict() == {**DEFAULTS.to_dict(), "preset": DEFAULT_PRESET}
 
 
 def test_reference_presets_hold_the_official_values():
     # values from docs/design.md's table of reference defaults
     delf = load_config("delf_v1_hub")
-    assert delf["extract"]["image_scales"] == [0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0]
-    assert delf["extract"]["score_threshold"] == 100.0
-    assert (delf["rerank"]["matcher"], delf["rerank"]["match_threshold"]) == ("kdtree", 0.8)
-    assert (delf["rerank"]["residual_threshold"], delf["rerank"]["max_trials"]) == (20.0, 1000)
-    assert load_config("delg_gldv1")["extract"]["global_scale_indices"] == [3, 4, 5]
-    assert load_config("delg_gldv2")["extract"]["score_threshold"] == 454.6
+    assert delf.extract.image_scales == [0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0]
+    assert delf.extract.score_threshold == 100.0
+    assert (delf.rerank.matcher, delf.rerank.match_threshold, delf.rerank.ratio) == ("kdtree", 0.8, 0.0)
+    assert (delf.rerank.verifier, delf.rerank.residual_threshold, delf.rerank.max_trials) == ("skimage_affine", 20.0, 1000)
+    assert (delf.rerank.min_matches, delf.rerank.scoring) == (4, "official")
+    assert load_config("delg_gldv1").extract.global_scale_indices == [3, 4, 5]
+    assert load_config("delg_gldv2").extract.score_threshold == 454.6
     kaggle = load_config("kaggle2020_baseline")
-    assert kaggle["rerank"]["verifier"] == "degensac" and kaggle["rerank"]["residual_threshold"] == 4.0
-    assert (kaggle["rerank"]["max_inlier_score"], kaggle["predict"]["top_k"]) == (70, 5)
+    assert kaggle.rerank.verifier == "degensac" and kaggle.rerank.residual_threshold == 4.0
+    assert (kaggle.rerank.max_inlier_score, kaggle.predict.top_k) == (70, 5)
 
 
 def test_base_preset_is_merged_first():
     hybrid, sift = load_config("efficientnet_lite0_rootsift"), load_config("sift_default")
-    assert hybrid["rerank"] == sift["rerank"]  # inherited
-    assert hybrid["extract"]["backend"] == "savedmodel" and hybrid["extract"]["local_backend"] == "rootsift"
+    assert hybrid.rerank == sift.rerank  # inherited
+    assert hybrid.extract.backend == "savedmodel" and hybrid.extract.local_backend == "rootsift"
 
 
 def test_inheritance_loop_is_an_error(tmp_path, monkeypatch):
@@ -55,21 +65,30 @@ def test_inheritance_loop_is_an_error(tmp_path, monkeypatch):
         load_config("a")
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("rerank.max_trials=500", {"rerank": {"max_trials": 500}}),
-    ("rerank.verifier=magsac", {"rerank": {"verifier": "magsac"}}),
-    ('extract.model="/a b/c"', {"extract": {"model": "/a b/c"}}),
-    ("extract.image_scales=[0.5, 1.0]", {"extract": {"image_scales": [0.5, 1.0]}}),
-    ("shortlist.exclude_same_id=true", {"shortlist": {"exclude_same_id": True}}),
+def test_sections_are_typed_objects():
+    config = load_config("sift_default", overrides=["rerank.num_to_rerank=7"])
+    assert config.rerank.num_to_rerank == 7 and config.extract.backend == "rootsift"
+    assert dataclasses.is_dataclass(config.rerank) and type(config.rerank).__name__ == "RerankSettings"
+    assert config_from_dict(config.to_dict(), "a record") == config  # what run.json and an index keep
+
+
+@pytest.mark.parametrize("text, section, key, expected", [
+    ("rerank.max_trials=500", "rerank", "max_trials", 500),
+    ("rerank.verifier=magsac", "rerank", "verifier", "magsac"),
+    ('extract.model="/a b/c"', "extract", "model", "/a b/c"),
+    ("extract.image_scales=[0.5, 1]", "extract", "image_scales", [0.5, 1.0]),
+    ("shortlist.exclude_same_id=true", "shortlist", "exclude_same_id", True),
+    ("rerank.residual_threshold=12", "rerank", "residual_threshold", 12.0),  # an integer for a number
 ])
-def test_parse_override(text, expected):
-    assert parse_override(text) == expected
+def test_overrides_are_parsed_as_the_key_says(text, section, key, expected):
+    value = getattr(load_config(overrides=[text])[section], key)
+    assert value == expected and type(value) is type(expected)
 
 
 @pytest.mark.parametrize("override, message", [
     ("rerank.nope=1", "unknown key rerank.nope"),
     ("nope.key=1", "unknown section 'nope'"),
-    ("rerank.max_trials=many", "max_trials must be int"),
+    ("rerank.max_trials=many", r"rerank.max_trials must be an integer in \[1, 1000000\], got 'many'"),
     ("max_trials=5", "must look like section.key=value"),
 ])
 def test_bad_overrides_are_clear_errors(override, message):
@@ -77,8 +96,38 @@ def test_bad_overrides_are_clear_errors(override, message):
         load_config(overrides=[override])
 
 
-def test_int_given_for_a_float_key_is_accepted():
-    assert load_config(overrides=["rerank.residual_threshold=12"])["rerank"]["residual_threshold"] == 12.0
+# D3 of the second audit: values that were taken silently, each refused now naming key, value and range.
+@pytest.mark.parametrize("override, message", [
+    ("shortlist.exclude_same_id=False", "shortlist.exclude_same_id must be true or false, got 'False'"),
+    ('shortlist.exclude_same_id="false"', "shortlist.exclude_same_id must be true or false, got 'false'"),
+    ("extract.local_features=0", "extract.local_features must be true or false, got 0"),
+    ("rerank.num_to_rerank=true", r"rerank.num_to_rerank must be an integer in \[0, 100000\], got True"),
+    ("rerank.num_to_rerank=2.5", r"rerank.num_to_rerank must be an integer in \[0, 100000\], got 2.5"),
+    ("extract.max_features=99999999999999", r"extract.max_features must be an integer in \[1, 100000\]"),
+    ("rerank.max_trials=10000000000", r"rerank.max_trials must be an integer in \[1, 1000000\]"),
+    ("rerank.residual_threshold=nan", r"rerank.residual_threshold must be a number in \(0, 10000\], got nan"),
+    ("predict.abstain=inf", r"predict.abstain must be a number in \[0, 1000000\], got inf"),
+    ("rerank.verifier=4", 'rerank.verifier must be one of "skimage_affine"'),
+])
+def test_loose_values_are_refused_naming_key_value_and_range(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
+
+
+def test_a_quoted_boolean_in_a_config_file_is_refused(tmp_path):
+    (tmp_path / "f.toml").write_text('[shortlist]\nexclude_same_id = "false"\n')
+    with pytest.raises(ConfigError, match=r"f.toml: shortlist.exclude_same_id must be true or false, got 'false'"):
+        load_config(config_file=tmp_path / "f.toml")
+
+
+def test_changing_a_range_in_the_table_changes_validation_and_the_printed_config(monkeypatch):
+    assert "max_trials = 2000  # RANSAC iterations (an integer in [1, 1000000])" in to_toml(load_config())
+    load_config(overrides=["rerank.max_trials=6000"])
+    narrow = dataclasses.replace(SETTINGS["rerank"]["max_trials"], high=5000)
+    monkeypatch.setitem(SETTINGS["rerank"], "max_trials", narrow)
+    with pytest.raises(ConfigError, match=r"rerank.max_trials must be an integer in \[1, 5000\], got 6000"):
+        load_config(overrides=["rerank.max_trials=6000"])
+    assert "max_trials = 2000  # RANSAC iterations (an integer in [1, 5000])" in to_toml(load_config())
 
 
 def test_unknown_preset_lists_the_known_ones():
@@ -89,17 +138,35 @@ def test_unknown_preset_lists_the_known_ones():
 def test_config_command_prints_every_key_with_its_comment(capsys):
     assert cli_main(["config", "--preset", "kaggle2020_baseline", "--set", "rerank.num_to_rerank=3"]) == 0
     text = capsys.readouterr().out
-    assert "num_to_rerank = 3  # shortlisted candidates verified per query" in text
+    assert "num_to_rerank = 3  # shortlisted candidates verified per query (an integer in [0, 100000])" in text
     keys = [line for line in text.splitlines() if re.match(r"^\w+ = ", line)]
     assert keys[0] == 'preset = "kaggle2020_baseline"'
-    assert len(keys[1:]) == sum(len(section) for section in DEFAULTS.values())
+    assert len(keys[1:]) == sum(len(section) for section in SETTINGS.values())
     assert all(" # " in line for line in keys[1:])  # every key has its comment
     assert to_toml(load_config()).startswith(f'preset = "{DEFAULT_PRESET}"')
 
 
-def test_comments_are_data_for_every_key():
-    assert set(COMMENTS) == {(s, k) for s, keys in DEFAULTS.items() for k in keys}
-    assert all(COMMENTS.values())
+def test_config_marks_the_keys_that_do_not_apply():
+    xfeat, delg = to_toml(load_config("xfeat")), to_toml(load_config("delg_gldv2"))
+    marked = "[unused: only for the savedmodel / hub backends]"
+    assert f"score_threshold = 175.0  # {marked}" in xfeat and "score_threshold = 454.6  # attention" in delg
+    assert "vlad_words = 256  # VLAD" in xfeat and "vlad_words = 256  # [unused:" in delg
+    assert "ratio = 0.9  # Lowe" in xfeat and "ratio = 0.0  # [unused: only for the nn / mutual matchers]" in delg
+    assert "xfeat_threshold = 0.05  # keypoint" in to_toml(load_config("xfeat_lite0"))  # XFeat locals of a hybrid
+
+
+def test_every_key_has_a_comment_and_a_range_or_choices():
+    for section, keys in SETTINGS.items():
+        for key, spec in keys.items():
+            assert spec.comment, f"{section}.{key}"
+            if spec.kind in (int, float, list):
+                assert spec.low is not None and spec.high is not None, f"{section}.{key} has no range"
+            parse_value(section, key, spec.default)  # the default passes its own checks
+
+
+def test_the_table_names_every_matcher_and_verifier_the_code_has():
+    assert SETTINGS["rerank"]["matcher"].choices == MATCHERS + LEARNED_MATCHERS
+    assert SETTINGS["rerank"]["verifier"].choices == VERIFIERS
 
 
 def test_printed_config_loads_back_to_the_same_settings(tmp_path):
@@ -112,90 +179,90 @@ def test_a_config_file_is_layered_over_the_default_preset(tmp_path, capsys):
     (tmp_path / "f.toml").write_text("[predict]\ntop_k = 7\n")
     assert cli_main(["config", "--config", str(tmp_path / "f.toml")]) == 0
     printed = tomllib.loads(capsys.readouterr().out)
-    default = load_config()
+    default = load_config().to_dict()
     assert printed["preset"] == DEFAULT_PRESET and printed["predict"]["top_k"] == 7
-    assert printed["rerank"] == default["rerank"]  # mutual + msac_affine, 20 candidates: not kdtree/skimage
-    assert printed["extract"] == default["extract"]
+    assert printed["rerank"] == default["rerank"] and printed["extract"] == default["extract"]
 
 
 def test_a_config_file_may_name_its_preset(tmp_path):
     (tmp_path / "f.toml").write_text('preset = "kaggle2020_baseline"\n[predict]\ntop_k = 7\n')
     config = load_config(config_file=tmp_path / "f.toml")
-    assert config["preset"] == "kaggle2020_baseline" and config["predict"]["top_k"] == 7
-    assert config["rerank"] == load_config("kaggle2020_baseline")["rerank"]
-    assert load_config("delg_gldv2", tmp_path / "f.toml")["preset"] == "delg_gldv2"  # --preset wins
+    assert config.preset == "kaggle2020_baseline" and config.predict.top_k == 7
+    assert config.rerank == load_config("kaggle2020_baseline").rerank
+    assert load_config("delg_gldv2", tmp_path / "f.toml").preset == "delg_gldv2"  # --preset wins
 
 
-def test_the_default_rerank_settings_are_the_official_mode():
-    assert {key: DEFAULTS["rerank"][key] for key in MODES["official"]} == MODES["official"]
-
-
-INVALID = [
-    ("extract.backend=nope", "extract.backend"),
-    ("extract.local_backend=hub", "extract.local_backend"),
-    ("extract.descriptor_dtype=int8", "extract.descriptor_dtype"),
-    ("extract.image_scales=[]", "extract.image_scales"),
-    ("extract.image_scales=[0.5, -1.0]", "extract.image_scales"),
-    ("extract.global_scale_indices=[-1]", "extract.global_scale_indices"),
-    ("extract.max_image_size=-1", "extract.max_image_size"),
-    ("extract.max_features=0", "extract.max_features"),
-    ("extract.affine_tilts=[0.5]", "extract.affine_tilts"),
-    ("extract.vlad_words=0", "extract.vlad_words"),
-    ("extract.codebook_images=0", "extract.codebook_images"),
-    ("extract.part_size=0", "extract.part_size"),
-    ("extract.batch_size=0", "extract.batch_size"),
-    ("extract.xfeat_threshold=1.0", "extract.xfeat_threshold"),
-    ("extract.xfeat_scales=[0.0]", "extract.xfeat_scales"),
-    ("shortlist.top_k=0", "shortlist.top_k"),
-    ("shortlist.chunk_rows=0", "shortlist.chunk_rows"),
-    ("shortlist.device=tpu", "shortlist.device"),
-    ("shortlist.whitening=zca", "shortlist.whitening"),
-    ("shortlist.whitening_dim=-1", "shortlist.whitening_dim"),
-    ("shortlist.whitening_shrinkage=1.5", "shortlist.whitening_shrinkage"),
-    ("shortlist.whitening_images=1", "shortlist.whitening_images"),
-    ("shortlist.dba=yes", "shortlist.dba"),
-    ("shortlist.dba_top_n=0", "shortlist.dba_top_n"),
-    ("shortlist.dba_alpha=-1.0", "shortlist.dba_alpha"),
-    ("shortlist.qe_top_n=-1", "shortlist.qe_top_n"),
-    ("shortlist.qe_alpha=-0.5", "shortlist.qe_alpha"),
-    ("rerank.num_to_rerank=-1", "rerank.num_to_rerank"),
-    ("rerank.matcher=flann", "rerank.matcher"),
-    ("rerank.match_threshold=0", "rerank.match_threshold"),
-    ("rerank.ratio=1.0", "rerank.ratio"),
-    ("rerank.verifier=nope", "rerank.verifier"),
-    ("rerank.residual_threshold=0", "rerank.residual_threshold"),
-    ("rerank.max_trials=0", "rerank.max_trials"),
-    ("rerank.confidence=1.0", "rerank.confidence"),
-    ("rerank.min_matches=-1", "rerank.min_matches"),
-    ("rerank.min_inliers=-1", "rerank.min_inliers"),
-    ("rerank.scoring=best", "rerank.scoring"),
-    ("rerank.max_inlier_score=0", "rerank.max_inlier_score"),
-    ("predict.top_k=0", "predict.top_k"),
-    ("predict.aggregation=mean", "predict.aggregation"),
-    ("predict.abstain=-0.1", "predict.abstain"),
-    ("predict.max_share=1.5", "predict.max_share"),
-    ("calibrate.sample=-1", "calibrate.sample"),
-    ("calibrate.l2=-1.0", "calibrate.l2"),
-]
-
-
-def test_every_checked_key_has_an_invalid_example():
-    assert {key for _, key in INVALID} == {f"{section}.{key}" for section, key in CHECKS}
-
-
-@pytest.mark.parametrize("override, key", INVALID)
-def test_an_invalid_value_fails_at_load_naming_the_key(override, key):
-    with pytest.raises(ConfigError, match=rf"^{re.escape(key)} must"):
-        load_config(overrides=[override])
-
-
-def test_every_checked_key_is_a_setting_and_every_preset_passes_the_checks():
-    assert set(CHECKS) <= set(COMMENTS)
-    for name in list_presets():
-        load_config(name)  # validates
+def test_make_section_checks_each_value():
+    assert make_section("extract", backend="savedmodel", model="m").backend == "savedmodel"
+    with pytest.raises(ConfigError, match=r"extract.max_features must be an integer in \[1, 100000\], got 0"):
+        make_section("extract", max_features=0)
 
 
 def test_config_list(capsys):
     assert cli_main(["config", "--list"]) == 0
     assert capsys.readouterr().out.split() == list_presets()
 
+
+# ---------------------------------------------------------------- property test of the one parser
+
+KEYS = [(section, key) for section, keys in SETTINGS.items() for key in keys]
+TOML_VALUES = st.one_of(
+    st.booleans(), st.integers(-10**20, 10**20), st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12), st.lists(st.one_of(st.integers(-100, 100), st.floats(-100, 100), st.booleans()), max_size=20),
+)
+RAW_TEXT = st.one_of(st.text(max_size=20), st.sampled_from(["true", "False", "nan", "-inf", "1e400", "[1, 2]",
+                                                           '"x"', "[[]]", "{a = 1}", "0x10", "1_000"]))
+
+
+def accepted(section: str, key: str, value) -> None:
+    """``value`` is of the key's declared type and within its range (or one of its choices)."""
+    spec = SETTINGS[section][key]
+    assert type(value) is spec.kind
+    if spec.kind is list:
+        assert spec.items[0] <= len(value) <= spec.items[1]
+        assert all(type(v) is spec.item_kind and spec.low <= v <= spec.high for v in value)
+    elif spec.choices:
+        assert value in spec.choices
+    elif spec.kind in (int, float):
+        assert spec.low <= value <= spec.high
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(st.sampled_from(KEYS), TOML_VALUES)
+def test_any_value_is_a_clean_refusal_or_a_checked_value(key, value):
+    section, name = key
+    try:
+        accepted(section, name, parse_value(section, name, value))
+    except ConfigError as error:
+        assert f"{section}.{name} must be" in str(error)
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(st.sampled_from(KEYS), RAW_TEXT)
+def test_any_override_text_is_a_clean_refusal_or_a_checked_value(key, raw):
+    section, name = key
+    try:
+        config = load_config(overrides=[f"{section}.{name}={raw}"])
+    except ConfigError as error:
+        assert str(error).startswith("--set ") or "must look like" in str(error)
+    else:
+        accepted(section, name, getattr(config[section], name))
+
+
+@settings(max_examples=150, derandomize=True, deadline=None)
+@given(st.sampled_from(KEYS), TOML_VALUES)
+def test_any_toml_file_value_is_a_clean_refusal_or_a_checked_value(tmp_path_factory, key, value):
+    section, name = key
+    path = tmp_path_factory.mktemp("toml") / "f.toml"
+    try:
+        text = f"[{section}]\n{name} = {json.dumps(value)}\n"
+        tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, ValueError):
+        return  # not TOML at all (JSON nan / Infinity): a file the TOML reader refuses
+    path.write_text(text)
+    try:
+        config = load_config(config_file=path)
+    except ConfigError as error:
+        assert "must be" in str(error)
+    else:
+        accepted(section, name, getattr(config[section], name))

@@ -412,6 +412,7 @@ def test_imagenet_parameter_count(imagenet_model):
 def test_export_loads_through_models_with_right_shapes(tmp_path, weights):
     """Random or the converted ImageNet weights, PCA to 8 dims: a valid DELG model for load_extractor."""
     pytest.importorskip("tensorflow")
+    from delf_pipeline.config import make_section
     from delf_pipeline.extractors.models import load_extractor
 
     if weights == "imagenet":
@@ -424,8 +425,8 @@ def test_export_loads_through_models_with_right_shapes(tmp_path, weights):
     rng = np.random.default_rng(0)
     projection = lite.learn_pca(rng.normal(size=(200, channels)), 8)
     path = lite.export(tmp_path / "lite0", state, local_layer="block10", local_projection=projection)
-    extract = load_extractor({"backend": "savedmodel", "model": str(path), "image_scales": [0.5, 1.0],
-                              "global_scale_indices": [1], "score_threshold": 0.0, "max_features": 50})
+    extract = load_extractor(make_section("extract", backend="savedmodel", model=str(path), image_scales=[0.5, 1.0],
+                                          global_scale_indices=[1], score_threshold=0.0, max_features=50))
     features = extract(rng.integers(0, 256, (96, 130, 3), dtype=np.uint8))
     assert extract.style == "tf2"
     assert features.locations.shape == (50, 2) and features.descriptors.shape == (50, 8)

@@ -57,7 +57,7 @@ def child_env() -> dict:
 def config(**extract_settings) -> dict:
     """RootSIFT settings (the mechanics tested here: grey decoding, codebook sample, resume) made small."""
     conf = load_config("sift_default")
-    conf["extract"].update({**FAST, **extract_settings})
+    conf.extract.update({**FAST, **extract_settings})
     return conf
 
 
@@ -372,7 +372,7 @@ def test_global_only_store_keeps_no_local_features(tmp_path):
 
 def test_unknown_backend_is_a_clear_error(tmp_path):
     write_photos(tmp_path / "photos", 1, side=100)
-    with pytest.raises(ValueError, match="unknown extract.backend 'delf3'"):
+    with pytest.raises(ValueError, match="extract.backend must be one of .* got 'delf3'"):
         extract.run(config(backend="delf3"), tmp_path / "photos", tmp_path / "store")
 
 
@@ -413,12 +413,12 @@ def test_codebook_sample_is_extracted_once_into_ordinary_parts(tmp_path, monkeyp
 def test_a_run_killed_after_the_codebook_sample_resumes_it_as_ordinary_parts(tmp_path, monkeypatch):
     write_photos(tmp_path / "photos", 6, side=200)
     records = list_images(tmp_path / "photos")[0]
-    store, conf = tmp_path / "store", config(codebook_images=4, part_size=2)["extract"]
+    store, conf = tmp_path / "store", config(codebook_images=4, part_size=2).extract
     (store / "parts").mkdir(parents=True)
     (store / "manifest.json").write_text(json.dumps(extract.store_manifest(conf)))  # a run writes it first
     sample = store / "codebook-sample-1of1"
     (sample / "parts").mkdir(parents=True)
-    extract.extract_into(sample, records[:2], local_extractor(conf, "rootsift"), {**conf, "descriptor_dtype": "float32"},
+    extract.extract_into(sample, records[:2], local_extractor(conf, "rootsift"), replace(conf, descriptor_dtype="float32"),
                          (1, 1), strict=False)  # half of the sample, then killed
     seen = count_rootsift_calls(monkeypatch)
     extract.run(config(codebook_images=4, part_size=2), tmp_path / "photos", store)
@@ -431,12 +431,12 @@ def test_a_run_killed_after_learning_the_codebook_finishes_the_step(tmp_path, mo
     write_photos(tmp_path / "photos", 6, side=200)
     fresh = extract.run(config(codebook_images=4, part_size=2), tmp_path / "photos", tmp_path / "fresh")
     records = list_images(tmp_path / "photos")[0]
-    store, conf = tmp_path / "store", config(codebook_images=4, part_size=2)["extract"]
+    store, conf = tmp_path / "store", config(codebook_images=4, part_size=2).extract
     sample = store / "codebook-sample-1of1"
     (sample / "parts").mkdir(parents=True)
     (store / "parts").mkdir()
     (store / "manifest.json").write_text(json.dumps(extract.store_manifest(conf)))  # a run writes it first
-    extract.extract_into(sample, records[:4], local_extractor(conf, "rootsift"), {**conf, "descriptor_dtype": "float32"},
+    extract.extract_into(sample, records[:4], local_extractor(conf, "rootsift"), replace(conf, descriptor_dtype="float32"),
                          (1, 1), strict=False)  # the whole sample, the codebook saved, then killed
     shutil.copy(fresh / "codebook.npy", store / "codebook.npy")
     seen = count_rootsift_calls(monkeypatch)
@@ -500,7 +500,7 @@ def test_a_rootsift_store_decoded_in_colour_is_not_resumed_in_grey(small_store, 
     (old / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=r"settings.decode: not recorded \(older manifest\), now 'L'"):
         extract.run(config(part_size=4), photos, old)
-    assert "decode" not in extract.store_manifest(config(backend="savedmodel")["extract"])["settings"]
+    assert "decode" not in extract.store_manifest(config(backend="savedmodel").extract)["settings"]
 
 
 # ---------------------------------------------------------------- Dask cluster

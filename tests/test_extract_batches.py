@@ -7,6 +7,7 @@ tested in test_xfeat.py.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +93,7 @@ def test_stage_batches_by_shape_and_keeps_order_and_errors(tmp_path):
     # parts: im00-im03 (im02 unreadable), im04-im07 (im06 unreadable), im08-im09
     wide, tall = (48, 64, 3), (64, 48, 3)  # the default preset (XFeat) decodes in colour
     assert batched.calls == [[wide] * 2, [wide], [tall] * 2, [wide], [wide] * 2]
-    config["extract"]["batch_size"] = 1
+    config.extract.batch_size = 1
     single = FeatureStore(extract.run(config, tmp_path / "photos", tmp_path / "single", extractor=image_features))
     assert store.ids == single.ids == [i for i in ids if i not in ("im02", "im06")]
     assert [e.id for e in read_errors(tmp_path / "batched" / "errors.csv")] == ["im02", "im06"]
@@ -136,7 +137,7 @@ def test_vlad_wrapper_keeps_the_batch_call():
 def test_global_only_wrapper_keeps_the_batch_call(monkeypatch):
     inner = Recorder()
     monkeypatch.setattr(build, "_assemble", lambda *a: inner)
-    conf = {**load_config()["extract"], "local_features": False}
+    conf = replace(load_config().extract, local_features=False)
     images = [np.full((4, 6), value, np.uint8) for value in (10, 20, 30)]
     found = build.build(conf).batch(images)
     assert inner.calls == [[(4, 6)] * 3]

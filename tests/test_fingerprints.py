@@ -1,8 +1,9 @@
 """Staleness checks cannot miss a key: every key of every artifact-making section, changed
-alone, makes the stage refuse the existing artifact naming that key, unless the stage lists
-it as runtime-only (it changes how the artifact is computed, not what it holds).
+alone, makes the stage refuse the existing artifact naming that key, unless the settings table
+marks it runtime-only (it changes how the artifact is computed, not what it holds).
 
-The keys are read from DEFAULTS, so a key added later is covered without touching this file.
+The keys are read from the settings table, so a key added later is covered without touching
+this file.
 """
 from __future__ import annotations
 
@@ -15,32 +16,33 @@ from PIL import Image
 from support.synthetic_stores import local_features, random_unit_rows, shortlist_frame, write_store
 
 from delf_pipeline import extract, rerank, shortlist
-from delf_pipeline.config import CHECKS, DEFAULTS, OneOf, load_config
+from delf_pipeline.config import SETTINGS, fingerprinted, load_config, parse_value
 from delf_pipeline.utils.artifacts import check_manifest, settings_manifest
 
-# the stage of each section that writes a resumable artifact; predict and calibrate rewrite
-# their output on every run (nothing is reused), so they have no staleness check to miss
-RUNTIME_KEYS = {"extract": extract.RUNTIME_KEYS, "shortlist": shortlist.RUNTIME_KEYS, "rerank": ()}
-KEYS = [(section, key) for section in RUNTIME_KEYS for key in DEFAULTS[section]]
+# the sections whose stage writes a resumable artifact; predict and calibrate rewrite their
+# output on every run (nothing is reused), so they have no staleness check to miss
+STAGES = ("extract", "shortlist", "rerank")
+KEYS = [(section, key) for section in STAGES for key in SETTINGS[section]]
 
 
 def other_value(section: str, key: str, value):
-    """A different valid value of the same type as ``value``."""
-    check = CHECKS.get((section, key))
-    if isinstance(check, OneOf):
-        return next(name for name in check.names if name != value)
+    """A different value the table accepts, of the same type as ``value``."""
+    spec = SETTINGS[section][key]
+    if spec.choices:
+        return next(name for name in spec.choices if name != value)
     if isinstance(value, bool):
         return not value
     if isinstance(value, (int, float)):
-        return value + 1
+        step = 1 if isinstance(value, int) else (spec.high - value) / 2
+        return parse_value(section, key, value + step if value + step <= spec.high else value - step)
     if isinstance(value, str):
         return value + "x"
-    return [*value, 2.0]
+    return [*value, 2.0] if spec.item_kind is float else [*value, 1]
 
 
-def test_every_section_but_predict_and_calibrate_has_a_staleness_check():
-    assert set(DEFAULTS) - set(RUNTIME_KEYS) == {"predict", "calibrate"}
-    assert all(set(keys) <= set(DEFAULTS[s]) for s, keys in RUNTIME_KEYS.items())
+def test_the_runtime_keys_are_few_and_known():
+    runtime = {(s, k) for s, keys in SETTINGS.items() for k, spec in keys.items() if spec.runtime}
+    assert runtime == {("extract", "part_size"), ("shortlist", "chunk_rows"), ("shortlist", "device")}
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +75,7 @@ def made(tmp_path_factory) -> dict:
 def test_a_changed_key_is_refused_naming_it_unless_runtime_only(made, section, key):
     config = copy.deepcopy(made["config"])
     config[section][key] = other_value(section, key, config[section][key])
-    if key in RUNTIME_KEYS[section]:
+    if SETTINGS[section][key].runtime:
         made["reruns"][section](config)  # reused as it is
         return
     with pytest.raises(ValueError, match=rf"settings\.{key}: was .*--overwrite"):
@@ -85,7 +87,7 @@ def test_rerank_fingerprints_every_shortlist_row_not_the_head():
     table = shortlist_frame(candidates)
     changed = table.copy()
     changed.loc[len(changed) - 1, "score"] = 0.0  # the last of 3000 rows
-    conf = load_config()["rerank"]
+    conf = load_config().rerank
     assert rerank.rerank_manifest(conf, table) != rerank.rerank_manifest(conf, changed)
     assert rerank.rerank_manifest(conf, table) == rerank.rerank_manifest(conf, table.copy())
 
@@ -98,14 +100,14 @@ def test_rerank_refuses_a_shortlist_with_another_row(made, tmp_path):
         rerank.run(made["config"], changed, root / "q", root / "i", root / "rerank.csv")
 
 
-def test_settings_manifest_covers_the_whole_section_minus_the_ignored_keys():
-    section = {"a": 1, "b": [1.0], "speed": 9}
-    manifest = settings_manifest(section, ignored=("speed",))
-    assert manifest["settings"] == {"a": 1, "b": [1.0]}
-    assert manifest == settings_manifest({**section, "speed": 10}, ignored=("speed",))
-    assert manifest["fingerprint"] != settings_manifest({**section, "a": 2}, ("speed",))["fingerprint"]
-    with pytest.raises(ValueError, match=r"ignored keys \['nope'\]"):
-        settings_manifest(section, ignored=("nope",))
+def test_a_fingerprint_covers_the_whole_section_minus_its_runtime_keys():
+    config = load_config()
+    manifest = settings_manifest(fingerprinted(config.shortlist))
+    assert set(manifest["settings"]) == set(SETTINGS["shortlist"]) - {"chunk_rows", "device"}
+    config.shortlist.chunk_rows = 7
+    assert settings_manifest(fingerprinted(config.shortlist)) == manifest
+    config.shortlist.top_k = 7
+    assert settings_manifest(fingerprinted(config.shortlist))["fingerprint"] != manifest["fingerprint"]
 
 
 def test_a_manifest_of_an_older_version_is_refused_saying_so(tmp_path: Path):

@@ -11,10 +11,10 @@ import pytest
 from PIL import Image, ImageOps
 
 from delf_pipeline.formats.images import (
-    decode_bytes,
     MIN_SIDE,
     ImageError,
     ImageRecord,
+    decode_bytes,
     iter_decoded,
     kaggle_path,
     list_images,

@@ -98,7 +98,7 @@ def test_query_answers_with_the_index_calibration(built, views, tmp_path):
     evidence, as predict's confidences are (hand-made fit: a weight on log_inliers only)."""
     from delf_pipeline.evidence.calibration import FEATURES, Calibration
 
-    conf = load_config(overrides=SMALL)["predict"]
+    conf = load_config(overrides=SMALL).predict
     fitted = Calibration(list(FEATURES), [0.0] * 5, [1.0] * 5, [0.0, 0.0, 1.0, 0.0, 0.0], -2.0,
                          {"aggregation": conf["aggregation"], "top_k": conf["top_k"]})
     calibrated = shutil.copytree(built, tmp_path / "calibrated")

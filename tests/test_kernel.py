@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 from support import SHARED_DATA
 
+from delf_pipeline.config import load_config
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = SHARED_DATA / "landmarks_mini"
 KERNEL = REPO / "kernels" / "landmark-recognition-2020" / "delf_landmark_recognition_2020.py"
@@ -326,31 +328,31 @@ def test_check_input_names_what_is_missing(tmp_path):
 def test_degensac_falls_back_to_magsac_when_pydegensac_is_missing(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "pydegensac", None)  # import raises ImportError
     with caplog.at_level(logging.WARNING):
-        config = load_kernel().fall_back_verifier({"rerank": {"verifier": "degensac"}})
-    assert config["rerank"]["verifier"] == "magsac"
+        config = load_kernel().fall_back_verifier(load_config(overrides=['rerank.verifier="degensac"']))
+    assert config.rerank.verifier == "magsac"
     assert "pydegensac is not installed" in caplog.text
 
 
 @pytest.mark.parametrize("verifier", ["degensac", "magsac", "skimage_affine"])
 def test_verifier_kept_when_usable(monkeypatch, verifier):
     monkeypatch.setitem(sys.modules, "pydegensac", types.ModuleType("pydegensac"))
-    assert load_kernel().fall_back_verifier({"rerank": {"verifier": verifier}})["rerank"]["verifier"] == verifier
+    assert load_kernel().fall_back_verifier(load_config(overrides=[f'rerank.verifier="{verifier}"'])).rerank.verifier == verifier
 
 
 def test_kernel_config_per_feature_kind(tmp_path):
     kernel = load_kernel()
     args = kernel.parse_args(["--model", str(tmp_path), "--set", "rerank.num_to_rerank=3"])
     config = kernel.kernel_config(args)
-    assert (config["preset"], config["extract"]["model"], config["rerank"]["num_to_rerank"]) == (
+    assert (config["preset"], config.extract.model, config.rerank.num_to_rerank) == (
         "kaggle2020_baseline", tmp_path.as_posix(), 3)
     config = kernel.kernel_config(kernel.parse_args(["--features", "rootsift", "--model", str(tmp_path / "x")]))
-    assert (config["preset"], config["extract"]["backend"]) == ("sift_default", "rootsift")
+    assert (config["preset"], config.extract.backend) == ("sift_default", "rootsift")
     with pytest.raises(SystemExit, match="DELG model folder not found"):
         kernel.kernel_config(kernel.parse_args(["--model", str(tmp_path / "x")]))
     config = kernel.kernel_config(kernel.parse_args(["--features", "xfeat", "--xfeat-weights", str(tmp_path)]))
-    assert (config["preset"], config["extract"]["xfeat_weights"]) == ("xfeat", tmp_path.as_posix())
+    assert (config["preset"], config.extract.xfeat_weights) == ("xfeat", tmp_path.as_posix())
     config = kernel.kernel_config(kernel.parse_args(["--features", "xfeat"]))  # unbundled: the cache
-    assert (config["preset"], config["extract"]["xfeat_weights"]) == ("xfeat", "")
+    assert (config["preset"], config.extract.xfeat_weights) == ("xfeat", "")
 
 
 def test_bundle_without_cached_weights_is_a_clear_error(tmp_path):

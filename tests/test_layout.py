@@ -16,8 +16,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "delf_pipeline"
 #: Bottom up. A sub-package's modules (and its __init__) take its layer.
-LAYERS = ("__init__", "utils", "formats", "metrics", "extractors", "retrieval", "descriptors", "verification",
-          "evidence", "search", "config", "budget", "STAGES", "tools", "service", "cli", "__main__")
+LAYERS = ("__init__", "utils", "config", "formats", "metrics", "extractors", "retrieval", "descriptors",
+          "verification", "evidence", "search", "budget", "STAGES", "tools", "service", "cli", "__main__")
 #: The stage modules: the jobs, each with its command.
 STAGES = ("extract", "shortlist", "rerank", "predict", "evaluate", "calibrate", "pipeline", "index", "query",
           "evaluate_revisitop")

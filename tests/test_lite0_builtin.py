@@ -18,12 +18,12 @@ from delf_pipeline.pipeline import _query_config
 
 
 def test_other_models_are_left_as_they_are():
-    conf = load_config("delg_gldv2", overrides=['extract.model="/some/delg"'])["extract"]
+    conf = load_config("delg_gldv2", overrides=['extract.model="/some/delg"']).extract
     assert build.resolve_model(conf, []) is conf
 
 
 def test_an_unknown_builtin_model_is_refused():
-    conf = load_config("efficientnet_lite0", overrides=['extract.model="builtin:resnet"'])["extract"]
+    conf = load_config("efficientnet_lite0", overrides=['extract.model="builtin:resnet"']).extract
     with pytest.raises(ValueError, match="unknown built-in model extract.model='builtin:resnet'"):
         build.resolve_model(conf, [])
 
@@ -34,7 +34,7 @@ def test_queries_use_the_index_stores_model(tmp_path):
     config = load_config("efficientnet_lite0")
     query = _query_config(config, tmp_path)["extract"]
     assert query["model"] == "/cache/exports/efficientnet_lite0-abc" and query["local_features"]
-    assert config["extract"]["model"] == "builtin:efficientnet_lite0"  # not changed in place
+    assert config.extract.model == "builtin:efficientnet_lite0"  # not changed in place
 
 
 @pytest.mark.slow

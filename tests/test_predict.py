@@ -45,7 +45,7 @@ def best_votes(table: pd.DataFrame, top_k: int, how: str) -> dict[str, tuple[str
 
 def config(**predict_settings) -> dict:
     conf = load_config()
-    conf["predict"].update(predict_settings)
+    conf.predict.update(predict_settings)
     return conf
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -23,7 +24,7 @@ from support.synthetic_stores import (
 from support.synthetic_stores import place_view as image
 
 from delf_pipeline import rerank
-from delf_pipeline.config import load_config
+from delf_pipeline.config import load_config, make_section
 from delf_pipeline.formats.blocks import blocks_dir, read_table
 from delf_pipeline.formats.store import FeatureStore
 from delf_pipeline.verification import verifier
@@ -33,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def config(**rerank_settings) -> dict:
     conf = load_config()  # sift_default: mutual matcher at 0.9, MAGSAC++ homography at 8 px, min_matches 5
-    conf["rerank"].update(rerank_settings)
+    conf.rerank.update(rerank_settings)
     return conf
 
 
@@ -57,20 +58,20 @@ def run_rerank(tmp_path: Path, queries: dict, index: dict, candidates: dict, con
     ("kaggle2020", 15, -0.1, 30, 0.4),
 ])
 def test_final_score_golden_values(scoring, inliers, global_score, cap, expected):
-    conf = {"scoring": scoring, "max_inlier_score": cap}
+    conf = make_section("rerank", scoring=scoring, max_inlier_score=cap)
     assert verifier.final_score(inliers, global_score, conf) == pytest.approx(expected)
 
 
 def test_unknown_scoring_is_refused():
     with pytest.raises(ValueError, match="unknown rerank.scoring 'best'; use official or kaggle2020"):
-        verifier.final_score(3, 0.5, {"scoring": "best", "max_inlier_score": 70})
+        verifier.final_score(3, 0.5, SimpleNamespace(scoring="best", max_inlier_score=70))
 
 
 def test_official_score_orders_by_inliers_then_global_score():
     rng = np.random.default_rng(0)
     inliers = rng.integers(0, 30, 2000)
     global_scores = rng.uniform(-0.999, 0.999, 2000)
-    scores = [verifier.final_score(int(n), g, {"scoring": "official"}) for n, g in zip(inliers, global_scores)]
+    scores = [verifier.final_score(int(n), g, make_section("rerank", scoring="official")) for n, g in zip(inliers, global_scores)]
     assert np.array_equal(np.argsort(scores, kind="stable"), np.lexsort((global_scores, inliers)))
 
 
@@ -310,7 +311,7 @@ def test_lighterglue_matches_go_to_the_same_verifier(tmp_path, xfeat_weights_fil
     queries = {"q0": image(0, 40, seed=1, global_seed=1)}
     index = {"a": image(0, 30, seed=2, global_seed=2), "b": image(1, 40, seed=3, global_seed=3)}
     qstore, istore = xfeat_stores(tmp_path, queries, index)
-    conf = config(matcher="lighterglue")["rerank"]
+    conf = config(matcher="lighterglue").rerank
     rows = verifier.CandidateVerifier(str(qstore), str(istore), conf).rerank_query("q0", [("a", 0.5), ("b", 0.4)])
     glue = load_xfeat_lighterglue()
     for _, index_id, _, matches, inliers, _, status in rows:
@@ -325,12 +326,12 @@ def test_lighterglue_on_other_local_features_is_a_clear_error(tmp_path):
     view = image(0, 10, seed=1, global_seed=1)
     qstore = write_store(tmp_path / "q", {"q": view}, 4, local_dim=DIM, extract_settings={"backend": "rootsift"})
     with pytest.raises(ValueError, match="matches 64-d XFeat local features; .* holds 'rootsift' ones"):
-        verifier.CandidateVerifier(str(qstore), str(qstore), config(matcher="lighterglue")["rerank"])
+        verifier.CandidateVerifier(str(qstore), str(qstore), config(matcher="lighterglue").rerank)
 
 
 def test_lighterglue_needs_both_sizes(tmp_path, xfeat_weights_file):
     qstore, istore = xfeat_stores(tmp_path, {"q": image(0, 10, seed=1, global_seed=1)}, {})
-    worker = verifier.CandidateVerifier(None, str(qstore), config(matcher="lighterglue")["rerank"])
+    worker = verifier.CandidateVerifier(None, str(qstore), config(matcher="lighterglue").rerank)
     view = worker.index_features("q")
     with pytest.raises(ValueError, match="needs the original \\(height, width\\) of both images"):
         worker.verify(view, view)
@@ -341,4 +342,4 @@ def test_lighterglue_weights_come_from_the_stores_xfeat_folder(tmp_path):
     store = write_store(tmp_path / "i", {"a": image(0, 10, seed=1, global_seed=1)}, 4, local_dim=DIM,
                         extract_settings=settings)
     with pytest.raises(FileNotFoundError, match="bundle/xfeat-lighterglue.pt is missing"):
-        verifier.CandidateVerifier(None, str(store), config(matcher="lighterglue")["rerank"])
+        verifier.CandidateVerifier(None, str(store), config(matcher="lighterglue").rerank)

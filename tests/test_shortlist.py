@@ -35,7 +35,7 @@ def brute_force(queries: np.ndarray, index: np.ndarray, top_k: int) -> tuple[np.
 
 def config(**shortlist_settings) -> dict:
     conf = load_config()
-    conf["shortlist"].update({"device": "cpu", **shortlist_settings})
+    conf.shortlist.update({"device": "cpu", **shortlist_settings})
     return conf
 
 

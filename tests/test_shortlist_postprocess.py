@@ -24,7 +24,7 @@ def store_of(path, vectors, prefix="i", part_size=4) -> FeatureStore:
 
 def config(**settings) -> dict:
     conf = load_config()
-    conf["shortlist"].update({"device": "cpu", "chunk_rows": 7, **settings})
+    conf.shortlist.update({"device": "cpu", "chunk_rows": 7, **settings})
     return conf
 
 
@@ -156,7 +156,7 @@ def test_two_shard_processes_make_a_derived_store_once(stores, monkeypatch):
     import threading
 
     index, _ = stores
-    conf = config(whitening="pca", whitening_shrinkage=0.2, whitening_dim=5)["shortlist"]
+    conf = config(whitening="pca", whitening_shrinkage=0.2, whitening_dim=5).shortlist
     learned, started, errors = [], threading.Barrier(2), []
     real = derived.learn_whitening
 

@@ -8,14 +8,23 @@ import numpy as np
 import pytest
 from support import SHARED_DATA
 
-from delf_pipeline.config import DEFAULTS
+from delf_pipeline.config import DEFAULTS, load_config
 from delf_pipeline.verification.matching import MATCHERS, match_descriptors
-from delf_pipeline.verification.pairs import (
-    MODES,
-    verify_options,
-    verify_pair,
-)
+from delf_pipeline.verification.pairs import OPTION_KEYS, verify_options, verify_pair
 from delf_pipeline.verification.ransac import VERIFIERS
+
+#: The verification settings these tests compare: the official DELF re-ranking (the rerank
+#: section of the delf_v1_hub preset) and a fast path (mutual nearest neighbours, MSAC affine).
+MODES = {
+    "official": {key: load_config("delf_v1_hub").rerank[key] for key in OPTION_KEYS},
+    "fast": {"matcher": "mutual", "match_threshold": 0.8, "ratio": 0.0, "verifier": "msac_affine",
+             "residual_threshold": 20.0, "max_trials": 2000, "confidence": 0.99, "min_matches": 4},
+}
+
+
+def verify(loc_a, desc_a, loc_b, desc_b, *, mode: str = "fast", **options):
+    """:func:`verify_pair` with the settings of ``mode`` (see :data:`MODES`), ``options`` over them."""
+    return verify_pair(loc_a, desc_a, loc_b, desc_b, **{**MODES[mode], **options})
 
 EVD = SHARED_DATA / "evd"
 HAS_DEGENSAC = importlib.util.find_spec("pydegensac") is not None
@@ -131,8 +140,8 @@ def test_nn_equals_kdtree(num_a, num_b, dim, dtype):
     assert np.abs(ordered[:, 0] - threshold).min() > 1e-3
     if num_b > 1:
         assert (ordered[:, 1] - ordered[:, 0]).min() > 1e-4
-    kd = verify_pair(np.zeros((num_a, 2)), desc_a, np.zeros((num_b, 2)), desc_b, matcher="kdtree", min_matches=10**6)
-    nn = verify_pair(np.zeros((num_a, 2)), desc_a, np.zeros((num_b, 2)), desc_b, matcher="nn", min_matches=10**6)
+    kd = verify(np.zeros((num_a, 2)), desc_a, np.zeros((num_b, 2)), desc_b, matcher="kdtree", min_matches=100_000)
+    nn = verify(np.zeros((num_a, 2)), desc_a, np.zeros((num_b, 2)), desc_b, matcher="nn", min_matches=100_000)
     assert kd.matches > 0 and (kd.matches < num_a or num_a == 1)  # some matched, some not
     np.testing.assert_array_equal(nn.match_indices, kd.match_indices)
 
@@ -158,7 +167,7 @@ def test_match_shapes(matcher, num_a, num_b, dim):
 @pytest.mark.parametrize("num_a, num_b", [(0, 10), (10, 0), (0, 0)])
 def test_empty_nocrash(num_a, num_b, matcher, verifier):
     rng = np.random.default_rng(0)
-    result = verify_pair(
+    result = verify(
         np.zeros((num_a, 2), np.float32), random_unit(rng, num_a, 16),
         np.zeros((num_b, 2), np.float32), random_unit(rng, num_b, 16),
         matcher=matcher, verifier=verifier, min_matches=0,
@@ -170,15 +179,15 @@ def test_empty_nocrash(num_a, num_b, matcher, verifier):
 @pytest.mark.parametrize("mode", list(MODES))
 def test_fewer_than_min_matches_gives_zero(mode):
     loc_a, desc_a, loc_b, desc_b, _ = synthetic_pair(np.random.default_rng(1), n=12, true_fraction=1.0)
-    result = verify_pair(loc_a, desc_a, loc_b, desc_b, mode=mode, min_matches=13)
+    result = verify(loc_a, desc_a, loc_b, desc_b, mode=mode, min_matches=13)
     assert (result.matches, result.inliers, result.status) == (12, 0, "too_few_matches")
-    assert verify_pair(loc_a, desc_a, loc_b, desc_b, mode=mode, min_matches=12).inliers == 12
+    assert verify(loc_a, desc_a, loc_b, desc_b, mode=mode, min_matches=12).inliers == 12
 
 
 @pytest.mark.parametrize("verifier", RUNNABLE_VERIFIERS)
 def test_recovers_known_affine_with_outliers(verifier):
     loc_a, desc_a, loc_b, desc_b, true = synthetic_pair(np.random.default_rng(2), n=200, true_fraction=0.7)
-    result = verify_pair(loc_a, desc_a, loc_b, desc_b, verifier=verifier, residual_threshold=4.0)
+    result = verify(loc_a, desc_a, loc_b, desc_b, verifier=verifier, residual_threshold=4.0)
     assert result.status == "ok" and result.matches == 200
     truth = result.match_indices[:, 0] < true  # row i of a matches row i of b
     assert (result.match_indices[:, 0] == result.match_indices[:, 1]).all()
@@ -193,7 +202,7 @@ def test_recovers_known_affine_with_outliers(verifier):
 def test_recovers_known_homography(verifier):
     homography = np.array([[1.1, 0.05, 20.0], [-0.1, 0.95, 10.0], [3e-4, -2e-4, 1.0]])
     loc_a, desc_a, loc_b, desc_b, true = synthetic_pair(np.random.default_rng(3), 300, 0.7, homography)
-    result = verify_pair(loc_a, desc_a, loc_b, desc_b, verifier=verifier, residual_threshold=3.0)
+    result = verify(loc_a, desc_a, loc_b, desc_b, verifier=verifier, residual_threshold=3.0)
     grid = np.c_[np.random.default_rng(4).uniform(0, 800, (50, 2)), np.ones(50)]
     assert np.abs(project(result.model, grid) - project(homography, grid)).max() < 3.0
     assert result.inlier_mask[:true].mean() >= 0.95
@@ -210,7 +219,7 @@ def test_model_maps_a_xy_to_b_xy(verifier):
     rng = np.random.default_rng(5)
     loc_a = rng.uniform(0, 500, (40, 2)).astype(np.float32)
     desc = random_unit(rng, 40, 16)
-    result = verify_pair(loc_a, desc, loc_a + np.float32([10, 50]), desc, verifier=verifier)
+    result = verify(loc_a, desc, loc_a + np.float32([10, 50]), desc, verifier=verifier)
     assert result.inliers == 40
     np.testing.assert_allclose(result.model[:2, 2], [50, 10], atol=1e-2)
     np.testing.assert_allclose(result.model[:2, :2], np.eye(2), atol=1e-4)
@@ -219,7 +228,7 @@ def test_model_maps_a_xy_to_b_xy(verifier):
 @pytest.mark.parametrize("verifier", RUNNABLE_VERIFIERS)
 def test_same_seed_same_result(verifier):
     loc_a, desc_a, loc_b, desc_b, _ = synthetic_pair(np.random.default_rng(6), n=300, true_fraction=0.25)
-    runs = [verify_pair(loc_a, desc_a, loc_b, desc_b, verifier=verifier, max_trials=300, seed=7) for _ in range(3)]
+    runs = [verify(loc_a, desc_a, loc_b, desc_b, verifier=verifier, max_trials=300, seed=7) for _ in range(3)]
     assert len({r.inliers for r in runs}) == 1
     for other in runs[1:]:
         np.testing.assert_array_equal(other.inlier_mask, runs[0].inlier_mask)
@@ -232,7 +241,7 @@ def test_degenerate_points_report_status():
     desc = random_unit(rng, 10, 16)
     same = np.full((10, 2), 5.0, np.float32)
     for verifier in (v for v in VERIFIERS if v != "degensac"):
-        result = verify_pair(same, desc, same, desc, verifier=verifier, max_trials=50)
+        result = verify(same, desc, same, desc, verifier=verifier, max_trials=50)
         assert (result.matches, result.inliers, result.status, result.model) == (10, 0, "degenerate", None)
         assert not result.inlier_mask.any()
 
@@ -241,7 +250,7 @@ def test_magsac_seed_zero_is_opencv_usac_magsac():
     import cv2
 
     loc_a, desc_a, loc_b, desc_b, _ = synthetic_pair(np.random.default_rng(12), n=300, true_fraction=0.3)
-    result = verify_pair(loc_a, desc_a, loc_b, desc_b, verifier="magsac", max_trials=500, residual_threshold=5.0)
+    result = verify(loc_a, desc_a, loc_b, desc_b, verifier="magsac", max_trials=500, residual_threshold=5.0)
     xy_a, xy_b = loc_a[:, ::-1].copy(), loc_b[:, ::-1].copy()  # all 300 rows match in order
     model, mask = cv2.findHomography(xy_a, xy_b, cv2.USAC_MAGSAC, 5.0, maxIters=500, confidence=0.99)
     np.testing.assert_array_equal(result.match_indices, np.stack([np.arange(300)] * 2, axis=1))
@@ -253,7 +262,7 @@ def test_degensac_missing_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "pydegensac", None)  # import now raises ImportError
     loc_a, desc_a, loc_b, desc_b, _ = synthetic_pair(np.random.default_rng(9), n=20)
     with pytest.raises(ImportError, match=r"pip install delf_pipeline\[degensac\]"):
-        verify_pair(loc_a, desc_a, loc_b, desc_b, verifier="degensac")
+        verify(loc_a, desc_a, loc_b, desc_b, verifier="degensac")
 
 
 # ---------------------------------------------------------------- options and validation
@@ -262,19 +271,19 @@ def test_degensac_missing_says_how_to_install(monkeypatch):
 def test_mismatched_dims_names_both():
     rng = np.random.default_rng(0)
     with pytest.raises(ValueError, match=r"desc_a is \[5, 40\].*desc_b is \[6, 128\]"):
-        verify_pair(np.zeros((5, 2)), random_unit(rng, 5, 40), np.zeros((6, 2)), random_unit(rng, 6, 128))
+        verify(np.zeros((5, 2)), random_unit(rng, 5, 40), np.zeros((6, 2)), random_unit(rng, 6, 128))
 
 
 @pytest.mark.parametrize(
     "options, error, message",
     [
         ({"inlier_threshold": 3}, TypeError, "unknown verification option"),
-        ({"matcher": "flann"}, ValueError, "unknown matcher 'flann'"),
-        ({"verifier": "lmeds"}, ValueError, "unknown verifier 'lmeds'"),
-        ({"mode": "slow"}, ValueError, "unknown mode 'slow'"),
-        ({"ratio": 1.5}, ValueError, "ratio must be"),
-        ({"match_threshold": 0}, ValueError, "match_threshold must be > 0"),
-        ({"confidence": 1.0}, ValueError, "confidence must be"),
+        ({"matcher": "flann"}, ValueError, "rerank.matcher must be one of .*, got 'flann'"),
+        ({"verifier": "lmeds"}, ValueError, "rerank.verifier must be one of .*, got 'lmeds'"),
+        ({"mode": "slow"}, TypeError, "unknown verification option"),
+        ({"ratio": 1.5}, ValueError, r"rerank.ratio must be a number in \[0, 1\)"),
+        ({"match_threshold": 0}, ValueError, r"rerank.match_threshold must be a number in \(0, 2\]"),
+        ({"confidence": 1.0}, ValueError, r"rerank.confidence must be a number in \(0, 1\)"),
     ],
 )
 def test_bad_options(options, error, message):
@@ -286,16 +295,15 @@ def test_bad_options(options, error, message):
 def test_bad_location_shape():
     rng = np.random.default_rng(0)
     with pytest.raises(ValueError, match=r"loc_b must be \[3, 2\]"):
-        verify_pair(np.zeros((3, 2)), random_unit(rng, 3, 8), np.zeros((3, 3)), random_unit(rng, 3, 8))
+        verify(np.zeros((3, 2)), random_unit(rng, 3, 8), np.zeros((3, 3)), random_unit(rng, 3, 8))
 
 
 def test_verify_options_from_config_section():
-    section = dict(DEFAULTS["rerank"])
-    options = verify_options(section)
-    assert set(options) == set(MODES["official"]) | {"seed"}
-    assert {k: options[k] for k in MODES["official"]} == MODES["official"]  # the defaults are the reference
+    options = verify_options(DEFAULTS.rerank)
+    assert set(options) == set(OPTION_KEYS) | {"seed"}
+    assert {k: options[k] for k in OPTION_KEYS} == {k: DEFAULTS.rerank[k] for k in OPTION_KEYS}
     loc_a, desc_a, loc_b, desc_b, _ = synthetic_pair(np.random.default_rng(10), n=40, true_fraction=1.0)
-    assert verify_pair(loc_a, desc_a, loc_b, desc_b, **options).inliers == 40
+    assert verify(loc_a, desc_a, loc_b, desc_b, **options).inliers == 40
 
 
 # ---------------------------------------------------------------- EVD ground truth
@@ -348,7 +356,7 @@ def evd():
 
 
 def run(features_a, features_b, mode):
-    return verify_pair(features_a.locations, features_a.descriptors, features_b.locations, features_b.descriptors,
+    return verify(features_a.locations, features_a.descriptors, features_b.locations, features_b.descriptors,
                        mode=mode)
 
 
@@ -445,20 +453,20 @@ def test_evd_original_pairs_with_view_synthesis(evd_synthesis):
     """Official mode vs the embedded default's fast verification (sift_default: ratio test, MSAC affine)."""
     from delf_pipeline.config import load_config
 
-    default = verify_options(load_config("sift_default")["rerank"])
+    default = verify_options(load_config("sift_default").rerank)
     data, names = evd_synthesis, sorted(evd_synthesis)
 
-    def verify(a, b, mode):
-        options = default if mode == "fast" else {}
-        return verify_pair(a.locations, a.descriptors, b.locations, b.descriptors, mode=mode, **options)
+    def check(a, b, mode):
+        options = default if mode == "fast" else MODES["official"]
+        return verify_pair(a.locations, a.descriptors, b.locations, b.descriptors, **options)
 
-    results = {mode: {n: verify(data[n]["one"], data[n]["two"], mode) for n in names} for mode in ("official", "fast")}
+    results = {mode: {n: check(data[n]["one"], data[n]["two"], mode) for n in names} for mode in ("official", "fast")}
     errors = {mode: {n: median_error(r, data[n]["one"], data[n]["truth"]) for n, r in results[mode].items()}
               for mode in results}
     solved = [n for n in names if errors["official"][n] < SYNTH_PX]
     assert len(solved) >= 3, errors["official"]
     assert all(errors["fast"][n] < SYNTH_PX for n in solved), errors
-    swapped = [verify(data[a]["one"], data[b]["two"], "fast").inliers for a, b in zip(names, names[1:] + names[:1])]
+    swapped = [check(data[a]["one"], data[b]["two"], "fast").inliers for a, b in zip(names, names[1:] + names[:1])]
     true = {n: results["fast"][n].inliers for n in names if errors["fast"][n] < SYNTH_PX}
     assert min(true.values()) > 3 * max(swapped), (true, swapped)
 

@@ -14,6 +14,7 @@ from typing import Iterator
 
 import numpy as np
 
+from ..config import ShortlistSettings
 from ..formats.features import ImageFeatures
 from ..formats.store import ExtractedImage, FeatureStore, write_part
 from ..retrieval.search import MatMul, search_blocks
@@ -26,22 +27,22 @@ log = logging.getLogger("delf_pipeline.descriptors.derived")
 DERIVED_PART_ROWS = 65536  # index rows per part of a derived (whitened / augmented) store
 
 
-def prepare_index(index: FeatureStore, conf: dict, labels: dict[str, str] | None,
+def prepare_index(index: FeatureStore, conf: ShortlistSettings, labels: dict[str, str] | None,
                   matmul: MatMul) -> tuple[FeatureStore, Whitening | None]:
     """The store to search (the index itself, or its whitened / augmented copy, made once) and
     the whitening to apply to queries (None without whitening)."""
     searched, whitening = index, None
-    if conf["whitening"]:
+    if conf.whitening:
         settings = {key: value for key, value in conf.items() if key.startswith("whitening")}
-        folder = _derived_folder(index, "whitened", settings, labels if conf["whitening"] == "supervised" else None)
+        folder = _derived_folder(index, "whitened", settings, labels if conf.whitening == "supervised" else None)
         with made_once(folder) as to_make:
             if to_make:
                 learned = learn_whitening(index, conf, labels)
                 _write_derived(folder, settings, index.iter_global(DERIVED_PART_ROWS), learned.apply, learned)
         searched, whitening = FeatureStore(folder), Whitening.load(folder / "whitening.npz")
-    if conf["dba"]:
+    if conf.dba:
         settings = {"source": searched.path.name, **{k: conf[k] for k in ("dba", "dba_top_n", "dba_alpha")}}
-        folder = _derived_folder(index, "dba", settings, labels if conf["dba"] == "supervised" else None)
+        folder = _derived_folder(index, "dba", settings, labels if conf.dba == "supervised" else None)
         with made_once(folder) as to_make:
             if to_make:
                 _write_derived(folder, settings, augmented_chunks(searched, conf, labels, matmul), None, None)
@@ -49,21 +50,21 @@ def prepare_index(index: FeatureStore, conf: dict, labels: dict[str, str] | None
     return searched, whitening
 
 
-def learn_whitening(index: FeatureStore, conf: dict, labels: dict[str, str] | None) -> Whitening:
+def learn_whitening(index: FeatureStore, conf: ShortlistSettings, labels: dict[str, str] | None) -> Whitening:
     """Whitening learned on up to ``whitening_images`` index descriptors (sampled with seed 0)."""
     ids = index.ids
-    if len(ids) > conf["whitening_images"]:
-        rows = np.sort(np.random.default_rng(0).choice(len(ids), conf["whitening_images"], replace=False))
+    if len(ids) > conf.whitening_images:
+        rows = np.sort(np.random.default_rng(0).choice(len(ids), conf.whitening_images, replace=False))
         ids = [ids[r] for r in rows]
     matrix = index.global_matrix(ids)
-    log.info("learning %s whitening on %d index descriptors", conf["whitening"], len(ids))
-    if conf["whitening"] == "pca":
-        return learn_pca_whitening(matrix, conf["whitening_dim"], conf["whitening_shrinkage"])
+    log.info("learning %s whitening on %d index descriptors", conf.whitening, len(ids))
+    if conf.whitening == "pca":
+        return learn_pca_whitening(matrix, conf.whitening_dim, conf.whitening_shrinkage)
     names = np.array([labels.get(i, "") for i in ids], dtype=object)
-    return learn_supervised_whitening(matrix, names, conf["whitening_dim"], conf["whitening_shrinkage"])
+    return learn_supervised_whitening(matrix, names, conf.whitening_dim, conf.whitening_shrinkage)
 
 
-def augmented_chunks(store: FeatureStore, conf: dict, labels: dict[str, str] | None,
+def augmented_chunks(store: FeatureStore, conf: ShortlistSettings, labels: dict[str, str] | None,
                      matmul: MatMul) -> Iterator[tuple[list[str], np.ndarray]]:
     """DBA of every index descriptor, in store order, as (ids, [n, G]) chunks.
 
@@ -71,17 +72,17 @@ def augmented_chunks(store: FeatureStore, conf: dict, labels: dict[str, str] | N
     search. Supervised: nearest among the images of its own label (needs all descriptors in
     memory, [N, G] float32).
     """
-    if conf["dba"] == "supervised":
+    if conf.dba == "supervised":
         ids = store.ids
         names = np.array([labels.get(i, "") for i in ids], dtype=object)
-        matrix = supervised_dba(store.global_matrix(), names, conf["dba_top_n"], conf["dba_alpha"])
+        matrix = supervised_dba(store.global_matrix(), names, conf.dba_top_n, conf.dba_alpha)
         for start in range(0, len(ids), DERIVED_PART_ROWS):
             yield ids[start:start + DERIVED_PART_ROWS], matrix[start:start + DERIVED_PART_ROWS]
         return
     for ids, chunk in store.iter_global(DERIVED_PART_ROWS):
-        all_ids, [(rows, sims)] = search_blocks([chunk], store, conf["dba_top_n"], conf["chunk_rows"], matmul)
+        all_ids, [(rows, sims)] = search_blocks([chunk], store, conf.dba_top_n, conf.chunk_rows, matmul)
         neighbours = store.global_matrix([all_ids[r] for r in rows.reshape(-1)]).reshape(*rows.shape, -1)
-        yield ids, augment_database(neighbours, sims, conf["dba_alpha"])
+        yield ids, augment_database(neighbours, sims, conf.dba_alpha)
 
 
 def _derived_folder(index: FeatureStore, kind: str, settings: dict, labels: dict[str, str] | None) -> Path:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..config import ShortlistSettings
 from ..formats.store import FeatureStore
 from ..retrieval.search import MatMul, search_blocks, top_k_in_memory
 from .whitening import l2_normalize
@@ -73,24 +74,24 @@ def supervised_dba(descriptors: np.ndarray, labels: np.ndarray, top_n: int, alph
     return out
 
 
-def expand_blocks(matrices: list[np.ndarray], blocks: list[list[str]], index: FeatureStore, conf: dict,
+def expand_blocks(matrices: list[np.ndarray], blocks: list[list[str]], index: FeatureStore, conf: ShortlistSettings,
                   matmul: MatMul) -> list[np.ndarray]:
     """Query expansion of each block [Q_b, G]: a first search for the ``qe_top_n`` first results
     (never the query itself with exclude_same_id), then :func:`expand_queries`."""
-    exclude, n = bool(conf["exclude_same_id"]), conf["qe_top_n"]
-    index_ids, results = search_blocks(matrices, index, n + exclude, conf["chunk_rows"], matmul)
+    exclude, n = bool(conf.exclude_same_id), conf.qe_top_n
+    index_ids, results = search_blocks(matrices, index, n + exclude, conf.chunk_rows, matmul)
     expanded = []
     for query_ids, matrix, (rows, scores) in zip(blocks, matrices, results):
         rows, scores = _without_self(query_ids, index_ids, rows, scores, n) if exclude else (rows[:, :n], scores[:, :n])
         neighbours = index.global_matrix([index_ids[r] for r in rows.reshape(-1)]).reshape(*rows.shape, -1)
-        expanded.append(expand_queries(matrix, neighbours, scores, conf["qe_alpha"]))
+        expanded.append(expand_queries(matrix, neighbours, scores, conf.qe_alpha))
     return expanded
 
 
-def expand_in_memory(queries: np.ndarray, matrix: np.ndarray, conf: dict, matmul: MatMul) -> np.ndarray:
+def expand_in_memory(queries: np.ndarray, matrix: np.ndarray, conf: ShortlistSettings, matmul: MatMul) -> np.ndarray:
     """Query expansion of queries [Q, G] against an index held in memory, matrix [M, G] float32."""
-    rows, scores = top_k_in_memory(queries, matrix, conf["qe_top_n"], matmul)
-    return expand_queries(queries, matrix[rows], scores, conf["qe_alpha"])
+    rows, scores = top_k_in_memory(queries, matrix, conf.qe_top_n, matmul)
+    return expand_queries(queries, matrix[rows], scores, conf.qe_alpha)
 
 
 def _without_self(query_ids: list[str], index_ids: list[str], rows: np.ndarray, scores: np.ndarray,

@@ -27,6 +27,8 @@ import pandas as pd
 from scipy.optimize import minimize
 from scipy.special import expit, log_expit
 
+from ..config import PredictSettings
+
 
 class CalibrationError(ValueError):
     """The sample cannot be fitted: it lacks right or wrong predictions."""
@@ -93,13 +95,13 @@ class Calibration:
         return cls(**{k: data[k] for k in ("features", "mean", "scale", "weights", "bias", "settings") if k in data})
 
 
-def load_checked(path: str | Path, conf: dict) -> Calibration:
+def load_checked(path: str | Path, conf: PredictSettings) -> Calibration:
     """The calibration at ``path``, checked against the ``predict`` section ``conf`` it must have
     been fitted with (aggregation, top_k)."""
     fitted = Calibration.load(path)
     for key in ("aggregation", "top_k"):
-        if key in fitted.settings and fitted.settings[key] != conf[key]:
-            raise ValueError(f"{path} was fitted with predict.{key} = {fitted.settings[key]!r}, not {conf[key]!r}: "
+        if key in fitted.settings and fitted.settings[key] != getattr(conf, key):
+            raise ValueError(f"{path} was fitted with predict.{key} = {fitted.settings[key]!r}, not {getattr(conf, key)!r}: "
                              "rerun `delf-pipeline calibrate` with these settings")
     return fitted
 

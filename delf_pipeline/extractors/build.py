@@ -23,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..config import ExtractSettings
 from ..formats.features import ImageFeatures
 from ..formats.images import ImageRecord
 from .base import BatchExtractor, Extractor, extract_batch, mapped
@@ -31,10 +32,9 @@ from .efficientnet_lite_export import BUILTIN, builtin_model
 log = logging.getLogger("delf_pipeline.extractors.build")
 
 LOCAL_BACKENDS = ("rootsift", "xfeat")  # backends with their own local features and a VLAD global
-MODEL_BACKENDS = ("savedmodel", "hub")
 
 
-def build(conf: dict, codebook: np.ndarray | None = None, local: Extractor | None = None) -> Extractor:
+def build(conf: ExtractSettings, codebook: np.ndarray | None = None, local: Extractor | None = None) -> Extractor:
     """The configured backend, loaded once; it keeps only global descriptors when
     ``local_features`` is false.
 
@@ -42,22 +42,17 @@ def build(conf: dict, codebook: np.ndarray | None = None, local: Extractor | Non
     local: that backend's local extractor when the caller already loaded it (to learn the codebook).
     """
     extractor = _assemble(conf, codebook, local)
-    if conf["local_features"]:
+    if conf.local_features:
         return extractor
     return mapped(extractor, ImageFeatures.without_local)
 
 
-def _assemble(conf: dict, codebook: np.ndarray | None, local: Extractor | None) -> Extractor:
-    backend, local_backend = conf["backend"], conf["local_backend"]
+def _assemble(conf: ExtractSettings, codebook: np.ndarray | None, local: Extractor | None) -> Extractor:
+    backend, local_backend = conf.backend, conf.local_backend
     if backend in LOCAL_BACKENDS:
         if codebook is None:
             raise ValueError(f"the {backend} backend needs its VLAD codebook (the index store's codebook.npy)")
         return vlad_extractor(local or local_extractor(conf, backend), codebook)
-    if backend not in MODEL_BACKENDS:
-        raise ValueError(f"unknown extract.backend {backend!r}; use rootsift, xfeat, savedmodel or hub")
-    if local_backend not in ("", *LOCAL_BACKENDS):
-        raise ValueError(f"extract.local_backend must be empty (same as backend), rootsift or xfeat, "
-                         f"got {local_backend!r}")
     from .models import load_extractor
 
     model = load_extractor(conf)
@@ -66,18 +61,18 @@ def _assemble(conf: dict, codebook: np.ndarray | None, local: Extractor | None) 
     return model
 
 
-def local_extractor(conf: dict, name: str) -> Extractor:
+def local_extractor(conf: ExtractSettings, name: str) -> Extractor:
     """Local features only (no global descriptor) of the local backend ``name`` (rootsift or
     xfeat), as the config asks. XFeat's weights come from ``xfeat_weights`` or the cache."""
     if name == "rootsift":
         from .rootsift import extract_rootsift
 
-        return lambda image: extract_rootsift(image, conf["max_features"], conf["affine_tilts"])
+        return lambda image: extract_rootsift(image, conf.max_features, conf.affine_tilts)
     from . import weights, xfeat
 
-    path = weights.locate("xfeat", conf["xfeat_weights"] or None)
-    return xfeat.XFeatExtractor(xfeat.load_weights(path), conf["max_features"], conf["xfeat_threshold"],
-                                tuple(conf["xfeat_scales"]))
+    path = weights.locate("xfeat", conf.xfeat_weights or None)
+    return xfeat.XFeatExtractor(xfeat.load_weights(path), conf.max_features, conf.xfeat_threshold,
+                                tuple(conf.xfeat_scales))
 
 
 def with_locals(model: Extractor, local: Extractor) -> BatchExtractor:
@@ -97,22 +92,22 @@ def vlad_extractor(local: Extractor, words: np.ndarray) -> BatchExtractor:
     return mapped(local, lambda features: replace(features, global_descriptor=vlad(features.descriptors, words)))
 
 
-def decode_mode(conf: dict) -> str:
+def decode_mode(conf: ExtractSettings) -> str:
     """How images are decoded for the configured backend: ``"L"`` (grey) for the pure
     RootSIFT backend, which uses no colour, else ``"RGB"`` (XFeat averages the three channels,
     which is not the luma that grey decoding gives)."""
-    return "L" if conf["backend"] == "rootsift" else "RGB"
+    return "L" if conf.backend == "rootsift" else "RGB"
 
 
-def resolve_model(conf: dict, records: Sequence[ImageRecord]) -> dict:
+def resolve_model(conf: ExtractSettings, records: Sequence[ImageRecord]) -> ExtractSettings:
     """``conf`` with ``model = "builtin:efficientnet_lite0"`` replaced by the folder of its export,
     which is made on first use with the local PCA learned from ``records`` (the index images
     about to be extracted); any other model is left as it is."""
-    if not conf["model"].startswith("builtin:"):
+    if not conf.model.startswith("builtin:"):
         return conf
-    if conf["model"] != BUILTIN:
-        raise ValueError(f"unknown built-in model extract.model={conf['model']!r}; the built-in one is {BUILTIN!r}")
+    if conf.model != BUILTIN:
+        raise ValueError(f"unknown built-in model extract.model={conf.model!r}; the built-in one is {BUILTIN!r}")
     model = builtin_model(conf, records)
     log.info("%s is %s; extract the queries of these index images with --set extract.model=%s (its PCA was "
              "learned from them; `delf-pipeline run` does this itself)", BUILTIN, model, model)
-    return {**conf, "model": str(model)}
+    return replace(conf, model=str(model))

@@ -18,6 +18,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from ..config import ExtractSettings
 from ..formats.images import ImageRecord
 from ..formats.parts import pending_records, write_parts
 from ..formats.store import ExtractedImage, FeatureStore, remove_store
@@ -30,15 +31,15 @@ from .vlad import learn_codebook, vlad
 log = logging.getLogger("delf_pipeline.extractors.codebook")
 
 
-def prepare_codebook(out: Path, records: Sequence[ImageRecord], conf: dict, shard: tuple[int, int],
+def prepare_codebook(out: Path, records: Sequence[ImageRecord], conf: ExtractSettings, shard: tuple[int, int],
                      given: str | Path | None) -> tuple[np.ndarray | None, Extractor | None]:
     """(codebook [K, D], the loaded local extractor) of the store ``out``, or (None, None) for a
     backend without one. The codebook is ``given`` (copied into ``out``), else ``out/codebook.npy``,
     else learned by :func:`learn_step` from ``records`` (all of the index); a killed run's
     step is finished first."""
-    if conf["backend"] not in LOCAL_BACKENDS:
+    if conf.backend not in LOCAL_BACKENDS:
         return None, None
-    local = local_extractor(conf, conf["backend"])
+    local = local_extractor(conf, conf.backend)
     words = stored_codebook(out, given)
     if words is None or sample_store(out, shard).is_dir():  # to learn, or a killed run's step to finish
         words = learn_step(out, records, conf, shard, words, local)
@@ -58,23 +59,23 @@ def stored_codebook(out: Path, given: str | Path | None = None) -> np.ndarray | 
     return load_array(path) if path.exists() else None
 
 
-def learn_step(out: Path, records: Sequence[ImageRecord], conf: dict, shard: tuple[int, int],
+def learn_step(out: Path, records: Sequence[ImageRecord], conf: ExtractSettings, shard: tuple[int, int],
                words: np.ndarray | None, local: Extractor) -> np.ndarray:
     """Learn the VLAD codebook [K, D] of the store ``out`` with the local extractor ``local``
     (see the module docstring), unless a killed run already saved it (``words``)."""
     sample_out = sample_store(out, shard)
     sample = codebook_sample(records, conf)
-    sample_conf = {**conf, "descriptor_dtype": "float32"}
+    sample_conf = replace(conf, descriptor_dtype="float32")
     for folder in (out, sample_out):
         (folder / "parts").mkdir(parents=True, exist_ok=True)
     todo = pending_records(sample_out, sample, (1, 1))
-    write_parts(sample_out, extract_records(todo, local, sample_conf), len(todo), part_size=conf["part_size"],
+    write_parts(sample_out, extract_records(todo, local, sample_conf), len(todo), part_size=conf.part_size,
                 dtype="float32", shard=(1, 1), strict=False, label="codebook sample")
     store = FeatureStore(sample_out)
     words = _learn(store, conf, out) if words is None else words
     mine = [r for r in pending_records(out, records, shard) if r.id in store]
-    write_parts(out, _with_vlad(store, mine, words, conf), len(mine), part_size=conf["part_size"],
-                dtype=conf["descriptor_dtype"], shard=shard, strict=False, label="codebook sample to the store")
+    write_parts(out, _with_vlad(store, mine, words, conf), len(mine), part_size=conf.part_size,
+                dtype=conf.descriptor_dtype, shard=shard, strict=False, label="codebook sample to the store")
     remove_store(sample_out)
     return words
 
@@ -84,29 +85,29 @@ def sample_store(out: Path, shard: tuple[int, int]) -> Path:
     return out / f"codebook-sample-{shard[0]}of{shard[1]}"
 
 
-def codebook_sample(records: Sequence[ImageRecord], conf: dict) -> list[ImageRecord]:
+def codebook_sample(records: Sequence[ImageRecord], conf: ExtractSettings) -> list[ImageRecord]:
     """A fixed, evenly spaced subset of *all* records (not of one shard), so every shard
     process learns the identical codebook."""
-    step = max(1, len(records) // max(1, conf["codebook_images"]))
-    return list(records[::step])[: conf["codebook_images"]]
+    step = max(1, len(records) // max(1, conf.codebook_images))
+    return list(records[::step])[: conf.codebook_images]
 
 
-def _learn(sample: FeatureStore, conf: dict, out: Path) -> np.ndarray:
+def _learn(sample: FeatureStore, conf: ExtractSettings, out: Path) -> np.ndarray:
     """k-means codebook [K, D] of the sample store's descriptors, saved as ``out/codebook.npy``."""
-    log.info("learning a %d-word VLAD codebook from %d images", conf["vlad_words"], len(sample))
+    log.info("learning a %d-word VLAD codebook from %d images", conf.vlad_words, len(sample))
     descriptors = [sample.features(image_id).descriptors for image_id in sample.ids]
-    words = learn_codebook(np.concatenate(descriptors), conf["vlad_words"], conf["seed"])
+    words = learn_codebook(np.concatenate(descriptors), conf.vlad_words, conf.seed)
     _save_atomic(out / "codebook.npy", words)
     return words
 
 
 def _with_vlad(sample: FeatureStore, records: Sequence[ImageRecord], words: np.ndarray,
-               conf: dict) -> Iterator[ExtractedImage]:
+               conf: ExtractSettings) -> Iterator[ExtractedImage]:
     """The sample store's images ``records`` as the extraction would store them: with their VLAD."""
     for record in records:
         features = sample.features(record.id)
         features = replace(features, global_descriptor=vlad(features.descriptors, words))
-        yield ExtractedImage(record.id, features if conf["local_features"] else features.without_local(),
+        yield ExtractedImage(record.id, features if conf.local_features else features.without_local(),
                              sample.size(record.id))
 
 

@@ -17,6 +17,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from ..config import ExtractSettings
 from ..formats.images import ImageRecord, iter_decoded
 from ..utils.artifacts import fingerprint, read_json, write_json_atomic
 from ..utils.progress import track
@@ -77,7 +78,7 @@ def export_model(out: str | Path, weights, *, local_layer: str = lite.DEFAULT_LO
     return Path(path)
 
 
-def builtin_model(conf: dict, records: Sequence[ImageRecord], cache_dir: str | Path | None = None) -> Path:
+def builtin_model(conf: ExtractSettings, records: Sequence[ImageRecord], cache_dir: str | Path | None = None) -> Path:
     """The SavedModel folder of ``extract.model = BUILTIN`` for the ``extract`` section ``conf``
     and the index ``records`` about to be extracted: found in the cache, else exported there.
 
@@ -85,10 +86,10 @@ def builtin_model(conf: dict, records: Sequence[ImageRecord], cache_dir: str | P
     used and local descriptors stay raw).
     """
     cache = Path(cache_dir or default_cache_dir())
-    sample = pca_sample(records, PCA_IMAGES) if conf["local_backend"] != "rootsift" else []
+    sample = pca_sample(records, PCA_IMAGES) if conf.local_backend != "rootsift" else []
     settings = {"local_layer": lite.DEFAULT_LOCAL_LAYER, "pca_dim": PCA_DIM if sample else None,
-                "scales": conf["image_scales"], "max_features": conf["max_features"],
-                "max_image_size": conf["max_image_size"], "threshold": conf["score_threshold"]}
+                "scales": conf.image_scales, "max_features": conf.max_features,
+                "max_image_size": conf.max_image_size, "threshold": conf.score_threshold}
     files = [(r.id, Path(r.path).stat().st_size) for r in sample]
     path = cache / "exports" / f"efficientnet_lite0-{fingerprint({**settings, 'files': files})}"
     if (path / RECORD_NAME).is_file():
@@ -100,9 +101,9 @@ def builtin_model(conf: dict, records: Sequence[ImageRecord], cache_dir: str | P
         if len(sample) < 2:
             raise ValueError(f"{BUILTIN} learns its local PCA from the index images: give at least 2, got {len(sample)}")
         projection, summary = learn_projection(
-            weights, decoded(sample, conf["max_image_size"]), local_layer=lite.DEFAULT_LOCAL_LAYER, dim=PCA_DIM,
-            whiten=False, scales=conf["image_scales"], max_features=conf["max_features"],
-            threshold=conf["score_threshold"])
+            weights, decoded(sample, conf.max_image_size), local_layer=lite.DEFAULT_LOCAL_LAYER, dim=PCA_DIM,
+            whiten=False, scales=conf.image_scales, max_features=conf.max_features,
+            threshold=conf.score_threshold)
     record = {**settings, **summary, "pca_sample": [r.id for r in sample]}
     return export_model(path, weights, projection=projection, record=record, overwrite=True)
 

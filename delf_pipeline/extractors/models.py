@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..config import ExtractSettings
 from ..formats.features import ImageFeatures, l2_normalize
 
 MIN_IMAGE_SIDE = 10  # official extractor: smaller images give no features
@@ -46,17 +47,17 @@ HUB_OUTPUTS = ("locations", "descriptors")
 Raw = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, "np.ndarray | None"]
 
 
-def load_extractor(extract_conf: dict[str, Any]) -> Callable[[np.ndarray], ImageFeatures]:
-    """Load the model named by ``extract_conf`` once; return ``extract(image)``.
+def load_extractor(conf: ExtractSettings) -> Callable[[np.ndarray], ImageFeatures]:
+    """Load the model named by ``conf`` once; return ``extract(image)``.
 
-    extract_conf: the ``extract`` config section (backend, model, image_scales,
-    global_scale_indices, score_threshold, max_features). ``image``: RGB uint8
+    conf: the ``extract`` settings (backend, model, image_scales, global_scale_indices,
+    score_threshold, max_features; their ranges are checked when they are loaded). ``image``: RGB uint8
     [H, W, 3], already resized by the caller, at least 10 px per side. Returns
     ImageFeatures with locations (y, x) in that image's pixels. The returned function
     has an attribute ``style`` ("tf1" | "tf2" | "hub").
     """
-    settings = _check_settings(extract_conf)
-    path = _resolve(str(extract_conf.get("model", "")), settings["backend"])
+    settings = _model_inputs(conf)
+    path = _resolve(conf.model, conf.backend)
     model = _load_saved_model(path)
     style = _detect_style(model, path)
     run = {"tf1": _tf1_runner, "tf2": _tf2_runner, "hub": _hub_runner}[style](model, settings)
@@ -69,24 +70,18 @@ def load_extractor(extract_conf: dict[str, Any]) -> Callable[[np.ndarray], Image
     return extract
 
 
-def _check_settings(conf: dict[str, Any]) -> dict[str, Any]:
-    """Validated model inputs: backend, scales [S], global indices [G], threshold, max features."""
-    backend = conf.get("backend")
-    if backend not in BACKENDS:
-        raise ValueError(f"extract.backend {backend!r} does not load a DELF/DELG model; use one of {BACKENDS}")
-    scales = [float(s) for s in conf.get("image_scales", [])]
-    if not scales or min(scales) <= 0:
-        raise ValueError(f"extract.image_scales must be a non-empty list of positive numbers, got {scales}")
-    max_features = int(conf.get("max_features", 0))
-    if max_features < 1:
-        raise ValueError(f"extract.max_features must be >= 1, got {max_features}")
-    return {"backend": backend, "scales": scales, "global_indices": _global_indices(conf, len(scales)),
-            "threshold": float(conf.get("score_threshold", 0.0)), "max_features": max_features}
+def _model_inputs(conf: ExtractSettings) -> dict[str, Any]:
+    """The model's inputs: scales [S], global indices [G], threshold, max features."""
+    if conf.backend not in BACKENDS:
+        raise ValueError(f"extract.backend {conf.backend!r} does not load a DELF/DELG model; use one of {BACKENDS}")
+    scales = [float(s) for s in conf.image_scales]
+    return {"scales": scales, "global_indices": _global_indices(conf, len(scales)),
+            "threshold": float(conf.score_threshold), "max_features": int(conf.max_features)}
 
 
-def _global_indices(conf: dict[str, Any], num_scales: int) -> list[int]:
+def _global_indices(conf: ExtractSettings, num_scales: int) -> list[int]:
     """Sorted unique indices into image_scales; empty means every scale (official default)."""
-    indices = sorted({int(i) for i in conf.get("global_scale_indices", [])}) or list(range(num_scales))
+    indices = sorted(set(conf.global_scale_indices)) or list(range(num_scales))
     bad = [i for i in indices if not 0 <= i < num_scales]
     if bad:
         raise ValueError(f"extract.global_scale_indices {bad} out of range for {num_scales} image_scales")

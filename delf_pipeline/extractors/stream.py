@@ -8,6 +8,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from ..config import ExtractSettings
 from ..formats.features import ImageFeatures
 from ..formats.images import ErrorRecord, ImageRecord, iter_decoded
 from ..formats.store import ExtractedImage
@@ -15,12 +16,12 @@ from .base import Extractor, extract_batch
 from .build import decode_mode
 
 
-def extract_records(todo: list[ImageRecord], extractor: Extractor, conf: dict) -> Iterator[ExtractedImage | ErrorRecord]:
+def extract_records(todo: list[ImageRecord], extractor: Extractor, conf: ExtractSettings) -> Iterator[ExtractedImage | ErrorRecord]:
     """Each record of ``todo`` in order: its stored form, or its error; decoded as the
     ``extract`` section ``conf`` says, extracted in the groups of :func:`batches` (one batch
     call each, see :func:`.base.extract_batch`)."""
-    decoded = iter_decoded(todo, conf["max_image_size"], lookahead=max(8, conf["batch_size"]), mode=decode_mode(conf))
-    for group in batches(decoded, conf["batch_size"], conf["part_size"]):
+    decoded = iter_decoded(todo, conf.max_image_size, lookahead=max(8, conf.batch_size), mode=decode_mode(conf))
+    for group in batches(decoded, conf.batch_size, conf.part_size):
         found = iter(extract_batch(extractor, [image for _, image, _, error in group if error is None]))
         for record, image, factors, error in group:
             if error is not None:

@@ -21,6 +21,7 @@ from functools import cached_property
 from pathlib import Path
 
 from .. import __version__
+from ..config import Config, config_from_dict
 from ..utils.artifacts import read_json
 from .store import FeatureStore
 from .tables import read_labels
@@ -35,7 +36,7 @@ class Index:
 
     path: Path
     manifest: dict
-    config: dict
+    config: Config
 
     @property
     def store_path(self) -> Path:
@@ -80,7 +81,7 @@ def open_index(path: str | Path) -> Index:
     for name in ("config.json", "labels.csv", "store"):
         if not (path / name).exists():
             raise FileNotFoundError(f"index {path} is incomplete: {name} is missing")
-    return Index(path, manifest, read_json(path / "config.json"))
+    return Index(path, manifest, config_from_dict(read_json(path / "config.json"), str(path / "config.json")))
 
 
 def preview_name(image_id: str) -> str:

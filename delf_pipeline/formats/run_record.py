@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .. import __version__
+from ..config import Config
 from ..utils.artifacts import read_json, write_json_atomic
 
 RECORD_NAME = "run.json"
@@ -30,7 +31,7 @@ KEYS = ("format_version", "version", "data", "solution", "preset", "config_file"
 
 
 def run_record(
-    config: dict,
+    config: Config,
     data: str | Path,
     *,
     solution: str | Path | None = None,
@@ -38,17 +39,17 @@ def run_record(
     overrides: Sequence[str] = (),
 ) -> dict:
     """The record of a run of ``config`` on ``data`` (see the module docstring for the keys)."""
-    model = config["extract"].get("model", "")
+    model = config.extract.model
     return {
         "format_version": FORMAT_VERSION,
         "version": __version__,
         "data": _absolute(data),
         "solution": _absolute(solution),
-        "preset": config.get("preset"),
+        "preset": config.preset,
         "config_file": _absolute(config_file),
         "overrides": list(overrides),
         "model": _absolute(model) if model and Path(model).exists() else model,
-        "config": config,
+        "config": config.to_dict(),
     }
 
 

@@ -29,6 +29,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
+from ..config import PredictSettings
 from ..descriptors.derived import prepare_index
 from ..descriptors.expansion import expand_in_memory
 from ..evidence.aggregation import candidate_table, class_evidence
@@ -80,7 +81,7 @@ class Answer:
                 "timings_ms": {step: round(seconds * 1000, 1) for step, seconds in self.timings.items()}}
 
 
-def index_calibration(path: Path, predict_conf: dict) -> Calibration | None:
+def index_calibration(path: Path, predict_conf: PredictSettings) -> Calibration | None:
     """The calibration an index keeps (checked against its predict settings), or None when it
     keeps none or one that needs a non-landmark store (that store is not part of an index)."""
     if not path.is_file():
@@ -103,14 +104,14 @@ class Searcher:
         self.config = self.index.config
         self.top_candidates = top_candidates
         self.max_pixels = max_pixels
-        conf = resolve_model(self.config["extract"], [])  # a built-in model: its export, made at build
+        conf = resolve_model(self.config.extract, [])  # a built-in model: its export, made at build
         self.extract = build(conf, stored_codebook(self.index.store_path))
         self.ids = self.index.store.ids
-        self.matmul = select_matmul(self.config["shortlist"]["device"])
+        self.matmul = select_matmul(self.config.shortlist.device)
         self.labels = self.index.labels
-        searched, self.whitening = prepare_index(self.index.store, self.config["shortlist"], self.labels, self.matmul)
+        searched, self.whitening = prepare_index(self.index.store, self.config.shortlist, self.labels, self.matmul)
         self.matrix = searched.global_matrix()  # [M, G] float32, whitened / augmented if so configured
-        self.calibration = index_calibration(self.index.path / "calibration.json", self.config["predict"])
+        self.calibration = index_calibration(self.index.path / "calibration.json", self.config.predict)
         self._local = threading.local()
         log.info("index %s: %d images, global matrix %s (%.0f MB in memory)", self.index.path.name, len(self.ids),
                  self.matrix.shape, self.matrix.nbytes / 1e6)
@@ -118,7 +119,7 @@ class Searcher:
     def worker(self) -> CandidateVerifier:
         """This thread's verifier over the index store."""
         if not hasattr(self._local, "worker"):
-            self._local.worker = CandidateVerifier(None, str(self.index.store_path), self.config["rerank"])
+            self._local.worker = CandidateVerifier(None, str(self.index.store_path), self.config.rerank)
         return self._local.worker
 
     def search_file(self, path: str | Path) -> Answer:
@@ -128,9 +129,9 @@ class Searcher:
     def search(self, data: bytes, photo: str = "photo") -> Answer:
         """The answer for one encoded image; ImageError (with a reason) when it is unusable."""
         timings: dict[str, float] = {}
-        conf = self.config["extract"]
+        conf = self.config.extract
         with _timed(timings, "decode"):
-            image, factors = decode_bytes(data, conf["max_image_size"], decode_mode(conf), self.max_pixels)
+            image, factors = decode_bytes(data, conf.max_image_size, decode_mode(conf), self.max_pixels)
         with _timed(timings, "extract"):
             stored = as_stored(QUERY_ID, self.extract(image), image.shape, factors)
             features = stored.features
@@ -145,23 +146,23 @@ class Searcher:
     def shortlist(self, features: ImageFeatures) -> pd.DataFrame:
         """Shortlist rows ``query_id,index_id,rank,score`` of the photo (top ``shortlist.top_k``)."""
         if features.global_descriptor is None:
-            raise ValueError(f"the index's backend {self.config['extract']['backend']!r} gives no global descriptor")
-        conf = self.config["shortlist"]
+            raise ValueError(f"the index's backend {self.config.extract.backend!r} gives no global descriptor")
+        conf = self.config.shortlist
         query = features.global_descriptor[None].astype(np.float32)
         if self.whitening is not None:
             query = self.whitening.apply(query)
-        if conf["qe_top_n"]:
+        if conf.qe_top_n:
             query = expand_in_memory(query, self.matrix, conf, self.matmul)
-        rows, scores = top_k_in_memory(query, self.matrix, conf["top_k"], self.matmul)
+        rows, scores = top_k_in_memory(query, self.matrix, conf.top_k, self.matmul)
         return pd.DataFrame({"query_id": QUERY_ID, "index_id": [self.ids[r] for r in rows[0]],
                              "rank": np.arange(1, rows.shape[1] + 1), "score": scores[0]})
 
     def rerank(self, features: ImageFeatures, shortlist: pd.DataFrame, size: tuple[int, int]) -> pd.DataFrame:
         """Rerank rows (rerank.COLUMNS) of the photo's ``num_to_rerank`` best candidates; ``size``
         is the photo's original (height, width)."""
-        if self.config["rerank"]["num_to_rerank"] <= 0 or shortlist.empty:
+        if self.config.rerank.num_to_rerank <= 0 or shortlist.empty:
             return pd.DataFrame(columns=list(RERANK_COLUMNS))
-        candidates = top_candidates(shortlist, self.config["rerank"]["num_to_rerank"])[QUERY_ID]
+        candidates = top_candidates(shortlist, self.config.rerank.num_to_rerank)[QUERY_ID]
         rows = self.worker().rerank_features(QUERY_ID, features, candidates, size)
         return pd.DataFrame(rows, columns=list(RERANK_COLUMNS))
 
@@ -171,10 +172,10 @@ class Searcher:
         A landmark's confidence is its aggregated score, or, when the index keeps a calibration,
         P(right) of its evidence (as ``predict`` computes for the best class of a query)."""
         ranking = candidate_table(shortlist, reranked if len(reranked) else None)
-        conf = self.config["predict"]
-        classes = class_evidence(ranking, self.labels, conf["top_k"], conf["aggregation"])
+        conf = self.config.predict
+        classes = class_evidence(ranking, self.labels, conf.top_k, conf.aggregation)
         confidence = self.calibration.probability(classes) if self.calibration and len(classes) else classes["score"]
-        voters = ranking[ranking["rank"] <= conf["top_k"]]
+        voters = ranking[ranking["rank"] <= conf.top_k]
         landmarks = [{"landmark_id": label, "confidence": round(float(score), 6),
                       "candidates": [i for i in voters["index_id"] if self.labels.get(i) == label]}
                      for label, score in zip(classes["label"], confidence)]

@@ -80,7 +80,7 @@ def create_app(index: str | Path, limits: Limits = Limits(), searcher: Searcher 
 
     @app.get("/health", summary="Is the service up, and what index does it serve")
     def health() -> dict:
-        return {"status": "ok", "package_version": __version__, "preset": searcher.config.get("preset"),
+        return {"status": "ok", "package_version": __version__, "preset": searcher.config.preset,
                 "images": len(searcher.ids), "landmarks": len(set(searcher.labels.values())),
                 "in_progress": gate.admitted, "capacity": gate.capacity}
 

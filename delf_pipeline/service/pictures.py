@@ -27,16 +27,16 @@ def match_picture(searcher: Searcher, answer: Answer, data: bytes, height: int =
     with Image.open(preview_path) as opened:
         preview = np.asarray(opened.convert("RGB"))
     photo = answer.image
-    if decode_mode(searcher.config["extract"]) != "RGB":
-        conf = searcher.config["extract"]
-        photo, _ = decode_bytes(data, conf["max_image_size"], "RGB", searcher.max_pixels)
+    if decode_mode(searcher.config.extract) != "RGB":
+        conf = searcher.config.extract
+        photo, _ = decode_bytes(data, conf.max_image_size, "RGB", searcher.max_pixels)
     original = np.asarray(searcher.index.store.size(index_id), np.float32)  # (height, width)
     loc_candidate = candidate.locations * (np.asarray(preview.shape[:2], np.float32) / original)
     loc_photo = answer.features.locations / answer.factors.astype(np.float32)
-    settings = searcher.config["rerank"]
+    settings = searcher.config.rerank
     caption = [f"{answer.photo}  vs  {index_id} (landmark {searcher.labels.get(index_id, '?')})",
                f"{result.matches} putative matches (faint), {result.inliers} inliers (green): "
-               f"{settings['matcher']} matching, {settings['verifier']}"]
+               f"{settings.matcher} matching, {settings.verifier}"]
     picture = draw_matches(photo, preview, loc_photo, loc_candidate, result, caption, height)
     ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
     if not ok:

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
+from ..config import Config
 from ..evidence.calibration import reliability
 from ..formats.images import ImageError, to_rgb
 from ..formats.run_record import recorded_path
@@ -56,7 +57,7 @@ def build(
     *,
     data: str | Path | None = None,
     solution: str | Path | None = None,
-    config: dict | None = None,
+    config: Config | None = None,
     overrides: Sequence[str] = (),
     top: int = 5,
     matches: int = 3,
@@ -393,8 +394,8 @@ def plots(queries: list[dict], has_truth: bool) -> str:
 def render_page(run: Run, queries: list[dict], metrics: dict, has_truth: bool, page_size: int) -> str:
     """The whole index.html text."""
     summary = [[row["q"], row["pred"], row["conf"], row["ok"], row["inliers"]] for row in queries]
-    settings = ", ".join(f"{k}={run.settings[k]}" for k in ("matcher", "match_threshold", "ratio", "verifier",
-                                                            "residual_threshold", "scoring") if k in run.settings)
+    settings = ", ".join(f"{k}={getattr(run.settings, k)}" for k in ("matcher", "match_threshold", "ratio", "verifier",
+                                                                     "residual_threshold", "scoring"))
     body = asset("page.html").format(
         title=html.escape(f"delf_pipeline report: {run.path.resolve()}"),
         run=html.escape(str(run.path.resolve())), settings=html.escape(settings),

@@ -24,7 +24,15 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from ..config import load_config, parse_override
+from ..config import (
+    Config,
+    RerankSettings,
+    config_from_dict,
+    load_config,
+    parse_override_value,
+    split_override,
+    with_recorded,
+)
 from ..formats.blocks import blocks_dir, read_table
 from ..formats.features import ImageFeatures
 from ..formats.images import ImageError, list_images, load_image
@@ -64,7 +72,7 @@ class Run:
     index: FeatureStore
     images: dict[str, Path]
     labels: dict[str, str]
-    settings: dict
+    settings: RerankSettings
     candidates: FeatureStore | None = None
     record: dict = field(default_factory=dict)
 
@@ -76,7 +84,7 @@ class Run:
 def open_run(
     run_dir: str | Path,
     data: str | Path | None = None,
-    config: dict | None = None,
+    config: Config | None = None,
     overrides: Sequence[str] = (),
 ) -> Run:
     """Stores, image paths, labels and rerank settings of ``run_dir``.
@@ -97,7 +105,8 @@ def open_run(
     if source is None:
         log.warning("%s has no %s: give --data (the Kaggle root or image folder the run was made from)",
                     run_dir, RECORD_NAME)
-    settings = rerank_settings(run_dir, config or record.get("config") or load_config(), overrides)
+    recorded = config_from_dict(record["config"], str(run_dir / RECORD_NAME)) if record.get("config") else None
+    settings = rerank_settings(run_dir, config or recorded or load_config(), overrides)
     stores = run_dir / "features"
     candidates = FeatureStore(stores / "index-candidates") if (stores / "index-candidates").is_dir() else None
     return Run(run_dir, FeatureStore(stores / "query"), FeatureStore(stores / "index"), images, labels, settings,
@@ -116,17 +125,18 @@ def image_sources(source: Path) -> tuple[dict[str, Path], dict[str, str]]:
     return paths, labels
 
 
-def rerank_settings(run_dir: Path, config: dict, overrides: Sequence[str] = ()) -> dict:
-    """The rerank section the run used (its manifest), else ``config["rerank"]``; then ``overrides``."""
-    settings = dict(config["rerank"])
+def rerank_settings(run_dir: Path, config: Config, overrides: Sequence[str] = ()) -> RerankSettings:
+    """The rerank section the run used (its manifest), else ``config.rerank``; then the
+    ``rerank.key=value`` items of ``overrides``."""
     manifest = blocks_dir(run_dir / "rerank.csv") / "manifest.json"
     if manifest.is_file():
-        settings.update(read_json(manifest)["settings"])
+        config = with_recorded(config, "rerank", read_json(manifest)["settings"], str(manifest))
     else:
-        log.info("%s has no rerank manifest: verifying with the %s settings", run_dir, config.get("preset"))
-    for item in overrides:
-        settings.update(parse_override(item).get("rerank", {}))
-    return settings
+        log.info("%s has no rerank manifest: verifying with the %s settings", run_dir, config.preset)
+    rerank = {key: value for key, value in (split_override(item)[1:] for item in overrides
+                                            if split_override(item)[0] == "rerank")}
+    parsed = {key: parse_override_value("rerank", key, raw, "--set") for key, raw in rerank.items()}
+    return with_recorded(config, "rerank", parsed, "--set").rerank
 
 
 # ---------------------------------------------------------------- pairs and scores
@@ -261,7 +271,7 @@ def pair_caption(run: Run, query_id: str, index_id: str, result: PairResult, glo
     if recorded and recorded.get("global_score") is not None:
         global_ = float(recorded["global_score"])
     conf = run.settings
-    inliers = result.inliers if result.inliers >= conf.get("min_inliers", 0) else 0
+    inliers = result.inliers if result.inliers >= conf.min_inliers else 0
     score = final_score(inliers, global_, conf)
     label = run.labels.get(index_id, "?")
     lines = "" if result.inliers <= MAX_INLIER_LINES else f", {MAX_INLIER_LINES} drawn as lines"
@@ -269,10 +279,10 @@ def pair_caption(run: Run, query_id: str, index_id: str, result: PairResult, glo
               f"global {global_:.3f}   final score {score:.3f}   status {result.status}")
     if recorded and int(recorded["inliers"]) not in (-1, inliers):
         counts += f"   (rerank.csv: {int(recorded['inliers'])} inliers)"
-    ratio = f", Lowe ratio {conf['ratio']:g}" if conf.get("ratio", 0) > 0 else ""
-    method = (f"{conf['matcher']} matching, distance < {conf['match_threshold']:g}{ratio}; {conf['verifier']}, "
-              f"residual {conf['residual_threshold']:g} px, {conf['max_trials']} trials, seed {conf['seed']}; "
-              f"{conf['scoring']} scoring")
+    ratio = f", Lowe ratio {conf.ratio:g}" if conf.ratio > 0 else ""
+    method = (f"{conf.matcher} matching, distance < {conf.match_threshold:g}{ratio}; {conf.verifier}, "
+              f"residual {conf.residual_threshold:g} px, {conf.max_trials} trials, seed {conf.seed}; "
+              f"{conf.scoring} scoring")
     return [f"query {query_id}  vs  index {index_id} (landmark {label})", counts, method]
 
 
@@ -364,7 +374,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
 
 
-def given_config(args: argparse.Namespace) -> dict | None:
+def given_config(args: argparse.Namespace) -> Config | None:
     """The settings of --preset/--config when given, else None (the run's own are used)."""
     return load_config(args.preset, args.config, args.overrides) if args.preset or args.config else None
 

@@ -10,7 +10,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Collection, Iterator, Sequence, TypeVar
+from typing import Iterator, Sequence, TypeVar
 
 import numpy as np
 
@@ -182,17 +182,11 @@ def fingerprint(data) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
-def settings_manifest(section: dict, ignored: Collection[str] = ()) -> dict:
-    """``{"settings", "fingerprint"}`` of a WHOLE config section minus ``ignored``, the short
-    explicit list of keys that cannot change the artifact (how it is computed, not what).
-
-    Every other key, including one added later, is covered: an artifact made with any other
-    value is refused by :func:`check_manifest`, which names the key.
-    """
-    unknown = sorted(set(ignored) - set(section))
-    if unknown:
-        raise ValueError(f"ignored keys {unknown} are not in the settings section {sorted(section)}")
-    settings = {key: value for key, value in section.items() if key not in ignored}
+def settings_manifest(settings: dict) -> dict:
+    """``{"settings", "fingerprint"}`` of the settings an artifact depends on (a config section
+    minus its runtime keys: ``config.fingerprinted``). Every key is covered, one added later
+    too: an artifact made with any other value is refused by :func:`check_manifest`, which
+    names the key."""
     return {"settings": settings, "fingerprint": fingerprint(settings)}
 
 

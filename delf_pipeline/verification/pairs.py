@@ -28,37 +28,16 @@ can be compared with a ground-truth homography directly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
-from .matching import LEARNED_MATCHERS, MATCHERS, match_descriptors
-from .ransac import MIN_SAMPLES, VERIFIERS, fit_model
+from ..config import DEFAULTS, parse_value
+from .matching import match_descriptors
+from .ransac import MIN_SAMPLES, fit_model
 
-#: The two named settings of ``verify_pair(mode=...)``; any key can be overridden.
-MODES: dict[str, dict[str, Any]] = {
-    "official": {
-        "matcher": "kdtree",  # DELF reference: cKDTree nearest neighbour
-        "match_threshold": 0.8,  # descriptor distance bound (DELF v1)
-        "ratio": 0.0,  # no ratio test
-        "verifier": "skimage_affine",  # skimage RANSAC, AffineTransform, min_samples 3
-        "residual_threshold": 20.0,  # pixels
-        "max_trials": 1000,
-        "confidence": 0.99,  # unused by skimage_affine
-        "min_matches": 4,  # reference: more than 3 putative matches
-    },
-    "fast": {
-        "matcher": "mutual",  # mutual nearest neighbours by one float32 matmul
-        "match_threshold": 0.8,
-        "ratio": 0.0,
-        "verifier": "msac_affine",  # OpenCV USAC affine, MSAC score: 3-point samples like the reference
-        "residual_threshold": 20.0,  # pixels, as the reference, so inlier counts compare
-        "max_trials": 2000,  # false pairs run them all; 1000 loses true inliers at 10% true matches
-        "confidence": 0.99,
-        "min_matches": 4,
-    },
-}
-OPTION_KEYS = tuple(MODES["official"])
+#: The keys of a ``rerank`` settings section that :func:`verify_pair` takes (and ``seed``).
+OPTION_KEYS = ("matcher", "match_threshold", "ratio", "verifier", "residual_threshold", "max_trials", "confidence",
+               "min_matches")
 
 
 @dataclass
@@ -82,49 +61,33 @@ class PairResult:
     model: np.ndarray | None = field(default=None, repr=False)
 
 
-def verify_options(rerank_section: dict) -> dict:
-    """The keyword arguments of :func:`verify_pair` taken from a config ``rerank`` section.
-
-    Returns the :data:`OPTION_KEYS` present in the section plus ``seed``.
-    """
-    options = {key: rerank_section[key] for key in OPTION_KEYS if key in rerank_section}
-    if "seed" in rerank_section:
-        options["seed"] = int(rerank_section["seed"])
-    return options
+def verify_options(rerank) -> dict:
+    """The keyword arguments of :func:`verify_pair` taken from a ``rerank`` settings section:
+    its :data:`OPTION_KEYS` and ``seed``."""
+    return {**{key: rerank[key] for key in OPTION_KEYS}, "seed": int(rerank["seed"])}
 
 
-def resolve_options(mode: str, options: dict) -> dict:
-    """Settings of ``mode`` overridden by ``options``, validated."""
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+def resolve_options(options: dict) -> dict:
+    """The default preset's verification settings (``config.DEFAULTS.rerank``) overridden by
+    ``options``, each checked as the settings table checks a ``rerank`` key (ConfigError, a
+    ValueError, naming it); TypeError for a key that is not a verification option."""
     unknown = sorted(set(options) - set(OPTION_KEYS))
     if unknown:
         raise TypeError(f"unknown verification option(s) {', '.join(unknown)}; known: {', '.join(OPTION_KEYS)}")
-    settings = {**MODES[mode], **options}
-    if settings["matcher"] not in MATCHERS + LEARNED_MATCHERS:
-        raise ValueError(f"unknown matcher {settings['matcher']!r}; "
-                         f"choose one of {', '.join(MATCHERS + LEARNED_MATCHERS)}")
-    if settings["verifier"] not in VERIFIERS:
-        raise ValueError(f"unknown verifier {settings['verifier']!r}; choose one of {', '.join(VERIFIERS)}")
-    for key in ("match_threshold", "residual_threshold"):
-        if not settings[key] > 0:
-            raise ValueError(f"{key} must be > 0, got {settings[key]!r}")
-    if not 0 <= settings["ratio"] < 1:
-        raise ValueError(f"ratio must be in [0, 1) (0 disables the ratio test), got {settings['ratio']!r}")
-    if not 0 < settings["confidence"] < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {settings['confidence']!r}")
-    if int(settings["max_trials"]) < 1:
-        raise ValueError(f"max_trials must be >= 1, got {settings['max_trials']!r}")
+    settings = {key: DEFAULTS.rerank[key] for key in OPTION_KEYS}
+    for key, value in options.items():
+        settings[key] = parse_value("rerank", key, value, origin="verification option")
     return settings
 
 
-def verify_pair(loc_a, desc_a, loc_b, desc_b, *, mode: str = "fast", seed: int = 0, **options) -> PairResult:
+def verify_pair(loc_a, desc_a, loc_b, desc_b, *, seed: int = 0, **options) -> PairResult:
     """Match a's descriptors to b's, then fit a robust model; see :class:`PairResult`.
 
     loc_*: [N, 2] (y, x) pixels; desc_*: [N, D] L2-normalised (float16 or float32).
-    mode: "fast" or "official" (see :data:`MODES`); options override any of its keys.
+    options: any of :data:`OPTION_KEYS` (the default preset's value where not given; the
+    official DELF re-ranking is the rerank section of the ``delf_v1_hub`` preset).
     """
-    settings = resolve_options(mode, options)
+    settings = resolve_options(options)
     loc_a, desc_a = _check_side(loc_a, desc_a, "a")
     loc_b, desc_b = _check_side(loc_b, desc_b, "b")
     if desc_a.shape[1] != desc_b.shape[1]:
@@ -139,13 +102,13 @@ def verify_pair(loc_a, desc_a, loc_b, desc_b, *, mode: str = "fast", seed: int =
     return _fit(loc_a, loc_b, pairs, settings, seed)
 
 
-def verify_matches(loc_a, loc_b, pairs, *, mode: str = "fast", seed: int = 0, **options) -> PairResult:
+def verify_matches(loc_a, loc_b, pairs, *, seed: int = 0, **options) -> PairResult:
     """Fit the robust model of ``verify_pair``'s settings to given putative matches (those of a
     learned matcher); see :class:`PairResult`.
 
     loc_*: [N, 2] (y, x) pixels; pairs: [M, 2] int (row in a, row in b).
     """
-    settings = resolve_options(mode, options)
+    settings = resolve_options(options)
     pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
     return _fit(np.asarray(loc_a), np.asarray(loc_b), pairs, settings, seed)
 

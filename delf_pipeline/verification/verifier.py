@@ -18,6 +18,7 @@ from collections import OrderedDict
 import numpy as np
 import pandas as pd
 
+from ..config import DEFAULTS, RerankSettings, with_recorded
 from ..formats.features import ImageFeatures
 from ..formats.store import FeatureStore
 from .pairs import PairResult, verify_matches, verify_options, verify_pair
@@ -30,7 +31,7 @@ class CandidateVerifier:
     """Verifies the candidates of queries against one index store, keeping recently used index
     features in memory (a bounded cache: an index image shared by many queries is read once)."""
 
-    def __init__(self, query_store: str | None, index_store: str, conf: dict, cache_images: int = 2000):
+    def __init__(self, query_store: str | None, index_store: str, conf: RerankSettings, cache_images: int = 2000):
         self.queries = FeatureStore(query_store) if query_store is not None else None  # None: queries given in memory
         self.index = FeatureStore(index_store)
         self.conf = conf
@@ -79,7 +80,7 @@ class CandidateVerifier:
         for index_id, global_score in candidates:
             sizes = (query_size, self.index.size(index_id)) if self.glue is not None else None
             result = self.verify(query, self.index_features(index_id), sizes)
-            inliers = result.inliers if result.inliers >= self.conf["min_inliers"] else 0
+            inliers = result.inliers if result.inliers >= self.conf.min_inliers else 0
             score = final_score(inliers, global_score, self.conf)
             rows.append((query_id, index_id, global_score, result.matches, inliers, score, result.status))
         return sorted(rows, key=lambda row: (-row[5], row[1]))
@@ -102,29 +103,30 @@ class CandidateVerifier:
                            **self.options)
 
 
-def learned_matcher(conf: dict, stores: list[str]):
-    """The LighterGlue model when ``conf["matcher"]`` is ``lighterglue`` (else None), once every
+def learned_matcher(conf: RerankSettings, stores: list[str]):
+    """The LighterGlue model when ``conf.matcher`` is ``lighterglue`` (else None), once every
     store in ``stores`` is checked to hold XFeat local features (ValueError naming it if not).
     Its weights come from the folder the last store was extracted with (``extract.xfeat_weights``,
     as a Kaggle bundle sets it), else from the cache."""
-    if conf["matcher"] != "lighterglue":
+    if conf.matcher != "lighterglue":
         return None
     for path in stores:
-        settings = FeatureStore(path).manifest()["settings"]
-        local = settings.get("local_backend") or settings.get("backend")
+        manifest = FeatureStore(path).manifest()
+        settings = with_recorded(DEFAULTS, "extract", manifest["settings"], f"{path}/manifest.json").extract
+        local = settings.local_backend or settings.backend
         if local != "xfeat":
             raise ValueError(f"rerank.matcher = 'lighterglue' matches 64-d XFeat local features; {path} holds "
                              f"{local!r} ones (extract.backend / extract.local_backend must be xfeat)")
     from .lighterglue import load_xfeat_lighterglue
 
-    return load_xfeat_lighterglue(settings.get("xfeat_weights") or None)
+    return load_xfeat_lighterglue(settings.xfeat_weights or None)
 
 
-def final_score(inliers: int, global_score: float, conf: dict) -> float:
-    """Score of a verified candidate under ``conf["scoring"]`` (see module docstring)."""
-    if conf["scoring"] == "official":
+def final_score(inliers: int, global_score: float, conf: RerankSettings) -> float:
+    """Score of a verified candidate under ``conf.scoring`` (see module docstring)."""
+    if conf.scoring == "official":
         return inliers + global_score / 2.0
-    if conf["scoring"] == "kaggle2020":
-        cap = conf["max_inlier_score"]
+    if conf.scoring == "kaggle2020":
+        cap = conf.max_inlier_score
         return min(inliers, cap) / cap + global_score
-    raise ValueError(f"unknown rerank.scoring {conf['scoring']!r}; use official or kaggle2020")
+    raise ValueError(f"unknown rerank.scoring {conf.scoring!r}; use official or kaggle2020")

@@ -184,15 +184,15 @@ def bundled_weights(name: str) -> str:
     return str(folder) if folder.is_dir() else ""
 
 
-def fall_back_verifier(config: dict) -> dict:
+def fall_back_verifier(config):
     """Replace the degensac verifier by OpenCV MAGSAC++ (same homography model) when pydegensac is missing."""
-    if config["rerank"]["verifier"] != "degensac":
+    if config.rerank.verifier != "degensac":
         return config
     try:
         importlib.import_module("pydegensac")
     except ImportError:
         log.warning("pydegensac is not installed: verifying with magsac (OpenCV USAC MAGSAC++ homography) instead")
-        config["rerank"]["verifier"] = "magsac"
+        config.rerank.verifier = "magsac"
     return config
 
 

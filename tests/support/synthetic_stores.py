@@ -31,7 +31,7 @@ def write_store(
     dtype: str = "float32", extract_settings: dict | None = None,
 ) -> Path:
     """A feature store at ``path`` holding ``images`` (id order) in parts of ``part_size``."""
-    conf = load_config()["extract"]
+    conf = load_config().extract
     conf.update(extract_settings or {})
     write_json_atomic(path / "manifest.json", store_manifest(conf))
     items = [ExtractedImage(image_id, features, (480, 640)) for image_id, features in images.items()]
