@@ -9,7 +9,7 @@ import pytest
 from support import SHARED_DATA
 
 from delf_pipeline.config import DEFAULTS
-from delf_pipeline.verification.matching import MATCHERS, match_descriptors
+from delf_pipeline.verification.matching import MATCHERS, match_descriptors, match_views
 from delf_pipeline.verification.pairs import (
     MODES,
     verify_options,
@@ -51,6 +51,40 @@ def synthetic_pair(rng, n: int = 200, true_fraction: float = 0.7, transform=None
 
 
 # ---------------------------------------------------------------- matching
+
+
+def test_match_views_matches_each_view_then_keeps_the_most_similar_per_b():
+    # a's rows 0, 1 come from view 0 and rows 2, 3 from view 1. b0 is the mutual neighbour of a0
+    # in view 0 and of a2 in view 1 (a2 closer): b0 keeps a2. b1 is the mutual neighbour of a1 in
+    # view 0 and of a3 in view 1 (a1 closer): b1 keeps a1.
+    desc_b = unit([[1, 0, 0, 0], [0, 1, 0, 0]])
+    desc_a = unit([[1, 0.3, 0, 0], [0, 1, 0.05, 0], [1, 0.1, 0, 0], [0.1, 1, 0.5, 0]])
+    views = np.array([0, 0, 1, 1])
+    pairs = match_views(desc_a, views, desc_b, match_threshold=1.0)
+    np.testing.assert_array_equal(pairs, [[1, 1], [2, 0]])
+    # one view is match_descriptors itself
+    one = match_views(desc_a[:2], np.zeros(2), desc_b, match_threshold=1.0)
+    np.testing.assert_array_equal(one, match_descriptors(desc_a[:2], desc_b, matcher="mutual", match_threshold=1.0))
+
+
+def test_match_views_finds_what_the_union_of_views_loses():
+    # view 0 sees b's rows 0-29, view 1 rows 20-49 (noisy copies): rows 20-29 are matched in both
+    # views and kept once, the others by the one view that sees them
+    rng = np.random.default_rng(0)
+    desc_b = random_unit(rng, 50, 16)
+    view0 = unit(desc_b[:30] + 0.05 * rng.normal(size=(30, 16)))
+    view1 = unit(desc_b[20:] + 0.05 * rng.normal(size=(30, 16)))
+    desc_a, views = np.concatenate([view0, view1]), np.repeat([0, 1], 30)
+    pairs = match_views(desc_a, views, desc_b, match_threshold=0.8)
+    assert sorted(pairs[:, 1]) == list(range(50))  # every b once
+    assert (np.diff(pairs[:, 0]) > 0).all()  # ordered by row in a
+
+
+def test_match_views_empty_and_wrong_shape():
+    desc = unit(np.eye(3))
+    assert match_views(desc[:0], np.zeros(0), desc, match_threshold=1.0).shape == (0, 2)
+    with pytest.raises(ValueError, match="views_a must be \\[3\\]"):
+        match_views(desc, np.zeros(2), desc, match_threshold=1.0)
 
 
 def test_hand_made_matches():
@@ -466,7 +500,8 @@ def test_evd_original_pairs_with_view_synthesis(evd_synthesis):
 def test_view_synthesis_maps_keypoints_back_into_the_image():
     import skimage.data
 
-    from delf_pipeline.extractors.rootsift import extract_rootsift, view_angles
+    from delf_pipeline.extractors.rootsift import extract_rootsift
+    from delf_pipeline.extractors.views import view_angles
 
     image = skimage.data.astronaut()[:200, :300]
     plain, synth = extract_rootsift(image, 100), extract_rootsift(image, 100, tilts=(1, 2))
