@@ -51,24 +51,24 @@ def match_views(desc_a, views_a, desc_b, *, matcher: str = "mutual", match_thres
     found in simulated views (:func:`delf_pipeline.extractors.views.extract_views`) against b's.
 
     Each view of a is matched to b on its own (:func:`match_descriptors`), so a feature of b
-    can be the mutual neighbour of one feature in every view; then each feature of b keeps its
-    most similar a (the first on a tie). views_a: [Na] int, the view of each row of desc_a.
+    can be the mutual neighbour of one feature in every view; it keeps the match of the first
+    view (views are numbered by tilt: the least distorted view of the point wins). Measured on
+    the EVD pairs against keeping the most similar match: 11/15 against 8/15 true pairs above
+    every swapped pair, within one inlier of noise (REPORT of issue 23).
+    views_a: [Na] int, the view of each row of desc_a.
     """
     desc_a = np.asarray(desc_a, dtype=np.float32)
-    desc_b = np.asarray(desc_b, dtype=np.float32)
     views_a = np.asarray(views_a)
     if views_a.shape != (len(desc_a),):
         raise ValueError(f"views_a must be [{len(desc_a)}] (one view per row of desc_a), got {views_a.shape}")
     parts = [np.zeros((0, 2), np.int64)]
-    for view in np.unique(views_a):
+    for view in np.unique(views_a):  # ascending: a b matched in several views is first met in the lowest
         rows = np.flatnonzero(views_a == view)
         found = match_descriptors(desc_a[rows], desc_b, matcher=matcher, match_threshold=match_threshold, ratio=ratio)
         parts.append(np.stack([rows[found[:, 0]], found[:, 1]], axis=1))
     pairs = np.concatenate(parts)
-    similarity = np.einsum("ij,ij->i", desc_a[pairs[:, 0]], desc_b[pairs[:, 1]])
-    order = np.lexsort((-similarity, pairs[:, 1]))  # by b, most similar first (stable: first on a tie)
-    _, first = np.unique(pairs[order, 1], return_index=True)
-    kept = pairs[order[first]]
+    _, first = np.unique(pairs[:, 1], return_index=True)
+    kept = pairs[first]
     return kept[np.argsort(kept[:, 0], kind="stable")]
 
 
