@@ -37,15 +37,15 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from delf_pipeline import extract  # noqa: E402
+import common  # noqa: E402
+
 from delf_pipeline.config import load_config  # noqa: E402
+from delf_pipeline.extractors.build import local_extractor  # noqa: E402
 from delf_pipeline.extractors.views import extract_views  # noqa: E402
 from delf_pipeline.formats.images import load_image  # noqa: E402
 from delf_pipeline.verification.lighterglue import load_xfeat_lighterglue  # noqa: E402
 from delf_pipeline.verification.matching import match_descriptors, match_views  # noqa: E402
 from delf_pipeline.verification.pairs import verify_matches, verify_options  # noqa: E402
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def local_features(extractor, path: Path, max_image_size: int, tilts: tuple[float, ...]) -> dict:
@@ -112,12 +112,10 @@ def main() -> None:
     parser.add_argument("--f-thresholds", type=float, nargs="*", default=[2.0, 4.0])
     parser.add_argument("--no-lighterglue", action="store_true")
     args = parser.parse_args()
-    folder = DATA / "evd"
-    if not folder.is_dir():
-        raise SystemExit(f"EVD not found at {folder}")
+    folder = common.require_data("evd/1", "evd/2", "evd/h") / "evd"
     logging.getLogger("delf_pipeline").setLevel(logging.WARNING)
     conf = load_config("xfeat")
-    extractor = extract.local_extractor({**conf["extract"], "max_features": 1000}, "xfeat")
+    extractor = local_extractor({**conf["extract"], "max_features": 1000}, "xfeat")
     extractor(np.zeros((64, 64, 3), np.uint8))  # warm-up (graph tracing) outside the timing
     options = verify_options(conf["rerank"])
     names = sorted(p.stem for p in (folder / "1").glob("*.png"))
