@@ -183,9 +183,10 @@ SETTINGS: dict[str, dict[str, Key]] = {
                                  when="descriptor_matcher"),
         "ratio": _real(0.9, 0, 1, "Lowe ratio test, 0 disables", open_high=True, when="ratio_matcher"),
         "verifier": _pick("msac_affine", ("skimage_affine", "magsac", "magsac_affine", "msac_affine", "affine2d",
-                                          "degensac"),
+                                          "degensac", "magsac_fundamental"),
                           "skimage_affine (official) | magsac (MAGSAC++ homography) | magsac_affine | msac_affine "
-                          "(OpenCV USAC affine, MSAC score) | affine2d | degensac (pydegensac homography, extra)"),
+                          "(OpenCV USAC affine, MSAC score) | affine2d | degensac (pydegensac homography, extra) | "
+                          "magsac_fundamental (3D scenes; residual_threshold a few px)"),
         "residual_threshold": _real(20.0, 0, 10_000, "RANSAC inlier threshold in pixels", open_low=True),
         "max_trials": _count(2000, 1, 1_000_000, "RANSAC iterations"),
         "confidence": _real(0.99, 0, 1, "RANSAC confidence (every verifier but skimage_affine)", open_low=True,

@@ -81,10 +81,60 @@ def test_keypoints_outside_the_image_are_an_error():
 
 
 def test_rotary_golden():
-    # each pair (t0, t1) is rotated by its angle: (t0 cos - t1 sin, t1 cos + t0 sin)
-    t = np.array([[1.0, 0.0, 3.0, 4.0]], np.float32)
-    angles = np.array([[np.pi / 2, np.pi / 2, np.pi, np.pi]], np.float32)
-    np.testing.assert_allclose(lg.rotary(t, (np.cos(angles), np.sin(angles))), [[0, 1, -3, -4]], atol=1e-6)
+    # pairs (1, 0) and (3, 4) stored de-interleaved as [1, 3 | 0, 4], rotated by pi / 2 and pi:
+    # (t0 cos - t1 sin, t1 cos + t0 sin) = (0, 1) and (-3, -4), stored as [0, -3 | 1, -4]
+    t = np.array([[1.0, 3.0, 0.0, 4.0]], np.float32)
+    angles = np.array([[np.pi / 2, np.pi]], np.float32)
+    np.testing.assert_allclose(lg.rotary(t, (np.cos(angles), np.sin(angles))), [[0, -3, 1, -4]], atol=1e-6)
+
+
+def test_deinterleaved_order():
+    np.testing.assert_array_equal(lg.deinterleaved()[[0, 1, 47, 48, 95]], [0, 2, 94, 1, 95])
+
+
+def test_gelu_doubled_is_twice_the_exact_gelu():
+    from scipy.special import erf
+
+    h = np.linspace(-12, 12, 20001, dtype=np.float32)
+    exact = h.astype(np.float64) * 0.5 * (1 + erf(h.astype(np.float64) / np.sqrt(2)))
+    np.testing.assert_allclose(lg.gelu_doubled(h.copy()), 2 * exact, atol=2e-6, rtol=0)
+
+
+def test_logit_bound_holds():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(50, 8)).astype(np.float32), rng.normal(size=(40, 8)).astype(np.float32)
+    assert np.abs(a @ b.T).max() <= lg.logit_bound(a, b) * (1 + 1e-6)
+    assert lg.logit_bound(a[:0], b) == 0.0
+
+
+@pytest.mark.parametrize("case", ["photos", "synthetic"])
+def test_unbounded_logits_path_matches_the_reference(params, reference, case, monkeypatch):
+    # every softmax subtracts its maximum (the path taken when the logit bound exceeds EXP_SAFE)
+    monkeypatch.setattr(lg, "EXP_SAFE", -1.0)
+    result = run_case(params, reference, case, "full")
+    np.testing.assert_array_equal(result.matches, reference[f"{case}/full/matches"])
+    np.testing.assert_allclose(result.scores, reference[f"{case}/full/scores"], atol=1e-3, rtol=0)
+    expected = reference[f"{case}/full/log_assignment"].astype(np.float32)
+    np.testing.assert_allclose(np.exp(result.log_assignment), np.exp(expected), atol=1e-3, rtol=0)
+
+
+def test_folded_block_equals_the_unfolded_layers():
+    # fold_block is the same function as the block's own layers: value, output and MLP-input
+    # projections on [x, softmax(S) @ v] with rows of softmax(S) summing to one
+    rng = np.random.default_rng(1)
+    dim, prefix = lg.DIM, "transformers.0.cross_attn"
+    p = {name: rng.normal(size=shape).astype(np.float32) / 10
+         for name, shape in lg.expected_shapes().items() if name.startswith(prefix)}
+    block = lg.fold_block(p, prefix)
+    x = rng.normal(size=(5, dim)).astype(np.float32)
+    other = rng.normal(size=(7, dim)).astype(np.float32)
+    weights = rng.random((5, 7)).astype(np.float32)
+    weights /= weights.sum(axis=1, keepdims=True)
+    v = other @ p[f"{prefix}.to_v.weight"].T + p[f"{prefix}.to_v.bias"]
+    message = (weights @ v) @ p[f"{prefix}.to_out.weight"].T + p[f"{prefix}.to_out.bias"]
+    expected = np.concatenate([x, message], 1) @ p[f"{prefix}.ffn.0.weight"].T + p[f"{prefix}.ffn.0.bias"]
+    folded = np.concatenate([x, weights @ other], 1) @ block.ffn_in + block.ffn_in_bias
+    np.testing.assert_allclose(folded, expected, atol=1e-4)
 
 
 def test_filter_matches_golden():

@@ -9,8 +9,8 @@ import pytest
 from support import SHARED_DATA
 
 from delf_pipeline.config import DEFAULTS, load_config
-from delf_pipeline.verification.matching import MATCHERS, match_descriptors
-from delf_pipeline.verification.pairs import OPTION_KEYS, verify_options, verify_pair
+from delf_pipeline.verification.matching import MATCHERS, match_descriptors, match_views
+from delf_pipeline.verification.pairs import OPTION_KEYS, verify_matches, verify_options, verify_pair
 from delf_pipeline.verification.ransac import VERIFIERS
 
 #: The verification settings these tests compare: the official DELF re-ranking (the rerank
@@ -30,6 +30,7 @@ EVD = SHARED_DATA / "evd"
 HAS_DEGENSAC = importlib.util.find_spec("pydegensac") is not None
 needs_degensac = pytest.mark.skipif(not HAS_DEGENSAC, reason="pydegensac (extra [degensac]) is not installed")
 RUNNABLE_VERIFIERS = [pytest.param(v, marks=needs_degensac) if v == "degensac" else v for v in VERIFIERS]
+MAPPING_VERIFIERS = [v for v in RUNNABLE_VERIFIERS if v != "magsac_fundamental"]  # models that map a to b
 
 
 def unit(x) -> np.ndarray:
@@ -60,6 +61,40 @@ def synthetic_pair(rng, n: int = 200, true_fraction: float = 0.7, transform=None
 
 
 # ---------------------------------------------------------------- matching
+
+
+def test_match_views_matches_each_view_then_keeps_the_first_view_per_b():
+    # a's rows 0, 1 come from view 0 and rows 2, 3 from view 1. b0 is the mutual neighbour of a0
+    # in view 0 and of a2 in view 1: b0 keeps view 0's a0 although a2 is closer. b2 is matched in
+    # view 1 only (by a3), b1 in view 0 only (by a1).
+    desc_b = unit(np.eye(4)[:3])
+    desc_a = unit([[1, 0.3, 0, 0], [0, 1, 0.05, 0], [1, 0.1, 0, 0], [0, 0.1, 1, 0]])
+    views = np.array([0, 0, 1, 1])
+    pairs = match_views(desc_a, views, desc_b, match_threshold=1.0)
+    np.testing.assert_array_equal(pairs, [[0, 0], [1, 1], [3, 2]])
+    # one view is match_descriptors itself
+    one = match_views(desc_a[:2], np.zeros(2), desc_b, match_threshold=1.0)
+    np.testing.assert_array_equal(one, match_descriptors(desc_a[:2], desc_b, matcher="mutual", match_threshold=1.0))
+
+
+def test_match_views_finds_what_the_union_of_views_loses():
+    # view 0 sees b's rows 0-29, view 1 rows 20-49 (noisy copies): rows 20-29 are matched in both
+    # views and kept once, the others by the one view that sees them
+    rng = np.random.default_rng(0)
+    desc_b = random_unit(rng, 50, 16)
+    view0 = unit(desc_b[:30] + 0.05 * rng.normal(size=(30, 16)))
+    view1 = unit(desc_b[20:] + 0.05 * rng.normal(size=(30, 16)))
+    desc_a, views = np.concatenate([view0, view1]), np.repeat([0, 1], 30)
+    pairs = match_views(desc_a, views, desc_b, match_threshold=0.8)
+    assert sorted(pairs[:, 1]) == list(range(50))  # every b once
+    assert (np.diff(pairs[:, 0]) > 0).all()  # ordered by row in a
+
+
+def test_match_views_empty_and_wrong_shape():
+    desc = unit(np.eye(3))
+    assert match_views(desc[:0], np.zeros(0), desc, match_threshold=1.0).shape == (0, 2)
+    with pytest.raises(ValueError, match="views_a must be \\[3\\]"):
+        match_views(desc, np.zeros(2), desc, match_threshold=1.0)
 
 
 def test_hand_made_matches():
@@ -184,7 +219,7 @@ def test_fewer_than_min_matches_gives_zero(mode):
     assert verify(loc_a, desc_a, loc_b, desc_b, mode=mode, min_matches=12).inliers == 12
 
 
-@pytest.mark.parametrize("verifier", RUNNABLE_VERIFIERS)
+@pytest.mark.parametrize("verifier", MAPPING_VERIFIERS)
 def test_recovers_known_affine_with_outliers(verifier):
     loc_a, desc_a, loc_b, desc_b, true = synthetic_pair(np.random.default_rng(2), n=200, true_fraction=0.7)
     result = verify(loc_a, desc_a, loc_b, desc_b, verifier=verifier, residual_threshold=4.0)
@@ -213,7 +248,7 @@ def project(model: np.ndarray, xy1: np.ndarray) -> np.ndarray:
     return mapped[:, :2] / mapped[:, 2:]
 
 
-@pytest.mark.parametrize("verifier", RUNNABLE_VERIFIERS)
+@pytest.mark.parametrize("verifier", MAPPING_VERIFIERS)
 def test_model_maps_a_xy_to_b_xy(verifier):
     # b is a shifted 50 px right (x) and 10 px down (y): the model's translation is (50, 10)
     rng = np.random.default_rng(5)
@@ -256,6 +291,59 @@ def test_magsac_seed_zero_is_opencv_usac_magsac():
     np.testing.assert_array_equal(result.match_indices, np.stack([np.arange(300)] * 2, axis=1))
     np.testing.assert_array_equal(result.inlier_mask, mask.ravel().astype(bool))
     np.testing.assert_allclose(result.model, model)
+
+
+def two_view_scene(rng, n: int = 300, true_fraction: float = 0.6):
+    """(y, x) locations of a 3D scene seen by two cameras, the first T = true_fraction * n rows
+    matching (0.3 px noise), the rest random; and the true fundamental matrix (x_b^T F x_a = 0)."""
+    points = np.c_[rng.uniform(-2, 2, (n, 2)), rng.uniform(4, 8, n)]  # depths 4-8: not a plane
+    k = np.array([[500.0, 0, 400], [0, 500, 300], [0, 0, 1]])
+    angle = np.deg2rad(15)
+    rotation = np.array([[np.cos(angle), 0, np.sin(angle)], [0, 1, 0], [-np.sin(angle), 0, np.cos(angle)]])
+    shift = np.array([-1.0, 0.1, 0.2])
+
+    def project(world):
+        pixels = world @ k.T
+        return pixels[:, :2] / pixels[:, 2:]
+
+    xy_a, xy_b = project(points), project(points @ rotation.T + shift) + rng.normal(0, 0.3, (n, 2))
+    true = int(true_fraction * n)
+    xy_b[true:] = rng.uniform(0, 800, (n - true, 2))
+    cross = np.array([[0, -shift[2], shift[1]], [shift[2], 0, -shift[0]], [-shift[1], shift[0], 0]])
+    fundamental = np.linalg.inv(k).T @ cross @ rotation @ np.linalg.inv(k)
+    return xy_a[:, ::-1].astype(np.float32), xy_b[:, ::-1].astype(np.float32), fundamental, true
+
+
+def test_fundamental_verifier_finds_a_3d_scene():
+    loc_a, loc_b, fundamental, true = two_view_scene(np.random.default_rng(13))
+    pairs = np.stack([np.arange(len(loc_a))] * 2, axis=1)
+    result = verify_matches(loc_a, loc_b, pairs, verifier="magsac_fundamental", residual_threshold=2.0)
+    assert result.status == "ok"
+    assert result.inlier_mask[:true].mean() >= 0.95 and result.inlier_mask[true:].mean() <= 0.05
+    np.testing.assert_allclose(np.linalg.norm(result.model), 1.0)
+    expected = fundamental / np.linalg.norm(fundamental)
+    assert min(np.abs(result.model - expected).max(), np.abs(result.model + expected).max()) < 0.05
+    # an affine model cannot hold a 3D scene seen from two places: it keeps far fewer of the true matches
+    affine = verify_matches(loc_a, loc_b, pairs, verifier="msac_affine", residual_threshold=2.0)
+    assert affine.inliers < 0.8 * result.inliers
+
+
+def test_fundamental_seed_zero_is_opencv_usac_magsac():
+    import cv2
+
+    loc_a, loc_b, _, _ = two_view_scene(np.random.default_rng(14), true_fraction=0.4)
+    pairs = np.stack([np.arange(len(loc_a))] * 2, axis=1)
+    result = verify_matches(loc_a, loc_b, pairs, verifier="magsac_fundamental", residual_threshold=2.0, max_trials=500)
+    model, mask = cv2.findFundamentalMat(loc_a[:, ::-1].copy(), loc_b[:, ::-1].copy(), cv2.USAC_MAGSAC, 2.0, 0.99, 500)
+    np.testing.assert_array_equal(result.inlier_mask, mask.ravel().astype(bool))
+    np.testing.assert_allclose(result.model, model / np.linalg.norm(model), atol=1e-9)
+
+
+def test_fundamental_needs_eight_matches():
+    loc_a, loc_b, _, _ = two_view_scene(np.random.default_rng(15), n=7, true_fraction=1.0)
+    pairs = np.stack([np.arange(7)] * 2, axis=1)
+    result = verify_matches(loc_a, loc_b, pairs, verifier="magsac_fundamental", min_matches=4)
+    assert (result.status, result.inliers) == ("too_few_matches", 0)
 
 
 def test_degensac_missing_says_how_to_install(monkeypatch):
@@ -474,7 +562,8 @@ def test_evd_original_pairs_with_view_synthesis(evd_synthesis):
 def test_view_synthesis_maps_keypoints_back_into_the_image():
     import skimage.data
 
-    from delf_pipeline.extractors.rootsift import extract_rootsift, view_angles
+    from delf_pipeline.extractors.rootsift import extract_rootsift
+    from delf_pipeline.extractors.views import view_angles
 
     image = skimage.data.astronaut()[:200, :300]
     plain, synth = extract_rootsift(image, 100), extract_rootsift(image, 100, tilts=(1, 2))

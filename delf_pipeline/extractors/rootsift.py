@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 from ..formats.features import ImageFeatures
+from .views import back_to_image, simulate_view, view_angles
 
 SIFT_DIM = 128
 
@@ -39,52 +40,20 @@ def extract_rootsift(image: np.ndarray, max_features: int, tilts: Sequence[float
         (v.locations, v.descriptors, v.scales, v.scores) for v in views))))
 
 
-def view_angles(tilts: Sequence[float]) -> list[tuple[float, float]]:
-    """(tilt, rotation in degrees) of every simulated view; tilt 1 is the image itself."""
-    views = []
-    for tilt in tilts:
-        if tilt < 1:
-            raise ValueError(f"extract.affine_tilts must be >= 1, got {tilt}")
-        angles = [0.0] if tilt == 1 else list(np.arange(0.0, 180.0, 72.0 / tilt))
-        views.extend((float(tilt), float(angle)) for angle in angles)
-    return views
-
-
 def _sift_view(sift, gray: np.ndarray, tilt: float, angle: float, max_features: int) -> ImageFeatures:
     """SIFT on one simulated view of ``gray`` [H, W], keypoints mapped back to ``gray``."""
-    view, affine = _simulate_view(gray, tilt, angle)
+    view, affine = simulate_view(gray, tilt, angle)
     keypoints, descriptors = sift.detectAndCompute(view, None)
     keypoints = keypoints[:max_features] if max_features > 0 else ()
     if not keypoints or descriptors is None:
         return empty_features(SIFT_DIM)
-    xy = np.array([k.pt for k in keypoints], dtype=np.float64)
-    back = cv2.invertAffineTransform(affine)
-    xy = xy @ back[:, :2].T + back[:, 2]
-    height, width = gray.shape
-    inside = (xy[:, 0] >= 0) & (xy[:, 0] < width) & (xy[:, 1] >= 0) & (xy[:, 1] < height)  # not the view's border
+    xy, inside = back_to_image(np.array([k.pt for k in keypoints], dtype=np.float64), affine, gray.shape)
     return ImageFeatures(
         locations=xy[inside, ::-1].astype(np.float32),
         descriptors=root_sift(descriptors[: len(keypoints)][inside]),
         scales=np.array([k.size for k in keypoints], dtype=np.float32)[inside],
         scores=np.array([k.response for k in keypoints], dtype=np.float32)[inside],
     )
-
-
-def _simulate_view(gray: np.ndarray, tilt: float, angle: float) -> tuple[np.ndarray, np.ndarray]:
-    """The view of ``gray`` rotated by ``angle`` and tilted by ``tilt``, and the 2x3 affine
-    map from ``gray``'s (x, y) to the view's."""
-    affine = np.eye(2, 3)
-    if tilt == 1:
-        return gray, affine
-    height, width = gray.shape
-    affine = cv2.getRotationMatrix2D((0, 0), angle, 1.0)
-    corners = affine @ np.array([[0, width, 0, width], [0, 0, height, height], [1, 1, 1, 1]], np.float64)
-    affine[:, 2] -= corners.min(axis=1)
-    size = np.ceil(corners.max(axis=1) - corners.min(axis=1)).astype(int)
-    view = cv2.warpAffine(gray, affine, (int(size[0]), int(size[1])), flags=cv2.INTER_LINEAR)
-    view = cv2.GaussianBlur(view, (0, 0), sigmaX=0.8 * np.sqrt(tilt * tilt - 1), sigmaY=0.01)
-    view = cv2.resize(view, (0, 0), fx=1.0 / tilt, fy=1.0, interpolation=cv2.INTER_LINEAR)
-    return view, np.diag([1.0 / tilt, 1.0]) @ affine
 
 
 def root_sift(descriptors: np.ndarray) -> np.ndarray:

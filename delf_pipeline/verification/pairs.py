@@ -19,11 +19,14 @@ Verifiers: ``skimage_affine`` (official: ``skimage.measure.ransac`` with an
 ``AffineTransform``, fitted from b to a exactly as the reference does), ``magsac``
 (OpenCV USAC MAGSAC++ homography), ``magsac_affine`` (the same estimator with an affine
 model), ``msac_affine`` (OpenCV USAC affine with MSAC scoring and inner local
-optimisation), ``affine2d`` (OpenCV ``estimateAffine2D`` RANSAC) and
-``degensac`` (``pydegensac`` homography, an optional extra).
+optimisation), ``affine2d`` (OpenCV ``estimateAffine2D`` RANSAC),
+``degensac`` (``pydegensac`` homography, an optional extra) and ``magsac_fundamental``
+(OpenCV USAC MAGSAC++ fundamental matrix, for 3D scenes; ``residual_threshold`` is then the
+Sampson distance, a few pixels, not the 20 px of the affine fits).
 
 Every returned model is a 3x3 matrix mapping a's (x, y) pixel coordinates to b's, so it
-can be compared with a ground-truth homography directly.
+can be compared with a ground-truth homography directly; ``magsac_fundamental``'s is the
+fundamental matrix instead (see :mod:`.ransac`).
 """
 from __future__ import annotations
 
@@ -50,7 +53,8 @@ class PairResult:
         sample) | "degenerate" (no model: singular or failed fit).
     match_indices: [M, 2] int64, rows (index into a, index into b).
     inlier_mask: [M] bool over match_indices.
-    model: [3, 3] float64 mapping a's (x, y) to b's (x, y), or None.
+    model: [3, 3] float64 mapping a's (x, y) to b's (x, y) (magsac_fundamental: the fundamental
+        matrix), or None.
     """
 
     matches: int

@@ -1,5 +1,6 @@
 """Robust model fits of putative matches (the verifiers); every model is a 3x3 matrix
-mapping a's (x, y) pixel coordinates to b's."""
+mapping a's (x, y) pixel coordinates to b's, except ``magsac_fundamental``'s: the fundamental
+matrix F (unit Frobenius norm) with ``[x_b, y_b, 1] F [x_a, y_a, 1]^T = 0`` for its inliers."""
 from __future__ import annotations
 
 import warnings
@@ -9,7 +10,8 @@ import cv2
 import numpy as np
 
 #: verifier -> matches in its minimal sample (fewer can never be verified)
-MIN_SAMPLES = {"skimage_affine": 3, "magsac": 4, "magsac_affine": 3, "msac_affine": 3, "affine2d": 3, "degensac": 4}
+MIN_SAMPLES = {"skimage_affine": 3, "magsac": 4, "magsac_affine": 3, "msac_affine": 3, "affine2d": 3, "degensac": 4,
+               "magsac_fundamental": 8}
 VERIFIERS = tuple(MIN_SAMPLES)
 
 
@@ -25,6 +27,7 @@ def fit_model(xy_a: np.ndarray, xy_b: np.ndarray, settings: dict, seed: int = 0)
         "msac_affine": partial(_fit_usac, recipe="msac", homography=False),
         "affine2d": _fit_affine2d,
         "degensac": _fit_degensac,
+        "magsac_fundamental": _fit_fundamental,
     }[settings["verifier"]]
     return fitter(xy_a, xy_b, settings, seed)
 
@@ -84,6 +87,24 @@ def _fit_usac(xy_a, xy_b, settings, seed, *, recipe: str, homography: bool):
     except cv2.error:  # OpenCV raises on fewer points than its minimal sample
         return None, np.zeros(len(xy_a), bool)
     return _cv_result(model, mask, len(xy_a))
+
+
+def _fit_fundamental(xy_a, xy_b, settings, seed):
+    """OpenCV USAC MAGSAC++ fundamental matrix (``residual_threshold``: the Sampson distance in
+    pixels). For 3D scenes, where no single plane holds the matches; on the EVD pairs (planar
+    scenes) at 4 px it ranked true pairs above swapped ones better than MSAC affine at 20 px
+    for mutual matches (8/15 against 5/15) and alike for LighterGlue's (9/15)."""
+    failed = None, np.zeros(len(xy_a), bool)
+    try:
+        model, mask = cv2.findFundamentalMat(xy_a, xy_b, _usac_params(settings, seed, "magsac"))
+    except cv2.error:  # OpenCV raises on fewer points than its minimal sample
+        return failed
+    if model is None or mask is None or model.shape != (3, 3) or not np.isfinite(model).all():
+        return failed
+    norm = np.linalg.norm(model)
+    if norm < 1e-12:
+        return failed
+    return np.asarray(model, np.float64) / norm, np.asarray(mask, bool).reshape(-1)
 
 
 def _affine_3x3(model):
