@@ -24,6 +24,7 @@ import pandas as pd
 
 from .config import Config, RerankSettings, with_recorded
 from .formats.blocks import blocks_dir, read_table
+from .formats.store import FeatureStore
 from .utils.artifacts import read_json
 from .utils.progress import format_seconds
 
@@ -66,7 +67,8 @@ def affordable_depth(seconds_left: float, seconds_per_pair: float, num_queries: 
     return max(0, min(configured, math.floor(seconds_left * jobs / (seconds_per_pair * num_queries))))
 
 
-def measure_pair_seconds(conf: RerankSettings, shortlist: pd.DataFrame, query_store: Path, index_store: Path,
+def measure_pair_seconds(conf: RerankSettings, shortlist: pd.DataFrame, query_store: Path | FeatureStore,
+                         index_store: Path | FeatureStore,
                          max_pairs: int, max_seconds: float) -> tuple[float, int]:
     """Mean seconds per verified pair and the number of pairs timed.
 
@@ -80,7 +82,7 @@ def measure_pair_seconds(conf: RerankSettings, shortlist: pd.DataFrame, query_st
     candidates = top_candidates(shortlist, conf.num_to_rerank)
     queries = sorted(candidates)
     step = max(1, len(queries) * conf.num_to_rerank // max(1, max_pairs))
-    worker = CandidateVerifier(str(query_store), str(index_store), conf)
+    worker = CandidateVerifier(query_store, index_store, conf)
     start, pairs = time.perf_counter(), 0
     for query_id in queries[::step]:
         pairs += len(worker.rerank_query(query_id, candidates[query_id]))
@@ -89,8 +91,8 @@ def measure_pair_seconds(conf: RerankSettings, shortlist: pd.DataFrame, query_st
     return (time.perf_counter() - start) / max(pairs, 1), pairs
 
 
-def fit_num_to_rerank(config: Config, budget: TimeBudget, shortlist_csv: Path, query_store: Path,
-                      index_store: Path, rerank_csv: Path, *, jobs: int = 1, overwrite: bool = False,
+def fit_num_to_rerank(config: Config, budget: TimeBudget, shortlist_csv: Path, query_store: Path | FeatureStore,
+                      index_store: Path | FeatureStore, rerank_csv: Path, *, jobs: int = 1, overwrite: bool = False,
                       margin: float = 0.8, sample_pairs: int = 200) -> Config:
     """A copy of ``config`` whose ``rerank.num_to_rerank`` fits ``margin`` x the time left.
 

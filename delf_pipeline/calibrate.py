@@ -32,13 +32,13 @@ import numpy as np
 import pandas as pd
 
 from . import extract, rerank, shortlist
-from .config import Config, load_config
+from .config import Config, add_config_arguments, config_of
 from .descriptors.derived import prepare_index
 from .evidence import aggregation, calibration
 from .evidence.nonlandmarks import add_nonlandmark
 from .formats.blocks import read_table
 from .formats.candidates import candidate_ids, top_candidates
-from .formats.store import FeatureStore
+from .formats.store import FeatureStore, open_store
 from .formats.tables import read_labels
 from .retrieval.search import select_matmul
 from .utils.artifacts import fingerprint, write_text_atomic
@@ -50,7 +50,7 @@ THRESHOLDS = np.round(np.arange(0.0, 1.0001, 0.05), 2)  # rows of the printed th
 
 def run(
     config: Config,
-    index_store: str | Path,
+    index_store: str | Path | FeatureStore,
     labels: dict[str, str],
     out: str | Path,
     *,
@@ -66,15 +66,15 @@ def run(
     feature (:mod:`delf_pipeline.evidence.nonlandmarks`); the store's path is recorded in the
     file so that ``predict`` computes the same feature for its queries.
     """
-    out = Path(out)
+    out, index = Path(out), open_store(index_store)
     work = Path(work) if work else out.parent / "calibration"
-    evidence = loo_evidence(config, index_store, labels, work, jobs=jobs, index_images=index_images)
+    evidence = loo_evidence(config, index, labels, work, jobs=jobs, index_images=index_images)
     conf = config.calibrate
     settings = {"aggregation": config.predict.aggregation, "top_k": config.predict.top_k,
                 "seed": conf.seed, "l2": conf.l2}
     if non_landmarks:
-        store = nonlandmark_store(config, Path(index_store), Path(non_landmarks), work / "non_landmarks")
-        evidence = add_nonlandmark(evidence, index_store, store)
+        store = nonlandmark_store(config, index.path, Path(non_landmarks), work / "non_landmarks")
+        evidence = add_nonlandmark(evidence, index, store)
         settings["non_landmarks"] = str(store.resolve())
     right = evidence["right"].to_numpy()
     settings.update(sample=len(evidence), right=int(right.sum()))
@@ -98,15 +98,15 @@ def nonlandmark_store(config: Config, index_store: Path, images: Path, out: Path
     return extract.run(globals_only, images, out, codebook=codebook if codebook.exists() else None)
 
 
-def loo_evidence(config: Config, index_store: str | Path, labels: dict[str, str], work: Path, *, jobs: int = 1,
-                 index_images: str | Path | None = None) -> pd.DataFrame:
+def loo_evidence(config: Config, index_store: str | Path | FeatureStore, labels: dict[str, str], work: Path, *,
+                 jobs: int = 1, index_images: str | Path | None = None) -> pd.DataFrame:
     """Best-class evidence rows of the leave-one-out sample, with a ``right`` column (bool)."""
     candidates = loo_candidates(config, index_store, work, jobs=jobs, index_images=index_images, labels=labels)
     best = predicted_classes(config, candidates, labels)
     return best.assign(right=[labels.get(q) == label for q, label in zip(best["query_id"], best["label"])])
 
 
-def loo_candidates(config: Config, index_store: str | Path, work: Path, *, jobs: int = 1,
+def loo_candidates(config: Config, index_store: str | Path | FeatureStore, work: Path, *, jobs: int = 1,
                    index_images: str | Path | None = None, labels: dict[str, str] | None = None) -> pd.DataFrame:
     """Candidate table (aggregation.CANDIDATE_COLUMNS) of the sampled index images as queries.
 
@@ -114,7 +114,7 @@ def loo_candidates(config: Config, index_store: str | Path, work: Path, *, jobs:
     ``labels`` for the supervised ones, and query expansion), so its scores are on the scale
     the calibration is applied to.
     """
-    index = FeatureStore(index_store)
+    index = open_store(index_store)
     ids = sample_ids(index.ids, config.calibrate.sample, config.calibrate.seed)
     loo = copy.deepcopy(config)
     loo.shortlist.exclude_same_id = True
@@ -132,8 +132,8 @@ def loo_candidates(config: Config, index_store: str | Path, work: Path, *, jobs:
     rerank_csv = None
     if loo.rerank.num_to_rerank > 0:
         wanted = candidate_ids(top_candidates(ranked, loo.rerank.num_to_rerank))
-        local_store = extract.candidate_local_store(loo, Path(index_store), wanted, index_images)
-        rerank_csv = rerank.run(loo, shortlist_csv, index_store, local_store, work / "rerank.csv", jobs=jobs)
+        local_store = extract.candidate_local_store(loo, index, wanted, index_images)
+        rerank_csv = rerank.run(loo, shortlist_csv, index, local_store, work / "rerank.csv", jobs=jobs)
     return aggregation.candidate_table(ranked, read_table(rerank_csv) if rerank_csv else None)
 
 
@@ -165,8 +165,6 @@ def describe(fitted: calibration.Calibration, table: pd.DataFrame, chosen: dict[
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .config import add_config_arguments
-
     parser.add_argument("--index", required=True, help="feature store of the index images")
     parser.add_argument("--index-labels", required=True, help="CSV with id,landmark_id of the index images")
     parser.add_argument("--out", help="calibration file to write (default: calibration.json beside the index store)")
@@ -179,7 +177,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    config = load_config(args.preset, args.config, args.overrides)
+    config = config_of(args)
     out = Path(args.out) if args.out else Path(args.index).parent / "calibration.json"
     run(config, args.index, read_labels(args.index_labels), out, work=args.work, jobs=args.jobs,
         index_images=args.index_images, non_landmarks=args.non_landmarks)

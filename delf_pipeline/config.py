@@ -528,10 +528,16 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of resumable, shardable stages."""
+def config_of(args: argparse.Namespace) -> Config:
+    """The settings a command's ``--preset``, ``--config`` and ``--set`` give."""
+    return load_config(args.preset, args.config, args.overrides)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, dask: str) -> None:
+    """Options of resumable, shardable stages; ``dask`` says what ``--dask ADDRESS`` runs there."""
     parser.add_argument("--shard", metavar="I/N", help="process only shard I of N (1-based), e.g. 2/4")
     parser.add_argument("--overwrite", action="store_true", help="redo work that is already finished")
+    parser.add_argument("--dask", metavar="ADDRESS", help=f"{dask} on this dask.distributed scheduler")
 
 
 def add_arguments(parser) -> None:
@@ -544,5 +550,5 @@ def main(args) -> int:
     if args.list:
         print("\n".join(list_presets()))
         return 0
-    print(to_toml(load_config(args.preset, args.config, args.overrides)), end="")
+    print(to_toml(config_of(args)), end="")
     return 0

@@ -8,6 +8,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from .formats.run_folder import RunFolder
 from .formats.run_record import read_run_record, recorded_path
 from .formats.tables import (
     read_index_labels,
@@ -83,12 +84,11 @@ def run_inputs(run_dir: str | Path) -> dict:
     """The arguments of :func:`evaluate` for a folder of ``delf-pipeline run``, from its run.json:
     its submission and ranking, the solution it was given (None if none), the labels of its
     data's train.csv."""
-    run_dir = Path(run_dir)
-    record = read_run_record(run_dir)
-    ranking = run_dir / "ranking.csv"
-    has_ranking = ranking.is_file()
-    return {"predictions_path": run_dir / "submission.csv", "solution_path": recorded_path(record, "solution"),
-            "ranking_path": ranking if has_ranking else None,
+    folder = RunFolder(run_dir)
+    record = read_run_record(folder.path)
+    has_ranking = folder.ranking.is_file()
+    return {"predictions_path": folder.submission, "solution_path": recorded_path(record, "solution"),
+            "ranking_path": folder.ranking if has_ranking else None,
             "index_labels_path": recorded_path(record, "data") / "train.csv" if has_ranking else None}
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from PIL import Image
 
 from . import extract, predict, rerank, shortlist
-from .config import Config, load_config
+from .config import Config, add_config_arguments, load_config
 from .formats.blocks import read_table
 from .formats.revisitop import GroundTruth, crop_box, read_ground_truth
 from .metrics.revisitop import PROTOCOLS, revisited_map
@@ -105,8 +105,6 @@ def format_table(result: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .config import add_config_arguments
-
     parser.add_argument("--gnd", required=True, help="official ground truth: gnd_roxford5k.pkl or gnd_rparis6k.pkl")
     parser.add_argument("--images", required=True, help="folder of the dataset's NAME.jpg images")
     parser.add_argument("--out", required=True, help="work folder (cropped queries, features, rankings)")

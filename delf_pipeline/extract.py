@@ -21,7 +21,15 @@ import logging
 from pathlib import Path
 from typing import Collection, Sequence
 
-from .config import Config, ExtractSettings, fingerprinted, load_config, with_recorded
+from .config import (
+    Config,
+    ExtractSettings,
+    add_config_arguments,
+    add_run_arguments,
+    config_of,
+    fingerprinted,
+    with_recorded,
+)
 from .extractors.base import Extractor
 from .extractors.build import LOCAL_BACKENDS, build, decode_mode, resolve_model
 from .extractors.codebook import prepare_codebook, stored_codebook
@@ -37,7 +45,7 @@ from .formats.parts import (
     write_parts,
     write_results,
 )
-from .formats.store import FORMAT_VERSION, FeatureStore, errors_to_csv, remove_store
+from .formats.store import FORMAT_VERSION, FeatureStore, candidates_path, errors_to_csv, open_store, remove_store
 from .utils.artifacts import (
     check_manifest,
     output_lock,
@@ -106,19 +114,20 @@ def run(
     return out
 
 
-def candidate_local_store(config: Config, index_store: Path, wanted: set[str], data: Path, *,
+def candidate_local_store(config: Config, index_store: str | Path | FeatureStore, wanted: set[str], data: Path, *,
                           strict: bool = False) -> Path:
-    """The store to read the candidates' local features from: ``index_store`` itself, or, when
+    """The store to read the candidates' local features from: the index store itself, or, when
     it holds global descriptors only, ``<index_store>-candidates`` made by extracting
     ``wanted`` (each image once) with the index store's own settings and codebook."""
-    recorded = FeatureStore(index_store).manifest()["settings"]
+    index = open_store(index_store)
+    recorded = index.manifest()["settings"]
     if recorded.get("local_features", True):
-        return index_store
+        return index.path
     local_config = with_recorded(config, "extract", {**recorded, "local_features": True},
-                                 str(index_store / "manifest.json"))
-    codebook = index_store / "codebook.npy"
+                                 str(index.path / "manifest.json"))
+    codebook = index.path / "codebook.npy"
     log.info("extracting local features of %d shortlisted index images", len(wanted))
-    return run(local_config, data, Path(f"{index_store}-candidates"), split="train", only_ids=wanted,
+    return run(local_config, data, candidates_path(index.path), split="train", only_ids=wanted,
                strict=strict, codebook=codebook if codebook.exists() else None)
 
 
@@ -194,8 +203,6 @@ def _refuse_recorded(out: Path, only_ids: Collection[str] | None) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .config import add_config_arguments, add_run_arguments
-
     parser.add_argument("--images", required=True, help="image folder (recursive), Kaggle root, or CSV with id,path")
     parser.add_argument("--out", required=True, help="feature store folder to write (created; resumed if present)")
     parser.add_argument("--split", default="train", help="Kaggle layout: which split folder to read (train or test)")
@@ -204,14 +211,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="extract only the index images shortlisted there (top rerank.num_to_rerank per query): "
                              "local features for an index store made with extract.local_features=false")
     parser.add_argument("--strict", action="store_true", help="stop with exit code 1 at the first unusable image")
-    parser.add_argument("--dask", metavar="ADDRESS", help="extract the parts on this dask.distributed scheduler "
-                                                          "(its workers must see --images and --out)")
-    add_run_arguments(parser)
+    add_run_arguments(parser, dask="extract the parts (the workers must see --images and --out)")
     add_config_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    config = load_config(args.preset, args.config, args.overrides)
+    config = config_of(args)
     only_ids = None
     if args.candidates:
         from .formats.candidates import candidate_ids, read_candidates

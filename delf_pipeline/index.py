@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image
 
 from . import __version__, extract
-from .config import Config, load_config
+from .config import Config, add_config_arguments, config_of
 from .formats.images import ImageRecord, iter_decoded, list_images
 from .formats.index_folder import FORMAT, FORMAT_VERSION, open_index, preview_name
 from .formats.store import FeatureStore
@@ -169,8 +169,6 @@ def _write_manifest(out: Path, config: Config, previews: int, command: str, imag
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .config import add_config_arguments
-
     sub = parser.add_subparsers(dest="index_command", metavar="ACTION", required=True)
     made = sub.add_parser("build", help="extract index images into a new portable index folder")
     made.add_argument("--images", required=True, help="image folder (recursive), Kaggle root, or CSV with id,path")
@@ -193,7 +191,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if args.index_command == "build":
-        config = load_config(args.preset, args.config, args.overrides)
+        config = config_of(args)
         out = build(config, args.images, args.out, labels=args.labels, split=args.split, previews=args.previews,
                     calibration=args.calibration, overwrite=args.overwrite)
         print(f"index: {out}")

@@ -1,19 +1,12 @@
 """All stages at once on a Kaggle-layout folder: ``delf-pipeline run``.
 
 ``DATA/train.csv`` + ``DATA/train/...`` are the index (with landmark labels) and
-``DATA/test/...`` the queries. Writes, under ``OUT``::
-
-    run.json                         what the run was given (data, preset, overrides, model,
-                                     solution, package version): ``report``, ``show-matches``
-                                     and ``evaluate`` need only ``--run OUT``
-    features/index, features/query   feature stores (extract)
-    errors.csv                       id,path,reason of every image of every store that failed
-    shortlist.csv                    top-K index images per query
-    features/index-candidates        local features of shortlisted index images, when
-                                     extract.local_features is false (extracted once each)
-    rerank.csv                       verified candidates (skipped when num_to_rerank is 0)
-    submission.csv, ranking.csv      predictions (every query id, also failed images)
-    metrics.json                     with --solution
+``DATA/test/...`` the queries. It writes the run folder ``OUT``
+(:mod:`delf_pipeline.formats.run_folder` names every path in it): ``run.json`` first, so
+``report``, ``show-matches`` and ``evaluate`` need only ``--run OUT``; the feature stores,
+each opened once after its extraction; ``shortlist.csv``, ``rerank.csv`` (skipped when
+num_to_rerank is 0), ``submission.csv`` and ``ranking.csv`` (every query id, failed images
+too), ``errors.csv`` and, with ``--solution``, ``metrics.json``.
 
 Every stage resumes: finished work is skipped, so rerunning after a crash or a kill
 continues where it stopped and gives the same files.
@@ -21,18 +14,18 @@ continues where it stopped and gives the same files.
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 from pathlib import Path
 from typing import Callable, Sequence
 
 from . import calibrate, extract, predict, rerank, shortlist
 from .budget import TimeBudget, affordable_depth, fit_num_to_rerank, measure_pair_seconds
-from .config import Config, load_config, with_recorded
+from .config import Config, add_config_arguments, load_config, with_recorded
 from .evidence.calibration import CalibrationError
 from .formats.blocks import read_table
 from .formats.candidates import candidate_ids, read_candidates
 from .formats.images import list_images
+from .formats.run_folder import RunFolder
 from .formats.run_record import run_record, write_run_record
 from .formats.store import FeatureStore, errors_to_csv, read_errors
 from .formats.tables import read_labels
@@ -70,40 +63,55 @@ def run(
     predict uses ``features/calibration.json``; ``non_landmarks`` is its optional folder of
     images without a landmark.
     """
-    data, out = Path(data), Path(out)
+    data, folder = Path(data), RunFolder(out)
     check_kaggle_layout(data)
-    write_run_record(out, run_record(config, data, solution=solution, config_file=config_file, overrides=overrides))
-    features = out / "features"
-    index_store = extract.run(config, data, features / "index", split="train", overwrite=overwrite, strict=strict)
-    codebook = index_store / "codebook.npy"
-    query_store = extract.run(_query_config(config, index_store), data, features / "query", split="test",
-                              overwrite=overwrite, strict=strict, codebook=codebook if codebook.exists() else None)
+    write_run_record(folder.path, run_record(config, data, solution=solution, config_file=config_file,
+                                             overrides=overrides))
+    index, query = extract_both(config, data, folder, overwrite=overwrite, strict=strict)
     labels = read_labels(data / "train.csv")
-    shortlist_csv = shortlist.run(config, index_store, query_store, out / "shortlist.csv", overwrite=overwrite,
-                                  index_labels=labels)
-    rerank_csv, global_store = None, index_store
-    if config.rerank.num_to_rerank > 0:
-        candidates = read_candidates(shortlist_csv, config.rerank.num_to_rerank)
-        index_store = extract.candidate_local_store(config, index_store, candidate_ids(candidates), data, strict=strict)
-    write_run_errors(out / "errors.csv", sorted({features / "index", query_store, index_store}))
-    if time_budget is not None:
-        config = fit_num_to_rerank(config, time_budget, shortlist_csv, query_store, index_store,
-                                   out / "rerank.csv", jobs=jobs, overwrite=overwrite)
-    if config.rerank.num_to_rerank > 0:
-        rerank_csv = rerank.run(config, shortlist_csv, query_store, index_store, out / "rerank.csv",
-                                overwrite=overwrite, jobs=jobs)
-    if calibrate_index:
-        config = with_calibration(config, data, global_store, out, jobs=jobs, budget=time_budget,
-                                  pair_seconds=lambda: _pair_seconds(config, shortlist_csv, query_store, index_store),
-                                  non_landmarks=non_landmarks)
-    submission = predict.run(config, shortlist_csv, labels,
-                             predict.query_ids(query_store, data / "sample_submission.csv"),
-                             out / "submission.csv", rerank_csv=rerank_csv, query_store=query_store)
+    shortlist_csv = shortlist.run(config, index, query, folder.shortlist, overwrite=overwrite, index_labels=labels)
+    local = candidates_store(config, folder, index, shortlist_csv, data, strict=strict)
+    write_run_errors(folder.errors, list(dict.fromkeys([index.path, query.path, local.path])))
+    reranked = config if time_budget is None else fit_num_to_rerank(
+        config, time_budget, shortlist_csv, query, local, folder.rerank, jobs=jobs, overwrite=overwrite)
+    rerank_csv = None
+    if reranked.rerank.num_to_rerank > 0:
+        rerank_csv = rerank.run(reranked, shortlist_csv, query, local, folder.rerank, overwrite=overwrite, jobs=jobs)
+    predicting = reranked if not calibrate_index else with_calibration(
+        reranked, data, index, folder, jobs=jobs, budget=time_budget, non_landmarks=non_landmarks,
+        pair_seconds=lambda: _pair_seconds(reranked, shortlist_csv, query, local))
+    submission = predict.run(predicting, shortlist_csv, labels,
+                             predict.query_ids(query, data / "sample_submission.csv"),
+                             folder.submission, rerank_csv=rerank_csv, query_store=query)
     if solution:
         from .evaluate import evaluate, print_report
 
-        print_report(evaluate(submission, solution, out / "ranking.csv", data / "train.csv", out / "metrics.json"))
+        print_report(evaluate(submission, solution, folder.ranking, data / "train.csv", folder.metrics))
     return submission
+
+
+def extract_both(config: Config, data: Path, folder: RunFolder, *, overwrite: bool,
+                 strict: bool) -> tuple[FeatureStore, FeatureStore]:
+    """The index store (train split) and the query store (test split, with the index's codebook
+    and model) of the run ``folder``, extracted or resumed."""
+    index = folder.store(extract.run(config, data, folder.index_store, split="train", overwrite=overwrite,
+                                     strict=strict))
+    codebook = index.path / "codebook.npy"
+    query = folder.store(extract.run(_query_config(config, index), data, folder.query_store, split="test",
+                                     overwrite=overwrite, strict=strict,
+                                     codebook=codebook if codebook.exists() else None))
+    return index, query
+
+
+def candidates_store(config: Config, folder: RunFolder, index: FeatureStore, shortlist_csv: Path, data: Path, *,
+                     strict: bool) -> FeatureStore:
+    """The store holding the shortlisted candidates' local features: the index store, or the
+    candidates' own store when the index holds global descriptors only (see
+    :func:`delf_pipeline.extract.candidate_local_store`)."""
+    if config.rerank.num_to_rerank <= 0:
+        return index
+    wanted = candidate_ids(read_candidates(shortlist_csv, config.rerank.num_to_rerank))
+    return folder.store(extract.candidate_local_store(config, index, wanted, data, strict=strict))
 
 
 def check_kaggle_layout(data: Path) -> None:
@@ -133,14 +141,15 @@ def write_run_errors(path: Path, stores: Sequence[Path]) -> None:
         log.info("%d image(s) could not be used: see %s", len(errors), path)
 
 
-def with_calibration(config: Config, data: Path, index_store: Path, out: Path, *, jobs: int, budget: TimeBudget | None,
-                     pair_seconds: Callable[[], float], non_landmarks: str | Path | None) -> Config:
+def with_calibration(config: Config, data: Path, index: FeatureStore, folder: RunFolder, *, jobs: int,
+                     budget: TimeBudget | None, pair_seconds: Callable[[], float],
+                     non_landmarks: str | Path | None) -> Config:
     """``config`` with predict.calibration set to a fresh ``OUT/features/calibration.json``, or
     unchanged (with a log line) when the budget leaves too little time or the sample cannot be fitted.
     pair_seconds: () -> seconds per verified pair, called only under a budget."""
-    config = copy.deepcopy(config)
+    config = config.copy()
     conf = config.calibrate
-    images = len(FeatureStore(index_store))
+    images = len(index)
     wanted = min(conf.sample, images) if conf.sample > 0 else images
     if budget is not None:
         depth = config.rerank.num_to_rerank  # pairs verified per leave-one-out query
@@ -151,9 +160,9 @@ def with_calibration(config: Config, data: Path, index_store: Path, out: Path, *
                         conf.sample, wanted, MIN_CALIBRATION_SAMPLE)
             return config
         log.info("calibration: %d leave-one-out queries fit in the time budget", conf.sample)
-    target = out / "features" / "calibration.json"
+    target = folder.calibration
     try:
-        calibrate.run(config, index_store, read_labels(data / "train.csv"), target, work=out / "calibration", jobs=jobs,
+        calibrate.run(config, index, read_labels(data / "train.csv"), target, work=folder.calibration_work, jobs=jobs,
                       index_images=data, non_landmarks=non_landmarks)
     except CalibrationError as error:
         log.warning("calibration skipped: %s", error)
@@ -162,22 +171,20 @@ def with_calibration(config: Config, data: Path, index_store: Path, out: Path, *
     return config
 
 
-def _pair_seconds(config: Config, shortlist_csv: Path, query_store: Path, index_store: Path) -> float:
+def _pair_seconds(config: Config, shortlist_csv: Path, query_store: FeatureStore, index_store: FeatureStore) -> float:
     """Seconds per verified pair, timed on up to 50 of the queries' shortlisted pairs."""
     return measure_pair_seconds(config.rerank, read_table(shortlist_csv), query_store, index_store, 50,
                                 max_seconds=30.0)[0]
 
 
-def _query_config(config: Config, index_store: Path) -> Config:
+def _query_config(config: Config, index: FeatureStore) -> Config:
     """The queries' settings: local features always, whatever extract.local_features says for the
     index, and the index store's model (a built-in model is exported, with its PCA, for the index)."""
-    model = FeatureStore(index_store).manifest()["settings"]["model"]
-    return with_recorded(config, "extract", {"local_features": True, "model": model}, str(index_store / "manifest.json"))
+    model = index.manifest()["settings"]["model"]
+    return with_recorded(config, "extract", {"local_features": True, "model": model}, str(index.path / "manifest.json"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .config import add_config_arguments
-
     parser.add_argument("--data", required=True, help="Kaggle-layout folder: train.csv, train/, test/")
     parser.add_argument("--out", required=True, help="output folder (resumed if it exists)")
     parser.add_argument("--model", help="DELF/DELG SavedModel folder or hub handle (sets extract.model)")

@@ -28,12 +28,12 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from .config import Config, PredictSettings, load_config
+from .config import Config, PredictSettings, add_config_arguments, config_of
 from .evidence.aggregation import best_classes, candidate_table, class_evidence, frequency_factor
 from .evidence.calibration import load_checked
 from .evidence.nonlandmarks import add_nonlandmark
 from .formats.blocks import read_table
-from .formats.store import FeatureStore
+from .formats.store import open_store
 from .formats.tables import read_ids, read_labels
 from .utils.artifacts import atomic_path, write_text_atomic
 
@@ -108,7 +108,7 @@ def submission_csv(query_ids: list[str], predictions: dict[str, tuple[str, float
 def query_ids(store: str | Path, listed_csv: str | Path | None = None) -> list[str]:
     """The ids that need a submission row: those of ``listed_csv`` (e.g. sample_submission.csv,
     when it exists) in its order, then every other query of ``store``, failed images included."""
-    found = FeatureStore(store)
+    found = open_store(store)
     ids = sorted(set(found.ids) | {error.id for error in found.errors()})
     if listed_csv is None or not Path(listed_csv).exists():
         return ids
@@ -117,8 +117,6 @@ def query_ids(store: str | Path, listed_csv: str | Path | None = None) -> list[s
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .config import add_config_arguments
-
     parser.add_argument("--shortlist", required=True, help="shortlist CSV from `delf-pipeline shortlist`")
     parser.add_argument("--rerank", help="rerank CSV from `delf-pipeline rerank` (omit for global-only predictions)")
     parser.add_argument("--index-labels", required=True, help="CSV with id,landmark_id of the index images")
@@ -131,7 +129,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    config = load_config(args.preset, args.config, args.overrides)
+    config = config_of(args)
     if args.calibration:
         config.predict.calibration = args.calibration
     queries = Path(args.queries)

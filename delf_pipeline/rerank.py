@@ -20,10 +20,17 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import Config, RerankSettings, fingerprinted, load_config
+from .config import (
+    Config,
+    RerankSettings,
+    add_config_arguments,
+    add_run_arguments,
+    config_of,
+    fingerprinted,
+)
 from .formats.blocks import claim_blocks, read_table, run_blocks, write_block
 from .formats.candidates import SHORTLIST_COLUMNS, top_candidates
-from .formats.store import FeatureStore
+from .formats.store import FeatureStore, open_store
 from .utils.artifacts import fingerprint, parse_shard, settings_manifest
 from .utils.parallel import run_tasks, worker_local
 from .utils.progress import track
@@ -37,8 +44,8 @@ QUERY_BLOCK = 32  # queries per block: the unit of resume, sharding and parallel
 def run(
     config: Config,
     shortlist_csv: str | Path,
-    query_store: str | Path,
-    index_store: str | Path,
+    query_store: str | Path | FeatureStore,
+    index_store: str | Path | FeatureStore,
     out: str | Path,
     *,
     shard: tuple[int, int] = (1, 1),
@@ -55,12 +62,12 @@ def run(
     conf, out = config.rerank, Path(out)
     shortlist = read_table(Path(shortlist_csv), SHORTLIST_COLUMNS)
     candidates = top_candidates(shortlist, conf.num_to_rerank)
-    require_local_features(Path(index_store))
-    paths = (str(query_store), str(index_store))
+    stores = (open_store(query_store), open_store(index_store))
+    require_local_features(stores[1])
 
     def compute(blocks: list[tuple[int, list[str]]]) -> None:
         tasks = [(number, {q: candidates[q] for q in ids}) for number, ids in blocks]
-        _run_parallel(tasks, out, paths, conf, jobs, dask_address)
+        _run_parallel(tasks, out, stores, conf, jobs, dask_address)
 
     with claim_blocks(out, shard, "rerank output", rerank_manifest(conf, shortlist), overwrite):
         run_blocks(out, list(candidates), QUERY_BLOCK, shard, COLUMNS, compute)
@@ -83,23 +90,27 @@ def table_fingerprint(table: pd.DataFrame) -> str:
     return fingerprint({"columns": list(table.columns), "rows": hashlib.sha1(rows.tobytes()).hexdigest()})
 
 
-def require_local_features(index_store: Path) -> None:
+def require_local_features(index_store: str | Path | FeatureStore) -> None:
     """Raise a ValueError saying what to do when ``index_store`` holds no local features."""
-    if not FeatureStore(index_store).manifest()["settings"].get("local_features", True):
+    index = open_store(index_store)
+    if not index.manifest()["settings"].get("local_features", True):
         raise ValueError(
-            f"{index_store} holds global descriptors only. Extract the shortlisted candidates' local features "
+            f"{index.path} holds global descriptors only. Extract the shortlisted candidates' local features "
             "first with `delf-pipeline extract --candidates SHORTLIST.csv --set extract.local_features=true` "
             "(shardable) and pass that store as --index (`delf-pipeline run` does this itself)."
         )
 
 
-def _run_parallel(tasks, out: Path, paths, conf: RerankSettings, jobs: int, dask_address: str | None) -> None:
-    """Run the blocks in this process, in joblib worker processes, or on a Dask cluster."""
+def _run_parallel(tasks, out: Path, stores: tuple[FeatureStore, FeatureStore], conf: RerankSettings, jobs: int,
+                  dask_address: str | None) -> None:
+    """Run the blocks in this process (on the opened ``stores``), in joblib worker processes, or
+    on a Dask cluster (each opening the stores by path)."""
     if jobs == 1 and dask_address is None:
-        worker = CandidateVerifier(*paths, conf)
+        worker = CandidateVerifier(*stores, conf)
         for number, block in track(tasks, len(tasks), "rerank blocks"):
             write_block(out, number, worker.rerank_block(block))
         return
+    paths = tuple(str(store.path) for store in stores)
     tasks = [(number, block, str(out), paths, conf) for number, block in tasks]
     run_tasks(_rerank_and_write, tasks, "rerank blocks", jobs=jobs, dask_address=dask_address)
 
@@ -112,20 +123,17 @@ def _rerank_and_write(number: int, block: dict, out: str, paths: tuple[str, str]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .config import add_config_arguments, add_run_arguments
-
     parser.add_argument("--shortlist", required=True, help="shortlist CSV from `delf-pipeline shortlist`")
     parser.add_argument("--queries", required=True, help="feature store of the query images")
     parser.add_argument("--index", required=True, help="feature store of the index images")
     parser.add_argument("--out", required=True, help="rerank CSV to write")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (one per core works best)")
-    parser.add_argument("--dask", metavar="ADDRESS", help="run the blocks on this dask.distributed scheduler")
-    add_run_arguments(parser)
+    add_run_arguments(parser, dask="run the blocks (the workers must see the stores and --out)")
     add_config_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    config = load_config(args.preset, args.config, args.overrides)
+    config = config_of(args)
     run(config, args.shortlist, args.queries, args.index, args.out, shard=parse_shard(args.shard),
         overwrite=args.overwrite, jobs=args.jobs, dask_address=args.dask)
     return 0

@@ -27,12 +27,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import Config, ShortlistSettings, fingerprinted, load_config
+from .config import (
+    Config,
+    ShortlistSettings,
+    add_config_arguments,
+    add_run_arguments,
+    config_of,
+    fingerprinted,
+)
 from .descriptors.derived import global_space, labels_fingerprint, prepare_index
 from .descriptors.expansion import expand_blocks
 from .descriptors.whitening import Whitening
 from .formats.blocks import claim_blocks, run_blocks, write_block
-from .formats.store import FeatureStore
+from .formats.store import FeatureStore, open_store
 from .formats.tables import read_labels
 from .retrieval.search import MatMul, search_blocks, select_matmul
 from .utils.artifacts import parse_shard, settings_manifest
@@ -64,7 +71,7 @@ def run(
     whitened / augmented index, if any, is made here first.
     """
     conf, out = config.shortlist, Path(out)
-    index, queries = FeatureStore(index_store), FeatureStore(query_store)
+    index, queries = open_store(index_store), open_store(query_store)
     if not len(index):
         raise ValueError(f"no index images in {index.path}: nothing to shortlist from (is train.csv or the "
                          "image folder empty, or did every image fail? see its errors.csv)")
@@ -78,7 +85,7 @@ def run(
         searched, whitening = prepare_index(index, conf, index_labels, matmul)
         passes = group_blocks(blocks, PASS_QUERIES)
         if dask_address:
-            tasks = [(str(searched.path), str(query_store), group, conf, str(out), whitening) for group in passes]
+            tasks = [(str(searched.path), str(queries.path), group, conf, str(out), whitening) for group in passes]
             run_tasks(_shortlist_pass, tasks, "shortlist passes", dask_address=dask_address)
             return
         for group in track(passes, len(passes), "shortlist passes"):
@@ -172,20 +179,16 @@ def _frame(query_ids: list[str], index_ids: list[str], top_rows: np.ndarray, top
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .config import add_config_arguments, add_run_arguments
-
     parser.add_argument("--index", required=True, help="feature store of the index images")
     parser.add_argument("--queries", required=True, help="feature store of the query images")
     parser.add_argument("--out", required=True, help="shortlist CSV to write (query_id,index_id,rank,score)")
     parser.add_argument("--index-labels", help="CSV id,landmark_id of the index images (supervised whitening / DBA)")
-    parser.add_argument("--dask", metavar="ADDRESS", help="run the passes on this dask.distributed scheduler "
-                                                          "(its workers must see the stores and --out)")
-    add_run_arguments(parser)
+    add_run_arguments(parser, dask="run the passes (the workers must see the stores and --out)")
     add_config_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    config = load_config(args.preset, args.config, args.overrides)
+    config = config_of(args)
     labels = read_labels(args.index_labels) if args.index_labels else None
     run(config, args.index, args.queries, args.out, shard=parse_shard(args.shard), overwrite=args.overwrite,
         index_labels=labels, dask_address=args.dask)

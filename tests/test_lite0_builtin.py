@@ -32,8 +32,8 @@ def test_queries_use_the_index_stores_model(tmp_path):
     (tmp_path / "parts").mkdir()
     (tmp_path / "manifest.json").write_text('{"settings": {"model": "/cache/exports/efficientnet_lite0-abc"}}')
     config = load_config("efficientnet_lite0")
-    query = _query_config(config, tmp_path)["extract"]
-    assert query["model"] == "/cache/exports/efficientnet_lite0-abc" and query["local_features"]
+    query = _query_config(config, FeatureStore(tmp_path)).extract
+    assert query.model == "/cache/exports/efficientnet_lite0-abc" and query.local_features
     assert config.extract.model == "builtin:efficientnet_lite0"  # not changed in place
 
 

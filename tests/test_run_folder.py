@@ -126,3 +126,35 @@ def test_run_says_what_the_data_folder_lacks(tmp_path, caplog, capfd, make, mess
     assert message in caplog.text and str(data) in caplog.text
     assert "Traceback" not in capfd.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_run_opens_each_store_once_after_extracting_it(tmp_path, monkeypatch):
+    """pipeline.run reads a store's parts once: the stages after extraction share one opened store."""
+    from collections import Counter
+
+    from support.synthetic_images import FAST, write_kaggle
+
+    from delf_pipeline import extract, pipeline
+    from delf_pipeline.formats import store as store_module
+
+    write_kaggle(tmp_path / "data")
+    overrides = [item for item in FAST if "=" in item]  # the section.key=value items of --set
+    opened, extracting = Counter(), []
+    real_init, real_extract = store_module.FeatureStore.__init__, extract.run
+
+    def counting_init(self, path):
+        if not extracting:
+            opened[Path(path).name] += 1
+        real_init(self, path)
+
+    def flagged_extract(*args, **kwargs):
+        extracting.append(1)
+        try:
+            return real_extract(*args, **kwargs)
+        finally:
+            extracting.pop()
+
+    monkeypatch.setattr(store_module.FeatureStore, "__init__", counting_init)
+    monkeypatch.setattr(extract, "run", flagged_extract)
+    pipeline.run(load_config("sift_default", overrides=overrides), tmp_path / "data", tmp_path / "out")
+    assert opened and max(opened.values()) == 1, opened

@@ -14,6 +14,7 @@ from delf_pipeline import cli
 from delf_pipeline.config import load_config
 from delf_pipeline.formats.features import ImageFeatures, l2_normalize
 from delf_pipeline.formats.images import ImageError
+from delf_pipeline.formats.run_folder import RunFolder
 from delf_pipeline.formats.store import ExtractedImage, write_part
 from delf_pipeline.tools.show_matches import (
     GAP,
@@ -166,7 +167,7 @@ def test_candidate_table_joins_ranking_and_rerank(tmp_path):
     (tmp_path / "ranking.csv").write_text("query_id,index_id,rank,score\nq,a,1,2.5\nq,b,2,0.4\nq,c,3,0.1\n")
     (tmp_path / "rerank.csv").write_text("query_id,index_id,global_score,matches,inliers,score,status\n"
                                          "q,a,0.5,40,20,2.5,ok\n")
-    table = candidate_table(tmp_path, top=2)
+    table = candidate_table(RunFolder(tmp_path), top=2)
     expected = pd.DataFrame({"query_id": ["q", "q"], "index_id": ["a", "b"], "rank": [1, 2], "score": [2.5, 0.4],
                              "global_score": [0.5, 0.4], "matches": [40, -1], "inliers": [20, -1],
                              "status": ["ok", "not verified"]})
@@ -175,7 +176,7 @@ def test_candidate_table_joins_ranking_and_rerank(tmp_path):
 
 def test_candidate_table_empty_run_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="finished run folder"):
-        candidate_table(tmp_path, top=3)
+        candidate_table(RunFolder(tmp_path), top=3)
 
 
 def test_safe_name_keeps_plain_ids_and_separates_others():

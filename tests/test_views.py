@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from delf_pipeline.formats.features import ImageFeatures
 from delf_pipeline.extractors.views import back_to_image, extract_views, simulate_view, view_angles
+from delf_pipeline.formats.features import ImageFeatures
 
 
 def dot_image(shape=(120, 200), at=(30, 150)) -> np.ndarray:

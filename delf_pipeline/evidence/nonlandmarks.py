@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..formats.store import FeatureStore
+from ..formats.store import FeatureStore, open_store
 
 NEIGHBOURS = 5  # non-landmark images averaged per query (2020 1st place: top 5 or 10)
 
@@ -40,10 +40,11 @@ def nonlandmark_similarity(queries: np.ndarray, non_landmarks: np.ndarray, neigh
     return -np.sort(-similarity, axis=1)[:, :m].mean(axis=1) if len(queries) else np.zeros(0, np.float32)
 
 
-def add_nonlandmark(best: pd.DataFrame, query_store: str | Path, nonlandmark_store: str | Path) -> pd.DataFrame:
+def add_nonlandmark(best: pd.DataFrame, query_store: str | Path | FeatureStore,
+                    nonlandmark_store: str | Path) -> pd.DataFrame:
     """``best`` (best-class rows of aggregation.class_evidence) with the ``nonlandmark`` column."""
     if best.empty:
         return best.assign(nonlandmark=np.zeros(0))
-    queries = FeatureStore(query_store).global_matrix(best["query_id"].tolist())
+    queries = open_store(query_store).global_matrix(best["query_id"].tolist())
     similarity = nonlandmark_similarity(queries, FeatureStore(nonlandmark_store).global_matrix())
     return best.assign(nonlandmark=best["best_global"].to_numpy(np.float64) - similarity)

@@ -213,6 +213,18 @@ class Part:
         )
 
 
+def candidates_path(index_store: str | Path) -> Path:
+    """Where the local features of an index store's shortlisted images go when the index store
+    holds global descriptors only: ``INDEX-candidates`` beside it."""
+    return Path(f"{index_store}-candidates")
+
+
+def open_store(store: str | Path | "FeatureStore") -> "FeatureStore":
+    """``store`` itself when it is an opened :class:`FeatureStore` (its parts read once), else the
+    store at that path."""
+    return store if isinstance(store, FeatureStore) else FeatureStore(store)
+
+
 class FeatureStore:
     """Read access to a store folder: all finished parts of all shards.
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..config import add_config_arguments, config_of
 from ..formats.images import kaggle_path
 
 log = logging.getLogger("delf_pipeline.tools.demo")
@@ -109,8 +110,6 @@ def _write_csv(path: Path, header: tuple, rows: list) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..config import add_config_arguments
-
     parser.add_argument("--out", default="delf_demo", help="folder for the demo data and results (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random views")
     parser.add_argument("--jobs", type=int, default=1, help="rerank worker processes")
@@ -118,10 +117,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..config import load_config
     from ..pipeline import run
 
-    config = load_config(args.preset, args.config, args.overrides)
+    config = config_of(args)
     out = Path(args.out)
     data = out / "data"
     solution = data / "solution.csv"

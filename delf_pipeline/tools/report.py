@@ -26,9 +26,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
-from ..config import Config
+from ..config import Config, add_config_arguments
 from ..evidence.calibration import reliability
 from ..formats.images import ImageError, to_rgb
+from ..formats.run_folder import RunFolder
 from ..formats.run_record import recorded_path
 from ..formats.tables import read_solution, read_submission
 from ..metrics.recognition import pooled_precision
@@ -74,35 +75,34 @@ def build(
     if top < 1 or not 0 <= matches <= top:
         raise ValueError(f"need top >= 1 and 0 <= matches <= top, got top={top}, matches={matches}")
     run = open_run(run_dir, data, config, overrides)
-    out = Path(out) if out else run.path / "report"
+    out = Path(out) if out else run.folder.report
     data_dir = Path(data) if data else recorded_path(run.record, "data")
     solution = Path(solution) if solution else recorded_path(run.record, "solution")
     truth = read_solution(solution) if solution else None
-    table = candidate_table(run.path, top)
-    queries = query_rows(run, table, read_submission(run.path / "submission.csv"), truth)
+    table = candidate_table(run.folder, top)
+    queries = query_rows(run, table, read_submission(run.folder.submission), truth)
     _make_thumbnails(run, queries, out / "thumbs", thumb_size, overwrite)
     _make_match_pictures(run, queries, out, matches, match_height, overwrite)
     _write_chunks(out / "details", queries)
-    metrics = run_metrics(run.path, solution, data_dir)
+    metrics = run_metrics(run.folder, solution, data_dir)
     page = render_page(run, queries, metrics, truth is not None, page_size)
     write_text_atomic(out / "index.html", page)
     log.info("report %s: %d queries", out / "index.html", len(queries))
     return out / "index.html"
 
 
-def run_metrics(run_dir: Path, solution: Path | None, data_dir: Path | None) -> dict:
+def run_metrics(folder: RunFolder, solution: Path | None, data_dir: Path | None) -> dict:
     """Metrics of the run: computed against ``solution`` when given, else its metrics.json ({} if none).
 
     Retrieval metrics are included when the run has ranking.csv and ``DATA/train.csv`` gives the labels.
     """
     if solution is None:
-        path = run_dir / "metrics.json"
-        return read_json(path) if path.is_file() else {}
+        return read_json(folder.metrics) if folder.metrics.is_file() else {}
     from ..evaluate import evaluate
 
     labels = data_dir / "train.csv" if data_dir and (data_dir / "train.csv").is_file() else None
-    ranking = run_dir / "ranking.csv" if labels and (run_dir / "ranking.csv").is_file() else None
-    return evaluate(run_dir / "submission.csv", solution, ranking, labels if ranking else None)
+    ranking = folder.ranking if labels and folder.ranking.is_file() else None
+    return evaluate(folder.submission, solution, ranking, labels if ranking else None)
 
 
 # ---------------------------------------------------------------- per-query rows
@@ -397,8 +397,8 @@ def render_page(run: Run, queries: list[dict], metrics: dict, has_truth: bool, p
     settings = ", ".join(f"{k}={getattr(run.settings, k)}" for k in ("matcher", "match_threshold", "ratio", "verifier",
                                                                      "residual_threshold", "scoring"))
     body = asset("page.html").format(
-        title=html.escape(f"delf_pipeline report: {run.path.resolve()}"),
-        run=html.escape(str(run.path.resolve())), settings=html.escape(settings),
+        title=html.escape(f"delf_pipeline report: {run.folder.path.resolve()}"),
+        run=html.escape(str(run.folder.path.resolve())), settings=html.escape(settings),
         metrics=metrics_table(metrics), plots=plots(queries, has_truth), counts=html.escape(_counts(queries)),
         data=_json({"queries": summary, "chunk": CHUNK, "pageSize": page_size, "truth": has_truth}),
         style=asset("style.css"), script=asset("report.js"),
@@ -421,8 +421,6 @@ def asset(name: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..config import add_config_arguments
-
     parser.add_argument("--run", required=True, help="run folder: OUT of `delf-pipeline run`, OUT/run of demo")
     parser.add_argument("--solution", help="ground truth CSV id,landmarks[,Usage] (default: the run's, if any)")
     parser.add_argument("--data", help="where the images are: Kaggle root, folder or CSV (default: the run's data)")

@@ -27,7 +27,9 @@ import pandas as pd
 from ..config import (
     Config,
     RerankSettings,
+    add_config_arguments,
     config_from_dict,
+    config_of,
     load_config,
     parse_override_value,
     split_override,
@@ -36,7 +38,8 @@ from ..config import (
 from ..formats.blocks import blocks_dir, read_table
 from ..formats.features import ImageFeatures
 from ..formats.images import ImageError, list_images, load_image
-from ..formats.run_record import RECORD_NAME, read_run_record, recorded_path
+from ..formats.run_folder import RunFolder
+from ..formats.run_record import read_run_record, recorded_path
 from ..formats.store import FeatureStore
 from ..utils.artifacts import atomic_path, read_json
 from ..verification.pairs import PairResult, verify_options, verify_pair
@@ -57,17 +60,17 @@ CANDIDATE_COLUMNS = ("query_id", "index_id", "rank", "score", "global_score", "m
 class Run:
     """What pictures of a run need.
 
-    path: the run folder (``OUT/run`` of ``delf-pipeline run``).
+    folder: the run folder (``OUT`` of ``delf-pipeline run``, its paths).
     queries, index: its feature stores.
-    candidates: ``features/index-candidates``, the local features of shortlisted index images
-        when the index store holds global descriptors only (else None).
+    candidates: its candidates store, the local features of shortlisted index images when the
+        index store holds global descriptors only (else None).
     images: image id -> source file (index and query images).
     labels: index image id -> landmark id.
     settings: the rerank section used to verify pairs.
     record: the run's ``run.json`` ({} when it has none: a run folder made stage by stage).
     """
 
-    path: Path
+    folder: RunFolder
     queries: FeatureStore
     index: FeatureStore
     images: dict[str, Path]
@@ -94,22 +97,21 @@ def open_run(
     config: fallback settings when the run has no rerank manifest (default: the settings of
         its ``run.json``); ``overrides`` (``rerank.key=value``) apply on top of the run's settings.
     """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run folder not found: {run_dir}")
-    record = read_run_record(run_dir) if (run_dir / RECORD_NAME).is_file() else {}
+    folder = RunFolder(run_dir)
+    if not folder.path.is_dir():
+        raise FileNotFoundError(f"run folder not found: {folder.path}")
+    record = read_run_record(folder.path) if folder.record.is_file() else {}
     source = Path(data) if data else recorded_path(record, "data")
     if source is not None and not data and not source.exists():
-        raise FileNotFoundError(f"the data folder of {run_dir / RECORD_NAME}, {source}, is gone: give --data")
+        raise FileNotFoundError(f"the data folder of {folder.record}, {source}, is gone: give --data")
     images, labels = image_sources(source) if source else ({}, {})
     if source is None:
         log.warning("%s has no %s: give --data (the Kaggle root or image folder the run was made from)",
-                    run_dir, RECORD_NAME)
-    recorded = config_from_dict(record["config"], str(run_dir / RECORD_NAME)) if record.get("config") else None
-    settings = rerank_settings(run_dir, config or recorded or load_config(), overrides)
-    stores = run_dir / "features"
-    candidates = FeatureStore(stores / "index-candidates") if (stores / "index-candidates").is_dir() else None
-    return Run(run_dir, FeatureStore(stores / "query"), FeatureStore(stores / "index"), images, labels, settings,
+                    folder.path, folder.record.name)
+    recorded = config_from_dict(record["config"], str(folder.record)) if record.get("config") else None
+    settings = rerank_settings(folder, config or recorded or load_config(), overrides)
+    candidates = folder.store(folder.candidates_store) if folder.candidates_store.is_dir() else None
+    return Run(folder, folder.store(folder.query_store), folder.store(folder.index_store), images, labels, settings,
                candidates, record)
 
 
@@ -125,14 +127,14 @@ def image_sources(source: Path) -> tuple[dict[str, Path], dict[str, str]]:
     return paths, labels
 
 
-def rerank_settings(run_dir: Path, config: Config, overrides: Sequence[str] = ()) -> RerankSettings:
+def rerank_settings(folder: RunFolder, config: Config, overrides: Sequence[str] = ()) -> RerankSettings:
     """The rerank section the run used (its manifest), else ``config.rerank``; then the
     ``rerank.key=value`` items of ``overrides``."""
-    manifest = blocks_dir(run_dir / "rerank.csv") / "manifest.json"
+    manifest = blocks_dir(folder.rerank) / "manifest.json"
     if manifest.is_file():
         config = with_recorded(config, "rerank", read_json(manifest)["settings"], str(manifest))
     else:
-        log.info("%s has no rerank manifest: verifying with the %s settings", run_dir, config.preset)
+        log.info("%s has no rerank manifest: verifying with the %s settings", folder.path, config.preset)
     rerank = {key: value for key, value in (split_override(item)[1:] for item in overrides
                                             if split_override(item)[0] == "rerank")}
     parsed = {key: parse_override_value("rerank", key, raw, "--set") for key, raw in rerank.items()}
@@ -158,18 +160,18 @@ def global_score(query: ImageFeatures, candidate: ImageFeatures) -> float:
     return float(np.dot(query.global_descriptor, candidate.global_descriptor))
 
 
-def candidate_table(run_dir: Path, top: int) -> pd.DataFrame:
+def candidate_table(folder: RunFolder, top: int) -> pd.DataFrame:
     """The ``top`` best-ranked candidates of every query with their rerank numbers.
 
     Columns :data:`CANDIDATE_COLUMNS`; ``matches``/``inliers`` are -1 and ``status`` is
     "not verified" for candidates that were not re-ranked.
     """
-    ranked = _first_table(run_dir, ("ranking.csv", "rerank.csv", "shortlist.csv"))
+    ranked = _first_table(folder, (folder.ranking, folder.rerank, folder.shortlist))
     if "rank" not in ranked:
         ranked = ranked.sort_values(["query_id", "score"], ascending=[True, False], kind="stable")
         ranked["rank"] = ranked.groupby("query_id").cumcount() + 1
     ranked = ranked[ranked["rank"] <= top][["query_id", "index_id", "rank", "score"]]
-    verified = _verified_numbers(run_dir)
+    verified = _verified_numbers(folder)
     table = ranked.merge(verified, on=["query_id", "index_id"], how="left")
     table = table.fillna({"matches": -1, "inliers": -1, "status": "not verified"})
     table["global_score"] = table["global_score"].fillna(table["score"])
@@ -177,21 +179,21 @@ def candidate_table(run_dir: Path, top: int) -> pd.DataFrame:
     return table[list(CANDIDATE_COLUMNS)].sort_values(["query_id", "rank"], kind="stable").reset_index(drop=True)
 
 
-def _first_table(run_dir: Path, names: Sequence[str]) -> pd.DataFrame:
-    for name in names:
-        if (run_dir / name).is_file():
-            return read_table(run_dir / name)
-    raise FileNotFoundError(f"{run_dir} has none of {', '.join(names)}: is it a finished run folder?")
+def _first_table(folder: RunFolder, paths: Sequence[Path]) -> pd.DataFrame:
+    for path in paths:
+        if path.is_file():
+            return read_table(path)
+    raise FileNotFoundError(f"{folder.path} has none of {', '.join(p.name for p in paths)}: is it a finished run "
+                            "folder?")
 
 
-def _verified_numbers(run_dir: Path) -> pd.DataFrame:
+def _verified_numbers(folder: RunFolder) -> pd.DataFrame:
     """Rerank rows (global score, matches, inliers, status) or, without a rerank, shortlist scores."""
     columns = ["query_id", "index_id", "global_score", "matches", "inliers", "status"]
-    if (run_dir / "rerank.csv").is_file():
-        return read_table(run_dir / "rerank.csv")[columns]
-    if (run_dir / "shortlist.csv").is_file():
-        shortlist = read_table(run_dir / "shortlist.csv").rename(columns={"score": "global_score"})
-        return shortlist.reindex(columns=columns)
+    if folder.rerank.is_file():
+        return read_table(folder.rerank)[columns]
+    if folder.shortlist.is_file():
+        return read_table(folder.shortlist).rename(columns={"score": "global_score"}).reindex(columns=columns)
     return pd.DataFrame(columns=columns)
 
 
@@ -347,10 +349,10 @@ def _original(run: Run, store: FeatureStore, image_id: str) -> np.ndarray:
 def render_query(run: Run, query_id: str, folder: Path, top: int = 3, height: int = 480,
                  overwrite: bool = True, suffix: str = ".png") -> list[Path]:
     """Pictures of a query's ``top`` best-ranked candidates under ``folder``; returns their paths."""
-    table = candidate_table(run.path, top)
+    table = candidate_table(run.folder, top)
     rows = table[table["query_id"] == query_id]
     if rows.empty:
-        raise KeyError(f"query {query_id!r} has no candidates in {run.path}")
+        raise KeyError(f"query {query_id!r} has no candidates in {run.folder.path}")
     paths = []
     for row in rows.to_dict("records"):
         out = match_picture_path(folder, query_id, row["index_id"], suffix)
@@ -361,8 +363,6 @@ def render_query(run: Run, query_id: str, folder: Path, top: int = 3, height: in
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..config import add_config_arguments
-
     parser.add_argument("--run", required=True, help="run folder: OUT of `delf-pipeline run`, OUT/run of demo")
     parser.add_argument("--query", required=True, help="query image id")
     parser.add_argument("--candidate", help="index image id (default: the query's --top best candidates)")
@@ -376,12 +376,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def given_config(args: argparse.Namespace) -> Config | None:
     """The settings of --preset/--config when given, else None (the run's own are used)."""
-    return load_config(args.preset, args.config, args.overrides) if args.preset or args.config else None
+    return config_of(args) if args.preset or args.config else None
 
 
 def main(args: argparse.Namespace) -> int:
     run = open_run(args.run, args.data, given_config(args), args.overrides)
-    folder = Path(args.out) if args.out else run.path / "matches"
+    folder = Path(args.out) if args.out else run.folder.matches
     suffix = f".{args.format}"
     if args.candidate:
         single = folder.suffix.lower() in (".png", ".jpg", ".jpeg")

@@ -91,7 +91,12 @@ def verify_pair(loc_a, desc_a, loc_b, desc_b, *, seed: int = 0, **options) -> Pa
     options: any of :data:`OPTION_KEYS` (the default preset's value where not given; the
     official DELF re-ranking is the rerank section of the ``delf_v1_hub`` preset).
     """
-    settings = resolve_options(options)
+    return match_and_fit(loc_a, desc_a, loc_b, desc_b, resolve_options(options), seed)
+
+
+def match_and_fit(loc_a, desc_a, loc_b, desc_b, settings: dict, seed: int = 0) -> PairResult:
+    """:func:`verify_pair` with ``settings`` already resolved by :func:`resolve_options` (the
+    rerank resolves them once, not per pair)."""
     loc_a, desc_a = _check_side(loc_a, desc_a, "a")
     loc_b, desc_b = _check_side(loc_b, desc_b, "b")
     if desc_a.shape[1] != desc_b.shape[1]:
@@ -103,7 +108,7 @@ def verify_pair(loc_a, desc_a, loc_b, desc_b, *, seed: int = 0, **options) -> Pa
         desc_a, desc_b, matcher=settings["matcher"],
         match_threshold=settings["match_threshold"], ratio=settings["ratio"],
     )
-    return _fit(loc_a, loc_b, pairs, settings, seed)
+    return fit_matches(loc_a, loc_b, pairs, settings, seed)
 
 
 def verify_matches(loc_a, loc_b, pairs, *, seed: int = 0, **options) -> PairResult:
@@ -112,13 +117,13 @@ def verify_matches(loc_a, loc_b, pairs, *, seed: int = 0, **options) -> PairResu
 
     loc_*: [N, 2] (y, x) pixels; pairs: [M, 2] int (row in a, row in b).
     """
-    settings = resolve_options(options)
-    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
-    return _fit(np.asarray(loc_a), np.asarray(loc_b), pairs, settings, seed)
+    return fit_matches(loc_a, loc_b, pairs, resolve_options(options), seed)
 
 
-def _fit(loc_a: np.ndarray, loc_b: np.ndarray, pairs: np.ndarray, settings: dict, seed: int) -> PairResult:
-    """The verifier of resolved ``settings`` on putative ``pairs`` [M, 2] of (y, x) locations."""
+def fit_matches(loc_a, loc_b, pairs, settings: dict, seed: int = 0) -> PairResult:
+    """The verifier of ``settings`` (resolved by :func:`resolve_options`) on putative ``pairs``
+    [M, 2] (row in a, row in b) of (y, x) locations ``loc_a`` [N, 2], ``loc_b`` [N', 2]."""
+    loc_a, loc_b, pairs = np.asarray(loc_a), np.asarray(loc_b), np.asarray(pairs, np.int64).reshape(-1, 2)
     no_inliers = np.zeros(len(pairs), bool)
     if len(pairs) < max(int(settings["min_matches"]), MIN_SAMPLES[settings["verifier"]]):
         return PairResult(len(pairs), 0, "too_few_matches", pairs, no_inliers)

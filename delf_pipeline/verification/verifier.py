@@ -14,14 +14,15 @@ Inlier counts below ``min_inliers`` count as 0: unrelated pairs still get a hand
 from __future__ import annotations
 
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ..config import DEFAULTS, RerankSettings, with_recorded
 from ..formats.features import ImageFeatures
-from ..formats.store import FeatureStore
-from .pairs import PairResult, verify_matches, verify_options, verify_pair
+from ..formats.store import FeatureStore, open_store
+from .pairs import PairResult, fit_matches, match_and_fit, resolve_options, verify_options
 
 COLUMNS = ("query_id", "index_id", "global_score", "matches", "inliers", "score", "status")
 RELEASE_EVERY = 256  # candidates read between two releases of the stores' mapped pages
@@ -31,12 +32,14 @@ class CandidateVerifier:
     """Verifies the candidates of queries against one index store, keeping recently used index
     features in memory (a bounded cache: an index image shared by many queries is read once)."""
 
-    def __init__(self, query_store: str | None, index_store: str, conf: RerankSettings, cache_images: int = 2000):
-        self.queries = FeatureStore(query_store) if query_store is not None else None  # None: queries given in memory
-        self.index = FeatureStore(index_store)
+    def __init__(self, query_store: str | Path | FeatureStore | None, index_store: str | Path | FeatureStore,
+                 conf: RerankSettings, cache_images: int = 2000):
+        self.queries = open_store(query_store) if query_store is not None else None  # None: queries given in memory
+        self.index = open_store(index_store)
         self.conf = conf
-        self.options = verify_options(conf)
-        self.glue = learned_matcher(conf, [p for p in (query_store, index_store) if p is not None])
+        self.seed = int(conf.seed)
+        self.settings = resolve_options({k: v for k, v in verify_options(conf).items() if k != "seed"})
+        self.glue = learned_matcher(conf, [s for s in (self.queries, self.index) if s is not None])
         self.cache: OrderedDict[str, ImageFeatures] = OrderedDict()
         self.cache_images = cache_images
         self.reads_since_release = 0
@@ -98,24 +101,24 @@ class CandidateVerifier:
                 raise ValueError("rerank.matcher = 'lighterglue' needs the original (height, width) of both images")
             pairs = self.glue.match_stored(query.locations, query.descriptors, sizes[0],
                                            candidate.locations, candidate.descriptors, sizes[1])
-            return verify_matches(query.locations, candidate.locations, pairs, **self.options)
-        return verify_pair(query.locations, query.descriptors, candidate.locations, candidate.descriptors,
-                           **self.options)
+            return fit_matches(query.locations, candidate.locations, pairs, self.settings, self.seed)
+        return match_and_fit(query.locations, query.descriptors, candidate.locations, candidate.descriptors,
+                             self.settings, self.seed)
 
 
-def learned_matcher(conf: RerankSettings, stores: list[str]):
+def learned_matcher(conf: RerankSettings, stores: list[FeatureStore]):
     """The LighterGlue model when ``conf.matcher`` is ``lighterglue`` (else None), once every
     store in ``stores`` is checked to hold XFeat local features (ValueError naming it if not).
     Its weights come from the folder the last store was extracted with (``extract.xfeat_weights``,
     as a Kaggle bundle sets it), else from the cache."""
     if conf.matcher != "lighterglue":
         return None
-    for path in stores:
-        manifest = FeatureStore(path).manifest()
-        settings = with_recorded(DEFAULTS, "extract", manifest["settings"], f"{path}/manifest.json").extract
+    for store in stores:
+        recorded = store.manifest()["settings"]
+        settings = with_recorded(DEFAULTS, "extract", recorded, str(store.path / "manifest.json")).extract
         local = settings.local_backend or settings.backend
         if local != "xfeat":
-            raise ValueError(f"rerank.matcher = 'lighterglue' matches 64-d XFeat local features; {path} holds "
+            raise ValueError(f"rerank.matcher = 'lighterglue' matches 64-d XFeat local features; {store.path} holds "
                              f"{local!r} ones (extract.backend / extract.local_backend must be xfeat)")
     from .lighterglue import load_xfeat_lighterglue
 
