@@ -224,3 +224,24 @@ def test_top_k_in_memory_empty_index():
 def test_serve_command_binds_loopback_by_default():
     args = cli.build_parser().parse_args(["serve", "--index", "somewhere"])
     assert (args.host, args.port, args.workers, args.queue) == ("127.0.0.1", 8000, 2, 16)
+
+
+def test_build_from_place_folders_takes_the_folder_names_as_labels(built, views, tmp_path, capsys):
+    """PHOTOS/PLACE/photo.jpg without --labels: the same labels as the CSV that built ``built`` gives."""
+    assert cli.main(["index", "build", "--images", str(views["first"]), "--out", str(tmp_path / "idx"),
+                     "--previews", "0", *[a for item in SMALL for a in ("--set", item)]]) == 0
+    assert open_index(tmp_path / "idx").labels == open_index(built).labels
+    assert set(open_index(built).labels.values()) == {"astronaut", "coffee", "chelsea"}
+    assert "landmarks: 3" in capsys.readouterr().out
+
+
+def test_photos_outside_place_folders_have_no_label(tmp_path, caplog):
+    write_views(tmp_path / "photos", ("coffee",), 2, seed=4)
+    loose = tmp_path / "photos" / "coffee"
+    with pytest.raises(ValueError, match=r"one folder per place \(PHOTOS/PLACE/photo.jpg\) or give --labels"):
+        index.build(load_config(overrides=SMALL), loose, tmp_path / "idx", previews=0)
+    assert not (tmp_path / "idx" / "store").exists()  # refused before extracting anything
+    shutil.copy(loose / "v0.jpg", tmp_path / "photos" / "stray.jpg")
+    found = index._labels_of(index._listed(tmp_path / "photos", "train"), None, tmp_path / "photos")
+    assert found == {"coffee/v0": "coffee", "coffee/v1": "coffee"}
+    assert "1 of 3 images have no label (e.g. stray)" in caplog.text
