@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from . import __version__, extract
+from . import __version__, calibrate, extract
 from .config import Config, load_config
 from .formats.images import ImageRecord, iter_decoded, list_images
 from .formats.index_folder import FORMAT, FORMAT_VERSION, open_index, preview_name
@@ -41,6 +41,7 @@ def build(
     split: str = "train",
     previews: int = 512,
     calibration: str | Path | None = None,
+    calibrate_index: bool = True,
     overwrite: bool = False,
 ) -> Path:
     """Make the index ``out`` from ``images`` (a source :func:`list_images` reads); returns ``out``.
@@ -49,8 +50,11 @@ def build(
     Kaggle train.csv or an ``id,path,landmark_id`` CSV, or, for a folder of photos, the name of the
     folder each photo is in (``PHOTOS/PLACE/photo.jpg``: one folder per place). previews: longest side of the
     preview JPEGs (0: none). A finished index is reused only with the same settings
-    (resumable like extract); ``overwrite`` rebuilds it.
+    (resumable like extract); ``overwrite`` rebuilds it. calibration: a calibration.json to keep;
+    without it and with ``calibrate_index``, the index is calibrated on itself when it has
+    enough labelled photos (:func:`delf_pipeline.calibrate.automatic`, in a fifth of the build's time).
     """
+    start = time.monotonic()
     out = Path(out)
     if not config.extract.local_features:
         raise ValueError("an index needs local features for re-ranking: drop extract.local_features=false")
@@ -66,6 +70,13 @@ def build(
     _write_previews(out, records, previews)
     if calibration:
         shutil.copyfile(calibration, out / "calibration.json")
+    elif calibrate_index:
+        calibrate.automatic(config, out / "store", read_labels(out / "labels.csv"), out / "calibration.json",
+                            seconds=calibrate.AUTO_SHARE * (time.monotonic() - start),
+                            limit="a fifth of the build's time", work=out / "calibrating", index_images=images,
+                            remedy=f"`delf-pipeline calibrate --index {out / 'store'} --index-labels "
+                                   f"{out / 'labels.csv'}`")
+        shutil.rmtree(out / "calibrating", ignore_errors=True)  # its leave-one-out work: not part of the index
     _write_manifest(out, config, previews, "build", len(records))
     return out
 
@@ -191,7 +202,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     made.add_argument("--out", required=True, help="index folder to write (resumed if present)")
     made.add_argument("--split", default="train", help="Kaggle layout: which split folder to read")
     made.add_argument("--previews", type=int, default=512, help="longest side of preview JPEGs (0: none)")
-    made.add_argument("--calibration", help="calibration.json to keep in the index")
+    made.add_argument("--calibration", help="calibration.json to keep in the index (default: one fitted on the "
+                                            "index itself, when it has enough labelled photos)")
+    made.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                      help="keep raw scores: no calibration fitted on the index")
     made.add_argument("--overwrite", action="store_true", help="rebuild the index from scratch")
     add_config_arguments(made)
     more = sub.add_parser("add", help="append labelled images to an index (new store parts, same settings)")
@@ -209,7 +223,7 @@ def main(args: argparse.Namespace) -> int:
     if args.index_command == "build":
         config = load_config(args.preset, args.config, args.overrides)
         out = build(config, args.images, args.out, labels=args.labels, split=args.split, previews=args.previews,
-                    calibration=args.calibration, overwrite=args.overwrite)
+                    calibration=args.calibration, calibrate_index=args.calibrate, overwrite=args.overwrite)
         print(f"index: {out}")
     elif args.index_command == "add":
         print(f"index: {add(args.index, args.images, labels=args.labels, split=args.split)}")

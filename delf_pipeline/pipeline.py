@@ -12,6 +12,8 @@
     features/index-candidates        local features of shortlisted index images, when
                                      extract.local_features is false (extracted once each)
     rerank.csv                       verified candidates (skipped when num_to_rerank is 0)
+    features/calibration.json        P(right) fitted on the index (calibrate.automatic), when it
+                                     has enough labelled photos; calibration/ its work files
     submission.csv, ranking.csv      predictions (every query id, also failed images)
     metrics.json                     with --solution
 
@@ -23,14 +25,13 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from . import calibrate, extract, predict, rerank, shortlist
-from .budget import TimeBudget, affordable_depth, fit_num_to_rerank, measure_pair_seconds
+from .budget import TimeBudget, fit_num_to_rerank
 from .config import Config, load_config, with_recorded
-from .evidence.calibration import CalibrationError
-from .formats.blocks import read_table
 from .formats.candidates import candidate_ids, read_candidates
 from .formats.images import list_images
 from .formats.run_record import run_record, write_run_record
@@ -40,8 +41,7 @@ from .utils.artifacts import write_text_atomic
 
 log = logging.getLogger("delf_pipeline.pipeline")
 
-CALIBRATION_SHARE = 0.5  # of the time left after the queries' rerank, at most, for the calibration
-MIN_CALIBRATION_SAMPLE = 10  # fewer leave-one-out queries than this: no calibration
+CALIBRATION_SHARE = 0.5  # under a time budget: of the time left after the queries' rerank, at most
 
 
 def run(
@@ -56,7 +56,7 @@ def run(
     strict: bool = False,
     config_file: str | Path | None = None,
     overrides: Sequence[str] = (),
-    calibrate_index: bool = False,
+    calibrate_index: bool = True,
     non_landmarks: str | Path | None = None,
 ) -> Path:
     """Run extract, shortlist, rerank, predict (and evaluate) on ``data``; returns submission.csv.
@@ -65,14 +65,17 @@ def run(
     shortlist (see :mod:`delf_pipeline.budget`). ``strict``: stop (ImageError) at the first
     unusable image instead of recording it. ``config_file`` and ``overrides`` are only
     recorded in ``OUT/run.json`` (``config`` already holds their effect).
-    With ``calibrate_index``, ``delf-pipeline calibrate`` runs on the index after the queries'
-    rerank (its sample cut to the time left under a budget, or skipped with a log line) and
-    predict uses ``features/calibration.json``; ``non_landmarks`` is its optional folder of
-    images without a landmark.
+    With ``calibrate_index`` (the default), the index is calibrated after the queries' rerank
+    (:func:`delf_pipeline.calibrate.automatic`: leave-one-out within a fifth of the run's time so
+    far, or half the time a budget leaves; one log line says what was fitted or why not) and
+    predict writes P(right) as the confidence; ``non_landmarks`` is the calibration's optional
+    folder of images without a landmark. ``run.json`` then records the calibration (or null).
     """
+    start = time.monotonic()
     data, out = Path(data), Path(out)
     check_kaggle_layout(data)
-    write_run_record(out, run_record(config, data, solution=solution, config_file=config_file, overrides=overrides))
+    record = run_record(config, data, solution=solution, config_file=config_file, overrides=overrides)
+    write_run_record(out, record)
     features = out / "features"
     index_store = extract.run(config, data, features / "index", split="train", overwrite=overwrite, strict=strict)
     codebook = index_store / "codebook.npy"
@@ -92,10 +95,15 @@ def run(
     if config.rerank.num_to_rerank > 0:
         rerank_csv = rerank.run(config, shortlist_csv, query_store, index_store, out / "rerank.csv",
                                 overwrite=overwrite, jobs=jobs)
-    if calibrate_index:
-        config = with_calibration(config, data, global_store, out, jobs=jobs, budget=time_budget,
-                                  pair_seconds=lambda: _pair_seconds(config, shortlist_csv, query_store, index_store),
-                                  non_landmarks=non_landmarks)
+    if config.predict.calibration:
+        log.info("calibration: %s (given); confidences are probabilities", config.predict.calibration)
+    elif calibrate_index:
+        config = with_calibration(config, data, global_store, out, jobs=jobs, budget=time_budget, start=start,
+                                  non_landmarks=non_landmarks, overwrite=overwrite)
+    else:
+        log.info("no calibration (--no-calibrate); confidences are scores")
+    calibration = config.predict.calibration
+    write_run_record(out, {**record, "calibration": str(Path(calibration).resolve()) if calibration else None})
     submission = predict.run(config, shortlist_csv, labels,
                              predict.query_ids(query_store, data / "sample_submission.csv"),
                              out / "submission.csv", rerank_csv=rerank_csv, query_store=query_store)
@@ -134,38 +142,22 @@ def write_run_errors(path: Path, stores: Sequence[Path]) -> None:
 
 
 def with_calibration(config: Config, data: Path, index_store: Path, out: Path, *, jobs: int, budget: TimeBudget | None,
-                     pair_seconds: Callable[[], float], non_landmarks: str | Path | None) -> Config:
-    """``config`` with predict.calibration set to a fresh ``OUT/features/calibration.json``, or
-    unchanged (with a log line) when the budget leaves too little time or the sample cannot be fitted.
-    pair_seconds: () -> seconds per verified pair, called only under a budget."""
-    config = copy.deepcopy(config)
-    conf = config.calibrate
-    images = len(FeatureStore(index_store))
-    wanted = min(conf.sample, images) if conf.sample > 0 else images
+                     start: float, non_landmarks: str | Path | None, overwrite: bool = False) -> Config:
+    """``config`` with predict.calibration set to ``OUT/features/calibration.json`` when
+    :func:`delf_pipeline.calibrate.automatic` fits one in a fifth of the run's time since ``start``
+    (a ``time.monotonic()`` reading), or, under ``budget``, in CALIBRATION_SHARE of the time left."""
     if budget is not None:
-        depth = config.rerank.num_to_rerank  # pairs verified per leave-one-out query
-        seconds = pair_seconds() if depth > 0 else 0.0
-        conf.sample = affordable_depth(CALIBRATION_SHARE * budget.remaining(), seconds, max(depth, 1), jobs, wanted)
-        if conf.sample < MIN_CALIBRATION_SAMPLE:
-            log.warning("calibration skipped: the time left fits %d of %d leave-one-out queries (need %d)",
-                        conf.sample, wanted, MIN_CALIBRATION_SAMPLE)
-            return config
-        log.info("calibration: %d leave-one-out queries fit in the time budget", conf.sample)
-    target = out / "features" / "calibration.json"
-    try:
-        calibrate.run(config, index_store, read_labels(data / "train.csv"), target, work=out / "calibration", jobs=jobs,
-                      index_images=data, non_landmarks=non_landmarks)
-    except CalibrationError as error:
-        log.warning("calibration skipped: %s", error)
-        return config
-    config.predict.calibration = str(target)
+        seconds, limit = CALIBRATION_SHARE * budget.remaining(), "half of the time the budget leaves"
+    else:
+        seconds, limit = calibrate.AUTO_SHARE * (time.monotonic() - start), "a fifth of the run's time"
+    made = calibrate.automatic(config, index_store, read_labels(data / "train.csv"),
+                               out / "features" / "calibration.json", seconds=seconds, limit=limit,
+                               work=out / "calibration", jobs=jobs, index_images=data, non_landmarks=non_landmarks,
+                               overwrite=overwrite)
+    config = copy.deepcopy(config)
+    if made:
+        config.predict.calibration = str(made)
     return config
-
-
-def _pair_seconds(config: Config, shortlist_csv: Path, query_store: Path, index_store: Path) -> float:
-    """Seconds per verified pair, timed on up to 50 of the queries' shortlisted pairs."""
-    return measure_pair_seconds(config.rerank, read_table(shortlist_csv), query_store, index_store, 50,
-                                max_seconds=30.0)[0]
 
 
 def _query_config(config: Config, index_store: Path) -> Config:
@@ -188,9 +180,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop with exit code 1 at the first unusable image (also one an earlier run recorded)")
     parser.add_argument("--time-budget-hours", type=float,
                         help="lower rerank.num_to_rerank so the run fits this many hours (timed on sample pairs)")
-    parser.add_argument("--calibrate", action="store_true",
-                        help="run `delf-pipeline calibrate` on the index so that confidences are probabilities")
-    parser.add_argument("--non-landmarks", metavar="DIR", help="with --calibrate: folder of images without a landmark")
+    parser.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
+                        help="fit P(right) on the index by leave-one-out (in at most a fifth of the run's time), so "
+                             "that confidences are probabilities (default; --no-calibrate keeps raw scores)")
+    parser.add_argument("--non-landmarks", metavar="DIR", help="folder of images without a landmark: closeness to "
+                                                                "them becomes a calibration feature")
     add_config_arguments(parser)
 
 
@@ -202,7 +196,7 @@ def main(args: argparse.Namespace) -> int:
                          f"preset {config.preset} uses the {config.extract.backend} backend, which has no model")
     budget = TimeBudget(args.time_budget_hours * 3600) if args.time_budget_hours else None
     if args.non_landmarks and not args.calibrate:
-        raise ValueError("--non-landmarks works through the calibration: add --calibrate")
+        raise ValueError("--non-landmarks works through the calibration: drop --no-calibrate")
     submission = run(config, args.data, args.out, solution=args.solution, jobs=args.jobs, overwrite=args.overwrite,
                      time_budget=budget, strict=args.strict, config_file=args.config, overrides=overrides,
                      calibrate_index=args.calibrate, non_landmarks=args.non_landmarks)
