@@ -245,3 +245,25 @@ def test_photos_outside_place_folders_have_no_label(tmp_path, caplog):
     found = index._labels_of(index._listed(tmp_path / "photos", "train"), None, tmp_path / "photos")
     assert found == {"coffee/v0": "coffee", "coffee/v1": "coffee"}
     assert "1 of 3 images have no label (e.g. stray)" in caplog.text
+
+
+def test_an_index_of_place_folders_answers_a_held_out_photo_with_a_percentage(tmp_path, capsys, monkeypatch):
+    """4 places of 3 photos and 2 of one (what a leave-one-out can get wrong), labels from the
+    folders, calibrated at build with no flag; a new view of a place is answered with P(right)
+    in percent. (The calibration's time limit is lifted: test_calibrate tests it.)"""
+    from delf_pipeline import calibrate
+
+    monkeypatch.setattr(calibrate, "AUTO_SHARE", 1000.0)
+    photos = write_views(tmp_path / "photos", PHOTOS, 3, seed=5)
+    write_views(photos, ("hubble_deep_field", "camera"), 1, seed=6)
+    held_out = write_views(tmp_path / "new", ("chelsea",), 1, seed=7) / "chelsea" / "v0.jpg"
+    sets = [a for item in SMALL for a in ("--set", item)]
+    assert cli.main(["index", "build", "--images", str(photos), "--out", str(tmp_path / "idx"), *sets]) == 0
+    assert "calibration: True" in capsys.readouterr().out
+    assert cli.main(["query", "--index", str(tmp_path / "idx"), str(held_out)]) == 0
+    best = capsys.readouterr().out.splitlines()[2].split()
+    assert best[0] == "chelsea" and best[1].endswith("%") and float(best[1].strip("%<>")) > 50, best
+    assert cli.main(["query", "--index", str(tmp_path / "idx"), "--json", str(held_out)]) == 0
+    answer = json.loads(capsys.readouterr().out)[0]
+    assert answer["calibrated"] and 0.5 < answer["landmarks"][0]["confidence"] <= 1
+    assert answer["landmarks"][0]["score"] > 0
