@@ -12,4 +12,4 @@ venv="$(DELF_EXTRAS="" bash "$root/scripts/setup_env.sh")"
 echo "[demo] 2/2 the demo: builds 8 landmarks x 5 views + 6 photos of no landmark, extracts, shortlists," \
      "re-ranks, calibrates, predicts and scores (about a minute on 2 cores)" >&2
 "$venv/bin/delf-pipeline" demo "$@"
-echo "[demo] done in $((SECONDS - start)) s ($venv/bin/delf-pipeline report --run delf_demo/run makes its HTML page)" >&2
+echo "[demo] done in $((SECONDS - start)) s; its HTML page: delf-pipeline report --run delf_demo/run (or OUT/run with --out OUT)" >&2

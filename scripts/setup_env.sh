@@ -37,7 +37,7 @@ if [ "$have" != "$want $extras" ] && { [ -n "$extras" ] || [ "$have" != "$want t
        "$venv: about 3 minutes the first time, seconds after" >&2
   "$venv/bin/python" -m pip install --quiet --upgrade pip >&2
   "$venv/bin/python" -m pip install --quiet -r "$root/requirements.txt" >&2
-  "$venv/bin/python" -m pip install --quiet -e "$root${extras:+[$extras]}" >&2
+  "$venv/bin/python" -m pip install -qq -e "$root${extras:+[$extras]}" >&2  # -qq: not the backend's editable-install notice
   echo "$want $extras" > "$stamp"
   echo "[setup] installed in $((SECONDS - start)) s" >&2
 fi

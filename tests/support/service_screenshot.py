@@ -2,7 +2,8 @@
 """Screenshots of the search-by-photo page, made from the demo's own data (no download).
 
 Builds the ``delf-pipeline demo`` landmark set (views of scikit-image photos), an index of
-its index views labelled with the photos' names (calibrated on itself at build), serves it
+its index views labelled with the photos' names (calibrated on itself: at build, else by
+``calibrate`` without the build's time limit), serves it
 on loopback, opens the page in headless Chromium, saves it idle (what the index holds), then
 uploads one query view and saves the page once it shows the answer.
 
@@ -20,8 +21,9 @@ from pathlib import Path
 
 from browser import Browser
 
-from delf_pipeline import index
+from delf_pipeline import calibrate, index
 from delf_pipeline.config import load_config
+from delf_pipeline.formats.index_folder import open_index
 from delf_pipeline.formats.images import kaggle_path
 from delf_pipeline.service.app import create_app
 from delf_pipeline.service.serve import running
@@ -38,7 +40,11 @@ def demo_index(out: Path) -> Path:
     labels = out / "labels.csv"
     with open(labels, "w", newline="") as handle:
         csv.writer(handle).writerows([("id", "landmark_id"), *rows])
-    return index.build(load_config(), data, out / "index", labels=labels)
+    built = index.build(load_config(), data, out / "index", labels=labels)
+    if not (built / "calibration.json").is_file():  # the build's time limit left none: fit it without one
+        calibrate.run(load_config(), built / "store", open_index(built).labels, built / "calibration.json",
+                      work=out / "calibration", table=False)
+    return built
 
 
 def main() -> None:
