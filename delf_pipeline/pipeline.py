@@ -6,7 +6,8 @@
 ``report``, ``show-matches`` and ``evaluate`` need only ``--run OUT``; the feature stores,
 each opened once after its extraction; ``shortlist.csv``, ``rerank.csv`` (skipped when
 num_to_rerank is 0), ``submission.csv`` and ``ranking.csv`` (every query id, failed images
-too), ``errors.csv`` and, with ``--solution``, ``metrics.json``.
+too), ``errors.csv`` and, with ``--solution``, ``metrics.json``. ``features/calibration.json`` is the
+confidence calibration the run fits on its index when it can (see :func:`run`).
 
 Every stage resumes: finished work is skipped, so rerunning after a crash or a kill
 continues where it stopped and gives the same files.
@@ -15,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from . import calibrate, extract, predict, rerank, shortlist
-from .budget import TimeBudget, affordable_depth, fit_num_to_rerank, measure_pair_seconds
+from .budget import TimeBudget, fit_num_to_rerank
 from .config import Config, add_config_arguments, load_config, with_recorded
-from .evidence.calibration import CalibrationError
-from .formats.blocks import read_table
 from .formats.candidates import candidate_ids, read_candidates
 from .formats.images import list_images
 from .formats.run_folder import RunFolder
@@ -33,8 +33,7 @@ from .utils.artifacts import write_text_atomic
 
 log = logging.getLogger("delf_pipeline.pipeline")
 
-CALIBRATION_SHARE = 0.5  # of the time left after the queries' rerank, at most, for the calibration
-MIN_CALIBRATION_SAMPLE = 10  # fewer leave-one-out queries than this: no calibration
+CALIBRATION_SHARE = 0.5  # under a time budget: of the time left after the queries' rerank, at most
 
 
 def run(
@@ -49,7 +48,7 @@ def run(
     strict: bool = False,
     config_file: str | Path | None = None,
     overrides: Sequence[str] = (),
-    calibrate_index: bool = False,
+    calibrate_index: bool = True,
     non_landmarks: str | Path | None = None,
 ) -> Path:
     """Run extract, shortlist, rerank, predict (and evaluate) on ``data``; returns submission.csv.
@@ -58,15 +57,17 @@ def run(
     shortlist (see :mod:`delf_pipeline.budget`). ``strict``: stop (ImageError) at the first
     unusable image instead of recording it. ``config_file`` and ``overrides`` are only
     recorded in ``OUT/run.json`` (``config`` already holds their effect).
-    With ``calibrate_index``, ``delf-pipeline calibrate`` runs on the index after the queries'
-    rerank (its sample cut to the time left under a budget, or skipped with a log line) and
-    predict uses ``features/calibration.json``; ``non_landmarks`` is its optional folder of
-    images without a landmark.
+    With ``calibrate_index`` (the default), the index is calibrated after the queries' rerank
+    (:func:`delf_pipeline.calibrate.automatic`: leave-one-out within a fifth of the run's time so
+    far, or half the time a budget leaves; one log line says what was fitted or why not) and
+    predict writes P(right) as the confidence; ``non_landmarks`` is the calibration's optional
+    folder of images without a landmark. ``run.json`` then records the calibration (or null).
     """
+    start = time.monotonic()
     data, folder = Path(data), RunFolder(out)
     check_kaggle_layout(data)
-    write_run_record(folder.path, run_record(config, data, solution=solution, config_file=config_file,
-                                             overrides=overrides))
+    record = run_record(config, data, solution=solution, config_file=config_file, overrides=overrides)
+    write_run_record(folder.path, record)
     index, query = extract_both(config, data, folder, overwrite=overwrite, strict=strict)
     labels = read_labels(data / "train.csv")
     shortlist_csv = shortlist.run(config, index, query, folder.shortlist, overwrite=overwrite, index_labels=labels)
@@ -77,9 +78,10 @@ def run(
     rerank_csv = None
     if reranked.rerank.num_to_rerank > 0:
         rerank_csv = rerank.run(reranked, shortlist_csv, query, local, folder.rerank, overwrite=overwrite, jobs=jobs)
-    predicting = reranked if not calibrate_index else with_calibration(
-        reranked, data, index, folder, jobs=jobs, budget=time_budget, non_landmarks=non_landmarks,
-        pair_seconds=lambda: _pair_seconds(reranked, shortlist_csv, query, local))
+    predicting = calibrated(reranked, data, index, folder, calibrate_index=calibrate_index, jobs=jobs,
+                            budget=time_budget, start=start, non_landmarks=non_landmarks, overwrite=overwrite)
+    calibration = predicting.predict.calibration
+    write_run_record(folder.path, {**record, "calibration": str(Path(calibration).resolve()) if calibration else None})
     submission = predict.run(predicting, shortlist_csv, labels,
                              predict.query_ids(query, data / "sample_submission.csv"),
                              folder.submission, rerank_csv=rerank_csv, query_store=query)
@@ -141,40 +143,38 @@ def write_run_errors(path: Path, stores: Sequence[Path]) -> None:
         log.info("%d image(s) could not be used: see %s", len(errors), path)
 
 
-def with_calibration(config: Config, data: Path, index: FeatureStore, folder: RunFolder, *, jobs: int,
-                     budget: TimeBudget | None, pair_seconds: Callable[[], float],
-                     non_landmarks: str | Path | None) -> Config:
-    """``config`` with predict.calibration set to a fresh ``OUT/features/calibration.json``, or
-    unchanged (with a log line) when the budget leaves too little time or the sample cannot be fitted.
-    pair_seconds: () -> seconds per verified pair, called only under a budget."""
-    config = config.copy()
-    conf = config.calibrate
-    images = len(index)
-    wanted = min(conf.sample, images) if conf.sample > 0 else images
-    if budget is not None:
-        depth = config.rerank.num_to_rerank  # pairs verified per leave-one-out query
-        seconds = pair_seconds() if depth > 0 else 0.0
-        conf.sample = affordable_depth(CALIBRATION_SHARE * budget.remaining(), seconds, max(depth, 1), jobs, wanted)
-        if conf.sample < MIN_CALIBRATION_SAMPLE:
-            log.warning("calibration skipped: the time left fits %d of %d leave-one-out queries (need %d)",
-                        conf.sample, wanted, MIN_CALIBRATION_SAMPLE)
-            return config
-        log.info("calibration: %d leave-one-out queries fit in the time budget", conf.sample)
-    target = folder.calibration
-    try:
-        calibrate.run(config, index, read_labels(data / "train.csv"), target, work=folder.calibration_work, jobs=jobs,
-                      index_images=data, non_landmarks=non_landmarks)
-    except CalibrationError as error:
-        log.warning("calibration skipped: %s", error)
+def calibrated(config: Config, data: Path, index: FeatureStore, folder: RunFolder, *, calibrate_index: bool,
+               jobs: int, budget: TimeBudget | None, start: float, non_landmarks: str | Path | None,
+               overwrite: bool) -> Config:
+    """The settings predict uses: with the calibration given, else the one fitted on the index
+    (:func:`with_calibration`) unless ``calibrate_index`` is off; one log line says which."""
+    if config.predict.calibration:
+        log.info("calibration: %s (given); confidences are probabilities", config.predict.calibration)
         return config
-    config.predict.calibration = str(target)
+    if not calibrate_index:
+        log.info("no calibration (--no-calibrate); confidences are scores")
+        return config
+    return with_calibration(config, data, index, folder, jobs=jobs, budget=budget, start=start,
+                            non_landmarks=non_landmarks, overwrite=overwrite)
+
+
+def with_calibration(config: Config, data: Path, index: FeatureStore, folder: RunFolder, *, jobs: int,
+                     budget: TimeBudget | None, start: float, non_landmarks: str | Path | None,
+                     overwrite: bool = False) -> Config:
+    """``config`` with predict.calibration set to the run folder's calibration when
+    :func:`delf_pipeline.calibrate.automatic` fits one in a fifth of the run's time since ``start``
+    (a ``time.monotonic()`` reading), or, under ``budget``, in CALIBRATION_SHARE of the time left."""
+    if budget is not None:
+        seconds, limit = CALIBRATION_SHARE * budget.remaining(), "half of the time the budget leaves"
+    else:
+        seconds, limit = calibrate.AUTO_SHARE * (time.monotonic() - start), "a fifth of the run's time"
+    made = calibrate.automatic(config, index, read_labels(data / "train.csv"), folder.calibration, seconds=seconds,
+                               limit=limit, work=folder.calibration_work, jobs=jobs, index_images=data,
+                               non_landmarks=non_landmarks, overwrite=overwrite)
+    config = config.copy()
+    if made:
+        config.predict.calibration = str(made)
     return config
-
-
-def _pair_seconds(config: Config, shortlist_csv: Path, query_store: FeatureStore, index_store: FeatureStore) -> float:
-    """Seconds per verified pair, timed on up to 50 of the queries' shortlisted pairs."""
-    return measure_pair_seconds(config.rerank, read_table(shortlist_csv), query_store, index_store, 50,
-                                max_seconds=30.0)[0]
 
 
 def _query_config(config: Config, index: FeatureStore) -> Config:
@@ -195,9 +195,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop with exit code 1 at the first unusable image (also one an earlier run recorded)")
     parser.add_argument("--time-budget-hours", type=float,
                         help="lower rerank.num_to_rerank so the run fits this many hours (timed on sample pairs)")
-    parser.add_argument("--calibrate", action="store_true",
-                        help="run `delf-pipeline calibrate` on the index so that confidences are probabilities")
-    parser.add_argument("--non-landmarks", metavar="DIR", help="with --calibrate: folder of images without a landmark")
+    parser.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
+                        help="fit P(right) on the index by leave-one-out (in at most a fifth of the run's time), so "
+                             "that confidences are probabilities (default; --no-calibrate keeps raw scores)")
+    parser.add_argument("--non-landmarks", metavar="DIR", help="folder of images without a landmark: closeness to "
+                                                                "them becomes a calibration feature")
     add_config_arguments(parser)
 
 
@@ -209,7 +211,7 @@ def main(args: argparse.Namespace) -> int:
                          f"preset {config.preset} uses the {config.extract.backend} backend, which has no model")
     budget = TimeBudget(args.time_budget_hours * 3600) if args.time_budget_hours else None
     if args.non_landmarks and not args.calibrate:
-        raise ValueError("--non-landmarks works through the calibration: add --calibrate")
+        raise ValueError("--non-landmarks works through the calibration: drop --no-calibrate")
     submission = run(config, args.data, args.out, solution=args.solution, jobs=args.jobs, overwrite=args.overwrite,
                      time_budget=budget, strict=args.strict, config_file=args.config, overrides=overrides,
                      calibrate_index=args.calibrate, non_landmarks=args.non_landmarks)

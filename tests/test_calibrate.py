@@ -9,13 +9,19 @@ from support.synthetic_stores import DIM, place_view, write_store
 
 from delf_pipeline import calibrate
 from delf_pipeline.cli import main as cli_main
-from delf_pipeline.config import load_config
+from delf_pipeline.config import load_config as load_default_config
 from delf_pipeline.evidence.calibration import Calibration
 
 # places 0-2 have four views each (they verify one another); places 3-6 one photo each: as
 # leave-one-out queries those can only be predicted wrong, like non-landmark queries.
 VIEWS = {**{f"p{p}v{v}": (p, v) for p in range(3) for v in range(4)}, **{f"p{p}v0": (p, 0) for p in range(3, 7)}}
 LABELS = {image_id: f"place{p}" for image_id, (p, _) in VIEWS.items()}
+
+
+def load_config(overrides: tuple[str, ...] | list[str] = ()) -> dict:
+    """The default settings, every shortlisted candidate verified (calibrate.depth = 0): the
+    synthetic global descriptors are random, so only verification finds a photo's place."""
+    return load_default_config(overrides=["calibrate.depth=0", *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +103,49 @@ def test_leave_one_out_shortlist_searches_as_the_stage_does(index_store, tmp_pat
     expected = table.set_index(["query_id", "index_id"])["score"]
     found = candidates.set_index(["query_id", "index_id"])["global_score"]
     assert len(found) and found.sort_index().round(5).equals(expected.loc[found.index].sort_index().round(5))
+
+
+# ---------------------------------------------------------------- automatic: what run and index build do
+
+
+def automatic(index_store, tmp_path, labels=LABELS, seconds=1e6, **options):
+    return calibrate.automatic(load_config(), index_store, labels, tmp_path / "calibration.json", seconds=seconds,
+                               limit="a fifth of the build's time", work=tmp_path / "work", **options)
+
+
+def test_automatic_calibration_fits_and_says_so_in_one_line(index_store, tmp_path, caplog):
+    caplog.set_level("INFO")
+    assert automatic(index_store, tmp_path) == tmp_path / "calibration.json"
+    lines = [r.getMessage() for r in caplog.records if r.levelname != "DEBUG"]
+    assert len(lines) == 1, lines  # the inner leave-one-out rerank and its progress are held back
+    assert lines[0].startswith("calibration: P(right) fitted by leave-one-out on 16 index photos (12 right, 4 wrong)")
+    caplog.clear()
+    assert automatic(index_store, tmp_path) == tmp_path / "calibration.json"  # fitted on this store: kept
+    assert "calibration: kept" in caplog.text
+
+
+@pytest.mark.parametrize("labels, reason", [
+    ({i: LABELS[i] for i in list(LABELS)[:9]}, "the index has 9 labelled photos, fewer than the 10 a leave-one-out fit "
+                                              "needs"),
+    ({i: i for i in LABELS}, "every place in the index has a single photo"),
+    ({i: "everywhere" for i in LABELS}, "all 16 leave-one-out answers were right, so there is no wrong one"),
+])
+def test_automatic_calibration_says_why_not(index_store, tmp_path, caplog, labels, reason):
+    caplog.set_level("INFO")
+    assert automatic(index_store, tmp_path, labels) is None
+    assert f"no calibration: {reason}" in caplog.text and "confidences are scores" in caplog.text
+    assert not (tmp_path / "calibration.json").exists()
+
+
+def test_automatic_calibration_sample_fits_the_time_given(index_store, tmp_path, caplog, monkeypatch):
+    """Timed at 0.1 s per verified pair (the probe, replaced), 12 leave-one-out queries of
+    calibrate.depth pairs fit in 12 x depth x 0.1 s; 9 do not reach the minimum of 10."""
+    caplog.set_level("INFO")
+    monkeypatch.setattr(calibrate, "measure_pair_seconds", lambda *args, **kwargs: (0.1, 15))
+    depth = calibrate.loo_depth(load_config())
+    assert automatic(index_store, tmp_path / "a", seconds=12 * depth * 0.1 + 1e-9) is not None
+    assert Calibration.load(tmp_path / "a" / "calibration.json").settings["sample"] == 12
+    assert automatic(index_store, tmp_path / "b", seconds=9 * depth * 0.1 + 1e-9) is None
+    assert (f"no calibration: a fifth of the build's time ({9 * depth * 0.1:.0f} s) fits 9 leave-one-out queries (at "
+            f"{depth * 0.1:.2f} s "
+            "each), fewer than the 10 a fit needs") in caplog.text

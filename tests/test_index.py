@@ -224,3 +224,46 @@ def test_top_k_in_memory_empty_index():
 def test_serve_command_binds_loopback_by_default():
     args = cli.build_parser().parse_args(["serve", "--index", "somewhere"])
     assert (args.host, args.port, args.workers, args.queue) == ("127.0.0.1", 8000, 2, 16)
+
+
+def test_build_from_place_folders_takes_the_folder_names_as_labels(built, views, tmp_path, capsys):
+    """PHOTOS/PLACE/photo.jpg without --labels: the same labels as the CSV that built ``built`` gives."""
+    assert cli.main(["index", "build", "--images", str(views["first"]), "--out", str(tmp_path / "idx"),
+                     "--previews", "0", *[a for item in SMALL for a in ("--set", item)]]) == 0
+    assert open_index(tmp_path / "idx").labels == open_index(built).labels
+    assert set(open_index(built).labels.values()) == {"astronaut", "coffee", "chelsea"}
+    assert "landmarks: 3" in capsys.readouterr().out
+
+
+def test_photos_outside_place_folders_have_no_label(tmp_path, caplog):
+    write_views(tmp_path / "photos", ("coffee",), 2, seed=4)
+    loose = tmp_path / "photos" / "coffee"
+    with pytest.raises(ValueError, match=r"one folder per place \(PHOTOS/PLACE/photo.jpg\) or give --labels"):
+        index.build(load_config(overrides=SMALL), loose, tmp_path / "idx", previews=0)
+    assert not (tmp_path / "idx" / "store").exists()  # refused before extracting anything
+    shutil.copy(loose / "v0.jpg", tmp_path / "photos" / "stray.jpg")
+    found = index._labels_of(index._listed(tmp_path / "photos", "train"), None, tmp_path / "photos")
+    assert found == {"coffee/v0": "coffee", "coffee/v1": "coffee"}
+    assert "1 of 3 images have no label (e.g. stray)" in caplog.text
+
+
+def test_an_index_of_place_folders_answers_a_held_out_photo_with_a_percentage(tmp_path, capsys, monkeypatch):
+    """4 places of 3 photos and 2 of one (what a leave-one-out can get wrong), labels from the
+    folders, calibrated at build with no flag; a new view of a place is answered with P(right)
+    in percent. (The calibration's time limit is lifted: test_calibrate tests it.)"""
+    from delf_pipeline import calibrate
+
+    monkeypatch.setattr(calibrate, "AUTO_SHARE", 1000.0)
+    photos = write_views(tmp_path / "photos", PHOTOS, 3, seed=5)
+    write_views(photos, ("hubble_deep_field", "camera"), 1, seed=6)
+    held_out = write_views(tmp_path / "new", ("chelsea",), 1, seed=7) / "chelsea" / "v0.jpg"
+    sets = [a for item in SMALL for a in ("--set", item)]
+    assert cli.main(["index", "build", "--images", str(photos), "--out", str(tmp_path / "idx"), *sets]) == 0
+    assert "calibration: True" in capsys.readouterr().out
+    assert cli.main(["query", "--index", str(tmp_path / "idx"), str(held_out)]) == 0
+    best = capsys.readouterr().out.splitlines()[2].split()
+    assert best[0] == "chelsea" and best[1].endswith("%") and float(best[1].strip("%<>")) > 50, best
+    assert cli.main(["query", "--index", str(tmp_path / "idx"), "--json", str(held_out)]) == 0
+    answer = json.loads(capsys.readouterr().out)[0]
+    assert answer["calibrated"] and 0.5 < answer["landmarks"][0]["confidence"] <= 1
+    assert answer["landmarks"][0]["score"] > 0

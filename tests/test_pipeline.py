@@ -216,6 +216,19 @@ def test_demo_runs_and_writes_metrics(tmp_path, capsys):
         "recall@100": 1.0, "queries": 16, "skipped_no_relevant": 6}, rel=1e-12)
     assert validate_submission(tmp_path / "run" / "submission.csv") == []
     assert "submission" in capsys.readouterr().out
+    # calibrated with no flag: P(right) in [0, 1], right answers more confident than the 6
+    # non-landmark queries given a landmark, and the report draws the reliability diagram
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["calibration"] == str((tmp_path / "run" / "features" / "calibration.json").resolve())
+    truth = {row["id"]: row["landmarks"] for row in csv.DictReader(open(tmp_path / "data" / "solution.csv"))}
+    predicted = read_submission(tmp_path / "run" / "submission.csv")
+    right = [c for q, (label, c) in predicted.items() if label == truth[q]]
+    wrong = [c for q, (label, c) in predicted.items() if label != truth[q]]
+    assert len(right) == 16 and len(wrong) == 6 and all(0 <= c <= 1 for c in right + wrong)
+    assert sum(right) / len(right) > 0.8 > 0.4 > sum(wrong) / len(wrong)
+    assert cli_main(["report", "--run", str(tmp_path / "run"), "--matches", "0"]) == 0
+    page = (tmp_path / "run" / "report" / "index.html").read_text()
+    assert page.count('<svg id="reliability-plot"') == 1 and "Confidence: P(right)" in page
 
 
 def test_model_with_a_rootsift_preset_is_a_clear_error(tmp_path, caplog):

@@ -3,6 +3,7 @@ small demo run opened in headless Chromium as a person would (no console errors,
 images, filters working), with a screenshot."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -100,6 +101,37 @@ def test_query_rows_verdicts():
     assert [r["ok"] for r in query_rows(_Run(), table, predictions, None)] == ["", "", ""]
 
 
+def test_counts_keep_non_landmark_queries_apart():
+    """Landmark queries are right, wrong or unanswered (accuracy's terms); a query of no landmark
+    given one is counted on its own, not as a wrong answer."""
+    rows = [{"q": "a", "truth": ["1"], "pred": "1"}, {"q": "b", "truth": ["2"], "pred": "3"},
+            {"q": "c", "truth": ["2"], "pred": ""}, {"q": "d", "truth": [], "pred": "1"},
+            {"q": "e", "truth": [], "pred": ""}, {"q": "f", "truth": None, "pred": "1"}]
+    for row in rows:
+        row["ok"] = report._verdict(row["pred"], row["truth"])
+    assert [row["ok"] for row in rows] == ["right", "wrong", "wrong", "nonlandmark", "right", ""]
+    counts = report.verdict_counts(rows)
+    assert counts == {"landmark": 3, "right": 1, "wrong": 1, "unanswered": 1, "nonlandmark": 2, "given": 1}
+    assert report._counts(rows, counts) == ("6 queries, 4 with a prediction. 3 of a landmark: 1 right, 1 wrong, "
+                                            "1 unanswered; 2 of no landmark: 1 given a landmark, 1 left empty")
+
+
+def test_demo_report_separates_non_landmark_queries_and_says_scores(demo_run):
+    """The small demo run: its 6 distractor queries are given a landmark, which the counts say apart
+    from the 16 landmark queries, beside the accuracy they make; its numbers are scores or P(right)
+    as its run.json says."""
+    import json
+
+    text = demo_run["page"].read_text()
+    metrics = json.loads((demo_run["run"] / "metrics.json").read_text())
+    right = round(metrics["accuracy"] * metrics["landmark_queries"])
+    assert f"accuracy</th><td>{metrics['accuracy']:.4f}</td><td class=\"note\">{right} of 16 landmark queries right" in text
+    assert f"16 of a landmark: {right} right" in text and "6 of no landmark: " in text
+    calibrated = json.loads((demo_run["run"] / "run.json").read_text())["calibration"]
+    assert (f'"calibrated":{"true" if calibrated else "false"}') in text
+    assert ("Confidence: P(right)" in text) == bool(calibrated) and ("Score: " in text) != bool(calibrated)
+
+
 def test_reliability_diagram_by_hand():
     points = [(0.95, True, "a"), (0.91, True, "b"), (0.15, False, "c"), (0.12, True, "d")]
     svg = reliability_svg(points)
@@ -135,6 +167,8 @@ def calibrated_run(demo_run) -> dict:
     predict.run(config, run / "shortlist.csv", predict.read_labels(data / "train.csv"),
                 read_table(data / "sample_submission.csv")["id"].tolist(), run / "submission.csv",
                 rerank_csv=run / "rerank.csv")
+    record = json.loads((run / "run.json").read_text())  # what run writes once it has calibrated
+    (run / "run.json").write_text(json.dumps({**record, "calibration": str(run / "calibration.json")}))
     return {"run": run, "page": report.build(run, top=4, matches=1, page_size=10)}
 
 

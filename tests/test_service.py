@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 from support import SHARED_DATA
 
-from delf_pipeline import index  # noqa: E402
+from delf_pipeline import calibrate, index  # noqa: E402
 from delf_pipeline.config import DEFAULT_PRESET, load_config  # noqa: E402
 from delf_pipeline.search.searcher import Searcher  # noqa: E402
 from delf_pipeline.service.app import create_app  # noqa: E402
@@ -38,17 +39,20 @@ LIMITS = Limits(workers=2, queue=8, max_bytes=2_000_000, max_pixels=30_000_000)
 
 @pytest.fixture(scope="module")
 def mini_index(tmp_path_factory) -> Path:
-    """An index of landmarks_mini without HELD_OUT (the default preset at 512 px, 32 words)."""
+    """An index of landmarks_mini without HELD_OUT (the default preset at 512 px, 32 words), built
+    from its place folders (symlinks; the folder names are the labels) and calibrated at build
+    (the time limit lifted: test_calibrate tests it)."""
     if not (DATA / "labels.csv").is_file():
         pytest.skip(f"landmarks_mini is not at {DATA} (the shared data folder beside the repository)")
     root = tmp_path_factory.mktemp("mini")
     with open(DATA / "labels.csv", newline="") as handle:
-        rows = [r for r in csv.DictReader(handle) if r["image"] != HELD_OUT]
-    with open(root / "images.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["id", "path", "landmark_id"])
-        writer.writerows((Path(r["image"]).with_suffix("").as_posix(), DATA / r["image"], r["label"]) for r in rows)
-    return index.build(load_config(overrides=FAST), root / "images.csv", root / "index", previews=256)
+        images = [r["image"] for r in csv.DictReader(handle) if r["image"] != HELD_OUT]
+    for image in images:
+        (root / "photos" / image).parent.mkdir(parents=True, exist_ok=True)
+        (root / "photos" / image).symlink_to(DATA / image)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(calibrate, "AUTO_SHARE", 1000.0)
+        return index.build(load_config(overrides=FAST), root / "photos", root / "index", previews=256)
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +79,7 @@ def test_health(client, mini_index):
     body = client.get("/health").json()
     assert body["status"] == "ok" and body["images"] == 78 and body["landmarks"] == 11
     assert body["preset"] == DEFAULT_PRESET and body["capacity"] == LIMITS.workers + LIMITS.queue
+    assert body["calibrated"] is True
 
 
 def test_query_gives_the_right_landmark_and_a_match_picture(client):
@@ -84,6 +89,7 @@ def test_query_gives_the_right_landmark_and_a_match_picture(client):
     body = response.json()
     assert body["photo"] == "my photo.jpg"  # the client's folder is not echoed back
     assert body["landmarks"][0]["landmark_id"] == "sacre_coeur"
+    assert body["calibrated"] and 0.5 < body["landmarks"][0]["confidence"] <= 1 < body["landmarks"][0]["score"]
     best = body["candidates"][0]
     assert best["landmark_id"] == "sacre_coeur" and best["inliers"] > 15 and best["status"] == "ok"
     assert set(body["timings_ms"]) == {"decode", "extract", "shortlist", "rerank", "answer"}
@@ -148,6 +154,17 @@ def test_landmark_photos_and_missing_things(client):
         assert response.status_code == 404 and "root:" not in response.text, path
 
 
+def test_landmarks_the_index_holds(client):
+    """What the idle page shows: every landmark, most photographed first, each with a thumbnail."""
+    body = client.get("/landmarks").json()
+    assert body["landmarks"] == 11 and len(body["shown"]) == 11
+    assert [(m["landmark_id"], m["images"]) for m in body["shown"][:3]] == [
+        ("lund_street", 29), ("sacre_coeur", 14), ("sceaux_castle", 11)]
+    assert all(client.get(m["thumbnail"]).status_code == 200 for m in body["shown"])
+    assert [m["landmark_id"] for m in client.get("/landmarks?limit=2").json()["shown"]] == ["lund_street", "sacre_coeur"]
+    assert client.get("/landmarks?limit=0").status_code == 422
+
+
 def test_openapi_page_and_web_page(client):
     assert "/query" in client.get("/openapi.json").json()["paths"]
     assert client.get("/docs").status_code == 200
@@ -194,12 +211,18 @@ def test_page_in_chromium_uploads_a_photo_and_shows_the_answer(mini_index, searc
     with running(create_app(mini_index, LIMITS, searcher=searcher)) as url, Browser(chromium()) as page:
         page.navigate(url + "/")
         page.wait_for("document.getElementById('index-facts').textContent.includes('78 index photos')")
+        page.wait_for("document.getElementById('status').dataset.holds === '11'")  # idle: what the index holds
+        assert page.evaluate("document.querySelectorAll('#holds-list img').length") == 11
+        assert page.evaluate("document.querySelector('footer').innerText.trim()") == "API (OpenAPI)"  # no dangling ·
         page.set_files("#photo-input", [DATA / HELD_OUT])
         page.wait_for("['done', 'error'].includes(document.getElementById('status').dataset.state)", timeout=120)
         state = page.evaluate("({...document.getElementById('status').dataset})")
-        assert state == {"state": "done", "errors": "0", "landmark": "sacre_coeur"}, page.evaluate(
+        assert state == {"state": "done", "errors": "0", "landmark": "sacre_coeur", "holds": "11"}, page.evaluate(
             "document.getElementById('message').textContent")
         assert page.evaluate("document.querySelector('#landmarks li button').textContent") == "sacre_coeur"
+        assert re.fullmatch(r"confidence (>99\.9|\d{2}\.\d)%",
+                            page.evaluate("document.querySelector('#landmarks li .confidence').textContent"))
+        assert page.evaluate("document.getElementById('holds').hidden")
         page.wait_for("document.getElementById('match').complete && document.querySelectorAll('#candidates img')"
                       ".length > 0 && [...document.images].every(i => i.complete)")
         assert page.evaluate("document.getElementById('match').naturalWidth") > 300

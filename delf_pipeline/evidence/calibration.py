@@ -31,7 +31,12 @@ from ..config import PredictSettings
 
 
 class CalibrationError(ValueError):
-    """The sample cannot be fitted: it lacks right or wrong predictions."""
+    """The sample cannot be fitted: it lacks right or wrong predictions (``right`` of ``total`` are right)."""
+
+    def __init__(self, right: int, total: int):
+        super().__init__(f"calibration needs right and wrong predictions; got {right} right of {total} (sample "
+                         "more index images, or an index with repeated places)")
+        self.right, self.total = right, total
 
 
 FEATURES = ("score", "margin", "log_inliers", "agree", "best_global")
@@ -116,8 +121,7 @@ def fit(evidence: pd.DataFrame, right: np.ndarray, features: tuple[str, ...] | N
         features = FEATURES + (("nonlandmark",) if "nonlandmark" in evidence else ())
     right = np.asarray(right, np.float64)
     if len(right) != len(evidence) or not 0 < right.sum() < len(right):
-        raise CalibrationError(f"calibration needs right and wrong predictions; got {int(right.sum())} right "
-                         f"of {len(right)} (sample more index images, or an index with repeated places)")
+        raise CalibrationError(int(right.sum()), len(right))
     x = feature_matrix(evidence, features)
     mean, scale = x.mean(axis=0), x.std(axis=0)
     scale[scale == 0] = 1.0
@@ -161,3 +165,16 @@ def reliability(confidence: np.ndarray, right: np.ndarray, bins: int = 10) -> pd
     rows = [(b / bins, (b + 1) / bins, int((which == b).sum()), confidence[which == b].mean(), right[which == b].mean())
             for b in range(bins) if (which == b).any()]
     return pd.DataFrame(rows, columns=["low", "high", "count", "confidence", "observed"])
+
+
+def describe(fitted: Calibration, table: pd.DataFrame, chosen: dict[str, float]) -> str:
+    """The weights, the threshold table and the chosen thresholds as text."""
+    weights = ", ".join(f"{n} {w:+.3f}" for n, w in zip(fitted.features, fitted.weights))
+    lines = [f"P(right) = expit({weights}, bias {fitted.bias:+.3f})  (standardised features)",
+             "", "| threshold | kept | precision | recall | F1 |", "|---|---|---|---|---|"]
+    lines += [f"| {r.threshold:.2f} | {r.kept} | {r.precision:.3f} | {r.recall:.3f} | {r.f1:.3f} |"
+              for r in table.itertuples()]
+    lines.append("")
+    lines.append("best threshold: " + ", ".join(f"{name} {value:.2f}" for name, value in chosen.items())
+                 + f"  (suggested abstain threshold: --set predict.abstain={chosen['f1']:.2f})")
+    return "\n".join(lines)

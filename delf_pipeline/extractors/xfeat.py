@@ -326,11 +326,15 @@ class XFeatExtractor:
 
 
 def tensorflow_device() -> str:
-    """Where TensorFlow runs the model: its first GPU's name, else the CPU."""
+    """Where TensorFlow runs the model: its first GPU (device and model name), else the CPU."""
     import tensorflow as tf
 
     gpus = tf.config.list_logical_devices("GPU")
-    return gpus[0].name if gpus else "CPU (no GPU visible to TensorFlow)"
+    if not gpus:
+        return "CPU (no GPU visible to TensorFlow)"
+    physical = tf.config.list_physical_devices("GPU")
+    model = tf.config.experimental.get_device_details(physical[0]).get("device_name") if physical else None
+    return f"{gpus[0].name} ({model})" if model else gpus[0].name
 
 
 def _stacked_rgb(images: Sequence[np.ndarray]) -> np.ndarray:

@@ -8,7 +8,8 @@ keeps working::
     INDEX/store/            its feature store (rootsift, xfeat: with its codebook.npy)
     INDEX/previews/         small JPEG copies of the index images (thumbnails, match pictures),
                             named by a hash of the image id; absent with --previews 0
-    INDEX/calibration.json  the confidence calibration, when one was given
+    INDEX/calibration.json  the confidence calibration: fitted on the index at build (when it
+                            has enough labelled photos) or given (index build --calibration)
 
 Model backends (``savedmodel``, ``hub``) keep their model by reference: ``extract.model``
 in config.json, as given.

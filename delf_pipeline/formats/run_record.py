@@ -10,11 +10,15 @@
       "config_file": "/abs/my.toml",         or null
       "overrides": ["rerank.num_to_rerank=50"],
       "model": "/abs/delg" | "hub handle" | "",
-      "config": {"extract": {...}, ...}      every setting the run used
+      "config": {"extract": {...}, ...},     every setting the run used
+      "calibration": "/abs/OUT/features/calibration.json" | null
     }
 
 Paths are absolute so the record stays right whatever the working folder of a later command.
-It is written atomically when the run starts, so a killed run's folder knows its inputs too.
+It is written atomically when the run starts, so a killed run's folder knows its inputs too,
+and again once the run knows its calibration (then ``calibration`` is set: the file whose
+P(right) the submission's confidences are, or null when they are raw scores; a record
+without the key is of an older run or one that stopped before).
 """
 from __future__ import annotations
 

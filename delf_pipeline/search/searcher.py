@@ -11,10 +11,11 @@ the stages' own cores, in memory instead of through files:
 5. answer: the final ranking and per-class evidence of :mod:`delf_pipeline.evidence.aggregation`,
    as ``predict`` makes them.
 
-The answer (:meth:`Answer.to_json`) lists the best landmarks with their confidence (the
-pooled score that ``submission.csv`` reports, or P(right) when the index keeps a
-``calibration.json``) and the best candidates with their global score and inliers, and how
-long each step took. ``delf-pipeline query`` and ``serve`` are its front ends.
+The answer (:meth:`Answer.to_json`) lists the best landmarks with their pooled score (what
+``submission.csv`` reports without a calibration) and, when the index keeps a
+``calibration.json``, their confidence: P(right), the probability that the landmark is the
+right answer; then the best candidates with their global score and inliers, and how long
+each step took. ``delf-pipeline query`` and ``serve`` are its front ends.
 """
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ MAX_PIXELS = 50_000_000  # larger claimed sizes are refused before decoding (dec
 class Answer:
     """The answer for one photo.
 
-    landmarks: best first, dicts ``landmark_id, confidence, candidates`` (ids of the voters).
+    landmarks: best first, dicts ``landmark_id, score, confidence, candidates`` (ids of the voters);
+        ``confidence`` (P(right), 0..1) only when ``calibrated``.
     candidates: best first, dicts ``rank, index_id, landmark_id, global_score, matches,
         inliers, score, status`` (matches/inliers -1 and status "not verified" past the rerank).
     timings: seconds per step of :data:`STEPS`.
@@ -74,10 +76,12 @@ class Answer:
     factors: np.ndarray = field(repr=False)
     features: ImageFeatures = field(repr=False)
     size: tuple[int, int] = (0, 0)
+    calibrated: bool = False
 
     def to_json(self) -> dict:
         """What ``query --json`` prints and ``POST /query`` returns for this photo."""
-        return {"photo": self.photo, "landmarks": self.landmarks, "candidates": self.candidates,
+        return {"photo": self.photo, "calibrated": self.calibrated, "landmarks": self.landmarks,
+                "candidates": self.candidates,
                 "timings_ms": {step: round(seconds * 1000, 1) for step, seconds in self.timings.items()}}
 
 
@@ -141,7 +145,8 @@ class Searcher:
             reranked = self.rerank(features, shortlist, stored.size)
         with _timed(timings, "answer"):
             landmarks, candidates = self.answer(shortlist, reranked)
-        return Answer(photo, landmarks, candidates, timings, image, factors, features, stored.size)
+        return Answer(photo, landmarks, candidates, timings, image, factors, features, stored.size,
+                      self.calibration is not None)
 
     def shortlist(self, features: ImageFeatures) -> pd.DataFrame:
         """Shortlist rows ``query_id,index_id,rank,score`` of the photo (top ``shortlist.top_k``)."""
@@ -169,16 +174,18 @@ class Searcher:
     def answer(self, shortlist: pd.DataFrame, reranked: pd.DataFrame) -> tuple[list[dict], list[dict]]:
         """(landmarks, candidates) of :class:`Answer` from the photo's shortlist and rerank rows.
 
-        A landmark's confidence is its aggregated score, or, when the index keeps a calibration,
-        P(right) of its evidence (as ``predict`` computes for the best class of a query)."""
+        A landmark's score is its aggregated score; when the index keeps a calibration, its
+        confidence is P(right) of its evidence (as ``predict`` computes for the best class of a query)."""
         ranking = candidate_table(shortlist, reranked if len(reranked) else None)
         conf = self.config.predict
         classes = class_evidence(ranking, self.labels, conf.top_k, conf.aggregation)
-        confidence = self.calibration.probability(classes) if self.calibration and len(classes) else classes["score"]
         voters = ranking[ranking["rank"] <= conf.top_k]
-        landmarks = [{"landmark_id": label, "confidence": round(float(score), 6),
+        calibrated = self.calibration is not None and len(classes) > 0
+        probability = self.calibration.probability(classes) if calibrated else [None] * len(classes)
+        landmarks = [{"landmark_id": label, "score": round(float(score), 6),
+                      **({"confidence": round(float(p), 6)} if calibrated else {}),
                       "candidates": [i for i in voters["index_id"] if self.labels.get(i) == label]}
-                     for label, score in zip(classes["label"], confidence)]
+                     for label, score, p in zip(classes["label"], classes["score"], probability)]
         top = (ranking[ranking["rank"] <= self.top_candidates].drop(columns=["inliers"])
                .merge(reranked[["index_id", "matches", "inliers", "status"]], on="index_id", how="left"))
         candidates = [{

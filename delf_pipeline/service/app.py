@@ -2,7 +2,8 @@
 
 Routes: ``GET /`` (the page), ``POST /query`` (an image upload -> the JSON of
 ``delf-pipeline query --json``, plus ``match_picture`` with ``?picture=true``),
-``GET /health``, ``GET /landmarks/{landmark_id}`` (the index photos of a landmark),
+``GET /health``, ``GET /landmarks`` (the landmarks, most photographed first, each with a
+thumbnail), ``GET /landmarks/{landmark_id}`` (the index photos of a landmark),
 ``GET /thumbnails/{image_id}`` (an index photo's preview), ``/docs`` (OpenAPI page).
 
 The index is loaded once, when the app is made. Searching is CPU work: it runs in worker
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import logging
+from collections import defaultdict
 from pathlib import Path
 from urllib.parse import quote
 
@@ -82,6 +84,7 @@ def create_app(index: str | Path, limits: Limits = Limits(), searcher: Searcher 
     def health() -> dict:
         return {"status": "ok", "package_version": __version__, "preset": searcher.config.preset,
                 "images": len(searcher.ids), "landmarks": len(set(searcher.labels.values())),
+                "calibrated": searcher.calibration is not None,
                 "in_progress": gate.admitted, "capacity": gate.capacity}
 
     @app.post("/query", summary="The best landmarks and candidates of one photo")
@@ -92,6 +95,16 @@ def create_app(index: str | Path, limits: Limits = Limits(), searcher: Searcher 
         if len(data) > limits.max_bytes:
             raise HTTPException(413, _too_big(limits))
         return await gate.run(_answer, searcher, data, _display_name(photo.filename), picture)
+
+    @app.get("/landmarks", summary="The landmarks of the index, most photographed first, each with a thumbnail")
+    def landmarks(limit: int = Query(60, ge=1, le=1000, description="landmarks listed at most")) -> dict:
+        groups: dict[str, list[str]] = defaultdict(list)
+        for image_id, label in searcher.labels.items():
+            groups[label].append(image_id)
+        top = sorted(groups.items(), key=lambda item: (-len(item[1]), item[0]))[:limit]
+        return {"landmarks": len(groups), "shown": [
+            {"landmark_id": label, "images": len(ids), "thumbnail": next(
+                (thumbnail_url(i) for i in sorted(ids) if searcher.index.preview(i)), None)} for label, ids in top]}
 
     @app.get("/landmarks/{landmark_id}", summary="The index photos of a landmark")
     def landmark(landmark_id: str) -> dict:

@@ -8,7 +8,7 @@ Writes, under ``OUT`` (default ``RUN/report``)::
     thumbs/ID.jpg         thumbnails, made once (existing ones are kept)
     matches/QUERY/ID.jpg  match pictures of each query's best candidates (see show_matches)
 
-The page embeds only a short summary per query (id, confidence, right/wrong, inliers), so it
+The page embeds only a short summary per query (id, confidence, verdict, inliers), so it
 stays light for many thousands of queries; images use ``loading="lazy"``. A status line at the
 bottom (``#status``) counts images loaded and failed and script errors, for people and tests.
 """
@@ -112,7 +112,7 @@ def query_rows(run: Run, table: pd.DataFrame, predictions: dict, truth: dict | N
     """One dict per query of the submission, in submission order.
 
     Keys: q (id), truth ([labels] or None), pred (label or ""), conf (float or None),
-    ok ("right" | "wrong" | "" when unknown), inliers (of the best candidate of the predicted
+    ok ("right" | "wrong" | "nonlandmark": a query of no landmark given one | "" when unknown), inliers (of the best candidate of the predicted
     label, -1 if not verified), cands ([{id, label, rank, global, matches, inliers, score, ok}]).
     """
     by_query = {q: rows.to_dict("records") for q, rows in table.groupby("query_id", sort=False)}
@@ -136,10 +136,13 @@ def _candidate(run: Run, row: dict, truth: list[str] | None) -> dict:
 
 
 def _verdict(predicted: str, truth: list[str] | None) -> str:
-    """"right" when the prediction is a true landmark, or when a non-landmark query gets none."""
+    """"right" when the prediction is a true landmark, or when a non-landmark query gets none;
+    "nonlandmark" when a query of no landmark is given one; else "wrong"."""
     if truth is None:
         return ""
-    return "right" if (predicted in truth if predicted else not truth) else "wrong"
+    if not truth:
+        return "nonlandmark" if predicted else "right"
+    return "right" if predicted in truth else "wrong"
 
 
 # ---------------------------------------------------------------- images
@@ -251,16 +254,18 @@ def precision_svg(points: list[tuple[float, bool, str]], landmark_queries: int, 
     return frame.svg(title, parts, "precision-plot")
 
 
-def reliability_svg(points: list[tuple[float, bool, str]], width: int = 520, height: int = 280) -> str:
+def reliability_svg(points: list[tuple[float, bool, str]], width: int = 520, height: int = 280,
+                    calibrated: bool | None = None) -> str:
     """Reliability diagram: per confidence bin of [0, 1], the fraction of right predictions
     against the mean confidence (dot area ~ predictions in the bin); the diagonal is perfect
-    calibration. Confidences outside [0, 1] are scores, not probabilities: a note says so."""
+    calibration. Scores (``calibrated`` False, or, unknown, values outside [0, 1]) get a note instead."""
     if not points:
         return "<p>No predictions with a known truth: no reliability diagram.</p>"
     conf = np.array([p[0] for p in points])
-    if conf.min() < 0 or conf.max() > 1:
-        return (f"<p>Confidences run {conf.min():.3g} .. {conf.max():.3g}: scores, not probabilities, so no "
-                "reliability diagram. <code>delf-pipeline calibrate</code> makes them probabilities.</p>")
+    if calibrated is False or conf.min() < 0 or conf.max() > 1:
+        return (f"<p>No calibration: the submission's numbers ({conf.min():.3g} .. {conf.max():.3g}) are scores, "
+                "not probabilities, so no reliability diagram (the run's log says why it was not calibrated; "
+                "<code>delf-pipeline calibrate</code> fits one).</p>")
     bins = reliability(conf, np.array([p[1] for p in points]))
     frame = _Frame(width, height, (0.0, 1.0), (0.0, 1.0))
     parts = [frame.axes("predicted probability (mean of the bin)", "observed fraction right"),
@@ -369,26 +374,30 @@ class _Frame:
 # ---------------------------------------------------------------- the page
 
 
-def metrics_table(metrics: dict) -> str:
-    """HTML table of the flat and the ``retrieval`` numbers of :func:`delf_pipeline.evaluate.evaluate`."""
+def metrics_table(metrics: dict, notes: dict[str, str] | None = None) -> str:
+    """HTML table of the flat and the ``retrieval`` numbers of :func:`delf_pipeline.evaluate.evaluate`;
+    ``notes``: a few words after some of them (key -> text)."""
     if not metrics:
         return "<p>No metrics: give --solution (or run with a solution) to score this run.</p>"
     rows = {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}
     rows.update({f"retrieval {k}": v for k, v in metrics.get("retrieval", {}).items() if not isinstance(v, (dict, list))})
-    cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{v:.4f}</td></tr>" if isinstance(v, float)
-                    else f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows.items())
+    notes = notes or {}
+    cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{v:.4f}</td><td class=\"note\">{html.escape(notes.get(k, ''))}</td></tr>"
+                    if isinstance(v, float) else f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td>"
+                    f"<td class=\"note\">{html.escape(notes.get(k, ''))}</td></tr>" for k, v in rows.items())
     return f'<table class="metrics">{cells}</table>'
 
 
-def plots(queries: list[dict], has_truth: bool) -> str:
-    """The plots (precision, inliers, reliability), or a note when there is no ground truth."""
+def plots(queries: list[dict], has_truth: bool, calibrated: bool | None = None) -> str:
+    """The plots (precision, inliers, reliability), or a note when there is no ground truth.
+    A non-landmark query given a landmark counts among the wrong predictions."""
     if not has_truth:
         return "<p>Plots need the ground truth: give --solution.</p>"
     points, landmark_queries = gap_points(queries)
     right = [row["inliers"] for row in queries if row["ok"] == "right" and row["pred"] and row["inliers"] >= 0]
-    wrong = [row["inliers"] for row in queries if row["ok"] == "wrong" and row["pred"] and row["inliers"] >= 0]
+    wrong = [row["inliers"] for row in queries if row["ok"] in ("wrong", "nonlandmark") and row["inliers"] >= 0]
     return (f'<div class="plots">{precision_svg(points, landmark_queries)}{inliers_svg(right, wrong)}'
-            f'{reliability_svg(points)}</div>')
+            f'{reliability_svg(points, calibrated=calibrated)}</div>')
 
 
 def render_page(run: Run, queries: list[dict], metrics: dict, has_truth: bool, page_size: int) -> str:
@@ -396,23 +405,54 @@ def render_page(run: Run, queries: list[dict], metrics: dict, has_truth: bool, p
     summary = [[row["q"], row["pred"], row["conf"], row["ok"], row["inliers"]] for row in queries]
     settings = ", ".join(f"{k}={getattr(run.settings, k)}" for k in ("matcher", "match_threshold", "ratio", "verifier",
                                                                      "residual_threshold", "scoring"))
+    calibrated = bool(run.record["calibration"]) if "calibration" in run.record else None  # None: an older run
+    counts = verdict_counts(queries)
+    notes = {"accuracy": f"{counts['right']} of {counts['landmark']} landmark queries right"} if counts else {}
     body = asset("page.html").format(
         title=html.escape(f"delf_pipeline report: {run.folder.path.resolve()}"),
         run=html.escape(str(run.folder.path.resolve())), settings=html.escape(settings),
-        metrics=metrics_table(metrics), plots=plots(queries, has_truth), counts=html.escape(_counts(queries)),
-        data=_json({"queries": summary, "chunk": CHUNK, "pageSize": page_size, "truth": has_truth}),
+        confidence=html.escape(_confidence_note(calibrated)),
+        metrics=metrics_table(metrics, notes), plots=plots(queries, has_truth, calibrated),
+        counts=html.escape(_counts(queries, counts)),
+        data=_json({"queries": summary, "chunk": CHUNK, "pageSize": page_size, "truth": has_truth,
+                    "calibrated": calibrated}),
         style=asset("style.css"), script=asset("report.js"),
     )
     return body
 
 
-def _counts(queries: list[dict]) -> str:
-    answered = sum(1 for row in queries if row["pred"])
-    text = f"{len(queries)} queries, {answered} with a prediction"
-    if any(row["ok"] for row in queries):
-        right = sum(1 for row in queries if row["ok"] == "right")
-        text += f"; {right} right, {sum(1 for row in queries if row['ok'] == 'wrong')} wrong"
+def verdict_counts(queries: list[dict]) -> dict[str, int]:
+    """Queries with a known truth by kind: landmark (right, wrong, unanswered) and non-landmark
+    (given a landmark, left empty); {} when no truth is known."""
+    known = [row for row in queries if row["truth"] is not None]
+    if not known:
+        return {}
+    landmark = [row for row in known if row["truth"]]
+    return {"landmark": len(landmark), "right": sum(row["ok"] == "right" for row in landmark),
+            "wrong": sum(row["ok"] == "wrong" and bool(row["pred"]) for row in landmark),
+            "unanswered": sum(not row["pred"] for row in landmark),
+            "nonlandmark": len(known) - len(landmark), "given": sum(row["ok"] == "nonlandmark" for row in known)}
+
+
+def _counts(queries: list[dict], counts: dict[str, int]) -> str:
+    """E.g. "22 queries, 22 with a prediction. 16 of a landmark: 16 right, 0 wrong, 0 unanswered;
+    6 of no landmark: 6 given a landmark, 0 left empty"."""
+    text = f"{len(queries)} queries, {sum(1 for row in queries if row['pred'])} with a prediction"
+    if counts:
+        text += (f". {counts['landmark']} of a landmark: {counts['right']} right, {counts['wrong']} wrong, "
+                 f"{counts['unanswered']} unanswered; {counts['nonlandmark']} of no landmark: {counts['given']} "
+                 f"given a landmark, {counts['nonlandmark'] - counts['given']} left empty")
     return text
+
+
+def _confidence_note(calibrated: bool | None) -> str:
+    if calibrated:
+        return ("Confidence: P(right), the probability that the predicted landmark is right, fitted on the "
+                "index by leave-one-out (docs/confidence.md).")
+    if calibrated is False:
+        return ("Score: the predicted landmark's pooled evidence, not a probability (the run was not "
+                "calibrated: its log says why).")
+    return ""
 
 
 def asset(name: str) -> str:

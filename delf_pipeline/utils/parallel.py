@@ -79,7 +79,7 @@ def dask_client(address: str):
     try:
         from dask.distributed import Client
     except ImportError:
-        raise ImportError("--dask needs dask.distributed: pip install 'delf_pipeline[dask]'") from None
+        raise ModuleNotFoundError("--dask needs dask.distributed: pip install 'delf_pipeline[dask]'") from None
     return Client(address)
 
 

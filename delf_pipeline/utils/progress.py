@@ -12,8 +12,9 @@ log = logging.getLogger("delf_pipeline")
 
 
 def track(items: Iterable[T], total: int, description: str, every_seconds: float = 30.0) -> Iterator[T]:
-    """Yield ``items`` while showing progress; ``total`` is the expected count."""
-    if total <= 0:
+    """Yield ``items`` while showing progress; ``total`` is the expected count. Nothing is shown
+    while the package's INFO lines are held back (a leave-one-out calibration inside a run)."""
+    if total <= 0 or not log.isEnabledFor(logging.INFO):
         yield from items
         return
     if sys.stderr.isatty():

@@ -128,7 +128,7 @@ def _fit_degensac(xy_a, xy_b, settings, seed):
     try:
         import pydegensac
     except ImportError:
-        raise ImportError(
+        raise ModuleNotFoundError(
             "the degensac verifier needs pydegensac: pip install delf_pipeline[degensac]"
         ) from None
     model, mask = pydegensac.findHomography(

@@ -5,8 +5,8 @@ A thin main over ``delf_pipeline.pipeline.run`` with the ``kaggle2020_baseline``
 (DELG local_and_global SavedModel, KD-tree matching, homography RANSAC, host-baseline
 scoring). It writes ``submission.csv`` with a row for every test id. Unless
 ``--no-calibrate``, the confidences are calibrated probabilities (``delf-pipeline calibrate``
-on a sample of train images, sized to the time budget; skipped with a log line when the
-budget leaves too little).
+on a sample of train images, sized to the time budget; "no calibration: REASON" in the
+log when the budget leaves too little).
 
 Paths, in order of precedence: command-line flag, environment variable, Kaggle default.
 

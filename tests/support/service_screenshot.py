@@ -1,11 +1,14 @@
 #!/usr/bin/env python
-"""A screenshot of the search-by-photo page, made from the demo's own data (no download).
+"""Screenshots of the search-by-photo page, made from the demo's own data (no download).
 
 Builds the ``delf-pipeline demo`` landmark set (views of scikit-image photos), an index of
-its index views labelled with the photos' names, serves it on loopback, opens the page in
-headless Chromium, uploads one query view and saves the page once it shows the answer.
+its index views labelled with the photos' names (calibrated on itself: at build, else by
+``calibrate`` without the build's time limit), serves it
+on loopback, opens the page in headless Chromium, saves it idle (what the index holds), then
+uploads one query view and saves the page once it shows the answer.
 
-    python tests/support/service_screenshot.py --out runs/screenshot --shot docs/service_page.jpg
+    python tests/support/service_screenshot.py --out runs/screenshot --shot docs/service_page.jpg \
+        --idle-shot docs/service_idle.jpg
 
 (``browser`` is tests/support/browser.py: Python puts this script's folder on its path.)
 """
@@ -18,8 +21,9 @@ from pathlib import Path
 
 from browser import Browser
 
-from delf_pipeline import index
+from delf_pipeline import calibrate, index
 from delf_pipeline.config import load_config
+from delf_pipeline.formats.index_folder import open_index
 from delf_pipeline.formats.images import kaggle_path
 from delf_pipeline.service.app import create_app
 from delf_pipeline.service.serve import running
@@ -36,13 +40,18 @@ def demo_index(out: Path) -> Path:
     labels = out / "labels.csv"
     with open(labels, "w", newline="") as handle:
         csv.writer(handle).writerows([("id", "landmark_id"), *rows])
-    return index.build(load_config(), data, out / "index", labels=labels)
+    built = index.build(load_config(), data, out / "index", labels=labels)
+    if not (built / "calibration.json").is_file():  # the build's time limit left none: fit it without one
+        calibrate.run(load_config(), built / "store", open_index(built).labels, built / "calibration.json",
+                      work=out / "calibration", table=False)
+    return built
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/screenshot"), help="demo data and index")
-    parser.add_argument("--shot", type=Path, default=Path("docs/service_page.jpg"), help="PNG to write")
+    parser.add_argument("--shot", type=Path, default=Path("docs/service_page.jpg"), help="the answer page to write")
+    parser.add_argument("--idle-shot", type=Path, help="the idle page (before a photo is chosen) to write")
     parser.add_argument("--photo", default="motorcycle/query/0",
                         help="demo query view to upload (the other camera of the stereo pair by default)")
     parser.add_argument("--chromium", default="chromium")
@@ -51,6 +60,10 @@ def main() -> None:
     photo = kaggle_path(args.out / "data", "test", demo_id(args.photo))
     with running(create_app(built)) as url, Browser(args.chromium, height=1480) as page:
         page.navigate(url + "/")
+        if args.idle_shot:
+            page.wait_for("document.getElementById('status').dataset.holds > 0 && "
+                          "[...document.images].every(i => i.complete)")
+            page.screenshot(args.idle_shot)
         page.set_files("#photo-input", [photo])
         page.wait_for("['done', 'error'].includes(document.getElementById('status').dataset.state)", timeout=120)
         page.wait_for("[...document.images].every(i => i.complete)")

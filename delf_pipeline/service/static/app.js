@@ -1,4 +1,5 @@
-// Search by photo: send the chosen or dropped photo to POST /query and show the answer.
+// Search by photo: send the chosen or dropped photo to POST /query and show the answer; before
+// that (idle), show what the index holds: its landmarks, each with a thumbnail.
 // The footer's #status holds the state for people and tests: data-state idle|busy|done|error,
 // data-landmark (best landmark id), data-errors (script errors seen).
 "use strict";
@@ -22,9 +23,17 @@ function element(tag, props, ...children) {
 
 function thumbnailCard(url, title, lines) {
   const card = element("div", {className: "candidate"});
-  card.append(element("img", {src: url, alt: title, loading: "lazy"}), element("b", {}, title));
+  if (url) card.append(element("img", {src: url, alt: title, loading: "lazy"}));
+  card.append(element("b", {}, title));
   for (const line of lines) card.append(element("div", {}, line));
   return card;
+}
+
+// P(right) as a percentage (never a rounded 100% or 0%), or the raw score when the index has no calibration.
+function shown(mark, calibrated) {
+  if (!calibrated) return `score ${mark.score.toFixed(3)}`;
+  const p = mark.confidence;
+  return "confidence " + (p >= 0.9995 ? ">99.9%" : p < 0.0005 ? "<0.1%" : `${(100 * p).toFixed(1)}%`);
 }
 
 function showAnswer(answer) {
@@ -34,7 +43,7 @@ function showAnswer(answer) {
     const button = element("button", {type: "button", title: "show its index photos"}, mark.landmark_id);
     button.addEventListener("click", () => showLandmark(mark.landmark_id));
     landmarks.append(element("li", {}, button,
-      element("span", {className: "confidence"}, `confidence ${mark.confidence.toFixed(3)}`)));
+      element("span", {className: "confidence"}, shown(mark, answer.calibrated))));
   }
   if (!answer.landmarks.length) landmarks.append(element("li", {}, "no landmark found"));
   $("candidates").replaceChildren(...answer.candidates.map((c) => thumbnailCard(
@@ -65,6 +74,7 @@ async function search(file) {
   if (!file) return;
   $("photo").src = URL.createObjectURL(file);
   $("photo-name").textContent = file.name;
+  $("holds").hidden = true;
   $("result").hidden = false;
   setState("busy", "searching...");
   const form = new FormData();
@@ -92,5 +102,20 @@ drop.addEventListener("drop", (event) => {
 
 fetch("/health").then((r) => r.json()).then((h) => {
   $("index-facts").textContent =
-    `${h.images} index photos of ${h.landmarks} landmarks · preset ${h.preset} · delf_pipeline ${h.package_version}`;
+    `${h.images} index photos of ${h.landmarks} landmarks · preset ${h.preset} · ` +
+    (h.calibrated ? "confidences are probabilities" : "no calibration: raw scores") +
+    ` · delf_pipeline ${h.package_version}`;
+});
+
+fetch("/landmarks").then((r) => r.json()).then((body) => {
+  $("holds-title").textContent = `What the index holds: ${body.landmarks} landmarks` +
+    (body.shown.length < body.landmarks ? ` (the ${body.shown.length} with the most photos)` : "");
+  $("holds-list").replaceChildren(...body.shown.map((mark) => {
+    const card = thumbnailCard(mark.thumbnail, mark.landmark_id,
+      [`${mark.images} photo${mark.images === 1 ? "" : "s"}`]);
+    card.title = "show its index photos";
+    card.addEventListener("click", () => showLandmark(mark.landmark_id));
+    return card;
+  }));
+  status.dataset.holds = body.shown.length;
 });

@@ -42,6 +42,14 @@ function el(tag, attrs, ...children) {
   return node;
 }
 function fmt(x, digits) { return x === null || x === undefined ? "-" : Number(x).toFixed(digits); }
+// P(right) as a percentage (never a rounded 100% or 0%) when the run is calibrated, else the score.
+const CONF_WORD = DATA.calibrated === false ? "score" : "confidence";
+function confText(x) {
+  if (x === null || x === undefined) return CONF_WORD + " -";
+  if (!DATA.calibrated) return CONF_WORD + " " + fmt(x, 3);
+  return CONF_WORD + " " + (x >= 0.9995 ? ">99.9%" : x < 0.0005 ? "<0.1%" : (100 * x).toFixed(1) + "%");
+}
+for (const node of document.querySelectorAll(".conf-word")) node.textContent = node.textContent.replace("confidence", CONF_WORD);
 function picture(src, alt) {
   return src ? el("img", {class: "thumb", src: src, loading: "lazy", alt: alt}) : el("div", {class: "noimg"}, "no image");
 }
@@ -49,7 +57,7 @@ function picture(src, alt) {
 function selected() {
   const order = DATA.queries.map((q, i) => i).filter((i) => {
     const [, pred, conf, ok] = DATA.queries[i];
-    if (state.filter === "right" || state.filter === "wrong") { if (ok !== state.filter) return false; }
+    if (["right", "wrong", "nonlandmark"].includes(state.filter) && ok !== state.filter) return false;
     if (state.filter === "landmark" && !pred) return false;
     if (state.filter === "none" && pred) return false;
     return state.minConf === null || (conf !== null && conf >= state.minConf);
@@ -64,14 +72,14 @@ function selected() {
 }
 
 function queryCard(i, detail) {
-  const [id, pred, conf, ok, inliers] = DATA.queries[i];
+  const [id, pred, confidence, ok, inliers] = DATA.queries[i];
   const [thumb, truth] = detail;
-  const verdict = ok ? el("span", {class: "badge " + ok}, ok) : "";
+  const verdict = ok ? el("span", {class: "badge " + ok}, ok === "nonlandmark" ? "non-landmark" : ok) : "";
   return el("div", {class: "card q " + ok},
     picture(thumb, "query " + id), el("div", {class: "mono"}, id),
     el("div", {}, "truth: " + (truth === null ? "unknown" : truth.length ? truth.join(" ") : "non-landmark")),
     el("div", {}, "predicted: " + (pred || "none") + " ", verdict),
-    el("div", {class: "num"}, "confidence " + fmt(conf, 3) + ", inliers " + (inliers < 0 ? "-" : inliers)));
+    el("div", {class: "num"}, confText(confidence) + ", inliers " + (inliers < 0 ? "-" : inliers)));
 }
 
 function candidateCard(c) {
