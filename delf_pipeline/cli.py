@@ -42,6 +42,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate-revisitop": ("evaluate_revisitop", "Revisited Oxford/Paris: crop queries to bbx, extract, rank, "
                            "print Easy/Medium/Hard mAP and mP@k"),
     "validate-submission": ("tools.validate_submission", "check a submission.csv; exit 1 with line-numbered reasons"),
+    "train": ("train", "fine-tune a global descriptor on labelled photos; export it as a DELG model (--model)"),
     "run": ("pipeline", "all stages on a Kaggle-layout folder: extract, shortlist, rerank, predict, evaluate"),
     "demo": ("tools.demo", "the whole pipeline on a small landmark set built from scikit-image photos (no download)"),
     "show-matches": ("tools.show_matches", "picture of the local matches and RANSAC inliers of a query and its candidates"),

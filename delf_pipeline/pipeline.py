@@ -23,6 +23,7 @@ from typing import Sequence
 from . import calibrate, extract, predict, rerank, shortlist
 from .budget import TimeBudget, fit_num_to_rerank
 from .config import Config, add_config_arguments, load_config, with_recorded
+from .extractors.efficientnet_lite_export import model_preset
 from .formats.candidates import candidate_ids, read_candidates
 from .formats.images import list_images
 from .formats.run_folder import RunFolder
@@ -205,7 +206,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f'extract.model="{args.model}"'] if args.model else [])
-    config = load_config(args.preset, args.config, overrides)
+    preset = args.preset or (model_preset(args.model) if args.model and not args.config else None)
+    if preset and not args.preset:
+        log.info("preset %s: the one %s names (its card), as no --preset or --config is given", preset, args.model)
+    config = load_config(preset, args.config, overrides)
     if args.model and config.extract.backend in ("rootsift", "xfeat"):
         raise ValueError(f"--model needs a model preset (e.g. --preset delg_gldv2 or kaggle2020_baseline); "
                          f"preset {config.preset} uses the {config.extract.backend} backend, which has no model")

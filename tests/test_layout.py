@@ -17,10 +17,10 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "delf_pipeline"
 #: Bottom up. A sub-package's modules (and its __init__) take its layer.
 LAYERS = ("__init__", "utils", "config", "formats", "metrics", "extractors", "retrieval", "descriptors",
-          "verification", "evidence", "search", "budget", "STAGES", "tools", "service", "cli", "__main__")
+          "verification", "evidence", "search", "training", "budget", "STAGES", "tools", "service", "cli", "__main__")
 #: The stage modules: the jobs, each with its command.
 STAGES = ("extract", "shortlist", "rerank", "predict", "evaluate", "calibrate", "pipeline", "index", "query",
-          "evaluate_revisitop")
+          "evaluate_revisitop", "train")
 MAX_STAGE_LINES = 300
 
 

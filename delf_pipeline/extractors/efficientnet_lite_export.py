@@ -108,6 +108,16 @@ def builtin_model(conf: ExtractSettings, records: Sequence[ImageRecord], cache_d
     return export_model(path, weights, projection=projection, record=record, overwrite=True)
 
 
+def model_preset(model: str | Path) -> str | None:
+    """The preset an export of this package names as its own (a model of ``delf-pipeline train``
+    names efficientnet_lite0), or None (another model, or a hub handle)."""
+    try:
+        record = export_record(model)
+    except OSError:
+        return None
+    return record.get("preset") if isinstance(record, dict) else None
+
+
 def export_record(model: str | Path) -> dict | None:
     """What the export at ``model`` was made from (see :func:`builtin_model`), or None when the
     folder was not exported here."""

@@ -5,15 +5,18 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 log = logging.getLogger("delf_pipeline")
 
 
-def track(items: Iterable[T], total: int, description: str, every_seconds: float = 30.0) -> Iterator[T]:
-    """Yield ``items`` while showing progress; ``total`` is the expected count. Nothing is shown
-    while the package's INFO lines are held back (a leave-one-out calibration inside a run)."""
+def track(items: Iterable[T], total: int, description: str, every_seconds: float = 30.0,
+          status: Callable[[], str] | None = None) -> Iterator[T]:
+    """Yield ``items`` while showing progress; ``total`` is the expected count. ``status``, if
+    given, is called after each item for a short text shown beside the bar (a running loss, say).
+    Nothing is shown while the package's INFO lines are held back (a leave-one-out calibration
+    inside a run)."""
     if total <= 0 or not log.isEnabledFor(logging.INFO):
         yield from items
         return
@@ -24,12 +27,13 @@ def track(items: Iterable[T], total: int, description: str, every_seconds: float
             task = bar.add_task(description, total=total)
             for item in items:
                 yield item
-                bar.advance(task)
+                bar.update(task, advance=1, description=f"{description} {status()}" if status else description)
         return
-    yield from _log_progress(items, total, description, every_seconds)
+    yield from _log_progress(items, total, description, every_seconds, status)
 
 
-def _log_progress(items: Iterable[T], total: int, description: str, every_seconds: float) -> Iterator[T]:
+def _log_progress(items: Iterable[T], total: int, description: str, every_seconds: float,
+                  status: Callable[[], str] | None = None) -> Iterator[T]:
     start = last = time.monotonic()
     done = 0
     for item in items:
@@ -40,7 +44,8 @@ def _log_progress(items: Iterable[T], total: int, description: str, every_second
             last = now
             rate = done / max(now - start, 1e-9)
             eta = (total - done) / rate if rate > 0 else float("inf")
-            log.info("%s: %d/%d (%.1f/s, about %s left)", description, done, total, rate, format_seconds(eta))
+            log.info("%s: %d/%d (%.1f/s, about %s left)%s", description, done, total, rate, format_seconds(eta),
+                     f" {status()}" if status else "")
 
 
 def format_seconds(seconds: float) -> str:
