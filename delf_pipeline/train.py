@@ -78,7 +78,7 @@ def run(config: dict, images: str | Path, out: str | Path, *, split: str = "trai
                scales=extract["image_scales"], max_features=extract["max_features"],
                record={"trained_on": card["data"], "best_epoch": result.best_epoch}, card=card)
         log.info("model written to %s (best epoch %d of %d); use it with: delf-pipeline run --model %s ...",
-                 out, result.best_epoch, len(result.history), out)
+                 out, result.best_epoch, result.epochs, out)
     return out
 
 
@@ -108,7 +108,8 @@ def split_csv(chosen: data.Split) -> str:
 def model_card(images, conf: dict, chosen: data.Split, result: loop.Result, errors: list, made_of: str,
                mixed: bool) -> dict:
     """The JSON written beside the model: what it was trained on, how, and how it validated."""
-    best = result.history[result.best_epoch - 1] if result.history else {}
+    rows = {row["epoch"]: row for row in result.history}
+    best, reference = rows.get(result.best_epoch, {}), rows.get(0, {})
     return {
         "model": f"efficientnet_{conf['backbone']} global descriptor trained by delf-pipeline train",
         "package_version": __version__,
@@ -117,8 +118,9 @@ def model_card(images, conf: dict, chosen: data.Split, result: loop.Result, erro
                  "unseen_places": sorted({e.label for e in chosen.unseen}), "unusable_images": len(errors),
                  "fingerprint": made_of},
         "settings": dict(conf.items()),
-        "epochs_run": len(result.history), "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
+        "epochs_run": result.epochs, "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
         "validation": {k: v for k, v in best.items() if k.startswith(("val_", "unseen_"))},
+        "validation_imagenet": {k: v for k, v in reference.items() if k.startswith(("val_", "unseen_"))},
         "step_seconds": round(result.step_seconds, 4), "device": "GPU" if mixed else "CPU", "mixed_precision": mixed,
         "curves": loop.CURVES, "preset": PRESET,
     }

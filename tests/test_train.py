@@ -91,9 +91,11 @@ def test_train_writes_a_model_folder_with_card_curves_and_split(trained):
     assert card["data"]["places"] == 3 and card["data"]["train_images"] == 6 and card["data"]["val_images"] == 3
     assert card["epochs_run"] == 3 and card["settings"]["dim"] == 16 and card["device"] == "CPU"
     assert set(card["validation"]) == {"val_map@100", "val_top1", "val_gap"} and card["step_seconds"] > 0
+    assert set(card["validation_imagenet"]) == set(card["validation"])
     assert card["local_pca"]["pca_dim"] == 128 and card["package_version"]
     curves = (trained / "training.csv").read_text().splitlines()
-    assert curves[0].startswith("epoch,train_loss,learning_rate") and len(curves) == 1 + 3
+    assert curves[0].startswith("epoch,train_loss,learning_rate") and len(curves) == 1 + 1 + 3  # epoch 0: ImageNet
+    assert curves[1].startswith("0,,,")
     record = json.loads((trained / "delf_pipeline_export.json").read_text())
     assert record["preset"] == "efficientnet_lite0" and record["trained_on"]["places"] == 3
 

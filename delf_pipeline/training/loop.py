@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..extractors import efficientnet_lite as lite
 from ..utils.artifacts import DamagedArtifact, atomic_path, write_text_atomic
 from ..utils.progress import track
 from . import augment, data, losses, model, validation
@@ -41,7 +42,8 @@ CURVE_COLUMNS = ("epoch", "train_loss", "learning_rate", "seconds", "images_per_
 class Result:
     """What a finished (or resumed and finished) training gives."""
 
-    history: list[dict]
+    history: list[dict]  # epoch 0 (the ImageNet descriptor's validation), then one row per epoch trained
+    epochs: int  # epochs trained
     best_epoch: int  # 1-based; the last epoch when there is no validation
     stopped_early: bool
     best_weights: list[np.ndarray] = field(repr=False)
@@ -90,8 +92,11 @@ class Trainer:
         self.good_steps = tf.Variable(0, trainable=False, dtype=tf.int64)
         self._margins = tf.constant(self.margins)
         self._step = tf.function(self._train_step)
-        self._embed = tf.function(model.delg_backbone(self.eval_network).__call__,
-                                  input_signature=[tf.TensorSpec([1, None, None, 3], tf.float32)])
+        pixels = [tf.TensorSpec([1, None, None, 3], tf.float32)]
+        trained = model.delg_backbone(self.eval_network)
+        self._embed = tf.function(lambda images: trained(images)[2], input_signature=pixels)
+        self._embed_imagenet = tf.function(
+            lambda images: lite.backbone_outputs(self.eval_network.backbone, images)[2], input_signature=pixels)
 
     # ------------------------------------------------------------------ one step, one epoch
 
@@ -167,25 +172,29 @@ class Trainer:
 
     # ------------------------------------------------------------------ validation
 
-    def embeddings(self, examples: Sequence[data.Example]) -> np.ndarray:
-        """[N, dim] global descriptors of ``examples`` as the exported model computes them, at
-        longest side ``eval_size``."""
+    def embeddings(self, examples: Sequence[data.Example], imagenet: bool = False) -> np.ndarray:
+        """[N, D] L2-normalised global descriptors of ``examples`` at longest side ``eval_size``:
+        the trained head's as the exported model computes them, or with ``imagenet`` the
+        backbone's GeM (p = 3) over its 1280-d head, the ImageNet Lite descriptor."""
         if self.mixed:
             self.eval_network.assign(self.network.arrays())
+        embed = self._embed_imagenet if imagenet else self._embed
         rows = []
         for example in examples:
             image = augment.resize_longest(self.bank.images[example.id], self.conf["eval_size"])
-            rows.append(self._embed(image[None].astype(np.float32))[2].numpy()[0])
-        return np.array(rows, np.float32).reshape(len(rows), self.conf["dim"])
+            rows.append(embed(image[None].astype(np.float32)).numpy()[0])
+        vectors = np.array(rows, np.float32).reshape(len(rows), -1)
+        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
-    def validate(self) -> dict[str, float]:
+    def validate(self, imagenet: bool = False) -> dict[str, float]:
         """{"val_map@100", "val_top1", "val_gap", and the same for "unseen_"} of the held-out
-        images, each against every other image (training ones included); {} without any."""
+        images, each against every other image (training ones included); {} without any.
+        ``imagenet``: of the ImageNet descriptor (see :meth:`embeddings`), the reference."""
         split = self.split
         if not split.val and not split.unseen:
             return {}
         everything = split.train + split.val + split.unseen
-        vectors = self.embeddings(everything)
+        vectors = self.embeddings(everything, imagenet)
         labels = np.array([e.label for e in everything])
         out = {}
         for name, start, count in (("val", len(split.train), len(split.val)),
@@ -262,6 +271,11 @@ def fit(trainer: Trainer, folder: Path, *, fingerprint: str, resume: bool = Fals
             raise ValueError(f"{folder / CHECKPOINT} was made from other images or [train] settings; "
                              "start again with --overwrite, or resume with what it was started with")
         log.info("resuming after epoch %d of %d", state["epoch"], conf["epochs"])
+    else:
+        reference = trainer.validate(imagenet=True)
+        if reference:
+            state["history"].append({"epoch": 0, **reference})
+            log.info("epoch 0 (the ImageNet descriptor, before training): %s", _figures(reference))
     step_times: list[float] = []
     while state["epoch"] < conf["epochs"] and not state["stopped_early"]:
         epoch = state["epoch"]
@@ -280,16 +294,26 @@ def fit(trainer: Trainer, folder: Path, *, fingerprint: str, resume: bool = Fals
         state["epoch"] = epoch + 1
         trainer.save(folder, state, best)
         write_curves(folder / CURVES, state["history"])
-        log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
+        log.info("epoch %d: %s", epoch + 1, _figures(row))
         if state["stopped_early"]:
             log.info("early stop: validation mAP@100 has not risen for %d epochs; best epoch %d",
                      state["bad_epochs"], state["best_epoch"])
-    return Result(state["history"], state["best_epoch"], state["stopped_early"], best,
+    reference = state["history"][0].get("val_map@100", state["history"][0].get("unseen_map@100")) \
+        if state["history"] and state["history"][0]["epoch"] == 0 else None
+    if reference is not None and state["best_score"] < reference:
+        log.warning("the trained descriptor validates below the ImageNet one (mAP@100 %.4f < %.4f): more photos, "
+                    "fewer train_blocks or a lower learning_rate may help", state["best_score"], reference)
+    return Result(state["history"], state["epoch"], state["best_epoch"], state["stopped_early"], best,
                   float(np.median(step_times)) if step_times else float("nan"))
 
 
+def _figures(row: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
+
+
 def write_curves(path: Path, history: list[dict]) -> None:
-    """``training.csv``: one row per epoch, the columns of :data:`CURVE_COLUMNS` (empty when not measured)."""
+    """``training.csv``: one row per epoch, the columns of :data:`CURVE_COLUMNS` (empty when not
+    measured); epoch 0 is the ImageNet descriptor's validation, before training."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, CURVE_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
