@@ -267,3 +267,38 @@ def test_page_pieces_without_ground_truth():
     assert "give --solution" in report.metrics_table({})
     table = report.metrics_table({"gap": 0.5, "queries": 3, "retrieval": {"mrr": 0.25, "ap": [1.0]}})
     assert "<td>0.5000</td>" in table and "<td>3</td>" in table and "retrieval mrr" in table and "retrieval ap" not in table
+
+
+# --------------------------------------------------------------------------- training curves
+
+
+CURVES_CSV = """epoch,train_loss,learning_rate,seconds,images_per_second,val_map@100,val_top1,val_gap,unseen_map@100,unseen_top1,unseen_gap
+0,,,,,0.5,0.8,0.75,,,
+1,4.0,0.001,10,40,0.6,0.9,0.85,,,
+2,1.0,0.0005,10,40,0.7,0.95,0.9,,,
+"""
+
+
+def test_training_curves_are_read_and_plotted(tmp_path):
+    (tmp_path / "training.csv").write_text(CURVES_CSV)
+    rows = report.read_curves(tmp_path / "training.csv")
+    assert rows[0] == {"epoch": 0.0, "val_map@100": 0.5, "val_top1": 0.8, "val_gap": 0.75}
+    svg = report.curves_svg(rows)
+    assert svg.count('class="val_map@100"') == 1 and svg.count("<circle") == 9  # three figures x three epochs
+    assert 'class="train_loss"' in svg and "training loss 1 .. 4" in svg and "unseen" not in svg
+    assert report.training_curves({"config": {"extract": {"model": str(tmp_path)}}}) == rows
+    assert report.training_curves({"config": {"extract": {"model": ""}}}) == []
+    assert report.training_curves({}) == []
+    assert 'id="curves-plot"' in report.plots([], has_truth=False, curves=rows)
+
+
+def test_training_page_shows_the_card_and_the_curves(tmp_path, capsys):
+    (tmp_path / "training.csv").write_text(CURVES_CSV)
+    (tmp_path / "model_card.json").write_text('{"best_epoch": 2, "validation": {"val_map@100": 0.7}}')
+    assert cli.main(["report", "--training", str(tmp_path)]) == 0
+    page = (tmp_path / "report.html").read_text()
+    assert 'id="curves-plot"' in page and "<th>best_epoch</th><td>2</td>" in page
+    assert "<th>validation val_map@100</th><td>0.7000</td>" in page
+    assert "report.html" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="has no training.csv"):
+        report.training_page(tmp_path / "nothing")

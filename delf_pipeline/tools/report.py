@@ -2,11 +2,15 @@
 
 Writes, under ``OUT`` (default ``RUN/report``)::
 
-    index.html            metrics table, plots (inline SVG), per-query rows rendered by a little
-                          vanilla JS: filter right/wrong, minimum confidence, sort, pages
+    index.html            metrics table, plots (inline SVG; the training curves too when the run's
+                          model is a `delf-pipeline train` folder), per-query rows rendered by a
+                          little vanilla JS: filter right/wrong, minimum confidence, sort, pages
     details/chunk-N.js    per-query candidates, CHUNK queries per file, loaded when a page needs them
     thumbs/ID.jpg         thumbnails, made once (existing ones are kept)
     matches/QUERY/ID.jpg  match pictures of each query's best candidates (see show_matches)
+
+``--training MODEL`` writes ``MODEL/report.html`` instead: the model card and the curves of
+``MODEL/training.csv`` (validation mAP@100, top-1, GAP and the training loss per epoch).
 
 The page embeds only a short summary per query (id, confidence, verdict, inliers), so it
 stays light for many thousands of queries; images use ``loading="lazy"``. A status line at the
@@ -15,6 +19,7 @@ bottom (``#status``) counts images loaded and failed and script errors, for peop
 from __future__ import annotations
 
 import argparse
+import csv
 import html
 import json
 import logging
@@ -85,7 +90,7 @@ def build(
     _make_match_pictures(run, queries, out, matches, match_height, overwrite)
     _write_chunks(out / "details", queries)
     metrics = run_metrics(run.folder, solution, data_dir)
-    page = render_page(run, queries, metrics, truth is not None, page_size)
+    page = render_page(run, queries, metrics, truth is not None, page_size, training_curves(run.record))
     write_text_atomic(out / "index.html", page)
     log.info("report %s: %d queries", out / "index.html", len(queries))
     return out / "index.html"
@@ -301,6 +306,49 @@ def inliers_svg(right: Sequence[int], wrong: Sequence[int], width: int = 520, he
     return frame.svg("Inliers: right versus wrong predictions", parts, "inliers-plot")
 
 
+CURVES = "training.csv"  # in a model folder of `delf-pipeline train`
+CURVE_LINES = (("val_map@100", "#2b5d9c"), ("val_top1", "#1a9850"), ("val_gap", "#984ea3"),
+               ("unseen_map@100", "#e08214"), ("unseen_top1", "#b2df8a"), ("unseen_gap", "#f1a340"))
+
+
+def read_curves(path: Path) -> list[dict[str, float]]:
+    """Rows of a ``training.csv`` (one per epoch), numbers as floats; empty cells are left out."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
+
+
+def training_curves(record: dict) -> list[dict[str, float]]:
+    """The curves of the run's model when it is a `delf-pipeline train` folder, else []."""
+    model = ((record.get("config") or {}).get("extract") or {}).get("model")
+    path = Path(model) / CURVES if model else None
+    return read_curves(path) if path is not None and path.is_file() else []
+
+
+def curves_svg(rows: list[dict[str, float]], width: int = 520, height: int = 280) -> str:
+    """Validation figures per epoch (epoch 0: the ImageNet descriptor, before training) and the
+    training loss (grey, scaled to the plot's height; its range on the right)."""
+    if not rows:
+        return "<p>No training curves.</p>"
+    epochs = np.array([row["epoch"] for row in rows])
+    frame = _Frame(width, height, (float(epochs.min()), float(epochs.max())), (0.0, 1.0))
+    parts, legend = [frame.axes("epoch", "validation figure")], []
+    for name, color in CURVE_LINES:
+        points = [(row["epoch"], row[name]) for row in rows if name in row]
+        if points:
+            xs, ys = np.array(points).T
+            parts.append(frame.polyline(xs, ys, color, name))
+            parts += [frame.marker(x, y, color, True, f"epoch {x:.0f}: {name} {y:.4f}") for x, y in points]
+            legend.append((color, name))
+    losses = [(row["epoch"], row["train_loss"]) for row in rows if "train_loss" in row]
+    if losses:
+        xs, ys = np.array(losses).T
+        parts += [frame.polyline(xs, _scaled(ys), "#999", "train_loss"),
+                  frame.right_label(f"training loss {ys.min():.3g} .. {ys.max():.3g}")]
+    parts.append(frame.legend(legend))
+    return frame.svg("Training curves: validation per epoch (0 = before training), loss in grey", parts,
+                     "curves-plot")
+
+
 class _Frame:
     """Maps data coordinates into an SVG plot area and draws the pieces as SVG strings."""
 
@@ -388,19 +436,42 @@ def metrics_table(metrics: dict, notes: dict[str, str] | None = None) -> str:
     return f'<table class="metrics">{cells}</table>'
 
 
-def plots(queries: list[dict], has_truth: bool, calibrated: bool | None = None) -> str:
-    """The plots (precision, inliers, reliability), or a note when there is no ground truth.
-    A non-landmark query given a landmark counts among the wrong predictions."""
+def plots(queries: list[dict], has_truth: bool, calibrated: bool | None = None,
+          curves: list[dict] | None = None) -> str:
+    """The plots (precision, inliers, reliability; the model's training curves when given), or a
+    note when there is no ground truth. A non-landmark query given a landmark counts among the
+    wrong predictions."""
+    trained = curves_svg(curves) if curves else ""
     if not has_truth:
-        return "<p>Plots need the ground truth: give --solution.</p>"
+        return f'<p>Plots need the ground truth: give --solution.</p><div class="plots">{trained}</div>'
     points, landmark_queries = gap_points(queries)
     right = [row["inliers"] for row in queries if row["ok"] == "right" and row["pred"] and row["inliers"] >= 0]
     wrong = [row["inliers"] for row in queries if row["ok"] in ("wrong", "nonlandmark") and row["inliers"] >= 0]
     return (f'<div class="plots">{precision_svg(points, landmark_queries)}{inliers_svg(right, wrong)}'
-            f'{reliability_svg(points, calibrated=calibrated)}</div>')
+            f'{reliability_svg(points, calibrated=calibrated)}{trained}</div>')
 
 
-def render_page(run: Run, queries: list[dict], metrics: dict, has_truth: bool, page_size: int) -> str:
+def training_page(model: str | Path, out: str | Path | None = None) -> Path:
+    """``MODEL/report.html`` (or ``out``): the model card of a `delf-pipeline train` folder and its curves."""
+    model = Path(model)
+    if not (model / CURVES).is_file():
+        raise FileNotFoundError(f"{model} has no {CURVES}: --training takes a model folder of delf-pipeline train")
+    card = read_json(model / "model_card.json") if (model / "model_card.json").is_file() else {}
+    flat = {k: v for k, v in card.items() if not isinstance(v, (dict, list))}
+    flat.update({f"{group} {k}": v for group in ("data", "validation", "validation_imagenet")
+                 for k, v in (card.get(group) or {}).items() if not isinstance(v, (dict, list))})
+    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>delf_pipeline training: '
+            f'{html.escape(str(model.resolve()))}</title><style>{asset("style.css")}</style></head><body>'
+            f'<h1>delf_pipeline training</h1><div class="sub">model {html.escape(str(model.resolve()))}</div>'
+            f'<div class="top"><section><h2>Model card</h2>{metrics_table(flat)}</section><section><h2>Curves</h2>'
+            f'<div class="plots">{curves_svg(read_curves(model / CURVES))}</div></section></div></body></html>')
+    target = Path(out) / "report.html" if out else model / "report.html"
+    write_text_atomic(target, page)
+    return target
+
+
+def render_page(run: Run, queries: list[dict], metrics: dict, has_truth: bool, page_size: int,
+                curves: list[dict] | None = None) -> str:
     """The whole index.html text."""
     summary = [[row["q"], row["pred"], row["conf"], row["ok"], row["inliers"]] for row in queries]
     settings = ", ".join(f"{k}={getattr(run.settings, k)}" for k in ("matcher", "match_threshold", "ratio", "verifier",
@@ -412,7 +483,7 @@ def render_page(run: Run, queries: list[dict], metrics: dict, has_truth: bool, p
         title=html.escape(f"delf_pipeline report: {run.folder.path.resolve()}"),
         run=html.escape(str(run.folder.path.resolve())), settings=html.escape(settings),
         confidence=html.escape(_confidence_note(calibrated)),
-        metrics=metrics_table(metrics, notes), plots=plots(queries, has_truth, calibrated),
+        metrics=metrics_table(metrics, notes), plots=plots(queries, has_truth, calibrated, curves),
         counts=html.escape(_counts(queries, counts)),
         data=_json({"queries": summary, "chunk": CHUNK, "pageSize": page_size, "truth": has_truth,
                     "calibrated": calibrated}),
@@ -461,7 +532,10 @@ def asset(name: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, help="run folder: OUT of `delf-pipeline run`, OUT/run of demo")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", help="run folder: OUT of `delf-pipeline run`, OUT/run of demo")
+    which.add_argument("--training", metavar="MODEL", help="model folder of `delf-pipeline train`: its card and "
+                       "training curves, in MODEL/report.html (or --out/report.html)")
     parser.add_argument("--solution", help="ground truth CSV id,landmarks[,Usage] (default: the run's, if any)")
     parser.add_argument("--data", help="where the images are: Kaggle root, folder or CSV (default: the run's data)")
     parser.add_argument("--out", help="report folder (default: RUN/report)")
@@ -473,6 +547,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.training:
+        print(f"report: {training_page(args.training, args.out).resolve().as_uri()}")
+        return 0
     page = build(args.run, args.out, data=args.data, solution=args.solution, config=given_config(args),
                  overrides=args.overrides,
                  top=args.top, matches=args.matches, page_size=args.page_size, overwrite=args.overwrite)
