@@ -14,6 +14,10 @@ with its kernel-metadata.json:
 by sha256: ``delf-pipeline weights fetch xfeat`` first) in the bundle, for ``--features xfeat``
 offline; the kernel file grows by ~8 MB.
 
+``--model DIR`` puts a model of ``delf-pipeline train`` in the bundle (its SavedModel, record,
+card and curves; not its checkpoint): the kernel then uses it by default (``--features
+trained``); an EfficientNet-Lite0 model grows the kernel file by ~30 MB.
+
 Bundle what is committed: build from a clean checkout. The bundle records the commit it
 came from and whether the tree had local changes, and the kernel logs it.
 """
@@ -32,6 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL_DIR = Path("kernels") / "landmark-recognition-2020"
 MARKER = "BUNDLE = None\n"
+BUNDLED_MODEL = "delf_pipeline_model"  # where --model goes in the bundle, beside the package
+MODEL_FILES = ("saved_model.pb", "fingerprint.pb", "delf_pipeline_export.json", "model_card.json", "training.csv")
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed timestamps: the same sources give the same bundle
 
 
@@ -64,6 +70,16 @@ def weights_files(source: Path, names: list[str], cache_dir: Path | None) -> lis
             raise SystemExit(f"cannot bundle the {name} weights: {error}") from None
         files += [(f"delf_pipeline_weights/{name}/{file}", folder / file) for file, _ in weights.spec(name).members.values()]
     return files
+
+
+def model_files(model: Path) -> list[tuple[str, Path]]:
+    """(name in the zip, file) of the SavedModel folder ``model`` (a delf-pipeline train output):
+    saved_model.pb, variables/, assets/ and the record, card and curves beside them."""
+    if not (model / "saved_model.pb").is_file():
+        raise SystemExit(f"cannot bundle the model: {model} holds no saved_model.pb (give a delf-pipeline train folder)")
+    files = [model / name for name in MODEL_FILES if (model / name).is_file()]
+    files += sorted(p for folder in ("variables", "assets") for p in (model / folder).rglob("*") if p.is_file())
+    return [(f"{BUNDLED_MODEL}/{p.relative_to(model).as_posix()}", p) for p in files]
 
 
 def zip_bytes(files: list[tuple[str, Path]]) -> bytes:
@@ -100,11 +116,13 @@ def embed(kernel_text: str, description: str, blob: bytes) -> str:
     return kernel_text.replace(MARKER, bundle)
 
 
-def build(source: Path, out: Path, weights: list[str] = (), cache_dir: Path | None = None) -> Path:
+def build(source: Path, out: Path, weights: list[str] = (), cache_dir: Path | None = None,
+          model: Path | None = None) -> Path:
     """Write ``out/<code_file>`` (bundled kernel) and ``out/kernel-metadata.json``; returns the kernel file."""
     kernel_dir = source / KERNEL_DIR
     metadata = json.loads((kernel_dir / "kernel-metadata.json").read_text())
     files = package_files(source) + weights_files(source, list(weights), cache_dir)
+    files += model_files(model) if model else []
     text = embed((kernel_dir / metadata["code_file"]).read_text(), describe_source(source), zip_bytes(files))
     out.mkdir(parents=True, exist_ok=True)
     kernel = out / metadata["code_file"]
@@ -127,8 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", action="append", default=[], metavar="NAME",
                         help="also bundle these weights with their licence (xfeat), from the cache")
     parser.add_argument("--cache-dir", type=Path, help="weights cache (default: $DELF_PIPELINE_CACHE or ~/.cache)")
+    parser.add_argument("--model", type=Path, help="also bundle this model of delf-pipeline train; the kernel then "
+                        "uses it (--features trained)")
     args = parser.parse_args(argv)
-    build(args.source.resolve(), args.out, args.weights, args.cache_dir)
+    build(args.source.resolve(), args.out, args.weights, args.cache_dir, args.model)
     return 0
 
 

