@@ -32,7 +32,7 @@ from .formats.images import ImageRecord, list_images
 from .formats.store import errors_to_csv
 from .training import data, loop
 from .training.export import MODEL_CARD, PRESET, export
-from .utils.artifacts import fingerprint, output_lock, remove_contents, write_text_atomic
+from .utils.artifacts import fingerprint, output_lock, read_json, remove_contents, write_text_atomic
 
 log = logging.getLogger("delf_pipeline.train")
 
@@ -51,6 +51,7 @@ def run(config: dict, images: str | Path, out: str | Path, *, split: str = "trai
         if overwrite:
             remove_contents(out)
         if (out / MODEL_CARD).is_file():
+            check_finished(out, conf)
             log.info("Skipping: %s is a finished training (%s); --overwrite trains again", out, MODEL_CARD)
             return out
         started = (out / loop.CHECKPOINT).is_file()
@@ -80,6 +81,15 @@ def run(config: dict, images: str | Path, out: str | Path, *, split: str = "trai
         log.info("model written to %s (best epoch %d of %d); use it with: delf-pipeline run --model %s ...",
                  out, result.best_epoch, result.epochs, out)
     return out
+
+
+def check_finished(out: Path, conf: dict) -> None:
+    """ValueError naming the [train] keys that differ from those the finished model in ``out`` was made with."""
+    made = read_json(out / MODEL_CARD).get("settings", {})
+    changed = [f"train.{k}: was {made.get(k)!r}, now {v!r}" for k, v in conf.items() if made.get(k) != v]
+    if changed:
+        raise ValueError(f"{out} holds a model trained with other settings ({'; '.join(changed)}): "
+                         "--overwrite trains it again, or choose another --out")
 
 
 def read_examples(images: str | Path, split: str, conf: dict) -> tuple[data.Split, data.ImageBank, list]:

@@ -119,6 +119,8 @@ def test_a_finished_training_is_skipped(trained, task, caplog):
     before = (trained / "model_card.json").read_bytes()
     assert cli_main(["train", "--images", str(task), "--out", str(trained), *tiny_settings()]) == 0
     assert "Skipping" in caplog.text and (trained / "model_card.json").read_bytes() == before
+    assert cli_main(["train", "--images", str(task), "--out", str(trained), *tiny_settings(dim=8)]) == 2
+    assert "trained with other settings (train.dim: was 16, now 8)" in caplog.text
 
 
 # --------------------------------------------------------------------------- kill -9, then --resume
