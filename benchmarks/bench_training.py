@@ -10,7 +10,8 @@ Two tasks, each a Kaggle-layout folder of links to ../shared/data/landmarks_dev:
 
 Both tasks add the 114 non-landmark photos as queries (their truth is "no landmark"). Rows
 (each a `delf-pipeline run` with the efficientnet_lite0 preset): ImageNet Lite0 GeM (the
-built-in model) global only and re-ranked, the trained model global only and re-ranked.
+built-in model) global only and re-ranked, the trained model global only and re-ranked (the
+two rows of a model share its feature stores: the second run's features/ links to the first's).
 mAP@100 and top-1 are over landmark queries, GAP over all queries; [low, high] is the 95%
 bootstrap interval over queries (BOOTSTRAP resamples), and "gain" the paired interval of the
 difference to the ImageNet row of the same ranking (same resamples).
@@ -109,11 +110,22 @@ def command(*args: str) -> None:
     print(f"  ({time.time() - started:.0f} s)", flush=True)
 
 
+def share_features(run: Path, kind: str) -> None:
+    """A new run folder whose features/ links to those of a run of the same model (the rows of
+    one model differ only in re-ranking, so the stores are the same and are made once)."""
+    if run.exists():
+        return
+    sibling = next((p for p in sorted(run.parent.glob(f"{kind}_rerank*")) if (p / "features").is_dir()), None)
+    if sibling is not None:
+        run.mkdir(parents=True)
+        (run / "features").symlink_to(sibling.resolve() / "features")
+
+
 def per_query(run: Path, task: Path) -> dict:
     """Per query (sorted ids): AP@100 and top-1 hit (landmark queries), prediction confidence and right."""
     solution = read_solution(task / "solution.csv")
     submission = read_submission(run / "submission.csv")
-    relevant = relevant_index_images(solution, _images_by_label(task / "train.csv"))
+    relevant = relevant_index_images(solution, read_index_labels(task / "train.csv"))
     rankings = read_ranking(run / "ranking.csv")
     ids = sorted(solution)
     ap = np.array([retrieval_metrics({q: rankings.get(q, [])}, {q: relevant[q]})["map@100"] if solution[q] else np.nan
@@ -123,14 +135,6 @@ def per_query(run: Path, task: Path) -> dict:
     confidence = np.array([p[1] if p is not None else -np.inf for p in predicted])
     landmark = np.array([bool(solution[q]) for q in ids])
     return {"ap": ap, "right": right, "confidence": confidence, "landmark": landmark}
-
-
-def _images_by_label(train_csv: Path) -> dict[str, set[str]]:
-    by_label: dict[str, set[str]] = {}
-    for image, labels in read_index_labels(train_csv).items():
-        for label in labels:
-            by_label.setdefault(label, set()).add(image)
-    return by_label
 
 
 def figures(q: dict, sample: np.ndarray) -> np.ndarray:
@@ -163,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         queries = {}
         for name, kind, depth in ROWS:
             run = args.out / "runs" / task.replace(" ", "_") / f"{kind}_rerank{depth}"
+            share_features(run, kind)
             chosen = ["--model", str(model)] if kind == "trained" else ["--preset", "efficientnet_lite0"]
             command("run", "--data", str(folder), "--out", str(run), "--solution", str(folder / "solution.csv"),
                     *chosen, "--set", f"rerank.num_to_rerank={depth}")
