@@ -17,6 +17,7 @@ bootstrap interval over queries (BOOTSTRAP resamples), and "gain" the paired int
 difference to the ImageNet row of the same ranking (same resamples).
 
     python benchmarks/bench_training.py --out /work/cache/train/bench
+    python benchmarks/bench_training.py --step-times     # CPU seconds per training step, by setting
 """
 from __future__ import annotations
 
@@ -150,12 +151,48 @@ def interval(values: np.ndarray) -> str:
     return f"[{low:.3f}, {high:.3f}]"
 
 
+STEP_SETTINGS = [(size, blocks) for size in (160, 224) for blocks in (0, 6, 18)]  # 18: every unit of Lite0
+
+
+def step_times(batch_size: int = 16, steps: int = 6) -> None:
+    """Median seconds per training step (augmentation overlapped, as in training) of Lite0 at each
+    (image size, trained units) of STEP_SETTINGS, on noise photos of 4 places, op determinism on as
+    the job runs; settings measured in turn after a warm-up epoch each."""
+    from types import SimpleNamespace
+
+    import tensorflow as tf
+
+    from delf_pipeline.config import load_config
+    from delf_pipeline.extractors import efficientnet_lite as lite
+    from delf_pipeline.training import data, loop
+
+    tf.config.experimental.enable_op_determinism()
+    rng = np.random.default_rng(0)
+    examples = [data.Example(f"p{i % 4}/{i}", "", f"p{i % 4}") for i in range(batch_size * steps)]
+    bank = SimpleNamespace(images={e.id: rng.integers(0, 256, (384, 512, 3), dtype=np.uint8) for e in examples})
+    weights = lite.load_weights()
+    print(f"\n| image size | trained units | s / step (batch {batch_size}) | images / s |\n|---:|---:|---:|---:|")
+    for size, blocks in STEP_SETTINGS:
+        conf = {**load_config()["train"], "image_size": size, "train_blocks": blocks, "batch_size": batch_size,
+                "val_share": 0.0, "epochs": 2}
+        trainer = loop.Trainer(conf, data.split(examples, 0.0, 0, seed=0), bank, weights)
+        trainer.train_epoch(0)
+        median = float(np.median(trainer.train_epoch(1)["step_seconds"]))
+        print(f"| {size} | {blocks} | {median:.3f} | {batch_size / median:.1f} |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="work folder (tasks, models, runs, results.json)")
+    parser.add_argument("--out", type=Path, help="work folder (tasks, models, runs, table.md)")
+    parser.add_argument("--step-times", action="store_true", help="only measure the CPU step time by setting")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="train.KEY=VALUE",
                         help="training settings for both models")
     args = parser.parse_args(argv)
+    if args.step_times:
+        step_times()
+        return 0
+    if args.out is None:
+        parser.error("--out is required (or --step-times)")
     if not (DEV / "labels.csv").is_file():
         sys.exit(f"{DEV} not found: this benchmark needs ../shared/data/landmarks_dev")
     settings = [a for item in args.overrides for a in ("--set", item)]
@@ -173,14 +210,18 @@ def main(argv: list[str] | None = None) -> int:
                     *chosen, "--set", f"rerank.num_to_rerank={depth}")
             queries[name] = per_query(run, folder)
         results[task] = queries
-    print_table(results, cards)
+    table = make_table(results, cards)
+    (args.out / "table.md").write_text(table)
+    print("\n" + table, end="")
     return 0
 
 
-def print_table(results: dict, cards: dict) -> None:
+def make_table(results: dict, cards: dict) -> str:
+    """The Markdown table (figures with their 95% intervals, gains over ImageNet with paired intervals)
+    and a line per trained model."""
     rng = np.random.default_rng(0)
-    print("\n| task | descriptor | mAP@100 | top-1 | GAP | gain mAP@100 | gain top-1 | gain GAP |")
-    print("|---|---|---|---|---|---|---|---|")
+    lines = ["| task | descriptor | mAP@100 | top-1 | GAP | gain mAP@100 | gain top-1 | gain GAP |",
+             "|---|---|---|---|---|---|---|---|"]
     for task, queries in results.items():
         count = len(next(iter(queries.values()))["ap"])
         samples = [rng.integers(0, count, count) for _ in range(BOOTSTRAP)]
@@ -192,12 +233,14 @@ def print_table(results: dict, cards: dict) -> None:
             gains = ["" for _ in range(3)] if base == name else [
                 f"{point[i] - figures(queries[base], np.arange(count))[i]:+.3f} "
                 f"{interval(boot[name][:, i] - boot[base][:, i])}" for i in range(3)]
-            print(f"| {task} | {name} | " + " | ".join(cells + gains) + " |")
+            lines.append(f"| {task} | {name} | " + " | ".join(cells + gains) + " |")
     for task, card in cards.items():
-        print(f"\n{task}: trained on {card['data']['train_images']} images of {card['data']['places']} places, "
-              f"{card['epochs_run']} epochs (best {card['best_epoch']}), median step {card['step_seconds']:.3f} s "
-              f"at batch {card['settings']['batch_size']} x {card['settings']['image_size']} px on the "
-              f"{card['device']}; validation {card['validation']}")
+        lines.append(f"\n{task}: trained on {card['data']['train_images']} images of {card['data']['places']} places, "
+                     f"{card['epochs_run']} epochs (best {card['best_epoch']}), median step {card['step_seconds']:.3f} s "
+                     f"at batch {card['settings']['batch_size']} x {card['settings']['image_size']} px on the "
+                     f"{card['device']}; validation {card.get('validation')}, before training "
+                     f"{card.get('validation_imagenet')}")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
