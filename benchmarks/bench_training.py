@@ -30,14 +30,14 @@ import sys
 import time
 from pathlib import Path
 
+import common
 import numpy as np
 
-from delf_pipeline.formats.images import kaggle_path
 from delf_pipeline.formats.tables import read_index_labels, read_ranking, read_solution, read_submission
 from delf_pipeline.metrics.recognition import gap_of_pooled
 from delf_pipeline.metrics.retrieval import relevant_index_images, retrieval_metrics
 
-DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "landmarks_dev"
+DEV = common.DATA / "landmarks_dev"
 PLACES_UNSEEN = 10
 BOOTSTRAP = 1000
 ROWS = (("ImageNet Lite0 GeM, global only", "imagenet", 0), ("ImageNet Lite0 GeM, re-ranked", "imagenet", 100),
@@ -70,21 +70,12 @@ def write_task(root: Path, index: list, queries: list) -> Path:
         return root
     for split, rows in (("train", index), ("test", queries)):
         for name, _ in rows:
-            link = kaggle_path(root, split, image_id(name))
-            link.parent.mkdir(parents=True, exist_ok=True)
-            if not link.exists():
-                link.symlink_to(DEV / name)
-    write_csv(root / "train.csv", ("id", "landmark_id"), [(image_id(n), p) for n, p in index])
-    write_csv(root / "sample_submission.csv", ("id", "landmarks"), [(image_id(n), "") for n, _ in queries])
-    write_csv(root / "solution.csv", ("id", "landmarks", "Usage"), [(image_id(n), p, "Private") for n, p in queries])
+            common.link(root, split, image_id(name), DEV / name)
+    common.write_csv(root / "train.csv", ("id", "landmark_id"), [(image_id(n), p) for n, p in index])
+    common.write_csv(root / "sample_submission.csv", ("id", "landmarks"), [(image_id(n), "") for n, _ in queries])
+    common.write_csv(root / "solution.csv", ("id", "landmarks", "Usage"),
+                     [(image_id(n), p, "Private") for n, p in queries])
     return root
-
-
-def write_csv(path: Path, header: tuple, rows: list) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(rows)
 
 
 def tasks(out: Path) -> dict[str, tuple[Path, Path]]:
@@ -99,7 +90,7 @@ def tasks(out: Path) -> dict[str, tuple[Path, Path]]:
     index, queries = every_fourth([r for r in landmarks if r[1] in unseen])
     by_place = write_task(out / "task_by_place", index, queries + distractors)
     seen_csv = out / "train_seen_places.csv"
-    write_csv(seen_csv, ("id", "path", "landmark_id"),
+    common.write_csv(seen_csv, ("id", "path", "landmark_id"),
               [(image_id(n), str(DEV / n), p) for n, p in landmarks if p not in unseen])
     return {"split by image": (by_image, by_image), "split by place": (by_place, seen_csv)}
 
@@ -193,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.out is None:
         parser.error("--out is required (or --step-times)")
-    if not (DEV / "labels.csv").is_file():
-        sys.exit(f"{DEV} not found: this benchmark needs ../shared/data/landmarks_dev")
+    common.require_data("landmarks_dev/labels.csv")
     settings = [a for item in args.overrides for a in ("--set", item)]
     results, cards = {}, {}
     for task, (folder, train_on) in tasks(args.out).items():

@@ -24,7 +24,7 @@ from delf_pipeline.config import load_config  # noqa: E402
 from delf_pipeline.extractors import efficientnet_lite as lite  # noqa: E402
 from delf_pipeline.formats.tables import read_solution, read_submission  # noqa: E402
 from delf_pipeline.training import data, loop  # noqa: E402
-from synthetic_images import write_kaggle, write_photos  # noqa: E402
+from support.synthetic_images import write_kaggle, write_photos  # noqa: E402
 
 pytestmark = pytest.mark.slow
 TINY = {"image_size": 32, "batch_size": 2, "eval_size": 64, "dim": 16, "epochs": 3, "val_share": 0.34,

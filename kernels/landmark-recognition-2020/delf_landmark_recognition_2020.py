@@ -179,7 +179,7 @@ def kernel_config(args: argparse.Namespace) -> dict:
             raise SystemExit(f"DELG model folder not found: {model} (see --model, or --features rootsift)")
         overrides.insert(0, f'extract.model="{Path(model).as_posix()}"')
         if args.features == "trained" and not args.preset:
-            from delf_pipeline.export.efficientnet_lite0 import model_preset
+            from delf_pipeline.extractors.efficientnet_lite_export import model_preset
 
             preset = model_preset(model) or preset
     weights = args.xfeat_weights or bundled_weights("xfeat")
