@@ -198,3 +198,17 @@ def test_mixed_precision_trains_and_skips_overflowing_steps(tiny_split):
     assert float(trainer.loss_scale) == pytest.approx(1.5e38)
     for a, b in zip(before, trained):
         np.testing.assert_array_equal(a, b.numpy())
+
+
+@pytest.mark.parametrize("units", [0, 2])
+def test_only_the_top_units_train(tiny_split, units):
+    conf = {**load_config()["train"], **TINY, "epochs": 1, "train_blocks": units}
+    trainer = loop.Trainer(conf, *tiny_split, lite.load_weights())
+    backbone = trainer.network.backbone
+    before = {layer.name: [w.numpy().copy() for w in layer.weights] for layer in backbone.layers if layer.weights}
+    trainer.train_epoch(0)
+    changed = {layer.name for layer in backbone.layers if layer.weights
+               and any(not np.array_equal(a, w.numpy()) for a, w in zip(before[layer.name], layer.weights))}
+    top = {"head_conv", "block15_expand_conv", "block15_dwconv", "block15_project_conv"}
+    assert changed == (top if units == 2 else set())  # batch norms keep their ImageNet statistics
+    assert float(trainer.network.gem.p.numpy()) != lite.GEM_P  # the head always trains
