@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__
-from .config import load_config
+from .config import Config, TrainSettings, load_config
 from .extractors.efficientnet_lite_export import PCA_IMAGES, decoded, pca_sample
 from .extractors import efficientnet_lite as lite
 from .formats.images import ImageRecord, list_images
@@ -37,16 +37,16 @@ from .utils.artifacts import fingerprint, output_lock, read_json, remove_content
 log = logging.getLogger("delf_pipeline.train")
 
 
-def run(config: dict, images: str | Path, out: str | Path, *, split: str = "train", resume: bool = False,
+def run(config: Config, images: str | Path, out: str | Path, *, split: str = "train", resume: bool = False,
         overwrite: bool = False, on_step: Callable[[int, int], None] | None = None) -> Path:
-    """Train on the labelled ``images`` with ``config["train"]`` and export the model to ``out``; returns ``out``.
+    """Train on the labelled ``images`` with ``config.train`` and export the model to ``out``; returns ``out``.
 
     resume: continue the unfinished training in ``out``. on_step(epoch, step): called after
     every training step (tests). An unfinished training is never restarted silently: without
     ``resume`` or ``overwrite`` it is a ValueError saying so.
     """
     out = Path(out)
-    conf = config["train"]
+    conf = config.train
     with output_lock(out, "train", "training"):
         if overwrite:
             remove_contents(out)
@@ -66,24 +66,24 @@ def run(config: dict, images: str | Path, out: str | Path, *, split: str = "trai
         _deterministic_tensorflow()
         mixed = _has_gpu()
         log.info("training %s on %d images of %d places (%d held out, %d of unseen places) on the %s%s",
-                 conf["backbone"], len(chosen.train), len(chosen.classes), len(chosen.val), len(chosen.unseen),
+                 conf.backbone, len(chosen.train), len(chosen.classes), len(chosen.val), len(chosen.unseen),
                  "GPU" if mixed else "CPU", " with mixed precision" if mixed else "")
-        trainer = loop.Trainer(conf, chosen, bank, lite.load_weights(variant=conf["backbone"]), mixed_precision=mixed)
+        trainer = loop.Trainer(conf, chosen, bank, lite.load_weights(variant=conf.backbone), mixed_precision=mixed)
         made_of = fingerprint({"train": dict(conf.items()), "examples": split_csv(chosen)})
         result = loop.fit(trainer, out, fingerprint=made_of, resume=started and resume, on_step=on_step)
         trainer.eval_network.assign(result.best_weights)
-        extract = load_config(PRESET)["extract"]
+        extract = load_config(PRESET).extract
         sample = [ImageRecord(e.id, Path(e.path), e.label) for e in chosen.train]
         card = model_card(images, conf, chosen, result, errors, made_of, mixed)
-        export(trainer.eval_network, out, pca_images=decoded(pca_sample(sample, PCA_IMAGES), extract["max_image_size"]),
-               scales=extract["image_scales"], max_features=extract["max_features"],
+        export(trainer.eval_network, out, pca_images=decoded(pca_sample(sample, PCA_IMAGES), extract.max_image_size),
+               scales=extract.image_scales, max_features=extract.max_features,
                record={"trained_on": card["data"], "best_epoch": result.best_epoch}, card=card)
         log.info("model written to %s (best epoch %d of %d); use it with: delf-pipeline run --model %s ...",
                  out, result.best_epoch, result.epochs, out)
     return out
 
 
-def check_finished(out: Path, conf: dict) -> None:
+def check_finished(out: Path, conf: TrainSettings) -> None:
     """ValueError naming the [train] keys that differ from those the finished model in ``out`` was made with."""
     made = read_json(out / MODEL_CARD).get("settings", {})
     changed = [f"train.{k}: was {made.get(k)!r}, now {v!r}" for k, v in conf.items() if made.get(k) != v]
@@ -92,13 +92,13 @@ def check_finished(out: Path, conf: dict) -> None:
                          "--overwrite trains it again, or choose another --out")
 
 
-def read_examples(images: str | Path, split: str, conf: dict) -> tuple[data.Split, data.ImageBank, list]:
+def read_examples(images: str | Path, split: str, conf: TrainSettings) -> tuple[data.Split, data.ImageBank, list]:
     """The split of the labelled images of ``images``, their decoded pixels, and every image
     that could not be used (listing errors, no label, not decodable)."""
     records, errors = list_images(images, split=split)
     examples, unlabelled = data.examples_of(records)
-    bank = data.ImageBank(examples, max(conf["eval_size"], 2 * conf["image_size"]))
-    chosen = data.split(bank.usable(examples), conf["val_share"], conf["val_places"], conf["seed"])
+    bank = data.ImageBank(examples, max(conf.eval_size, 2 * conf.image_size))
+    chosen = data.split(bank.usable(examples), conf.val_share, conf.val_places, conf.seed)
     if len(chosen.classes) < 2:
         raise ValueError(f"{images}: training needs labelled images of at least 2 places, found "
                          f"{len(chosen.classes)} (labels from landmark_id, or one folder per place)")
@@ -115,13 +115,13 @@ def split_csv(chosen: data.Split) -> str:
     return buffer.getvalue()
 
 
-def model_card(images, conf: dict, chosen: data.Split, result: loop.Result, errors: list, made_of: str,
+def model_card(images, conf: TrainSettings, chosen: data.Split, result: loop.Result, errors: list, made_of: str,
                mixed: bool) -> dict:
     """The JSON written beside the model: what it was trained on, how, and how it validated."""
     rows = {row["epoch"]: row for row in result.history}
     best, reference = rows.get(result.best_epoch, {}), rows.get(0, {})
     return {
-        "model": f"efficientnet_{conf['backbone']} global descriptor trained by delf-pipeline train",
+        "model": f"efficientnet_{conf.backbone} global descriptor trained by delf-pipeline train",
         "package_version": __version__,
         "data": {"source": str(images), "places": len(chosen.classes), "train_images": len(chosen.train),
                  "val_images": len(chosen.val), "unseen_images": len(chosen.unseen),

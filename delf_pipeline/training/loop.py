@@ -53,7 +53,8 @@ class Result:
 class Trainer:
     """Holds the network, class centres and optimizers of one training.
 
-    conf: the ``[train]`` settings; split, bank: the examples and their decoded images.
+    conf: the ``[train]`` settings (``config.train``, or a dict of the same keys); split, bank: the
+    examples and their decoded images.
     """
 
     def __init__(self, conf: dict, split: data.Split, bank: data.ImageBank, weights: dict | None, *,
