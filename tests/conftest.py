@@ -77,7 +77,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark the tests SLOW names; leave slow tests out unless --slow, -m or node ids ask for them."""
-    files = {item.path.name for item in items}
+    picked = {Path(arg.split("::")[0]).name for arg in config.args if "::" in arg}  # files run in part
+    files = {item.path.name for item in items} - picked
     for name in SLOW:
         matching = [item for item in items if _slow_name_matches(name, item)]
         if name.split("::")[0] in files and not matching:
