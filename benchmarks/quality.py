@@ -64,7 +64,7 @@ from delf_pipeline.utils.artifacts import fingerprint, write_json_atomic, write_
 from delf_pipeline.verification.pairs import verify_options
 
 PRESETS = ("sift_default", "xfeat", "xfeat_lighterglue", "efficientnet_lite0", "efficientnet_lite0_rootsift",
-           "xfeat_lite0")
+           "xfeat_lite0", "xfeat_fused")
 TASKS = ("dev_split", "dev_loo", "mini_loo", "hard", "evd")
 RECALL_AT = (1, 5, 20, 100)
 LEVEL = 0.90  # bootstrap interval
