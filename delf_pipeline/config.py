@@ -139,7 +139,8 @@ SETTINGS: dict[str, dict[str, Key]] = {
         "vlad_dim": _count(0, 0, 1_000_000, "VLAD reduced to this many dims by a PCA of the codebook sample's VLADs "
                            "(at most codebook_images - 1); 0 keeps words x D", when="vlad"),
         "vlad_weight": _real(0.0, 0, 1, "> 0 fuses the model's global with the VLAD of the local_backend's features, "
-                             "this weight on the VLAD (score fusion; docs/quality.md)", open_high=True, when="hybrid"),
+                             "this weight on the VLAD (score fusion; docs/benchmarks.md, dev table)", open_high=True,
+                             when="hybrid"),
         "codebook_images": _count(500, 1, 10_000_000, "index images sampled to learn the codebook", when="vlad"),
         "seed": _count(0, 0, SEED_MAX, "codebook k-means seed", when="vlad"),
         "local_backend": _pick("", ("", "rootsift", "xfeat"),
@@ -178,7 +179,7 @@ SETTINGS: dict[str, dict[str, Key]] = {
         "qe_top_n": _count(0, 0, 1000, "query expansion: first results added to the query, 0 disables"),
         "qe_alpha": _real(0.0, 0, 100, "0: average QE; > 0: alpha-QE (Radenovic et al. 2018 use 3)", when="qe"),
         "superglobal_depth": _count(0, 0, 100_000, "SuperGlobal re-ranking (Shao et al. 2023) of this many first "
-                                    "results (M, the paper's 400; 0 off, else >= top_k)"),
+                                    "results (M, the paper's 400; 0 off; below top_k only these M are kept)"),
         "superglobal_neighbours": _count(9, 1, 10_000, "neighbours of each candidate in its SuperGlobal refinement "
                                          "(K, the paper's 9)", when="superglobal"),
     },

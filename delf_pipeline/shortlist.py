@@ -117,12 +117,9 @@ def _shortlist_pass(index_store: str, query_store: str, group: list[tuple[int, l
 
 def check_postprocess(conf: ShortlistSettings, index_labels: dict[str, str] | None) -> None:
     """ValueError when supervised whitening / DBA is asked for without index labels (the values
-    themselves are checked when the config is loaded, :data:`delf_pipeline.config.CHECKS`)."""
+    themselves are checked when the config is loaded, :data:`delf_pipeline.config.SETTINGS`)."""
     if _supervised(conf) and not index_labels:
         raise ValueError("supervised whitening / DBA needs the index labels: give --index-labels CSV (id,landmark_id)")
-    if 0 < conf.superglobal_depth < conf.top_k:
-        raise ValueError(f"shortlist.superglobal_depth ({conf.superglobal_depth}) re-ranks the first results: it must "
-                         f"be 0 (off) or at least shortlist.top_k ({conf.top_k})")
 
 
 def _supervised(conf: ShortlistSettings) -> bool:
@@ -176,7 +173,8 @@ def shortlist_blocks(
 def _superglobal(queries: np.ndarray, query_ids: list[str], index_ids: list[str], rows: np.ndarray, scores: np.ndarray,
                  index: FeatureStore, conf: ShortlistSettings) -> tuple[np.ndarray, np.ndarray]:
     """A block's results [Q, K] (each query itself taken out first for leave-one-out) re-ranked by
-    SuperGlobal, cut to ``top_k``."""
+    SuperGlobal, cut to ``top_k``: min(top_k, superglobal_depth) per query (re-ranked scores are not
+    cosines, so results past the depth are not kept beside them)."""
     if conf.exclude_same_id:
         rows, scores = _without_self(query_ids, index_ids, rows, scores)
     rows, scores = rerank_rows(queries, rows, scores, lambda found: index.global_matrix([index_ids[r] for r in found]),

@@ -216,7 +216,9 @@ def test_superglobal_leave_one_out_takes_the_query_out_first(stores, tmp_path):
         np.testing.assert_allclose(mine["score"], scores[0], atol=1e-5)
 
 
-def test_superglobal_depth_below_top_k_is_refused(stores, tmp_path):
+def test_superglobal_depth_below_top_k_keeps_only_the_reranked_results(stores, tmp_path):
     index, queries = stores
-    with pytest.raises(ValueError, match="superglobal_depth"):
-        shortlist.run(config(top_k=5, superglobal_depth=3), index.path, queries.path, tmp_path / "s.csv")
+    out = shortlist.run(config(top_k=5, superglobal_depth=3, superglobal_neighbours=2), index.path, queries.path,
+                        tmp_path / "s.csv")
+    rows, scores = superglobal_by_hand(queries.global_matrix(), index.global_matrix(), 3, 2, 3)
+    assert_table_is(read_table(out), queries.ids, index.ids, rows, scores)
