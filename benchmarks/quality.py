@@ -6,7 +6,8 @@ Tasks, all from ``../shared/data``:
 * ``dev_split``: landmarks_dev split by place (:func:`common.landmarks_dev_rows`: round(n / 3)
   of each place's photos and of the non-landmarks as queries, drawn with ``--seed``; the other
   landmark photos are the index), a Kaggle-layout folder of symbolic links run end to end by
-  ``pipeline.run`` (what ``delf-pipeline run`` does), so its seconds are a user's;
+  ``pipeline.run`` (what ``delf-pipeline run`` does, without its calibration of the index unless
+  ``--calibrate``), so its seconds are a user's;
 * ``dev_loo``: landmarks_dev leave-one-out: every landmark photo a query against all the other
   photos, the non-landmarks unlabelled distractors in the index (they never vote);
 * ``mini_loo``: landmarks_mini leave-one-out (every photo a query);
@@ -53,7 +54,7 @@ import pandas as pd
 
 from delf_pipeline import extract, pipeline, predict
 from delf_pipeline.cli import setup_logging
-from delf_pipeline.config import load_config
+from delf_pipeline.config import Config, load_config
 from delf_pipeline.evaluate import evaluate
 from delf_pipeline.extractors.build import LOCAL_BACKENDS, build, local_extractor, resolve_model
 from delf_pipeline.formats.blocks import read_table
@@ -84,10 +85,10 @@ class Outcome:
 
 # Runs
 
-def store_key(config: dict) -> str:
+def store_key(config: Config) -> str:
     """The folder name of a store: the fingerprint of its extract settings (presets that
     extract alike share it)."""
-    return extract.store_manifest(config["extract"])["fingerprint"]
+    return extract.store_manifest(config.extract)["fingerprint"]
 
 
 def recorded(path: Path, fresh: bool, wall: dict, cpu: dict) -> tuple[float, float]:
@@ -101,7 +102,7 @@ def recorded(path: Path, fresh: bool, wall: dict, cpu: dict) -> tuple[float, flo
     return math.nan, math.nan
 
 
-def pipeline_task(name: str, config: dict, run_name: str, args: argparse.Namespace) -> Outcome:
+def pipeline_task(name: str, config: Config, run_name: str, args: argparse.Namespace) -> Outcome:
     """A Kaggle-layout task run end to end by ``pipeline.run``; its stores are extracted first
     (the run then skips them) so that their cost is recorded once per store."""
     task = args.work / "tasks" / name
@@ -116,14 +117,14 @@ def pipeline_task(name: str, config: dict, run_name: str, args: argparse.Namespa
         (out / "features").symlink_to(features.resolve())
     index, made_index = common.timed_store(config, task, features / "index", split="train")
     codebook = index / "codebook.npy"
-    query_config = {**config, "extract": {**config["extract"], "local_features": True,
-                                          "model": FeatureStore(index).manifest()["settings"]["model"]}}
+    query_config = config.copy()
+    query_config.extract.update(local_features=True, model=FeatureStore(index).manifest()["settings"]["model"])
     _, made_query = common.timed_store(query_config, task, features / "query", split="test",
                                        codebook=codebook if codebook.exists() else None)
     fresh = not (out / "submission.csv").exists()
     wall, cpu = {}, {}
     with common.Timer(wall, cpu, "run"):
-        submission = pipeline.run(config, task, out, jobs=args.jobs)
+        submission = pipeline.run(config, task, out, jobs=args.jobs, calibrate_index=args.calibrate)
     own = recorded(out / "timing.json", fresh, wall, cpu)
     labels = read_labels(task / "train.csv")
     global_sub = predict.run(config, out / "shortlist.csv", labels, predict.query_ids(out / "features" / "query",
@@ -136,7 +137,7 @@ def pipeline_task(name: str, config: dict, run_name: str, args: argparse.Namespa
                    {"map@100": metrics["retrieval"]["map@100"], "dim": global_dim(index, config)})
 
 
-def loo_task(name: str, config: dict, run_name: str, args: argparse.Namespace) -> Outcome:
+def loo_task(name: str, config: Config, run_name: str, args: argparse.Namespace) -> Outcome:
     """Leave-one-out on landmarks_dev (landmark photos as queries) or landmarks_mini (all)."""
     folder = args.data / ("landmarks_dev" if name == "dev_loo" else "landmarks_mini")
     queries = {i for i, label, _ in common.labelled_rows(folder) if label} if name == "dev_loo" else None
@@ -154,27 +155,27 @@ def loo_task(name: str, config: dict, run_name: str, args: argparse.Namespace) -
                    {"map@100": results["reranked"]["retrieval"]["map@100"], "dim": global_dim(store, config)})
 
 
-def evd_task(config: dict, args: argparse.Namespace) -> Outcome:
+def evd_task(config: Config, args: argparse.Namespace) -> Outcome:
     """The EVD statistics of the preset's local features and verification (cached by both)."""
-    conf = config["extract"]
-    local = conf["local_backend"] or conf["backend"]
+    conf = config.extract
+    local = conf.local_backend or conf.backend
     if local not in LOCAL_BACKENDS:  # the model's own local features, from the export the hard task's index makes
         task = args.work / "tasks" / "hard"
         if not (task / "solution.csv").exists():
             common.build_hard_task(task, args.data, args.seed)
         conf = resolve_model(conf, list_images(task, "train")[0])
-    local_keys = {k: conf[k] for k in conf if k in LOCAL_SETTINGS or local not in LOCAL_BACKENDS}
-    key = fingerprint({"local": local, "extract": local_keys, "rerank": config["rerank"]})
+    local_keys = {k: v for k, v in conf.items() if k in LOCAL_SETTINGS or local not in LOCAL_BACKENDS}
+    key = fingerprint({"local": local, "extract": local_keys, "rerank": config.rerank.to_dict()})
     cache = args.work / "evd" / f"{key}.json"
     if not cache.exists():
         extractor = local_extractor(conf, local) if local in LOCAL_BACKENDS else build(conf)
-        match = common.glue_match() if config["rerank"]["matcher"] == "lighterglue" else None
+        match = common.glue_match() if config.rerank.matcher == "lighterglue" else None
         folder = args.data / "evd"
         names = sorted(p.stem for p in (folder / "1").glob("*.png"))
         wall, cpu = {}, {}
         with common.Timer(wall, cpu, "evd"):
-            stats = common.evd_stats(extractor, verify_options(config["rerank"]), folder, names,
-                                     argparse.Namespace(max_image_size=conf["max_image_size"]), match)
+            stats = common.evd_stats(extractor, verify_options(config.rerank), folder, names,
+                                     argparse.Namespace(max_image_size=conf.max_image_size), match)
         cache.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(cache, {**stats, "wall": wall["evd"], "cpu": cpu["evd"]})
     stats = json.loads(cache.read_text())
@@ -185,12 +186,12 @@ def evd_task(config: dict, args: argparse.Namespace) -> Outcome:
 LOCAL_SETTINGS = ("max_image_size", "max_features", "affine_tilts", "xfeat_weights", "xfeat_threshold", "xfeat_scales")
 
 
-def global_dim(store: Path, config: dict) -> int:
+def global_dim(store: Path, config: Config) -> int:
     """Dimension of the global descriptor searched: the store's, or whitening_dim when set."""
     found = FeatureStore(store)
     dim = int(found.global_matrix(found.ids[:1]).shape[1])
-    conf = config["shortlist"]
-    return min(dim, conf["whitening_dim"]) if conf["whitening"] and conf["whitening_dim"] else dim
+    conf = config.shortlist
+    return min(dim, conf.whitening_dim) if conf.whitening and conf.whitening_dim else dim
 
 
 # Per-query rows and the measures
@@ -355,6 +356,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the splits and of the bootstrap")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument("--jobs", type=int, default=1, help="rerank worker processes")
+    parser.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=False,
+                        help="let pipeline.run calibrate the index as `delf-pipeline run` does (default: off, "
+                             "so confidences are the presets' scores and a rerun does not depend on how long "
+                             "the run took: the calibration's sample is cut to a fifth of the run's time)")
     args = parser.parse_args()
     if not args.data.is_dir():
         raise SystemExit(f"shared data not found at {args.data}")
