@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import threading
 import time
 from pathlib import Path
@@ -16,14 +17,15 @@ import numpy as np
 from PIL import Image
 
 from delf_pipeline import extract, predict, rerank, shortlist
-from delf_pipeline.config import load_config, make_section
+from delf_pipeline.config import Config, load_config, make_section
 from delf_pipeline.evaluate import evaluate
+from delf_pipeline.formats.blocks import read_table
 from delf_pipeline.formats.features import ImageFeatures
 from delf_pipeline.formats.images import kaggle_path, load_image
 from delf_pipeline.formats.store import ExtractedImage, FeatureStore, write_part
 from delf_pipeline.formats.tables import read_labels
 from delf_pipeline.tools.demo import demo_id, load_photo
-from delf_pipeline.utils.artifacts import write_json_atomic
+from delf_pipeline.utils.artifacts import write_json_atomic, write_text_atomic
 from delf_pipeline.verification.lighterglue import load_xfeat_lighterglue
 from delf_pipeline.verification.pairs import verify_matches, verify_options, verify_pair
 
@@ -118,8 +120,9 @@ def evd_stats(extract, options: dict, folder: Path, names: list[str], args: argp
     """``extract``'s local features on the EVD pairs, verified with ``options``: mean features per
     image, median true-pair and max swapped-pair inliers, true pairs above that max, true-pair
     inliers (all, and within 20 px of the true homography), median extraction seconds and median
-    verification CPU seconds per pair. ``match(a, b) -> PairResult`` of two images' (locations,
-    descriptors, original (height, width)) replaces ``verify_pair`` (a learned matcher)."""
+    verification CPU seconds per pair; "pairs": (name, true, swapped, agreeing inliers) per pair.
+    ``match(a, b) -> PairResult`` of two images' (locations, descriptors, original (height,
+    width)) replaces ``verify_pair`` (a learned matcher)."""
     seconds: list[float] = []
     sides = {side: [local_features_of(extract, folder / side / f"{n}.png", args, seconds) for n in names] for side in ("1", "2")}
     match = match or (lambda a, b: verify_pair(a[0], a[1], b[0], b[1], **options))
@@ -133,7 +136,8 @@ def evd_stats(extract, options: dict, folder: Path, names: list[str], args: argp
     return {"features": float(np.mean([len(image[0]) for side in sides.values() for image in side])),
             "median_true": float(np.median(true)), "max_swapped": max(swapped),
             "above": sum(t > max(swapped) for t in true), "true_inliers": sum(true), "agreeing": sum(agreeing),
-            "seconds": float(np.median(seconds)), "pair_cpu": float(np.median(pair_cpu))}
+            "seconds": float(np.median(seconds)), "pair_cpu": float(np.median(pair_cpu)),
+            "pairs": [(name, t, s, a) for name, t, s, a in zip(names, true, swapped, agreeing)]}
 
 
 def timed_pair(match, a: tuple, b: tuple, cpu: list[float]):
@@ -173,29 +177,69 @@ def glue_match():
     return lambda a, b: verify_matches(a[0], b[0], glue.match_stored(*a, *b), **options)
 
 
-# The hard recognition task (EVD second views, held-out landmarks_mini photos, non-landmarks)
+# Held-out splits and Kaggle-layout tasks (the hard task, the landmarks_dev split)
 
 NON_LANDMARKS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "moon", "coins", "hubble_deep_field")
 
 
-def held_out(paths: list[str], rng: np.random.Generator) -> set[str]:
-    """min(3, n // 2) of a place's n photo paths, drawn with ``rng``."""
-    count = min(3, len(paths) // 2)
-    return set(rng.choice(sorted(paths), size=count, replace=False).tolist()) if count else set()
+def held_out_ids(places: dict[str, list[str]], count, seed: int) -> set[str]:
+    """The ids held out as queries: for each place in sorted order, ``count(n)`` of its n ids
+    (in the order given) drawn without replacement by one generator seeded with ``seed``.
+
+    The one split drawer of the benchmarks: the hard task (min(3, n // 2) of each
+    landmarks_mini place, ids sorted), measure_shortlist's split (min(2, n - 1)) and the
+    landmarks_dev split (round(n / 3), non-landmarks as the place "").
+    """
+    rng = np.random.default_rng(seed)
+    held: set[str] = set()
+    for place in sorted(places):
+        ids = places[place]
+        k = count(len(ids))
+        if k:
+            held |= {ids[i] for i in rng.choice(len(ids), size=k, replace=False).tolist()}
+    return held
+
+
+def labelled_rows(folder: Path) -> list[tuple[str, str, str]]:
+    """(image, label, relative path) of a photo folder's labels.csv, in its order; the image is
+    the path without its extension (the id a folder source gives it), the label "" for none."""
+    with open(folder / "labels.csv", newline="") as handle:
+        return [(Path(r["image"]).with_suffix("").as_posix(), r["label"], r["image"]) for r in csv.DictReader(handle)]
+
+
+def by_place(rows: list[tuple]) -> dict[str, list[str]]:
+    """{label: ids in row order} of (id, label, ...) rows."""
+    places: dict[str, list[str]] = {}
+    for row in rows:
+        places.setdefault(row[1], []).append(row[0])
+    return places
 
 
 def landmarks_mini_rows(data: Path, seed: int) -> tuple[list[tuple], list[tuple]]:
     """(index rows, query rows), each (id, landmark, source path)."""
-    with open(data / "landmarks_mini" / "labels.csv", newline="") as handle:
-        rows = [(r["image"], r["label"]) for r in csv.DictReader(handle)]
-    rng = np.random.default_rng(seed)
-    queries: set[str] = set()
-    for place in sorted({label for _, label in rows}):
-        queries |= held_out([image for image, label in rows if label == place], rng)
+    rows = labelled_rows(data / "landmarks_mini")
+    queries = held_out_ids(by_place(sorted(rows)), lambda n: min(3, n // 2), seed)
     index, test = [], []
-    for image, label in rows:
-        row = (demo_id(f"landmarks_mini/{image}"), label, data / "landmarks_mini" / image)
+    for image, label, path in rows:
+        row = (demo_id(f"landmarks_mini/{path}"), label, data / "landmarks_mini" / path)
         (test if image in queries else index).append(row)
+    return index, test
+
+
+def landmarks_dev_rows(data: Path, seed: int) -> tuple[list[tuple], list[tuple]]:
+    """The landmarks_dev split: (index rows, query rows), each (id, landmark or "", source path).
+    Queries: round(n / 3) of each place's n photos and of the non-landmarks, drawn with ``seed``;
+    index: the other landmark photos (the other non-landmarks are left out)."""
+    folder = data / "landmarks_dev"
+    rows = labelled_rows(folder)
+    queries = held_out_ids(by_place(rows), lambda n: round(n / 3), seed)
+    index, test = [], []
+    for image, label, path in rows:
+        row = (demo_id(f"landmarks_dev/{path}"), label, folder / path)
+        if image in queries:
+            test.append(row)
+        elif label:
+            index.append(row)
     return index, test
 
 
@@ -222,28 +266,44 @@ def write_csv(path: Path, header: tuple, rows: list) -> None:
         writer.writerows(rows)
 
 
-def build_hard_task(out: Path, data: Path = DATA, seed: int = 0) -> dict[str, int]:
-    """Write the task under ``out``; returns counts of each kind of image."""
-    mini_index, mini_test = landmarks_mini_rows(data, seed)
-    evd_index, evd_test = evd_rows(data)
-    for image_id, _, source in mini_index + evd_index:
-        link(out, "train", image_id, source)
-    for image_id, _, source in mini_test + evd_test:
-        link(out, "test", image_id, source)
-    non_landmarks = [(demo_id(f"skimage/{name}"), "", f"skimage.data.{name}") for name in NON_LANDMARKS]
-    for (image_id, _, _), name in zip(non_landmarks, NON_LANDMARKS):
-        path = kaggle_path(out, "test", image_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(load_photo(name)).save(path, quality=90)
-    queries = mini_test + evd_test + non_landmarks
-    write_csv(out / "train.csv", ("id", "landmark_id"), [(i, label) for i, label, _ in mini_index + evd_index])
+def write_kaggle_task(out: Path, index: list[tuple], queries: list[tuple]) -> None:
+    """A Kaggle-layout task under ``out`` from (id, landmark or "", source) rows: train/ and test/
+    hold symbolic links to the sources, except a source named ``skimage.data.NAME`` (a
+    scikit-image sample, made in memory), written as a JPEG file; train.csv,
+    sample_submission.csv, solution.csv (empty landmarks for non-landmarks) and sources.csv."""
+    for split, rows in (("train", index), ("test", queries)):
+        for image_id, _, source in rows:
+            if str(source).startswith("skimage.data."):
+                path = kaggle_path(out, split, image_id)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(load_photo(str(source).rpartition(".")[2])).save(path, quality=90)
+            else:
+                link(out, split, image_id, Path(source))
+    write_csv(out / "train.csv", ("id", "landmark_id"), [(i, label) for i, label, _ in index])
     write_csv(out / "sample_submission.csv", ("id", "landmarks"), [(i, "") for i, _, _ in queries])
     write_csv(out / "solution.csv", ("id", "landmarks", "Usage"), [(i, label, "Public") for i, label, _ in queries])
     write_csv(out / "sources.csv", ("id", "split", "landmark_id", "source"),
-              [(i, "train", label, s) for i, label, s in mini_index + evd_index]
-              + [(i, "test", label, s) for i, label, s in queries])
+              [(i, "train", label, s) for i, label, s in index] + [(i, "test", label, s) for i, label, s in queries])
+
+
+def build_hard_task(out: Path, data: Path = DATA, seed: int = 0) -> dict[str, int]:
+    """The hard recognition task (EVD second views, held-out landmarks_mini photos, non-landmarks)
+    under ``out``; returns counts of each kind of image."""
+    mini_index, mini_test = landmarks_mini_rows(data, seed)
+    evd_index, evd_test = evd_rows(data)
+    non_landmarks = [(demo_id(f"skimage/{name}"), "", f"skimage.data.{name}") for name in NON_LANDMARKS]
+    write_kaggle_task(out, mini_index + evd_index, mini_test + evd_test + non_landmarks)
     return {"index landmarks_mini": len(mini_index), "index evd": len(evd_index), "query landmarks_mini": len(mini_test),
             "query evd": len(evd_test), "query non-landmark": len(non_landmarks)}
+
+
+def build_dev_split(out: Path, data: Path = DATA, seed: int = 0) -> dict[str, int]:
+    """The landmarks_dev split (:func:`landmarks_dev_rows`) as a Kaggle-layout task under ``out``;
+    returns counts of each kind of image."""
+    index, queries = landmarks_dev_rows(data, seed)
+    write_kaggle_task(out, index, queries)
+    return {"index": len(index), "query landmark": sum(1 for q in queries if q[1]),
+            "query non-landmark": sum(1 for q in queries if not q[1])}
 
 
 # Leave-one-out: every photo of a labelled folder a query against the others
@@ -252,40 +312,85 @@ LOO_ROWS = (("gap", "GAP"), ("accuracy", "top-1 accuracy"), ("map@100", "mAP@100
         ("precision@1", "P@1"), ("precision@5", "P@5"), ("recall@10", "R@10"))
 
 
-def write_label_files(data: Path, out: Path) -> tuple[Path, Path]:
-    """labels.csv -> (index labels ``id,landmark_id``, solution ``id,landmarks,Usage``)."""
-    with open(data / "labels.csv", newline="") as handle:
-        rows = [(Path(r["image"]).with_suffix("").as_posix(), r["label"]) for r in csv.DictReader(handle)]
+def write_label_files(data: Path, out: Path, queries: set[str] | None = None) -> tuple[Path, Path]:
+    """labels.csv -> (index labels ``id,landmark_id`` of the labelled images, solution
+    ``id,landmarks,Usage`` of ``queries``, default every image)."""
+    rows = [(image, label) for image, label, _ in labelled_rows(data)]
     out.mkdir(parents=True, exist_ok=True)
     labels, solution = out / "index_labels.csv", out / "solution.csv"
     with open(labels, "w", newline="") as a, open(solution, "w", newline="") as b:
-        csv.writer(a).writerows([("id", "landmark_id"), *rows])
-        csv.writer(b).writerows([("id", "landmarks", "Usage"), *((i, lab, "Public") for i, lab in rows)])
+        csv.writer(a).writerows([("id", "landmark_id"), *((i, lab) for i, lab in rows if lab)])
+        csv.writer(b).writerows([("id", "landmarks", "Usage"),
+                                 *((i, lab, "Public") for i, lab in rows if queries is None or i in queries)])
     return labels, solution
 
 
-def leave_one_out(config: dict, data: Path, out: Path, jobs: int, features: Path | None = None) -> dict:
-    """All stages; returns {"global": metrics, "reranked": metrics, "seconds": {...}}."""
+def leave_one_out(config: Config, data: Path, out: Path, jobs: int, features: Path | None = None,
+                  queries: set[str] | None = None) -> dict:
+    """All stages; returns {"global": metrics, "reranked": metrics, "seconds": {...}, "cpu": {...},
+    "files": {...}}. ``queries``: only these ids are queries (all images stay in the index;
+    images without a label are distractors that never vote); default every image. Seconds and
+    CPU seconds (this process, all threads) are of this call's stages; "extract" is the store's
+    recorded cost when it was made (:func:`timed_store`) or this call's."""
     config.shortlist.exclude_same_id = True
-    labels_csv, solution = write_label_files(data, out)
-    seconds = {}
-    start = time.perf_counter()
-    store = extract.run(config, data, features or out / "features")
-    seconds["extract"] = time.perf_counter() - start
-    start = time.perf_counter()
-    shortlist_csv = shortlist.run(config, store, store, out / "shortlist.csv")
-    seconds["shortlist"] = time.perf_counter() - start
-    start = time.perf_counter()
-    rerank_csv = rerank.run(config, shortlist_csv, store, store, out / "rerank.csv", jobs=jobs)
-    seconds["rerank"] = time.perf_counter() - start
+    labels_csv, solution = write_label_files(data, out, queries)
+    seconds, cpu = {}, {}
+    store, made = timed_store(config, data, features or out / "features")
+    seconds["extract"], cpu["extract"] = made["wall"], made["cpu"]
+    with Timer(seconds, cpu, "shortlist"):
+        shortlist_csv = shortlist.run(config, store, store, out / "shortlist.csv")
+        if queries is not None:
+            table = read_table(shortlist_csv)
+            shortlist_csv = out / "shortlist-queries.csv"
+            write_text_atomic(shortlist_csv, table[table["query_id"].isin(queries)].to_csv(index=False))
+    rerank_csv = None  # rerank.num_to_rerank = 0: global-only
+    if config.rerank.num_to_rerank > 0:
+        with Timer(seconds, cpu, "rerank"):
+            rerank_csv = rerank.run(config, shortlist_csv, store, store, out / "rerank.csv", jobs=jobs)
     labels = read_labels(labels_csv)
-    ids = predict.query_ids(store)
-    results = {"seconds": seconds}
+    ids = predict.query_ids(store) if queries is None else sorted(queries)
+    results = {"seconds": seconds, "cpu": cpu, "files": {"shortlist": shortlist_csv, "rerank": rerank_csv,
+                                                          "labels": labels_csv, "solution": solution}}
     for name, rerank_input in (("global", None), ("reranked", rerank_csv)):
-        submission = predict.run(config, shortlist_csv, labels, ids, out / name / "submission.csv",
-                                 rerank_csv=rerank_input)
+        with Timer(seconds, cpu, f"predict {name}"):
+            submission = predict.run(config, shortlist_csv, labels, ids, out / name / "submission.csv",
+                                     rerank_csv=rerank_input)
         results[name] = evaluate(submission, solution, out / name / "ranking.csv", labels_csv)
+        results["files"][name] = submission
     return results
+
+
+class Timer:
+    """``with Timer(wall, cpu, key):`` adds the block's wall and process CPU seconds (all threads
+    of this process) to ``wall[key]`` and ``cpu[key]``."""
+
+    def __init__(self, wall: dict, cpu: dict, key: str):
+        self.wall, self.cpu, self.key = wall, cpu, key
+
+    def __enter__(self) -> "Timer":
+        self.start = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall[self.key] = self.wall.get(self.key, 0.0) + time.perf_counter() - self.start[0]
+        self.cpu[self.key] = self.cpu.get(self.key, 0.0) + time.process_time() - self.start[1]
+
+
+def timed_store(config: Config, images: Path, store: Path, **options) -> tuple[Path, dict]:
+    """``extract.run(config, images, store, **options)`` and the cost of making the store:
+    {"wall", "cpu"} seconds, recorded in ``STORE.timing.json`` beside it when this call made
+    it from nothing, read back when an earlier call did ({"wall": nan, ...} when neither: a
+    store made or resumed by something else)."""
+    record = store.with_name(store.name + ".timing.json")
+    fresh = not (store / "manifest.json").exists()
+    wall, cpu = {}, {}
+    with Timer(wall, cpu, "extract"):
+        extract.run(config, images, store, **options)
+    if fresh:
+        write_json_atomic(record, {"wall": wall["extract"], "cpu": cpu["extract"]})
+    if record.exists():
+        return store, json.loads(record.read_text())
+    return store, {"wall": float("nan"), "cpu": float("nan")}
 
 
 def metric(metrics: dict, key: str) -> float:

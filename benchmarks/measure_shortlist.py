@@ -80,14 +80,14 @@ def landmarks_rows(data: Path) -> list[tuple[str, Path, str]]:
 
 def split_task(data: Path, seed: int = 0) -> tuple[list, list]:
     """(index rows, query rows) of the split task, each (id, path, label)."""
-    rng = np.random.default_rng(seed)
     rows = landmarks_rows(data)
+    held = common.held_out_ids(common.by_place([(i, label) for i, _, label in rows]),
+                               lambda n: min(HELD_OUT, n - 1), seed)
     index, queries = [], []
     for label in sorted({r[2] for r in rows}):
         place = [r for r in rows if r[2] == label]
-        held = set(rng.choice(len(place), min(HELD_OUT, len(place) - 1), replace=False).tolist())
-        queries += [r for i, r in enumerate(place) if i in held]
-        index += [r for i, r in enumerate(place) if i not in held]
+        queries += [r for r in place if r[0] in held]
+        index += [r for r in place if r[0] not in held]
     for first in sorted((data / "evd" / "1").glob("*.png")):
         label = f"evd_{first.stem}"
         index.append((f"evd1/{first.stem}", first, label))

@@ -136,6 +136,11 @@ SETTINGS: dict[str, dict[str, Key]] = {
                                when="rootsift"),
         "vlad_words": _count(256, 1, 4096, "VLAD codebook size (global dim = words x 128 for rootsift, x 64 for xfeat)",
                              when="vlad"),
+        "vlad_dim": _count(0, 0, 1_000_000, "VLAD reduced to this many dims by a PCA of the codebook sample's VLADs "
+                           "(at most codebook_images - 1); 0 keeps words x D", when="vlad"),
+        "vlad_weight": _real(0.0, 0, 1, "> 0 fuses the model's global with the VLAD of the local_backend's features, "
+                             "this weight on the VLAD (score fusion; docs/benchmarks.md, dev table)", open_high=True,
+                             when="hybrid"),
         "codebook_images": _count(500, 1, 10_000_000, "index images sampled to learn the codebook", when="vlad"),
         "seed": _count(0, 0, SEED_MAX, "codebook k-means seed", when="vlad"),
         "local_backend": _pick("", ("", "rootsift", "xfeat"),
@@ -173,6 +178,10 @@ SETTINGS: dict[str, dict[str, Key]] = {
         "dba_alpha": _real(0.0, 0, 100, "neighbour weight similarity ** alpha (0: plain mean)", when="dba"),
         "qe_top_n": _count(0, 0, 1000, "query expansion: first results added to the query, 0 disables"),
         "qe_alpha": _real(0.0, 0, 100, "0: average QE; > 0: alpha-QE (Radenovic et al. 2018 use 3)", when="qe"),
+        "superglobal_depth": _count(0, 0, 100_000, "SuperGlobal re-ranking (Shao et al. 2023) of this many first "
+                                    "results (M, the paper's 400; 0 off; below top_k only these M are kept)"),
+        "superglobal_neighbours": _count(9, 1, 10_000, "neighbours of each candidate in its SuperGlobal refinement "
+                                         "(K, the paper's 9)", when="superglobal"),
     },
     "rerank": {
         "num_to_rerank": _count(20, 0, 100_000, "shortlisted candidates verified per query"),
@@ -500,30 +509,37 @@ DEFAULTS = Config()  # the default preset's settings
 
 #: What each ``when`` tag of :data:`SETTINGS` means, as ``config`` prints it.
 FEATURES = {
-    "model": "the savedmodel / hub backends", "vlad": "a rootsift / xfeat global descriptor",
+    "model": "the savedmodel / hub backends", "vlad": "a rootsift / xfeat VLAD global descriptor (alone or fused)",
     "rootsift": "RootSIFT local features", "xfeat": "XFeat local features",
     "descriptor_matcher": "the kdtree / nn / mutual matchers", "ratio_matcher": "the nn / mutual matchers",
     "usac": "verifiers other than skimage_affine", "kaggle2020": "the kaggle2020 scoring",
     "whitening": "a whitening", "dba": "a dba", "qe": "qe_top_n > 0",
+    "hybrid": "a savedmodel / hub backend with a local_backend",
+    "superglobal": "superglobal_depth > 0",
     "subcenter_arcface": "train.loss = subcenter_arcface",
 }
 
 
 def features_in_use(config: Config) -> set[str]:
     """The ``when`` tags of :data:`SETTINGS` that ``config`` uses: model (a savedmodel / hub
-    backend), vlad (a rootsift / xfeat global), rootsift / xfeat (those local features),
+    backend), vlad (a rootsift / xfeat global, or a fused hybrid's), rootsift / xfeat (those local features),
     descriptor_matcher / ratio_matcher (a matcher by descriptor distance / with a ratio test),
-    usac (a verifier with a confidence), kaggle2020 (that scoring), whitening, dba, qe,
-    subcenter_arcface (that training loss)."""
+    usac (a verifier with a confidence), kaggle2020 (that scoring), whitening, dba, qe, hybrid
+    (a model's global with another backend's locals; with vlad_weight > 0 also vlad),
+    superglobal, subcenter_arcface (that training loss)."""
     extract, shortlist, rerank = config.extract, config.shortlist, config.rerank
     model = extract.backend in ("savedmodel", "hub")
     locals_ = extract.local_backend if model and extract.local_backend else extract.backend
     tags = {"model" if model else "vlad", locals_}
+    hybrid = model and bool(extract.local_backend)
+    tags |= {"hybrid"} if hybrid else set()
+    tags |= {"vlad"} if hybrid and extract.vlad_weight > 0 else set()  # a fused hybrid's VLAD
     tags |= {"descriptor_matcher"} if rerank.matcher != "lighterglue" else set()
     tags |= {"ratio_matcher"} if rerank.matcher in ("nn", "mutual") else set()
     tags |= {"usac"} if rerank.verifier != "skimage_affine" else set()
     tags |= {"kaggle2020"} if rerank.scoring == "kaggle2020" else set()
     flags = {"whitening": shortlist.whitening, "dba": shortlist.dba, "qe": shortlist.qe_top_n,
+             "superglobal": shortlist.superglobal_depth,
              "subcenter_arcface": config.train.loss == "subcenter_arcface"}
     return tags | {tag for tag, value in flags.items() if value}
 

@@ -31,7 +31,7 @@ from .config import (
     with_recorded,
 )
 from .extractors.base import Extractor
-from .extractors.build import LOCAL_BACKENDS, build, decode_mode, resolve_model
+from .extractors.build import build, decode_mode, resolve_model, vlad_backend
 from .extractors.codebook import prepare_codebook, stored_codebook
 from .extractors.efficientnet_lite_export import export_record
 from .extractors.stream import extract_records
@@ -221,7 +221,7 @@ def main(args: argparse.Namespace) -> int:
     if args.candidates:
         from .formats.candidates import candidate_ids, read_candidates
 
-        if config.extract.backend in LOCAL_BACKENDS and not args.codebook:
+        if vlad_backend(config.extract) and not args.codebook:
             raise ValueError(f"--candidates with the {config.extract.backend} backend needs --codebook (the "
                              "index store's codebook.npy): a codebook learned from the candidates alone would differ")
         only_ids = candidate_ids(read_candidates(args.candidates, config.rerank.num_to_rerank))

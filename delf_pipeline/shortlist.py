@@ -11,7 +11,10 @@ the config; see :mod:`delf_pipeline.descriptors`):
 * whitening (PCA or supervised by the index labels), learned once on the index;
 * database-side augmentation (DBA, plain or supervised by the labels) of the index;
 * query expansion (average or alpha-QE): a first search, the query replaced by the weighted
-  sum of itself and its ``qe_top_n`` first results, then the search that is kept.
+  sum of itself and its ``qe_top_n`` first results, then the search that is kept;
+* SuperGlobal re-ranking (:mod:`delf_pipeline.descriptors.superglobal`): the first
+  ``superglobal_depth`` results re-ordered by descriptors refined with their neighbours among
+  them and a max-pooled expanded query (their scores are then SuperGlobal's, not cosines).
 
 Whitening and DBA are written once as derived stores beside the index
 (:mod:`delf_pipeline.descriptors.derived`); the index store's own descriptors are never changed.
@@ -37,6 +40,7 @@ from .config import (
 )
 from .descriptors.derived import global_space, labels_fingerprint, prepare_index
 from .descriptors.expansion import expand_blocks
+from .descriptors.superglobal import rerank_rows
 from .descriptors.whitening import Whitening
 from .formats.blocks import claim_blocks, run_blocks, write_block
 from .formats.store import FeatureStore, open_store
@@ -113,7 +117,7 @@ def _shortlist_pass(index_store: str, query_store: str, group: list[tuple[int, l
 
 def check_postprocess(conf: ShortlistSettings, index_labels: dict[str, str] | None) -> None:
     """ValueError when supervised whitening / DBA is asked for without index labels (the values
-    themselves are checked when the config is loaded, :data:`delf_pipeline.config.CHECKS`)."""
+    themselves are checked when the config is loaded, :data:`delf_pipeline.config.SETTINGS`)."""
     if _supervised(conf) and not index_labels:
         raise ValueError("supervised whitening / DBA needs the index labels: give --index-labels CSV (id,landmark_id)")
 
@@ -159,8 +163,33 @@ def shortlist_blocks(
         matrices = [whitening.apply(m) for m in matrices]
     if conf.qe_top_n:
         matrices = expand_blocks(matrices, blocks, index, conf, matmul)
-    index_ids, results = search_blocks(matrices, index, conf.top_k + exclude, conf.chunk_rows, matmul)
+    depth = max(conf.top_k, conf.superglobal_depth)
+    index_ids, results = search_blocks(matrices, index, depth + exclude, conf.chunk_rows, matmul)
+    if conf.superglobal_depth:
+        results = [_superglobal(m, ids, index_ids, *result, index, conf) for m, ids, result in zip(matrices, blocks, results)]
     return [_frame(ids, index_ids, *result, conf) for ids, result in zip(blocks, results)]
+
+
+def _superglobal(queries: np.ndarray, query_ids: list[str], index_ids: list[str], rows: np.ndarray, scores: np.ndarray,
+                 index: FeatureStore, conf: ShortlistSettings) -> tuple[np.ndarray, np.ndarray]:
+    """A block's results [Q, K] (each query itself taken out first for leave-one-out) re-ranked by
+    SuperGlobal, cut to ``top_k``: min(top_k, superglobal_depth) per query (re-ranked scores are not
+    cosines, so results past the depth are not kept beside them)."""
+    if conf.exclude_same_id:
+        rows, scores = _without_self(query_ids, index_ids, rows, scores)
+    rows, scores = rerank_rows(queries, rows, scores, lambda found: index.global_matrix([index_ids[r] for r in found]),
+                               conf.superglobal_depth, conf.superglobal_neighbours)
+    return rows[:, : conf.top_k], scores[:, : conf.top_k]
+
+
+def _without_self(query_ids: list[str], index_ids: list[str], rows: np.ndarray,
+                  scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows, scores [Q, K] -> [Q, K - 1]: each query's own index row dropped (else its last)."""
+    own = np.array([[index_ids[r] == q if r < len(index_ids) else False for r in row] for q, row in zip(query_ids, rows)],
+                   dtype=bool).reshape(rows.shape)
+    own[~own.any(axis=1), -1] = True
+    keep = ~own
+    return rows[keep].reshape(len(rows), -1), scores[keep].reshape(len(rows), -1)
 
 
 def _frame(query_ids: list[str], index_ids: list[str], top_rows: np.ndarray, top_scores: np.ndarray,

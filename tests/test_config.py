@@ -108,6 +108,10 @@ def test_bad_overrides_are_clear_errors(override, message):
     ("rerank.residual_threshold=nan", r"rerank.residual_threshold must be a number in \(0, 10000\], got nan"),
     ("predict.abstain=inf", r"predict.abstain must be a number in \[0, 1000000\], got inf"),
     ("rerank.verifier=4", 'rerank.verifier must be one of "skimage_affine"'),
+    ("extract.vlad_weight=1.0", r"extract.vlad_weight must be a number in \[0, 1\), got 1.0"),
+    ("extract.vlad_dim=-1", r"extract.vlad_dim must be an integer in \[0, 1000000\], got -1"),
+    ("shortlist.superglobal_depth=-1", r"shortlist.superglobal_depth must be an integer in \[0, 100000\]"),
+    ("shortlist.superglobal_neighbours=0", r"shortlist.superglobal_neighbours must be an integer in \[1, 10000\]"),
 ])
 def test_loose_values_are_refused_naming_key_value_and_range(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -153,6 +157,9 @@ def test_config_marks_the_keys_that_do_not_apply():
     assert "vlad_words = 256  # VLAD" in xfeat and "vlad_words = 256  # [unused:" in delg
     assert "ratio = 0.9  # Lowe" in xfeat and "ratio = 0.0  # [unused: only for the nn / mutual matchers]" in delg
     assert "xfeat_threshold = 0.05  # keypoint" in to_toml(load_config("xfeat_lite0"))  # XFeat locals of a hybrid
+    fused, lite0 = to_toml(load_config("xfeat_fused")), to_toml(load_config("xfeat_lite0"))
+    assert "vlad_dim = 256  # VLAD reduced" in fused and "vlad_dim = 0  # [unused:" in lite0  # a fused hybrid's VLAD
+    assert "vlad_weight = 0.0  # [unused:" in xfeat and "superglobal_neighbours = 9  # [unused:" in fused
 
 
 def test_every_key_has_a_comment_and_a_range_or_choices():

@@ -54,3 +54,26 @@ def test_unknown_local_backend_is_a_clear_error(delf_test_models):
     config = hybrid_config(delf_test_models["tf2_delg"])
     with pytest.raises(ValueError, match='extract.local_backend must be one of "", "rootsift", "xfeat", got .orb.'):
         config.extract.local_backend = "orb"
+
+
+def test_fused_global_model_and_reduced_vlad_of_the_locals(delf_test_models, tmp_path):
+    from delf_pipeline.extractors.vlad import vlad_global
+
+    write_photos(tmp_path / "photos")
+    model = delf_test_models["tf2_delg"]
+    config = hybrid_config(model)
+    config.extract.update(vlad_weight=0.4, vlad_words=4, vlad_dim=8, codebook_images=3, descriptor_dtype="float32")
+    store = FeatureStore(extract.run(config, tmp_path / "photos", tmp_path / "fused"))
+    codebook = np.load(tmp_path / "fused" / "codebook.npy")
+    assert codebook.shape == (4 + (1 + 2) * 4, 128)  # words, mean, 2 axes (3 sample images)
+    plain = FeatureStore(extract.run(hybrid_config(model), tmp_path / "photos", tmp_path / "hybrid"))
+    for image_id in store.ids:
+        features = store.features(image_id)
+        model_part, vlad_part = features.global_descriptor[:-2], features.global_descriptor[-2:]
+        expected_model = plain.features(image_id).global_descriptor
+        np.testing.assert_allclose(model_part, np.sqrt(0.6) * expected_model / np.linalg.norm(expected_model),
+                                   atol=2e-3)
+        np.testing.assert_allclose(vlad_part, np.sqrt(0.4) * vlad_global(features.descriptors, codebook, 4), atol=1e-5)
+        assert abs(np.linalg.norm(features.global_descriptor) - 1) < 1e-3
+    queries = extract.run(config, tmp_path / "photos", tmp_path / "queries", codebook=tmp_path / "fused" / "codebook.npy")
+    np.testing.assert_allclose(FeatureStore(queries).global_matrix(), store.global_matrix(), atol=1e-5)

@@ -9,6 +9,7 @@ from delf_pipeline import shortlist
 from delf_pipeline.config import load_config
 from delf_pipeline.descriptors import derived
 from delf_pipeline.descriptors.expansion import augment_database, expand_queries, supervised_dba
+from delf_pipeline.descriptors.superglobal import rescore
 from delf_pipeline.descriptors.whitening import learn_pca_whitening, learn_supervised_whitening
 from delf_pipeline.formats.blocks import read_table
 from delf_pipeline.formats.store import FeatureStore
@@ -181,3 +182,43 @@ def test_two_shard_processes_make_a_derived_store_once(stores, monkeypatch):
         thread.join()
     assert errors == [] and len(learned) == 1
     assert len(list((index.path / "derived").glob("whitened-*/manifest.json"))) == 1
+
+
+def superglobal_by_hand(q: np.ndarray, x: np.ndarray, depth: int, neighbours: int, k: int):
+    rows, _ = brute_force(q, x, depth)
+    out_rows, out_scores = [], []
+    for query, found in zip(q, rows):
+        new = rescore(query, x[found], neighbours)
+        order = np.argsort(-new, kind="stable")[:k]
+        out_rows.append(found[order])
+        out_scores.append(new[order])
+    return np.array(out_rows), np.array(out_scores)
+
+
+def test_superglobal_stage_equals_hand_computation(stores, tmp_path):
+    index, queries = stores
+    conf = config(top_k=5, superglobal_depth=12, superglobal_neighbours=3)
+    out = shortlist.run(conf, index.path, queries.path, tmp_path / "shortlist.csv")
+    rows, scores = superglobal_by_hand(queries.global_matrix(), index.global_matrix(), 12, 3, 5)
+    assert_table_is(read_table(out), queries.ids, index.ids, rows, scores)
+
+
+def test_superglobal_leave_one_out_takes_the_query_out_first(stores, tmp_path):
+    index, _ = stores
+    conf = config(top_k=5, superglobal_depth=12, superglobal_neighbours=3, exclude_same_id=True)
+    table = read_table(shortlist.run(conf, index.path, index.path, tmp_path / "shortlist.csv"))
+    x = index.global_matrix()
+    for row, query in enumerate(index.ids[:4]):
+        others = np.delete(np.arange(len(x)), row)
+        found, scores = superglobal_by_hand(x[row : row + 1], x[others], 12, 3, 5)
+        mine = table[table["query_id"] == query]
+        assert mine["index_id"].tolist() == [index.ids[others[r]] for r in found[0]]
+        np.testing.assert_allclose(mine["score"], scores[0], atol=1e-5)
+
+
+def test_superglobal_depth_below_top_k_keeps_only_the_reranked_results(stores, tmp_path):
+    index, queries = stores
+    out = shortlist.run(config(top_k=5, superglobal_depth=3, superglobal_neighbours=2), index.path, queries.path,
+                        tmp_path / "s.csv")
+    rows, scores = superglobal_by_hand(queries.global_matrix(), index.global_matrix(), 3, 2, 3)
+    assert_table_is(read_table(out), queries.ids, index.ids, rows, scores)

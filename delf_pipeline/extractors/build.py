@@ -11,9 +11,12 @@ Backends (``extract.backend``):
 * ``hub``: the TF Hub DELF v1 module (local folder or hub handle).
 
 With ``local_backend`` set (rootsift or xfeat) and a model ``backend``, the global descriptor
-comes from the model and the local features from ``local_backend`` (a hybrid). The VLAD
-backends need their codebook: learning it is a step of the extract stage, which then calls
-:func:`build` with it.
+comes from the model and the local features from ``local_backend`` (a hybrid). With
+``vlad_weight`` w > 0 as well, the hybrid's global descriptor fuses the model's with the VLAD of
+the local features: ``[sqrt(1 - w) m, sqrt(w) v]`` of the L2-normalised parts, whose inner
+product is ``(1 - w) m.m' + w v.v'`` (score fusion, unit length). The VLAD backends and the
+fused hybrids need their codebook (``vlad_dim`` > 0: with the PCA that reduces the VLAD):
+learning it is a step of the extract stage, which then calls :func:`build` with it.
 """
 from __future__ import annotations
 
@@ -34,6 +37,14 @@ log = logging.getLogger("delf_pipeline.extractors.build")
 LOCAL_BACKENDS = ("rootsift", "xfeat")  # backends with their own local features and a VLAD global
 
 
+def vlad_backend(conf: ExtractSettings) -> str:
+    """The local backend whose VLAD the settings' global descriptor holds: ``backend`` for the
+    VLAD backends, ``local_backend`` for a fused hybrid (``vlad_weight`` > 0), else ""."""
+    if conf.backend in LOCAL_BACKENDS:
+        return conf.backend
+    return conf.local_backend if conf.local_backend and conf.vlad_weight > 0 else ""
+
+
 def build(conf: ExtractSettings, codebook: np.ndarray | None = None, local: Extractor | None = None) -> Extractor:
     """The configured backend, loaded once; it keeps only global descriptors when
     ``local_features`` is false.
@@ -49,13 +60,17 @@ def build(conf: ExtractSettings, codebook: np.ndarray | None = None, local: Extr
 
 def _assemble(conf: ExtractSettings, codebook: np.ndarray | None, local: Extractor | None) -> Extractor:
     backend, local_backend = conf.backend, conf.local_backend
+    if vlad_backend(conf) and codebook is None:
+        raise ValueError(f"the {backend} backend{' fused with the VLAD of ' + local_backend if local_backend else ''} "
+                         "needs its VLAD codebook (the index store's codebook.npy)")
     if backend in LOCAL_BACKENDS:
-        if codebook is None:
-            raise ValueError(f"the {backend} backend needs its VLAD codebook (the index store's codebook.npy)")
-        return vlad_extractor(local or local_extractor(conf, backend), codebook)
+        return vlad_extractor(local or local_extractor(conf, backend), codebook, conf.vlad_words)
     from .models import load_extractor
 
     model = load_extractor(conf)
+    if local_backend and conf.vlad_weight > 0:
+        return fused(model, local or local_extractor(conf, local_backend), codebook, conf.vlad_words,
+                     conf.vlad_weight)
     if local_backend:
         return with_locals(model, local_extractor(conf, local_backend))
     return model
@@ -85,11 +100,33 @@ def with_locals(model: Extractor, local: Extractor) -> BatchExtractor:
     return BatchExtractor(batch)
 
 
-def vlad_extractor(local: Extractor, words: np.ndarray) -> BatchExtractor:
-    """``local`` features + VLAD global over the codebook ``words`` [K, D]; batched as ``local`` is."""
-    from .vlad import vlad
+def fused(model: Extractor, local: Extractor, codebook: np.ndarray, words: int, weight: float) -> BatchExtractor:
+    """``local``'s features with the global ``[sqrt(1 - weight) m, sqrt(weight) v]``: ``m`` the
+    model's global descriptor and ``v`` the VLAD of the local descriptors over ``codebook`` (its
+    first ``words`` rows the words), both L2-normalised; batched where each of them is."""
+    from ..formats.features import l2_normalize
+    from .vlad import vlad_global
 
-    return mapped(local, lambda features: replace(features, global_descriptor=vlad(features.descriptors, words)))
+    def batch(images: Sequence[np.ndarray]) -> list[ImageFeatures]:
+        wholes = extract_batch(model, images)
+        out = []
+        for features, whole in zip(extract_batch(local, images), wholes):
+            parts = (np.sqrt(1.0 - weight) * l2_normalize(whole.global_descriptor),
+                     np.sqrt(weight) * vlad_global(features.descriptors, codebook, words))
+            out.append(replace(features, global_descriptor=np.concatenate(parts).astype(np.float32)))
+        return out
+
+    return BatchExtractor(batch)
+
+
+def vlad_extractor(local: Extractor, codebook: np.ndarray, words: int | None = None) -> BatchExtractor:
+    """``local`` features + VLAD global over ``codebook`` (its first ``words`` rows the words [K, D],
+    then its reduction if any; default: all rows are words); batched as ``local`` is."""
+    from .vlad import vlad_global
+
+    count = words or len(codebook)
+    return mapped(local, lambda features: replace(features, global_descriptor=vlad_global(features.descriptors,
+                                                                                         codebook, count)))
 
 
 def decode_mode(conf: ExtractSettings) -> str:

@@ -1,13 +1,16 @@
-"""The VLAD codebook of a feature store (rootsift and xfeat backends), learned once from a
-sample of the index images as a resumable step that the extract stage takes before it
-extracts (:func:`prepare_codebook`).
+"""The VLAD codebook of a feature store (rootsift and xfeat backends, and a model's global fused
+with the VLAD of rootsift or xfeat locals: ``extract.vlad_weight``), learned once from a sample
+of the index images as a resumable step that the extract stage takes before it extracts
+(:func:`prepare_codebook`).
 
 The step is an ordinary store writer: the sample's local features are extracted, in parts,
 into ``OUT/codebook-sample-IofN`` (float32, as the extraction computes VLAD); the codebook is
-learned from them and saved as ``OUT/codebook.npy``; then this shard's sample images are
-written as ordinary parts of ``OUT`` with their VLAD (the first parts: store order is part
-order), so the extraction that follows skips them like any finished image, and the sample
-store is removed. Every shard learns the same codebook.
+learned from them (with ``extract.vlad_dim``, also the PCA that reduces their VLADs,
+:func:`.vlad.learn_reduction`, packed after the words) and saved as ``OUT/codebook.npy``; then,
+for a VLAD backend, this shard's sample images are written as ordinary parts of ``OUT`` with
+their VLAD (the first parts: store order is part order), so the extraction that follows skips
+them like any finished image (a fused hybrid extracts them again: its global needs the model),
+and the sample store is removed. Every shard learns the same codebook.
 """
 from __future__ import annotations
 
@@ -24,22 +27,23 @@ from ..formats.parts import pending_records, write_parts
 from ..formats.store import ExtractedImage, FeatureStore, remove_store
 from ..utils.artifacts import atomic_path, load_array
 from .base import Extractor
-from .build import LOCAL_BACKENDS, local_extractor
+from .build import LOCAL_BACKENDS, local_extractor, vlad_backend
 from .stream import extract_records
-from .vlad import learn_codebook, vlad
+from .vlad import learn_codebook, learn_reduction, pack_codebook, vlad, vlad_global
 
 log = logging.getLogger("delf_pipeline.extractors.codebook")
 
 
 def prepare_codebook(out: Path, records: Sequence[ImageRecord], conf: ExtractSettings, shard: tuple[int, int],
                      given: str | Path | None) -> tuple[np.ndarray | None, Extractor | None]:
-    """(codebook [K, D], the loaded local extractor) of the store ``out``, or (None, None) for a
-    backend without one. The codebook is ``given`` (copied into ``out``), else ``out/codebook.npy``,
-    else learned by :func:`learn_step` from ``records`` (all of the index); a killed run's
-    step is finished first."""
-    if conf.backend not in LOCAL_BACKENDS:
+    """(codebook [K, D] (and its reduction, :mod:`.vlad`), the loaded local extractor) of the store
+    ``out``, or (None, None) for settings without a VLAD. The codebook is ``given`` (copied into
+    ``out``), else ``out/codebook.npy``, else learned by :func:`learn_step` from ``records`` (all of
+    the index); a killed run's step is finished first."""
+    backend = vlad_backend(conf)
+    if not backend:
         return None, None
-    local = local_extractor(conf, conf.backend)
+    local = local_extractor(conf, backend)
     words = stored_codebook(out, given)
     if words is None or sample_store(out, shard).is_dir():  # to learn, or a killed run's step to finish
         words = learn_step(out, records, conf, shard, words, local)
@@ -73,7 +77,7 @@ def learn_step(out: Path, records: Sequence[ImageRecord], conf: ExtractSettings,
                 dtype="float32", shard=(1, 1), strict=False, label="codebook sample")
     store = FeatureStore(sample_out)
     words = _learn(store, conf, out) if words is None else words
-    mine = [r for r in pending_records(out, records, shard) if r.id in store]
+    mine = [r for r in pending_records(out, records, shard) if r.id in store and conf.backend in LOCAL_BACKENDS]
     write_parts(out, _with_vlad(store, mine, words, conf), len(mine), part_size=conf.part_size,
                 dtype=conf.descriptor_dtype, shard=shard, strict=False, label="codebook sample to the store")
     remove_store(sample_out)
@@ -93,10 +97,16 @@ def codebook_sample(records: Sequence[ImageRecord], conf: ExtractSettings) -> li
 
 
 def _learn(sample: FeatureStore, conf: ExtractSettings, out: Path) -> np.ndarray:
-    """k-means codebook [K, D] of the sample store's descriptors, saved as ``out/codebook.npy``."""
+    """k-means codebook [K, D] of the sample store's descriptors (and, with ``vlad_dim``, the PCA
+    of the sample's VLADs packed after it), saved as ``out/codebook.npy``."""
     log.info("learning a %d-word VLAD codebook from %d images", conf.vlad_words, len(sample))
     descriptors = [sample.features(image_id).descriptors for image_id in sample.ids]
     words = learn_codebook(np.concatenate(descriptors), conf.vlad_words, conf.seed)
+    if conf.vlad_dim:
+        mean, axes = learn_reduction(np.stack([vlad(d, words) for d in descriptors]), conf.vlad_dim)
+        log.info("VLAD reduced from %d to %d dimensions by a PCA of the %d sample images", words.size, len(axes),
+                 len(descriptors))
+        words = pack_codebook(words, mean, axes)
     _save_atomic(out / "codebook.npy", words)
     return words
 
@@ -106,7 +116,7 @@ def _with_vlad(sample: FeatureStore, records: Sequence[ImageRecord], words: np.n
     """The sample store's images ``records`` as the extraction would store them: with their VLAD."""
     for record in records:
         features = sample.features(record.id)
-        features = replace(features, global_descriptor=vlad(features.descriptors, words))
+        features = replace(features, global_descriptor=vlad_global(features.descriptors, words, conf.vlad_words))
         yield ExtractedImage(record.id, features if conf.local_features else features.without_local(),
                              sample.size(record.id))
 

@@ -79,3 +79,61 @@ def vlad(descriptors: np.ndarray, codebook: np.ndarray) -> np.ndarray:
     np.add.at(residuals, nearest, x - codebook[nearest])
     flat = residuals.reshape(-1)
     return l2_normalize(np.sign(flat) * np.sqrt(np.abs(flat)))
+
+
+# The VLAD model of a store (``codebook.npy``): the words [K, D], followed, when the VLAD is
+# reduced (extract.vlad_dim), by the mean [K * D] and the d principal axes [d, K * D] of the index
+# sample's VLADs, each reshaped to [K, D] rows, so that one file (copied to query stores,
+# fingerprinted in the global space) carries all of it.
+
+def pack_codebook(words: np.ndarray, mean: np.ndarray | None = None, axes: np.ndarray | None = None) -> np.ndarray:
+    """The stored VLAD model: words [K, D], then (when given) mean [K * D] and axes [d, K * D]
+    as [(1 + d) * K, D] more rows."""
+    words = np.asarray(words, np.float32)
+    if mean is None:
+        return words
+    k, dim = words.shape
+    reduction = np.concatenate([np.asarray(mean, np.float32)[None], np.asarray(axes, np.float32)])
+    return np.concatenate([words, reduction.reshape(-1, dim)])
+
+
+def unpack_codebook(codebook: np.ndarray, words: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(words [K, D], mean [K * D] or None, axes [d, K * D] or None) of a stored VLAD model whose
+    first ``words`` rows are the words."""
+    rows, dim = codebook.shape
+    if rows == words:
+        return codebook, None, None
+    if rows < words or (rows - words) % words or rows - words < 2 * words:
+        raise ValueError(f"a VLAD codebook of {words} words holds {words} rows or a reduction after them "
+                         f"(a multiple of {words} rows, at least {2 * words}), got {rows}: was it made with "
+                         "another extract.vlad_words?")
+    reduction = codebook[words:].reshape(-1, words * dim)
+    return codebook[:words], reduction[0], reduction[1:]
+
+
+def learn_reduction(vlads: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean [K * D], axes [d, K * D]): the top d = min(dim, N - 1) principal axes of VLADs [N, K * D]
+    (a plain PCA: the descriptor is L2-normalised after the projection)."""
+    x = np.asarray(vlads, np.float64)
+    if len(x) < 2:
+        raise ValueError(f"reducing the VLAD (extract.vlad_dim) needs at least 2 sample images, got {len(x)}")
+    mean = x.mean(axis=0)
+    centred = x - mean
+    values, vectors = np.linalg.eigh(centred @ centred.T)  # Gram matrix: N x N, N <= codebook_images
+    order = np.argsort(values)[::-1][: min(dim, len(x) - 1)]
+    axes = (centred.T @ vectors[:, order]).T
+    axes /= np.maximum(np.linalg.norm(axes, axis=1, keepdims=True), 1e-12)
+    axes *= np.sign(axes[np.arange(len(axes)), np.abs(axes).argmax(axis=1)])[:, None]
+    return mean.astype(np.float32), axes.astype(np.float32)
+
+
+def vlad_global(descriptors: np.ndarray, codebook: np.ndarray, words: int) -> np.ndarray:
+    """The global descriptor of a stored VLAD model: :func:`vlad` [K * D], or, with a reduction,
+    its projection on the d axes, L2-normalised [d] (all zeros when there is no descriptor)."""
+    centres, mean, axes = unpack_codebook(codebook, words)
+    full = vlad(descriptors, centres)
+    if mean is None:
+        return full
+    if not len(descriptors):
+        return np.zeros(len(axes), np.float32)
+    return l2_normalize((full - mean) @ axes.T)

@@ -5,7 +5,7 @@ the stages' own cores, in memory instead of through files:
 1. decode: the photo as the index's extraction decodes (same mode and size limit);
 2. extract: the index's backend, locations mapped back to original pixels (as stored);
 3. shortlist: one matrix product against the index matrix, top ``shortlist.top_k`` (with the
-   index's whitening / DBA / query expansion settings, as the shortlist stage applies them);
+   index's whitening / DBA / query expansion / SuperGlobal settings, as the shortlist stage applies them);
 4. rerank: the ``rerank.num_to_rerank`` best (:func:`.formats.candidates.top_candidates`)
    verified by a :class:`.verification.verifier.CandidateVerifier` with the index's rerank settings;
 5. answer: the final ranking and per-class evidence of :mod:`delf_pipeline.evidence.aggregation`,
@@ -33,6 +33,7 @@ import pandas as pd
 from ..config import PredictSettings
 from ..descriptors.derived import prepare_index
 from ..descriptors.expansion import expand_in_memory
+from ..descriptors.superglobal import rerank_rows
 from ..evidence.aggregation import candidate_table, class_evidence
 from ..evidence.calibration import Calibration, load_checked
 from ..extractors.build import build, decode_mode, resolve_model
@@ -158,7 +159,11 @@ class Searcher:
             query = self.whitening.apply(query)
         if conf.qe_top_n:
             query = expand_in_memory(query, self.matrix, conf, self.matmul)
-        rows, scores = top_k_in_memory(query, self.matrix, conf.top_k, self.matmul)
+        rows, scores = top_k_in_memory(query, self.matrix, max(conf.top_k, conf.superglobal_depth), self.matmul)
+        if conf.superglobal_depth:
+            rows, scores = rerank_rows(query, rows, scores, lambda found: self.matrix[found], conf.superglobal_depth,
+                                       conf.superglobal_neighbours)
+            rows, scores = rows[:, : conf.top_k], scores[:, : conf.top_k]
         return pd.DataFrame({"query_id": QUERY_ID, "index_id": [self.ids[r] for r in rows[0]],
                              "rank": np.arange(1, rows.shape[1] + 1), "score": scores[0]})
 
