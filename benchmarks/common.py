@@ -2,7 +2,9 @@
 statistics, the hard recognition task and the leave-one-out run.
 
 Each script in benchmarks/ imports this module (``import common``; Python puts the script's
-own folder first on its path) and never another script.
+own folder first on its path) and never another script. The stages, the verifiers and the
+demo's photo helpers are imported where they are used: a script that only builds synthetic
+stores (bench_shortlist measures its own peak memory) does not load OpenCV, SciPy or pandas.
 """
 from __future__ import annotations
 
@@ -16,18 +18,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from delf_pipeline import extract, predict, rerank, shortlist
 from delf_pipeline.config import Config, load_config, make_section
-from delf_pipeline.evaluate import evaluate
 from delf_pipeline.formats.blocks import read_table
 from delf_pipeline.formats.features import ImageFeatures
 from delf_pipeline.formats.images import kaggle_path, load_image
 from delf_pipeline.formats.store import ExtractedImage, FeatureStore, write_part
 from delf_pipeline.formats.tables import read_labels
-from delf_pipeline.tools.demo import demo_id, load_photo
 from delf_pipeline.utils.artifacts import write_json_atomic, write_text_atomic
-from delf_pipeline.verification.lighterglue import load_xfeat_lighterglue
-from delf_pipeline.verification.pairs import verify_matches, verify_options, verify_pair
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside the repository
 PART_ROWS = 16384  # images per synthetic store part
@@ -54,6 +51,7 @@ NO_LOCALS = (np.zeros((0, 2), np.float32), np.zeros((0, 0), np.float32), np.zero
 
 def build_store(path: Path, rows: int, dim: int, seed: int) -> Path:
     """A store of ``rows`` random unit global descriptors [rows, dim] float16 (reused if complete)."""
+    from delf_pipeline import extract
     if (path / "manifest.json").exists() and len(FeatureStore(path)) == rows:
         return path
     conf = load_config().extract
@@ -123,6 +121,7 @@ def evd_stats(extract, options: dict, folder: Path, names: list[str], args: argp
     verification CPU seconds per pair; "pairs": (name, true, swapped, agreeing inliers) per pair.
     ``match(a, b) -> PairResult`` of two images' (locations, descriptors, original (height,
     width)) replaces ``verify_pair`` (a learned matcher)."""
+    from delf_pipeline.verification.pairs import verify_pair
     seconds: list[float] = []
     sides = {side: [local_features_of(extract, folder / side / f"{n}.png", args, seconds) for n in names] for side in ("1", "2")}
     match = match or (lambda a, b: verify_pair(a[0], a[1], b[0], b[1], **options))
@@ -172,6 +171,8 @@ def agree_with_truth(result, sides, i: int, homography: np.ndarray, threshold: f
 def glue_match():
     """match(a, b) -> PairResult: LighterGlue on two images' (locations, descriptors, size), then
     the xfeat_lighterglue preset's verifier (as its rerank does)."""
+    from delf_pipeline.verification.lighterglue import load_xfeat_lighterglue
+    from delf_pipeline.verification.pairs import verify_matches, verify_options
     glue = load_xfeat_lighterglue()
     options = verify_options(load_config("xfeat_lighterglue").rerank)
     return lambda a, b: verify_matches(a[0], b[0], glue.match_stored(*a, *b), **options)
@@ -215,13 +216,19 @@ def by_place(rows: list[tuple]) -> dict[str, list[str]]:
     return places
 
 
+def demo_image_id(name: str) -> str:
+    """The id ``delf-pipeline demo`` gives the photo ``name`` (tools.demo, which loads OpenCV)."""
+    from delf_pipeline.tools.demo import demo_id
+    return demo_id(name)
+
+
 def landmarks_mini_rows(data: Path, seed: int) -> tuple[list[tuple], list[tuple]]:
     """(index rows, query rows), each (id, landmark, source path)."""
     rows = labelled_rows(data / "landmarks_mini")
     queries = held_out_ids(by_place(sorted(rows)), lambda n: min(3, n // 2), seed)
     index, test = [], []
     for image, label, path in rows:
-        row = (demo_id(f"landmarks_mini/{path}"), label, data / "landmarks_mini" / path)
+        row = (demo_image_id(f"landmarks_mini/{path}"), label, data / "landmarks_mini" / path)
         (test if image in queries else index).append(row)
     return index, test
 
@@ -235,7 +242,7 @@ def landmarks_dev_rows(data: Path, seed: int) -> tuple[list[tuple], list[tuple]]
     queries = held_out_ids(by_place(rows), lambda n: round(n / 3), seed)
     index, test = [], []
     for image, label, path in rows:
-        row = (demo_id(f"landmarks_dev/{path}"), label, folder / path)
+        row = (demo_image_id(f"landmarks_dev/{path}"), label, folder / path)
         if image in queries:
             test.append(row)
         elif label:
@@ -246,8 +253,8 @@ def landmarks_dev_rows(data: Path, seed: int) -> tuple[list[tuple], list[tuple]]
 def evd_rows(data: Path) -> tuple[list[tuple], list[tuple]]:
     """Image 1 of each EVD pair to the index, image 2 to the queries; the pair name is the landmark."""
     names = sorted(p.stem for p in (data / "evd" / "1").glob("*.png"))
-    index = [(demo_id(f"evd/1/{n}"), f"evd_{n}", data / "evd" / "1" / f"{n}.png") for n in names]
-    test = [(demo_id(f"evd/2/{n}"), f"evd_{n}", data / "evd" / "2" / f"{n}.png") for n in names]
+    index = [(demo_image_id(f"evd/1/{n}"), f"evd_{n}", data / "evd" / "1" / f"{n}.png") for n in names]
+    test = [(demo_image_id(f"evd/2/{n}"), f"evd_{n}", data / "evd" / "2" / f"{n}.png") for n in names]
     return index, test
 
 
@@ -271,6 +278,7 @@ def write_kaggle_task(out: Path, index: list[tuple], queries: list[tuple]) -> No
     hold symbolic links to the sources, except a source named ``skimage.data.NAME`` (a
     scikit-image sample, made in memory), written as a JPEG file; train.csv,
     sample_submission.csv, solution.csv (empty landmarks for non-landmarks) and sources.csv."""
+    from delf_pipeline.tools.demo import load_photo
     for split, rows in (("train", index), ("test", queries)):
         for image_id, _, source in rows:
             if str(source).startswith("skimage.data."):
@@ -291,7 +299,7 @@ def build_hard_task(out: Path, data: Path = DATA, seed: int = 0) -> dict[str, in
     under ``out``; returns counts of each kind of image."""
     mini_index, mini_test = landmarks_mini_rows(data, seed)
     evd_index, evd_test = evd_rows(data)
-    non_landmarks = [(demo_id(f"skimage/{name}"), "", f"skimage.data.{name}") for name in NON_LANDMARKS]
+    non_landmarks = [(demo_image_id(f"skimage/{name}"), "", f"skimage.data.{name}") for name in NON_LANDMARKS]
     write_kaggle_task(out, mini_index + evd_index, mini_test + evd_test + non_landmarks)
     return {"index landmarks_mini": len(mini_index), "index evd": len(evd_index), "query landmarks_mini": len(mini_test),
             "query evd": len(evd_test), "query non-landmark": len(non_landmarks)}
@@ -332,6 +340,8 @@ def leave_one_out(config: Config, data: Path, out: Path, jobs: int, features: Pa
     images without a label are distractors that never vote); default every image. Seconds and
     CPU seconds (this process, all threads) are of this call's stages; "extract" is the store's
     recorded cost when it was made (:func:`timed_store`) or this call's."""
+    from delf_pipeline import predict, rerank, shortlist
+    from delf_pipeline.evaluate import evaluate
     config.shortlist.exclude_same_id = True
     labels_csv, solution = write_label_files(data, out, queries)
     seconds, cpu = {}, {}
@@ -381,6 +391,7 @@ def timed_store(config: Config, images: Path, store: Path, **options) -> tuple[P
     {"wall", "cpu"} seconds, recorded in ``STORE.timing.json`` beside it when this call made
     it from nothing, read back when an earlier call did ({"wall": nan, ...} when neither: a
     store made or resumed by something else)."""
+    from delf_pipeline import extract
     record = store.with_name(store.name + ".timing.json")
     fresh = not (store / "manifest.json").exists()
     wall, cpu = {}, {}

@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 import common
-import numpy as np
 
 from delf_pipeline import extract, predict, rerank, shortlist
 from delf_pipeline.cli import setup_logging
