@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -70,6 +71,17 @@ def stores(tmp_path_factory) -> Path:
     assert delf("shortlist", "--index", "index", "--queries", "query", "--out", "shortlist.csv",
                 cwd=root).returncode == 0
     return root
+
+
+@pytest.fixture(scope="module")
+def tiny_index(tmp_path_factory) -> Path:
+    """An index (FAST settings) of two places, two views each, labelled by place."""
+    root = tmp_path_factory.mktemp("tiny_index")
+    ids = write_photos(root / "photos", places=2)
+    write_csv(root / "labels.csv", ("id", "landmark_id"), [(i, i[:2]) for i in ids])
+    assert cli.main(["index", "build", "--images", str(root / "photos"), "--labels", str(root / "labels.csv"),
+                     "--out", str(root / "idx"), "--previews", "64", *FAST]) == 0
+    return root / "idx"
 
 
 # ------------------------------------------------------------------ D7: user and environment errors
@@ -374,3 +386,126 @@ def test_decompression_bomb_warning_goes_through_the_log(tmp_path):
     assert "DecompressionBombWarning" not in result.stderr
     warnings = [line for line in result.stderr.splitlines() if " WARNING " in line]
     assert len(warnings) == 1 and "p0_v0.png" in warnings[0] and "pixels" in warnings[0], result.stderr
+
+
+# ------------------------------------------------------------------ issue 22 D2: --overwrite deletes only what we made
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    """{relative path: bytes} of every file under ``folder`` but lock files (which a refused run may add)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.name.startswith(".lock-")}
+
+
+def users_folder(folder: Path) -> dict[str, bytes]:
+    """A user's folder holding photos/, labels.csv and notes.txt; returns its files."""
+    ids = write_photos(folder / "photos", places=2)
+    write_csv(folder / "labels.csv", ("id", "landmark_id"), [(i, i[:2]) for i in ids])
+    (folder / "notes.txt").write_text("my notes\n")
+    return files_of(folder)
+
+
+def assert_refused_without_overwrite_advice(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert_refused(result, cli.EXIT_USAGE, *words)
+    assert "use --overwrite" not in result.stderr.lower(), result.stderr
+
+
+@pytest.mark.parametrize("overwrite", [["--overwrite"], []], ids=["overwrite", "plain"])
+def test_index_build_into_a_users_folder_leaves_every_file_in_place(tmp_path, overwrite):
+    before = users_folder(tmp_path / "X")
+    result = delf("index", "build", "--images", "X/photos", "--labels", "X/labels.csv", "--out", "X", *overwrite,
+                  *FAST, cwd=tmp_path)
+    assert_refused_without_overwrite_advice(result, "X", "not made by delf_pipeline")
+    assert files_of(tmp_path / "X") == before
+
+
+@pytest.mark.parametrize("overwrite", [["--overwrite"], []], ids=["overwrite", "plain"])
+def test_extract_into_a_users_folder_leaves_every_file_in_place(tmp_path, overwrite):
+    before = users_folder(tmp_path / "X")
+    result = delf("extract", "--images", "X/photos", "--out", "X", *overwrite, *FAST, cwd=tmp_path)
+    assert_refused_without_overwrite_advice(result, "X", "not made by delf_pipeline")
+    assert files_of(tmp_path / "X") == before
+
+
+def test_overwrite_of_an_index_holding_a_users_file_is_refused_then_rebuilds_it_once_moved(tmp_path):
+    ids = write_photos(tmp_path / "photos", places=2)
+    write_csv(tmp_path / "labels.csv", ("id", "landmark_id"), [(i, i[:2]) for i in ids])
+    build = ["index", "build", "--images", "photos", "--labels", "labels.csv", "--out", "idx", *FAST]
+    assert delf(*build, cwd=tmp_path).returncode == 0
+    (tmp_path / "idx" / "store" / "my_photo.jpg").write_bytes(b"not ours")
+    before = files_of(tmp_path / "idx")
+    result = delf(*build, "--overwrite", cwd=tmp_path)
+    assert_refused_without_overwrite_advice(result, "my_photo.jpg", "not made by delf_pipeline")
+    assert files_of(tmp_path / "idx") == before
+    (tmp_path / "idx" / "store" / "my_photo.jpg").rename(tmp_path / "my_photo.jpg")
+    result = delf(*build, "--overwrite", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "idx" / ".lock-index").is_file() and (tmp_path / "idx" / "store" / ".lock-s001of001").is_file()
+    assert [h["command"] for h in json.loads((tmp_path / "idx" / "manifest.json").read_text())["history"]] == ["build"]
+
+
+def test_shortlist_overwrite_of_a_csv_it_did_not_write_is_refused(stores, tmp_path):
+    (tmp_path / "mine.csv").write_text("name,phone\nann,123\n")
+    result = delf("shortlist", "--index", str(stores / "index"), "--queries", str(stores / "query"), "--out",
+                  "mine.csv", "--overwrite", cwd=tmp_path)
+    assert_refused_without_overwrite_advice(result, "mine.csv", "not made by delf_pipeline")
+    assert (tmp_path / "mine.csv").read_text() == "name,phone\nann,123\n"
+
+
+# ------------------------------------------------------------------ issue 22 D9: one line naming path and cause
+
+
+def test_an_all_bad_image_folder_names_an_image_and_its_reason(tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.jpg").write_text("not a photo")
+    result = delf("extract", "--images", "bad", "--out", "s", *FAST, cwd=tmp_path)
+    assert_refused(result, cli.EXIT_USAGE, "codebook", "bad/a.jpg", "cannot decode image")
+
+
+def test_index_build_of_an_empty_folder_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = delf("index", "build", "--images", "empty", "--out", "idx", *FAST, cwd=tmp_path)
+    assert_refused(result, cli.EXIT_USAGE, "empty", "no images")
+    assert not (tmp_path / "idx").exists()
+
+
+def test_an_index_manifest_missing_a_key_is_named(tiny_index, tmp_path):
+    import shutil
+
+    idx = shutil.copytree(tiny_index, tmp_path / "idx")
+    manifest = json.loads((idx / "manifest.json").read_text())
+    del manifest["previews"]
+    (idx / "manifest.json").write_text(json.dumps(manifest))
+    for command in (["index", "info", "idx"], ["query", "--index", "idx", str(tmp_path / "any.jpg")]):
+        assert_refused(delf(*command, cwd=tmp_path), cli.EXIT_DAMAGED, "idx/manifest.json", "lacks previews")
+
+
+def test_index_add_never_advises_an_overwrite_it_does_not_have(tiny_index, tmp_path):
+    import shutil
+
+    idx = shutil.copytree(tiny_index, tmp_path / "idx")
+    manifest = json.loads((idx / "store" / "manifest.json").read_text())
+    manifest["settings"]["max_features"] = 100  # a store made with other settings than config.json says
+    (idx / "store" / "manifest.json").write_text(json.dumps(manifest))
+    write_photos(tmp_path / "more", places=3)
+    write_csv(tmp_path / "more.csv", ("id", "landmark_id"), [("p2_v0", "p2"), ("p2_v1", "p2")])
+    result = delf("index", "add", "idx", "--images", "more", "--labels", "more.csv", cwd=tmp_path)
+    assert_refused(result, cli.EXIT_USAGE, "max_features", "index build --out idx --overwrite")
+    assert "Use --overwrite" not in result.stderr
+
+
+# ------------------------------------------------------------------ issue 22 D10: --calibration checked first
+
+
+@pytest.mark.parametrize("content", [b"id,landmark_id\np0_v0,p0\n", b"id,landmark_id\np0_v0,caf\xe9\n", b"[1, 2]"],
+                         ids=["a labels csv", "latin-1 text", "a json list"])
+def test_index_build_checks_the_calibration_before_extracting(tmp_path, content):
+    ids = write_photos(tmp_path / "photos", places=2)
+    write_csv(tmp_path / "labels.csv", ("id", "landmark_id"), [(i, i[:2]) for i in ids])
+    (tmp_path / "calib.csv").write_bytes(content)
+    build = ["index", "build", "--images", "photos", "--labels", "labels.csv", "--out", "idx", *FAST]
+    result = delf(*build, "--calibration", "calib.csv", cwd=tmp_path)
+    assert_refused(result, cli.EXIT_USAGE, "calib.csv", "not a calibration file")
+    assert not (tmp_path / "idx" / "store").exists(), "extracted before the calibration was checked"
+    result = delf(*build, cwd=tmp_path)  # the same folder builds once the calibration is left out
+    assert result.returncode == 0, result.stderr

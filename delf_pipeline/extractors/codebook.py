@@ -22,7 +22,7 @@ from ..config import ExtractSettings
 from ..formats.images import ImageRecord
 from ..formats.parts import pending_records, write_parts
 from ..formats.store import ExtractedImage, FeatureStore, remove_store
-from ..utils.artifacts import atomic_path, load_array
+from ..utils.artifacts import atomic_path, load_array, rebuild_with
 from .base import Extractor
 from .build import LOCAL_BACKENDS, local_extractor
 from .stream import extract_records
@@ -52,7 +52,7 @@ def stored_codebook(out: Path, given: str | Path | None = None) -> np.ndarray | 
     if given is not None:
         given_words = load_array(Path(given))
         if path.exists() and not np.array_equal(load_array(path), given_words):
-            raise ValueError(f"{out} was built with another codebook than {given}; use --overwrite")
+            raise ValueError(f"{out} was built with another codebook than {given}; use {rebuild_with()}")
         if not path.exists():
             _save_atomic(path, given_words)
         return given_words
@@ -96,6 +96,11 @@ def _learn(sample: FeatureStore, conf: ExtractSettings, out: Path) -> np.ndarray
     """k-means codebook [K, D] of the sample store's descriptors, saved as ``out/codebook.npy``."""
     log.info("learning a %d-word VLAD codebook from %d images", conf.vlad_words, len(sample))
     descriptors = [sample.features(image_id).descriptors for image_id in sample.ids]
+    if not any(len(d) for d in descriptors):
+        errors = sample.errors()
+        first = f" (first: {errors[0].path}: {errors[0].reason})" if errors else ""
+        raise ValueError(f"no local features to learn the VLAD codebook of {out} from: none of the "
+                         f"{len(sample) + len(errors)} sampled images could be used{first}")
     words = learn_codebook(np.concatenate(descriptors), conf.vlad_words, conf.seed)
     _save_atomic(out / "codebook.npy", words)
     return words

@@ -39,7 +39,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..utils.artifacts import DamagedArtifact, atomic_path, read_json, remove_contents
+from ..utils.artifacts import DamagedArtifact, Layout, atomic_path, read_json, rebuild_with, remove_owned
 from .features import ImageFeatures
 from .images import ErrorRecord, has_control_character
 
@@ -47,6 +47,16 @@ FORMAT_VERSION = 2  # 2: parts record what they hold (part.json)
 ERROR_COLUMNS = ("id", "path", "reason")
 PART_INFO = "part.json"
 CHECKED_CONTENT = ("ids.txt", "errors.csv", "offsets.npy", "sizes.npy")  # CRC-32 checked on open
+PART_FILES = ("ids.txt", "errors.csv", "offsets.npy", "locations.npy", "descriptors.npy", "scales.npy", "scores.npy",
+              "global.npy", "sizes.npy", PART_INFO)
+_PARTS = Layout("feature store", folders=(("*", Layout("store part", PART_FILES)),))
+_DERIVED = Layout("derived store", ("manifest.json", "whitening.npz"), (("parts", _PARTS),))
+_SAMPLE = Layout("codebook sample store", ("manifest.json", "errors.csv"), (("parts", _PARTS),))
+# What a store folder holds (``--overwrite`` deletes these only): see the module docstring, plus
+# the codebook step's sample stores and the whitened / augmented copies under derived/.
+STORE_LAYOUT = Layout("feature store", ("manifest.json", "codebook.npy", "errors.csv"), (
+    ("parts", _PARTS), ("codebook-sample-*", _SAMPLE), ("derived", Layout("feature store", folders=(("*", _DERIVED),))),
+))
 
 
 @dataclass
@@ -139,7 +149,7 @@ class Part:
 
     def _damaged(self, reason: str) -> DamagedArtifact:
         return DamagedArtifact(f"store part {self.path} is damaged: {reason}. Delete the part and rerun "
-                               "extract to extract its images again, or rebuild the store with --overwrite")
+                               f"extract to extract its images again, or rebuild the store with {rebuild_with()}")
 
     def _read_info(self) -> dict:
         path = self.path / PART_INFO
@@ -260,7 +270,7 @@ class FeatureStore:
                 if first != part.path.name or counts.get(image_id, 1) > 1:
                     raise DamagedArtifact(
                         f"feature store {self.path} holds an image id twice ({image_id!r} in parts {first} and "
-                        f"{part.path.name}): written by two processes at once? Rebuild it with --overwrite")
+                        f"{part.path.name}): written by two processes at once? Rebuild it with {rebuild_with()}")
 
     @cached_property
     def _rows(self) -> dict[str, tuple[int, int]]:
@@ -353,8 +363,9 @@ def _npy_header(path: Path) -> tuple[tuple, np.dtype]:
 
 
 def remove_store(path: Path) -> None:
-    """Delete a store folder; one with lock files is emptied but for them (``--overwrite``:
-    the lock is held by the process that overwrites it)."""
-    remove_contents(path)
+    """Delete a store folder's own files (:data:`STORE_LAYOUT`); one with lock files is emptied but
+    for them (``--overwrite``: the lock is held by the process that overwrites it). A folder
+    holding anything else is refused (ForeignContent), nothing deleted."""
+    remove_owned(path, STORE_LAYOUT)
     if path.is_dir() and not any(path.iterdir()):
         path.rmdir()
