@@ -22,6 +22,9 @@ from delf_pipeline.formats.images import kaggle_path, list_images
 from delf_pipeline.formats.store import FeatureStore, read_errors
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from support.bombs import FORMATS as BOMB_FORMATS  # noqa: E402
+from support.bombs import SIDE as BOMB_SIDE  # noqa: E402
+from support.bombs import bomb  # noqa: E402
 from support.synthetic_images import FAST, photo, write_csv, write_kaggle, write_photos  # noqa: E402
 from support.synthetic_stores import global_only, random_unit_rows, write_store  # noqa: E402
 
@@ -450,6 +453,57 @@ def test_shortlist_overwrite_of_a_csv_it_did_not_write_is_refused(stores, tmp_pa
                   "mine.csv", "--overwrite", cwd=tmp_path)
     assert_refused_without_overwrite_advice(result, "mine.csv", "not made by delf_pipeline")
     assert (tmp_path / "mine.csv").read_text() == "name,phone\nann,123\n"
+
+
+# ------------------------------------------------------------------ issue 22 D5: pixel bombs refused from the header
+
+
+def forbid_decoding(monkeypatch) -> list[str]:
+    """Patch every PIL image loader (ImageFile.load and the plugins' own) to record the format and
+    raise: a test then fails if anything decodes. Returns the record."""
+    from PIL import ImageFile
+
+    decoded: list[str] = []
+
+    def no_decode(self, *_args, **_kwargs):
+        decoded.append(self.format)
+        raise AssertionError(f"{self.format} image decoded")
+
+    classes, todo = [], [ImageFile.ImageFile]
+    while todo:
+        cls = todo.pop()
+        classes.append(cls)
+        todo += cls.__subclasses__()
+    for cls in classes:
+        if "load" in vars(cls):
+            monkeypatch.setattr(cls, "load", no_decode)
+    return decoded
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.parametrize("fmt", BOMB_FORMATS)
+def test_a_pixel_bomb_is_refused_from_its_header_without_decoding(monkeypatch, fmt):
+    from delf_pipeline.formats.images import ImageError, decode_bytes
+
+    data = bomb(fmt)
+    assert len(data) < 2000
+    decoded = forbid_decoding(monkeypatch)
+    seconds = []
+    for _ in range(3):
+        start = time.perf_counter()
+        with pytest.raises(ImageError, match=f"image too large: {BOMB_SIDE}x{BOMB_SIDE} pixels"):
+            decode_bytes(data, 1024, "RGB", max_pixels=50_000_000)
+        seconds.append(time.perf_counter() - start)
+    assert decoded == []
+    assert min(seconds) < 0.05, seconds  # loose: the header alone is read
+
+
+def test_query_refuses_a_pixel_bomb_without_decoding_it(tiny_index, tmp_path, monkeypatch, capsys):
+    (tmp_path / "bomb.png").write_bytes(bomb("PNG"))
+    decoded = forbid_decoding(monkeypatch)
+    assert cli.main(["query", "--index", str(tiny_index), str(tmp_path / "bomb.png"), "--json"]) == 1
+    [answer] = json.loads(capsys.readouterr().out)
+    assert answer["error"].startswith(f"image too large: {BOMB_SIDE}x{BOMB_SIDE} pixels") and decoded == []
 
 
 # ------------------------------------------------------------------ issue 22 D9: one line naming path and cause

@@ -213,8 +213,9 @@ def decode_bytes(
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`load_image` of an encoded image held in memory (an upload).
 
-    ``max_pixels`` > 0 refuses, before decoding, images whose width x height is larger (a
-    small file can claim a huge size: a decompression bomb). Reasons never name a path.
+    ``max_pixels`` > 0 refuses, from the header and before anything is decoded, images whose
+    width x height is larger (a small file can claim a huge size: a decompression bomb), in every
+    format PIL opens. Reasons never name a path.
     """
     if not data:
         raise ImageError("empty file (0 bytes)")
@@ -226,12 +227,12 @@ def _decode(source, max_image_size: int, mode: str, max_pixels: int = 0) -> tupl
     if mode not in ("RGB", "L"):
         raise ValueError(f"decode mode must be RGB or L, got {mode!r}")
     try:
-        with Image.open(source) as image:
+        with Image.open(source) as image:  # reads the header only
             _log_if_huge(source if isinstance(source, Path) else "an image in memory", image)
-            original = _upright_size(image)
-            if 0 < max_pixels < original[0] * original[1]:
-                raise ImageError(f"image too large: {original[0]}x{original[1]} pixels "
+            if 0 < max_pixels < image.size[0] * image.size[1]:  # before anything that may decode (PNG's getexif)
+                raise ImageError(f"image too large: {image.size[0]}x{image.size[1]} pixels "
                                  f"(limit {max_pixels / 1e6:g} megapixels)")
+            original = _upright_size(image)
             _draft(image, max_image_size, mode)
             image.load()
             image = ImageOps.exif_transpose(image)
