@@ -506,6 +506,219 @@ def test_query_refuses_a_pixel_bomb_without_decoding_it(tiny_index, tmp_path, mo
     assert answer["error"].startswith(f"image too large: {BOMB_SIDE}x{BOMB_SIDE} pixels") and decoded == []
 
 
+# ------------------------------------------------------------------ issue 22 D4, D7: a service facing hostile clients
+
+
+@pytest.fixture(scope="module")
+def tiny_searcher(tiny_index):
+    pytest.importorskip("fastapi", reason="the service needs the serve extra: pip install 'delf_pipeline[serve]'")
+    from delf_pipeline.search.searcher import Searcher
+
+    return Searcher(tiny_index)
+
+
+def tiny_app(searcher, hosts=None, **limits):
+    from delf_pipeline.service.app import create_app
+    from delf_pipeline.service.limits import Limits
+
+    return create_app(searcher.index.path, Limits(**limits), searcher=searcher,
+                      **({"hosts": hosts} if hosts is not None else {}))
+
+
+def a_photo(tiny_index: Path) -> bytes:
+    return next(iter(sorted((tiny_index.parent / "photos").glob("*.png")))).read_bytes()
+
+
+def multipart(data: bytes, boundary: str = "b0undary") -> tuple[dict[str, str], bytes]:
+    """(headers, body) of a form with the file field ``photo``."""
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"photo\"; filename=\"p.png\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return {"content-type": f"multipart/form-data; boundary={boundary}"}, body
+
+
+def scope_of(path: str, headers: dict[str, str], method: str = "POST") -> dict:
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+            "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+            "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+            "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000)}
+
+
+class Exchange:
+    """One request through the ASGI app, its body given chunk by chunk (no Content-Length: chunked)."""
+
+    def __init__(self, app, headers: dict[str, str], chunks, path: str = "/query"):
+        self.app, self.scope, self.chunks = app, scope_of(path, headers), iter(chunks)
+        self.pulled, self.messages = 0, []
+
+    async def receive(self) -> dict:
+        chunk = next(self.chunks, None)
+        if chunk is None:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        chunk = await chunk if not isinstance(chunk, bytes) else chunk
+        self.pulled += len(chunk)
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    async def send(self, message: dict) -> None:
+        self.messages.append(message)
+
+    async def run(self) -> "Exchange":
+        await self.app(self.scope, self.receive, self.send)
+        return self
+
+    @property
+    def status(self) -> int:
+        return next(m["status"] for m in self.messages if m["type"] == "http.response.start")
+
+    @property
+    def detail(self) -> str:
+        return json.loads(b"".join(m.get("body", b"") for m in self.messages if m["type"] == "http.response.body"))[
+            "detail"]
+
+
+def count_temporary_writes(monkeypatch) -> list[int]:
+    """Make every spooled temporary file (where uploads used to go) a sink that counts the bytes
+    written to it; returns the counts, one per file."""
+    import tempfile
+
+    import starlette.formparsers
+
+    counts: list[int] = []
+
+    class Counting(tempfile.SpooledTemporaryFile):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.index = len(counts)
+            counts.append(0)
+
+        def write(self, data):
+            counts[self.index] += len(data)
+            return len(data)
+
+    monkeypatch.setattr(tempfile, "SpooledTemporaryFile", Counting)
+    monkeypatch.setattr(starlette.formparsers, "SpooledTemporaryFile", Counting)
+    return counts
+
+
+def test_a_1_gb_chunked_upload_is_refused_at_the_limit_and_nothing_reaches_the_disk(tiny_searcher, monkeypatch):
+    import anyio
+
+    written = count_temporary_writes(monkeypatch)
+    app = tiny_app(tiny_searcher, max_bytes=1_000_000)
+    headers = {"host": "127.0.0.1:8000", **multipart(b"")[0]}
+    head = multipart(b"")[1][:-len("\r\n--b0undary--\r\n")]
+    gigabyte = (head if k == 0 else b"\xff" * (1 << 20) for k in range(1025))  # made only as far as it is read
+    exchange = anyio.run(Exchange(app, headers, gigabyte).run)
+    assert exchange.status == 413 and exchange.detail == "upload too large: the limit is 1 MB"
+    assert exchange.pulled < 1_000_000 + 64 * 1024 + (1 << 20), exchange.pulled  # read no further than the limit
+    assert sum(written) < 1_000_000, written  # none of it on disk (spooled files count here)
+
+
+def test_a_chunked_upload_over_the_limit_on_a_real_socket_gets_413(tiny_searcher):
+    import select
+    import socket
+
+    from delf_pipeline.service.serve import running
+
+    with running(tiny_app(tiny_searcher, max_bytes=1_000_000)) as url:
+        host, port = url.rsplit("/", 1)[1].split(":")
+        sock = socket.create_connection((host, int(port)), timeout=30)
+        sock.sendall(f"POST /query HTTP/1.1\r\nHost: {host}:{port}\r\nTransfer-Encoding: chunked\r\n"
+                     "Content-Type: multipart/form-data; boundary=b0undary\r\n\r\n".encode())
+        chunk = b"\xff" * 65536
+        sent, answer = 0, b""
+        while sent < 1 << 30 and not answer:  # a 1 GB upload, as far as the server reads it
+            if select.select([sock], [], [], 0)[0]:
+                answer = sock.recv(65536)
+                break
+            try:
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(chunk)
+        answer = answer or sock.recv(65536)
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"upload too large" in answer and sent < 50_000_000, sent
+
+
+def test_admission_comes_before_the_upload_is_read(tiny_index, tiny_searcher):
+    import anyio
+
+    app = tiny_app(tiny_searcher, workers=1, queue=0)
+    headers, body = multipart(a_photo(tiny_index))
+    headers["host"] = "localhost:8000"
+
+    async def scenario():
+        reading, release = anyio.Event(), anyio.Event()
+
+        async def stalled():
+            reading.set()
+            await release.wait()
+            return b"\xff"
+
+        slow = Exchange(app, headers, [body[:100], stalled()])  # a client sending slowly holds the only place
+        async with anyio.create_task_group() as group:
+            group.start_soon(slow.run)
+            await reading.wait()
+            second = await Exchange(app, headers, [body]).run()
+            release.set()
+        return second
+
+    second = anyio.run(scenario)
+    assert second.status == 503 and second.detail.startswith("busy: 1 photos in progress")
+
+
+@pytest.mark.parametrize("host", ["attacker.example", "attacker.example:8000", "127.0.0.1.attacker.example"])
+def test_a_request_naming_another_host_is_refused(tiny_index, tiny_searcher, host):
+    pytest.importorskip("httpx", reason="FastAPI's test client needs httpx")
+    from fastapi.testclient import TestClient
+
+    client = TestClient(tiny_app(tiny_searcher), base_url=f"http://{host}")
+    for response in (client.get("/health"), client.get("/"),
+                     client.post("/query", files={"photo": ("p.png", a_photo(tiny_index))})):
+        assert response.status_code == 400, response.text
+        assert "--allow-host" in response.json()["detail"]
+
+
+def test_a_cross_origin_post_is_refused_and_the_pages_own_is_answered(tiny_index, tiny_searcher):
+    pytest.importorskip("httpx", reason="FastAPI's test client needs httpx")
+    from fastapi.testclient import TestClient
+
+    client = TestClient(tiny_app(tiny_searcher), base_url="http://localhost:8000")
+    photo = {"photo": ("p.png", a_photo(tiny_index))}
+    for origin in ("http://attacker.example", "null", "http://localhost:8001"):
+        response = client.post("/query", files=photo, headers={"Origin": origin})
+        assert response.status_code == 403, (origin, response.text)
+        assert "cross-origin" in response.json()["detail"]
+    assert client.post("/query", files=photo, headers={"Origin": "http://localhost:8000"}).status_code == 200
+    assert client.post("/query", files=photo).status_code == 200  # no Origin: not a browser's cross-site request
+
+
+def test_allow_host_adds_a_name_the_service_answers(tiny_searcher):
+    pytest.importorskip("httpx", reason="FastAPI's test client needs httpx")
+    from fastapi.testclient import TestClient
+
+    from delf_pipeline.service.limits import allowed_hosts
+
+    assert allowed_hosts("0.0.0.0", ["Photos.LAN"]) == ("0.0.0.0", "localhost", "photos.lan")
+    app = tiny_app(tiny_searcher, hosts=allowed_hosts("127.0.0.1", ["photos.lan"]))
+    assert TestClient(app, base_url="http://photos.lan:8000").get("/health").status_code == 200
+    assert TestClient(app, base_url="http://[::1]:8000").get("/health").status_code == 200
+    assert TestClient(app, base_url="http://other.lan:8000").get("/health").status_code == 400
+
+
+def test_serve_refuses_an_infinite_upload_limit_and_a_port_in_use(tiny_index, tmp_path):
+    import socket
+
+    result = delf("serve", "--index", str(tiny_index), "--max-megabytes", "inf", cwd=tmp_path)
+    assert result.returncode == cli.EXIT_USAGE and "Traceback" not in result.stderr
+    assert "--max-megabytes" in result.stderr and "inf" in result.stderr, result.stderr
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = delf("serve", "--index", str(tiny_index), "--port", str(port), cwd=tmp_path)
+    assert_refused(result, cli.EXIT_OS, f"127.0.0.1:{port}", "in use")
+
+
 # ------------------------------------------------------------------ issue 22 D9: one line naming path and cause
 
 
