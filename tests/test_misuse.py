@@ -776,3 +776,56 @@ def test_index_build_checks_the_calibration_before_extracting(tmp_path, content)
     assert not (tmp_path / "idx" / "store").exists(), "extracted before the calibration was checked"
     result = delf(*build, cwd=tmp_path)  # the same folder builds once the calibration is left out
     assert result.returncode == 0, result.stderr
+
+
+# ------------------------------------------------------------------ issue 22 D6: non-finite descriptors, codebook checksum
+
+
+def poison_rows(part: Path, rows: slice | list[int], value: float = np.nan) -> None:
+    """Write ``value`` into rows of a part's global.npy in place: size and header unchanged."""
+    matrix = np.load(part / "global.npy", mmap_mode="r+")
+    matrix[rows] = value
+    matrix.flush()
+    del matrix
+
+
+@pytest.mark.parametrize("rows", [[1], slice(None)], ids=["one row", "every row"])
+def test_query_and_serve_refuse_an_index_with_nan_global_descriptors(tiny_index, tmp_path, rows):
+    import shutil
+
+    idx = shutil.copytree(tiny_index, tmp_path / "idx")
+    part = sorted((idx / "store" / "parts").iterdir())[0]
+    poison_rows(part, rows)
+    photo = sorted((tiny_index.parent / "photos").glob("*.png"))[0]
+    result = delf("query", "--index", "idx", str(photo), "--json", cwd=tmp_path)
+    assert_refused(result, cli.EXIT_DAMAGED, str(part.relative_to(tmp_path)), "non-finite")
+    assert "NaN" not in result.stdout
+    result = delf("serve", "--index", "idx", "--port", "0", cwd=tmp_path)
+    assert_refused(result, cli.EXIT_DAMAGED, str(part.relative_to(tmp_path)), "non-finite")
+
+
+@pytest.mark.parametrize("store,value", [("index", np.nan), ("index", np.inf), ("query", np.nan)])
+def test_shortlist_refuses_non_finite_global_descriptors_naming_the_part(stores, tmp_path, store, value):
+    import shutil
+
+    copy = shutil.copytree(stores / store, tmp_path / store)
+    part = sorted((copy / "parts").iterdir())[-1]
+    poison_rows(part, [0], value)
+    paths = {"index": str(stores / "index"), "query": str(stores / "query"), store: store}
+    result = delf("shortlist", "--index", paths["index"], "--queries", paths["query"], "--out", "s.csv", cwd=tmp_path)
+    assert_refused(result, cli.EXIT_DAMAGED, str(part.relative_to(tmp_path)), "non-finite")
+
+
+def test_a_codebook_changed_after_the_build_is_refused(tiny_index, tmp_path):
+    import shutil
+
+    idx = shutil.copytree(tiny_index, tmp_path / "idx")
+    words = np.load(idx / "store" / "codebook.npy")
+    np.save(idx / "store" / "codebook.npy", np.roll(words, 1, axis=0))  # same shape and dtype, other values
+    photo = sorted((tiny_index.parent / "photos").glob("*.png"))[0]
+    result = delf("query", "--index", "idx", str(photo), cwd=tmp_path)
+    assert_refused(result, cli.EXIT_DAMAGED, "idx/store/codebook.npy", "checksum")
+    write_photos(tmp_path / "more", places=3)
+    write_csv(tmp_path / "more.csv", ("id", "landmark_id"), [("p2_v0", "p2"), ("p2_v1", "p2")])
+    result = delf("index", "add", "idx", "--images", "more", "--labels", "more.csv", cwd=tmp_path)
+    assert_refused(result, cli.EXIT_DAMAGED, "idx/store/codebook.npy", "checksum")

@@ -328,6 +328,21 @@ class FeatureStore:
         rows = [self.parts[part].array("global")[row] for part, row in map(self._rows.get, ids)]
         return np.array(rows, np.float32).reshape(len(rows), -1)  # only the global rows are read
 
+    def part_path(self, image_id: str) -> Path:
+        """The folder of the part holding ``image_id``."""
+        return self.parts[self._rows[image_id][0]].path
+
+    def refuse_non_finite(self, matrix: np.ndarray, ids: Sequence[str] | None = None) -> None:
+        """:class:`DamagedArtifact` naming the part of the first row of ``matrix`` [n, G] (global
+        descriptors of ``ids``, default: the whole store in store order) that holds NaN or inf."""
+        bad = non_finite_rows(matrix)
+        if len(bad):
+            image_id = (self.ids if ids is None else ids)[bad[0]]
+            raise DamagedArtifact(
+                f"store part {self.part_path(image_id)} holds non-finite global descriptors ({len(bad)} of "
+                f"{len(matrix)} rows, the first of image {image_id!r}): damaged after it was written? Delete the "
+                f"part and rerun extract to extract its images again, or rebuild the store with {rebuild_with()}")
+
     def errors(self) -> list[ErrorRecord]:
         """Error records of all parts."""
         return [error for part in self.parts for error in part.errors()]
@@ -342,6 +357,15 @@ class FeatureStore:
         union) calls this now and then to keep its RSS bounded (a Dask nanny watches RSS)."""
         for part in self.parts:
             part._arrays.clear()
+
+
+def non_finite_rows(matrix: np.ndarray) -> np.ndarray:
+    """Rows of ``matrix`` [n, G] holding NaN or inf. One pass over memory already read (column
+    sums); the rows themselves are looked at only when a sum is not finite (a NaN or inf, or
+    huge finite values whose sum overflows: those rows are then not reported)."""
+    if not matrix.size or np.isfinite(matrix.sum(axis=0)).all():
+        return np.zeros(0, np.int64)
+    return np.flatnonzero(~np.isfinite(matrix).all(axis=1))
 
 
 def _take(ids: list[str], blocks: list[np.ndarray], n: int) -> tuple[list[str], np.ndarray]:
