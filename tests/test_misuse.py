@@ -829,3 +829,17 @@ def test_a_codebook_changed_after_the_build_is_refused(tiny_index, tmp_path):
     write_csv(tmp_path / "more.csv", ("id", "landmark_id"), [("p2_v0", "p2"), ("p2_v1", "p2")])
     result = delf("index", "add", "idx", "--images", "more", "--labels", "more.csv", cwd=tmp_path)
     assert_refused(result, cli.EXIT_DAMAGED, "idx/store/codebook.npy", "checksum")
+
+
+# ------------------------------------------------------------------ issue 22 D8: a file name that is not UTF-8
+
+
+def test_a_file_name_that_is_not_utf8_becomes_a_row_of_errors_csv(tmp_path):
+    write_photos(tmp_path / "img", places=2)
+    os.rename(tmp_path / "img" / "p0_v0.png", os.path.join(os.fsencode(tmp_path / "img"), b"caf\xe9.png"))
+    result = delf("extract", "--images", "img", "--out", "s", *FAST, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(FeatureStore(tmp_path / "s")) == 3
+    [error] = read_errors(tmp_path / "s" / "errors.csv")
+    assert error.id == "caf\\xe9" and error.path.endswith("img/caf\\xe9.png"), error
+    assert "not valid UTF-8" in error.reason and "0xe9" in error.reason

@@ -10,9 +10,9 @@ Three kinds of image source are understood:
   folder) and optionally ``landmark_id``.
 
 Problems found while listing (malformed rows, duplicate ids, ids holding a control
-character such as a newline, dangling symlinks and symlink loops) are returned as error
-records, never dropped silently. Extensions match whatever their case. Decoding problems
-raise :class:`ImageError` with a reason.
+character such as a newline, file names that are not UTF-8, dangling symlinks and symlink
+loops) are returned as error records, never dropped silently. Extensions match whatever
+their case. Decoding problems raise :class:`ImageError` with a reason.
 """
 from __future__ import annotations
 
@@ -77,12 +77,27 @@ def has_control_character(text: str) -> bool:
 def _drop_unusable_ids(records: list[ImageRecord]) -> tuple[list[ImageRecord], list[ErrorRecord]]:
     kept, errors = [], []
     for record in records:
-        if has_control_character(record.id):
+        undecodable = _undecodable_byte(record.id)
+        if undecodable is not None:  # a file name in another encoding than UTF-8: the id cannot be stored
+            errors.append(ErrorRecord(_printable(record.id), _printable(str(record.path)),
+                                      f"file name is not valid UTF-8 (byte 0x{undecodable:02x}): rename the file"))
+        elif has_control_character(record.id):
             bad = next(c for c in record.id if has_control_character(c))
             errors.append(ErrorRecord(record.id, str(record.path), f"id holds a control character (U+{ord(bad):04X})"))
         else:
             kept.append(record)
     return kept, errors
+
+
+def _undecodable_byte(text: str) -> int | None:
+    """The first byte of ``text`` that was not UTF-8 in the file system's name (Python keeps it as a
+    lone surrogate, U+DC80-U+DCFF), or None."""
+    return next((ord(c) - 0xDC00 for c in text if 0xDC80 <= ord(c) <= 0xDCFF), None)
+
+
+def _printable(text: str) -> str:
+    """``text`` with undecodable bytes written as ``\\xNN`` (storable as UTF-8)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _list_folder(folder: Path) -> tuple[list[ImageRecord], list[ErrorRecord]]:
