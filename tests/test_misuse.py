@@ -843,3 +843,39 @@ def test_a_file_name_that_is_not_utf8_becomes_a_row_of_errors_csv(tmp_path):
     [error] = read_errors(tmp_path / "s" / "errors.csv")
     assert error.id == "caf\\xe9" and error.path.endswith("img/caf\\xe9.png"), error
     assert "not valid UTF-8" in error.reason and "0xe9" in error.reason
+
+
+# ------------------------------------------------------------------ issue 22 D11: nothing decided silently
+
+
+def test_a_labels_csv_with_one_image_under_two_landmarks_is_refused(stores, tmp_path):
+    write_csv(tmp_path / "labels.csv", ("id", "landmark_id"), [("i0", "0"), ("i1", "1"), ("i1", "1"), ("i0", "7")])
+    result = delf("predict", "--shortlist", str(stores / "shortlist.csv"), "--index-labels", "labels.csv",
+                  "--queries", str(stores / "query"), "--out", "sub.csv", cwd=tmp_path)
+    assert_refused(result, cli.EXIT_USAGE, "labels.csv line 5", "'i0'", "'0'", "'7'")
+
+
+def test_a_landmark_id_holding_a_space_is_refused_before_a_submission_is_written(stores, tmp_path):
+    write_csv(tmp_path / "labels.csv", ("id", "landmark_id"), [(f"i{k}", "notre dame" if k % 2 else "0")
+                                                               for k in range(4)])
+    result = delf("predict", "--shortlist", str(stores / "shortlist.csv"), "--index-labels", "labels.csv",
+                  "--queries", str(stores / "query"), "--out", "sub.csv", cwd=tmp_path)
+    assert_refused(result, cli.EXIT_USAGE, "'notre dame'", "white space")
+    assert not (tmp_path / "sub.csv").exists()
+
+
+def test_rerank_without_a_preset_uses_the_settings_of_the_stores_preset(tmp_path):
+    write_kaggle(tmp_path / "data", places=3)
+    sift = ["--preset", "sift_default", "--set", "extract.vlad_words=4", "--set", "extract.max_image_size=96"]
+    for argv in (["extract", "--images", "data", "--split", "train", "--out", "index", *sift],
+                 ["extract", "--images", "data", "--split", "test", "--out", "query", "--codebook",
+                  "index/codebook.npy", *sift],
+                 ["shortlist", "--index", "index", "--queries", "query", "--out", "shortlist.csv", *sift],
+                 ["rerank", "--shortlist", "shortlist.csv", "--queries", "query", "--index", "index", "--out",
+                  "chosen.csv", "--preset", "sift_default"]):
+        assert delf(*argv, cwd=tmp_path).returncode == 0, argv
+    result = delf("rerank", "--shortlist", "shortlist.csv", "--queries", "query", "--index", "index", "--out",
+                  "guessed.csv", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "guessed.csv").read_text() == (tmp_path / "chosen.csv").read_text()
+    assert "preset sift_default" in result.stderr
