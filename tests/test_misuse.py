@@ -367,10 +367,40 @@ def test_rerank_workers_do_not_outlive_a_killed_main_process(tmp_path):
     time.sleep(1.0)  # let the workers start their task
     main.kill()
     main.wait()
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and any(alive(pid) for pid in workers):
-        time.sleep(0.2)
+    killed = time.monotonic()
+    while time.monotonic() < killed + 15 and any(alive(pid) for pid in workers):
+        time.sleep(0.02)
     assert not any(alive(pid) for pid in workers)
+    assert time.monotonic() - killed < 1.0, "docs/faults.md: workers exit within a second"
+
+
+EXIT_WITH_PARENT = """
+import os, sys, time
+from delf_pipeline.utils.processes import exit_with_parent
+if os.fork() == 0:  # the worker: watches the process that forked it
+    exit_with_parent(os.getppid())
+    print(os.getpid(), flush=True)
+    time.sleep(60)
+    os._exit(0)
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds worker processes through /proc (Linux)")
+def test_a_worker_notices_its_parent_died_within_a_fifth_of_a_second():
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    delays = []
+    for _ in range(5):
+        parent = subprocess.Popen([sys.executable, "-c", EXIT_WITH_PARENT], env=env, stdout=subprocess.PIPE, text=True)
+        worker = int(parent.stdout.readline())
+        parent.kill()
+        parent.wait()
+        killed = time.monotonic()
+        while alive(worker) and time.monotonic() < killed + 15:
+            time.sleep(0.005)
+        delays.append(time.monotonic() - killed)
+        parent.stdout.close()
+    assert max(delays) < 0.2, delays
 
 
 BOMB = """
