@@ -32,7 +32,7 @@ from .config import (
 )
 from .extractors.base import Extractor
 from .extractors.build import LOCAL_BACKENDS, build, decode_mode, resolve_model
-from .extractors.codebook import prepare_codebook, stored_codebook
+from .extractors.codebook import prepare_codebook, remove_finished_sample, stored_codebook
 from .extractors.efficientnet_lite_export import export_record
 from .extractors.stream import extract_records
 from .formats.images import IMAGE_SUFFIXES, ErrorRecord, ImageError, ImageRecord, list_images
@@ -112,6 +112,7 @@ def run(
         if not pending_records(out, records, shard):
             log.info("Skipping extraction: all %d images of shard %d/%d are already in %s", len(records), *shard,
                      out)
+            remove_finished_sample(out, shard)
         else:
             words, local = prepare_codebook(out, records, conf, shard, codebook) if extractor is None else (None, None)
             if dask_address:

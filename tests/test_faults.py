@@ -468,3 +468,22 @@ def test_an_index_add_that_failed_after_its_part_is_finished_by_the_next_add(vie
     code, _, stderr = forked(add, tmp_path)
     assert code == 0, stderr
     assert_added_and_found(idx, views_index)
+
+
+def test_a_kill_while_the_codebook_sample_is_removed_then_resume_gives_the_clean_bytes(reference, tmp_path,
+                                                                                      monkeypatch):
+    from delf_pipeline.extractors import codebook
+
+    def remove_one_file_then_die(path: Path) -> None:
+        next(p for p in sorted(path.rglob("*")) if p.is_file()).unlink()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    work = tmp_path / "work"
+    shutil.copytree(reference["after"][0], work)
+    with monkeypatch.context() as patch:  # in the forked child only
+        patch.setattr(codebook, "remove_store", remove_one_file_then_die)
+        code, _, _ = forked(reference["commands"][0], work)
+    assert code == -signal.SIGKILL
+    code, _, stderr = forked(reference["commands"][0], work)
+    assert code == 0, stderr
+    assert snapshot(work) == snapshot(reference["after"][1])

@@ -119,6 +119,15 @@ def learn_step(out: Path, records: Sequence[ImageRecord], conf: ExtractSettings,
     return words
 
 
+def remove_finished_sample(out: Path, shard: tuple[int, int]) -> None:
+    """Remove this shard's sample store when every image of the shard is in the store: what a run
+    killed while removing it (the step's last act) left."""
+    sample = sample_store(out, shard)
+    if sample.is_dir():
+        log.info("removing %s, left by an interrupted run", sample)
+        remove_store(sample)
+
+
 def sample_store(out: Path, shard: tuple[int, int]) -> Path:
     """The folder of this shard's codebook sample store."""
     return out / f"codebook-sample-{shard[0]}of{shard[1]}"
