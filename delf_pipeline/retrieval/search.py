@@ -57,13 +57,22 @@ def search_blocks(
     best = [(np.zeros((len(q), 0), np.int64), np.zeros((len(q), 0), np.float32)) for q in blocks]
     all_ids: list[str] = []
     for ids, chunk in index.iter_global(rows):
-        with np.errstate(invalid="ignore", over="ignore"):  # a damaged chunk is refused just below
-            scores = [matmul(q, chunk) for q in blocks]
-        if not all(np.isfinite(s).all() for s in scores):  # a NaN or inf of the chunk spoils its column
-            index.refuse_non_finite(chunk, ids)
-        best = [_merge_chunk(*held, s, len(all_ids), top_k) for s, held in zip(scores, best)]
+        best = [_merge_chunk(*held, _checked_scores(q, chunk, ids, index, matmul), len(all_ids), top_k)
+                for q, held in zip(blocks, best)]
         all_ids.extend(ids)
     return all_ids, [_sorted(*held) for held in best]
+
+
+def _checked_scores(queries: np.ndarray, chunk: np.ndarray, ids: list[str], index: FeatureStore,
+                    matmul: MatMul) -> np.ndarray:
+    """``matmul(queries, chunk)`` [Q, C]; a NaN or inf row of the chunk spoils its scores, and
+    their sum (one pass over the scores, not over the chunk) shows it: the chunk is then refused
+    naming its part. (Scores of unit vectors are at most 1: their sum cannot overflow.)"""
+    with np.errstate(invalid="ignore", over="ignore"):  # a damaged chunk is refused just below
+        scores = matmul(queries, chunk)
+        if not np.isfinite(scores.sum()):
+            index.refuse_non_finite(chunk, ids)
+    return scores
 
 
 def _sorted(rows: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
