@@ -470,6 +470,35 @@ def test_an_index_add_that_failed_after_its_part_is_finished_by_the_next_add(vie
     assert_added_and_found(idx, views_index)
 
 
+@SLOW
+def test_an_index_build_killed_while_it_calibrates_itself_is_rebuilt_by_overwrite(tmp_path, monkeypatch):
+    """The build's own calibration (calibrate.automatic) leaves its leave-one-out work in
+    INDEX/calibrating/ when killed: the index's own files, which --overwrite deletes (not a
+    user's, which it would refuse)."""
+    from test_index import PHOTOS, SMALL, write_views
+
+    from delf_pipeline import calibrate
+    from delf_pipeline.formats.index_folder import INDEX_LAYOUT
+    from delf_pipeline.utils.artifacts import foreign_entries
+
+    write_views(tmp_path / "photos", PHOTOS, 3, seed=5)  # as test_index's calibrated index: 14 labelled photos,
+    write_views(tmp_path / "photos", ("hubble_deep_field", "camera"), 1, seed=6)  # two places of one (a wrong answer)
+    argv = ["index", "build", "--images", "photos", "--out", "idx", "--previews", "0",
+            *[arg for key in SMALL for arg in ("--set", key)]]
+    monkeypatch.setattr(calibrate, "AUTO_SHARE", 1000.0)  # no time limit: the calibration runs
+    with monkeypatch.context() as patch:  # in the forked child only
+        patch.setattr(calibrate, "automatic", _kill_after(calibrate.automatic))
+        code, _, stderr = forked(argv, tmp_path)
+    assert code == -signal.SIGKILL, stderr
+    assert (tmp_path / "idx" / "calibrating" / "automatic.json").is_file()
+    assert list((tmp_path / "idx" / "calibrating").glob("loo-*/rerank.csv.blocks/block-*.csv"))
+    assert foreign_entries(tmp_path / "idx", INDEX_LAYOUT) == []
+    code, _, stderr = forked([*argv, "--overwrite"], tmp_path)
+    assert code == 0, stderr
+    assert not (tmp_path / "idx" / "calibrating").exists()
+    assert (tmp_path / "idx" / "calibration.json").is_file()
+
+
 def test_a_kill_while_the_codebook_sample_is_removed_then_resume_gives_the_clean_bytes(reference, tmp_path,
                                                                                       monkeypatch):
     from delf_pipeline.extractors import codebook

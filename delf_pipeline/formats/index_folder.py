@@ -24,6 +24,7 @@ from pathlib import Path
 from .. import __version__
 from ..config import Config, config_from_dict
 from ..utils.artifacts import DamagedArtifact, Layout, read_json
+from .blocks import BLOCKS_LAYOUT
 from .store import STORE_LAYOUT, FeatureStore
 from .tables import read_labels
 
@@ -44,8 +45,14 @@ def is_index(folder: Path) -> bool:
 
 # What an index folder holds (``index build --overwrite`` deletes these only, and only in a
 # folder whose manifest says it is an index: labels.csv alone could be a user's).
+# calibrating/: the leave-one-out work of the build's own calibration (calibrate.automatic),
+# removed when it ends; a build killed during it leaves it.
+_CALIBRATING = Layout("index's calibration work", ("automatic.json",), (
+    ("loo-*", Layout("leave-one-out work", ("shortlist.csv", "rerank.csv"), (("rerank.csv.blocks", BLOCKS_LAYOUT),))),
+))
 INDEX_LAYOUT = Layout("index", ("manifest.json", "config.json", "labels.csv", "calibration.json"), (
     ("store", STORE_LAYOUT), ("previews", Layout("index's previews", ("[0-9a-f]" * 20 + ".jpg",))),
+    ("calibrating", _CALIBRATING),
 ), owned=is_index)
 
 
