@@ -358,20 +358,29 @@ def test_index_build_overwrite_waits_for_no_one_and_deletes_nothing_while_anothe
 # ------------------------------------------------------------------ issue 22 D1: `index add` finishes what a run left
 
 
+def views_settings() -> list[str]:
+    """test_index's SMALL settings on the RootSIFT preset. A forked child must not run a TensorFlow
+    model (XFeat, the default preset) once one has run in this process, as earlier test files do:
+    TensorFlow's thread pool does not survive the fork and the child hangs."""
+    from test_index import SMALL
+
+    return ["--preset", "sift_default", *[arg for key in SMALL for arg in ("--set", key)]]
+
+
 @pytest.fixture(scope="module")
 def views_index(tmp_path_factory) -> Path:
     """An index of three scikit-image photos (three views each), views of a fourth to add
-    (``more/``, labels in more.csv) and a query view of it. Models run in forked children only
-    (a model's threads in this process would deadlock the next fork)."""
-    from test_index import PHOTOS, SMALL, labels_csv, write_views
+    (``more/``, labels in more.csv) and a query view of it, on the RootSIFT preset
+    (:func:`views_settings`). Extractions run in forked children only (a model's threads in this
+    process would deadlock the next fork)."""
+    from test_index import PHOTOS, labels_csv, write_views
 
     root = tmp_path_factory.mktemp("views_index")
     first = write_views(root / "first", PHOTOS[:3], 3, seed=1)
     labels_csv(write_views(root / "more", PHOTOS[3:], 3, seed=2), root / "more.csv")
     write_views(root / "queries", PHOTOS[3:], 1, seed=3)
-    settings = [arg for key in SMALL for arg in ("--set", key)]
     code, _, stderr = forked(["index", "build", "--images", str(first), "--labels", str(labels_csv(first, root / "first.csv")),
-                              "--out", str(root / "idx"), "--previews", "64", *settings], root)
+                              "--out", str(root / "idx"), "--previews", "64", *views_settings()], root)
     assert code == 0, stderr
     return root
 
@@ -422,8 +431,8 @@ def test_a_failed_index_add_then_a_corrected_one_gives_labelled_photos_that_quer
 
     idx = shutil.copytree(views_index / "idx", tmp_path / "idx")
     add = ["index", "add", str(idx), "--images", str(views_index / "more")]
-    code, _, stderr = forked(add, tmp_path)  # no --labels: the folder itself has none
-    assert_refused(code, stderr, cli.EXIT_USAGE, "--labels")
+    code, _, stderr = forked([*add, "--labels", str(views_index / "first.csv")], tmp_path)  # labels of other photos
+    assert_refused(code, stderr, cli.EXIT_USAGE, "first.csv")
     assert len(FeatureStore(idx / "store")) == 9, "a part was stored without its labels"
     code, _, stderr = forked([*add, "--labels", str(views_index / "more.csv")], tmp_path)
     assert code == 0, stderr
@@ -475,7 +484,7 @@ def test_an_index_build_killed_while_it_calibrates_itself_is_rebuilt_by_overwrit
     """The build's own calibration (calibrate.automatic) leaves its leave-one-out work in
     INDEX/calibrating/ when killed: the index's own files, which --overwrite deletes (not a
     user's, which it would refuse)."""
-    from test_index import PHOTOS, SMALL, write_views
+    from test_index import PHOTOS, write_views
 
     from delf_pipeline import calibrate
     from delf_pipeline.formats.index_folder import INDEX_LAYOUT
@@ -483,8 +492,7 @@ def test_an_index_build_killed_while_it_calibrates_itself_is_rebuilt_by_overwrit
 
     write_views(tmp_path / "photos", PHOTOS, 3, seed=5)  # as test_index's calibrated index: 14 labelled photos,
     write_views(tmp_path / "photos", ("hubble_deep_field", "camera"), 1, seed=6)  # two places of one (a wrong answer)
-    argv = ["index", "build", "--images", "photos", "--out", "idx", "--previews", "0",
-            *[arg for key in SMALL for arg in ("--set", key)]]
+    argv = ["index", "build", "--images", "photos", "--out", "idx", "--previews", "0", *views_settings()]
     monkeypatch.setattr(calibrate, "AUTO_SHARE", 1000.0)  # no time limit: the calibration runs
     with monkeypatch.context() as patch:  # in the forked child only
         patch.setattr(calibrate, "automatic", _kill_after(calibrate.automatic))
