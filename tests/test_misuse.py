@@ -774,6 +774,22 @@ def test_index_build_of_an_empty_folder_is_refused(tmp_path):
     assert not (tmp_path / "idx").exists()
 
 
+def test_a_labels_csv_that_is_not_utf8_is_named_before_anything_is_written(tiny_index, tmp_path):
+    import shutil
+
+    write_photos(tmp_path / "photos", places=2)
+    (tmp_path / "labels.csv").write_bytes(b"id,landmark_id\np0_v0,caf\xe9\n")
+    result = delf("index", "build", "--images", "photos", "--labels", "labels.csv", "--out", "new", *FAST,
+                  cwd=tmp_path)
+    assert_refused(result, cli.EXIT_USAGE, "labels.csv", "not UTF-8")
+    assert not (tmp_path / "new").exists()
+    idx = shutil.copytree(tiny_index, tmp_path / "idx")
+    before = files_of(idx)
+    result = delf("index", "add", "idx", "--images", "photos", "--labels", "labels.csv", cwd=tmp_path)
+    assert_refused(result, cli.EXIT_USAGE, "labels.csv", "not UTF-8")
+    assert files_of(idx) == before
+
+
 def test_an_index_manifest_missing_a_key_is_named(tiny_index, tmp_path):
     import shutil
 
