@@ -32,10 +32,10 @@ from .config import (
 )
 from .extractors.base import Extractor
 from .extractors.build import build, decode_mode, resolve_model, vlad_backend
-from .extractors.codebook import prepare_codebook, stored_codebook
+from .extractors.codebook import prepare_codebook, remove_finished_sample, stored_codebook
 from .extractors.efficientnet_lite_export import export_record
 from .extractors.stream import extract_records
-from .formats.images import ErrorRecord, ImageError, ImageRecord, list_images
+from .formats.images import IMAGE_SUFFIXES, ErrorRecord, ImageError, ImageRecord, list_images
 from .formats.parts import (
     next_part_number,
     part_name,
@@ -45,7 +45,15 @@ from .formats.parts import (
     write_parts,
     write_results,
 )
-from .formats.store import FORMAT_VERSION, FeatureStore, candidates_path, errors_to_csv, open_store, remove_store
+from .formats.store import (
+    FORMAT_VERSION,
+    STORE_LAYOUT,
+    FeatureStore,
+    candidates_path,
+    errors_to_csv,
+    open_store,
+    remove_store,
+)
 from .utils.artifacts import (
     check_manifest,
     output_lock,
@@ -92,15 +100,19 @@ def run(
         listing_errors = [e for e in listing_errors if e.id in wanted]
     if strict and listing_errors:
         raise ImageError(strict_failure(listing_errors[0]))
+    if not records and only_ids is None:
+        log.warning("no images in %s (a folder searched for %s files, a Kaggle root or a CSV id,path)", images,
+                    "/".join(sorted(IMAGE_SUFFIXES)))
     with output_lock(out, shard_name(shard), "feature store"):  # one writer per shard of a store
         if overwrite:
             remove_store(out)
         conf = resolve_model(conf, records) if extractor is None else conf
-        check_manifest(out / "manifest.json", store_manifest(conf), what="feature store")
+        check_manifest(out / "manifest.json", store_manifest(conf), what="feature store", layout=STORE_LAYOUT)
         (out / "parts").mkdir(parents=True, exist_ok=True)
         if not pending_records(out, records, shard):
             log.info("Skipping extraction: all %d images of shard %d/%d are already in %s", len(records), *shard,
                      out)
+            remove_finished_sample(out, shard)
         else:
             words, local = prepare_codebook(out, records, conf, shard, codebook) if extractor is None else (None, None)
             if dask_address:

@@ -20,11 +20,30 @@ from PIL import Image
 
 from . import __version__, calibrate, extract
 from .config import Config, add_config_arguments, config_of
+from .evidence.calibration import load_checked
 from .formats.images import ImageRecord, iter_decoded, list_images
-from .formats.index_folder import FORMAT, FORMAT_VERSION, open_index, preview_name
+from .formats.index_folder import (
+    FORMAT,
+    FORMAT_VERSION,
+    INDEX_LAYOUT,
+    LOCK,
+    is_index,
+    open_index,
+    preview_name,
+)
 from .formats.store import FeatureStore
 from .formats.tables import read_labels
-from .utils.artifacts import atomic_path, read_json, write_json_atomic, write_text_atomic
+from .utils.artifacts import (
+    atomic_path,
+    output_lock,
+    overwrite_advice,
+    read_json,
+    rebuild_advice,
+    refuse_foreign,
+    remove_owned,
+    write_json_atomic,
+    write_text_atomic,
+)
 from .utils.progress import track
 
 log = logging.getLogger("delf_pipeline.index")
@@ -50,51 +69,80 @@ def build(
     Kaggle train.csv or an ``id,path,landmark_id`` CSV, or, for a folder of photos, the name of the
     folder each photo is in (``PHOTOS/PLACE/photo.jpg``: one folder per place). previews: longest side of the
     preview JPEGs (0: none). A finished index is reused only with the same settings
-    (resumable like extract); ``overwrite`` rebuilds it. calibration: a calibration.json to keep;
-    without it and with ``calibrate_index``, the index is calibrated on itself when it has
+    (resumable like extract; a rerun also finishes what an interrupted one left: labels and
+    previews of stored images); ``overwrite`` rebuilds it, deleting only the index's own files.
+    Labels and calibration are checked before anything is written, and the labels are written
+    before the store parts, so no stored image lacks its label. calibration: a calibration.json to
+    keep; without it and with ``calibrate_index``, the index is calibrated on itself when it has
     enough labelled photos (:func:`delf_pipeline.calibrate.automatic`, in a fifth of the build's time).
     """
     start = time.monotonic()
     out = Path(out)
     if not config.extract.local_features:
         raise ValueError("an index needs local features for re-ranking: drop extract.local_features=false")
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    if (out / "config.json").exists() and _stage_sections(read_json(out / "config.json")) != _stage_sections(config.to_dict()):
-        raise ValueError(f"index {out} was made with other settings; use --overwrite or another folder")
-    write_json_atomic(out / "config.json", config.to_dict())
     records = _listed(images, split)
-    found = _labels_of(records, labels, images)  # before the extraction: a source without labels stops here
-    extract.run(config, images, out / "store", split=split)
-    _merge_labels(out, found)
-    _write_previews(out, records, previews)
+    if not records:
+        raise ValueError(f"no images in {images} (a folder of photos, a Kaggle root or a CSV id,path): nothing to index")
+    given = _labels_of(records, labels, images)  # before anything is written: a source without labels stops here
     if calibration:
-        shutil.copyfile(calibration, out / "calibration.json")
-    elif calibrate_index:
-        calibrate.automatic(config, out / "store", read_labels(out / "labels.csv"), out / "calibration.json",
-                            seconds=calibrate.AUTO_SHARE * (time.monotonic() - start),
-                            limit="a fifth of the build's time", work=out / "calibrating", index_images=images,
-                            remedy=f"`delf-pipeline calibrate --index {out / 'store'} --index-labels "
-                                   f"{out / 'labels.csv'}`")
-        shutil.rmtree(out / "calibrating", ignore_errors=True)  # its leave-one-out work: not part of the index
-    _write_manifest(out, config, previews, "build", len(records))
+        load_checked(calibration, config.predict)
+    with output_lock(out, LOCK, "index"):  # one writer: `index add` takes it too
+        if overwrite:
+            remove_owned(out, INDEX_LAYOUT)
+        if not is_index(out):
+            refuse_foreign(out, INDEX_LAYOUT)  # a user's folder is never written into
+        if (out / "config.json").exists() and _stage_sections(read_json(out / "config.json")) != _stage_sections(config.to_dict()):
+            raise ValueError(f"index {out} was made with other settings; {overwrite_advice(out, INDEX_LAYOUT)}")
+        if not (out / "manifest.json").exists():  # first: what makes the folder's files ours (--overwrite)
+            _write_manifest(out, config, previews, None, 0)
+        write_json_atomic(out / "config.json", config.to_dict())
+        _merge_labels(out, given)
+        extract.run(config, images, out / "store", split=split)
+        if not len(FeatureStore(out / "store")):
+            raise ValueError(f"none of the {len(records)} images of {images} could be used (see "
+                             f"{out / 'store' / 'errors.csv'}): nothing to index")
+        _write_previews(out, records, previews)
+        if calibration:
+            with atomic_path(out / "calibration.json") as tmp:
+                shutil.copyfile(calibration, tmp)
+        elif calibrate_index:
+            _calibrate(config, out, images, seconds=calibrate.AUTO_SHARE * (time.monotonic() - start))
+        _write_manifest(out, config, previews, "build", len(records))
     return out
+
+
+def _calibrate(config: Config, out: Path, images: str | Path, *, seconds: float) -> None:
+    """The index calibrated on itself (:func:`delf_pipeline.calibrate.automatic`) in ``seconds``; its
+    leave-one-out work (``calibrating/``, part of :data:`INDEX_LAYOUT`) removed after."""
+    calibrate.automatic(config, out / "store", read_labels(out / "labels.csv"), out / "calibration.json",
+                        seconds=seconds, limit="a fifth of the build's time", work=out / "calibrating",
+                        index_images=images, remedy=f"`delf-pipeline calibrate --index {out / 'store'} "
+                                                    f"--index-labels {out / 'labels.csv'}`")
+    shutil.rmtree(out / "calibrating", ignore_errors=True)  # its leave-one-out work: not part of the index
 
 
 def add(index_path: str | Path, images: str | Path, *, labels: str | Path | None = None, split: str = "train") -> Path:
     """Append the images of ``images`` to an index as new store parts, with the index's own
-    settings and codebook; ids already in the index are kept as they were. Returns the index path."""
+    settings and codebook; ids already in the index are kept as they were. Returns the index path.
+
+    The new labels are checked, then written, before any part: a failed run leaves no stored image
+    without its label. Images of ``images`` already stored but lacking a label or a preview (an
+    interrupted run) get them.
+    """
     index = open_index(index_path)
     records = _listed(images, split)
-    known = index.store.finished_ids()
-    fresh = [r for r in records if r.id not in known]
-    if len(fresh) < len(records):
-        log.info("%d of the %d images are already in the index: kept as they were", len(records) - len(fresh),
-                 len(records))
-    extract.run(index.config, images, index.store_path, split=split, only_ids={r.id for r in fresh})
-    _merge_labels(index.path, _labels_of(fresh, labels, images))
-    _write_previews(index.path, fresh, index.manifest["previews"])
-    _write_manifest(index.path, index.config, index.manifest["previews"], "add", len(fresh))
+    with output_lock(index.path, LOCK, "index"):
+        known = index.store.finished_ids()
+        fresh = [r for r in records if r.id not in known]
+        given = _labels_of(fresh, labels, images, repair=[r for r in records if r.id in known])
+        if len(fresh) < len(records):
+            log.info("%d of the %d images are already in the index: kept as they were", len(records) - len(fresh),
+                     len(records))
+        _merge_labels(index.path, given)
+        with rebuild_advice(f"`delf-pipeline index build --out {index.path} --overwrite`"):
+            extract.run(index.config, images, index.store_path, split=split, only_ids={r.id for r in fresh})
+        _write_previews(index.path, records, index.manifest["previews"])
+        _write_manifest(index.path, index.config, index.manifest["previews"], "add", len(fresh))
     return index.path
 
 
@@ -131,15 +179,19 @@ def _listed(images: str | Path, split: str) -> list[ImageRecord]:
     return records
 
 
-def _labels_of(records: list[ImageRecord], labels_csv: str | Path | None, images: str | Path) -> dict[str, str]:
-    """Landmark ids of ``records`` from ``labels_csv``; without it, from the records themselves
-    (Kaggle train.csv, a CSV's landmark_id) or, for a folder of photos, the folder each is in."""
+def _labels_of(records: list[ImageRecord], labels_csv: str | Path | None, images: str | Path,
+               repair: list[ImageRecord] = ()) -> dict[str, str]:
+    """Landmark ids of ``records`` (and of the already stored ``repair`` ones, when the source
+    has them) from ``labels_csv``; without it, from the records themselves (Kaggle train.csv, a
+    CSV's landmark_id) or, for a folder of photos, the folder each is in. ValueError when none of
+    ``records`` has one."""
+    listed = [*records, *repair]
     if labels_csv:
         given = read_labels(labels_csv)
-    elif any(r.label is not None for r in records) or not Path(images).is_dir():
-        given = {r.id: r.label for r in records if r.label is not None}
+    elif any(r.label is not None for r in listed) or not Path(images).is_dir():
+        given = {r.id: r.label for r in listed if r.label is not None}
     else:  # PHOTOS/PLACE/photo.jpg: the id is PLACE/photo, the place folder names the landmark
-        given = {r.id: r.id.split("/", 1)[0] for r in records if "/" in r.id}
+        given = {r.id: r.id.split("/", 1)[0] for r in listed if "/" in r.id}
         if given:
             log.info("labels from the folder names: %d photos of %d places", len(given), len(set(given.values())))
     found = {r.id: given[r.id] for r in records if r.id in given}
@@ -150,7 +202,7 @@ def _labels_of(records: list[ImageRecord], labels_csv: str | Path | None, images
     if len(found) < len(records):
         log.warning("%d of %d images have no label (e.g. %s): they can be found but vote for no landmark",
                     len(records) - len(found), len(records), next(r.id for r in records if r.id not in found))
-    return found
+    return {**{r.id: given[r.id] for r in repair if r.id in given}, **found}
 
 
 def _merge_labels(out: Path, new: dict[str, str]) -> None:
@@ -178,15 +230,17 @@ def _write_previews(out: Path, records: list[ImageRecord], size: int) -> None:
                 Image.fromarray(image).save(tmp, "JPEG", quality=PREVIEW_QUALITY)
 
 
-def _write_manifest(out: Path, config: Config, previews: int, command: str, images: int) -> None:
+def _write_manifest(out: Path, config: Config, previews: int, command: str | None, images: int) -> None:
+    """The index manifest with ``command`` (None: none yet, the start of a first build) in its history."""
     path = out / "manifest.json"
     history = read_json(path)["history"] if path.is_file() else []
-    history.append({"command": command, "images": images, "package_version": __version__,
-                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    if command is not None:
+        history.append({"command": command, "images": images, "package_version": __version__,
+                        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    stored = len(FeatureStore(out / "store")) if (out / "store" / "parts").is_dir() else 0
     write_json_atomic(path, {
         "format": FORMAT, "format_version": FORMAT_VERSION, "package_version": __version__,
-        "preset": config.preset, "previews": previews, "images": len(FeatureStore(out / "store")),
-        "history": history,
+        "preset": config.preset, "previews": previews, "images": stored, "history": history,
     })
 
 
@@ -204,7 +258,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                             "index itself, when it has enough labelled photos)")
     made.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                       help="keep raw scores: no calibration fitted on the index")
-    made.add_argument("--overwrite", action="store_true", help="rebuild the index from scratch")
+    made.add_argument("--overwrite", action="store_true", help="rebuild the index from scratch (deletes only the "
+                      "index's own files; a folder holding anything else is refused)")
     add_config_arguments(made)
     more = sub.add_parser("add", help="append labelled images to an index (new store parts, same settings)")
     more.add_argument("index", help="index folder")

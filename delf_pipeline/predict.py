@@ -56,6 +56,7 @@ def run(
     non-landmark images, for the queries' global descriptors.
     """
     conf, out = config.predict, Path(out)
+    refuse_unwritable_labels(index_labels)
     shortlist = read_table(Path(shortlist_csv), ("query_id", "index_id", "score"))
     rerank = read_table(Path(rerank_csv), ("query_id", "index_id", "score")) if rerank_csv else None
     candidates = candidate_table(shortlist, rerank)
@@ -74,6 +75,15 @@ def run(
 
 
 RANKING_COLUMNS = ("query_id", "index_id", "rank", "score")
+
+
+def refuse_unwritable_labels(index_labels: dict[str, str]) -> None:
+    """ValueError naming a landmark id that a submission row ("LANDMARK CONFIDENCE") cannot hold:
+    empty, or holding white space."""
+    for image_id, label in index_labels.items():
+        if not label or any(c.isspace() for c in label):
+            raise ValueError(f"landmark id {label!r} (of index image {image_id!r}) is empty or holds white space: a "
+                             "submission row is 'LANDMARK CONFIDENCE', so it cannot be written; rename it in the labels")
 
 
 def final_ranking(shortlist: pd.DataFrame, rerank: pd.DataFrame | None) -> pd.DataFrame:

@@ -21,12 +21,14 @@ from pathlib import Path
 import pandas as pd
 
 from .config import (
+    DEFAULT_PRESET,
     Config,
     RerankSettings,
     add_config_arguments,
     add_run_arguments,
-    config_of,
     fingerprinted,
+    list_presets,
+    load_config,
 )
 from .formats.blocks import claim_blocks, read_table, run_blocks, write_block
 from .formats.candidates import SHORTLIST_COLUMNS, top_candidates
@@ -132,8 +134,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
 
 
+def stores_preset(index_store: Path) -> str:
+    """The preset whose extract settings made ``index_store`` (rerank without --preset or --config
+    uses its rerank settings, not the default preset's): the one whose settings match exactly, else
+    the one of the same backend(s); the default preset wins a tie. ValueError when it is unclear."""
+    from .extract import store_manifest
+
+    made = FeatureStore(index_store).manifest()
+    settings = made.get("settings", {})
+    exact, family = [], []
+    for name in list_presets():
+        try:
+            manifest = store_manifest(load_config(name).extract)
+        except (OSError, ValueError, KeyError):  # a preset whose model is not here cannot have made it
+            continue
+        if manifest["fingerprint"] == made.get("fingerprint"):
+            exact.append(name)
+        if all(manifest["settings"].get(k) == settings.get(k) for k in ("backend", "local_backend")):
+            family.append(name)
+    for found in (exact, family):
+        if DEFAULT_PRESET in found or len(found) == 1:
+            return DEFAULT_PRESET if DEFAULT_PRESET in found else found[0]
+        if found:
+            raise ValueError(f"the index store {index_store} was made with the extract settings of presets "
+                             f"{', '.join(found)}: give the one it was made with, --preset NAME")
+    raise ValueError(f"no preset has the extract settings that made the index store {index_store} (backend "
+                     f"{settings.get('backend')!r}): give --preset or --config")
+
+
 def main(args: argparse.Namespace) -> int:
-    config = config_of(args)
+    preset = args.preset
+    if preset is None and args.config is None:
+        preset = stores_preset(Path(args.index))
+        log.info("rerank with the settings of preset %s, the one whose extract settings made %s (--preset to "
+                 "choose another)", preset, args.index)
+    config = load_config(preset, args.config, args.overrides)
     run(config, args.shortlist, args.queries, args.index, args.out, shard=parse_shard(args.shard),
         overwrite=args.overwrite, jobs=args.jobs, dask_address=args.dask)
     return 0

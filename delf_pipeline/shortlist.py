@@ -159,6 +159,8 @@ def shortlist_blocks(
     (two with query expansion)."""
     exclude = bool(conf.exclude_same_id)
     matrices = [queries.global_matrix(ids) for ids in blocks]
+    for ids, matrix in zip(blocks, matrices):
+        queries.refuse_non_finite(matrix, ids)
     if whitening is not None:
         matrices = [whitening.apply(m) for m in matrices]
     if conf.qe_top_n:

@@ -26,15 +26,24 @@ from typing import Callable
 
 from . import __version__
 from .config import Config, TrainSettings, load_config
-from .extractors.efficientnet_lite_export import PCA_IMAGES, decoded, pca_sample
+from .extractors.efficientnet_lite_export import PCA_IMAGES, RECORD_NAME, decoded, pca_sample
 from .extractors import efficientnet_lite as lite
 from .formats.images import ImageRecord, list_images
 from .formats.store import errors_to_csv
 from .training import data, loop
 from .training.export import MODEL_CARD, PRESET, export
-from .utils.artifacts import fingerprint, output_lock, read_json, remove_contents, write_text_atomic
+from .utils.artifacts import Layout, fingerprint, output_lock, read_json, remove_owned, write_text_atomic
 
 log = logging.getLogger("delf_pipeline.train")
+
+# What a model folder holds (the module docstring; ``--overwrite`` deletes these only, and refuses
+# a folder holding anything else): the SavedModel, its record, the card, the curves, the
+# checkpoint, split.csv and errors.csv, and the staging folder of an export that was killed.
+_SAVED_MODEL = (("variables", Layout("SavedModel variables", ("variables.index", "variables.data-*"))),
+                ("assets", Layout("SavedModel assets", ("*",))))
+MODEL_LAYOUT = Layout("model folder", (
+    "saved_model.pb", "fingerprint.pb", RECORD_NAME, MODEL_CARD, loop.CURVES, loop.CHECKPOINT, "split.csv", "errors.csv",
+), (*_SAVED_MODEL, (".export", Layout("model export staging", ("saved_model.pb", "fingerprint.pb"), _SAVED_MODEL))))
 
 
 def run(config: Config, images: str | Path, out: str | Path, *, split: str = "train", resume: bool = False,
@@ -49,7 +58,7 @@ def run(config: Config, images: str | Path, out: str | Path, *, split: str = "tr
     conf = config.train
     with output_lock(out, "train", "training"):
         if overwrite:
-            remove_contents(out)
+            remove_owned(out, MODEL_LAYOUT)
         if (out / MODEL_CARD).is_file():
             check_finished(out, conf)
             log.info("Skipping: %s is a finished training (%s); --overwrite trains again", out, MODEL_CARD)
@@ -157,7 +166,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="model folder to write (the SavedModel, its card, the curves)")
     parser.add_argument("--split", default="train", help="Kaggle layout: which split folder to read")
     parser.add_argument("--resume", action="store_true", help="continue the unfinished training in --out")
-    parser.add_argument("--overwrite", action="store_true", help="start again, deleting what --out holds")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start again, deleting the model folder's own files (a folder holding anything else "
+                             "is refused)")
     add_config_arguments(parser)
 
 

@@ -8,6 +8,7 @@ point is "the N-th call of a delf_pipeline function in the main thread", drawn w
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -25,7 +26,7 @@ from delf_pipeline.formats.blocks import block_path
 from delf_pipeline.utils.artifacts import output_lock, shard_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from support.synthetic_images import FAST, write_kaggle  # noqa: E402
+from support.synthetic_images import FAST, write_csv, write_kaggle, write_photos  # noqa: E402
 
 KILLS_PER_STAGE = 8
 
@@ -336,3 +337,190 @@ def test_a_codebook_of_random_bytes_is_refused_by_name_never_unpickled(reference
     code, _, stderr = forked(reference["commands"][1], work)
     assert_refused(code, stderr, cli.EXIT_DAMAGED, "codebook.npy")
     assert "pickle" not in stderr
+
+
+# ------------------------------------------------------------------ issue 22 D2: --overwrite under the output's lock
+
+
+def test_index_build_overwrite_waits_for_no_one_and_deletes_nothing_while_another_writer_holds_the_index(tmp_path):
+    ids = write_photos(tmp_path / "photos", places=2)
+    write_csv(tmp_path / "labels.csv", ("id", "landmark_id"), [(i, i[:2]) for i in ids])
+    argv = ["index", "build", "--images", "photos", "--labels", "labels.csv", "--out", "idx", *FAST]
+    code, _, stderr = forked(argv, tmp_path)
+    assert code == 0, stderr
+    before = snapshot(tmp_path / "idx")
+    with output_lock(tmp_path / "idx", "index", "index"):  # what `index add` holds while it writes
+        code, _, stderr = forked([*argv, "--overwrite"], tmp_path)
+    assert_refused(code, stderr, cli.EXIT_BUSY, "idx")
+    assert snapshot(tmp_path / "idx") == before
+
+
+# ------------------------------------------------------------------ issue 22 D1: `index add` finishes what a run left
+
+
+def views_settings() -> list[str]:
+    """test_index's SMALL settings on the RootSIFT preset. A forked child must not run a TensorFlow
+    model (XFeat, the default preset) once one has run in this process, as earlier test files do:
+    TensorFlow's thread pool does not survive the fork and the child hangs."""
+    from test_index import SMALL
+
+    return ["--preset", "sift_default", *[arg for key in SMALL for arg in ("--set", key)]]
+
+
+@pytest.fixture(scope="module")
+def views_index(tmp_path_factory) -> Path:
+    """An index of three scikit-image photos (three views each), views of a fourth to add
+    (``more/``, labels in more.csv) and a query view of it, on the RootSIFT preset
+    (:func:`views_settings`). Extractions run in forked children only (a model's threads in this
+    process would deadlock the next fork)."""
+    from test_index import PHOTOS, labels_csv, write_views
+
+    root = tmp_path_factory.mktemp("views_index")
+    first = write_views(root / "first", PHOTOS[:3], 3, seed=1)
+    labels_csv(write_views(root / "more", PHOTOS[3:], 3, seed=2), root / "more.csv")
+    write_views(root / "queries", PHOTOS[3:], 1, seed=3)
+    code, _, stderr = forked(["index", "build", "--images", str(first), "--labels", str(labels_csv(first, root / "first.csv")),
+                              "--out", str(root / "idx"), "--previews", "64", *views_settings()], root)
+    assert code == 0, stderr
+    return root
+
+
+def in_child(function, *args) -> str:
+    """Run ``function(*args)`` in a forked child; returns "" or the text of what it raised."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        message = ""
+        try:
+            function(*args)
+        except BaseException as error:  # noqa: BLE001 - reported to the parent
+            message = f"{type(error).__name__}: {error}" or "failed"
+        os.write(write_end, message.encode()[:60000])
+        os._exit(0)
+    os.close(write_end)
+    chunks = []
+    while chunk := os.read(read_end, 65536):
+        chunks.append(chunk)
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    return b"".join(chunks).decode()
+
+
+def added_and_found(idx: Path, root: Path) -> None:
+    """Every stored image labelled and with its preview; the added place found by a query."""
+    from delf_pipeline.formats.index_folder import open_index
+    from delf_pipeline.search.searcher import Searcher
+
+    opened = open_index(idx)
+    assert len(opened.store) == 12, len(opened.store)
+    labels = {i: opened.labels.get(i) for i in opened.store.ids if i.startswith("rocket/")}
+    assert labels == {f"rocket/v{k}": "rocket" for k in range(3)}, labels
+    assert all(opened.preview(i) is not None for i in opened.store.ids), "a stored image has no preview"
+    answer = Searcher(idx).search_file(root / "queries" / "rocket" / "v0.jpg")
+    assert answer.landmarks and answer.landmarks[0]["landmark_id"] == "rocket", answer.landmarks
+
+
+def assert_added_and_found(idx: Path, root: Path) -> None:
+    failure = in_child(added_and_found, idx, root)
+    assert not failure, failure
+
+
+def test_a_failed_index_add_then_a_corrected_one_gives_labelled_photos_that_query_finds(views_index, tmp_path):
+    from delf_pipeline.formats.store import FeatureStore
+
+    idx = shutil.copytree(views_index / "idx", tmp_path / "idx")
+    add = ["index", "add", str(idx), "--images", str(views_index / "more")]
+    code, _, stderr = forked([*add, "--labels", str(views_index / "first.csv")], tmp_path)  # labels of other photos
+    assert_refused(code, stderr, cli.EXIT_USAGE, "first.csv")
+    assert len(FeatureStore(idx / "store")) == 9, "a part was stored without its labels"
+    code, _, stderr = forked([*add, "--labels", str(views_index / "more.csv")], tmp_path)
+    assert code == 0, stderr
+    assert_added_and_found(idx, views_index)
+
+
+def _disk_full(*_args, **_kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _refused(*_args, **_kwargs):
+    raise PermissionError(errno.EACCES, "Permission denied")
+
+
+def _kill_after(function):
+    def run(*args, **kwargs):
+        function(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return run
+
+
+@pytest.mark.parametrize("failure", ["disk full while writing previews", "labels.csv write refused",
+                                     "kill -9 after the part"])
+def test_an_index_add_that_failed_after_its_part_is_finished_by_the_next_add(views_index, tmp_path, monkeypatch,
+                                                                             failure):
+    from PIL import Image
+
+    from delf_pipeline import extract, index
+
+    idx = shutil.copytree(views_index / "idx", tmp_path / "idx")
+    add = ["index", "add", str(idx), "--images", str(views_index / "more"), "--labels",
+           str(views_index / "more.csv")]
+    with monkeypatch.context() as patch:  # in the forked child only
+        if failure == "disk full while writing previews":
+            patch.setattr(Image.Image, "save", _disk_full)
+        elif failure == "labels.csv write refused":
+            patch.setattr(index, "write_text_atomic", _refused)
+        else:
+            patch.setattr(extract, "run", _kill_after(extract.run))
+        code, _, stderr = forked(add, tmp_path)
+    assert code in (cli.EXIT_OS, -signal.SIGKILL), stderr
+    code, _, stderr = forked(add, tmp_path)
+    assert code == 0, stderr
+    assert_added_and_found(idx, views_index)
+
+
+@SLOW
+def test_an_index_build_killed_while_it_calibrates_itself_is_rebuilt_by_overwrite(tmp_path, monkeypatch):
+    """The build's own calibration (calibrate.automatic) leaves its leave-one-out work in
+    INDEX/calibrating/ when killed: the index's own files, which --overwrite deletes (not a
+    user's, which it would refuse)."""
+    from test_index import PHOTOS, write_views
+
+    from delf_pipeline import calibrate
+    from delf_pipeline.formats.index_folder import INDEX_LAYOUT
+    from delf_pipeline.utils.artifacts import foreign_entries
+
+    write_views(tmp_path / "photos", PHOTOS, 3, seed=5)  # as test_index's calibrated index: 14 labelled photos,
+    write_views(tmp_path / "photos", ("hubble_deep_field", "camera"), 1, seed=6)  # two places of one (a wrong answer)
+    argv = ["index", "build", "--images", "photos", "--out", "idx", "--previews", "0", *views_settings()]
+    monkeypatch.setattr(calibrate, "AUTO_SHARE", 1000.0)  # no time limit: the calibration runs
+    with monkeypatch.context() as patch:  # in the forked child only
+        patch.setattr(calibrate, "automatic", _kill_after(calibrate.automatic))
+        code, _, stderr = forked(argv, tmp_path)
+    assert code == -signal.SIGKILL, stderr
+    assert (tmp_path / "idx" / "calibrating" / "automatic.json").is_file()
+    assert list((tmp_path / "idx" / "calibrating").glob("loo-*/rerank.csv.blocks/block-*.csv"))
+    assert foreign_entries(tmp_path / "idx", INDEX_LAYOUT) == []
+    code, _, stderr = forked([*argv, "--overwrite"], tmp_path)
+    assert code == 0, stderr
+    assert not (tmp_path / "idx" / "calibrating").exists()
+    assert (tmp_path / "idx" / "calibration.json").is_file()
+
+
+def test_a_kill_while_the_codebook_sample_is_removed_then_resume_gives_the_clean_bytes(reference, tmp_path,
+                                                                                      monkeypatch):
+    from delf_pipeline.extractors import codebook
+
+    def remove_one_file_then_die(path: Path) -> None:
+        next(p for p in sorted(path.rglob("*")) if p.is_file()).unlink()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    work = tmp_path / "work"
+    shutil.copytree(reference["after"][0], work)
+    with monkeypatch.context() as patch:  # in the forked child only
+        patch.setattr(codebook, "remove_store", remove_one_file_then_die)
+        code, _, _ = forked(reference["commands"][0], work)
+    assert code == -signal.SIGKILL
+    code, _, stderr = forked(reference["commands"][0], work)
+    assert code == 0, stderr
+    assert snapshot(work) == snapshot(reference["after"][1])

@@ -62,7 +62,7 @@ def searcher(mini_index) -> Searcher:
 
 @pytest.fixture(scope="module")
 def client(mini_index, searcher) -> TestClient:
-    return TestClient(create_app(mini_index, LIMITS, searcher=searcher))
+    return TestClient(create_app(mini_index, LIMITS, searcher=searcher), base_url="http://localhost")
 
 
 def upload(client: TestClient, data: bytes, name: str = "photo.jpg", path: str = "/query"):
@@ -183,7 +183,8 @@ def test_busy_service_answers_503(mini_index, searcher, monkeypatch):
         return search(*args)
 
     monkeypatch.setattr(searcher, "search", slow_search)
-    client = TestClient(create_app(mini_index, Limits(workers=1, queue=0), searcher=searcher))
+    app = create_app(mini_index, Limits(workers=1, queue=0), searcher=searcher)
+    client = TestClient(app, base_url="http://localhost")
     photo = (DATA / HELD_OUT).read_bytes()
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(upload, client, photo)

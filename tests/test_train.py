@@ -123,6 +123,25 @@ def test_a_finished_training_is_skipped(trained, task, caplog):
     assert "trained with other settings (train.dim: was 16, now 8)" in caplog.text
 
 
+def test_overwrite_deletes_only_the_model_folders_own_files(trained, task, tmp_path, caplog):
+    """Issue 22 D2 for train: the layout names every file a finished training wrote; a folder
+    holding anything else (a user's note, a data folder) is refused by --overwrite, nothing deleted."""
+    import shutil
+
+    from delf_pipeline.train import MODEL_LAYOUT
+    from delf_pipeline.utils.artifacts import foreign_entries
+
+    assert foreign_entries(trained, MODEL_LAYOUT) == []
+    model = shutil.copytree(trained, tmp_path / "model")
+    (model / "notes.txt").write_text("mine")
+    for out in (model, task):
+        before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and not p.name.startswith(".lock-")}
+        assert cli_main(["train", "--images", str(task), "--out", str(out), "--overwrite", *tiny_settings()]) == 2
+        assert "not made by delf_pipeline" in caplog.text
+        after = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and not p.name.startswith(".lock-")}
+        assert after == before
+
+
 # --------------------------------------------------------------------------- kill -9, then --resume
 
 

@@ -93,10 +93,26 @@ class Calibration:
 
     @classmethod
     def load(cls, path: str | Path) -> "Calibration":
-        data = json.loads(Path(path).read_text())
+        """The calibration in ``path``; ValueError naming it when it is not one (not UTF-8 JSON, a
+        key missing, lists of other lengths than its features, unknown features)."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            kind = "UTF-8 text" if isinstance(error, UnicodeDecodeError) else "JSON"
+            raise ValueError(f"{path}: not a calibration file (not {kind}: {error}); make one with "
+                             "`delf-pipeline calibrate`") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: not a calibration file (a JSON {type(data).__name__}, not an object)")
         missing = [k for k in ("features", "mean", "scale", "weights", "bias") if k not in data]
         if missing:
             raise ValueError(f"{path}: not a calibration file, missing {', '.join(missing)}")
+        features = data["features"]
+        known = (*FEATURES, "nonlandmark")
+        if (not isinstance(features, list) or not set(features) <= set(known)
+                or any(not isinstance(data[k], list) or len(data[k]) != len(features) for k in ("mean", "scale", "weights"))
+                or not isinstance(data["bias"], (int, float))):
+            raise ValueError(f"{path}: not a calibration file (features must be some of {', '.join(known)}, with "
+                             "one mean, scale and weight each, and a number as bias)")
         return cls(**{k: data[k] for k in ("features", "mean", "scale", "weights", "bias", "settings") if k in data})
 
 

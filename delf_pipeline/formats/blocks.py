@@ -27,10 +27,12 @@ import pandas as pd
 
 from ..utils.artifacts import (
     DamagedArtifact,
+    ForeignContent,
+    Layout,
     atomic_path,
     check_manifest,
     output_lock,
-    remove_contents,
+    remove_owned,
     remove_unfinished,
     shard_name,
 )
@@ -45,23 +47,43 @@ def blocks_dir(out_csv: Path) -> Path:
 
 BLOCK_HEADER = re.compile(rb"# delf-block rows=(\d+) sha256=([0-9a-f]{64})")
 ID_COLUMNS = ("query_id", "index_id")
+BLOCKS_LAYOUT = Layout("stage's blocks folder", ("manifest.json", "block-*.csv"))  # what --overwrite deletes
 
 
 def remove_outputs(out_csv: Path) -> None:
-    """Delete a stage CSV and its blocks, but not the lock files (``--overwrite``)."""
+    """Delete a stage CSV and its blocks, but not the lock files (``--overwrite``); ForeignContent,
+    nothing deleted, when the CSV or the blocks folder holds what a stage did not write."""
+    refuse_foreign_csv(out_csv)
+    remove_owned(blocks_dir(out_csv), BLOCKS_LAYOUT)
     out_csv.unlink(missing_ok=True)
-    remove_contents(blocks_dir(out_csv))
+
+
+def refuse_foreign_csv(out_csv: Path) -> None:
+    """ForeignContent when ``out_csv`` exists and is not a stage's table (its header starts with
+    ``query_id,index_id,``): a user's file that the merge would replace."""
+    if out_csv.is_symlink() or out_csv.exists() and not _stage_table(out_csv):
+        raise ForeignContent(f"{out_csv} exists and was not made by delf_pipeline (not a shortlist or rerank "
+                             "table): nothing is deleted or written; move it away or choose another --out")
+
+
+def _stage_table(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with open(path, "rb") as handle:
+        return handle.readline(256).startswith(",".join(ID_COLUMNS).encode() + b",")
 
 
 @contextmanager
 def claim_blocks(out_csv: Path, shard: tuple[int, int], what: str, manifest: dict, overwrite: bool) -> Iterator[None]:
     """Hold the lock of this shard of ``out_csv``'s blocks (one writer per shard, see
     :func:`output_lock`); inside it, ``overwrite`` starts from nothing and ``manifest`` is
-    checked against the blocks' manifest (or written)."""
+    checked against the blocks' manifest (or written). A CSV or blocks folder holding what a
+    stage did not write is refused (ForeignContent) with or without ``overwrite``."""
     with output_lock(blocks_dir(out_csv), shard_name(shard), what):
         if overwrite:
             remove_outputs(out_csv)
-        check_manifest(blocks_dir(out_csv) / "manifest.json", manifest, what=what)
+        refuse_foreign_csv(out_csv)
+        check_manifest(blocks_dir(out_csv) / "manifest.json", manifest, what=what, layout=BLOCKS_LAYOUT)
         yield
 
 

@@ -10,9 +10,9 @@ Three kinds of image source are understood:
   folder) and optionally ``landmark_id``.
 
 Problems found while listing (malformed rows, duplicate ids, ids holding a control
-character such as a newline, dangling symlinks and symlink loops) are returned as error
-records, never dropped silently. Extensions match whatever their case. Decoding problems
-raise :class:`ImageError` with a reason.
+character such as a newline, file names that are not UTF-8, dangling symlinks and symlink
+loops) are returned as error records, never dropped silently. Extensions match whatever
+their case. Decoding problems raise :class:`ImageError` with a reason.
 """
 from __future__ import annotations
 
@@ -77,12 +77,27 @@ def has_control_character(text: str) -> bool:
 def _drop_unusable_ids(records: list[ImageRecord]) -> tuple[list[ImageRecord], list[ErrorRecord]]:
     kept, errors = [], []
     for record in records:
-        if has_control_character(record.id):
+        undecodable = _undecodable_byte(record.id)
+        if undecodable is not None:  # a file name in another encoding than UTF-8: the id cannot be stored
+            errors.append(ErrorRecord(_printable(record.id), _printable(str(record.path)),
+                                      f"file name is not valid UTF-8 (byte 0x{undecodable:02x}): rename the file"))
+        elif has_control_character(record.id):
             bad = next(c for c in record.id if has_control_character(c))
             errors.append(ErrorRecord(record.id, str(record.path), f"id holds a control character (U+{ord(bad):04X})"))
         else:
             kept.append(record)
     return kept, errors
+
+
+def _undecodable_byte(text: str) -> int | None:
+    """The first byte of ``text`` that was not UTF-8 in the file system's name (Python keeps it as a
+    lone surrogate, U+DC80-U+DCFF), or None."""
+    return next((ord(c) - 0xDC00 for c in text if 0xDC80 <= ord(c) <= 0xDCFF), None)
+
+
+def _printable(text: str) -> str:
+    """``text`` with undecodable bytes written as ``\\xNN`` (storable as UTF-8)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _list_folder(folder: Path) -> tuple[list[ImageRecord], list[ErrorRecord]]:
@@ -213,8 +228,9 @@ def decode_bytes(
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`load_image` of an encoded image held in memory (an upload).
 
-    ``max_pixels`` > 0 refuses, before decoding, images whose width x height is larger (a
-    small file can claim a huge size: a decompression bomb). Reasons never name a path.
+    ``max_pixels`` > 0 refuses, from the header and before anything is decoded, images whose
+    width x height is larger (a small file can claim a huge size: a decompression bomb), in every
+    format PIL opens. Reasons never name a path.
     """
     if not data:
         raise ImageError("empty file (0 bytes)")
@@ -226,12 +242,12 @@ def _decode(source, max_image_size: int, mode: str, max_pixels: int = 0) -> tupl
     if mode not in ("RGB", "L"):
         raise ValueError(f"decode mode must be RGB or L, got {mode!r}")
     try:
-        with Image.open(source) as image:
+        with Image.open(source) as image:  # reads the header only
             _log_if_huge(source if isinstance(source, Path) else "an image in memory", image)
-            original = _upright_size(image)
-            if 0 < max_pixels < original[0] * original[1]:
-                raise ImageError(f"image too large: {original[0]}x{original[1]} pixels "
+            if 0 < max_pixels < image.size[0] * image.size[1]:  # before anything that may decode (PNG's getexif)
+                raise ImageError(f"image too large: {image.size[0]}x{image.size[1]} pixels "
                                  f"(limit {max_pixels / 1e6:g} megapixels)")
+            original = _upright_size(image)
             _draft(image, max_image_size, mode)
             image.load()
             image = ImageOps.exif_transpose(image)

@@ -23,12 +23,37 @@ from pathlib import Path
 
 from .. import __version__
 from ..config import Config, config_from_dict
-from ..utils.artifacts import read_json
-from .store import FeatureStore
+from ..utils.artifacts import DamagedArtifact, Layout, read_json
+from .blocks import BLOCKS_LAYOUT
+from .store import STORE_LAYOUT, FeatureStore
 from .tables import read_labels
 
 FORMAT = "delf_pipeline index"
 FORMAT_VERSION = 1
+MANIFEST_KEYS = ("format", "format_version", "package_version", "preset", "previews", "images", "history")
+LOCK = "index"  # INDEX/.lock-index: held by `index build` and `index add` while they write
+
+
+def is_index(folder: Path) -> bool:
+    """True when ``folder/manifest.json`` is the manifest of an index (what makes its files ours)."""
+    try:
+        manifest = read_json(Path(folder) / "manifest.json")
+    except (OSError, DamagedArtifact):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+# What an index folder holds (``index build --overwrite`` deletes these only, and only in a
+# folder whose manifest says it is an index: labels.csv alone could be a user's).
+# calibrating/: the leave-one-out work of the build's own calibration (calibrate.automatic),
+# removed when it ends; a build killed during it leaves it.
+_CALIBRATING = Layout("index's calibration work", ("automatic.json",), (
+    ("loo-*", Layout("leave-one-out work", ("shortlist.csv", "rerank.csv"), (("rerank.csv.blocks", BLOCKS_LAYOUT),))),
+))
+INDEX_LAYOUT = Layout("index", ("manifest.json", "config.json", "labels.csv", "calibration.json"), (
+    ("store", STORE_LAYOUT), ("previews", Layout("index's previews", ("[0-9a-f]" * 20 + ".jpg",))),
+    ("calibrating", _CALIBRATING),
+), owned=is_index)
 
 
 @dataclass
@@ -68,17 +93,26 @@ class Index:
 
 
 def open_index(path: str | Path) -> Index:
-    """Open the index folder ``path``; ValueError names what is missing or foreign."""
+    """Open the index folder ``path``; ValueError names what is missing or foreign, DamagedArtifact
+    a manifest missing a key or an index whose first build did not finish."""
     path = Path(path)
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
         raise FileNotFoundError(f"no index at {path} (no manifest.json): make one with `delf-pipeline index build`")
     manifest = read_json(manifest_path)
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{manifest_path} is not a delf_pipeline index manifest (format {manifest.get('format')!r})")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"{manifest_path} is not a delf_pipeline index manifest (format {found!r})")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: index format version {manifest.get('format_version')} is not "
                          f"{FORMAT_VERSION}, the one this delf_pipeline {__version__} reads; rebuild it")
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise DamagedArtifact(f"{manifest_path} lacks {', '.join(missing)}: not written by `delf-pipeline index "
+                              "build`, or changed since; rebuild the index")
+    if not manifest["history"]:
+        raise DamagedArtifact(f"index {path}: its first `index build` did not finish; run the same command again "
+                              "to finish it")
     for name in ("config.json", "labels.csv", "store"):
         if not (path / name).exists():
             raise FileNotFoundError(f"index {path} is incomplete: {name} is missing")

@@ -39,7 +39,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..utils.artifacts import DamagedArtifact, atomic_path, read_json, remove_contents
+from ..utils.artifacts import DamagedArtifact, Layout, atomic_path, read_json, rebuild_with, remove_owned
 from .features import ImageFeatures
 from .images import ErrorRecord, has_control_character
 
@@ -47,6 +47,16 @@ FORMAT_VERSION = 2  # 2: parts record what they hold (part.json)
 ERROR_COLUMNS = ("id", "path", "reason")
 PART_INFO = "part.json"
 CHECKED_CONTENT = ("ids.txt", "errors.csv", "offsets.npy", "sizes.npy")  # CRC-32 checked on open
+PART_FILES = ("ids.txt", "errors.csv", "offsets.npy", "locations.npy", "descriptors.npy", "scales.npy", "scores.npy",
+              "global.npy", "sizes.npy", PART_INFO)
+_PARTS = Layout("feature store", folders=(("*", Layout("store part", PART_FILES)),))
+_DERIVED = Layout("derived store", ("manifest.json", "whitening.npz"), (("parts", _PARTS),))
+_SAMPLE = Layout("codebook sample store", ("manifest.json", "errors.csv"), (("parts", _PARTS),))
+# What a store folder holds (``--overwrite`` deletes these only): see the module docstring, plus
+# the codebook step's sample stores and the whitened / augmented copies under derived/.
+STORE_LAYOUT = Layout("feature store", ("manifest.json", "codebook.npy", "errors.csv"), (
+    ("parts", _PARTS), ("codebook-sample-*", _SAMPLE), ("derived", Layout("feature store", folders=(("*", _DERIVED),))),
+))
 
 
 @dataclass
@@ -139,7 +149,7 @@ class Part:
 
     def _damaged(self, reason: str) -> DamagedArtifact:
         return DamagedArtifact(f"store part {self.path} is damaged: {reason}. Delete the part and rerun "
-                               "extract to extract its images again, or rebuild the store with --overwrite")
+                               f"extract to extract its images again, or rebuild the store with {rebuild_with()}")
 
     def _read_info(self) -> dict:
         path = self.path / PART_INFO
@@ -260,7 +270,7 @@ class FeatureStore:
                 if first != part.path.name or counts.get(image_id, 1) > 1:
                     raise DamagedArtifact(
                         f"feature store {self.path} holds an image id twice ({image_id!r} in parts {first} and "
-                        f"{part.path.name}): written by two processes at once? Rebuild it with --overwrite")
+                        f"{part.path.name}): written by two processes at once? Rebuild it with {rebuild_with()}")
 
     @cached_property
     def _rows(self) -> dict[str, tuple[int, int]]:
@@ -318,6 +328,21 @@ class FeatureStore:
         rows = [self.parts[part].array("global")[row] for part, row in map(self._rows.get, ids)]
         return np.array(rows, np.float32).reshape(len(rows), -1)  # only the global rows are read
 
+    def part_path(self, image_id: str) -> Path:
+        """The folder of the part holding ``image_id``."""
+        return self.parts[self._rows[image_id][0]].path
+
+    def refuse_non_finite(self, matrix: np.ndarray, ids: Sequence[str] | None = None) -> None:
+        """:class:`DamagedArtifact` naming the part of the first row of ``matrix`` [n, G] (global
+        descriptors of ``ids``, default: the whole store in store order) that holds NaN or inf."""
+        bad = non_finite_rows(matrix)
+        if len(bad):
+            image_id = (self.ids if ids is None else ids)[bad[0]]
+            raise DamagedArtifact(
+                f"store part {self.part_path(image_id)} holds non-finite global descriptors ({len(bad)} of "
+                f"{len(matrix)} rows, the first of image {image_id!r}): damaged after it was written? Delete the "
+                f"part and rerun extract to extract its images again, or rebuild the store with {rebuild_with()}")
+
     def errors(self) -> list[ErrorRecord]:
         """Error records of all parts."""
         return [error for part in self.parts for error in part.errors()]
@@ -332,6 +357,15 @@ class FeatureStore:
         union) calls this now and then to keep its RSS bounded (a Dask nanny watches RSS)."""
         for part in self.parts:
             part._arrays.clear()
+
+
+def non_finite_rows(matrix: np.ndarray) -> np.ndarray:
+    """Rows of ``matrix`` [n, G] holding NaN or inf. One pass over memory already read (column
+    sums); the rows themselves are looked at only when a sum is not finite (a NaN or inf, or
+    huge finite values whose sum overflows: those rows are then not reported)."""
+    if not matrix.size or np.isfinite(matrix.sum(axis=0)).all():
+        return np.zeros(0, np.int64)
+    return np.flatnonzero(~np.isfinite(matrix).all(axis=1))
 
 
 def _take(ids: list[str], blocks: list[np.ndarray], n: int) -> tuple[list[str], np.ndarray]:
@@ -353,8 +387,9 @@ def _npy_header(path: Path) -> tuple[tuple, np.dtype]:
 
 
 def remove_store(path: Path) -> None:
-    """Delete a store folder; one with lock files is emptied but for them (``--overwrite``:
-    the lock is held by the process that overwrites it)."""
-    remove_contents(path)
+    """Delete a store folder's own files (:data:`STORE_LAYOUT`); one with lock files is emptied but
+    for them (``--overwrite``: the lock is held by the process that overwrites it). A folder
+    holding anything else is refused (ForeignContent), nothing deleted."""
+    remove_owned(path, STORE_LAYOUT)
     if path.is_dir() and not any(path.iterdir()):
         path.rmdir()

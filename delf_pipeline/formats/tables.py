@@ -266,14 +266,20 @@ def read_labels(path: str | Path) -> dict[str, str]:
     """Index labels CSV -> {image id: landmark label}: columns ``id`` and ``landmark_id``
     (Kaggle ``train.csv``) or ``label``; or a photo folder's list with ``image`` (a relative
     path: the id is that path without its extension, as a folder source names it) and ``label``,
-    as landmarks_mini has. A UTF-8 BOM is accepted."""
+    as landmarks_mini has. A UTF-8 BOM is accepted. An image listed twice with two labels is a
+    ValueError naming both (the same label twice is accepted)."""
     table = read_csv_frame(path, ("id", "image", "landmark_id", "label"))
     column = "landmark_id" if "landmark_id" in table else "label" if "label" in table else None
     if "id" not in table and "image" in table:
         table["id"] = table["image"].map(lambda image: Path(image).with_suffix("").as_posix())
     if "id" not in table or column is None:
         raise ValueError(f"{path}: index labels need columns id and landmark_id (or label); found {list(table)}")
-    return dict(zip(table["id"], table[column]))
+    labels: dict[str, str] = {}
+    for line, (image_id, label) in enumerate(zip(table["id"], table[column]), start=2):
+        if labels.setdefault(image_id, label) != label:
+            raise ValueError(f"{path} line {line}: image {image_id!r} is labelled {labels[image_id]!r} and {label!r}: "
+                             "keep one label per image")
+    return labels
 
 
 def read_index_labels(path: str | Path) -> dict[str, set[str]]:

@@ -49,15 +49,30 @@ def search_blocks(
 
     Each index chunk is read and converted once for all blocks, while each block keeps its
     own matrix product, so its scores (to the last bit) do not depend on which blocks share
-    the pass: sharded and resumed runs write the same bytes.
+    the pass: sharded and resumed runs write the same bytes. A chunk row holding NaN or inf
+    makes its scores non-finite: the chunk is then refused naming its part (the query blocks
+    must be finite: their rows spoil every score, see :meth:`FeatureStore.refuse_non_finite`).
     """
     rows = max(1, min(chunk_rows, CHUNK_BYTES // max(1, 4 * blocks[0].shape[1])))
     best = [(np.zeros((len(q), 0), np.int64), np.zeros((len(q), 0), np.float32)) for q in blocks]
     all_ids: list[str] = []
     for ids, chunk in index.iter_global(rows):
-        best = [_merge_chunk(*held, matmul(q, chunk), len(all_ids), top_k) for q, held in zip(blocks, best)]
+        best = [_merge_chunk(*held, _checked_scores(q, chunk, ids, index, matmul), len(all_ids), top_k)
+                for q, held in zip(blocks, best)]
         all_ids.extend(ids)
     return all_ids, [_sorted(*held) for held in best]
+
+
+def _checked_scores(queries: np.ndarray, chunk: np.ndarray, ids: list[str], index: FeatureStore,
+                    matmul: MatMul) -> np.ndarray:
+    """``matmul(queries, chunk)`` [Q, C]; a NaN or inf row of the chunk spoils its scores, and
+    their sum (one pass over the scores, not over the chunk) shows it: the chunk is then refused
+    naming its part. (Scores of unit vectors are at most 1: their sum cannot overflow.)"""
+    with np.errstate(invalid="ignore", over="ignore"):  # a damaged chunk is refused just below
+        scores = matmul(queries, chunk)
+        if not np.isfinite(scores.sum()):
+            index.refuse_non_finite(chunk, ids)
+    return scores
 
 
 def _sorted(rows: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

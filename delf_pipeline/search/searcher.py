@@ -46,6 +46,7 @@ from ..formats.index_folder import Index, open_index
 from ..retrieval.search import select_matmul, top_k_in_memory
 from ..verification.pairs import PairResult
 from ..verification.verifier import COLUMNS as RERANK_COLUMNS
+from ..utils.artifacts import rebuild_advice
 from ..verification.verifier import CandidateVerifier
 
 log = logging.getLogger("delf_pipeline.search")
@@ -116,6 +117,8 @@ class Searcher:
         self.labels = self.index.labels
         searched, self.whitening = prepare_index(self.index.store, self.config.shortlist, self.labels, self.matmul)
         self.matrix = searched.global_matrix()  # [M, G] float32, whitened / augmented if so configured
+        with rebuild_advice(f"`delf-pipeline index build --out {self.index.path} --overwrite`"):
+            searched.refuse_non_finite(self.matrix)  # one pass over the matrix just read
         self.calibration = index_calibration(self.index.path / "calibration.json", self.config.predict)
         self._local = threading.local()
         log.info("index %s: %d images, global matrix %s (%.0f MB in memory)", self.index.path.name, len(self.ids),

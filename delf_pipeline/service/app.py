@@ -6,10 +6,12 @@ Routes: ``GET /`` (the page), ``POST /query`` (an image upload -> the JSON of
 thumbnail), ``GET /landmarks/{landmark_id}`` (the index photos of a landmark),
 ``GET /thumbnails/{image_id}`` (an index photo's preview), ``/docs`` (OpenAPI page).
 
-The index is loaded once, when the app is made. Searching is CPU work: it runs in worker
-threads (``Limits.workers`` at once) off the event loop, and at most ``Limits.queue`` more
-requests wait; beyond that the answer is 503 at once. A bad upload gets a 4xx with a
-one-line reason; no answer names a path on the server.
+The index is loaded once, when the app is made. Requests pass :class:`.limits.Guard` first
+(Host allowlist, Origin check on POST, admission before the upload is read, the size limit
+while it streams; see :mod:`.limits` and the threat model in docs/service.md). Searching is
+CPU work: it runs in worker threads (``Limits.workers`` at once) off the event loop, and at
+most ``Limits.queue`` more requests wait; beyond that the answer is 503 at once. A bad upload
+gets a 4xx with a one-line reason; no answer names a path on the server.
 """
 from __future__ import annotations
 
@@ -17,10 +19,11 @@ import base64
 import logging
 from collections import defaultdict
 from pathlib import Path
+from typing import Sequence
 from urllib.parse import quote
 
 import anyio
-from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -28,53 +31,30 @@ from fastapi.staticfiles import StaticFiles
 from .. import __version__
 from ..formats.images import ImageError
 from ..search.searcher import Searcher
-from .limits import Limits
+from .limits import Admission, Guard, Limits, allowed_hosts, form_file
 from .pictures import match_picture
 
 log = logging.getLogger("delf_pipeline.service")
 
 STATIC = Path(__file__).resolve().parent / "static"
-UPLOAD_OVERHEAD = 64 * 1024  # multipart headers around the file, allowed above max_bytes
+UPLOAD = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["photo"],
+    "properties": {"photo": {"type": "string", "format": "binary", "description": "the photo (JPEG, PNG, WebP, ...)"}},
+}}}}}  # the form of POST /query, for the OpenAPI page (the body is parsed in memory by limits.form_file)
 
 
-class Gate:
-    """Runs blocking calls in at most ``workers`` threads, with at most ``queue`` waiting.
-
-    The event loop is one thread, so the admission count needs no lock.
-    """
-
-    def __init__(self, limits: Limits):
-        self.limiter = anyio.CapacityLimiter(limits.workers)
-        self.capacity = limits.workers + limits.queue
-        self.admitted = 0
-
-    async def run(self, function, *args):
-        if self.admitted >= self.capacity:
-            raise HTTPException(503, f"busy: {self.admitted} photos in progress or waiting; try again shortly",
-                                headers={"Retry-After": "1"})
-        self.admitted += 1
-        try:
-            return await anyio.to_thread.run_sync(function, *args, limiter=self.limiter)
-        finally:
-            self.admitted -= 1
-
-
-def create_app(index: str | Path, limits: Limits = Limits(), searcher: Searcher | None = None) -> FastAPI:
-    """The app serving ``index`` (loaded here, once), or the given ``searcher``."""
+def create_app(index: str | Path, limits: Limits = Limits(), searcher: Searcher | None = None,
+               hosts: Sequence[str] = allowed_hosts("127.0.0.1")) -> FastAPI:
+    """The app serving ``index`` (loaded here, once), or the given ``searcher``, answering
+    requests whose Host header names one of ``hosts``."""
     searcher = searcher or Searcher(index, max_pixels=limits.max_pixels)
-    gate = Gate(limits)
+    threads = anyio.CapacityLimiter(limits.workers)
+    admission = Admission(limits.capacity)
     app = FastAPI(title="delf_pipeline search by photo", version=__version__,
                   description="Which landmark is this photo? Upload one to `POST /query`.")
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.add_middleware(Guard, limits=limits, hosts=hosts, admission=admission)
     _add_error_handlers(app)
-
-    @app.middleware("http")
-    async def refuse_large_bodies(request: Request, call_next):
-        """Refuse an upload by its Content-Length before reading it."""
-        length = request.headers.get("content-length", "")
-        if request.url.path == "/query" and length.isdigit() and int(length) > limits.max_bytes + UPLOAD_OVERHEAD:
-            return JSONResponse({"detail": _too_big(limits)}, status_code=413)
-        return await call_next(request)
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -85,16 +65,23 @@ def create_app(index: str | Path, limits: Limits = Limits(), searcher: Searcher 
         return {"status": "ok", "package_version": __version__, "preset": searcher.config.preset,
                 "images": len(searcher.ids), "landmarks": len(set(searcher.labels.values())),
                 "calibrated": searcher.calibration is not None,
-                "in_progress": gate.admitted, "capacity": gate.capacity}
+                "in_progress": admission.admitted, "capacity": admission.capacity}
 
-    @app.post("/query", summary="The best landmarks and candidates of one photo")
-    async def query(photo: UploadFile = File(..., description="the photo (JPEG, PNG, WebP, ...)"),
+    @app.post("/query", summary="The best landmarks and candidates of one photo", openapi_extra=UPLOAD)
+    async def query(request: Request,
                     picture: bool = Query(False, description="add the match picture of the best candidate "
                                                              "(a JPEG data URL)")) -> dict:
-        data = await photo.read(limits.max_bytes + 1)
+        try:  # the body is in memory, whole and within the limit (limits.Guard)
+            upload = form_file(await request.body(), request.headers.get("content-type", ""), "photo")
+        except ValueError as error:
+            raise HTTPException(400, str(error)) from None
+        if upload is None:
+            raise HTTPException(422, "photo: Field required")
+        data, filename = upload
         if len(data) > limits.max_bytes:
-            raise HTTPException(413, _too_big(limits))
-        return await gate.run(_answer, searcher, data, _display_name(photo.filename), picture)
+            raise HTTPException(413, limits.too_big())
+        return await anyio.to_thread.run_sync(_answer, searcher, data, _display_name(filename), picture,
+                                              limiter=threads)
 
     @app.get("/landmarks", summary="The landmarks of the index, most photographed first, each with a thumbnail")
     def landmarks(limit: int = Query(60, ge=1, le=1000, description="landmarks listed at most")) -> dict:
@@ -149,10 +136,6 @@ def _status_of(reason: str) -> int:
     if "cannot identify image file" in reason:
         return 415
     return 422
-
-
-def _too_big(limits: Limits) -> str:
-    return f"upload too large: the limit is {limits.max_bytes / 1e6:g} MB"
 
 
 def _display_name(filename: str | None) -> str:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import math
 import socket
 import threading
 from contextlib import contextmanager
 from typing import Iterator
 
-from .limits import Limits
+from .limits import Limits, allowed_hosts
 
 log = logging.getLogger("delf_pipeline.service")
 
@@ -28,10 +29,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="photos searched at once, each in a thread (default: %(default)s; one per core)")
     parser.add_argument("--queue", type=int, default=limits.queue,
                         help="requests waiting beyond those; more get 503 (default: %(default)s)")
-    parser.add_argument("--max-megabytes", type=float, default=limits.max_bytes / 1e6,
+    parser.add_argument("--max-megabytes", type=_positive, default=limits.max_bytes / 1e6,
                         help="largest upload accepted (default: %(default)s)")
-    parser.add_argument("--max-megapixels", type=float, default=limits.max_pixels / 1e6,
+    parser.add_argument("--max-megapixels", type=_positive, default=limits.max_pixels / 1e6,
                         help="largest image size accepted, checked before decoding (default: %(default)s)")
+    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="also answer requests whose Host header is NAME (repeatable; by default only the "
+                             "--host address and localhost: a page of another site that resolves its name to "
+                             "this address is refused)")
+
+
+def _positive(text: str) -> float:
+    """A finite number > 0 (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and 0 < value <= 1e6):
+        raise argparse.ArgumentTypeError(f"must be a number above 0 and at most 1e6, got {text!r}")
+    return value
 
 
 #: (distribution, the module names it may be imported as); python-multipart renamed its module.
@@ -53,13 +69,27 @@ def main(args: argparse.Namespace) -> int:
 
     from .app import create_app
 
-    limits = Limits(workers=args.workers, queue=args.queue, max_bytes=int(args.max_megabytes * 1e6),
-                    max_pixels=int(args.max_megapixels * 1e6))
-    app = create_app(args.index, limits)
+    limits = Limits(workers=args.workers, queue=args.queue, max_bytes=max(1, int(args.max_megabytes * 1e6)),
+                    max_pixels=max(1, int(args.max_megapixels * 1e6)))
+    sock = bind(args.host, args.port)  # before the index loads: a port in use is said at once
+    app = create_app(args.index, limits, hosts=allowed_hosts(args.host, args.allow_host))
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("serving on %s: reachable from other machines (the API has no authentication)", args.host)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        log.warning("serving on %s: reachable from other machines (the API has no authentication); requests must "
+                    "name an allowed host (--allow-host NAME for this machine's names)", args.host)
+    log.info("serving http://%s:%d (Ctrl-C stops)", args.host, args.port)
+    uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
     return 0
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port``; OSError naming ``host:port`` (exit 5) when it is taken."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family)
+    except socket.gaierror as error:
+        raise ValueError(f"--host {host!r} is not an address of this machine ({error.strerror})") from None
+    except OSError as error:
+        raise OSError(error.errno, error.strerror or str(error), f"{host}:{port}") from None
 
 
 @contextmanager

@@ -2,20 +2,42 @@
 manifests, and the errors that name a damaged artifact or a busy output."""
 from __future__ import annotations
 
+import contextvars
 import fcntl
+import fnmatch
 import hashlib
 import json
 import logging
 import os
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
 T = TypeVar("T")
 log = logging.getLogger("delf_pipeline.utils.artifacts")
+# How messages name the way to rebuild an output: a command without --overwrite of its own
+# (`index add`) names its own way with :func:`rebuild_advice`.
+_REBUILD = contextvars.ContextVar("rebuild", default="--overwrite")
+
+
+@contextmanager
+def rebuild_advice(text: str) -> Iterator[None]:
+    """Within the block, refusals advise ``text`` (e.g. "`delf-pipeline index build --overwrite`")
+    where they would advise ``--overwrite``."""
+    token = _REBUILD.set(text)
+    try:
+        yield
+    finally:
+        _REBUILD.reset(token)
+
+
+def rebuild_with() -> str:
+    """What refusals advise to rebuild an output: ``--overwrite``, or the one of :func:`rebuild_advice`."""
+    return _REBUILD.get()
 
 
 class DamagedArtifact(ValueError):
@@ -25,6 +47,11 @@ class DamagedArtifact(ValueError):
 
 class OutputBusy(RuntimeError):
     """Another process holds the lock of the output shard this process wants to write."""
+
+
+class ForeignContent(ValueError):
+    """An output folder holds something this project did not make there: it is not deleted
+    (``--overwrite``) nor written into; the message names the first such path."""
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -164,7 +191,7 @@ def read_json(path: Path):
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DamagedArtifact(f"{path} is not valid JSON ({error}); rebuild it with --overwrite") from None
+        raise DamagedArtifact(f"{path} is not valid JSON ({error}); rebuild it with {rebuild_with()}") from None
 
 
 def load_array(path: Path) -> np.ndarray:
@@ -190,28 +217,30 @@ def settings_manifest(settings: dict) -> dict:
     return {"settings": settings, "fingerprint": fingerprint(settings)}
 
 
-def check_manifest(path: Path, expected: dict, what: str) -> None:
+def check_manifest(path: Path, expected: dict, what: str, layout: Layout | None = None) -> None:
     """Write ``expected`` to ``path`` or raise if an existing manifest differs.
 
     This is what keeps an artifact made with other settings from being silently reused. A
     folder that holds artifacts but no manifest is refused too (:class:`DamagedArtifact`):
-    nothing says which settings made them.
+    nothing says which settings made them. With the folder's ``layout``, a folder holding
+    anything else is refused as :class:`ForeignContent`, and ``--overwrite`` is advised only
+    where it would be accepted.
     """
     if not path.exists() and holds_artifacts(path.parent):
+        if layout is not None:
+            refuse_foreign(path.parent, layout)
         raise DamagedArtifact(
             f"{path} is missing, but {what} at {path.parent} holds artifacts made with unknown settings. "
-            "Use --overwrite to rebuild it or choose another output folder."
+            f"{overwrite_advice(path.parent, layout)}"
         )
     if path.exists():
         found = read_json(path)
         if not isinstance(found, dict):
-            raise DamagedArtifact(f"{path} is not a manifest (a JSON object); rebuild it with --overwrite")
+            raise DamagedArtifact(f"{path} is not a manifest (a JSON object); {overwrite_advice(path.parent, layout)}")
         lines = "; ".join(_differences({k: found[k] for k in expected if k in found}, expected))
         if lines:
-            raise ValueError(
-                f"{what} at {path.parent} was made with other settings ({lines}). "
-                "Use --overwrite to rebuild it or choose another output folder."
-            )
+            raise ValueError(f"{what} at {path.parent} was made with other settings ({lines}). "
+                             f"{overwrite_advice(path.parent, layout)}")
     else:
         write_json_atomic(path, expected)
 
@@ -227,14 +256,110 @@ def holds_artifacts(folder: Path) -> bool:
     )
 
 
-def remove_contents(folder: Path) -> None:
-    """Delete everything in ``folder`` but its lock files (``--overwrite``; see :func:`output_lock`)."""
+@dataclass(frozen=True)
+class Layout:
+    """What an output folder of this project holds, to tell its own files from anything else:
+    ``--overwrite`` deletes only these, and refuses a folder holding anything more.
+
+    what: the output's name in messages ("feature store"). files: fnmatch patterns of its
+    files. folders: (pattern, layout) of its sub-folders. owned: a check of the folder itself
+    (e.g. "its manifest.json is ours"), for layouts whose names alone (labels.csv) could be a
+    user's. Every layout also holds lock files (``.lock-*``, never deleted) and the
+    temporaries of a killed atomic write (``.NAME.*.tmp``). Symbolic links are never ours.
+    """
+
+    what: str
+    files: tuple[str, ...] = ()
+    folders: tuple[tuple[str, "Layout"], ...] = ()
+    owned: Callable[[Path], bool] | None = None
+
+
+def _is_lock(path: Path) -> bool:
+    return path.name.startswith(".lock-") and path.is_file() and not path.is_symlink()
+
+
+def _is_temporary(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(".tmp") and not path.is_symlink()
+
+
+def foreign_entries(folder: Path, layout: Layout) -> list[Path]:
+    """Paths under ``folder`` that ``layout`` does not account for (the whole folder's entries when
+    its ``owned`` check fails), sorted; [] for a missing folder."""
     folder = Path(folder)
-    if not folder.is_dir():
+    if not folder.is_dir() or folder.is_symlink():
+        return []
+    entries = sorted(p for p in folder.iterdir() if not _is_lock(p) and not _is_temporary(p))
+    if entries and layout.owned is not None and not layout.owned(folder):
+        return [p for p in entries if not _only_locks(p)]
+    foreign: list[Path] = []
+    for path in entries:
+        if path.is_symlink():
+            foreign.append(path)
+        elif path.is_file() and any(fnmatch.fnmatchcase(path.name, p) for p in layout.files):
+            continue
+        elif path.is_dir() and (inner := _folder_layout(layout, path.name)) is not None:
+            foreign += foreign_entries(path, inner)
+        else:
+            foreign.append(path)
+    return foreign
+
+
+def _only_locks(path: Path) -> bool:
+    """True for a folder holding nothing but lock files and temporaries (what an overwrite leaves)."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    return all(_is_lock(p) or _is_temporary(p) or _only_locks(p) for p in path.iterdir())
+
+
+def _folder_layout(layout: Layout, name: str) -> Layout | None:
+    return next((inner for pattern, inner in layout.folders if fnmatch.fnmatchcase(name, pattern)), None)
+
+
+def refuse_foreign(folder: Path, layout: Layout) -> None:
+    """:class:`ForeignContent` naming the first path in ``folder`` that ``layout`` does not account for."""
+    foreign = foreign_entries(folder, layout)
+    if not foreign:
         return
-    for child in folder.iterdir():
-        if not child.name.startswith(".lock-"):
-            _remove_tree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+    if layout.owned is not None and not layout.owned(folder):
+        why = f"it is no delf_pipeline {layout.what}: it has no manifest of one"
+    else:
+        why = f"in its {layout.what}"
+    raise ForeignContent(f"{folder} holds {foreign[0]}{more}, not made by delf_pipeline ({why}): nothing there is "
+                         "deleted or written; move it away, or choose a new or empty output folder")
+
+
+def overwrite_advice(folder: Path, layout: Layout | None) -> str:
+    """The advice that ends a refusal of an output made with other or unknown settings: --overwrite
+    only where it would be accepted (no foreign content in ``folder``)."""
+    if layout is not None and foreign_entries(folder, layout):
+        return (f"Choose another output folder ({folder} also holds {foreign_entries(folder, layout)[0]}, "
+                "not made by delf_pipeline)")
+    return f"Use {rebuild_with()} to rebuild it or choose another output folder."
+
+
+def remove_owned(folder: Path, layout: Layout) -> None:
+    """``--overwrite``: delete what ``layout`` accounts for in ``folder``, lock files excepted (see
+    :func:`output_lock`); :class:`ForeignContent` and nothing deleted when it holds anything else.
+    Call it under the output's lock."""
+    folder = Path(folder)
+    refuse_foreign(folder, layout)
+    if folder.is_dir():
+        _remove_checked(folder)
+
+
+def _remove_checked(folder: Path) -> None:
+    """Delete everything in ``folder`` (checked by :func:`foreign_entries`) but lock files; a
+    sub-folder is removed once empty."""
+    for path in folder.iterdir():
+        if _is_lock(path):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            _remove_checked(path)
+            if not any(path.iterdir()):
+                path.rmdir()
+        else:
+            path.unlink()
 
 
 def _differences(found: dict, expected: dict, prefix: str = "") -> list[str]:
