@@ -13,12 +13,15 @@ swapped pair from 5/15 to 11/15.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
 from typing import Callable, Sequence
 
 import cv2
 import numpy as np
 
 from ..formats.features import ImageFeatures
+from ..formats.images import load_image
 
 
 def view_angles(tilts: Sequence[float]) -> list[tuple[float, float]]:
@@ -82,3 +85,34 @@ def extract_views(extract: Callable[[np.ndarray], ImageFeatures], image: np.ndar
     features = ImageFeatures(*(np.concatenate(arrays) for arrays in zip(*(
         (p.locations, p.descriptors, p.scales, p.scores) for p in parts))), parts[0].global_descriptor)
     return features, np.concatenate(views)
+
+
+
+class ViewExtractor:
+    """Local features of a query on its simulated views, in original-image pixels (what the
+    verification cascade's ``views`` stage matches); made by
+    :func:`delf_pipeline.extractors.build.view_extractor` from a store's ``extract`` settings.
+
+    make: () -> the local extractor, called once, on first use (a worker whose queries never
+    reach the second stage loads no model); tilts: the views' tilts; max_image_size, mode: the
+    decoding of the query's store.
+    """
+
+    def __init__(self, make: Callable[[], Callable[[np.ndarray], ImageFeatures]], tilts: Sequence[float],
+                 max_image_size: int, mode: str):
+        view_angles(tilts)  # a tilt below 1 is refused now, not at the first query
+        self.make, self.tilts, self.max_image_size, self.mode = make, tuple(float(t) for t in tilts), max_image_size, mode
+        self._extract: Callable[[np.ndarray], ImageFeatures] | None = None
+
+    def of_image(self, image: np.ndarray, factors: np.ndarray) -> tuple[ImageFeatures, np.ndarray]:
+        """(features of every view in original pixels, [N] view index) of a decoded image whose
+        pixels map to the original by ``factors`` [2] (y, x), as :func:`load_image` returns them."""
+        if self._extract is None:
+            self._extract = self.make()
+        features, views = extract_views(self._extract, image, self.tilts)
+        return replace(features, locations=features.locations * np.asarray(factors, np.float32)), views
+
+    def of_file(self, path: str | Path) -> tuple[ImageFeatures, np.ndarray]:
+        """:meth:`of_image` of an image file decoded as its store decoded it (ImageError when it
+        cannot be read now)."""
+        return self.of_image(*load_image(Path(path), self.max_image_size, self.mode))
