@@ -221,8 +221,9 @@ SETTINGS: dict[str, dict[str, Key]] = {
         "cascade_rule": _pick("max", ("replace", "max", "sum"),
                               "a selected candidate's inliers: the second stage's (replace), the larger of both "
                               "(max) or their sum", when="cascade"),
-        "cascade_tilts": _reals([1.0, 2.0, 4.0], 1, 16, (1, 8), "tilts of the query's simulated views (1: the image "
-                                "itself; t > 1 adds views rotated 72 / t degrees apart)", when="cascade_views"),
+        "cascade_tilts": _reals([1.0, 2.0, 4.0], 0, 16, (1, 8), "tilts of the query's simulated views (1: the image "
+                                "itself; t > 1 adds views rotated 72 / t degrees apart, compressed by t; t < 1 views "
+                                "rotated 72 t degrees apart, stretched by 1 / t)", open_low=True, when="cascade_views"),
     },
     "predict": {
         "top_k": _count(3, 1, 1000, "candidates per query that vote for a class"),

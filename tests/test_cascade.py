@@ -81,9 +81,10 @@ def test_cascade_settings_are_checked_by_the_table():
     with pytest.raises(ConfigError, match="rerank.cascade"):
         load_config(None, None, ["rerank.cascade=disk"])
     with pytest.raises(ConfigError, match="rerank.cascade_tilts"):
-        load_config(None, None, ["rerank.cascade_tilts=[0.5]"])
+        load_config(None, None, ["rerank.cascade_tilts=[0]"])
     conf = load_config(None, None, VIEWS).rerank
     assert (conf.cascade, conf.cascade_pairs, conf.cascade_tilts) == ("views", 2, [1.0, 2.0])
+    assert load_config(None, None, ["rerank.cascade_tilts=[1, 0.5]"]).rerank.cascade_tilts == [1.0, 0.5]  # stretches
 
 
 # ------------------------------------------------------------------ the rerank stage

@@ -4,7 +4,9 @@ View synthesis as in ASIFT (Morel & Yu, "ASIFT: A New Framework for Fully Affine
 Image Comparison", SIAM J. Imaging Sciences 2009) and MODS (Mishkin, Matas, Perdoch, "MODS:
 Fast and robust method for two-view matching", CVIU 2015): for a tilt t > 1 the image is
 rotated by angles 72/t degrees apart in [0, 180), blurred along x (sigma 0.8 sqrt(t^2 - 1))
-and compressed by t along x; tilt 1 is the image itself. Any local-feature extractor runs on
+and compressed by t along x; tilt 1 is the image itself. The cascade's query views (not
+``extract.affine_tilts``) also take 0 < t < 1: rotated 72 t degrees apart and stretched by 1 / t
+along x, unblurred, which undoes a compression of the query itself at full resolution. Any local-feature extractor runs on
 each view and the keypoints are mapped back to the image's pixels (those landing outside it,
 on a rotated canvas's corners, are dropped). Measured on the EVD pairs (REPORT of issue 23):
 XFeat on the query's 16 views of tilts (1, 2, 4), matched view by view
@@ -24,20 +26,22 @@ from ..formats.features import ImageFeatures
 from ..formats.images import load_image
 
 
-def view_angles(tilts: Sequence[float]) -> list[tuple[float, float]]:
-    """(tilt, rotation in degrees) of every simulated view; tilt 1 is the image itself."""
+def view_angles(tilts: Sequence[float], stretch: bool = False) -> list[tuple[float, float]]:
+    """(tilt, rotation in degrees) of every simulated view; tilt 1 is the image itself. With
+    ``stretch``, a tilt t < 1 stretches by 1 / t (see :func:`simulate_view`)."""
     views = []
     for tilt in tilts:
-        if tilt < 1:
+        if tilt < 1 and not (stretch and tilt > 0):
             raise ValueError(f"extract.affine_tilts must be >= 1, got {tilt}")
-        angles = [0.0] if tilt == 1 else list(np.arange(0.0, 180.0, 72.0 / tilt))
+        angles = [0.0] if tilt == 1 else list(np.arange(0.0, 180.0, 72.0 / max(tilt, 1.0 / tilt)))
         views.extend((float(tilt), float(angle)) for angle in angles)
     return views
 
 
 def simulate_view(image: np.ndarray, tilt: float, angle: float) -> tuple[np.ndarray, np.ndarray]:
     """The view of ``image`` ([H, W] or [H, W, C]) rotated by ``angle`` degrees and tilted by
-    ``tilt``, and the 2x3 affine map from ``image``'s (x, y) to the view's."""
+    ``tilt`` (t > 1 compresses x by t after a blur; t < 1 stretches x by 1 / t), and the 2x3
+    affine map from ``image``'s (x, y) to the view's."""
     affine = np.eye(2, 3)
     if tilt == 1 and angle == 0:
         return image, affine
@@ -49,7 +53,8 @@ def simulate_view(image: np.ndarray, tilt: float, angle: float) -> tuple[np.ndar
     view = cv2.warpAffine(image, affine, (int(size[0]), int(size[1])), flags=cv2.INTER_LINEAR)
     if tilt == 1:
         return view, affine
-    view = cv2.GaussianBlur(view, (0, 0), sigmaX=0.8 * np.sqrt(tilt * tilt - 1), sigmaY=0.01)
+    if tilt > 1:
+        view = cv2.GaussianBlur(view, (0, 0), sigmaX=0.8 * np.sqrt(tilt * tilt - 1), sigmaY=0.01)
     view = cv2.resize(view, (0, 0), fx=1.0 / tilt, fy=1.0, interpolation=cv2.INTER_LINEAR)
     return view, np.diag([1.0 / tilt, 1.0]) @ affine
 
@@ -75,7 +80,7 @@ def extract_views(extract: Callable[[np.ndarray], ImageFeatures], image: np.ndar
     if not len(tilts):
         raise ValueError("extract_views needs at least one tilt (1: the image itself)")
     parts, views = [], []
-    for index, (tilt, angle) in enumerate(view_angles(tilts)):
+    for index, (tilt, angle) in enumerate(view_angles(tilts, stretch=True)):
         view, affine = simulate_view(image, tilt, angle)
         found = extract(view)
         xy, inside = back_to_image(found.locations[:, ::-1], affine, image.shape)
@@ -100,7 +105,7 @@ class ViewExtractor:
 
     def __init__(self, make: Callable[[], Callable[[np.ndarray], ImageFeatures]], tilts: Sequence[float],
                  max_image_size: int, mode: str):
-        view_angles(tilts)  # a tilt below 1 is refused now, not at the first query
+        view_angles(tilts, stretch=True)  # a tilt of 0 or less is refused now, not at the first query
         self.make, self.tilts, self.max_image_size, self.mode = make, tuple(float(t) for t in tilts), max_image_size, mode
         self._extract: Callable[[np.ndarray], ImageFeatures] | None = None
 
