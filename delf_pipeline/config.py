@@ -211,8 +211,10 @@ SETTINGS: dict[str, dict[str, Key]] = {
                          '"" (every candidate by the fast path only) | views (the query\'s local features on simulated '
                          "affine views, matched view by view) | lighterglue (XFeat's learned matcher): a second stage "
                          "for the candidates that can still change the answer (verification/cascade.py)"),
-        "cascade_pairs": _count(20, 1, 10_000, "second-stage pairs per query at most: the fast path's best candidate of "
-                                "each of its first classes", when="cascade"),
+        "cascade_pairs": _count(2, 1, 10_000, "second-stage pairs per query at most: the fast path's best candidate of "
+                                "each of its first classes (2: with lighterglue, the one value measured whose top-1 fell on "
+                                "neither the hard task nor landmarks_dev; 10 loses landmarks_dev queries with every "
+                                "stage, docs/benchmarks.md)", when="cascade"),
         "cascade_inliers": _count(12, 0, 100_000, "second stage when the fast path's best candidate has fewer inliers "
                                   "than this (unrelated pairs reach ~6-16)", when="cascade"),
         "cascade_margin": _real(0.0, 0, 1e6, "second stage also when the fast path's best class leads the next by less "
@@ -221,9 +223,11 @@ SETTINGS: dict[str, dict[str, Key]] = {
         "cascade_rule": _pick("max", ("replace", "max", "sum"),
                               "a selected candidate's inliers: the second stage's (replace), the larger of both "
                               "(max) or their sum", when="cascade"),
-        "cascade_tilts": _reals([1.0, 2.0, 4.0], 0, 16, (1, 8), "tilts of the query's simulated views (1: the image "
+        "cascade_tilts": _reals([1.0, 0.5, 0.25], 0, 16, (1, 8), "tilts of the query's simulated views (1: the image "
                                 "itself; t > 1 adds views rotated 72 / t degrees apart, compressed by t; t < 1 views "
-                                "rotated 72 t degrees apart, stretched by 1 / t)", open_low=True, when="cascade_views"),
+                                "rotated 72 t degrees apart, stretched by 1 / t: top-1 at or above [1, 2, 4]'s at every "
+                                "setting measured on the hard task and landmarks_dev, at 4-7x its CPU)", open_low=True,
+                                when="cascade_views"),
     },
     "predict": {
         "top_k": _count(3, 1, 1000, "candidates per query that vote for a class"),

@@ -16,16 +16,24 @@ Second stages:
   (tilts ``cascade_tilts``, :mod:`delf_pipeline.extractors.views`), each view matched to the
   candidate on its own (:func:`.matching.match_views`, the preset's matcher and ratio), then the
   preset's verifier. The candidate's stored features are used as they are: the index side stays
-  one view. On the EVD pairs, tilts (1, 2, 4) lift the true pairs above every swapped pair from
-  5/15 to 11/15, at ~15x the fast path's CPU per pair plus ~12x the query's extraction.
+  one view. On the EVD pairs with image 1 as the query, tilts (1, 2, 4) lift the true pairs above
+  every swapped pair from 4/15 to 11/15; with image 2 as the query (the hard task's direction)
+  they stay at 5/15, where the stretching tilts (1, 0.5, 0.25), the default, reach 8/15 (and 7/15
+  the other way). CPU: ~13-15x the fast path's per pair, plus the views' extraction.
 * ``lighterglue`` (:class:`GlueStage`): XFeat's learned matcher on the stored features, then the
-  preset's verifier (9/15 on EVD, ~22x the fast path per pair).
+  preset's verifier (EVD: 9/15 with image 1 as the query, 5/15 with image 2; ~17-21x the fast
+  path's CPU per pair).
 
 Combination (``cascade_rule``): a selected candidate's inliers become the second stage's
 (``replace``), the larger of both (``max``) or their sum (``sum``), below ``min_inliers``
 counting 0 as for the fast path; its score is recomputed from them (``rerank.scoring``), its
 ``matches`` are the second stage's and its status is ``STAGE:STATUS`` (``views:ok``).
-The rule and the selection of the presets are measured (benchmarks/bench_cascade.py).
+The selection and the rule are measured by benchmarks/bench_cascade.py (docs/benchmarks.md,
+"Verification cascade"): on the hard task and the landmarks_dev split no setting measured beats
+the fast path alone beyond the bootstrap interval, and 3 or more pairs per query lose
+landmarks_dev queries beyond it, so no preset turns the cascade on; the defaults of its keys are
+the setting at which lighterglue's top-1 fell on neither task (2 pairs, inliers below 12, rule
+max).
 """
 from __future__ import annotations
 
