@@ -25,7 +25,8 @@ Steps (each cached under --work, so a rerun reuses what is done):
    CPU seconds per query (the views' extraction included) against the fast path's.
 
     python benchmarks/bench_cascade.py --work /work/cache/cascade [--tasks hard dev]
-    python benchmarks/bench_cascade.py --evd   # EVD pair level through the cascade's stages
+        [--stages lighterglue views@1,2,4 views@1,0.5,0.25] [--pairs 2 10] [--bands 12 20] [--rules max]
+    python benchmarks/bench_cascade.py --evd [--tilts 1 2 4]  # EVD pair level through the stages
 """
 from __future__ import annotations
 
@@ -401,13 +402,13 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/work/cache/cascade"))
     parser.add_argument("--tasks", nargs="+", default=["hard", "dev"], choices=["hard", "dev"])
     parser.add_argument("--base-only", action="store_true", help="step 1 only")
-    parser.add_argument("--stages", nargs="+", default=["views", "lighterglue"],
+    parser.add_argument("--stages", nargs="+", default=["lighterglue", "views@1,2,4", "views@1,0.5,0.25"],
                         help="second stages: views, lighterglue, views@T1,T2,... (views of those tilts)")
-    parser.add_argument("--pairs", type=int, nargs="+", default=[3, 10], help="rerank.cascade_pairs values")
+    parser.add_argument("--pairs", type=int, nargs="+", default=[2, 10], help="rerank.cascade_pairs values")
     parser.add_argument("--bands", type=int, nargs="+", default=[12, 20], help="rerank.cascade_inliers values")
     parser.add_argument("--margins", type=float, nargs="+", default=[0.0],
                         help="rerank.cascade_margin values (kaggle2020 score units)")
-    parser.add_argument("--rules", nargs="+", default=["max", "replace"], choices=["replace", "max", "sum"])
+    parser.add_argument("--rules", nargs="+", default=["max"], choices=["replace", "max", "sum"])
     parser.add_argument("--evd", action="store_true", help="only the EVD pair table (both query sides)")
     parser.add_argument("--tilts", type=float, nargs="+", default=[1.0, 2.0, 4.0],
                         help="views' tilts for --evd (t < 1 stretches by 1 / t)")
@@ -415,7 +416,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.work.mkdir(parents=True, exist_ok=True)
     if args.evd:
-        lines = evd_lines(args.tilts, "lighterglue" in args.stages)
+        lines = evd_lines(args.tilts, "lighterglue" in args.stages)  # views of --tilts
         (args.work / f"evd-{'-'.join(f'{t:g}' for t in args.tilts)}.md").write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
         return
