@@ -6,8 +6,8 @@ Two tasks, each a Kaggle-layout folder run through ``delf-pipeline run`` (pipeli
 - ``hard``: benchmarks/common.build_hard_task (EVD second views, held-out landmarks_mini
   photos, non-landmark photos: 35 + 8 queries);
 - ``dev``: the landmarks_dev split of issue 23 (round(n / 3) of each place's photos and of the
-  non-landmarks as queries, seed 0, the draw of the quality benchmark; the other landmark photos
-  as the index: 424 index photos, 213 + 38 queries).
+  non-landmarks as queries, seed 0: benchmarks/common.build_dev_split, as benchmarks/quality.py
+  draws it; the other landmark photos as the index: 424 index photos, 213 + 38 queries).
 
 Steps (each cached under --work, so a rerun reuses what is done):
 
@@ -52,7 +52,6 @@ from delf_pipeline.formats.blocks import read_table
 from delf_pipeline.formats.images import list_images, load_image
 from delf_pipeline.formats.tables import read_labels
 from delf_pipeline.metrics.recognition import gap_of_pooled
-from delf_pipeline.tools.demo import demo_id
 from delf_pipeline.verification.cascade import GlueStage, QuerySide, ViewsStage, combine, select
 from delf_pipeline.verification.lighterglue import load_xfeat_lighterglue
 from delf_pipeline.verification.pairs import verify_options, verify_pair
@@ -63,49 +62,6 @@ log = logging.getLogger("bench_cascade")
 
 # ------------------------------------------------------------------ tasks
 
-def held_out_ids(places: dict[str, list[str]], count, seed: int) -> set[str]:
-    """For each place in sorted order, ``count(n)`` of its n ids drawn without replacement by one
-    generator seeded with ``seed`` (the draw of the issue-23 dev protocol; the quality branch
-    carries the same split as common.landmarks_dev_rows, which this can use once merged)."""
-    rng = np.random.default_rng(seed)
-    held: set[str] = set()
-    for place in sorted(places):
-        ids = places[place]
-        k = count(len(ids))
-        if k:
-            held |= {ids[i] for i in rng.choice(len(ids), size=k, replace=False).tolist()}
-    return held
-
-
-def dev_split_rows(data: Path, seed: int = 0) -> tuple[list[tuple], list[tuple]]:
-    """(index rows, query rows) of the landmarks_dev split, each (id, landmark or "", source)."""
-    folder = data / "landmarks_dev"
-    with open(folder / "labels.csv", newline="") as handle:
-        rows = [(Path(r["image"]).with_suffix("").as_posix(), r["label"], r["image"]) for r in csv.DictReader(handle)]
-    places: dict[str, list[str]] = {}
-    for image, label, _ in rows:
-        places.setdefault(label, []).append(image)
-    queries = held_out_ids(places, lambda n: round(n / 3), seed)
-    index, test = [], []
-    for image, label, path in rows:
-        row = (demo_id(f"landmarks_dev/{path}"), label, folder / path)
-        if image in queries:
-            test.append(row)
-        elif label:
-            index.append(row)
-    return index, test
-
-
-def build_dev_split(out: Path, data: Path) -> None:
-    index, queries = dev_split_rows(data)
-    for split, rows in (("train", index), ("test", queries)):
-        for image_id, _, source in rows:
-            common.link(out, split, image_id, source)
-    common.write_csv(out / "train.csv", ("id", "landmark_id"), [(i, label) for i, label, _ in index])
-    common.write_csv(out / "sample_submission.csv", ("id", "landmarks"), [(i, "") for i, _, _ in queries])
-    common.write_csv(out / "solution.csv", ("id", "landmarks", "Usage"), [(i, label, "Public") for i, label, _ in queries])
-
-
 def task_folder(work: Path, task: str) -> Path:
     """The task's Kaggle-layout folder under ``work/tasks`` (built once)."""
     folder = work / "tasks" / task
@@ -114,7 +70,7 @@ def task_folder(work: Path, task: str) -> Path:
         if task == "hard":
             common.build_hard_task(folder, data)
         else:
-            build_dev_split(folder, data)
+            common.build_dev_split(folder, data)
     return folder
 
 
