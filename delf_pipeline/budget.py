@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -75,6 +75,7 @@ def measure_pair_seconds(conf: RerankSettings, shortlist: pd.DataFrame, query_st
     Queries are taken evenly spaced over the sorted ids, each with its ``num_to_rerank``
     best candidates, until ``max_pairs`` pairs or ``max_seconds`` are spent (at least one
     query). The index-feature cache starts empty, so the estimate errs on the slow side.
+    A cascade's second stage (``rerank.cascade``) is not timed: only the fast path is.
     """
     from .formats.candidates import top_candidates
     from .verification.verifier import CandidateVerifier
@@ -82,7 +83,8 @@ def measure_pair_seconds(conf: RerankSettings, shortlist: pd.DataFrame, query_st
     candidates = top_candidates(shortlist, conf.num_to_rerank)
     queries = sorted(candidates)
     step = max(1, len(queries) * conf.num_to_rerank // max(1, max_pairs))
-    worker = CandidateVerifier(query_store, index_store, conf)
+    # the cascade's second stage needs labels and images, and runs on few pairs: not timed
+    worker = CandidateVerifier(query_store, index_store, replace(conf, cascade=""))
     start, pairs = time.perf_counter(), 0
     for query_id in queries[::step]:
         pairs += len(worker.rerank_query(query_id, candidates[query_id]))

@@ -237,7 +237,8 @@ def loo_candidates(config: Config, index_store: str | Path | FeatureStore, work:
     if loo.rerank.num_to_rerank > 0:
         wanted = candidate_ids(top_candidates(ranked, loo.rerank.num_to_rerank))
         local_store = extract.candidate_local_store(loo, index, wanted, index_images)
-        rerank_csv = rerank.run(loo, shortlist_csv, index, local_store, work / "rerank.csv", jobs=jobs)
+        rerank_csv = rerank.run(loo, shortlist_csv, index, local_store, work / "rerank.csv", jobs=jobs,
+                                index_labels=labels or {}, query_images=index_images, query_split="train")
     return aggregation.candidate_table(ranked, read_table(rerank_csv) if rerank_csv else None)
 
 

@@ -207,6 +207,27 @@ SETTINGS: dict[str, dict[str, Key]] = {
                          "official: order by (inliers, global) | kaggle2020: min(inliers, M) / M + global"),
         "max_inlier_score": _count(30, 1, 100_000, "M of the kaggle2020 scoring: inliers are capped at M, then / M",
                                    when="kaggle2020"),
+        "cascade": _pick("", ("", "views", "lighterglue"),
+                         '"" (every candidate by the fast path only) | views (the query\'s local features on simulated '
+                         "affine views, matched view by view) | lighterglue (XFeat's learned matcher): a second stage "
+                         "for the candidates that can still change the answer (verification/cascade.py)"),
+        "cascade_pairs": _count(2, 1, 10_000, "second-stage pairs per query at most: the fast path's best candidate of "
+                                "each of its first classes (2: with lighterglue, the one value measured whose top-1 fell on "
+                                "neither the hard task nor landmarks_dev; 10 loses landmarks_dev queries with every "
+                                "stage, docs/benchmarks.md)", when="cascade"),
+        "cascade_inliers": _count(12, 0, 100_000, "second stage when the fast path's best candidate has fewer inliers "
+                                  "than this (unrelated pairs reach ~6-16)", when="cascade"),
+        "cascade_margin": _real(0.0, 0, 1e6, "second stage also when the fast path's best class leads the next by less "
+                                "than this (rerank score units; kaggle2020: 1 / max_inlier_score per inlier)",
+                                when="cascade"),
+        "cascade_rule": _pick("max", ("replace", "max", "sum"),
+                              "a selected candidate's inliers: the second stage's (replace), the larger of both "
+                              "(max) or their sum", when="cascade"),
+        "cascade_tilts": _reals([1.0, 0.5, 0.25], 0, 16, (1, 8), "tilts of the query's simulated views (1: the image "
+                                "itself; t > 1 adds views rotated 72 / t degrees apart, compressed by t; t < 1 views "
+                                "rotated 72 t degrees apart, stretched by 1 / t: top-1 at or above [1, 2, 4]'s at every "
+                                "setting measured on the hard task and landmarks_dev, at 4-7x its CPU)", open_low=True,
+                                when="cascade_views"),
     },
     "predict": {
         "top_k": _count(3, 1, 1000, "candidates per query that vote for a class"),
@@ -517,6 +538,7 @@ FEATURES = {
     "hybrid": "a savedmodel / hub backend with a local_backend",
     "superglobal": "superglobal_depth > 0",
     "subcenter_arcface": "train.loss = subcenter_arcface",
+    "cascade": "a verification cascade (rerank.cascade)", "cascade_views": "rerank.cascade = views",
 }
 
 
@@ -526,7 +548,8 @@ def features_in_use(config: Config) -> set[str]:
     descriptor_matcher / ratio_matcher (a matcher by descriptor distance / with a ratio test),
     usac (a verifier with a confidence), kaggle2020 (that scoring), whitening, dba, qe, hybrid
     (a model's global with another backend's locals; with vlad_weight > 0 also vlad),
-    superglobal, subcenter_arcface (that training loss)."""
+    superglobal, subcenter_arcface (that training loss), cascade and cascade_views (a
+    verification cascade, its views stage)."""
     extract, shortlist, rerank = config.extract, config.shortlist, config.rerank
     model = extract.backend in ("savedmodel", "hub")
     locals_ = extract.local_backend if model and extract.local_backend else extract.backend
@@ -538,6 +561,8 @@ def features_in_use(config: Config) -> set[str]:
     tags |= {"ratio_matcher"} if rerank.matcher in ("nn", "mutual") else set()
     tags |= {"usac"} if rerank.verifier != "skimage_affine" else set()
     tags |= {"kaggle2020"} if rerank.scoring == "kaggle2020" else set()
+    tags |= {"cascade"} if rerank.cascade else set()
+    tags |= {"cascade_views"} if rerank.cascade == "views" else set()
     flags = {"whitening": shortlist.whitening, "dba": shortlist.dba, "qe": shortlist.qe_top_n,
              "superglobal": shortlist.superglobal_depth,
              "subcenter_arcface": config.train.loss == "subcenter_arcface"}

@@ -78,7 +78,8 @@ def run(
         config, time_budget, shortlist_csv, query, local, folder.rerank, jobs=jobs, overwrite=overwrite)
     rerank_csv = None
     if reranked.rerank.num_to_rerank > 0:
-        rerank_csv = rerank.run(reranked, shortlist_csv, query, local, folder.rerank, overwrite=overwrite, jobs=jobs)
+        rerank_csv = rerank.run(reranked, shortlist_csv, query, local, folder.rerank, overwrite=overwrite, jobs=jobs,
+                                index_labels=labels, query_images=data)
     predicting = calibrated(reranked, data, index, folder, calibrate_index=calibrate_index, jobs=jobs,
                             budget=time_budget, start=start, non_landmarks=non_landmarks, overwrite=overwrite)
     calibration = predicting.predict.calibration

@@ -10,6 +10,17 @@ keeps one verifier, whose cache holds the index features it has read.
 
 Output CSV: ``query_id,index_id,global_score,matches,inliers,score,status``, rows of a
 query sorted by score (descending).
+
+With ``rerank.cascade`` (:mod:`delf_pipeline.verification.cascade`) a second stage re-verifies
+the candidates that can still change a query's answer; it needs the index labels (its classes),
+and the ``views`` stage the query images. Those views are extracted here, at rerank time, for
+the selected queries only, from the images the query store was made from (``query_images``,
+decoded and extracted with the settings that store recorded), rather than stored by the extract
+stage: a query-side store of view features would cost ~12x the queries' extraction and store for
+every query, where the cascade selects few, and it would be a second artifact to keep in step.
+Extraction is deterministic, so a block redone after a kill or on another shard or worker gives
+the same bytes: the unit of resume and sharding stays the query block, and the index side is
+untouched. The labels' content is part of the output's manifest when the cascade is on.
 """
 from __future__ import annotations
 
@@ -32,7 +43,9 @@ from .config import (
 )
 from .formats.blocks import claim_blocks, read_table, run_blocks, write_block
 from .formats.candidates import SHORTLIST_COLUMNS, top_candidates
+from .formats.images import list_images
 from .formats.store import FeatureStore, open_store
+from .formats.tables import read_labels
 from .utils.artifacts import fingerprint, parse_shard, settings_manifest
 from .utils.parallel import run_tasks, worker_local
 from .utils.progress import track
@@ -54,24 +67,33 @@ def run(
     overwrite: bool = False,
     jobs: int = 1,
     dask_address: str | None = None,
+    index_labels: dict[str, str] | None = None,
+    query_images: str | Path | None = None,
+    query_split: str = "test",
 ) -> Path:
     """Verify the shortlisted candidates of every query; writes and returns ``out``.
 
     ``index_store`` must hold the candidates' local features: a store made with
     ``extract.local_features`` false holds global descriptors only, and then the store of
     ``extract --candidates`` (which :func:`delf_pipeline.pipeline.run` makes itself) is given.
+    With ``rerank.cascade``: ``index_labels`` (index id -> landmark) are required, and for the
+    views stage ``query_images`` (the image source the query store was extracted from, split
+    ``query_split`` of a Kaggle folder).
     """
     conf, out = config.rerank, Path(out)
     shortlist = read_table(Path(shortlist_csv), SHORTLIST_COLUMNS)
     candidates = top_candidates(shortlist, conf.num_to_rerank)
     stores = (open_store(query_store), open_store(index_store))
     require_local_features(stores[1])
+    labels, images = cascade_inputs(conf, index_labels, query_images, query_split)
 
     def compute(blocks: list[tuple[int, list[str]]]) -> None:
-        tasks = [(number, {q: candidates[q] for q in ids}) for number, ids in blocks]
+        tasks = [(number, {q: candidates[q] for q in ids}, block_context(candidates, ids, labels, images))
+                 for number, ids in blocks]
         _run_parallel(tasks, out, stores, conf, jobs, dask_address)
 
-    with claim_blocks(out, shard, "rerank output", rerank_manifest(conf, shortlist), overwrite):
+    manifest = rerank_manifest(conf, shortlist, labels)
+    with claim_blocks(out, shard, "rerank output", manifest, overwrite):
         run_blocks(out, list(candidates), QUERY_BLOCK, shard, COLUMNS, compute)
     if out.exists():
         counts = read_table(out)["status"].value_counts().to_dict()
@@ -80,10 +102,43 @@ def run(
     return out
 
 
-def rerank_manifest(conf: RerankSettings, shortlist: pd.DataFrame) -> dict:
+def rerank_manifest(conf: RerankSettings, shortlist: pd.DataFrame, labels: dict[str, str] | None = None) -> dict:
     """Every ``rerank`` key (none of them is runtime-only: ``--jobs`` is not a setting) and the
-    whole shortlist's content: any changed row or key gives another manifest."""
-    return {**settings_manifest(fingerprinted(conf)), "shortlist_content": table_fingerprint(shortlist)}
+    whole shortlist's content: any changed row or key gives another manifest; with a cascade,
+    also the labels' content (they choose its second-stage pairs)."""
+    manifest = {**settings_manifest(fingerprinted(conf)), "shortlist_content": table_fingerprint(shortlist)}
+    if conf.cascade:
+        manifest["labels_content"] = fingerprint(sorted((labels or {}).items()))
+    return manifest
+
+
+def cascade_inputs(conf: RerankSettings, labels: dict[str, str] | None, images: str | Path | None,
+                   split: str) -> tuple[dict[str, str] | None, dict[str, str] | None]:
+    """(labels, query id -> image path) the cascade needs (None, None without one); ValueError
+    saying what to give when one is missing."""
+    if not conf.cascade:
+        return None, None
+    if labels is None:
+        raise ValueError(f"rerank.cascade = {conf.cascade!r} selects its second-stage pairs by class: give the index "
+                         "labels (`delf-pipeline rerank --index-labels train.csv`; `run` does)")
+    if conf.cascade != "views":
+        return labels, None
+    if images is None:
+        raise ValueError("rerank.cascade = 'views' extracts the selected queries' views from their images: give the "
+                         "image source the query store was extracted from (`delf-pipeline rerank --query-images "
+                         "DATA --query-split test`; `run` does)")
+    records, _ = list_images(images, split)
+    return labels, {record.id: str(record.path) for record in records}
+
+
+def block_context(candidates: dict, ids: list[str], labels: dict | None, images: dict | None) -> tuple:
+    """(labels of the block's candidates, image paths of its queries): what a block's worker needs
+    for the cascade, (None, None) without one."""
+    if labels is None:
+        return None, None
+    wanted = {index_id for q in ids for index_id, _ in candidates[q]}
+    paths = None if images is None else {q: images[q] for q in ids if q in images}
+    return {i: labels[i] for i in wanted if i in labels}, paths
 
 
 def table_fingerprint(table: pd.DataFrame) -> str:
@@ -109,18 +164,19 @@ def _run_parallel(tasks, out: Path, stores: tuple[FeatureStore, FeatureStore], c
     on a Dask cluster (each opening the stores by path)."""
     if jobs == 1 and dask_address is None:
         worker = CandidateVerifier(*stores, conf)
-        for number, block in track(tasks, len(tasks), "rerank blocks"):
-            write_block(out, number, worker.rerank_block(block))
+        for number, block, context in track(tasks, len(tasks), "rerank blocks"):
+            write_block(out, number, worker.rerank_block(block, *context))
         return
     paths = tuple(str(store.path) for store in stores)
-    tasks = [(number, block, str(out), paths, conf) for number, block in tasks]
+    tasks = [(number, block, context, str(out), paths, conf) for number, block, context in tasks]
     run_tasks(_rerank_and_write, tasks, "rerank blocks", jobs=jobs, dask_address=dask_address)
 
 
-def _rerank_and_write(number: int, block: dict, out: str, paths: tuple[str, str], conf: RerankSettings) -> int:
+def _rerank_and_write(number: int, block: dict, context: tuple, out: str, paths: tuple[str, str],
+                      conf: RerankSettings) -> int:
     """Task run in a worker process: verify one block and write it atomically."""
     worker = worker_local(("rerank", *paths, fingerprint(conf)), lambda: CandidateVerifier(*paths, conf))
-    write_block(Path(out), number, worker.rerank_block(block))
+    write_block(Path(out), number, worker.rerank_block(block, *context))
     return number
 
 
@@ -131,6 +187,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="rerank CSV to write")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (one per core works best)")
     add_run_arguments(parser, dask="run the blocks (the workers must see the stores and --out)")
+    parser.add_argument("--index-labels", metavar="CSV", help="id,landmark_id of the index images (train.csv): "
+                        "needed by rerank.cascade, which verifies the best candidate of each close class again")
+    parser.add_argument("--query-images", metavar="SOURCE", help="the images the query store was extracted from "
+                        "(folder, Kaggle root or CSV): rerank.cascade = views extracts the selected queries' views")
+    parser.add_argument("--query-split", default="test", help="Kaggle layout: the split of --query-images (test)")
     add_config_arguments(parser)
 
 
@@ -169,6 +230,8 @@ def main(args: argparse.Namespace) -> int:
         log.info("rerank with the settings of preset %s, the one whose extract settings made %s (--preset to "
                  "choose another)", preset, args.index)
     config = load_config(preset, args.config, args.overrides)
+    labels = read_labels(args.index_labels) if args.index_labels else None
     run(config, args.shortlist, args.queries, args.index, args.out, shard=parse_shard(args.shard),
-        overwrite=args.overwrite, jobs=args.jobs, dask_address=args.dask)
+        overwrite=args.overwrite, jobs=args.jobs, dask_address=args.dask, index_labels=labels,
+        query_images=args.query_images, query_split=args.query_split)
     return 0

@@ -75,7 +75,8 @@ def forked(argv: list[str], cwd: Path, kill_at: int | None = None) -> tuple[int,
 
 
 def stage_commands(data: Path) -> list[list[str]]:
-    """The five stages on the Kaggle folder ``data``, outputs relative to the working folder."""
+    """The five stages on the Kaggle folder ``data``, then a rerank with a verification cascade,
+    outputs relative to the working folder."""
     return [
         ["extract", "--images", str(data), "--split", "train", "--out", "index", *FAST],
         ["extract", "--images", str(data), "--split", "test", "--out", "query", "--codebook", "index/codebook.npy",
@@ -85,6 +86,11 @@ def stage_commands(data: Path) -> list[list[str]]:
          *FAST],
         ["predict", "--shortlist", "shortlist.csv", "--rerank", "rerank.csv", "--index-labels",
          str(data / "train.csv"), "--queries", str(data / "sample_submission.csv"), "--out", "submission.csv", *FAST],
+        # the verification cascade: views of the selected queries extracted from their images at rerank time
+        ["rerank", "--shortlist", "shortlist.csv", "--queries", "query", "--index", "index", "--out", "cascade.csv",
+         "--index-labels", str(data / "train.csv"), "--query-images", str(data), *FAST, "--set", "rerank.cascade=views",
+         "--set", "rerank.cascade_tilts=[1, 2]", "--set", "rerank.cascade_pairs=2",
+         "--set", "rerank.cascade_inliers=1000"],
     ]
 
 
@@ -140,7 +146,7 @@ SLOW = pytest.mark.slow  # ~10 s on 2 busy cores: 17 extractions
 @pytest.mark.parametrize("stage", [pytest.param(0, id="extract-index", marks=SLOW),
                                    pytest.param(1, id="extract-query", marks=SLOW),
                                    pytest.param(2, id="shortlist"), pytest.param(3, id="rerank"),
-                                   pytest.param(4, id="predict")])
+                                   pytest.param(4, id="predict"), pytest.param(5, id="rerank-cascade")])
 def test_kill_at_seeded_random_points_then_resume_gives_the_clean_bytes(reference, tmp_path, stage):
     before, expected = reference["after"][stage], snapshot(reference["after"][stage + 1])
     argv = reference["commands"][stage]

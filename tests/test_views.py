@@ -31,6 +31,27 @@ def test_view_angles_golden():
         view_angles((0.5,))
 
 
+def test_stretch_views_take_tilts_below_one():
+    # t < 1 (the cascade's query views only): 72 t degrees apart, 72 * 0.5 = 36
+    assert view_angles((1, 0.5), stretch=True) == [(1.0, 0.0), (0.5, 0.0), (0.5, 36.0), (0.5, 72.0), (0.5, 108.0),
+                                                   (0.5, 144.0)]
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError):
+            view_angles((bad,), stretch=True)
+
+
+@pytest.mark.parametrize("angle", [0.0, 36.0])
+def test_a_stretch_view_widens_the_image_and_its_affine_maps_points(angle):
+    image = dot_image()
+    view, affine = simulate_view(image, 0.5, angle)
+    rotated, _ = simulate_view(image, 1.0, angle)
+    assert view.shape[0] == rotated.shape[0] and abs(view.shape[1] - 2 * rotated.shape[1]) <= 1
+    expected = affine @ np.array([150.0, 30.0, 1.0])
+    assert np.abs(brightest(view).locations[0, ::-1] - expected).max() <= 3.5  # the square, stretched along x
+    features, views = extract_views(brightest, image, (1.0, 0.5))
+    assert views.tolist() == list(range(6)) and np.abs(features.locations - [30, 150]).max() <= 3.5
+
+
 def test_tilt_one_is_the_image_itself():
     image = dot_image()
     view, affine = simulate_view(image, 1.0, 0.0)

@@ -31,6 +31,7 @@ from ..formats.features import ImageFeatures
 from ..formats.images import ImageRecord
 from .base import BatchExtractor, Extractor, extract_batch, mapped
 from .efficientnet_lite_export import BUILTIN, builtin_model
+from .views import ViewExtractor
 
 log = logging.getLogger("delf_pipeline.extractors.build")
 
@@ -88,6 +89,19 @@ def local_extractor(conf: ExtractSettings, name: str) -> Extractor:
     path = weights.locate("xfeat", conf.xfeat_weights or None)
     return xfeat.XFeatExtractor(xfeat.load_weights(path), conf.max_features, conf.xfeat_threshold,
                                 tuple(conf.xfeat_scales))
+
+
+def view_extractor(conf: ExtractSettings, tilts: Sequence[float]) -> ViewExtractor:
+    """The :class:`.views.ViewExtractor` of a query extracted with ``conf`` (its store's recorded
+    settings): that store's local backend (``local_backend`` or ``backend``: rootsift or xfeat,
+    ValueError otherwise) and decoding, ``max_features`` per view; rootsift's own
+    ``affine_tilts`` are not applied on top of the views."""
+    name = conf.local_backend or conf.backend
+    if name not in LOCAL_BACKENDS:
+        raise ValueError(f"rerank.cascade = 'views' extracts rootsift or xfeat local features on the query's views; "
+                         f"the query store holds {name!r} ones (extract.backend / extract.local_backend)")
+    local = replace(conf, affine_tilts=[1.0]) if name == "rootsift" else conf
+    return ViewExtractor(lambda: local_extractor(local, name), tilts, conf.max_image_size, decode_mode(conf))
 
 
 def with_locals(model: Extractor, local: Extractor) -> BatchExtractor:

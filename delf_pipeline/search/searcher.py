@@ -7,7 +7,8 @@ the stages' own cores, in memory instead of through files:
 3. shortlist: one matrix product against the index matrix, top ``shortlist.top_k`` (with the
    index's whitening / DBA / query expansion / SuperGlobal settings, as the shortlist stage applies them);
 4. rerank: the ``rerank.num_to_rerank`` best (:func:`.formats.candidates.top_candidates`)
-   verified by a :class:`.verification.verifier.CandidateVerifier` with the index's rerank settings;
+   verified by a :class:`.verification.verifier.CandidateVerifier` with the index's rerank settings
+   (a cascade's views stage extracts the photo's simulated views here, from the decoded photo);
 5. answer: the final ranking and per-class evidence of :mod:`delf_pipeline.evidence.aggregation`,
    as ``predict`` makes them.
 
@@ -146,7 +147,7 @@ class Searcher:
         with _timed(timings, "shortlist"):
             shortlist = self.shortlist(features)
         with _timed(timings, "rerank"):
-            reranked = self.rerank(features, shortlist, stored.size)
+            reranked = self.rerank(features, shortlist, stored.size, image=(image, factors))
         with _timed(timings, "answer"):
             landmarks, candidates = self.answer(shortlist, reranked)
         return Answer(photo, landmarks, candidates, timings, image, factors, features, stored.size,
@@ -170,13 +171,18 @@ class Searcher:
         return pd.DataFrame({"query_id": QUERY_ID, "index_id": [self.ids[r] for r in rows[0]],
                              "rank": np.arange(1, rows.shape[1] + 1), "score": scores[0]})
 
-    def rerank(self, features: ImageFeatures, shortlist: pd.DataFrame, size: tuple[int, int]) -> pd.DataFrame:
+    def rerank(self, features: ImageFeatures, shortlist: pd.DataFrame, size: tuple[int, int],
+               image: tuple[np.ndarray, np.ndarray] | None = None) -> pd.DataFrame:
         """Rerank rows (rerank.COLUMNS) of the photo's ``num_to_rerank`` best candidates; ``size``
-        is the photo's original (height, width)."""
+        is the photo's original (height, width). With ``rerank.cascade = "views"`` the views are
+        extracted from ``image`` (the decoded photo and its factors to original pixels), in
+        memory, only when the cascade selects a candidate."""
         if self.config.rerank.num_to_rerank <= 0 or shortlist.empty:
             return pd.DataFrame(columns=list(RERANK_COLUMNS))
         candidates = top_candidates(shortlist, self.config.rerank.num_to_rerank)[QUERY_ID]
-        rows = self.worker().rerank_features(QUERY_ID, features, candidates, size)
+        worker = self.worker()
+        views = (lambda: worker.views.of_image(*image)) if worker.views is not None and image is not None else None
+        rows = worker.rerank_features(QUERY_ID, features, candidates, size, labels=self.labels, views=views)
         return pd.DataFrame(rows, columns=list(RERANK_COLUMNS))
 
     def answer(self, shortlist: pd.DataFrame, reranked: pd.DataFrame) -> tuple[list[dict], list[dict]]:
@@ -207,7 +213,8 @@ class Searcher:
 
     def verify_best(self, answer: Answer) -> tuple[str, PairResult, ImageFeatures] | None:
         """(index id, pair result, its features) of the answer's best verified candidate, verified
-        again as the rerank did (same seed, so the same matches); None when none was verified."""
+        again by the fast path as the rerank did (same seed, so the same matches; a cascade's second
+        stage is not redone); None when none was verified."""
         verified = [c for c in answer.candidates if c["inliers"] >= 0]
         if not verified:
             return None

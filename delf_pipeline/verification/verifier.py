@@ -10,18 +10,27 @@ Scoring (``rerank.scoring``):
 
 Inlier counts below ``min_inliers`` count as 0: unrelated pairs still get a handful of
 "inliers" from every RANSAC variant (see docs/design.md), which must not raise their score.
+
+With ``rerank.cascade`` set, a second stage re-verifies the few candidates that can still change
+the answer (:mod:`.cascade`): it needs the index labels (classes) and, for ``views``, the
+query's image.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 
-from ..config import DEFAULTS, RerankSettings, with_recorded
+from ..config import DEFAULTS, ExtractSettings, RerankSettings, with_recorded
+from ..extractors.build import view_extractor
+from ..extractors.views import ViewExtractor
 from ..formats.features import ImageFeatures
 from ..formats.store import FeatureStore, open_store
+from .cascade import GlueStage, QuerySide, ViewFeatures, ViewsStage, combine, select
+from .matching import MATCHERS
 from .pairs import PairResult, fit_matches, match_and_fit, resolve_options, verify_options
 
 COLUMNS = ("query_id", "index_id", "global_score", "matches", "inliers", "score", "status")
@@ -39,7 +48,13 @@ class CandidateVerifier:
         self.conf = conf
         self.seed = int(conf.seed)
         self.settings = resolve_options({k: v for k, v in verify_options(conf).items() if k != "seed"})
-        self.glue = learned_matcher(conf, [s for s in (self.queries, self.index) if s is not None])
+        stores = [s for s in (self.queries, self.index) if s is not None]
+        check_cascade(conf)
+        glue = learned_matcher(conf, stores)
+        self.glue = glue if conf.matcher == "lighterglue" else None
+        self.second = second_stage(conf, glue)
+        self.views: ViewExtractor | None = (view_extractor(store_settings(stores[0]), conf.cascade_tilts)
+                                            if conf.cascade == "views" else None)
         self.cache: OrderedDict[str, ImageFeatures] = OrderedDict()
         self.cache_images = cache_images
         self.reads_since_release = 0
@@ -55,19 +70,29 @@ class CandidateVerifier:
             self.cache.popitem(last=False)
         return features
 
-    def rerank_block(self, block: dict[str, list[tuple[str, float]]]) -> pd.DataFrame:
-        """Rows (COLUMNS) for every (query, candidate) of the block."""
-        rows = [row for query_id, cands in block.items() for row in self.rerank_query(query_id, cands)]
+    def rerank_block(self, block: dict[str, list[tuple[str, float]]], labels: dict[str, str] | None = None,
+                     query_paths: dict[str, str] | None = None) -> pd.DataFrame:
+        """Rows (COLUMNS) for every (query, candidate) of the block. The cascade's selection needs
+        ``labels`` (index id -> landmark; None: every candidate a class of its own) and its views
+        stage ``query_paths`` (query id -> image file)."""
+        rows = [row for query_id, cands in block.items()
+                for row in self.rerank_query(query_id, cands, labels, (query_paths or {}).get(query_id))]
         return pd.DataFrame(rows, columns=list(COLUMNS))
 
-    def rerank_query(self, query_id: str, candidates: list[tuple[str, float]]) -> list[tuple]:
+    def rerank_query(self, query_id: str, candidates: list[tuple[str, float]], labels: dict[str, str] | None = None,
+                     query_path: str | None = None) -> list[tuple]:
         """Verify one stored query against its candidates; rows sorted by score descending.
+        ``labels`` and ``query_path`` (its image file) serve the cascade (:meth:`rerank_block`).
 
         Every RELEASE_EVERY candidates the stores' mapped pages are released, so the worker's
         resident memory is bounded by that many reads, not by the union of its candidates
         (releasing after every query cost more: each query's candidates were mapped anew)."""
-        size = self.queries.size(query_id) if self.glue is not None else None
-        rows = self.rerank_features(query_id, self.queries.features(query_id), candidates, size)
+        size = self.queries.size(query_id) if self.glue is not None or self.second is not None else None
+        views = None
+        if self.views is not None:
+            views = (lambda: self.views.of_file(query_path)) if query_path else lambda: _no_image(query_id)
+        rows = self.rerank_features(query_id, self.queries.features(query_id), candidates, size, labels=labels,
+                                    views=views)
         self.reads_since_release += len(candidates)
         if self.reads_since_release >= RELEASE_EVERY:
             self.queries.release()
@@ -76,9 +101,11 @@ class CandidateVerifier:
         return rows
 
     def rerank_features(self, query_id: str, query: ImageFeatures, candidates: list[tuple[str, float]],
-                        query_size: tuple[int, int] | None = None) -> list[tuple]:
+                        query_size: tuple[int, int] | None = None, *, labels: dict[str, str] | None = None,
+                        views: Callable[[], ViewFeatures] | None = None) -> list[tuple]:
         """:meth:`rerank_query` of a query whose features are given (in original-image pixels;
-        ``query_size``, its original (height, width), is needed by the lighterglue matcher)."""
+        ``query_size``, its original (height, width), is needed by lighterglue, as matcher or
+        second stage). ``views``: () -> the query's view features (the cascade's views stage)."""
         rows = []
         for index_id, global_score in candidates:
             sizes = (query_size, self.index.size(index_id)) if self.glue is not None else None
@@ -86,7 +113,25 @@ class CandidateVerifier:
             inliers = result.inliers if result.inliers >= self.conf.min_inliers else 0
             score = final_score(inliers, global_score, self.conf)
             rows.append((query_id, index_id, global_score, result.matches, inliers, score, result.status))
-        return sorted(rows, key=lambda row: (-row[5], row[1]))
+        rows.sort(key=lambda row: (-row[5], row[1]))
+        if self.second is not None:
+            rows = self.cascade(rows, QuerySide(query, query_size, views), labels)
+        return rows
+
+    def cascade(self, rows: list[tuple], query: QuerySide, labels: dict[str, str] | None) -> list[tuple]:
+        """The fast ``rows`` (sorted) with the second stage's verdict on the selected candidates
+        (:func:`.cascade.select`, combined by :func:`.cascade.combine`), sorted again."""
+        conf = self.conf
+        chosen = select([row[1] for row in rows], [row[5] for row in rows], [row[4] for row in rows], labels,
+                        conf.cascade_pairs, conf.cascade_margin, conf.cascade_inliers)
+        for position in chosen:
+            query_id, index_id, global_score, _, fast, _, _ = rows[position]
+            result = self.second.verify(query, self.index_features(index_id), self.index.size(index_id))
+            second = result.inliers if result.inliers >= conf.min_inliers else 0
+            inliers = combine(fast, second, conf.cascade_rule)
+            rows[position] = (query_id, index_id, global_score, result.matches, inliers,
+                              final_score(inliers, global_score, conf), f"{self.second.name}:{result.status}")
+        return sorted(rows, key=lambda row: (-row[5], row[1])) if chosen else rows
 
     def verify(self, query: ImageFeatures, candidate: ImageFeatures,
                sizes: tuple[tuple[int, int] | None, tuple[int, int]] | None = None) -> PairResult:
@@ -107,22 +152,51 @@ class CandidateVerifier:
 
 
 def learned_matcher(conf: RerankSettings, stores: list[FeatureStore]):
-    """The LighterGlue model when ``conf.matcher`` is ``lighterglue`` (else None), once every
-    store in ``stores`` is checked to hold XFeat local features (ValueError naming it if not).
-    Its weights come from the folder the last store was extracted with (``extract.xfeat_weights``,
-    as a Kaggle bundle sets it), else from the cache."""
-    if conf.matcher != "lighterglue":
+    """The LighterGlue model when ``conf.matcher`` or ``conf.cascade`` is ``lighterglue`` (else
+    None), once every store in ``stores`` is checked to hold XFeat local features (ValueError
+    naming it if not). Its weights come from the folder the last store was extracted with
+    (``extract.xfeat_weights``, as a Kaggle bundle sets it), else from the cache."""
+    key = "matcher" if conf.matcher == "lighterglue" else "cascade" if conf.cascade == "lighterglue" else None
+    if key is None:
         return None
     for store in stores:
-        recorded = store.manifest()["settings"]
-        settings = with_recorded(DEFAULTS, "extract", recorded, str(store.path / "manifest.json")).extract
+        settings = store_settings(store)
         local = settings.local_backend or settings.backend
         if local != "xfeat":
-            raise ValueError(f"rerank.matcher = 'lighterglue' matches 64-d XFeat local features; {store.path} holds "
+            raise ValueError(f"rerank.{key} = 'lighterglue' matches 64-d XFeat local features; {store.path} holds "
                              f"{local!r} ones (extract.backend / extract.local_backend must be xfeat)")
     from .lighterglue import load_xfeat_lighterglue
 
     return load_xfeat_lighterglue(settings.xfeat_weights or None)
+
+
+def store_settings(store: str | Path | FeatureStore) -> ExtractSettings:
+    """The ``extract`` settings a feature store (opened, or its path) was made with (its manifest)."""
+    store = open_store(store)
+    return with_recorded(DEFAULTS, "extract", store.manifest()["settings"], str(store.path / "manifest.json")).extract
+
+
+def check_cascade(conf: RerankSettings) -> None:
+    """ValueError when ``conf`` has a cascade on a fast path that is not a descriptor matcher (the
+    cascade's first stage is the fast path)."""
+    if conf.cascade and conf.matcher not in MATCHERS:
+        raise ValueError(f"rerank.cascade = {conf.cascade!r} adds a second stage to the fast path, whose matcher must "
+                         f"be one of {', '.join(MATCHERS)} (rerank.matcher is {conf.matcher!r})")
+
+
+def second_stage(conf: RerankSettings, glue) -> ViewsStage | GlueStage | None:
+    """The cascade's second stage of ``conf`` (None without one); ``glue``: the LighterGlue model
+    (:func:`learned_matcher`) when the stage is lighterglue."""
+    if not conf.cascade:
+        return None
+    check_cascade(conf)
+    options = verify_options(conf)
+    return ViewsStage(options) if conf.cascade == "views" else GlueStage(glue, options)
+
+
+def _no_image(query_id: str):
+    raise ValueError(f"rerank.cascade = 'views' extracts the query's views from its image, and query {query_id!r} has "
+                     "none among the query images given (`delf-pipeline rerank --query-images`, as `run` gives)")
 
 
 def final_score(inliers: int, global_score: float, conf: RerankSettings) -> float:

@@ -1,0 +1,144 @@
+"""The verification cascade (issue 23.3): every shortlisted candidate is verified by the fast
+path (descriptor matches + the preset's verifier, :func:`.pairs.verify_pair`); an expensive
+second stage (``rerank.cascade``) runs only on the candidates that can still change the answer.
+
+Selection (:func:`select`): the query's fast rows, best score first, are grouped by class (the
+index image's landmark label; an image without a label is a class of its own). When the fast
+path has not decided, the best candidate of each of the first ``cascade_pairs`` classes goes to
+the second stage. Undecided: the best candidate's inliers are below ``cascade_inliers`` (within
+the counts unrelated pairs reach, so the fast order is the global descriptor's order plus noise),
+or the best class's score leads the next class's by less than ``cascade_margin`` (rerank score
+units). With one class only nothing is selected.
+
+Second stages:
+
+* ``views`` (:class:`ViewsStage`): the query's local features found on simulated affine views
+  (tilts ``cascade_tilts``, :mod:`delf_pipeline.extractors.views`), each view matched to the
+  candidate on its own (:func:`.matching.match_views`, the preset's matcher and ratio), then the
+  preset's verifier. The candidate's stored features are used as they are: the index side stays
+  one view. On the EVD pairs with image 1 as the query, tilts (1, 2, 4) lift the true pairs above
+  every swapped pair from 4/15 to 11/15; with image 2 as the query (the hard task's direction)
+  they stay at 5/15, where the stretching tilts (1, 0.5, 0.25), the default, reach 8/15 (and 7/15
+  the other way). CPU: ~13-15x the fast path's per pair, plus the views' extraction.
+* ``lighterglue`` (:class:`GlueStage`): XFeat's learned matcher on the stored features, then the
+  preset's verifier (EVD: 9/15 with image 1 as the query, 5/15 with image 2; ~17-21x the fast
+  path's CPU per pair).
+
+Combination (``cascade_rule``): a selected candidate's inliers become the second stage's
+(``replace``), the larger of both (``max``) or their sum (``sum``), below ``min_inliers``
+counting 0 as for the fast path; its score is recomputed from them (``rerank.scoring``), its
+``matches`` are the second stage's and its status is ``STAGE:STATUS`` (``views:ok``).
+The selection and the rule are measured by benchmarks/bench_cascade.py (docs/benchmarks.md,
+"Verification cascade"): on the hard task and the landmarks_dev split no setting measured beats
+the fast path alone beyond the bootstrap interval, and 3 or more pairs per query lose
+landmarks_dev queries beyond it, so no preset turns the cascade on; the defaults of its keys are
+the setting at which lighterglue's top-1 fell on neither task (2 pairs, inliers below 12, rule
+max).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..formats.features import ImageFeatures
+from .matching import match_views
+from .pairs import PairResult, verify_matches
+
+SECOND_STAGES = ("views", "lighterglue")
+RULES = ("replace", "max", "sum")
+
+ViewFeatures = tuple[ImageFeatures, np.ndarray]  # features of every view, [N] view index of each
+
+
+@dataclass
+class QuerySide:
+    """The query as a second stage sees it: its stored features, its original (height, width)
+    and, for ``views``, a function giving its view features (called once, when first needed)."""
+
+    features: ImageFeatures
+    size: tuple[int, int] | None = None
+    views: Callable[[], ViewFeatures] | None = None
+    _views: ViewFeatures | None = field(default=None, repr=False)
+
+    def view_features(self) -> ViewFeatures:
+        if self._views is None:
+            if self.views is None:
+                raise ValueError("rerank.cascade = 'views' needs the query's image to extract its views: give the "
+                                 "rerank the query images (`delf-pipeline rerank --query-images`, as `run` does)")
+            self._views = self.views()
+        return self._views
+
+
+def select(index_ids: Sequence[str], scores: Sequence[float], inliers: Sequence[int], labels: dict[str, str] | None,
+           pairs: int, margin: float, band: int) -> list[int]:
+    """Positions (into ``index_ids``, the fast rows best score first, with their ``scores`` and
+    ``inliers``) of the candidates the second stage verifies: the best candidate of each of the
+    first ``pairs`` classes, when the fast path has not decided: the best class's score leads the
+    next class's by less than ``margin``, or the best candidate has fewer than ``band`` inliers;
+    else none, and none when one class is left (see the module doc)."""
+    firsts, seen = [], set()
+    for position, index_id in enumerate(index_ids):
+        label = (labels or {}).get(index_id) or f"\0{index_id}"  # no label: a class of its own
+        if label not in seen:
+            seen.add(label)
+            firsts.append(position)
+    if len(firsts) < 2:
+        return []
+    if scores[firsts[0]] - scores[firsts[1]] >= margin and inliers[firsts[0]] >= band:
+        return []
+    return firsts[:pairs]
+
+
+def combine(fast: int, second: int, rule: str) -> int:
+    """A selected candidate's inliers from its fast and second-stage counts under ``rule``."""
+    if rule == "replace":
+        return second
+    if rule == "max":
+        return max(fast, second)
+    if rule == "sum":
+        return fast + second
+    raise ValueError(f"unknown rerank.cascade_rule {rule!r}; use one of {', '.join(RULES)}")
+
+
+class ViewsStage:
+    """Second stage ``views``: the query's view features (``QuerySide.views``) matched view by
+    view to the candidate's stored features, then the verifier of ``options``
+    (:func:`.pairs.verify_options` of the rerank settings)."""
+
+    name = "views"
+
+    def __init__(self, options: dict):
+        self.options = options
+
+    def verify(self, query: QuerySide, candidate: ImageFeatures, candidate_size: tuple[int, int]) -> PairResult:
+        features, views = query.view_features()
+        if not len(views) or not candidate.num_features:
+            return _nothing()
+        pairs = match_views(features.descriptors, views, candidate.descriptors, matcher=self.options["matcher"],
+                            match_threshold=self.options["match_threshold"], ratio=self.options["ratio"])
+        return verify_matches(features.locations, candidate.locations, pairs, **self.options)
+
+
+class GlueStage:
+    """Second stage ``lighterglue``: ``glue`` (:class:`.lighterglue.LighterGlue`) matches the stored
+    XFeat features, then the verifier of ``options``."""
+
+    name = "lighterglue"
+
+    def __init__(self, glue, options: dict):
+        self.glue, self.options = glue, options
+
+    def verify(self, query: QuerySide, candidate: ImageFeatures, candidate_size: tuple[int, int]) -> PairResult:
+        if query.size is None:
+            raise ValueError("rerank.cascade = 'lighterglue' needs the query's original (height, width)")
+        if not query.features.num_features or not candidate.num_features:
+            return _nothing()
+        pairs = self.glue.match_stored(query.features.locations, query.features.descriptors, query.size,
+                                       candidate.locations, candidate.descriptors, candidate_size)
+        return verify_matches(query.features.locations, candidate.locations, pairs, **self.options)
+
+
+def _nothing() -> PairResult:
+    return PairResult(0, 0, "too_few_matches", np.zeros((0, 2), np.int64), np.zeros(0, bool))

@@ -1,0 +1,200 @@
+"""The verification cascade (rerank.cascade): the selection and combination rules, the views
+stage through the rerank stage (images read at rerank time), the search path (views from the
+photo in memory), and clear refusals. RootSIFT on tiny seeded textures, no weights needed."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from delf_pipeline import extract, index, rerank, shortlist
+from delf_pipeline.config import ConfigError, load_config
+from delf_pipeline.extractors.build import view_extractor
+from delf_pipeline.formats.blocks import read_table
+from delf_pipeline.formats.images import kaggle_path
+from delf_pipeline.formats.tables import read_labels
+from delf_pipeline.search.searcher import Searcher
+from delf_pipeline.verification.cascade import combine, select
+from delf_pipeline.verification.matching import match_views
+from delf_pipeline.verification.pairs import verify_matches, verify_options
+from delf_pipeline.verification.verifier import CandidateVerifier, store_settings
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from support.synthetic_images import write_kaggle  # noqa: E402
+
+SMALL = ["extract.vlad_words=4", "extract.max_image_size=96", "extract.max_features=200", "rerank.num_to_rerank=4",
+         "shortlist.top_k=6"]
+VIEWS = ["rerank.cascade=views", "rerank.cascade_tilts=[1, 2]", "rerank.cascade_pairs=2",
+         "rerank.cascade_inliers=100000"]  # every query undecided: its first two classes verified again
+
+
+def settings(*more: str):
+    return load_config("sift_default", None, SMALL + list(more))
+
+
+# ------------------------------------------------------------------ rules
+
+
+LABELS = {"a": "A", "b": "A", "c": "C", "d": "D"}
+
+
+def test_select_takes_the_best_candidate_of_each_first_class_when_the_lead_is_small():
+    ids, scores, inliers = ["a", "b", "c", "d"], [1.0, 0.875, 0.5, 0.0], [30, 20, 10, 0]
+    assert select(ids, scores, inliers, LABELS, 2, 1.0, 0) == [0, 2]  # b is class A's second: never chosen
+    assert select(ids, scores, inliers, LABELS, 3, 1.0, 0) == [0, 2, 3]
+    assert select(ids, scores, inliers, LABELS, 1, 1.0, 0) == [0]
+    assert select(ids, scores, inliers, LABELS, 2, 0.5, 0) == [], "the best class leads by 0.5: decided"
+    assert select(ids, scores, inliers, LABELS, 2, 0.5000001, 0) == [0, 2]
+
+
+def test_select_when_the_best_inliers_are_in_the_ambiguous_band():
+    ids, scores = ["a", "c", "d"], [1.0, 0.5, 0.0]
+    assert select(ids, scores, [9, 8, 0], LABELS, 5, 0.0, 10) == [0, 1, 2], "9 inliers < 10: undecided"
+    assert select(ids, scores, [10, 8, 0], LABELS, 5, 0.0, 10) == [], "10 inliers and a lead: decided"
+    assert select(ids, scores, [10, 8, 0], LABELS, 5, 0.6, 10) == [0, 1, 2], "a lead of 0.5 < 0.6: undecided"
+
+
+def test_select_one_class_or_none_needs_no_second_stage():
+    assert select(["a", "b"], [0.5, 0.4], [0, 0], LABELS, 5, 1e6, 100) == []
+    assert select([], [], [], LABELS, 5, 1e6, 100) == []
+
+
+def test_select_without_labels_makes_each_candidate_its_class():
+    assert select(["a", "b", "x"], [0.5, 0.45, 0.1], [0, 0, 0], None, 2, 1.0, 0) == [0, 1]
+    assert select(["a", "x"], [0.5, 0.45], [0, 0], LABELS, 2, 1.0, 0) == [0, 1]  # x has no label: its own class
+
+
+@pytest.mark.parametrize("rule, expected", [("replace", 3), ("max", 7), ("sum", 10)])
+def test_combine_rules(rule, expected):
+    assert combine(7, 3, rule) == expected
+
+
+def test_combine_refuses_an_unknown_rule():
+    with pytest.raises(ValueError, match="cascade_rule"):
+        combine(1, 2, "mean")
+
+
+def test_cascade_settings_are_checked_by_the_table():
+    with pytest.raises(ConfigError, match="rerank.cascade"):
+        load_config(None, None, ["rerank.cascade=disk"])
+    with pytest.raises(ConfigError, match="rerank.cascade_tilts"):
+        load_config(None, None, ["rerank.cascade_tilts=[0]"])
+    conf = load_config(None, None, VIEWS).rerank
+    assert (conf.cascade, conf.cascade_pairs, conf.cascade_tilts) == ("views", 2, [1.0, 2.0])
+    assert load_config(None, None, ["rerank.cascade_tilts=[1, 0.5]"]).rerank.cascade_tilts == [1.0, 0.5]  # stretches
+
+
+# ------------------------------------------------------------------ the rerank stage
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory) -> dict:
+    """A Kaggle folder (3 places, 2 index views each, one query per place), its stores and shortlist."""
+    root = tmp_path_factory.mktemp("cascade")
+    write_kaggle(root / "data", places=3, index_views=2)
+    conf = settings()
+    istore = extract.run(conf, root / "data", root / "index", split="train")
+    qstore = extract.run(conf, root / "data", root / "query", split="test", codebook=istore / "codebook.npy")
+    short = shortlist.run(conf, istore, qstore, root / "shortlist.csv")
+    fast = read_table(rerank.run(conf, short, qstore, istore, root / "fast.csv"))
+    return {"root": root, "data": root / "data", "index": istore, "query": qstore, "shortlist": short, "fast": fast,
+            "labels": read_labels(root / "data" / "train.csv")}
+
+
+def cascade_run(task: dict, out: Path, *more: str, **kwargs) -> pd.DataFrame:
+    options = {"index_labels": task["labels"], "query_images": task["data"], **kwargs}
+    return read_table(rerank.run(settings(*more), task["shortlist"], task["query"], task["index"], out, **options))
+
+
+def test_views_stage_reverifies_the_best_of_the_first_classes_and_keeps_the_rest(task, tmp_path):
+    table = cascade_run(task, tmp_path / "r.csv", *VIEWS)
+    fast = task["fast"]
+    assert len(table) == len(fast) and set(table["query_id"]) == set(fast["query_id"])
+    for query_id, rows in table.groupby("query_id"):
+        before = fast[fast["query_id"] == query_id].sort_values(["score", "index_id"], ascending=[False, True])
+        chosen = {before["index_id"].iloc[p] for p in select(before["index_id"].tolist(), before["score"].tolist(),
+                                                              before["inliers"].tolist(), task["labels"], 2, 0, 10**5)}
+        second = rows[rows["status"].str.startswith("views:")]
+        assert set(second["index_id"]) == chosen and len(chosen) == 2
+        kept = rows[~rows["index_id"].isin(chosen)].set_index("index_id").sort_index()
+        same = before[~before["index_id"].isin(chosen)].set_index("index_id").sort_index()
+        pd.testing.assert_frame_equal(kept, same)
+        assert list(rows["score"]) == sorted(rows["score"], reverse=True)
+        merged = second.merge(before, on="index_id", suffixes=("", "_fast"))
+        assert (merged["inliers"] >= merged["inliers_fast"]).all(), "rule max never lowers a count"
+
+
+def test_views_stage_matches_the_query_views_extracted_from_its_image(task, tmp_path):
+    """A second-stage row equals the views matched by hand: the query image decoded as its store
+    decoded it, view features in original pixels, match_views, the preset's verifier."""
+    table = cascade_run(task, tmp_path / "r.csv", *VIEWS, "rerank.cascade_rule=replace")
+    row = table[table["status"].str.startswith("views:")].iloc[0]
+    conf = settings(*VIEWS).rerank
+    views = view_extractor(store_settings(str(task["query"])), conf.cascade_tilts)
+    features, view_index = views.of_file(kaggle_path(task["data"], "test", row["query_id"]))
+    assert set(np.unique(view_index)) == set(range(6)), "tilts 1 and 2: the image and 5 rotated views"
+    candidate = CandidateVerifier(str(task["query"]), str(task["index"]), conf).index_features(row["index_id"])
+    options = verify_options(conf)
+    pairs = match_views(features.descriptors, view_index, candidate.descriptors, matcher=options["matcher"],
+                        match_threshold=options["match_threshold"], ratio=options["ratio"])
+    expected = verify_matches(features.locations, candidate.locations, pairs, **options)
+    assert (row["matches"], row["inliers"], row["status"]) == (expected.matches, expected.inliers,
+                                                                f"views:{expected.status}")
+
+
+def test_no_pair_selected_gives_the_fast_rows(task, tmp_path):
+    table = cascade_run(task, tmp_path / "r.csv", *VIEWS, "rerank.cascade_inliers=0", "rerank.cascade_margin=0")
+    pd.testing.assert_frame_equal(table, task["fast"])
+
+
+def test_worker_processes_and_shards_give_the_same_bytes(task, tmp_path):
+    one = rerank.run(settings(*VIEWS), task["shortlist"], task["query"], task["index"], tmp_path / "one.csv",
+                     index_labels=task["labels"], query_images=task["data"])
+    two = rerank.run(settings(*VIEWS), task["shortlist"], task["query"], task["index"], tmp_path / "two.csv",
+                     index_labels=task["labels"], query_images=task["data"], jobs=2)
+    assert one.read_bytes() == two.read_bytes()
+
+
+def test_the_labels_are_part_of_the_manifest(task, tmp_path):
+    cascade_run(task, tmp_path / "r.csv", *VIEWS)
+    other = {key: "0" for key in task["labels"]}
+    with pytest.raises(Exception, match="settings|manifest"):
+        cascade_run(task, tmp_path / "r.csv", *VIEWS, index_labels=other)
+
+
+def test_refusals_name_what_is_missing(task, tmp_path):
+    with pytest.raises(ValueError, match="--index-labels"):
+        cascade_run(task, tmp_path / "a.csv", *VIEWS, index_labels=None)
+    with pytest.raises(ValueError, match="--query-images"):
+        cascade_run(task, tmp_path / "b.csv", *VIEWS, query_images=None)
+    with pytest.raises(ValueError, match="holds 'rootsift' ones"):
+        cascade_run(task, tmp_path / "c.csv", "rerank.cascade=lighterglue")
+    with pytest.raises(ValueError, match="fast path, whose matcher"):
+        CandidateVerifier(str(task["query"]), str(task["index"]),
+                          settings("rerank.cascade=views", "rerank.matcher=lighterglue").rerank)
+
+
+def test_a_query_without_its_image_is_refused_by_id(task, tmp_path):
+    images = tmp_path / "images.csv"
+    images.write_text("id,path\n")  # the query images given hold none of the queries
+    with pytest.raises(ValueError, match="has none among the query images"):
+        cascade_run(task, tmp_path / "r.csv", *VIEWS, query_images=images)
+
+
+# ------------------------------------------------------------------ the search path
+
+
+def test_searcher_extracts_the_views_from_the_photo_in_memory(task, tmp_path):
+    """The index's rerank settings carry the cascade; the answer's verified candidates are the
+    batch rerank's rows for the same query (same stores, same views from the same pixels)."""
+    built = index.build(settings(*VIEWS), task["data"], tmp_path / "idx", previews=0)
+    batch = cascade_run(task, tmp_path / "r.csv", *VIEWS)
+    searcher = Searcher(built, top_candidates=4)
+    for query_id, rows in batch.groupby("query_id"):
+        answer = searcher.search_file(kaggle_path(task["data"], "test", query_id))
+        got = {(c["index_id"], c["inliers"], c["status"]) for c in answer.candidates}
+        assert got == set(zip(rows["index_id"], rows["inliers"], rows["status"]))
+        assert any(c["status"].startswith("views:") for c in answer.candidates)
