@@ -36,6 +36,16 @@ def test_the_defaults_are_the_default_preset():
     assert load_config(DEFAULT_PRESET).to_dict() == {**DEFAULTS.to_dict(), "preset": DEFAULT_PRESET}
 
 
+def test_xfeat_keeps_the_values_it_had_as_the_default():
+    """xfeat, the default preset, sets explicitly what the defaults give it (they may change)."""
+    xfeat = load_config("xfeat")
+    assert (xfeat.extract.backend, xfeat.extract.model, xfeat.extract.image_scales, xfeat.extract.global_scale_indices,
+            xfeat.extract.score_threshold) == ("xfeat", "", [0.7071, 1.0, 1.4142], [0, 1, 2], 175.0)
+    assert (xfeat.rerank.num_to_rerank, xfeat.rerank.matcher, xfeat.rerank.match_threshold, xfeat.rerank.ratio,
+            xfeat.rerank.verifier, xfeat.rerank.max_trials, xfeat.rerank.min_matches,
+            xfeat.rerank.max_inlier_score) == (20, "mutual", 0.9, 0.9, "msac_affine", 2000, 5, 30)
+
+
 def test_reference_presets_hold_the_official_values():
     # values from docs/design.md's table of reference defaults
     delf = load_config("delf_v1_hub")
