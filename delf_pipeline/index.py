@@ -21,6 +21,7 @@ from PIL import Image
 from . import __version__, calibrate, extract
 from .config import Config, add_config_arguments, config_of
 from .evidence.calibration import load_checked
+from .extractors.build import recorded_model
 from .formats.images import ImageRecord, iter_decoded, list_images
 from .formats.index_folder import (
     FORMAT,
@@ -139,8 +140,10 @@ def add(index_path: str | Path, images: str | Path, *, labels: str | Path | None
             log.info("%d of the %d images are already in the index: kept as they were", len(records) - len(fresh),
                      len(records))
         _merge_labels(index.path, given)
+        config = index.config.copy()
+        config.extract = recorded_model(config.extract, index.store.manifest())  # a built-in model: the build's export
         with rebuild_advice(f"`delf-pipeline index build --out {index.path} --overwrite`"):
-            extract.run(index.config, images, index.store_path, split=split, only_ids={r.id for r in fresh})
+            extract.run(config, images, index.store_path, split=split, only_ids={r.id for r in fresh})
         _write_previews(index.path, records, index.manifest["previews"])
         _write_manifest(index.path, index.config, index.manifest["previews"], "add", len(fresh))
     return index.path

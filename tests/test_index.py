@@ -172,6 +172,27 @@ def test_query_command_table(built, views, capsys):
     assert lines[2].split()[0] == "chelsea" and len(lines) == 6  # head, 1+ landmark rows, head, 2 candidates
 
 
+@pytest.mark.slow
+def test_a_builtin_model_index_answers_and_grows_with_the_build_export(views, tmp_path, monkeypatch):
+    """efficientnet_lite0 (the default preset: a built-in model whose local PCA is learned from the
+    index images): query and add use the export the build made, so the local descriptors keep
+    their size; a missing export is a clear error."""
+    monkeypatch.setenv("DELF_PIPELINE_CACHE", str(tmp_path / "cache"))
+    labels = labels_csv(views["first"], views["root"] / "first.csv")
+    built = index.build(load_config("efficientnet_lite0", overrides=SMALL), views["first"], tmp_path / "idx",
+                        labels=labels, previews=0)
+    export = Path(open_index(built).store.manifest()["settings"]["model"])
+    assert export.parent == tmp_path / "cache" / "exports" and open_index(built).config.extract.model.startswith("builtin:")
+    answer = Searcher(built).search_file(views["queries"] / "coffee" / "v0.jpg")
+    assert answer.landmarks[0]["landmark_id"] == "coffee" and answer.candidates[0]["inliers"] > 10
+    index.add(built, views["more"], labels=labels_csv(views["more"], tmp_path / "more.csv"))
+    assert len(open_index(built).store.parts) == 2 and sorted((tmp_path / "cache" / "exports").iterdir()) == [export]
+    assert Searcher(built).search_file(views["queries"] / "rocket" / "v0.jpg").landmarks[0]["landmark_id"] == "rocket"
+    shutil.rmtree(export)
+    with pytest.raises(FileNotFoundError, match="export the index store was made with .* rebuild the index"):
+        Searcher(built)
+
+
 def test_index_info_command(built, capsys):
     assert cli.main(["index", "info", str(built), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["images"] == 9

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -161,4 +162,17 @@ def resolve_model(conf: ExtractSettings, records: Sequence[ImageRecord]) -> Extr
     model = builtin_model(conf, records)
     log.info("%s is %s; extract the queries of these index images with --set extract.model=%s (its PCA was "
              "learned from them; `delf-pipeline run` does this itself)", BUILTIN, model, model)
+    return replace(conf, model=str(model))
+
+
+def recorded_model(conf: ExtractSettings, store_manifest: dict) -> ExtractSettings:
+    """``conf`` with a built-in model replaced by the export that the feature store of
+    ``store_manifest`` was made with (its local PCA learned from that store's images), for
+    photos added to it or searched against it; any other model is left as it is."""
+    if not conf.model.startswith("builtin:"):
+        return conf
+    model = Path(store_manifest["settings"]["model"])
+    if not (model / "saved_model.pb").is_file():
+        raise FileNotFoundError(f"{model}, the {conf.model} export the index store was made with (its PCA learned "
+                                f"from the index images), is missing: rebuild the index on this machine")
     return replace(conf, model=str(model))

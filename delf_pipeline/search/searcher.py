@@ -37,7 +37,7 @@ from ..descriptors.expansion import expand_in_memory
 from ..descriptors.superglobal import rerank_rows
 from ..evidence.aggregation import candidate_table, class_evidence
 from ..evidence.calibration import Calibration, load_checked
-from ..extractors.build import build, decode_mode, resolve_model
+from ..extractors.build import build, decode_mode, recorded_model
 from ..extractors.codebook import stored_codebook
 from ..extractors.stream import as_stored
 from ..formats.candidates import top_candidates
@@ -111,7 +111,7 @@ class Searcher:
         self.config = self.index.config
         self.top_candidates = top_candidates
         self.max_pixels = max_pixels
-        conf = resolve_model(self.config.extract, [])  # a built-in model: its export, made at build
+        conf = recorded_model(self.config.extract, self.index.store.manifest())  # a built-in model: the build's export
         self.extract = build(conf, stored_codebook(self.index.store_path))
         self.ids = self.index.store.ids
         self.matmul = select_matmul(self.config.shortlist.device)
