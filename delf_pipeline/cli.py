@@ -58,8 +58,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="delf-pipeline",
-        description="Landmark recognition and retrieval with local features (XFeat by default; RootSIFT, "
-        "DELF/DELG) and geometric re-ranking.",
+        description="Landmark recognition and retrieval with local features (ImageNet EfficientNet-Lite0 by "
+        "default; XFeat, RootSIFT, DELF/DELG) and geometric re-ranking.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true",

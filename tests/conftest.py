@@ -25,7 +25,7 @@ SLOW = (
     "test_efficientnet_lite.py::test_keras_weights_layout_and_fit",
     "test_evaluate_revisitop.py::test_command_crops_ranks_and_scores",
     "test_extract.py::test_store_resumed_after_kill_is_identical",
-    "test_extract.py::test_default_extraction_stores_all_79_photos",
+    "test_extract.py::test_xfeat_extraction_stores_all_79_photos",
     "test_extract.py::test_broken_files_are_recorded_not_fatal",
     "test_extract.py::test_strict_stops_with_exit_code_1_at_the_first_failure",
     "test_extract.py::test_csv_listing_errors_are_recorded_with_the_decode_errors",

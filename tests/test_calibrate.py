@@ -19,9 +19,10 @@ LABELS = {image_id: f"place{p}" for image_id, (p, _) in VIEWS.items()}
 
 
 def load_config(overrides: tuple[str, ...] | list[str] = ()) -> dict:
-    """The default settings, every shortlisted candidate verified (calibrate.depth = 0): the
-    synthetic global descriptors are random, so only verification finds a photo's place."""
-    return load_default_config(overrides=["calibrate.depth=0", *overrides])
+    """The xfeat preset's settings (its ratio test and affine verifier, which these synthetic views
+    were made for), every shortlisted candidate verified (calibrate.depth = 0): the synthetic
+    global descriptors are random, so only verification finds a photo's place."""
+    return load_default_config("xfeat", overrides=["calibrate.depth=0", *overrides])
 
 
 @pytest.fixture(scope="module")

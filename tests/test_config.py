@@ -20,6 +20,7 @@ from delf_pipeline.config import (
     load_config,
     make_section,
     parse_value,
+    presets_dir,
     to_toml,
     tomllib,
 )
@@ -36,8 +37,16 @@ def test_the_defaults_are_the_default_preset():
     assert load_config(DEFAULT_PRESET).to_dict() == {**DEFAULTS.to_dict(), "preset": DEFAULT_PRESET}
 
 
+def test_the_default_preset_file_sets_only_the_defaults():
+    data = tomllib.loads((presets_dir() / f"{DEFAULT_PRESET}.toml").read_text())
+    assert "base" not in data
+    for section, values in data.items():
+        for key, value in values.items():
+            assert parse_value(section, key, value) == getattr(DEFAULTS[section], key), f"{section}.{key}"
+
+
 def test_xfeat_keeps_the_values_it_had_as_the_default():
-    """xfeat, the default preset, sets explicitly what the defaults give it (they may change)."""
+    """xfeat, the default preset until efficientnet_lite0, sets explicitly what the defaults gave it."""
     xfeat = load_config("xfeat")
     assert (xfeat.extract.backend, xfeat.extract.model, xfeat.extract.image_scales, xfeat.extract.global_scale_indices,
             xfeat.extract.score_threshold) == ("xfeat", "", [0.7071, 1.0, 1.4142], [0, 1, 2], 175.0)
@@ -135,13 +144,13 @@ def test_a_quoted_boolean_in_a_config_file_is_refused(tmp_path):
 
 
 def test_changing_a_range_in_the_table_changes_validation_and_the_printed_config(monkeypatch):
-    assert "max_trials = 2000  # RANSAC iterations (an integer in [1, 1000000])" in to_toml(load_config())
+    assert "max_trials = 1000  # RANSAC iterations (an integer in [1, 1000000])" in to_toml(load_config())
     load_config(overrides=["rerank.max_trials=6000"])
     narrow = dataclasses.replace(SETTINGS["rerank"]["max_trials"], high=5000)
     monkeypatch.setitem(SETTINGS["rerank"], "max_trials", narrow)
     with pytest.raises(ConfigError, match=r"rerank.max_trials must be an integer in \[1, 5000\], got 6000"):
         load_config(overrides=["rerank.max_trials=6000"])
-    assert "max_trials = 2000  # RANSAC iterations (an integer in [1, 5000])" in to_toml(load_config())
+    assert "max_trials = 1000  # RANSAC iterations (an integer in [1, 5000])" in to_toml(load_config())
 
 
 def test_unknown_preset_lists_the_known_ones():

@@ -35,7 +35,8 @@ from delf_pipeline.formats.store import FeatureStore, read_errors
 REPO = Path(__file__).resolve().parents[1]
 MINI = SHARED_DATA / "landmarks_mini"
 FAST = {"max_image_size": 512, "vlad_words": 16, "codebook_images": 20}
-FAST_ARGS = [arg for key, value in FAST.items() for arg in ("--set", f"extract.{key}={value}")]
+# the CLI runs: XFeat (a VLAD codebook and its sample; the default preset exports a model on first use)
+FAST_ARGS = ["--preset", "xfeat", *[arg for key, value in FAST.items() for arg in ("--set", f"extract.{key}={value}")]]
 SOURCES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
 BROKEN = {"empty", "truncated", "text", "tiny"}  # the files make_broken writes
 needs_mini = pytest.mark.skipif(not MINI.is_dir(), reason=f"real photos not found at {MINI}")
@@ -133,7 +134,7 @@ def mini_run(tmp_path_factory):
 
 
 @needs_mini
-def test_default_extraction_stores_all_79_photos(mini_run):
+def test_xfeat_extraction_stores_all_79_photos(mini_run):
     result, folder, store = mini_run
     assert result.returncode == 0, result.stderr
     features = FeatureStore(store)
@@ -145,7 +146,7 @@ def test_default_extraction_stores_all_79_photos(mini_run):
         sizes = {row["image"].rsplit(".", 1)[0]: (int(row["height"]), int(row["width"])) for row in csv.DictReader(handle)}
     for image_id in features.ids:
         one = features.features(image_id)
-        assert 0 < one.num_features <= 1000 and one.descriptors.shape[1] == 64  # the default: XFeat
+        assert 0 < one.num_features <= 1000 and one.descriptors.shape[1] == 64  # XFeat
         assert one.global_descriptor.shape == (16 * 64,)
         assert features.size(image_id) == sizes[image_id]
         assert (one.locations >= 0).all() and (one.locations < sizes[image_id]).all()
@@ -353,7 +354,7 @@ def test_candidates_with_rootsift_needs_the_index_codebook(tmp_path, caplog):
     shortlist = tmp_path / "shortlist.csv"
     shortlist.write_text("query_id,index_id,rank,score\nq,a,1,0.5\n")
     code = cli_main(["extract", "--images", str(tmp_path), "--out", str(tmp_path / "store"),
-                     "--candidates", str(shortlist)])
+                     "--candidates", str(shortlist), "--preset", "sift_default"])
     assert code == 2 and "needs --codebook" in caplog.text
 
 

@@ -49,7 +49,9 @@ def test_the_runtime_keys_are_few_and_known():
 def made(tmp_path_factory) -> dict:
     """One finished artifact per stage, and a function rerunning that stage with a config."""
     root = tmp_path_factory.mktemp("made")
-    config = load_config(overrides=["extract.vlad_words=4", "extract.max_image_size=128", "rerank.num_to_rerank=2"])
+    # xfeat: a store in seconds (the default preset exports its model on first use)
+    config = load_config("xfeat", overrides=["extract.vlad_words=4", "extract.max_image_size=128",
+                                             "rerank.num_to_rerank=2"])
     photos = root / "photos"
     photos.mkdir()
     rng = np.random.default_rng(0)

