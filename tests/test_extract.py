@@ -35,8 +35,9 @@ from delf_pipeline.formats.store import FeatureStore, read_errors
 REPO = Path(__file__).resolve().parents[1]
 MINI = SHARED_DATA / "landmarks_mini"
 FAST = {"max_image_size": 512, "vlad_words": 16, "codebook_images": 20}
+FAST_SETS = [arg for key, value in FAST.items() for arg in ("--set", f"extract.{key}={value}")]
 # the CLI runs: XFeat (a VLAD codebook and its sample; the default preset exports a model on first use)
-FAST_ARGS = ["--preset", "xfeat", *[arg for key, value in FAST.items() for arg in ("--set", f"extract.{key}={value}")]]
+FAST_ARGS = ["--preset", "xfeat", *FAST_SETS]
 SOURCES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
 BROKEN = {"empty", "truncated", "text", "tiny"}  # the files make_broken writes
 needs_mini = pytest.mark.skipif(not MINI.is_dir(), reason=f"real photos not found at {MINI}")
@@ -539,7 +540,7 @@ def test_dask_run_resumes_a_killed_local_run_and_removes_its_leftovers(small_sto
     leftover.mkdir()
     with local_cluster(processes=False) as cluster:
         args = ["extract", "--images", photos, "--out", store, "--preset", "sift_default", "--set",
-                "extract.part_size=4", *FAST_ARGS, "--dask", cluster.scheduler_address]
+                "extract.part_size=4", *FAST_SETS, "--dask", cluster.scheduler_address]
         assert cli_main(list(map(str, args))) == 0
     assert not leftover.exists()
     assert store_files(store) == store_files(single)
