@@ -29,6 +29,7 @@ from .formats.index_folder import (
     INDEX_LAYOUT,
     LOCK,
     is_index,
+    keep_model_export,
     open_index,
     preview_name,
 )
@@ -102,6 +103,7 @@ def build(
         if not len(FeatureStore(out / "store")):
             raise ValueError(f"none of the {len(records)} images of {images} could be used (see "
                              f"{out / 'store' / 'errors.csv'}): nothing to index")
+        keep_model_export(out, config)
         _write_previews(out, records, previews)
         if calibration:
             with atomic_path(out / "calibration.json") as tmp:
@@ -141,7 +143,7 @@ def add(index_path: str | Path, images: str | Path, *, labels: str | Path | None
                      len(records))
         _merge_labels(index.path, given)
         config = index.config.copy()
-        config.extract = recorded_model(config.extract, index.store.manifest())  # a built-in model: the build's export
+        config.extract = recorded_model(config.extract, index.store.manifest(), index.path / "model")  # a built-in model: the build's export
         with rebuild_advice(f"`delf-pipeline index build --out {index.path} --overwrite`"):
             extract.run(config, images, index.store_path, split=split, only_ids={r.id for r in fresh})
         _write_previews(index.path, records, index.manifest["previews"])

@@ -177,7 +177,8 @@ def test_query_command_table(built, views, capsys):
 def test_a_builtin_model_index_answers_and_grows_with_the_build_export(views, tmp_path, monkeypatch):
     """efficientnet_lite0 (the default preset: a built-in model whose local PCA is learned from the
     index images): query and add use the export the build made, so the local descriptors keep
-    their size; a missing export is a clear error."""
+    their size; the index carries a copy of it (INDEX/model), so a copied index answers on a
+    machine without the build's cache; with neither, a clear error."""
     monkeypatch.setenv("DELF_PIPELINE_CACHE", str(tmp_path / "cache"))
     labels = labels_csv(views["first"], views["root"] / "first.csv")
     built = index.build(load_config("efficientnet_lite0", overrides=SMALL), views["first"], tmp_path / "idx",
@@ -189,9 +190,14 @@ def test_a_builtin_model_index_answers_and_grows_with_the_build_export(views, tm
     index.add(built, views["more"], labels=labels_csv(views["more"], tmp_path / "more.csv"))
     assert len(open_index(built).store.parts) == 2 and sorted((tmp_path / "cache" / "exports").iterdir()) == [export]
     assert Searcher(built).search_file(views["queries"] / "rocket" / "v0.jpg").landmarks[0]["landmark_id"] == "rocket"
-    shutil.rmtree(export)
+    assert (built / "model" / "saved_model.pb").is_file()
+    moved = Path(shutil.copytree(built, tmp_path / "elsewhere" / "idx"))
+    shutil.rmtree(export)  # the build machine's cache is not where the copy goes
+    answer = Searcher(moved).search_file(views["queries"] / "coffee" / "v0.jpg")
+    assert answer.landmarks[0]["landmark_id"] == "coffee" and answer.candidates[0]["inliers"] > 10
+    shutil.rmtree(moved / "model")
     with pytest.raises(FileNotFoundError, match="export the index store was made with .* rebuild the index"):
-        Searcher(built)
+        Searcher(moved)
 
 
 def test_index_info_command(built, capsys):

@@ -165,13 +165,16 @@ def resolve_model(conf: ExtractSettings, records: Sequence[ImageRecord]) -> Extr
     return replace(conf, model=str(model))
 
 
-def recorded_model(conf: ExtractSettings, store_manifest: dict) -> ExtractSettings:
+def recorded_model(conf: ExtractSettings, store_manifest: dict, copy: Path | None = None) -> ExtractSettings:
     """``conf`` with a built-in model replaced by the export that the feature store of
     ``store_manifest`` was made with (its local PCA learned from that store's images), for
-    photos added to it or searched against it; any other model is left as it is."""
+    photos added to it or searched against it: the recorded folder, else ``copy`` (the export an
+    index carries, for an index moved to another machine); any other model is left as it is."""
     if not conf.model.startswith("builtin:"):
         return conf
     model = Path(store_manifest["settings"]["model"])
+    if not (model / "saved_model.pb").is_file() and copy is not None and (copy / "saved_model.pb").is_file():
+        model = copy
     if not (model / "saved_model.pb").is_file():
         raise FileNotFoundError(f"{model}, the {conf.model} export the index store was made with (its PCA learned "
                                 f"from the index images), is missing: rebuild the index on this machine")

@@ -10,20 +10,24 @@ keeps working::
                             named by a hash of the image id; absent with --previews 0
     INDEX/calibration.json  the confidence calibration: fitted on the index at build (when it
                             has enough labelled photos) or given (index build --calibration)
+    INDEX/model/            the built-in model's export (``extract.model = "builtin:..."``, the
+                            default preset): its local PCA was learned from these index images,
+                            so the index carries it (about 20 MB)
 
-Model backends (``savedmodel``, ``hub``) keep their model by reference: ``extract.model``
+Other model backends (``savedmodel``, ``hub``) keep their model by reference: ``extract.model``
 in config.json, as given.
 """
 from __future__ import annotations
 
 import hashlib
+import shutil
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 from .. import __version__
 from ..config import Config, config_from_dict
-from ..utils.artifacts import DamagedArtifact, Layout, read_json
+from ..utils.artifacts import DamagedArtifact, Layout, atomic_path, read_json
 from .blocks import BLOCKS_LAYOUT
 from .store import STORE_LAYOUT, FeatureStore
 from .tables import read_labels
@@ -50,9 +54,13 @@ def is_index(folder: Path) -> bool:
 _CALIBRATING = Layout("index's calibration work", ("automatic.json",), (
     ("loo-*", Layout("leave-one-out work", ("shortlist.csv", "rerank.csv"), (("rerank.csv.blocks", BLOCKS_LAYOUT),))),
 ))
+# model/: a copy of the built-in model's export (a SavedModel folder and its export record).
+_MODEL = Layout("index's model export", ("saved_model.pb", "fingerprint.pb", "delf_pipeline_export.json"), (
+    ("variables", Layout("model variables", ("variables.*",))), ("assets", Layout("model assets")),
+))
 INDEX_LAYOUT = Layout("index", ("manifest.json", "config.json", "labels.csv", "calibration.json"), (
     ("store", STORE_LAYOUT), ("previews", Layout("index's previews", ("[0-9a-f]" * 20 + ".jpg",))),
-    ("calibrating", _CALIBRATING),
+    ("calibrating", _CALIBRATING), ("model", _MODEL),
 ), owned=is_index)
 
 
@@ -117,6 +125,17 @@ def open_index(path: str | Path) -> Index:
         if not (path / name).exists():
             raise FileNotFoundError(f"index {path} is incomplete: {name} is missing")
     return Index(path, manifest, config_from_dict(read_json(path / "config.json"), str(path / "config.json")))
+
+
+def keep_model_export(path: Path, config: Config) -> None:
+    """Copy the built-in model's export that the index ``path``'s store was made with into
+    ``path/model`` (once), so the index carries it; nothing for any other model."""
+    copy = Path(path) / "model"
+    if not config.extract.model.startswith("builtin:") or (copy / "saved_model.pb").is_file():
+        return
+    export = Path(FeatureStore(Path(path) / "store").manifest()["settings"]["model"])
+    with atomic_path(copy, is_dir=True) as tmp:
+        shutil.copytree(export, tmp, dirs_exist_ok=True)
 
 
 def preview_name(image_id: str) -> str:

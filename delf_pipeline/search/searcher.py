@@ -111,7 +111,7 @@ class Searcher:
         self.config = self.index.config
         self.top_candidates = top_candidates
         self.max_pixels = max_pixels
-        conf = recorded_model(self.config.extract, self.index.store.manifest())  # a built-in model: the build's export
+        conf = recorded_model(self.config.extract, self.index.store.manifest(), self.index.path / "model")  # a built-in model: the build's export
         self.extract = build(conf, stored_codebook(self.index.store_path))
         self.ids = self.index.store.ids
         self.matmul = select_matmul(self.config.shortlist.device)
