@@ -86,7 +86,7 @@ def test_first_commands_print_no_tensorflow_line(tmp_path):
     assert_quiet(delf("demo", "--out", "demo", *SMALL, cwd=tmp_path))
     served = serve_until_up(tmp_path, "idx")
     noise = [line for line in served.splitlines() if NOISE.search(line)]
-    assert "Uvicorn running" in served and noise == [], served
+    assert "serving http://127.0.0.1:" in served and "Application startup complete" in served and noise == [], served
     loud = delf("--verbose", "index", "info", "idx", cwd=tmp_path)  # info imports no TensorFlow: nothing either way
     assert loud.returncode == 0 and not NOISE.search(loud.stderr)
 
@@ -115,7 +115,7 @@ def serve_until_up(cwd: Path, index: str, timeout: float = 300) -> str:
     try:
         for line in process.stderr:
             lines.append(line)
-            if "Uvicorn running" in line or time.monotonic() > deadline:
+            if "Application startup complete" in line or time.monotonic() > deadline:
                 break
     finally:
         process.send_signal(signal.SIGINT)
