@@ -75,6 +75,11 @@ def _module(name: str):
     return importlib.import_module(f"delf_pipeline.{name}")
 
 
+#: Libraries whose INFO lines are about their own internals (a SavedModel export names every
+#: renamed input, thousands of characters): only their warnings, unless --verbose.
+LIBRARY_LOGGERS = ("absl", "tensorflow")
+
+
 def setup_logging(verbose: bool) -> None:
     """Log lines on stderr; PIL's decompression-bomb warning is left to images.load_image,
     which logs it naming the file."""
@@ -86,6 +91,8 @@ def setup_logging(verbose: bool) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 

@@ -121,3 +121,21 @@ def serve_until_up(cwd: Path, index: str, timeout: float = 300) -> str:
         process.send_signal(signal.SIGINT)
         rest, _ = process.communicate(timeout=60)
     return "".join(lines) + (rest or "")
+
+
+def test_library_info_lines_are_left_out_unless_verbose():
+    """A SavedModel export logs a multi-thousand-character INFO line through absl: left out by
+    default (the first use of the default preset exports one), kept with --verbose."""
+    import logging
+
+    from delf_pipeline import cli
+
+    try:
+        cli.setup_logging(False)
+        assert [logging.getLogger(name).isEnabledFor(logging.INFO) for name in cli.LIBRARY_LOGGERS] == [False, False]
+        assert logging.getLogger("absl").isEnabledFor(logging.WARNING)
+        cli.setup_logging(True)
+        assert all(logging.getLogger(name).isEnabledFor(logging.INFO) for name in cli.LIBRARY_LOGGERS)
+    finally:
+        for name in cli.LIBRARY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.NOTSET)
