@@ -28,6 +28,7 @@ from . import extract, predict, rerank, shortlist
 from .config import Config, add_config_arguments, load_config
 from .formats.blocks import read_table
 from .formats.revisitop import GroundTruth, crop_box, read_ground_truth
+from .formats.store import FeatureStore
 from .metrics.revisitop import PROTOCOLS, revisited_map
 from .utils.artifacts import atomic_path, write_json_atomic
 
@@ -43,7 +44,7 @@ def run(config: Config, gnd: str | Path, images: str | Path, out: str | Path, *,
     queries_csv = write_image_list(out / "queries.csv", crop_queries(truth, images, out / "queries"))
     index = extract.run(config, index_csv, out / "features" / "index")
     codebook = index / "codebook.npy"
-    queries = extract.run(config, queries_csv, out / "features" / "queries",
+    queries = extract.run(extract.query_config(config, FeatureStore(index)), queries_csv, out / "features" / "queries",
                           codebook=codebook if codebook.exists() else None)
     config = config.copy()
     config.shortlist.top_k = len(truth.imlist)

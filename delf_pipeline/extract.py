@@ -143,6 +143,14 @@ def candidate_local_store(config: Config, index_store: str | Path | FeatureStore
                strict=strict, codebook=codebook if codebook.exists() else None)
 
 
+def query_config(config: Config, index: FeatureStore) -> Config:
+    """The settings that extract queries for the ``index`` store: local features always, whatever
+    extract.local_features says for the index, and the index store's model (a built-in model is
+    exported, with its local PCA learned from the index images, when the index is extracted)."""
+    model = index.manifest()["settings"]["model"]
+    return with_recorded(config, "extract", {"local_features": True, "model": model}, str(index.path / "manifest.json"))
+
+
 def store_manifest(conf: ExtractSettings) -> dict:
     """The store's manifest: every ``extract`` key but the runtime ones, how images were
     decoded (``decode``, recorded when not RGB: older stores were all decoded in RGB) and, for a

@@ -22,7 +22,7 @@ from typing import Sequence
 
 from . import calibrate, extract, predict, rerank, shortlist
 from .budget import TimeBudget, fit_num_to_rerank
-from .config import Config, add_config_arguments, load_config, with_recorded
+from .config import Config, add_config_arguments, load_config
 from .extractors.efficientnet_lite_export import model_preset
 from .formats.candidates import candidate_ids, read_candidates
 from .formats.images import list_images
@@ -101,7 +101,7 @@ def extract_both(config: Config, data: Path, folder: RunFolder, *, overwrite: bo
     index = folder.store(extract.run(config, data, folder.index_store, split="train", overwrite=overwrite,
                                      strict=strict))
     codebook = index.path / "codebook.npy"
-    query = folder.store(extract.run(_query_config(config, index), data, folder.query_store, split="test",
+    query = folder.store(extract.run(extract.query_config(config, index), data, folder.query_store, split="test",
                                      overwrite=overwrite, strict=strict,
                                      codebook=codebook if codebook.exists() else None))
     return index, query
@@ -177,13 +177,6 @@ def with_calibration(config: Config, data: Path, index: FeatureStore, folder: Ru
     if made:
         config.predict.calibration = str(made)
     return config
-
-
-def _query_config(config: Config, index: FeatureStore) -> Config:
-    """The queries' settings: local features always, whatever extract.local_features says for the
-    index, and the index store's model (a built-in model is exported, with its PCA, for the index)."""
-    model = index.manifest()["settings"]["model"]
-    return with_recorded(config, "extract", {"local_features": True, "model": model}, str(index.path / "manifest.json"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

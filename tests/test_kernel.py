@@ -147,8 +147,10 @@ def test_rootsift_end_to_end_from_environment(kaggle_input, tmp_path):
     assert "time budget" not in log
     assert "pydegensac" not in log  # sift_default verifies with magsac: no fallback needed
     # all 12 train images predicted right when left out (or fewer than 10 fit a fifth of the run's
-    # time): nothing to learn from, so raw confidences
-    assert re.search(r"no calibration: (all 12 leave-one-out answers were right|a fifth of the run's time)", log)
+    # time, which depends on the machine's load): nothing to learn from, so raw confidences
+    said = [line for line in log.splitlines() if "calibration" in line]
+    assert any(re.search(r"no calibration: (all \d+ leave-one-out answers .*were right|a fifth of the run's time)", line)
+               for line in said), said
     assert not (tmp_path / "w" / "features" / "calibration.json").exists()
     assert (tmp_path / "w" / "rerank.csv").is_file()
 

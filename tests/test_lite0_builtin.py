@@ -14,7 +14,7 @@ from delf_pipeline.config import load_config
 from delf_pipeline.extractors import build
 from delf_pipeline.extractors import efficientnet_lite as lite
 from delf_pipeline.formats.store import FeatureStore
-from delf_pipeline.pipeline import _query_config
+from delf_pipeline.extract import query_config
 
 
 def test_other_models_are_left_as_they_are():
@@ -32,7 +32,7 @@ def test_queries_use_the_index_stores_model(tmp_path):
     (tmp_path / "parts").mkdir()
     (tmp_path / "manifest.json").write_text('{"settings": {"model": "/cache/exports/efficientnet_lite0-abc"}}')
     config = load_config("efficientnet_lite0")
-    query = _query_config(config, FeatureStore(tmp_path)).extract
+    query = query_config(config, FeatureStore(tmp_path)).extract
     assert query.model == "/cache/exports/efficientnet_lite0-abc" and query.local_features
     assert config.extract.model == "builtin:efficientnet_lite0"  # not changed in place
 
