@@ -187,6 +187,12 @@ SETTINGS: dict[str, dict[str, Key]] = {
     },
     "rerank": {
         "num_to_rerank": _count(100, 0, 100_000, "shortlisted candidates verified per query"),
+        "first_depth": _count(0, 0, 100_000, "adaptive depth: verify the first this many candidates, then the rest "
+                              "of num_to_rerank only when the best has fewer than decided_inliers inliers (0: off, "
+                              "always num_to_rerank; more than num_to_rerank counts as num_to_rerank)"),
+        "decided_inliers": _count(25, 0, 100_000, "adaptive depth: a query whose best of its first_depth candidates "
+                                  "has this many inliers (after min_inliers) is decided: no more are verified",
+                                  when="adaptive_depth"),
         "matcher": _pick("mutual", ("kdtree", "nn", "mutual", "lighterglue"),
                          "kdtree (official) | nn (same answer by matmul) | mutual (mutual nearest neighbours) | "
                          "lighterglue (XFeat's learned matcher; XFeat locals only)"),
@@ -541,6 +547,7 @@ FEATURES = {
     "superglobal": "superglobal_depth > 0",
     "subcenter_arcface": "train.loss = subcenter_arcface",
     "cascade": "a verification cascade (rerank.cascade)", "cascade_views": "rerank.cascade = views",
+    "adaptive_depth": "rerank.first_depth > 0",
 }
 
 
@@ -551,7 +558,7 @@ def features_in_use(config: Config) -> set[str]:
     usac (a verifier with a confidence), kaggle2020 (that scoring), whitening, dba, qe, hybrid
     (a model's global with another backend's locals; with vlad_weight > 0 also vlad),
     superglobal, subcenter_arcface (that training loss), cascade and cascade_views (a
-    verification cascade, its views stage)."""
+    verification cascade, its views stage), adaptive_depth (rerank.first_depth > 0)."""
     extract, shortlist, rerank = config.extract, config.shortlist, config.rerank
     model = extract.backend in ("savedmodel", "hub")
     locals_ = extract.local_backend if model and extract.local_backend else extract.backend
@@ -565,6 +572,7 @@ def features_in_use(config: Config) -> set[str]:
     tags |= {"kaggle2020"} if rerank.scoring == "kaggle2020" else set()
     tags |= {"cascade"} if rerank.cascade else set()
     tags |= {"cascade_views"} if rerank.cascade == "views" else set()
+    tags |= {"adaptive_depth"} if rerank.first_depth else set()
     flags = {"whitening": shortlist.whitening, "dba": shortlist.dba, "qe": shortlist.qe_top_n,
              "superglobal": shortlist.superglobal_depth,
              "subcenter_arcface": config.train.loss == "subcenter_arcface"}

@@ -1,7 +1,8 @@
 """Stage 3, rerank: local matching + RANSAC on each query's shortlisted candidates.
 
 For every query, its ``num_to_rerank`` best shortlisted index images are verified and scored
-by :class:`delf_pipeline.verification.verifier.CandidateVerifier` (matching, RANSAC, scoring).
+by :class:`delf_pipeline.verification.verifier.CandidateVerifier` (matching, RANSAC, scoring);
+with adaptive depth (``rerank.first_depth``) only its first ones when they decide the query.
 
 Work is split into numbered query blocks (see :mod:`delf_pipeline.formats.blocks`), run in
 parallel by joblib processes (``--jobs``) or on a Dask cluster (``--dask ADDRESS``), each
@@ -9,7 +10,8 @@ block written atomically, so a killed run resumes and shards can run anywhere. E
 keeps one verifier, whose cache holds the index features it has read.
 
 Output CSV: ``query_id,index_id,global_score,matches,inliers,score,status``, rows of a
-query sorted by score (descending).
+query sorted by score (descending); one row per verified candidate, so a query's rows count the
+depth it used.
 
 With ``rerank.cascade`` (:mod:`delf_pipeline.verification.cascade`) a second stage re-verifies
 the candidates that can still change a query's answer; it needs the index labels (its classes),
@@ -96,10 +98,22 @@ def run(
     with claim_blocks(out, shard, "rerank output", manifest, overwrite):
         run_blocks(out, list(candidates), QUERY_BLOCK, shard, COLUMNS, compute)
     if out.exists():
-        counts = read_table(out)["status"].value_counts().to_dict()
+        table = read_table(out)
+        counts = table["status"].value_counts().to_dict()
         log.info("rerank %s: %d pairs verified (%s)", out, sum(counts.values()),
                  ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+        if conf.first_depth:
+            log_depths(table, candidates, conf)
     return out
+
+
+def log_depths(table: pd.DataFrame, candidates: dict, conf: RerankSettings) -> None:
+    """Log how many queries adaptive depth stopped after their first round (each query's depth is
+    its number of rows in the rerank CSV)."""
+    depths = table.groupby("query_id").size()
+    stopped = sum(int(depths.get(q, 0)) < len(c) for q, c in candidates.items())
+    log.info("adaptive depth: %d of %d queries decided by their first %d candidates (>= %d inliers), %.1f pairs per "
+             "query on average", stopped, len(depths), conf.first_depth, conf.decided_inliers, depths.mean())
 
 
 def rerank_manifest(conf: RerankSettings, shortlist: pd.DataFrame, labels: dict[str, str] | None = None) -> dict:

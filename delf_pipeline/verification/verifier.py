@@ -11,6 +11,13 @@ Scoring (``rerank.scoring``):
 Inlier counts below ``min_inliers`` count as 0: unrelated pairs still get a handful of
 "inliers" from every RANSAC variant (see docs/design.md), which must not raise their score.
 
+Adaptive depth (``rerank.first_depth`` > 0): the first ``first_depth`` candidates are verified,
+and the rest of the ``num_to_rerank`` only when the best of them has fewer than
+``decided_inliers`` inliers (:func:`first_round`, :func:`decided`); a query's rows are the
+candidates verified, so their number is the depth it used. Each pair is verified alike whatever
+else is (same seed), so a query that goes on gets the rows of a full-depth run, and one that
+stops gets that run's rows of its first candidates.
+
 The pairs are matched in one BLAS thread (:func:`delf_pipeline.utils.threads.one_blas_thread`):
 the same results, several times faster on a loaded machine than with OpenBLAS's threads.
 
@@ -97,7 +104,7 @@ class CandidateVerifier:
             views = (lambda: self.views.of_file(query_path)) if query_path else lambda: _no_image(query_id)
         rows = self.rerank_features(query_id, self.queries.features(query_id), candidates, size, labels=labels,
                                     views=views)
-        self.reads_since_release += len(candidates)
+        self.reads_since_release += len(rows)
         if self.reads_since_release >= RELEASE_EVERY:
             self.queries.release()
             self.index.release()
@@ -109,19 +116,28 @@ class CandidateVerifier:
                         views: Callable[[], ViewFeatures] | None = None) -> list[tuple]:
         """:meth:`rerank_query` of a query whose features are given (in original-image pixels;
         ``query_size``, its original (height, width), is needed by lighterglue, as matcher or
-        second stage). ``views``: () -> the query's view features (the cascade's views stage)."""
+        second stage). ``views``: () -> the query's view features (the cascade's views stage).
+        ``candidates`` in shortlist order: with adaptive depth, the first ones are verified first."""
         with one_blas_thread():
-            rows = []
-            for index_id, global_score in candidates:
-                sizes = (query_size, self.index.size(index_id)) if self.glue is not None else None
-                result = self.verify(query, self.index_features(index_id), sizes)
-                inliers = result.inliers if result.inliers >= self.conf.min_inliers else 0
-                score = final_score(inliers, global_score, self.conf)
-                rows.append((query_id, index_id, global_score, result.matches, inliers, score, result.status))
+            first = first_round(self.conf, len(candidates))
+            rows = [self.verify_candidate(query_id, query, candidate, query_size) for candidate in candidates[:first]]
+            if first < len(candidates) and not decided(rows, self.conf):
+                rows += [self.verify_candidate(query_id, query, candidate, query_size)
+                         for candidate in candidates[first:]]
             rows.sort(key=lambda row: (-row[5], row[1]))
             if self.second is not None:
                 rows = self.cascade(rows, QuerySide(query, query_size, views), labels)
         return rows
+
+    def verify_candidate(self, query_id: str, query: ImageFeatures, candidate: tuple[str, float],
+                         query_size: tuple[int, int] | None) -> tuple:
+        """The row (COLUMNS) of one (query, (index id, global score)) pair by the fast path."""
+        index_id, global_score = candidate
+        sizes = (query_size, self.index.size(index_id)) if self.glue is not None else None
+        result = self.verify(query, self.index_features(index_id), sizes)
+        inliers = result.inliers if result.inliers >= self.conf.min_inliers else 0
+        score = final_score(inliers, global_score, self.conf)
+        return (query_id, index_id, global_score, result.matches, inliers, score, result.status)
 
     def cascade(self, rows: list[tuple], query: QuerySide, labels: dict[str, str] | None) -> list[tuple]:
         """The fast ``rows`` (sorted) with the second stage's verdict on the selected candidates
@@ -202,6 +218,18 @@ def second_stage(conf: RerankSettings, glue) -> ViewsStage | GlueStage | None:
 def _no_image(query_id: str):
     raise ValueError(f"rerank.cascade = 'views' extracts the query's views from its image, and query {query_id!r} has "
                      "none among the query images given (`delf-pipeline rerank --query-images`, as `run` gives)")
+
+
+def first_round(conf: RerankSettings, candidates: int) -> int:
+    """How many of a query's ``candidates`` (its ``num_to_rerank`` best, or fewer) are verified
+    before the query may stop: ``conf.first_depth``, all of them when it is 0 or larger."""
+    return min(conf.first_depth, candidates) if conf.first_depth > 0 else candidates
+
+
+def decided(rows: list[tuple], conf: RerankSettings) -> bool:
+    """Whether the verified ``rows`` (COLUMNS) decide the query: the best has at least
+    ``conf.decided_inliers`` inliers (counted as the score counts them, after min_inliers)."""
+    return max((row[4] for row in rows), default=0) >= conf.decided_inliers
 
 
 def final_score(inliers: int, global_score: float, conf: RerankSettings) -> float:
