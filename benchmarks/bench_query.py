@@ -135,6 +135,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="landmarks_mini folder (labels.csv)")
     parser.add_argument("--preset", default="sift_default")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a setting of the preset (repeatable; give each setting its own --out)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10000])
     parser.add_argument("--every", type=int, default=10, help="every N-th photo is a query, the rest the index")
     parser.add_argument("--repeat", type=int, default=2, help="passes over the query photos per size")
@@ -143,13 +145,14 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.data / "labels.csv").is_file():
         sys.exit(f"no labels.csv in {args.data}: give --data (landmarks_mini)")
-    base, queries = base_index(load_config(args.preset), args.data, args.every, args.out)
+    base, queries = base_index(load_config(args.preset, None, args.overrides), args.data, args.every, args.out)
     results = []
     for size in args.sizes:
         results.append(measure(padded_index(base, size, args.out, args.seed), queries, args.repeat))
         print(f"{size}: done ({len(results[-1]['direct'])} searches)", file=sys.stderr)
     load = os.getloadavg()
-    print(f"{len(queries)} query photos x {args.repeat}, preset {args.preset}, {os.cpu_count()} cores, "
+    print(f"{len(queries)} query photos x {args.repeat}, preset {args.preset} {' '.join(args.overrides)}, "
+          f"{os.cpu_count()} cores, "
           f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min) at the end\n")
     print(table(results))
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
