@@ -187,10 +187,10 @@ SETTINGS: dict[str, dict[str, Key]] = {
     },
     "rerank": {
         "num_to_rerank": _count(100, 0, 100_000, "shortlisted candidates verified per query"),
-        "first_depth": _count(0, 0, 100_000, "adaptive depth: verify the first this many candidates, then the rest "
+        "first_depth": _count(10, 0, 100_000, "adaptive depth: verify the first this many candidates, then the rest "
                               "of num_to_rerank only when the best has fewer than decided_inliers inliers (0: off, "
                               "always num_to_rerank; more than num_to_rerank counts as num_to_rerank)"),
-        "decided_inliers": _count(25, 0, 100_000, "adaptive depth: a query whose best of its first_depth candidates "
+        "decided_inliers": _count(30, 0, 100_000, "adaptive depth: a query whose best of its first_depth candidates "
                                   "has this many inliers (after min_inliers) is decided: no more are verified",
                                   when="adaptive_depth"),
         "matcher": _pick("mutual", ("kdtree", "nn", "mutual", "lighterglue"),
