@@ -2,6 +2,7 @@
 same matches and rows as with OpenBLAS's threads."""
 from __future__ import annotations
 
+import threading
 from contextlib import nullcontext
 
 import numpy as np
@@ -24,6 +25,40 @@ def test_one_blas_thread_limits_blas_and_restores_it():
     before = blas()
     with threads.one_blas_thread():
         assert set(blas()) <= {1}
+    assert blas() == before
+
+
+def test_overlapping_blocks_of_two_threads_restore_the_limit_when_the_last_one_leaves():
+    """serve searches in several threads: A enters, B enters, A leaves (still one thread: B is
+    inside), B leaves (restored), whatever the order of leaving."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+
+    def blas() -> set[int]:
+        return {lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"}
+
+    before = blas()
+    a_inside, b_inside, a_left = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, set[int]] = {}
+
+    def first():
+        with threads.one_blas_thread():
+            a_inside.set()
+            b_inside.wait(10)
+        a_left.set()
+
+    def second():
+        a_inside.wait(10)
+        with threads.one_blas_thread():
+            b_inside.set()
+            a_left.wait(10)
+            seen["after a left"] = blas()
+
+    workers = [threading.Thread(target=first), threading.Thread(target=second)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(20)
+    assert seen["after a left"] <= {1}
     assert blas() == before
 
 
