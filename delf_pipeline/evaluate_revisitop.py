@@ -6,7 +6,9 @@ of the dataset's ``.jpg`` images, this
 1. crops every query to its ``bbx`` (as the official evaluation does) into ``OUT/queries/``;
 2. extracts the index images (``imlist``) and the cropped queries (``OUT/features/``);
 3. shortlists every index image for each query (a full ranking: AP needs all positives),
-   re-ranks the first ``rerank.num_to_rerank`` unless that is 0;
+   re-ranks the first ``rerank.num_to_rerank`` unless that is 0 (all of them: an adaptive
+   depth, ``rerank.first_depth``, would leave a decided query's other candidates in global
+   order, and AP scores the whole order);
 4. prints mAP and mP@k of the Easy, Medium and Hard protocols (:func:`revisited_map`) and
    writes them to ``OUT/revisitop.json``.
 
@@ -48,6 +50,10 @@ def run(config: Config, gnd: str | Path, images: str | Path, out: str | Path, *,
                           codebook=codebook if codebook.exists() else None)
     config = config.copy()
     config.shortlist.top_k = len(truth.imlist)
+    if config.rerank.first_depth:
+        log.info("evaluate-revisitop verifies all %d first candidates of each query (rerank.first_depth=%d ignored: "
+                 "AP scores the whole re-ranked order)", config.rerank.num_to_rerank, config.rerank.first_depth)
+        config.rerank.first_depth = 0
     shortlist_csv = shortlist.run(config, index, queries, out / "shortlist.csv")
     rerank_csv = None
     if config.rerank.num_to_rerank > 0:

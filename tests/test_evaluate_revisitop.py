@@ -45,7 +45,8 @@ def test_command_crops_ranks_and_scores(dataset, tmp_path, capsys):
     out = tmp_path / "run"
     code = cli.main(["evaluate-revisitop", "--gnd", str(dataset / "gnd_test.pkl"), "--images", str(dataset / "jpg"),
                      "--out", str(out), "--ks", "1", "5", "--set", "extract.vlad_words=16",
-                     "--set", "rerank.num_to_rerank=3"])
+                     "--set", "rerank.num_to_rerank=4", "--set", "rerank.first_depth=2",
+                     "--set", "rerank.decided_inliers=0"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "| Medium |" in printed and "mP@5" in printed
@@ -56,6 +57,8 @@ def test_command_crops_ranks_and_scores(dataset, tmp_path, capsys):
     ranking = final_ranking(read_table(out / "shortlist.csv"), read_table(out / "rerank.csv"))
     lists = ranking_lists(ranking, truth.qimlist)
     assert [sorted(ids) for ids in lists] == [sorted(truth.imlist)] * 2
+    # AP scores the whole re-ranked order: every one of num_to_rerank verified, never an adaptive first round
+    assert read_table(out / "rerank.csv").groupby("query_id").size().tolist() == [4, 4]
     expected = score(lists, truth, (1, 5))
     assert format_table(expected) in printed
     saved = json.loads((out / "revisitop.json").read_text())
