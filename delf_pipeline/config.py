@@ -140,9 +140,12 @@ SETTINGS: dict[str, dict[str, Key]] = {
                              when="vlad"),
         "vlad_dim": _count(0, 0, 1_000_000, "VLAD reduced to this many dims by a PCA of the codebook sample's VLADs "
                            "(at most codebook_images - 1); 0 keeps words x D", when="vlad"),
-        "vlad_weight": _real(0.0, 0, 1, "> 0 fuses the model's global with the VLAD of the local_backend's features, "
+        "vlad_weight": _real(0.0, 0, 1, "> 0 fuses the model's global with the VLAD of the vlad_backend's features, "
                              "this weight on the VLAD (score fusion; docs/benchmarks.md, dev table)", open_high=True,
-                             when="hybrid"),
+                             when="model"),
+        "vlad_backend": _pick("", ("", "rootsift", "xfeat"),
+                              '"" (= local_backend) | rootsift | xfeat: whose local features the fused VLAD is made '
+                              "of; with local_backend \"\" the model's own local features are stored", when="fused"),
         "codebook_images": _count(500, 1, 10_000_000, "index images sampled to learn the codebook", when="vlad"),
         "seed": _count(0, 0, SEED_MAX, "codebook k-means seed", when="vlad"),
         "local_backend": _pick("", ("", "rootsift", "xfeat"),
@@ -546,6 +549,7 @@ FEATURES = {
     "usac": "verifiers other than skimage_affine", "kaggle2020": "the kaggle2020 scoring",
     "whitening": "a whitening", "dba": "a dba", "qe": "qe_top_n > 0",
     "hybrid": "a savedmodel / hub backend with a local_backend",
+    "fused": "a model's global fused with a VLAD (vlad_weight > 0)",
     "superglobal": "superglobal_depth > 0",
     "subcenter_arcface": "train.loss = subcenter_arcface",
     "cascade": "a verification cascade (rerank.cascade)", "cascade_views": "rerank.cascade = views",
@@ -558,7 +562,8 @@ def features_in_use(config: Config) -> set[str]:
     backend), vlad (a rootsift / xfeat global, or a fused hybrid's), rootsift / xfeat (those local features),
     descriptor_matcher / ratio_matcher (a matcher by descriptor distance / with a ratio test),
     usac (a verifier with a confidence), kaggle2020 (that scoring), whitening, dba, qe, hybrid
-    (a model's global with another backend's locals; with vlad_weight > 0 also vlad),
+    (a model's global with another backend's locals), fused and vlad (a model's global fused with
+    the VLAD of vlad_backend's or local_backend's features, vlad_weight > 0),
     superglobal, subcenter_arcface (that training loss), cascade and cascade_views (a
     verification cascade, its views stage), adaptive_depth (rerank.first_depth > 0)."""
     extract, shortlist, rerank = config.extract, config.shortlist, config.rerank
@@ -567,7 +572,8 @@ def features_in_use(config: Config) -> set[str]:
     tags = {"model" if model else "vlad", locals_}
     hybrid = model and bool(extract.local_backend)
     tags |= {"hybrid"} if hybrid else set()
-    tags |= {"vlad"} if hybrid and extract.vlad_weight > 0 else set()  # a fused hybrid's VLAD
+    fused = model and extract.vlad_weight > 0 and bool(extract.vlad_backend or extract.local_backend)
+    tags |= {"vlad", "fused", extract.vlad_backend or extract.local_backend} if fused else set()
     tags |= {"descriptor_matcher"} if rerank.matcher != "lighterglue" else set()
     tags |= {"ratio_matcher"} if rerank.matcher in ("nn", "mutual") else set()
     tags |= {"usac"} if rerank.verifier != "skimage_affine" else set()

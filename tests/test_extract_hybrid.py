@@ -77,3 +77,40 @@ def test_fused_global_model_and_reduced_vlad_of_the_locals(delf_test_models, tmp
         assert abs(np.linalg.norm(features.global_descriptor) - 1) < 1e-3
     queries = extract.run(config, tmp_path / "photos", tmp_path / "queries", codebook=tmp_path / "fused" / "codebook.npy")
     np.testing.assert_allclose(FeatureStore(queries).global_matrix(), store.global_matrix(), atol=1e-5)
+
+
+def test_fused_global_beside_the_models_own_local_features(delf_test_models, tmp_path):
+    """extract.vlad_backend with no local_backend: the VLAD of RootSIFT features goes into the
+    global descriptor; the local features stored are the model's."""
+    from delf_pipeline.extractors.rootsift import extract_rootsift
+    from delf_pipeline.extractors.vlad import vlad_global
+    from delf_pipeline.formats.images import load_image
+
+    write_photos(tmp_path / "photos")
+    model = delf_test_models["tf2_delg"]
+    config = load_config(overrides=[f'extract.model="{model}"', "extract.image_scales=[1.0]",
+                                    "extract.global_scale_indices=[]", "extract.max_features=200"])
+    own = FeatureStore(extract.run(config, tmp_path / "photos", tmp_path / "model"))
+    config.extract.update(vlad_weight=0.4, vlad_backend="rootsift", vlad_words=4, vlad_dim=8, codebook_images=3)
+    store = FeatureStore(extract.run(config, tmp_path / "photos", tmp_path / "fused"))
+    codebook = np.load(tmp_path / "fused" / "codebook.npy")
+    for image_id in store.ids:
+        features, plain = store.features(image_id), own.features(image_id)
+        np.testing.assert_array_equal(features.descriptors, plain.descriptors)  # the model's locals
+        np.testing.assert_array_equal(features.locations, plain.locations)
+        model_part, vlad_part = features.global_descriptor[:-2], features.global_descriptor[-2:]
+        expected = plain.global_descriptor / np.linalg.norm(plain.global_descriptor)
+        np.testing.assert_allclose(model_part, np.sqrt(0.6) * expected, atol=2e-3)
+        image, _ = load_image(tmp_path / "photos" / f"{image_id}.jpg", 1024, "RGB")
+        sift = extract_rootsift(image, 200)
+        np.testing.assert_allclose(vlad_part, np.sqrt(0.4) * vlad_global(sift.descriptors, codebook, 4), atol=2e-3)
+
+
+def test_a_fused_model_without_local_features_to_fuse_is_a_clear_error(delf_test_models, tmp_path):
+    write_photos(tmp_path / "photos", count=1)
+    config = load_config(overrides=[f'extract.model="{delf_test_models["tf2_delg"]}"', "extract.vlad_weight=0.4"])
+    with pytest.raises(ValueError, match="set extract.vlad_backend"):
+        extract.run(config, tmp_path / "photos", tmp_path / "fused")
+    config.extract.update(local_backend="rootsift", vlad_backend="xfeat")
+    with pytest.raises(ValueError, match="differs from extract.local_backend"):
+        extract.run(config, tmp_path / "photos", tmp_path / "fused2")

@@ -12,11 +12,13 @@ Backends (``extract.backend``):
 
 With ``local_backend`` set (rootsift or xfeat) and a model ``backend``, the global descriptor
 comes from the model and the local features from ``local_backend`` (a hybrid). With
-``vlad_weight`` w > 0 as well, the hybrid's global descriptor fuses the model's with the VLAD of
-the local features: ``[sqrt(1 - w) m, sqrt(w) v]`` of the L2-normalised parts, whose inner
-product is ``(1 - w) m.m' + w v.v'`` (score fusion, unit length). The VLAD backends and the
-fused hybrids need their codebook (``vlad_dim`` > 0: with the PCA that reduces the VLAD):
-learning it is a step of the extract stage, which then calls :func:`build` with it.
+``vlad_weight`` w > 0, a model's global descriptor is fused with the VLAD of the local features
+of ``vlad_backend`` (default: ``local_backend``): ``[sqrt(1 - w) m, sqrt(w) v]`` of the
+L2-normalised parts, whose inner product is ``(1 - w) m.m' + w v.v'`` (score fusion, unit
+length). The stored local features are ``local_backend``'s, or the model's own when it is ""
+(``vlad_backend`` then only feeds the VLAD). The VLAD backends and the fused models need their
+codebook (``vlad_dim`` > 0: with the PCA that reduces the VLAD): learning it is a step of the
+extract stage, which then calls :func:`build` with it.
 """
 from __future__ import annotations
 
@@ -41,10 +43,21 @@ LOCAL_BACKENDS = ("rootsift", "xfeat")  # backends with their own local features
 
 def vlad_backend(conf: ExtractSettings) -> str:
     """The local backend whose VLAD the settings' global descriptor holds: ``backend`` for the
-    VLAD backends, ``local_backend`` for a fused hybrid (``vlad_weight`` > 0), else ""."""
+    VLAD backends, ``vlad_backend`` or else ``local_backend`` for a fused model (``vlad_weight``
+    > 0), else "". ValueError for a fused model with neither, or with two different ones."""
     if conf.backend in LOCAL_BACKENDS:
         return conf.backend
-    return conf.local_backend if conf.local_backend and conf.vlad_weight > 0 else ""
+    if conf.vlad_weight <= 0:
+        return ""
+    if conf.vlad_backend and conf.local_backend and conf.vlad_backend != conf.local_backend:
+        raise ValueError(f"extract.vlad_backend={conf.vlad_backend!r} differs from extract.local_backend="
+                         f"{conf.local_backend!r}: the VLAD is made of the stored local features or, with "
+                         'local_backend "", of vlad_backend\'s beside the model\'s own')
+    backend = conf.vlad_backend or conf.local_backend
+    if not backend:
+        raise ValueError(f"extract.vlad_weight={conf.vlad_weight} fuses the model's global descriptor with a VLAD: "
+                         "set extract.vlad_backend (rootsift or xfeat) to say of which local features")
+    return backend
 
 
 def build(conf: ExtractSettings, codebook: np.ndarray | None = None, local: Extractor | None = None) -> Extractor:
@@ -70,9 +83,9 @@ def _assemble(conf: ExtractSettings, codebook: np.ndarray | None, local: Extract
     from .models import load_extractor
 
     model = load_extractor(conf)
-    if local_backend and conf.vlad_weight > 0:
-        return fused(model, local or local_extractor(conf, local_backend), codebook, conf.vlad_words,
-                     conf.vlad_weight)
+    if vlad_backend(conf):
+        return fused(model, local or local_extractor(conf, vlad_backend(conf)), codebook, conf.vlad_words,
+                     conf.vlad_weight, keep_model_locals=not local_backend)
     if local_backend:
         return with_locals(model, local_extractor(conf, local_backend))
     return model
@@ -115,10 +128,12 @@ def with_locals(model: Extractor, local: Extractor) -> BatchExtractor:
     return BatchExtractor(batch)
 
 
-def fused(model: Extractor, local: Extractor, codebook: np.ndarray, words: int, weight: float) -> BatchExtractor:
-    """``local``'s features with the global ``[sqrt(1 - weight) m, sqrt(weight) v]``: ``m`` the
-    model's global descriptor and ``v`` the VLAD of the local descriptors over ``codebook`` (its
-    first ``words`` rows the words), both L2-normalised; batched where each of them is."""
+def fused(model: Extractor, local: Extractor, codebook: np.ndarray, words: int, weight: float,
+          keep_model_locals: bool = False) -> BatchExtractor:
+    """``local``'s features (the model's with ``keep_model_locals``) with the global
+    ``[sqrt(1 - weight) m, sqrt(weight) v]``: ``m`` the model's global descriptor and ``v`` the
+    VLAD of ``local``'s descriptors over ``codebook`` (its first ``words`` rows the words), both
+    L2-normalised; batched where each of them is."""
     from ..formats.features import l2_normalize
     from .vlad import vlad_global
 
@@ -128,7 +143,8 @@ def fused(model: Extractor, local: Extractor, codebook: np.ndarray, words: int, 
         for features, whole in zip(extract_batch(local, images), wholes):
             parts = (np.sqrt(1.0 - weight) * l2_normalize(whole.global_descriptor),
                      np.sqrt(weight) * vlad_global(features.descriptors, codebook, words))
-            out.append(replace(features, global_descriptor=np.concatenate(parts).astype(np.float32)))
+            kept = whole if keep_model_locals else features
+            out.append(replace(kept, global_descriptor=np.concatenate(parts).astype(np.float32)))
         return out
 
     return BatchExtractor(batch)
