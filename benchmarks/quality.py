@@ -45,7 +45,7 @@ import argparse
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import common
@@ -64,8 +64,8 @@ from delf_pipeline.formats.tables import read_labels, read_solution, read_submis
 from delf_pipeline.utils.artifacts import fingerprint, write_json_atomic, write_text_atomic
 from delf_pipeline.verification.pairs import verify_options
 
-PRESETS = ("sift_default", "xfeat", "xfeat_lighterglue", "efficientnet_lite0", "efficientnet_lite0_rootsift",
-           "xfeat_lite0", "xfeat_fused")
+PRESETS = ("sift_default", "xfeat", "xfeat_lighterglue", "efficientnet_lite0_fused", "efficientnet_lite0",
+           "efficientnet_lite0_rootsift", "xfeat_lite0", "xfeat_fused")
 TASKS = ("dev_split", "dev_loo", "mini_loo", "hard", "evd")
 RECALL_AT = (1, 5, 20, 100)
 LEVEL = 0.90  # bootstrap interval
@@ -163,7 +163,7 @@ def evd_task(config: Config, args: argparse.Namespace) -> Outcome:
         task = args.work / "tasks" / "hard"
         if not (task / "solution.csv").exists():
             common.build_hard_task(task, args.data, args.seed)
-        conf = resolve_model(conf, list_images(task, "train")[0])
+        conf = replace(resolve_model(conf, list_images(task, "train")[0]), vlad_weight=0.0)  # locals only: no VLAD
     local_keys = {k: v for k, v in conf.items() if k in LOCAL_SETTINGS or local not in LOCAL_BACKENDS}
     key = fingerprint({"local": local, "extract": local_keys, "rerank": config.rerank.to_dict()})
     cache = args.work / "evd" / f"{key}.json"

