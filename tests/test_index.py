@@ -174,15 +174,18 @@ def test_query_command_table(built, views, capsys):
 
 
 @pytest.mark.slow
-def test_a_builtin_model_index_answers_and_grows_with_the_build_export(views, tmp_path, monkeypatch):
-    """efficientnet_lite0 (the default preset: a built-in model whose local PCA is learned from the
-    index images): query and add use the export the build made, so the local descriptors keep
-    their size; the index carries a copy of it (INDEX/model), so a copied index answers on a
-    machine without the build's cache; with neither, a clear error."""
+def test_a_builtin_model_index_answers_and_grows_with_the_build_export(views, xfeat_weights_file, tmp_path,
+                                                                      monkeypatch):
+    """The default preset (a built-in model whose local PCA is learned from the index images, its
+    global fused with the VLAD of XFeat features over the index's codebook): query and add use the
+    export the build made, so the local descriptors keep their size; the index carries a copy of
+    it (INDEX/model), so a copied index answers on a machine without the build's cache; with
+    neither, a clear error."""
     monkeypatch.setenv("DELF_PIPELINE_CACHE", str(tmp_path / "cache"))
     labels = labels_csv(views["first"], views["root"] / "first.csv")
-    built = index.build(load_config("efficientnet_lite0", overrides=SMALL), views["first"], tmp_path / "idx",
-                        labels=labels, previews=0)
+    config = load_config(overrides=SMALL + [f'extract.xfeat_weights="{xfeat_weights_file.parent.as_posix()}"'])
+    built = index.build(config, views["first"], tmp_path / "idx", labels=labels, previews=0)
+    assert open_index(built).store.manifest()["settings"]["vlad_backend"] == "xfeat"
     export = Path(open_index(built).store.manifest()["settings"]["model"])
     assert export.parent == tmp_path / "cache" / "exports" and open_index(built).config.extract.model.startswith("builtin:")
     answer = Searcher(built).search_file(views["queries"] / "coffee" / "v0.jpg")

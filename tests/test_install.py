@@ -26,7 +26,7 @@ def test_the_service_dependencies_are_in_the_default_install():
 
 
 def test_the_default_presets_weights_are_in_the_default_install():
-    """The default preset (efficientnet_lite0) reads its ImageNet weights from this package."""
+    """The default preset reads its EfficientNet-Lite0 ImageNet weights from this package."""
     setup = configparser.ConfigParser()
     setup.read(REPO / "setup.cfg")
     required = {line.split(">")[0].strip() for line in setup["options"]["install_requires"].splitlines()}
