@@ -193,8 +193,8 @@ SETTINGS: dict[str, dict[str, Key]] = {
         "first_depth": _count(10, 0, 100_000, "adaptive depth: verify the first this many candidates, then the rest "
                               "of num_to_rerank only when the best has fewer than decided_inliers inliers (0: off, "
                               "always num_to_rerank; more than num_to_rerank counts as num_to_rerank). The rest of a "
-                              "decided query stays in global order: the answer is kept, mAP@100 drops a little, so "
-                              "retrieval evaluations (evaluate-revisitop) may want 0"),
+                              "decided query stays in global order: the answer is kept, mAP@100 drops a little "
+                              "(evaluate-revisitop turns it off)"),
         "decided_inliers": _count(30, 0, 100_000, "adaptive depth: a query whose best of its first_depth candidates "
                                   "has this many inliers (after min_inliers) is decided: no more are verified",
                                   when="adaptive_depth"),
