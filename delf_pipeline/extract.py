@@ -47,6 +47,7 @@ from .formats.parts import (
 )
 from .formats.store import (
     FORMAT_VERSION,
+    PART_INFO,
     STORE_LAYOUT,
     FeatureStore,
     candidates_path,
@@ -196,8 +197,12 @@ def _extract_part(out: str, name: str, records: list[ImageRecord], conf: Extract
     """Task on a worker: extract ``records`` into the part ``out/parts/name``; returns ``name``.
 
     The backend is loaded on the worker's first task and kept for the next ones (one model
-    per worker process); its codebook, if any, is the one the client stored in ``out``.
+    per worker process); its codebook, if any, is the one the client stored in ``out``. A part
+    already written (Dask runs a finished task again when the worker holding its result dies:
+    parts are named when the client plans them, so only this task wrote that name) is kept.
     """
+    if (Path(out) / "parts" / name / PART_INFO).is_file():
+        return name
     extractor = worker_local(("extract", *model), lambda: build(conf, stored_codebook(Path(out))))
     write_results(Path(out), name, extract_records(records, extractor, conf), conf.descriptor_dtype, strict)
     return name

@@ -546,6 +546,23 @@ def test_dask_run_resumes_a_killed_local_run_and_removes_its_leftovers(small_sto
     assert store_files(store) == store_files(single)
 
 
+def test_a_dask_task_run_again_finds_its_part_written_and_keeps_it(small_store, tmp_path):
+    """Dask runs a finished task again when the worker holding its result dies (the result is
+    lost; CI saw it in the test below: OSError "Directory not empty" from the second write ended
+    the run). The task's part is the same work: the second run keeps the first's part."""
+    photos, single = small_store
+    store = tmp_path / "store"
+    shutil.copytree(single, store)
+    part = store / "parts" / "s001of001-p000001"
+    before = {f.name: f.read_bytes() for f in part.iterdir()}
+    conf = config(part_size=4)
+    records = list_images(photos)[0][4:8]
+    model = extract._model_key(store, conf.extract)
+    assert extract._extract_part(str(store), part.name, records, conf.extract, False, model) == part.name
+    assert {f.name: f.read_bytes() for f in part.iterdir()} == before
+    assert store_files(store) == store_files(single)
+
+
 @pytest.mark.slow
 def test_worker_killed_mid_run_leaves_nothing_a_rerun_does_not_finish(tmp_path):
     import dask
