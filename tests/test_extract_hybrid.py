@@ -115,3 +115,10 @@ def test_a_fused_model_without_local_features_to_fuse_is_a_clear_error(delf_test
     config.extract.update(local_backend="rootsift", vlad_backend="xfeat")
     with pytest.raises(ValueError, match="differs from extract.local_backend"):
         extract.run(config, tmp_path / "photos", tmp_path / "fused2")
+
+
+def test_the_default_without_its_codebook_names_what_it_fuses():
+    from delf_pipeline.extractors.build import build
+
+    with pytest.raises(ValueError, match="savedmodel backend fused with the VLAD of xfeat needs its VLAD codebook"):
+        build(load_config().extract)

@@ -74,17 +74,17 @@ def build(conf: ExtractSettings, codebook: np.ndarray | None = None, local: Extr
 
 
 def _assemble(conf: ExtractSettings, codebook: np.ndarray | None, local: Extractor | None) -> Extractor:
-    backend, local_backend = conf.backend, conf.local_backend
-    if vlad_backend(conf) and codebook is None:
-        raise ValueError(f"the {backend} backend{' fused with the VLAD of ' + local_backend if local_backend else ''} "
-                         "needs its VLAD codebook (the index store's codebook.npy)")
+    backend, local_backend, vlad_locals = conf.backend, conf.local_backend, vlad_backend(conf)
+    if vlad_locals and codebook is None:
+        fused_with = f" fused with the VLAD of {vlad_locals}" if backend not in LOCAL_BACKENDS else ""
+        raise ValueError(f"the {backend} backend{fused_with} needs its VLAD codebook (the index store's codebook.npy)")
     if backend in LOCAL_BACKENDS:
         return vlad_extractor(local or local_extractor(conf, backend), codebook, conf.vlad_words)
     from .models import load_extractor
 
     model = load_extractor(conf)
-    if vlad_backend(conf):
-        return fused(model, local or local_extractor(conf, vlad_backend(conf)), codebook, conf.vlad_words,
+    if vlad_locals:
+        return fused(model, local or local_extractor(conf, vlad_locals), codebook, conf.vlad_words,
                      conf.vlad_weight, keep_model_locals=not local_backend)
     if local_backend:
         return with_locals(model, local_extractor(conf, local_backend))
