@@ -1,6 +1,8 @@
 """Tests of delf_pipeline.formats.store: part round trips, chunked global reads, errors, atomicity."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -13,6 +15,7 @@ from delf_pipeline.formats.store import (
     remove_store,
     write_part,
 )
+from delf_pipeline.utils.artifacts import DamagedArtifact
 
 DIM, GLOBAL = 8, 6
 
@@ -180,3 +183,48 @@ def test_release_unmaps_what_was_read_and_reads_go_on(tmp_path):
     assert mapped >= 2000 and rss_file_kb() - before <= mapped - 2000  # the descriptors' pages left RSS
     for image_id, descriptors in read.items():
         np.testing.assert_array_equal(store.features(image_id).descriptors, descriptors)
+
+
+def with_kept(extracted: ExtractedImage, n: int, seed: int) -> ExtractedImage:
+    """``extracted`` with n kept VLAD local features of 4 dimensions (XFeat's stand-in)."""
+    rng = np.random.default_rng(100 + seed)
+    kept = ImageFeatures(rng.uniform(0, 500, (n, 2)).astype(np.float32), l2_normalize(rng.normal(size=(n, 4))),
+                         np.ones(n, np.float32), rng.uniform(0, 1, n).astype(np.float32))
+    return ExtractedImage(extracted.id, replace(extracted.features, vlad_locals=kept), extracted.size)
+
+
+def test_kept_vlad_local_features_round_trip_apart_from_the_main_ones(tmp_path):
+    images = [with_kept(image("a", 3, 0), 5, 0), with_kept(image("b", 2, 1), 0, 1), with_kept(image("c", 0, 2), 4, 2)]
+    write_part(tmp_path / "parts" / "p0", images, [], "float32", DIM)
+    write_part(tmp_path / "parts" / "p1", [image("d", 2, 3)], [], "float32", DIM)  # a part without them
+    store = FeatureStore(tmp_path)
+    for extracted in images:
+        main, kept = store.features(extracted.id), store.vlad_locals(extracted.id)
+        assert main.vlad_locals is None, "the fast path's reads stay the main local features"
+        assert np.array_equal(main.descriptors, extracted.features.descriptors)
+        for name in ("locations", "descriptors", "scales", "scores"):
+            assert np.array_equal(getattr(kept, name), getattr(extracted.features.vlad_locals, name)), name
+    assert store.features("c").num_features == 0 and store.vlad_locals("c").descriptors.shape == (4, 4)
+    assert store.vlad_locals("d") is None
+    assert [part.has_vlad_locals for part in store.parts] == [True, False]
+    with pytest.raises(KeyError, match="'e' is not in the feature store"):
+        store.vlad_locals("e")
+
+
+def test_kept_vlad_local_features_on_some_images_of_a_part_only_fail(tmp_path):
+    with pytest.raises(ValueError, match="every image of a part has its VLAD's local features kept or none"):
+        write_part(tmp_path / "parts" / "p0", [with_kept(image("a", 2, 0), 3, 0), image("b", 2, 1)], [],
+                   "float32", DIM)
+
+
+@pytest.mark.parametrize("damage", ["cut descriptors", "changed offsets"])
+def test_damaged_kept_vlad_local_features_are_refused_by_part(tmp_path, damage):
+    write_part(tmp_path / "parts" / "p0", [with_kept(image("a", 2, 0), 5, 0)], [], "float32", DIM)
+    part = tmp_path / "parts" / "p0"
+    if damage == "cut descriptors":
+        data = (part / "vlad_descriptors.npy").read_bytes()
+        (part / "vlad_descriptors.npy").write_bytes(data[:-8])
+    else:
+        np.save(part / "vlad_offsets.npy", np.array([0, 4], np.int64))  # same size, other content
+    with pytest.raises(DamagedArtifact, match="store part .*p0 is damaged"):
+        FeatureStore(tmp_path).vlad_locals("a")

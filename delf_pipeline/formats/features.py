@@ -16,6 +16,9 @@ class ImageFeatures:
     scales: [N] float32, pyramid scale each feature came from.
     scores: [N] float32, attention (DELF/DELG) or response (SIFT) score.
     global_descriptor: [G] float32, L2-normalised, or None when the backend has none.
+    vlad_locals: the local features a fused global descriptor's VLAD was made of (XFeat's), kept
+        beside the model's own (``extract.keep_vlad_locals``) for the cascade's learned matcher;
+        None when not kept.
     """
 
     locations: np.ndarray
@@ -23,6 +26,7 @@ class ImageFeatures:
     scales: np.ndarray
     scores: np.ndarray
     global_descriptor: np.ndarray | None = None
+    vlad_locals: ImageFeatures | None = None
 
     def __post_init__(self) -> None:
         n = len(self.locations)
@@ -38,7 +42,8 @@ class ImageFeatures:
         return len(self.locations)
 
     def without_local(self) -> "ImageFeatures":
-        """The same image with its global descriptor only (0 local features, same dimension)."""
+        """The same image with its global descriptor only (0 local features, same dimension, no
+        ``vlad_locals``)."""
         dim = self.descriptors.shape[1]
         return ImageFeatures(np.zeros((0, 2), np.float32), np.zeros((0, dim), np.float32),
                              np.zeros((0,), np.float32), np.zeros((0,), np.float32), self.global_descriptor)

@@ -13,10 +13,13 @@ Layout of a store folder::
         scales.npy  float32    [T];  scores.npy float32 [T]
         global.npy             L2-normalised global descriptors (float16/32)    [n, G]
         sizes.npy   int32      original (height, width)                         [n, 2]
+        vlad_offsets.npy, vlad_locations.npy, vlad_descriptors.npy, vlad_scales.npy,
+        vlad_scores.npy        the same for the local features a fused global's VLAD was made
+                               of, when kept (extract.keep_vlad_locals): [n+1], [V, 2], [V, D'], [V], [V]
         errors.csv             images of this part that failed
         part.json              what the part holds: rows, and per file its size in bytes,
                                array shape and dtype, and for the small files (ids.txt,
-                               errors.csv, offsets.npy, sizes.npy) a CRC-32; written last,
+                               errors.csv, offsets.npy, sizes.npy, vlad_offsets.npy) a CRC-32; written last,
                                inside the same atomic rename, from the data in memory
 
 Opening a part checks it against part.json: every file's size and array header (a cut,
@@ -32,7 +35,7 @@ import csv
 import io
 import json
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -46,10 +49,12 @@ from .images import ErrorRecord, has_control_character
 FORMAT_VERSION = 2  # 2: parts record what they hold (part.json)
 ERROR_COLUMNS = ("id", "path", "reason")
 PART_INFO = "part.json"
-CHECKED_CONTENT = ("ids.txt", "errors.csv", "offsets.npy", "sizes.npy")  # CRC-32 checked on open
+CHECKED_CONTENT = ("ids.txt", "errors.csv", "offsets.npy", "sizes.npy", "vlad_offsets.npy")  # CRC-32 checked on open
 PART_FILES = ("ids.txt", "errors.csv", "offsets.npy", "locations.npy", "descriptors.npy", "scales.npy", "scores.npy",
               "global.npy", "sizes.npy", PART_INFO)
-_PARTS = Layout("feature store", folders=(("*", Layout("store part", PART_FILES)),))
+LOCAL_ARRAYS = ("offsets", "locations", "descriptors", "scales", "scores")  # one set of local features
+VLAD_FILES = tuple(f"vlad_{name}.npy" for name in LOCAL_ARRAYS)  # the kept VLAD local features, when kept
+_PARTS = Layout("feature store", folders=(("*", Layout("store part", PART_FILES + VLAD_FILES)),))
 _DERIVED = Layout("derived store", ("manifest.json", "whitening.npz"), (("parts", _PARTS),))
 _SAMPLE = Layout("codebook sample store", ("manifest.json", "errors.csv"), (("parts", _PARTS),))
 # What a store folder holds (``--overwrite`` deletes these only): see the module docstring, plus
@@ -95,21 +100,32 @@ def write_part(
 
 def _part_arrays(images: Sequence[ExtractedImage], dtype: str, local_dim: int) -> dict[str, np.ndarray]:
     """The arrays of a part by name (see the module docstring), C-contiguous."""
-    counts = [im.features.num_features for im in images]
-    arrays = {
-        "offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-        "locations": _stack([im.features.locations for im in images], (0, 2), np.float32),
-        "descriptors": _stack([im.features.descriptors for im in images], (0, local_dim), dtype),
-        "scales": _stack([im.features.scales for im in images], (0,), np.float32),
-        "scores": _stack([im.features.scores for im in images], (0,), np.float32),
-        "sizes": np.array([im.size for im in images], np.int32).reshape(-1, 2),
-    }
+    arrays = {**_local_arrays([im.features for im in images], dtype, local_dim),
+              "sizes": np.array([im.size for im in images], np.int32).reshape(-1, 2)}
     globals_ = [im.features.global_descriptor for im in images if im.features.global_descriptor is not None]
     if globals_:
         if len(globals_) != len(images):
             raise ValueError("either every image of a part has a global descriptor or none has")
         arrays["global"] = np.stack(globals_).astype(dtype)
+    kept = [im.features.vlad_locals for im in images if im.features.vlad_locals is not None]
+    if kept:
+        if len(kept) != len(images):
+            raise ValueError("either every image of a part has its VLAD's local features kept or none has")
+        dim = next((f.descriptors.shape[1] for f in kept if f.num_features), 0)
+        arrays.update({f"vlad_{name}": array for name, array in _local_arrays(kept, dtype, dim).items()})
     return {name: np.ascontiguousarray(array) for name, array in arrays.items()}
+
+
+def _local_arrays(features: Sequence[ImageFeatures], dtype: str, local_dim: int) -> dict[str, np.ndarray]:
+    """offsets [n+1], locations [T, 2], descriptors [T, local_dim] (``dtype``), scales and scores
+    [T] of the local features of ``features`` (n images, T features in all)."""
+    return {
+        "offsets": np.concatenate([[0], np.cumsum([f.num_features for f in features])]).astype(np.int64),
+        "locations": _stack([f.locations for f in features], (0, 2), np.float32),
+        "descriptors": _stack([f.descriptors for f in features], (0, local_dim), dtype),
+        "scales": _stack([f.scales for f in features], (0,), np.float32),
+        "scores": _stack([f.scores for f in features], (0,), np.float32),
+    }
 
 
 def _stack(arrays: list[np.ndarray], empty_shape: tuple, dtype) -> np.ndarray:
@@ -192,11 +208,23 @@ class Part:
             raise self._damaged(f"{self.path / 'ids.txt'} holds {len(self.ids)} ids for {rows} rows")
         if len(offsets) != rows + 1 or len(self._contents["sizes.npy"]) != rows:
             raise self._damaged("offsets.npy or sizes.npy disagree with the row count")
-        for name in ("locations", "descriptors", "scales", "scores"):
-            if self.info["files"][f"{name}.npy"]["shape"][0] != offsets[-1]:
-                raise self._damaged(f"{name}.npy does not hold the {offsets[-1]} features offsets.npy counts")
+        self._check_features("", offsets[-1])
+        if self.has_vlad_locals:
+            kept = self.info["files"]["vlad_offsets.npy"]["shape"]
+            if kept != [rows + 1]:
+                raise self._damaged(f"vlad_offsets.npy holds {kept} offsets for {rows} rows")
+            self._check_features("vlad_", int(self._contents["vlad_offsets.npy"][-1]))
         if self.has_global and self.info["files"]["global.npy"]["shape"][0] != rows:
             raise self._damaged(f"global.npy does not hold {rows} rows")
+
+    def _check_features(self, prefix: str, count: int) -> None:
+        """The local arrays named ``prefix`` + name hold the ``count`` features their offsets count."""
+        for name in LOCAL_ARRAYS[1:]:
+            record = self.info["files"].get(f"{prefix}{name}.npy")
+            if record is None:
+                raise self._damaged(f"part.json records no {prefix}{name}.npy beside {prefix}offsets.npy")
+            if record["shape"][0] != count:
+                raise self._damaged(f"{prefix}{name}.npy does not hold the {count} features {prefix}offsets.npy counts")
 
     def array(self, name: str) -> np.ndarray:
         """The part's ``name``.npy, memory-mapped read-only."""
@@ -208,18 +236,30 @@ class Part:
     def has_global(self) -> bool:
         return "global.npy" in self.info["files"]
 
+    @property
+    def has_vlad_locals(self) -> bool:
+        return "vlad_offsets.npy" in self.info["files"]
+
     def errors(self) -> list[ErrorRecord]:
         return _errors_of(io.StringIO(self._contents["errors.csv"].decode("utf-8"), newline=""))
 
     def local(self, row: int) -> ImageFeatures:
-        start, stop = self.array("offsets")[row : row + 2]
+        """The image of ``row``: its local features and global descriptor (not its kept VLAD
+        local features: :meth:`vlad_locals`)."""
         global_ = np.asarray(self.array("global")[row], np.float32) if self.has_global else None
+        return replace(self._features("", row), global_descriptor=global_)
+
+    def vlad_locals(self, row: int) -> ImageFeatures | None:
+        """The kept VLAD local features of ``row`` (None when the part holds none)."""
+        return self._features("vlad_", row) if self.has_vlad_locals else None
+
+    def _features(self, prefix: str, row: int) -> ImageFeatures:
+        start, stop = self.array(f"{prefix}offsets")[row : row + 2]
         return ImageFeatures(
-            locations=np.asarray(self.array("locations")[start:stop]),
-            descriptors=np.asarray(self.array("descriptors")[start:stop], np.float32),
-            scales=np.asarray(self.array("scales")[start:stop]),
-            scores=np.asarray(self.array("scores")[start:stop]),
-            global_descriptor=global_,
+            locations=np.asarray(self.array(f"{prefix}locations")[start:stop]),
+            descriptors=np.asarray(self.array(f"{prefix}descriptors")[start:stop], np.float32),
+            scales=np.asarray(self.array(f"{prefix}scales")[start:stop]),
+            scores=np.asarray(self.array(f"{prefix}scores")[start:stop]),
         )
 
 
@@ -293,6 +333,14 @@ class FeatureStore:
             raise KeyError(f"image id {image_id!r} is not in the feature store {self.path}")
         part, row = self._rows[image_id]
         return self.parts[part].local(row)
+
+    def vlad_locals(self, image_id: str) -> ImageFeatures | None:
+        """The local features one image's fused VLAD was made of, when the store kept them
+        (``extract.keep_vlad_locals``), else None; KeyError names a missing id."""
+        if image_id not in self._rows:
+            raise KeyError(f"image id {image_id!r} is not in the feature store {self.path}")
+        part, row = self._rows[image_id]
+        return self.parts[part].vlad_locals(row)
 
     def size(self, image_id: str) -> tuple[int, int]:
         """Original (height, width) of an image."""
