@@ -146,6 +146,9 @@ SETTINGS: dict[str, dict[str, Key]] = {
         "vlad_backend": _pick("xfeat", ("", "rootsift", "xfeat"),
                               '"" (= local_backend) | rootsift | xfeat: whose local features the fused VLAD is made '
                               "of; with local_backend \"\" the model's own local features are stored", when="fused"),
+        "keep_vlad_locals": _flag(False, "with local_backend \"\": also store the local features the fused VLAD is "
+                                  "made of beside the model's own (XFeat's: what the cascade's lighterglue stage "
+                                  "matches; about 140 kB more per image)", when="fused"),
         "codebook_images": _count(500, 1, 10_000_000, "index images sampled to learn the codebook", when="vlad"),
         "seed": _count(0, 0, SEED_MAX, "codebook k-means seed", when="vlad"),
         "local_backend": _pick("", ("", "rootsift", "xfeat"),

@@ -122,3 +122,38 @@ def test_the_default_without_its_codebook_names_what_it_fuses():
 
     with pytest.raises(ValueError, match="savedmodel backend fused with the VLAD of xfeat needs its VLAD codebook"):
         build(load_config().extract)
+
+
+def fused_xfeat_config(model, weights_folder, *more: str):
+    """The default's layout on the DELG test model: its own local features stored, its global
+    fused with the VLAD of XFeat features (4 words), those XFeat features kept."""
+    return load_config(None, overrides=[f'extract.model="{model}"', "extract.image_scales=[1.0]",
+                                        "extract.global_scale_indices=[]", "extract.max_features=200",
+                                        "extract.vlad_words=4", "extract.vlad_dim=8", "extract.codebook_images=3",
+                                        f'extract.xfeat_weights="{weights_folder}"', "extract.keep_vlad_locals=true",
+                                        *more])
+
+
+def test_the_fused_xfeat_features_are_kept_beside_the_models_own(delf_test_models, xfeat_weights_file, tmp_path):
+    """keep_vlad_locals: the XFeat features the VLAD is made of, stored as vlad_locals in
+    original-image pixels (the photos are scaled down by max_image_size), apart from the model's."""
+    from delf_pipeline.extractors.build import local_extractor
+    from delf_pipeline.formats.images import load_image
+
+    write_photos(tmp_path / "photos", count=2)
+    config = fused_xfeat_config(delf_test_models["tf2_delg"], xfeat_weights_file.parent, "extract.max_image_size=150",
+                                "extract.descriptor_dtype=float32")
+    store = FeatureStore(extract.run(config, tmp_path / "photos", tmp_path / "fused"))
+    xfeat = local_extractor(config.extract, "xfeat")
+    for image_id in store.ids:
+        image, factors = load_image(tmp_path / "photos" / f"{image_id}.jpg", 150, "RGB")
+        expected = xfeat(image)
+        kept, own = store.vlad_locals(image_id), store.features(image_id)
+        assert kept.descriptors.shape[1] == 64 and own.descriptors.shape[1] == 32  # XFeat's beside the test model's
+        np.testing.assert_array_equal(kept.descriptors, expected.descriptors)
+        np.testing.assert_allclose(kept.locations, expected.locations * factors.astype(np.float32), rtol=1e-6)
+        assert factors[0] > 1, "the photo was scaled down: locations are mapped back"
+    config.extract.keep_vlad_locals = False
+    plain = FeatureStore(extract.run(config, tmp_path / "photos", tmp_path / "plain"))
+    assert all(plain.vlad_locals(i) is None for i in plain.ids)
+    np.testing.assert_array_equal(plain.global_matrix(), store.global_matrix())  # the same global descriptor

@@ -16,7 +16,8 @@ comes from the model and the local features from ``local_backend`` (a hybrid). W
 of ``vlad_backend`` (default: ``local_backend``): ``[sqrt(1 - w) m, sqrt(w) v]`` of the
 L2-normalised parts, whose inner product is ``(1 - w) m.m' + w v.v'`` (score fusion, unit
 length). The stored local features are ``local_backend``'s, or the model's own when it is ""
-(``vlad_backend`` then only feeds the VLAD). The VLAD backends and the fused models need their
+(``vlad_backend`` then feeds the VLAD, and its local features are kept beside the model's as
+``vlad_locals`` with ``keep_vlad_locals``: the cascade's learned matcher matches XFeat's). The VLAD backends and the fused models need their
 codebook (``vlad_dim`` > 0: with the PCA that reduces the VLAD): learning it is a step of the
 extract stage, which then calls :func:`build` with it.
 """
@@ -85,7 +86,8 @@ def _assemble(conf: ExtractSettings, codebook: np.ndarray | None, local: Extract
     model = load_extractor(conf)
     if vlad_locals:
         return fused(model, local or local_extractor(conf, vlad_locals), codebook, conf.vlad_words,
-                     conf.vlad_weight, keep_model_locals=not local_backend)
+                     conf.vlad_weight, keep_model_locals=not local_backend,
+                     keep_vlad_locals=not local_backend and conf.keep_vlad_locals)
     if local_backend:
         return with_locals(model, local_extractor(conf, local_backend))
     return model
@@ -129,8 +131,9 @@ def with_locals(model: Extractor, local: Extractor) -> BatchExtractor:
 
 
 def fused(model: Extractor, local: Extractor, codebook: np.ndarray, words: int, weight: float,
-          keep_model_locals: bool = False) -> BatchExtractor:
-    """``local``'s features (the model's with ``keep_model_locals``) with the global
+          keep_model_locals: bool = False, keep_vlad_locals: bool = False) -> BatchExtractor:
+    """``local``'s features (the model's with ``keep_model_locals``, then ``local``'s as their
+    ``vlad_locals`` with ``keep_vlad_locals``) with the global
     ``[sqrt(1 - weight) m, sqrt(weight) v]``: ``m`` the model's global descriptor and ``v`` the
     VLAD of ``local``'s descriptors over ``codebook`` (its first ``words`` rows the words), both
     L2-normalised; batched where each of them is."""
@@ -144,6 +147,8 @@ def fused(model: Extractor, local: Extractor, codebook: np.ndarray, words: int, 
             parts = (np.sqrt(1.0 - weight) * l2_normalize(whole.global_descriptor),
                      np.sqrt(weight) * vlad_global(features.descriptors, codebook, words))
             kept = whole if keep_model_locals else features
+            if keep_model_locals and keep_vlad_locals:
+                kept = replace(kept, vlad_locals=replace(features, global_descriptor=None))
             out.append(replace(kept, global_descriptor=np.concatenate(parts).astype(np.float32)))
         return out
 

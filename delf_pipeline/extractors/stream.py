@@ -51,7 +51,11 @@ def batches(decoded: Iterable[tuple], batch_size: int, part_size: int) -> Iterat
 
 def as_stored(image_id: str, features: ImageFeatures, shape: tuple, factors: np.ndarray) -> ExtractedImage:
     """Features of a decoded image of ``shape`` [H, W(, 3)], with locations and size mapped back
-    to the original image by ``factors`` [2] (y, x)."""
-    features = replace(features, locations=features.locations * factors.astype(np.float32))
+    to the original image by ``factors`` [2] (y, x); the kept VLAD local features too."""
+    scale = factors.astype(np.float32)
+    kept = features.vlad_locals
+    if kept is not None:
+        features = replace(features, vlad_locals=replace(kept, locations=kept.locations * scale))
+    features = replace(features, locations=features.locations * scale)
     height, width = round(shape[0] * factors[0]), round(shape[1] * factors[1])
     return ExtractedImage(image_id, features, (height, width))
