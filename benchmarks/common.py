@@ -353,11 +353,12 @@ def leave_one_out(config: Config, data: Path, out: Path, jobs: int, features: Pa
             table = read_table(shortlist_csv)
             shortlist_csv = out / "shortlist-queries.csv"
             write_text_atomic(shortlist_csv, table[table["query_id"].isin(queries)].to_csv(index=False))
+    labels = read_labels(labels_csv)
     rerank_csv = None  # rerank.num_to_rerank = 0: global-only
     if config.rerank.num_to_rerank > 0:
-        with Timer(seconds, cpu, "rerank"):
-            rerank_csv = rerank.run(config, shortlist_csv, store, store, out / "rerank.csv", jobs=jobs)
-    labels = read_labels(labels_csv)
+        with Timer(seconds, cpu, "rerank"):  # a cascade's selection needs the index labels
+            rerank_csv = rerank.run(config, shortlist_csv, store, store, out / "rerank.csv", jobs=jobs,
+                                    index_labels=labels if config.rerank.cascade else None)
     ids = predict.query_ids(store) if queries is None else sorted(queries)
     results = {"seconds": seconds, "cpu": cpu, "files": {"shortlist": shortlist_csv, "rerank": rerank_csv,
                                                           "labels": labels_csv, "solution": solution}}

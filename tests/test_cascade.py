@@ -15,6 +15,7 @@ from delf_pipeline.config import ConfigError, load_config
 from delf_pipeline.extractors.build import view_extractor
 from delf_pipeline.formats.blocks import read_table
 from delf_pipeline.formats.images import kaggle_path
+from delf_pipeline.formats.store import FeatureStore
 from delf_pipeline.formats.tables import read_labels
 from delf_pipeline.search.searcher import Searcher
 from delf_pipeline.verification.cascade import combine, select
@@ -191,10 +192,83 @@ def test_searcher_extracts_the_views_from_the_photo_in_memory(task, tmp_path):
     """The index's rerank settings carry the cascade; the answer's verified candidates are the
     batch rerank's rows for the same query (same stores, same views from the same pixels)."""
     built = index.build(settings(*VIEWS), task["data"], tmp_path / "idx", previews=0)
-    batch = cascade_run(task, tmp_path / "r.csv", *VIEWS)
-    searcher = Searcher(built, top_candidates=4)
+    assert_search_answers_as_batch(Searcher(built, top_candidates=4), task["data"],
+                                   cascade_run(task, tmp_path / "r.csv", *VIEWS), "views:")
+
+
+def assert_search_answers_as_batch(searcher: Searcher, data: Path, batch: pd.DataFrame, stage: str) -> None:
+    """Each query photo searched: its verified candidates are the ``batch`` rerank rows of that
+    query, some of them by the second ``stage`` (a status prefix)."""
     for query_id, rows in batch.groupby("query_id"):
-        answer = searcher.search_file(kaggle_path(task["data"], "test", query_id))
+        answer = searcher.search_file(kaggle_path(data, "test", query_id))
         got = {(c["index_id"], c["inliers"], c["status"]) for c in answer.candidates}
         assert got == set(zip(rows["index_id"], rows["inliers"], rows["status"]))
-        assert any(c["status"].startswith("views:") for c in answer.candidates)
+        assert any(c["status"].startswith(stage) for c in answer.candidates)
+
+
+# ------------------------------------------------------------------ lighterglue on kept XFeat features
+
+
+@pytest.fixture(scope="module")
+def fused_task(tmp_path_factory, delf_test_models, xfeat_weights_file) -> dict:
+    """The default's layout on the DELG test model: its own local features verify fast, the XFeat
+    features of its fused VLAD are kept (extract.keep_vlad_locals) for the lighterglue stage."""
+    root = tmp_path_factory.mktemp("fused_cascade")
+    write_kaggle(root / "data", places=3, index_views=2)
+    overrides = [f'extract.model="{delf_test_models["tf2_delg"]}"', "extract.image_scales=[1.0]",
+                 "extract.global_scale_indices=[]", "extract.max_features=200", "extract.vlad_words=4",
+                 "extract.vlad_dim=4", "extract.codebook_images=6", "extract.descriptor_dtype=float32",
+                 f'extract.xfeat_weights="{xfeat_weights_file.parent}"', "extract.keep_vlad_locals=true",
+                 "shortlist.top_k=6",
+                 "rerank.num_to_rerank=4", "rerank.first_depth=0"]
+    conf = load_config(None, None, overrides)
+    istore = extract.run(conf, root / "data", root / "index", split="train")
+    qstore = extract.run(conf, root / "data", root / "query", split="test", codebook=istore / "codebook.npy")
+    return {"root": root, "data": root / "data", "index": istore, "query": qstore, "overrides": overrides,
+            "shortlist": shortlist.run(conf, istore, qstore, root / "shortlist.csv"),
+            "labels": read_labels(root / "data" / "train.csv")}
+
+
+GLUE = ["rerank.cascade=lighterglue", "rerank.cascade_pairs=2", "rerank.cascade_inliers=100000",
+        "rerank.cascade_rule=replace"]  # every query undecided: its first two classes matched by LighterGlue
+
+
+def test_lighterglue_stage_matches_the_kept_xfeat_features(fused_task, tmp_path):
+    """A second-stage row equals LighterGlue by hand on both images' kept XFeat features (not the
+    model's own, which the fast rows match), then the preset's verifier."""
+    from delf_pipeline.verification.lighterglue import load_xfeat_lighterglue
+
+    conf = load_config(None, None, fused_task["overrides"] + GLUE)
+    out = rerank.run(conf, fused_task["shortlist"], fused_task["query"], fused_task["index"], tmp_path / "r.csv",
+                     index_labels=fused_task["labels"])
+    table = read_table(out)
+    second = table[table["status"].str.startswith("lighterglue:")]
+    assert len(second) == 2 * table["query_id"].nunique()
+    queries, index_store = FeatureStore(fused_task["query"]), FeatureStore(fused_task["index"])
+    glue = load_xfeat_lighterglue(str(Path(conf.extract.xfeat_weights)))
+    for row in second.itertuples():
+        a, b = queries.vlad_locals(row.query_id), index_store.vlad_locals(row.index_id)
+        assert a.descriptors.shape[1] == 64 != queries.features(row.query_id).descriptors.shape[1]
+        pairs = glue.match_stored(a.locations, a.descriptors, queries.size(row.query_id), b.locations,
+                                  b.descriptors, index_store.size(row.index_id))
+        expected = verify_matches(a.locations, b.locations, pairs, **verify_options(conf.rerank))
+        assert (row.matches, row.inliers, row.status) == (expected.matches, expected.inliers,
+                                                          f"lighterglue:{expected.status}")
+
+
+def test_lighterglue_stage_on_a_store_without_kept_xfeat_features_is_refused(fused_task, tmp_path):
+    conf = load_config(None, None, fused_task["overrides"] + ["extract.keep_vlad_locals=false"] + GLUE)
+    plain = extract.run(conf, fused_task["data"], tmp_path / "plain", split="train")
+    with pytest.raises(ValueError, match="keep_vlad_locals = true"):
+        rerank.run(conf, fused_task["shortlist"], fused_task["query"], plain, tmp_path / "r.csv",
+                   index_labels=fused_task["labels"])
+
+
+def test_searcher_matches_the_photos_xfeat_features_in_memory(fused_task, tmp_path):
+    """The search path keeps the photo's XFeat features in memory (mapped to original pixels as
+    the store maps them): its verified candidates are the batch rerank's rows for that query."""
+    conf = load_config(None, None, fused_task["overrides"] + GLUE)
+    built = index.build(conf, fused_task["data"], tmp_path / "idx", previews=0)
+    batch = read_table(rerank.run(conf, fused_task["shortlist"], fused_task["query"], fused_task["index"],
+                                  tmp_path / "r.csv", index_labels=fused_task["labels"]))
+    assert_search_answers_as_batch(Searcher(built, top_candidates=4), fused_task["data"], batch, "lighterglue:")

@@ -20,8 +20,9 @@ Second stages:
   every swapped pair from 4/15 to 11/15; with image 2 as the query (the hard task's direction)
   they stay at 5/15, where the stretching tilts (1, 0.5, 0.25), the default, reach 8/15 (and 7/15
   the other way). CPU: ~13-15x the fast path's per pair, plus the views' extraction.
-* ``lighterglue`` (:class:`GlueStage`): XFeat's learned matcher on the stored features, then the
-  preset's verifier (EVD: 9/15 with image 1 as the query, 5/15 with image 2; ~17-21x the fast
+* ``lighterglue`` (:class:`GlueStage`): XFeat's learned matcher on the stored XFeat features (an
+  image's ``vlad_locals`` when its store kept them beside a model's own, as the default's does),
+  then the preset's verifier (EVD: 9/15 with image 1 as the query, 5/15 with image 2; ~17-21x the fast
   path's CPU per pair).
 
 Combination (``cascade_rule``): a selected candidate's inliers become the second stage's
@@ -123,7 +124,7 @@ class ViewsStage:
 
 class GlueStage:
     """Second stage ``lighterglue``: ``glue`` (:class:`.lighterglue.LighterGlue`) matches the stored
-    XFeat features, then the verifier of ``options``."""
+    XFeat features (:func:`xfeat_of`), then the verifier of ``options``."""
 
     name = "lighterglue"
 
@@ -133,11 +134,18 @@ class GlueStage:
     def verify(self, query: QuerySide, candidate: ImageFeatures, candidate_size: tuple[int, int]) -> PairResult:
         if query.size is None:
             raise ValueError("rerank.cascade = 'lighterglue' needs the query's original (height, width)")
-        if not query.features.num_features or not candidate.num_features:
+        query_features, candidate = xfeat_of(query.features), xfeat_of(candidate)
+        if not query_features.num_features or not candidate.num_features:
             return _nothing()
-        pairs = self.glue.match_stored(query.features.locations, query.features.descriptors, query.size,
+        pairs = self.glue.match_stored(query_features.locations, query_features.descriptors, query.size,
                                        candidate.locations, candidate.descriptors, candidate_size)
-        return verify_matches(query.features.locations, candidate.locations, pairs, **self.options)
+        return verify_matches(query_features.locations, candidate.locations, pairs, **self.options)
+
+
+def xfeat_of(features: ImageFeatures) -> ImageFeatures:
+    """The XFeat local features of an image: its ``vlad_locals`` when kept (a fused model's store),
+    else its own local features (an xfeat store)."""
+    return features.vlad_locals if features.vlad_locals is not None else features
 
 
 def _nothing() -> PairResult:

@@ -28,6 +28,7 @@ query's image.
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -35,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import DEFAULTS, ExtractSettings, RerankSettings, with_recorded
-from ..extractors.build import view_extractor
+from ..extractors.build import vlad_backend, view_extractor
 from ..extractors.views import ViewExtractor
 from ..formats.features import ImageFeatures
 from ..formats.store import FeatureStore, open_store
@@ -102,7 +103,7 @@ class CandidateVerifier:
         views = None
         if self.views is not None:
             views = (lambda: self.views.of_file(query_path)) if query_path else lambda: _no_image(query_id)
-        rows = self.rerank_features(query_id, self.queries.features(query_id), candidates, size, labels=labels,
+        rows = self.rerank_features(query_id, self.stored_query(query_id), candidates, size, labels=labels,
                                     views=views)
         self.reads_since_release += len(rows)
         if self.reads_since_release >= RELEASE_EVERY:
@@ -110,6 +111,13 @@ class CandidateVerifier:
             self.index.release()
             self.reads_since_release = 0
         return rows
+
+    def stored_query(self, query_id: str) -> ImageFeatures:
+        """A query's stored features, with its kept VLAD local features when the cascade matches them."""
+        features = self.queries.features(query_id)
+        if self.second is None or self.second.name != "lighterglue":
+            return features
+        return replace(features, vlad_locals=self.queries.vlad_locals(query_id))
 
     def rerank_features(self, query_id: str, query: ImageFeatures, candidates: list[tuple[str, float]],
                         query_size: tuple[int, int] | None = None, *, labels: dict[str, str] | None = None,
@@ -147,7 +155,10 @@ class CandidateVerifier:
                         conf.cascade_pairs, conf.cascade_margin, conf.cascade_inliers)
         for position in chosen:
             query_id, index_id, global_score, _, fast, _, _ = rows[position]
-            result = self.second.verify(query, self.index_features(index_id), self.index.size(index_id))
+            candidate = self.index_features(index_id)
+            if self.second.name == "lighterglue":
+                candidate = replace(candidate, vlad_locals=self.index.vlad_locals(index_id))
+            result = self.second.verify(query, candidate, self.index.size(index_id))
             second = result.inliers if result.inliers >= conf.min_inliers else 0
             inliers = combine(fast, second, conf.cascade_rule)
             rows[position] = (query_id, index_id, global_score, result.matches, inliers,
@@ -175,20 +186,32 @@ class CandidateVerifier:
 def learned_matcher(conf: RerankSettings, stores: list[FeatureStore]):
     """The LighterGlue model when ``conf.matcher`` or ``conf.cascade`` is ``lighterglue`` (else
     None), once every store in ``stores`` is checked to hold XFeat local features (ValueError
-    naming it if not). Its weights come from the folder the last store was extracted with
-    (``extract.xfeat_weights``, as a Kaggle bundle sets it), else from the cache."""
+    naming it if not): as its local features or, for the cascade, kept beside a model's own
+    (``extract.keep_vlad_locals``). Its weights come from the folder the last store was extracted
+    with (``extract.xfeat_weights``, as a Kaggle bundle sets it), else from the cache."""
     key = "matcher" if conf.matcher == "lighterglue" else "cascade" if conf.cascade == "lighterglue" else None
     if key is None:
         return None
     for store in stores:
         settings = store_settings(store)
         local = settings.local_backend or settings.backend
-        if local != "xfeat":
+        if local != "xfeat" and not (key == "cascade" and keeps_xfeat(store, settings)):
+            kept = (" or, for rerank.cascade, a model's fused with the VLAD of XFeat features kept beside its own "
+                    "(extract.vlad_backend = xfeat, keep_vlad_locals = true)") if key == "cascade" else ""
             raise ValueError(f"rerank.{key} = 'lighterglue' matches 64-d XFeat local features; {store.path} holds "
-                             f"{local!r} ones (extract.backend / extract.local_backend must be xfeat)")
+                             f"{local!r} ones: extract.backend / extract.local_backend must be xfeat{kept}")
     from .lighterglue import load_xfeat_lighterglue
 
     return load_xfeat_lighterglue(settings.xfeat_weights or None)
+
+
+def keeps_xfeat(store: FeatureStore, settings: ExtractSettings) -> bool:
+    """Whether ``store`` (made with ``settings``) keeps XFeat local features beside a model's own:
+    its settings fuse the VLAD of XFeat's and every part holding images has them (a store made
+    before keep_vlad_locals existed has none, whatever its manifest says of the key)."""
+    if not settings.keep_vlad_locals or settings.local_backend or vlad_backend(settings) != "xfeat":
+        return False
+    return all(part.has_vlad_locals for part in open_store(store).parts if part.ids)
 
 
 def store_settings(store: str | Path | FeatureStore) -> ExtractSettings:
