@@ -11,21 +11,25 @@ Two tasks, each a Kaggle-layout folder run through ``delf-pipeline run`` (pipeli
 
 Steps (each cached under --work, so a rerun reuses what is done):
 
-1. ``pipeline.run`` with the base preset (``xfeat``: the fast path only), without the index
-   calibration, so the confidence is the aggregated score the curve's predictions use;
+1. ``pipeline.run`` with the base preset (``--preset``, default ``xfeat``; its fast path only:
+   ``rerank.cascade = ""``), without the index calibration, so the confidence is the aggregated
+   score the curve's predictions use (the default preset's stores keep the XFeat features its
+   lighterglue stage matches);
 2. the (query, candidate) pairs the widest setting of the grid selects from the base run's
    rerank rows, verified by each second stage (``views``: the query's XFeat features on simulated
    views, matched view by view; ``lighterglue``) with the cascade's own cores
    (:mod:`delf_pipeline.verification.cascade`): inliers and CPU seconds in ``pairs-STAGE.csv``;
-3. the curve: for every cascade setting of --pairs / --bands / --margins / --rules, the rerank
+3. the curve: for every cascade setting of --pairs / --bands / --margins / --rules / --floors
+   (rerank.cascade_min_inliers), the rerank
    rows the cascade writes (its select / combine / final_score on those rows and verdicts),
    predicted as ``predict`` does (no calibration): top-1, GAP, their bootstrap 90% intervals
    (queries resampled; the differences to the fast path paired on the same resamples), the
    second-stage pairs run per query, the queries whose answer changed, and the second stage's
    CPU seconds per query (the views' extraction included) against the fast path's.
 
-    python benchmarks/bench_cascade.py --work /work/cache/cascade [--tasks hard dev]
+    python benchmarks/bench_cascade.py --work /work/cache/cascade [--tasks hard dev] [--preset xfeat]
         [--stages lighterglue views@1,2,4 views@1,0.5,0.25] [--pairs 2 10] [--bands 12 20] [--rules max]
+        [--floors 0]
     python benchmarks/bench_cascade.py --evd [--tilts 1 2 4]  # EVD pair level through the stages
 """
 from __future__ import annotations
@@ -52,7 +56,7 @@ from delf_pipeline.formats.blocks import read_table
 from delf_pipeline.formats.images import list_images, load_image
 from delf_pipeline.formats.tables import read_labels
 from delf_pipeline.metrics.recognition import gap_of_pooled
-from delf_pipeline.verification.cascade import GlueStage, QuerySide, ViewsStage, combine, select
+from delf_pipeline.verification.cascade import GlueStage, QuerySide, ViewsStage, combine, counted, select
 from delf_pipeline.verification.lighterglue import load_xfeat_lighterglue
 from delf_pipeline.verification.pairs import verify_options, verify_pair
 from delf_pipeline.verification.verifier import CandidateVerifier, final_score
@@ -117,12 +121,15 @@ def stage_settings(stage: str) -> tuple[str, list[str], str]:
     return name, overrides, f"pairs-{stage.replace('@', '-').replace(',', '_')}.csv"
 
 
-def pair_table(work: Path, task: str, stage: str, widest: dict) -> pd.DataFrame:
+FAST = ['rerank.cascade=""']  # the base run: the fast path only
+
+
+def pair_table(work: Path, task: str, stage: str, widest: dict, preset: str) -> pd.DataFrame:
     """Second-stage verdicts (PAIR_COLUMNS) on the candidates the widest cascade setting
     (``widest``: select's pairs, margin, band) picks from the base run's fast rows; resumable
     (pairs already in the file are kept, also those of a wider grid run before).
     ``views_cpu``: CPU seconds of the query's view extraction, on each row computed with it."""
-    folder, base = task_folder(work, task), work / "runs" / task / "xfeat"
+    folder, base = task_folder(work, task), work / "runs" / task / preset
     name, overrides, file = stage_settings(stage)
     path = base / file
     done = set()
@@ -133,7 +140,7 @@ def pair_table(work: Path, task: str, stage: str, widest: dict) -> pd.DataFrame:
         path.write_text(",".join(PAIR_COLUMNS) + "\n")
     fast_rows = read_table(base / "rerank.csv")
     labels = read_labels(folder / "train.csv")
-    conf = load_config("xfeat", None, overrides).rerank
+    conf = load_config(preset, None, overrides).rerank
     worker = CandidateVerifier(str(base / "features" / "query"), str(base / "features" / "index"), conf)
     images = {record.id: str(record.path) for record in list_images(folder, "test")[0]}
     queries = list(fast_rows.groupby("query_id", sort=True))
@@ -144,7 +151,7 @@ def pair_table(work: Path, task: str, stage: str, widest: dict) -> pd.DataFrame:
         chosen = [p for p in chosen if (query_id, ids[p]) not in done]
         if not chosen:
             continue
-        query = worker.queries.features(query_id)
+        query = worker.stored_query(query_id)
         side = QuerySide(query, worker.queries.size(query_id), lambda: worker.views.of_file(images[query_id]))
         views_cpu = 0.0
         if name == "views":
@@ -154,7 +161,7 @@ def pair_table(work: Path, task: str, stage: str, widest: dict) -> pd.DataFrame:
         out = []
         for position in chosen:
             index_id = ids[position]
-            candidate = worker.index_features(index_id)
+            candidate = worker.second_candidate(index_id)
             start = time.process_time()
             fast = worker.verify(query, candidate)
             fast_cpu = time.process_time() - start
@@ -221,7 +228,7 @@ def cascade_rows(fast: pd.DataFrame, second: dict[tuple[str, str], int], labels:
             inliers, score = rows["inliers"].to_numpy().copy(), rows["score"].to_numpy().copy()
             for position in chosen:
                 key = (query_id, ids[position])
-                verdict = second[key] if second[key] >= conf.min_inliers else 0  # as the fast path's
+                verdict = counted(second[key], max(conf.min_inliers, conf.cascade_min_inliers))  # as the cores
                 inliers[position] = combine(int(inliers[position]), verdict, rule)
                 score[position] = final_score(int(inliers[position]), float(rows["global_score"].iloc[position]), conf)
             rows["inliers"], rows["score"] = inliers, score
@@ -251,10 +258,10 @@ def bootstrap(base: Outcome, other: Outcome, seed: int = 0) -> dict[str, np.ndar
     return {key: np.array(value) for key, value in samples.items()}
 
 
-def curve(work: Path, task: str, stages: list[str], grid: dict[str, list], rules: list[str]) -> list[str]:
+def curve(work: Path, task: str, stages: list[str], grid: dict[str, list], rules: list[str], preset: str) -> list[str]:
     """Markdown lines: one row per cascade setting of the grid (plus the fast path), see module doc."""
-    folder, base = task_folder(work, task), work / "runs" / task / "xfeat"
-    config = load_config("xfeat")
+    folder, base = task_folder(work, task), work / "runs" / task / preset
+    config = load_config(preset, None, FAST)
     labels = read_labels(folder / "train.csv")
     solution = {q: set(v.split()) for q, v in pd.read_csv(folder / "solution.csv", dtype=str,
                                                              keep_default_na=False).set_index("id")["landmarks"].items()}
@@ -273,35 +280,33 @@ def curve(work: Path, task: str, stages: list[str], grid: dict[str, list], rules
     timing = "; ".join(f"{per_query[s]:.2f} s (timed beside {s})" for s in stages)
     lines = [f"### {task}: {len(plain.ids)} queries ({int(plain.landmark.sum())} with a landmark); fast path top-1 "
              f"{plain.top1():.3f}, GAP {plain.gap():.3f}; fast path CPU per query {timing}", "",
-             "| second stage | pairs (max) | inliers below | margin below | rule | pairs / query | top-1 [90%] "
-             "| GAP [90%] | top-1 - fast [90%] | GAP - fast [90%] | changed R->W / W->R | second-stage CPU / query (s) "
-             "| / fast path |",
-             "|---|---:|---:|---:|---|---:|---|---|---|---|---|---:|---:|"]
+             "| second stage | pairs (max) | inliers below | margin below | rule | second under counts 0 "
+             "| pairs / query | top-1 [90%] | GAP [90%] | top-1 - fast [90%] | GAP - fast [90%] | changed R->W / W->R "
+             "| second-stage CPU / query (s) | / fast path |",
+             "|---|---:|---:|---:|---|---:|---:|---|---|---|---|---|---:|---:|"]
     b = bootstrap(plain, plain)
-    lines.append(f"| off (fast path only) | | | | | 0 | {plain.top1():.3f} {interval(b['top1'])} "
+    lines.append(f"| off (fast path only) | | | | | | 0 | {plain.top1():.3f} {interval(b['top1'])} "
                  f"| {plain.gap():.3f} {interval(b['gap'])} | | | | 0 | 0 |")
+    settings = [(pairs, band, margin, rule, floor) for pairs in grid["pairs"] for band in grid["band"]
+                for margin in grid["margin"] for rule in rules for floor in grid["floor"] if band or margin]
     for stage, (second, cpu, query_cpu) in verdicts.items():
-        for pairs in grid["pairs"]:
-            for band in grid["band"]:
-                for margin in grid["margin"]:
-                    if band == 0 and margin == 0:
-                        continue
-                    for rule in rules:
-                        setting = {"pairs": pairs, "margin": margin, "band": band}
-                        made = cascade_rows(fast, second, labels, config.rerank, setting, rule, cpu, query_cpu)
-                        if made is None:
-                            continue
-                        result = outcome(shortlist, made[0], labels, solution, top_k, how, made[1], made[2])
-                        b = bootstrap(plain, result)
-                        lost = int((plain.right & ~result.right).sum())
-                        won = int((~plain.right & result.right).sum())
-                        spent = result.cpu.mean()
-                        lines.append(
-                            f"| {stage} | {pairs} | {band} | {margin:g} | {rule} | {result.pairs.mean():.2f} "
-                            f"| {result.top1():.3f} {interval(b['top1'])} | {result.gap():.3f} {interval(b['gap'])} "
-                            f"| {result.top1() - plain.top1():+.3f} {interval(b['d_top1'])} "
-                            f"| {result.gap() - plain.gap():+.3f} {interval(b['d_gap'])} | {lost} / {won} "
-                            f"| {spent:.2f} | {spent / per_query[stage]:.1f} |")
+        for pairs, band, margin, rule, floor in settings:
+            conf = config.copy().rerank
+            conf.cascade_min_inliers = floor
+            made = cascade_rows(fast, second, labels, conf, {"pairs": pairs, "margin": margin, "band": band}, rule,
+                                cpu, query_cpu)
+            if made is None:
+                continue
+            result = outcome(shortlist, made[0], labels, solution, top_k, how, made[1], made[2])
+            b = bootstrap(plain, result)
+            lost, won = int((plain.right & ~result.right).sum()), int((~plain.right & result.right).sum())
+            spent = result.cpu.mean()
+            lines.append(
+                f"| {stage} | {pairs} | {band} | {margin:g} | {rule} | {floor} | {result.pairs.mean():.2f} "
+                f"| {result.top1():.3f} {interval(b['top1'])} | {result.gap():.3f} {interval(b['gap'])} "
+                f"| {result.top1() - plain.top1():+.3f} {interval(b['d_top1'])} "
+                f"| {result.gap() - plain.gap():+.3f} {interval(b['d_gap'])} | {lost} / {won} "
+                f"| {spent:.2f} | {spent / per_query[stage]:.1f} |")
     return lines
 
 
@@ -365,6 +370,10 @@ def main() -> None:
     parser.add_argument("--margins", type=float, nargs="+", default=[0.0],
                         help="rerank.cascade_margin values (kaggle2020 score units)")
     parser.add_argument("--rules", nargs="+", default=["max"], choices=["replace", "max", "sum"])
+    parser.add_argument("--floors", type=int, nargs="+", default=[0],
+                        help="rerank.cascade_min_inliers values (second-stage counts under them count 0)")
+    parser.add_argument("--preset", default="xfeat", help="the base preset, run with its fast path only (its "
+                        "cascade off); the default's stores keep the XFeat features its lighterglue stage matches")
     parser.add_argument("--evd", action="store_true", help="only the EVD pair table (both query sides)")
     parser.add_argument("--tilts", type=float, nargs="+", default=[1.0, 2.0, 4.0],
                         help="views' tilts for --evd (t < 1 stretches by 1 / t)")
@@ -377,20 +386,20 @@ def main() -> None:
         print("\n".join(lines))
         return
     for task in args.tasks:
-        result = timed_run(args.work, task, "xfeat", "xfeat", [])
-        log.info("%s xfeat: wall %.0f s, cpu %.0f s, top-1 %.3f, GAP %.3f", task, result["wall"], result["cpu"],
-                 result["metrics"]["accuracy"], result["metrics"]["gap"])
+        result = timed_run(args.work, task, args.preset, args.preset, FAST)
+        log.info("%s %s: wall %.0f s, cpu %.0f s, top-1 %.3f, GAP %.3f", task, args.preset, result["wall"],
+                 result["cpu"], result["metrics"]["accuracy"], result["metrics"]["gap"])
     if args.base_only:
         return
     widest = {"pairs": max(args.pairs), "band": max(args.bands), "margin": max(args.margins)}
     for task in args.tasks:
         for stage in args.stages:
-            pair_table(args.work, task, stage, widest)
+            pair_table(args.work, task, stage, widest, args.preset)
     lines = []
     for task in args.tasks:
-        grid = {"pairs": args.pairs, "band": args.bands, "margin": args.margins}
-        lines += curve(args.work, task, args.stages, grid, args.rules) + [""]
-    report = args.work / f"curve-{'-'.join(args.tasks)}.md"
+        grid = {"pairs": args.pairs, "band": args.bands, "margin": args.margins, "floor": args.floors}
+        lines += curve(args.work, task, args.stages, grid, args.rules, args.preset) + [""]
+    report = args.work / f"curve-{args.preset}-{'-'.join(args.tasks)}.md"
     report.write_text("\n".join(lines))
     print("\n".join(lines))
 
