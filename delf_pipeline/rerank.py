@@ -129,12 +129,14 @@ def rerank_manifest(conf: RerankSettings, shortlist: pd.DataFrame, labels: dict[
 def cascade_inputs(conf: RerankSettings, labels: dict[str, str] | None, images: str | Path | None,
                    split: str) -> tuple[dict[str, str] | None, dict[str, str] | None]:
     """(labels, query id -> image path) the cascade needs (None, None without one); ValueError
-    saying what to give when one is missing."""
+    saying what to give when one is missing. Without labels each candidate is a class of its own
+    (logged: the cascade then re-verifies the first candidates rather than the first classes)."""
     if not conf.cascade:
         return None, None
     if labels is None:
-        raise ValueError(f"rerank.cascade = {conf.cascade!r} selects its second-stage pairs by class: give the index "
-                         "labels (`delf-pipeline rerank --index-labels train.csv`; `run` does)")
+        log.warning("rerank.cascade = %r: no index labels given (`delf-pipeline rerank --index-labels train.csv`; "
+                    "`run` gives them), so each candidate is a class of its own", conf.cascade)
+        labels = {}
     if conf.cascade != "views":
         return labels, None
     if images is None:
@@ -202,7 +204,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (one per core works best)")
     add_run_arguments(parser, dask="run the blocks (the workers must see the stores and --out)")
     parser.add_argument("--index-labels", metavar="CSV", help="id,landmark_id of the index images (train.csv): "
-                        "needed by rerank.cascade, which verifies the best candidate of each close class again")
+                        "rerank.cascade (the default's) verifies the best candidate of each close class again; "
+                        "without them, each candidate is a class of its own")
     parser.add_argument("--query-images", metavar="SOURCE", help="the images the query store was extracted from "
                         "(folder, Kaggle root or CSV): rerank.cascade = views extracts the selected queries' views")
     parser.add_argument("--query-split", default="test", help="Kaggle layout: the split of --query-images (test)")

@@ -18,7 +18,7 @@ from delf_pipeline.formats.images import kaggle_path
 from delf_pipeline.formats.store import FeatureStore
 from delf_pipeline.formats.tables import read_labels
 from delf_pipeline.search.searcher import Searcher
-from delf_pipeline.verification.cascade import combine, select
+from delf_pipeline.verification.cascade import combine, counted, select
 from delf_pipeline.verification.matching import match_views
 from delf_pipeline.verification.pairs import verify_matches, verify_options
 from delf_pipeline.verification.verifier import CandidateVerifier, store_settings
@@ -146,6 +146,14 @@ def test_views_stage_matches_the_query_views_extracted_from_its_image(task, tmp_
                                                                 f"views:{expected.status}")
 
 
+def test_second_stage_counts_under_cascade_min_inliers_count_zero(task, tmp_path):
+    table = cascade_run(task, tmp_path / "r.csv", *VIEWS, "rerank.cascade_rule=replace",
+                        "rerank.cascade_min_inliers=100000")
+    second = table[table["status"].str.startswith("views:")]
+    assert len(second) and (second["inliers"] == 0).all() and (second["matches"] > 0).any()
+    assert counted(7, 6) == 7 and counted(5, 6) == 0
+
+
 def test_no_pair_selected_gives_the_fast_rows(task, tmp_path):
     table = cascade_run(task, tmp_path / "r.csv", *VIEWS, "rerank.cascade_inliers=0", "rerank.cascade_margin=0")
     pd.testing.assert_frame_equal(table, task["fast"])
@@ -166,9 +174,17 @@ def test_the_labels_are_part_of_the_manifest(task, tmp_path):
         cascade_run(task, tmp_path / "r.csv", *VIEWS, index_labels=other)
 
 
+def test_without_labels_each_candidate_is_a_class_of_its_own(task, tmp_path, caplog):
+    table = cascade_run(task, tmp_path / "a.csv", *VIEWS, index_labels=None)
+    assert "each candidate is a class of its own" in caplog.text
+    for query_id, rows in table.groupby("query_id"):
+        before = task["fast"][task["fast"]["query_id"] == query_id].sort_values(["score", "index_id"],
+                                                                               ascending=[False, True])
+        first_two = set(before["index_id"].iloc[:2])  # two classes: the first two candidates, whatever their place
+        assert set(rows[rows["status"].str.startswith("views:")]["index_id"]) == first_two
+
+
 def test_refusals_name_what_is_missing(task, tmp_path):
-    with pytest.raises(ValueError, match="--index-labels"):
-        cascade_run(task, tmp_path / "a.csv", *VIEWS, index_labels=None)
     with pytest.raises(ValueError, match="--query-images"):
         cascade_run(task, tmp_path / "b.csv", *VIEWS, query_images=None)
     with pytest.raises(ValueError, match="holds 'rootsift' ones"):

@@ -26,15 +26,17 @@ Second stages:
   path's CPU per pair).
 
 Combination (``cascade_rule``): a selected candidate's inliers become the second stage's
-(``replace``), the larger of both (``max``) or their sum (``sum``), below ``min_inliers``
-counting 0 as for the fast path; its score is recomputed from them (``rerank.scoring``), its
-``matches`` are the second stage's and its status is ``STAGE:STATUS`` (``views:ok``).
-The selection and the rule are measured by benchmarks/bench_cascade.py (docs/benchmarks.md,
-"Verification cascade"): on the hard task and the landmarks_dev split no setting measured beats
-the fast path alone beyond the bootstrap interval, and 3 or more pairs per query lose
-landmarks_dev queries beyond it, so no preset turns the cascade on; the defaults of its keys are
-the setting at which lighterglue's top-1 fell on neither task (2 pairs, inliers below 12, rule
-max).
+(``replace``), the larger of both (``max``) or their sum (``sum``); a second-stage count below
+``cascade_min_inliers`` (or ``min_inliers``, as for the fast path) counts 0 (:func:`counted`). Its
+score is recomputed from them (``rerank.scoring``), its ``matches`` are the second stage's and its
+status is ``STAGE:STATUS`` (``views:ok``).
+
+Measured: benchmarks/bench_cascade.py on the ``xfeat`` preset (docs/benchmarks.md, "Verification
+cascade": no setting beat its fast path beyond the interval), then benchmarks/quality.py on the
+default, whose fused global descriptor brings the right place into the first classes of the hard
+task's queries: there lighterglue on the XFeat features kept beside Lite0's, 10 classes, fast
+path under 8 inliers, counts replaced, under 6 counting 0, is the default (docs/benchmarks.md,
+"Dev table (issue 23)").
 """
 from __future__ import annotations
 
@@ -90,6 +92,12 @@ def select(index_ids: Sequence[str], scores: Sequence[float], inliers: Sequence[
     if scores[firsts[0]] - scores[firsts[1]] >= margin and inliers[firsts[0]] >= band:
         return []
     return firsts[:pairs]
+
+
+def counted(second: int, floor: int) -> int:
+    """A second-stage inlier count as the score counts it: 0 below ``floor`` (the larger of
+    ``min_inliers`` and ``cascade_min_inliers``), else itself."""
+    return second if second >= floor else 0
 
 
 def combine(fast: int, second: int, rule: str) -> int:

@@ -41,7 +41,7 @@ from ..extractors.views import ViewExtractor
 from ..formats.features import ImageFeatures
 from ..formats.store import FeatureStore, open_store
 from ..utils.threads import one_blas_thread
-from .cascade import GlueStage, QuerySide, ViewFeatures, ViewsStage, combine, select
+from .cascade import GlueStage, QuerySide, ViewFeatures, ViewsStage, combine, counted, select
 from .matching import MATCHERS
 from .pairs import PairResult, fit_matches, match_and_fit, resolve_options, verify_options
 
@@ -114,10 +114,17 @@ class CandidateVerifier:
 
     def stored_query(self, query_id: str) -> ImageFeatures:
         """A query's stored features, with its kept VLAD local features when the cascade matches them."""
-        features = self.queries.features(query_id)
+        return self._with_kept(self.queries, query_id, self.queries.features(query_id))
+
+    def second_candidate(self, index_id: str) -> ImageFeatures:
+        """An index image's features as the cascade's second stage sees them: with its kept VLAD
+        local features when the stage matches them (lighterglue)."""
+        return self._with_kept(self.index, index_id, self.index_features(index_id))
+
+    def _with_kept(self, store: FeatureStore, image_id: str, features: ImageFeatures) -> ImageFeatures:
         if self.second is None or self.second.name != "lighterglue":
             return features
-        return replace(features, vlad_locals=self.queries.vlad_locals(query_id))
+        return replace(features, vlad_locals=store.vlad_locals(image_id))
 
     def rerank_features(self, query_id: str, query: ImageFeatures, candidates: list[tuple[str, float]],
                         query_size: tuple[int, int] | None = None, *, labels: dict[str, str] | None = None,
@@ -155,11 +162,8 @@ class CandidateVerifier:
                         conf.cascade_pairs, conf.cascade_margin, conf.cascade_inliers)
         for position in chosen:
             query_id, index_id, global_score, _, fast, _, _ = rows[position]
-            candidate = self.index_features(index_id)
-            if self.second.name == "lighterglue":
-                candidate = replace(candidate, vlad_locals=self.index.vlad_locals(index_id))
-            result = self.second.verify(query, candidate, self.index.size(index_id))
-            second = result.inliers if result.inliers >= conf.min_inliers else 0
+            result = self.second.verify(query, self.second_candidate(index_id), self.index.size(index_id))
+            second = counted(result.inliers, max(conf.min_inliers, conf.cascade_min_inliers))
             inliers = combine(fast, second, conf.cascade_rule)
             rows[position] = (query_id, index_id, global_score, result.matches, inliers,
                               final_score(inliers, global_score, conf), f"{self.second.name}:{result.status}")
@@ -199,7 +203,8 @@ def learned_matcher(conf: RerankSettings, stores: list[FeatureStore]):
             kept = (" or, for rerank.cascade, a model's fused with the VLAD of XFeat features kept beside its own "
                     "(extract.vlad_backend = xfeat, keep_vlad_locals = true)") if key == "cascade" else ""
             raise ValueError(f"rerank.{key} = 'lighterglue' matches 64-d XFeat local features; {store.path} holds "
-                             f"{local!r} ones: extract.backend / extract.local_backend must be xfeat{kept}")
+                             f"{local!r} ones: extract.backend / extract.local_backend must be xfeat{kept}"
+                             + (", or turn the cascade off: --set rerank.cascade='\"\"'" if key == "cascade" else ""))
     from .lighterglue import load_xfeat_lighterglue
 
     return load_xfeat_lighterglue(settings.xfeat_weights or None)
