@@ -168,13 +168,13 @@ def agree_with_truth(result, sides, i: int, homography: np.ndarray, threshold: f
     return int((np.linalg.norm(projected - xy_b, axis=1) <= threshold).sum())
 
 
-def glue_match():
+def glue_match(options: dict | None = None):
     """match(a, b) -> PairResult: LighterGlue on two images' (locations, descriptors, size), then
-    the xfeat_lighterglue preset's verifier (as its rerank does)."""
+    the verifier of ``options`` (default: the xfeat_lighterglue preset's, as its rerank does)."""
     from delf_pipeline.verification.lighterglue import load_xfeat_lighterglue
     from delf_pipeline.verification.pairs import verify_matches, verify_options
     glue = load_xfeat_lighterglue()
-    options = verify_options(load_config("xfeat_lighterglue").rerank)
+    options = options or verify_options(load_config("xfeat_lighterglue").rerank)
     return lambda a, b: verify_matches(a[0], b[0], glue.match_stored(*a, *b), **options)
 
 

@@ -62,6 +62,7 @@ from delf_pipeline.formats.images import list_images
 from delf_pipeline.formats.store import FeatureStore
 from delf_pipeline.formats.tables import read_labels, read_solution, read_submission
 from delf_pipeline.utils.artifacts import fingerprint, write_json_atomic, write_text_atomic
+from delf_pipeline.verification.cascade import combine, counted
 from delf_pipeline.verification.pairs import verify_options
 
 PRESETS = ("sift_default", "xfeat", "xfeat_lighterglue", "efficientnet_lite0_fused", "efficientnet_lite0",
@@ -156,7 +157,8 @@ def loo_task(name: str, config: Config, run_name: str, args: argparse.Namespace)
 
 
 def evd_task(config: Config, args: argparse.Namespace) -> Outcome:
-    """The EVD statistics of the preset's local features and verification (cached by both)."""
+    """The EVD statistics of the preset's local features and verification (cached by both); with
+    a lighterglue cascade, each pair's count is the cascade's (:func:`cascade_evd`)."""
     conf = config.extract
     local = conf.local_backend or conf.backend
     if local not in LOCAL_BACKENDS:  # the model's own local features, from the export the hard task's index makes
@@ -164,12 +166,22 @@ def evd_task(config: Config, args: argparse.Namespace) -> Outcome:
         if not (task / "solution.csv").exists():
             common.build_hard_task(task, args.data, args.seed)
         conf = replace(resolve_model(conf, list_images(task, "train")[0]), vlad_weight=0.0)  # locals only: no VLAD
+    stats = evd_stats(config, conf, local, config.rerank.matcher == "lighterglue", args)
+    if config.rerank.cascade == "lighterglue":
+        stats = cascade_evd(stats, evd_stats(config, config.extract, "xfeat", True, args), config.rerank)
+    rows = pd.DataFrame([{"query_id": name, "right_inliers": t, "wrong_inliers": s} for name, t, s, _ in stats["pairs"]])
+    return Outcome(rows, stats["wall"], stats["cpu"], {"evd": stats})
+
+
+def evd_stats(config: Config, conf, local: str, glue: bool, args: argparse.Namespace) -> dict:
+    """:func:`common.evd_stats` of the ``local`` features extracted with ``conf``, matched by the
+    descriptor matcher or (``glue``) LighterGlue, verified as ``config.rerank`` says; cached."""
     local_keys = {k: v for k, v in conf.items() if k in LOCAL_SETTINGS or local not in LOCAL_BACKENDS}
-    key = fingerprint({"local": local, "extract": local_keys, "rerank": config.rerank.to_dict()})
+    key = fingerprint({"local": local, "extract": local_keys, "rerank": config.rerank.to_dict(), "glue": glue})
     cache = args.work / "evd" / f"{key}.json"
     if not cache.exists():
         extractor = local_extractor(conf, local) if local in LOCAL_BACKENDS else build(conf)
-        match = common.glue_match() if config.rerank.matcher == "lighterglue" else None
+        match = common.glue_match(verify_options(config.rerank)) if glue else None
         folder = args.data / "evd"
         names = sorted(p.stem for p in (folder / "1").glob("*.png"))
         wall, cpu = {}, {}
@@ -178,9 +190,26 @@ def evd_task(config: Config, args: argparse.Namespace) -> Outcome:
                                      argparse.Namespace(max_image_size=conf.max_image_size), match)
         cache.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(cache, {**stats, "wall": wall["evd"], "cpu": cpu["evd"]})
-    stats = json.loads(cache.read_text())
-    rows = pd.DataFrame([{"query_id": name, "right_inliers": t, "wrong_inliers": s} for name, t, s, _ in stats["pairs"]])
-    return Outcome(rows, stats["wall"], stats["cpu"], {"evd": stats})
+    return json.loads(cache.read_text())
+
+
+def cascade_evd(fast: dict, second: dict, conf) -> dict:
+    """EVD statistics of a cascade from those of its ``fast`` path and of its ``second`` stage:
+    each pair (true and swapped) whose fast count is under ``cascade_inliers`` takes the counts of
+    the rule (``cascade_rule``, the second stage's under ``cascade_min_inliers`` counting 0)."""
+    floor = max(conf.min_inliers, conf.cascade_min_inliers)
+
+    def count(fast_count: int, second_count: int) -> int:
+        if fast_count >= conf.cascade_inliers:
+            return fast_count
+        return combine(fast_count, counted(second_count, floor), conf.cascade_rule)
+
+    pairs = [(name, count(t, t2), count(s, s2), a) for (name, t, s, a), (_, t2, s2, _) in
+             zip(fast["pairs"], second["pairs"])]
+    true, swapped = [p[1] for p in pairs], [p[2] for p in pairs]
+    return {"median_true": float(np.median(true)), "max_swapped": max(swapped),
+            "above": sum(t > max(swapped) for t in true), "pairs": pairs,
+            "wall": fast["wall"] + second["wall"], "cpu": fast["cpu"] + second["cpu"]}
 
 
 LOCAL_SETTINGS = ("max_image_size", "max_features", "affine_tilts", "xfeat_weights", "xfeat_threshold", "xfeat_scales")

@@ -76,3 +76,20 @@ def test_quality_smoke(tmp_path):
     again = run_script("quality.py", *args, "--skip", "tiny:evd")  # resumes from the work folder
     assert again.returncode == 0, again.stderr[-3000:]
     assert "| evd | `tiny` | pending (--skip)" in (work / "quality.md").read_text()
+
+
+def test_quality_evd_of_a_cascade_takes_the_second_stage_where_the_fast_path_is_undecided():
+    """quality.cascade_evd: a pair (true or swapped) under cascade_inliers fast inliers takes the
+    second stage's count (rule replace), 0 under cascade_min_inliers; one at or above keeps its own."""
+    sys.path.insert(0, str(BENCHMARKS))
+    import quality
+    from delf_pipeline.config import load_config
+
+    conf = load_config(None, None, ["rerank.cascade_inliers=8", "rerank.cascade_min_inliers=6",
+                                    "rerank.cascade_rule=replace"]).rerank
+    fast = {"pairs": [("a", 5, 6, 0), ("b", 9, 4, 0), ("c", 7, 7, 0)], "wall": 1.0, "cpu": 2.0}
+    second = {"pairs": [("a", 40, 5, 0), ("b", 3, 30, 0), ("c", 5, 12, 0)], "wall": 3.0, "cpu": 4.0}
+    got = quality.cascade_evd(fast, second, conf)
+    assert got["pairs"] == [("a", 40, 0, 0), ("b", 9, 30, 0), ("c", 0, 12, 0)]
+    assert (got["max_swapped"], got["above"], got["median_true"]) == (30, 1, 9.0)
+    assert (got["wall"], got["cpu"]) == (4.0, 6.0)
