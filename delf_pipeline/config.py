@@ -146,7 +146,7 @@ SETTINGS: dict[str, dict[str, Key]] = {
         "vlad_backend": _pick("xfeat", ("", "rootsift", "xfeat"),
                               '"" (= local_backend) | rootsift | xfeat: whose local features the fused VLAD is made '
                               "of; with local_backend \"\" the model's own local features are stored", when="fused"),
-        "keep_vlad_locals": _flag(False, "with local_backend \"\": also store the local features the fused VLAD is "
+        "keep_vlad_locals": _flag(True, "with local_backend \"\": also store the local features the fused VLAD is "
                                   "made of beside the model's own (XFeat's: what the cascade's lighterglue stage "
                                   "matches; about 140 kB more per image)", when="fused"),
         "codebook_images": _count(500, 1, 10_000_000, "index images sampled to learn the codebook", when="vlad"),
@@ -223,22 +223,23 @@ SETTINGS: dict[str, dict[str, Key]] = {
                          "official: order by (inliers, global) | kaggle2020: min(inliers, M) / M + global"),
         "max_inlier_score": _count(70, 1, 100_000, "M of the kaggle2020 scoring: inliers are capped at M, then / M",
                                    when="kaggle2020"),
-        "cascade": _pick("", ("", "views", "lighterglue"),
+        "cascade": _pick("lighterglue", ("", "views", "lighterglue"),
                          '"" (every candidate by the fast path only) | views (the query\'s local features on simulated '
-                         "affine views, matched view by view) | lighterglue (XFeat's learned matcher): a second stage "
-                         "for the candidates that can still change the answer (verification/cascade.py)"),
-        "cascade_pairs": _count(2, 1, 10_000, "second-stage pairs per query at most: the fast path's best candidate of "
-                                "each of its first classes (2: with lighterglue, the one value measured whose top-1 fell on "
-                                "neither the hard task nor landmarks_dev; 10 loses landmarks_dev queries with every "
-                                "stage, docs/benchmarks.md)", when="cascade"),
-        "cascade_inliers": _count(12, 0, 100_000, "second stage when the fast path's best candidate has fewer inliers "
+                         "affine views, matched view by view) | lighterglue (XFeat's learned matcher, on XFeat features "
+                         "stored or kept beside a model's: extract.keep_vlad_locals): a second stage for the candidates "
+                         "that can still change the answer (verification/cascade.py)"),
+        "cascade_pairs": _count(10, 1, 10_000, "second-stage pairs per query at most: the fast path's best candidate of "
+                                "each of its first classes", when="cascade"),
+        "cascade_inliers": _count(8, 0, 100_000, "second stage when the fast path's best candidate has fewer inliers "
                                   "than this (unrelated pairs reach ~6-16)", when="cascade"),
         "cascade_margin": _real(0.0, 0, 1e6, "second stage also when the fast path's best class leads the next by less "
                                 "than this (rerank score units; kaggle2020: 1 / max_inlier_score per inlier)",
                                 when="cascade"),
-        "cascade_rule": _pick("max", ("replace", "max", "sum"),
+        "cascade_rule": _pick("replace", ("replace", "max", "sum"),
                               "a selected candidate's inliers: the second stage's (replace), the larger of both "
                               "(max) or their sum", when="cascade"),
+        "cascade_min_inliers": _count(6, 0, 100_000, "second-stage inlier counts below this count as 0 (LighterGlue "
+                                      "still finds a few on unrelated pairs)", when="cascade"),
         "cascade_tilts": _reals([1.0, 0.5, 0.25], 0, 16, (1, 8), "tilts of the query's simulated views (1: the image "
                                 "itself; t > 1 adds views rotated 72 / t degrees apart, compressed by t; t < 1 views "
                                 "rotated 72 t degrees apart, stretched by 1 / t: top-1 at or above [1, 2, 4]'s at every "

@@ -30,10 +30,10 @@ from delf_pipeline.formats.store import FeatureStore
 from delf_pipeline.verification import verifier
 
 REPO = Path(__file__).resolve().parents[1]
-
+FAST_PATH = ['rerank.cascade=""']  # no cascade: its lighterglue stage needs XFeat features
 
 def config(**rerank_settings) -> dict:
-    conf = load_config()  # sift_default: mutual matcher at 0.9, MAGSAC++ homography at 8 px, min_matches 5
+    conf = load_config(overrides=FAST_PATH)  # the default's fast path: the synthetic stores hold no XFeat
     conf.rerank.update(rerank_settings)
     return conf
 
@@ -292,7 +292,8 @@ def test_global_only_index_is_a_clear_error(tmp_path):
     queries = write_store(tmp_path / "queries", {"q": global_only(vectors[1])}, 4)
     shortlist_frame({"q": [("a", 0.5)]}).to_csv(tmp_path / "shortlist.csv", index=False)
     with pytest.raises(ValueError, match="holds global descriptors only. Extract the shortlisted candidates"):
-        rerank.run(load_config(), tmp_path / "shortlist.csv", queries, index, tmp_path / "rerank.csv")
+        rerank.run(load_config(overrides=FAST_PATH), tmp_path / "shortlist.csv", queries, index,
+                   tmp_path / "rerank.csv")
 
 
 # ---------------------------------------------------------------- learned matcher
