@@ -15,6 +15,7 @@ from delf_pipeline.config import ConfigError, load_config
 from delf_pipeline.extractors.build import view_extractor
 from delf_pipeline.formats.blocks import read_table
 from delf_pipeline.formats.images import kaggle_path
+from delf_pipeline.formats.features import ImageFeatures
 from delf_pipeline.formats.store import FeatureStore
 from delf_pipeline.formats.tables import read_labels
 from delf_pipeline.search.searcher import Searcher
@@ -288,3 +289,26 @@ def test_searcher_matches_the_photos_xfeat_features_in_memory(fused_task, tmp_pa
     batch = read_table(rerank.run(conf, fused_task["shortlist"], fused_task["query"], fused_task["index"],
                                   tmp_path / "r.csv", index_labels=fused_task["labels"]))
     assert_search_answers_as_batch(Searcher(built, top_candidates=4), fused_task["data"], batch, "lighterglue:")
+
+
+def test_a_part_of_global_descriptors_only_needs_no_kept_xfeat_features(fused_task, tmp_path):
+    """An index grown with images of global descriptors only (no local features: nothing to
+    match) still serves the lighterglue stage; a part with local features but no kept XFeat
+    features does not."""
+    import shutil
+
+    from delf_pipeline.formats.store import ExtractedImage, write_part
+    from delf_pipeline.verification.verifier import keeps_xfeat
+
+    index_copy = tmp_path / "index"
+    shutil.copytree(fused_task["index"], index_copy)
+    settings = store_settings(str(index_copy))
+    dim = FeatureStore(index_copy).global_matrix().shape[1]
+    bare = ImageFeatures(np.zeros((0, 2), np.float32), np.zeros((0, 32), np.float32), np.zeros(0, np.float32),
+                         np.zeros(0, np.float32), np.ones(dim, np.float32) / np.sqrt(dim))
+    write_part(index_copy / "parts" / "zz-global-only", [ExtractedImage("g", bare, (10, 10))], [], "float32", 32)
+    assert keeps_xfeat(FeatureStore(index_copy), settings)
+    with_locals = ImageFeatures(np.zeros((1, 2), np.float32), np.ones((1, 32), np.float32), np.ones(1, np.float32),
+                                np.ones(1, np.float32), bare.global_descriptor)
+    write_part(index_copy / "parts" / "zz-no-kept", [ExtractedImage("h", with_locals, (10, 10))], [], "float32", 32)
+    assert not keeps_xfeat(FeatureStore(index_copy), settings)

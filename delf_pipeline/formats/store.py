@@ -237,6 +237,11 @@ class Part:
         return "global.npy" in self.info["files"]
 
     @property
+    def num_features(self) -> int:
+        """Local features the part holds, all its images together (the first set)."""
+        return int(self.info["files"]["locations.npy"]["shape"][0])
+
+    @property
     def has_vlad_locals(self) -> bool:
         return "vlad_offsets.npy" in self.info["files"]
 

@@ -212,11 +212,12 @@ def learned_matcher(conf: RerankSettings, stores: list[FeatureStore]):
 
 def keeps_xfeat(store: FeatureStore, settings: ExtractSettings) -> bool:
     """Whether ``store`` (made with ``settings``) keeps XFeat local features beside a model's own:
-    its settings fuse the VLAD of XFeat's and every part holding images has them (a store made
-    before keep_vlad_locals existed has none, whatever its manifest says of the key)."""
+    its settings fuse the VLAD of XFeat's and every part holding local features has them (a
+    store made before keep_vlad_locals existed has none, whatever its manifest says of the key;
+    parts of global descriptors only need none)."""
     if not settings.keep_vlad_locals or settings.local_backend or vlad_backend(settings) != "xfeat":
         return False
-    return all(part.has_vlad_locals for part in open_store(store).parts if part.ids)
+    return all(part.has_vlad_locals for part in open_store(store).parts if part.num_features)
 
 
 def store_settings(store: str | Path | FeatureStore) -> ExtractSettings:
