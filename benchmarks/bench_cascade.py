@@ -258,7 +258,8 @@ def bootstrap(base: Outcome, other: Outcome, seed: int = 0) -> dict[str, np.ndar
     return {key: np.array(value) for key, value in samples.items()}
 
 
-def curve(work: Path, task: str, stages: list[str], grid: dict[str, list], rules: list[str], preset: str) -> list[str]:
+def curve(work: Path, task: str, stages: list[str], grid: dict[str, list], rules: list[str],
+          preset: str) -> list[str]:
     """Markdown lines: one row per cascade setting of the grid (plus the fast path), see module doc."""
     folder, base = task_folder(work, task), work / "runs" / task / preset
     config = load_config(preset, None, FAST)

@@ -17,9 +17,10 @@ of ``vlad_backend`` (default: ``local_backend``): ``[sqrt(1 - w) m, sqrt(w) v]``
 L2-normalised parts, whose inner product is ``(1 - w) m.m' + w v.v'`` (score fusion, unit
 length). The stored local features are ``local_backend``'s, or the model's own when it is ""
 (``vlad_backend`` then feeds the VLAD, and its local features are kept beside the model's as
-``vlad_locals`` with ``keep_vlad_locals``: the cascade's learned matcher matches XFeat's). The VLAD backends and the fused models need their
-codebook (``vlad_dim`` > 0: with the PCA that reduces the VLAD): learning it is a step of the
-extract stage, which then calls :func:`build` with it.
+``vlad_locals`` with ``keep_vlad_locals``: the cascade's learned matcher matches XFeat's). The
+VLAD backends and the fused models need their codebook (``vlad_dim`` > 0: with the PCA that
+reduces the VLAD): learning it is a step of the extract stage, which then calls :func:`build`
+with it.
 """
 from __future__ import annotations
 

@@ -22,8 +22,8 @@ Second stages:
   the other way). CPU: ~13-15x the fast path's per pair, plus the views' extraction.
 * ``lighterglue`` (:class:`GlueStage`): XFeat's learned matcher on the stored XFeat features (an
   image's ``vlad_locals`` when its store kept them beside a model's own, as the default's does),
-  then the preset's verifier (EVD: 9/15 with image 1 as the query, 5/15 with image 2; ~17-21x the fast
-  path's CPU per pair).
+  then the preset's verifier (EVD: 9/15 with image 1 as the query, 5/15 with image 2; ~17-21x
+  the fast path's CPU per pair).
 
 Combination (``cascade_rule``): a selected candidate's inliers become the second stage's
 (``replace``), the larger of both (``max``) or their sum (``sum``); a second-stage count below

@@ -200,14 +200,20 @@ def learned_matcher(conf: RerankSettings, stores: list[FeatureStore]):
         settings = store_settings(store)
         local = settings.local_backend or settings.backend
         if local != "xfeat" and not (key == "cascade" and keeps_xfeat(store, settings)):
-            kept = (" or, for rerank.cascade, a model's fused with the VLAD of XFeat features kept beside its own "
-                    "(extract.vlad_backend = xfeat, keep_vlad_locals = true)") if key == "cascade" else ""
-            raise ValueError(f"rerank.{key} = 'lighterglue' matches 64-d XFeat local features; {store.path} holds "
-                             f"{local!r} ones: extract.backend / extract.local_backend must be xfeat{kept}"
-                             + (", or turn the cascade off: --set rerank.cascade='\"\"'" if key == "cascade" else ""))
+            raise ValueError(no_xfeat_features(key, store, local))
     from .lighterglue import load_xfeat_lighterglue
 
     return load_xfeat_lighterglue(settings.xfeat_weights or None)
+
+
+def no_xfeat_features(key: str, store: FeatureStore, local: str) -> str:
+    """The refusal of rerank.``key`` = lighterglue on ``store``, whose local features are ``local``'s."""
+    fix = "extract.backend / extract.local_backend must be xfeat"
+    if key == "cascade":
+        fix += (" or, for the cascade, a model's fused with the VLAD of XFeat features kept beside its own "
+                "(extract.vlad_backend = xfeat, keep_vlad_locals = true), or turn the cascade off: "
+                "--set rerank.cascade='\"\"'")
+    return f"rerank.{key} = 'lighterglue' matches 64-d XFeat local features; {store.path} holds {local!r} ones: {fix}"
 
 
 def keeps_xfeat(store: FeatureStore, settings: ExtractSettings) -> bool:
