@@ -312,3 +312,21 @@ def test_a_part_of_global_descriptors_only_needs_no_kept_xfeat_features(fused_ta
                                 np.ones(1, np.float32), bare.global_descriptor)
     write_part(index_copy / "parts" / "zz-no-kept", [ExtractedImage("h", with_locals, (10, 10))], [], "float32", 32)
     assert not keeps_xfeat(FeatureStore(index_copy), settings)
+
+
+def test_the_match_picture_of_a_lighterglue_answer_shows_lighterglues_matches(fused_task, tmp_path):
+    """verify_best redoes the stage that verified the best candidate: for a lighterglue row, the
+    same count on both images' XFeat features (what the service's match picture draws)."""
+    conf = load_config(None, None, fused_task["overrides"] + GLUE)
+    searcher = Searcher(index.build(conf, fused_task["data"], tmp_path / "idx", previews=0), top_candidates=4)
+    checked = 0
+    for query_id in sorted(set(read_table(fused_task["shortlist"])["query_id"])):
+        answer = searcher.search_file(kaggle_path(fused_task["data"], "test", query_id))
+        best = searcher.verify_best(answer)
+        first = [c for c in answer.candidates if c["inliers"] >= 0][0]
+        assert best.index_id == first["index_id"]
+        if first["status"].startswith("lighterglue:"):
+            assert best.matched_by == "LighterGlue" and best.photo.descriptors.shape[1] == 64
+            assert counted(best.result.inliers, conf.rerank.cascade_min_inliers) == first["inliers"]
+            checked += 1
+    assert checked, "no answer's best candidate was verified by LighterGlue"

@@ -20,7 +20,7 @@ def match_picture(searcher: Searcher, answer: Answer, data: bytes, height: int =
     best = searcher.verify_best(answer)
     if best is None:
         return None
-    index_id, result, candidate = best
+    index_id, result = best.index_id, best.result
     preview_path = searcher.index.preview(index_id)
     if preview_path is None:
         return None
@@ -31,12 +31,12 @@ def match_picture(searcher: Searcher, answer: Answer, data: bytes, height: int =
         conf = searcher.config.extract
         photo, _ = decode_bytes(data, conf.max_image_size, "RGB", searcher.max_pixels)
     original = np.asarray(searcher.index.store.size(index_id), np.float32)  # (height, width)
-    loc_candidate = candidate.locations * (np.asarray(preview.shape[:2], np.float32) / original)
-    loc_photo = answer.features.locations / answer.factors.astype(np.float32)
+    loc_candidate = best.candidate.locations * (np.asarray(preview.shape[:2], np.float32) / original)
+    loc_photo = best.photo.locations / answer.factors.astype(np.float32)
     settings = searcher.config.rerank
     caption = [f"{answer.photo}  vs  {index_id} (landmark {searcher.labels.get(index_id, '?')})",
                f"{result.matches} putative matches (faint), {result.inliers} inliers (green): "
-               f"{settings.matcher} matching, {settings.verifier}"]
+               f"{best.matched_by}, {settings.verifier}"]
     picture = draw_matches(photo, preview, loc_photo, loc_candidate, result, caption, height)
     ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
     if not ok:
