@@ -208,7 +208,7 @@ def test_killed_rerank_resumes_to_identical_output(many, reference, tmp_path):
     # the official skimage RANSAC (100 trials) makes a block slow enough to kill the run after the first one
     args = [sys.executable, "-m", "delf_pipeline", "rerank", "--shortlist", str(many["shortlist"]),
             "--queries", str(many["queries"]), "--index", str(many["index"]), "--out", str(out),
-            "--set", "rerank.verifier=skimage_affine", "--set", "rerank.max_trials=100"]
+            "--set", "rerank.verifier=skimage_affine", "--set", "rerank.max_trials=100", "--set", *FAST_PATH]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
