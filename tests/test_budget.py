@@ -41,6 +41,19 @@ def test_affordable_depth(left, per_pair, queries, jobs, configured, expected):
     assert affordable_depth(left, per_pair, queries, jobs, configured) == expected
 
 
+@pytest.mark.parametrize(
+    ("left", "per_query", "expected"),
+    [
+        (100.0, 0.05, 5),  # 0.1 s per query, 0.05 of it the cascade's: 0.05 / 0.01 = depth 5
+        (100.0, 0.1, 0),  # the cascade alone takes all the time
+        (100.0, 0.5, 0),
+        (1e6, 0.05, 10),
+    ],
+)
+def test_affordable_depth_counts_the_cascades_time_per_query(left, per_query, expected):
+    assert affordable_depth(left, 0.01, 1000, 1, 10, per_query) == expected
+
+
 @pytest.mark.parametrize(("per_pair", "jobs"), [(-0.1, 1), (0.1, 0)])
 def test_affordable_depth_rejects_nonsense(per_pair, jobs):
     with pytest.raises(ValueError, match="seconds_per_pair >= 0 and jobs >= 1"):
@@ -68,8 +81,8 @@ def write_shortlist(path, queries: int, per_query: int = 10):
     return path
 
 
-def config(num_to_rerank: int = 10) -> Config:
-    return load_config(overrides=[f"rerank.num_to_rerank={num_to_rerank}"])
+def config(num_to_rerank: int = 10, cascade: str = '""') -> Config:
+    return load_config(overrides=[f"rerank.num_to_rerank={num_to_rerank}", f"rerank.cascade={cascade}"])
 
 
 def test_fit_lowers_depth_from_the_measured_pair_time(tmp_path, monkeypatch, caplog):
@@ -91,6 +104,17 @@ def test_fit_lowers_depth_from_the_measured_pair_time(tmp_path, monkeypatch, cap
     assert original.rerank.num_to_rerank == 10  # the caller's config is not changed
     assert calls == [(400, 10, 200, 2.0)]  # sampling may use 2% of the time left
     assert "num_to_rerank lowered from 10 to 4" in caplog.text
+
+
+def test_fit_counts_the_measured_cascade_time_per_query(tmp_path, monkeypatch):
+    clock = FakeClock(0.0)
+    budget = TimeBudget(1000.0, clock=clock)
+    clock.now = 900.0  # 80 s for 40 queries: 2 s each, 1 s of it the cascade's -> depth 2 at 0.5 s per pair
+    monkeypatch.setattr(budget_module, "measure_pair_seconds", lambda *args, **kwargs: (0.5, 20))
+    monkeypatch.setattr(budget_module, "measure_cascade_seconds", lambda *args, **kwargs: (1.0, 5))
+    fitted = fit_num_to_rerank(config(10, "lighterglue"), budget, write_shortlist(tmp_path / "s.csv", 40), tmp_path,
+                               tmp_path, tmp_path / "rerank.csv")
+    assert fitted.rerank.num_to_rerank == 2
 
 
 def test_fit_keeps_depth_that_fits(tmp_path, monkeypatch):

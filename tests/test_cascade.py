@@ -330,3 +330,15 @@ def test_the_match_picture_of_a_lighterglue_answer_shows_lighterglues_matches(fu
             assert counted(best.result.inliers, conf.rerank.cascade_min_inliers) == first["inliers"]
             checked += 1
     assert checked, "no answer's best candidate was verified by LighterGlue"
+
+
+def test_the_time_budget_measures_the_lighterglue_stage_per_query(fused_task):
+    """budget.measure_cascade_seconds times the second stage on real pairs (none without it)."""
+    from delf_pipeline.budget import measure_cascade_seconds
+
+    short = read_table(fused_task["shortlist"])
+    conf = load_config(None, None, fused_task["overrides"] + GLUE).rerank
+    seconds, timed = measure_cascade_seconds(conf, short, fused_task["query"], fused_task["index"], 2, 60.0)
+    assert timed == 2 and seconds > 0
+    conf.cascade = ""
+    assert measure_cascade_seconds(conf, short, fused_task["query"], fused_task["index"], 2, 60.0) == (0.0, 0)

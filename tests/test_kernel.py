@@ -131,7 +131,8 @@ def test_delg_model_end_to_end(kaggle_input, delf_test_models, tmp_path):
         log[-3000:]
     confidences = [float(r["landmarks"].split()[1]) for r in rows]
     assert all(0 < c < 1 for c in confidences)  # probabilities
-    assert re.search(r"time budget: [0-9.]+ ms per pair \([1-9][0-9]* pairs timed\), 5 queries", log)
+    assert re.search(r"time budget: [0-9.]+ ms per pair \([1-9][0-9]* pairs timed\), [0-9.]+ s of cascade per query "
+                     r"\([0-9]+ queries timed\), 5 queries", log)
     assert ("pydegensac is not installed" in log) != pydegensac_installed()
     assert (tmp_path / "work" / "rerank.csv").is_file()
     assert "public data" not in log
