@@ -228,7 +228,7 @@ def cascade_rows(fast: pd.DataFrame, second: dict[tuple[str, str], int], labels:
             inliers, score = rows["inliers"].to_numpy().copy(), rows["score"].to_numpy().copy()
             for position in chosen:
                 key = (query_id, ids[position])
-                verdict = counted(second[key], max(conf.min_inliers, conf.cascade_min_inliers))  # as the cores
+                verdict = counted(second[key], conf)  # as the cores
                 inliers[position] = combine(int(inliers[position]), verdict, rule)
                 score[position] = final_score(int(inliers[position]), float(rows["global_score"].iloc[position]), conf)
             rows["inliers"], rows["score"] = inliers, score

@@ -197,12 +197,10 @@ def cascade_evd(fast: dict, second: dict, conf) -> dict:
     """EVD statistics of a cascade from those of its ``fast`` path and of its ``second`` stage:
     each pair (true and swapped) whose fast count is under ``cascade_inliers`` takes the counts of
     the rule (``cascade_rule``, the second stage's under ``cascade_min_inliers`` counting 0)."""
-    floor = max(conf.min_inliers, conf.cascade_min_inliers)
-
     def count(fast_count: int, second_count: int) -> int:
         if fast_count >= conf.cascade_inliers:
             return fast_count
-        return combine(fast_count, counted(second_count, floor), conf.cascade_rule)
+        return combine(fast_count, counted(second_count, conf), conf.cascade_rule)
 
     pairs = [(name, count(t, t2), count(s, s2), a) for (name, t, s, a), (_, t2, s2, _) in
              zip(fast["pairs"], second["pairs"])]

@@ -152,7 +152,8 @@ def test_second_stage_counts_under_cascade_min_inliers_count_zero(task, tmp_path
                         "rerank.cascade_min_inliers=100000")
     second = table[table["status"].str.startswith("views:")]
     assert len(second) and (second["inliers"] == 0).all() and (second["matches"] > 0).any()
-    assert counted(7, 6) == 7 and counted(5, 6) == 0
+    floors = load_config(None, None, ["rerank.cascade_min_inliers=6", "rerank.min_inliers=3"]).rerank
+    assert counted(7, floors) == 7 and counted(5, floors) == 0
 
 
 def test_no_pair_selected_gives_the_fast_rows(task, tmp_path):
@@ -327,7 +328,7 @@ def test_the_match_picture_of_a_lighterglue_answer_shows_lighterglues_matches(fu
         assert best.index_id == first["index_id"]
         if first["status"].startswith("lighterglue:"):
             assert best.matched_by == "LighterGlue" and best.photo.descriptors.shape[1] == 64
-            assert counted(best.result.inliers, conf.rerank.cascade_min_inliers) == first["inliers"]
+            assert counted(best.result.inliers, conf.rerank) == first["inliers"]
             checked += 1
     assert checked, "no answer's best candidate was verified by LighterGlue"
 

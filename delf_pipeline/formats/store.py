@@ -35,7 +35,7 @@ import csv
 import io
 import json
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -252,19 +252,20 @@ class Part:
         """The image of ``row``: its local features and global descriptor (not its kept VLAD
         local features: :meth:`vlad_locals`)."""
         global_ = np.asarray(self.array("global")[row], np.float32) if self.has_global else None
-        return replace(self._features("", row), global_descriptor=global_)
+        return self._features("", row, global_)
 
     def vlad_locals(self, row: int) -> ImageFeatures | None:
         """The kept VLAD local features of ``row`` (None when the part holds none)."""
         return self._features("vlad_", row) if self.has_vlad_locals else None
 
-    def _features(self, prefix: str, row: int) -> ImageFeatures:
+    def _features(self, prefix: str, row: int, global_: np.ndarray | None = None) -> ImageFeatures:
         start, stop = self.array(f"{prefix}offsets")[row : row + 2]
         return ImageFeatures(
             locations=np.asarray(self.array(f"{prefix}locations")[start:stop]),
             descriptors=np.asarray(self.array(f"{prefix}descriptors")[start:stop], np.float32),
             scales=np.asarray(self.array(f"{prefix}scales")[start:stop]),
             scores=np.asarray(self.array(f"{prefix}scores")[start:stop]),
+            global_descriptor=global_,
         )
 
 

@@ -94,10 +94,10 @@ def select(index_ids: Sequence[str], scores: Sequence[float], inliers: Sequence[
     return firsts[:pairs]
 
 
-def counted(second: int, floor: int) -> int:
-    """A second-stage inlier count as the score counts it: 0 below ``floor`` (the larger of
-    ``min_inliers`` and ``cascade_min_inliers``), else itself."""
-    return second if second >= floor else 0
+def counted(second: int, conf) -> int:
+    """A second-stage inlier count as the score counts it under the rerank settings ``conf``: 0
+    below the larger of ``min_inliers`` and ``cascade_min_inliers``, else itself."""
+    return second if second >= max(conf.min_inliers, conf.cascade_min_inliers) else 0
 
 
 def combine(fast: int, second: int, rule: str) -> int:

@@ -163,7 +163,7 @@ class CandidateVerifier:
         for position in chosen:
             query_id, index_id, global_score, _, fast, _, _ = rows[position]
             result = self.second.verify(query, self.second_candidate(index_id), self.index.size(index_id))
-            second = counted(result.inliers, max(conf.min_inliers, conf.cascade_min_inliers))
+            second = counted(result.inliers, conf)
             inliers = combine(fast, second, conf.cascade_rule)
             rows[position] = (query_id, index_id, global_score, result.matches, inliers,
                               final_score(inliers, global_score, conf), f"{self.second.name}:{result.status}")
