@@ -327,7 +327,7 @@ def test_the_match_picture_of_a_lighterglue_answer_shows_lighterglues_matches(fu
         first = [c for c in answer.candidates if c["inliers"] >= 0][0]
         assert best.index_id == first["index_id"]
         if first["status"].startswith("lighterglue:"):
-            assert best.matched_by == "LighterGlue" and best.photo.descriptors.shape[1] == 64
+            assert best.stage == "lighterglue" and best.query.descriptors.shape[1] == 64
             assert counted(best.result.inliers, conf.rerank) == first["inliers"]
             checked += 1
     assert checked, "no answer's best candidate was verified by LighterGlue"

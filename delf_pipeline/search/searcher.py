@@ -45,11 +45,10 @@ from ..formats.features import ImageFeatures
 from ..formats.images import decode_bytes
 from ..formats.index_folder import Index, open_index
 from ..retrieval.search import select_matmul, top_k_in_memory
-from ..verification.cascade import QuerySide, xfeat_of
-from ..verification.pairs import PairResult
+from ..verification.cascade import QuerySide
 from ..verification.verifier import COLUMNS as RERANK_COLUMNS
 from ..utils.artifacts import rebuild_advice
-from ..verification.verifier import CandidateVerifier
+from ..verification.verifier import CandidateVerifier, VerifiedPair
 
 log = logging.getLogger("delf_pipeline.search")
 
@@ -212,35 +211,15 @@ class Searcher:
         } for row in top.itertuples()]
         return landmarks, candidates
 
-    def verify_best(self, answer: Answer) -> BestMatch | None:
-        """The answer's best verified candidate verified again as the rerank verified it: by the
-        cascade's LighterGlue stage when its row says so (``lighterglue:...``, on both images' XFeat
-        features), else by the fast path (same seed, so the same matches); None when none was
-        verified."""
+    def verify_best(self, answer: Answer) -> VerifiedPair | None:
+        """The answer's best verified candidate verified again as the rerank verified it
+        (:meth:`CandidateVerifier.verify_row`: by the cascade's LighterGlue stage when its row says
+        so, on both images' XFeat features, else by the fast path); None when none was verified."""
         verified = [c for c in answer.candidates if c["inliers"] >= 0]
         if not verified:
             return None
-        index_id, worker = verified[0]["index_id"], self.worker()
-        size = worker.index.size(index_id)
-        if verified[0]["status"].startswith("lighterglue:") and worker.second is not None:
-            candidate = worker.second_candidate(index_id)
-            result = worker.second.verify(QuerySide(answer.features, answer.size), candidate, size)
-            return BestMatch(index_id, result, xfeat_of(answer.features), xfeat_of(candidate), "LighterGlue")
-        candidate = worker.index_features(index_id)
-        result = worker.verify(answer.features, candidate, (answer.size, size))
-        return BestMatch(index_id, result, answer.features, candidate, f"{self.config.rerank.matcher} matching")
-
-
-@dataclass
-class BestMatch:
-    """An answer's best candidate verified again: the pair's result (rows of ``photo`` and
-    ``candidate``, the features it matched, in original-image pixels) and how it was matched."""
-
-    index_id: str
-    result: PairResult
-    photo: ImageFeatures
-    candidate: ImageFeatures
-    matched_by: str
+        return self.worker().verify_row(QuerySide(answer.features, answer.size), verified[0]["index_id"],
+                                        verified[0]["status"])
 
 
 @contextmanager

@@ -32,7 +32,7 @@ def match_picture(searcher: Searcher, answer: Answer, data: bytes, height: int =
         photo, _ = decode_bytes(data, conf.max_image_size, "RGB", searcher.max_pixels)
     original = np.asarray(searcher.index.store.size(index_id), np.float32)  # (height, width)
     loc_candidate = best.candidate.locations * (np.asarray(preview.shape[:2], np.float32) / original)
-    loc_photo = best.photo.locations / answer.factors.astype(np.float32)
+    loc_photo = best.query.locations / answer.factors.astype(np.float32)
     settings = searcher.config.rerank
     caption = [f"{answer.photo}  vs  {index_id} (landmark {searcher.labels.get(index_id, '?')})",
                f"{result.matches} putative matches (faint), {result.inliers} inliers (green): "

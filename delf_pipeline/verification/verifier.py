@@ -28,7 +28,7 @@ query's image.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -41,12 +41,44 @@ from ..extractors.views import ViewExtractor
 from ..formats.features import ImageFeatures
 from ..formats.store import FeatureStore, open_store
 from ..utils.threads import one_blas_thread
-from .cascade import GlueStage, QuerySide, ViewFeatures, ViewsStage, combine, counted, select
+from .cascade import GlueStage, QuerySide, ViewFeatures, ViewsStage, combine, counted, select, xfeat_of
 from .matching import MATCHERS
 from .pairs import PairResult, fit_matches, match_and_fit, resolve_options, verify_options
 
 COLUMNS = ("query_id", "index_id", "global_score", "matches", "inliers", "score", "status")
 RELEASE_EVERY = 256  # candidates read between two releases of the stores' mapped pages
+GLUE_MATCHED_BY = "LighterGlue on XFeat features (cascade)"  # how a pair of the cascade's lighterglue stage is matched
+
+
+@dataclass
+class VerifiedPair:
+    """A (query, candidate) pair verified again as its rerank row was (:meth:`CandidateVerifier.verify_row`).
+
+    result: its matches, ``match_indices`` [M, 2] rows of ``query`` and ``candidate`` (the
+        features it matched, locations [N, 2] (y, x) in original-image pixels), ``inlier_mask`` [M].
+    matched_by: how, in words; stage: the cascade's second stage that verified it ("lighterglue"),
+        "" for the fast path.
+    """
+
+    index_id: str
+    result: PairResult
+    query: ImageFeatures
+    candidate: ImageFeatures
+    matched_by: str
+    stage: str = ""
+
+    @property
+    def status(self) -> str:
+        """The status its rerank row has: ``STAGE:STATUS`` for a second stage's pair."""
+        return f"{self.stage}:{self.result.status}" if self.stage else self.result.status
+
+    def counted(self, conf: RerankSettings) -> int:
+        """Its inliers as the score counts them under the rerank settings ``conf`` (0 under the
+        floor of its stage); the rerank row's count unless a cascade rule other than replace
+        combined it with the fast count."""
+        if self.stage:
+            return counted(self.result.inliers, conf)
+        return self.result.inliers if self.result.inliers >= conf.min_inliers else 0
 
 
 class CandidateVerifier:
@@ -168,6 +200,21 @@ class CandidateVerifier:
             rows[position] = (query_id, index_id, global_score, result.matches, inliers,
                               final_score(inliers, global_score, conf), f"{self.second.name}:{result.status}")
         return sorted(rows, key=lambda row: (-row[5], row[1])) if chosen else rows
+
+    def verify_row(self, query: QuerySide, index_id: str, status: str) -> VerifiedPair:
+        """(query, ``index_id``) verified again as its rerank row's ``status`` says: by the cascade's
+        LighterGlue stage for ``lighterglue:...`` (both images' XFeat features: ``query.features``
+        carry the query's kept ones, as :meth:`stored_query` reads them), else by the fast path
+        (same seed, so the same matches)."""
+        size = self.index.size(index_id)
+        if status.startswith("lighterglue:") and self.second is not None:
+            candidate = self.second_candidate(index_id)
+            result = self.second.verify(query, candidate, size)
+            return VerifiedPair(index_id, result, xfeat_of(query.features), xfeat_of(candidate), GLUE_MATCHED_BY,
+                                self.second.name)
+        candidate = self.index_features(index_id)
+        result = self.verify(query.features, candidate, (query.size, size))
+        return VerifiedPair(index_id, result, query.features, candidate, f"{self.conf.matcher} matching")
 
     def verify(self, query: ImageFeatures, candidate: ImageFeatures,
                sizes: tuple[tuple[int, int] | None, tuple[int, int]] | None = None) -> PairResult:
