@@ -3,6 +3,7 @@ stage through the rerank stage (images read at rerank time), the search path (vi
 photo in memory), and clear refusals. RootSIFT on tiny seeded textures, no weights needed."""
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from delf_pipeline.formats.features import ImageFeatures
 from delf_pipeline.formats.store import FeatureStore
 from delf_pipeline.formats.tables import read_labels
 from delf_pipeline.search.searcher import Searcher
+from delf_pipeline.tools.show_matches import open_run, pair_caption, verify_recorded
 from delf_pipeline.verification.cascade import combine, counted, select
 from delf_pipeline.verification.matching import match_views
 from delf_pipeline.verification.pairs import verify_matches, verify_options
@@ -331,6 +333,78 @@ def test_the_match_picture_of_a_lighterglue_answer_shows_lighterglues_matches(fu
             assert counted(best.result.inliers, conf.rerank) == first["inliers"]
             checked += 1
     assert checked, "no answer's best candidate was verified by LighterGlue"
+
+
+@pytest.fixture(scope="module")
+def glue_run(fused_task, tmp_path_factory) -> dict:
+    """A run folder of the fused stores (linked in) reranked with the lighterglue cascade, with a
+    submission that predicts nothing (what the report reads); its rerank rows."""
+    folder = tmp_path_factory.mktemp("glue_run")
+    (folder / "features").mkdir()
+    for store in ("index", "query"):
+        (folder / "features" / store).symlink_to(fused_task[store])
+    conf = load_config(None, None, fused_task["overrides"] + GLUE)
+    table = read_table(rerank.run(conf, fused_task["shortlist"], fused_task["query"], fused_task["index"],
+                                  folder / "rerank.csv", index_labels=fused_task["labels"]))
+    queries = sorted(set(table["query_id"]))
+    (folder / "submission.csv").write_text("id,landmarks\n" + "".join(f"{q},\n" for q in queries))
+    return {"folder": folder, "table": table}
+
+
+def test_show_matches_redoes_the_stage_of_the_pairs_rerank_row(fused_task, glue_run):
+    """A lighterglue row's pair is matched again by LighterGlue on both images' kept XFeat
+    features, with the row's matches, inliers and status; any other row's by the fast path on
+    the model's own features (as before), also with the row's numbers."""
+    run = open_run(glue_run["folder"], fused_task["data"])
+    queries = FeatureStore(fused_task["query"])
+    for row in glue_run["table"].to_dict("records"):
+        pair = verify_recorded(run, row["query_id"], row["index_id"], row["status"])
+        caption = pair_caption(run, row["query_id"], pair, row["global_score"], row)
+        by_glue = row["status"].startswith("lighterglue:")
+        kept = queries.vlad_locals(row["query_id"]) if by_glue else queries.features(row["query_id"])
+        np.testing.assert_array_equal(pair.query.locations, kept.locations)
+        assert (pair.query.descriptors.shape[1] == 64) == by_glue
+        assert ("LighterGlue on XFeat features (cascade)" in caption[2]) == by_glue
+        assert (pair.result.matches, pair.status) == (row["matches"], row["status"])
+        assert f"inliers {pair.result.inliers} " in caption[1] and "rerank.csv" not in caption[1]
+        assert pair.counted(run.settings) == row["inliers"]
+
+
+def test_show_matches_and_report_pictures_say_which_stage_drew_them(fused_task, glue_run, tmp_path, caplog):
+    """The command (its pair's rerank row looked up) and the report's pictures log the stage
+    that drew each pair: LighterGlue for the cascade's rows, the fast path for the others."""
+    from delf_pipeline import cli
+    from delf_pipeline.tools import report
+
+    caplog.set_level(logging.DEBUG, logger="delf_pipeline.tools.show_matches")
+    table = glue_run["table"]
+    row = table[table["status"].str.startswith("lighterglue:")].iloc[0]
+    out = tmp_path / "pair.png"
+    assert cli.main(["show-matches", "--run", str(glue_run["folder"]), "--query", row["query_id"], "--candidate",
+                     row["index_id"], "--data", str(fused_task["data"]), "--out", str(out)]) == 0
+    assert out.is_file() and "LighterGlue on XFeat features (cascade)" in caplog.text
+    caplog.clear()
+    report.build(glue_run["folder"], tmp_path / "report", data=fused_task["data"], top=4, matches=4)
+    drawn = [r.getMessage() for r in caplog.records if r.name == "delf_pipeline.tools.show_matches"]
+    assert len(drawn) == len(table) == len(list((tmp_path / "report" / "matches").glob("*/*.jpg")))
+    assert sum("LighterGlue on XFeat features (cascade)" in m for m in drawn) == table["status"].str.startswith(
+        "lighterglue:").sum()
+
+
+def test_show_matches_of_a_lighterglue_row_without_its_weights_says_how_to_fetch_them(fused_task, glue_run,
+                                                                                     tmp_path, monkeypatch):
+    from delf_pipeline.extractors import weights
+    from delf_pipeline.verification import lighterglue
+
+    monkeypatch.setattr(lighterglue, "load_xfeat_lighterglue",
+                        lambda folder=None: weights.locate("xfeat", tmp_path, lighterglue.WEIGHTS_FILE))
+    run = open_run(glue_run["folder"], fused_task["data"])
+    rows = glue_run["table"].to_dict("records")
+    glue = next(row for row in rows if row["status"].startswith("lighterglue:"))
+    with pytest.raises(FileNotFoundError, match="LighterGlue stage.*`delf-pipeline weights fetch xfeat`"):
+        verify_recorded(run, glue["query_id"], glue["index_id"], glue["status"])
+    fast = next(row for row in rows if not row["status"].startswith("lighterglue:"))
+    assert verify_recorded(run, fast["query_id"], fast["index_id"], fast["status"]).status == fast["status"]
 
 
 def test_the_time_budget_measures_the_lighterglue_stage_per_query(fused_task):

@@ -118,7 +118,7 @@ def query_rows(run: Run, table: pd.DataFrame, predictions: dict, truth: dict | N
 
     Keys: q (id), truth ([labels] or None), pred (label or ""), conf (float or None),
     ok ("right" | "wrong" | "nonlandmark": a query of no landmark given one | "" when unknown), inliers (of the best candidate of the predicted
-    label, -1 if not verified), cands ([{id, label, rank, global, matches, inliers, score, ok}]).
+    label, -1 if not verified), cands ([{id, label, rank, global, matches, inliers, score, status, ok}]).
     """
     by_query = {q: rows.to_dict("records") for q, rows in table.groupby("query_id", sort=False)}
     result = []
@@ -137,7 +137,7 @@ def _candidate(run: Run, row: dict, truth: list[str] | None) -> dict:
     ok = "" if truth is None else ("right" if label in truth else "wrong")
     return {"id": row["index_id"], "label": label, "rank": int(row["rank"]), "global": round(float(row["global_score"]), 4),
             "matches": int(row["matches"]), "inliers": int(row["inliers"]), "score": round(float(row["score"]), 4),
-            "ok": ok}
+            "status": row["status"], "ok": ok}
 
 
 def _verdict(predicted: str, truth: list[str] | None) -> str:
@@ -194,8 +194,9 @@ def _make_match_pictures(run: Run, queries: list[dict], out: Path, count: int, h
     failed = 0
     for query_id, cand in track(todo, len(todo), "match pictures"):
         try:
+            recorded = {"inliers": cand["inliers"], "global_score": cand["global"], "status": cand["status"]}
             render_pair(run, query_id, cand["id"], match_picture_path(out / "matches", query_id, cand["id"], ".jpg"),
-                        height, recorded={"inliers": cand["inliers"], "global_score": cand["global"]})
+                        height, recorded=recorded)
         except (FileNotFoundError, ImageError, KeyError) as error:
             log.warning("no match picture for %s / %s: %s", query_id, cand["id"], error)
             failed += 1

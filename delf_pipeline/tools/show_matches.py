@@ -1,8 +1,10 @@
 """``delf-pipeline show-matches``: a picture of the local matches of a (query, candidate) pair.
 
 The pair is verified again from the run's feature stores with the run's own rerank settings
-(``rerank.csv.blocks/manifest.json``), so the picture shows exactly what re-ranking counted,
-for every feature backend, without extracting anything. Images are read from their source
+(``rerank.csv.blocks/manifest.json``), by the stage its ``rerank.csv`` row names (a
+``lighterglue:...`` row by the cascade's LighterGlue stage on both images' kept XFeat features,
+any other by the fast path), so the picture shows exactly what re-ranking counted, for every
+feature backend, without extracting anything. Images are read from their source
 files: ``--data`` (Kaggle root, folder or CSV with ``id,path``), or by default the data folder
 recorded in the run's ``run.json`` (written by ``delf-pipeline run`` and ``demo``).
 
@@ -42,8 +44,9 @@ from ..formats.run_folder import RunFolder
 from ..formats.run_record import read_run_record, recorded_path
 from ..formats.store import FeatureStore
 from ..utils.artifacts import atomic_path, read_json
+from ..verification.cascade import QuerySide
 from ..verification.pairs import PairResult, verify_options, verify_pair
-from ..verification.verifier import final_score
+from ..verification.verifier import CandidateVerifier, VerifiedPair, final_score
 
 log = logging.getLogger("delf_pipeline.tools.show_matches")
 
@@ -68,6 +71,7 @@ class Run:
     labels: index image id -> landmark id.
     settings: the rerank section used to verify pairs.
     record: the run's ``run.json`` ({} when it has none: a run folder made stage by stage).
+    verifiers: index store path -> the rerank's verifier over it (:meth:`verifier`).
     """
 
     folder: RunFolder
@@ -78,10 +82,19 @@ class Run:
     settings: RerankSettings
     candidates: FeatureStore | None = None
     record: dict = field(default_factory=dict)
+    verifiers: dict[Path, CandidateVerifier] = field(default_factory=dict, repr=False)
 
     def index_store(self, image_id: str) -> FeatureStore:
         """The store with the local features of index image ``image_id``."""
         return self.candidates if self.candidates is not None and image_id in self.candidates else self.index
+
+    def verifier(self, image_id: str) -> CandidateVerifier:
+        """The rerank's verifier, its cascade's second stage too, over the store of index image
+        ``image_id``: made once per store (a lighterglue cascade's loads LighterGlue's weights)."""
+        store = self.index_store(image_id)
+        if store.path not in self.verifiers:
+            self.verifiers[store.path] = CandidateVerifier(self.queries, store, self.settings)
+        return self.verifiers[store.path]
 
 
 def open_run(
@@ -153,6 +166,27 @@ def verify_stored(run: Run, query_id: str, index_id: str) -> tuple[PairResult, I
     return result, query, candidate
 
 
+def verify_recorded(run: Run, query_id: str, index_id: str, status: str = "") -> VerifiedPair:
+    """Verify a stored pair again by the stage its rerank row's ``status`` names: a
+    ``lighterglue:...`` pair by the cascade's LighterGlue stage on both images' kept XFeat
+    features (:meth:`.CandidateVerifier.verify_row`), any other by the fast path (:func:`verify_stored`).
+
+    Raises FileNotFoundError naming ``delf-pipeline weights fetch xfeat`` when the LighterGlue
+    weights a lighterglue pair needs are missing.
+    """
+    if not status.startswith("lighterglue:"):
+        result, query, candidate = verify_stored(run, query_id, index_id)
+        return VerifiedPair(index_id, result, query, candidate, f"{run.settings.matcher} matching")
+    try:
+        worker = run.verifier(index_id)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{query_id} / {index_id} was verified by the cascade's LighterGlue stage ({status} in "
+                                "rerank.csv), whose weights are missing: fetch them with `delf-pipeline weights fetch "
+                                "xfeat`") from error
+    query = QuerySide(worker.stored_query(query_id), run.queries.size(query_id))
+    return worker.verify_row(query, index_id, status)
+
+
 def global_score(query: ImageFeatures, candidate: ImageFeatures) -> float:
     """Cosine similarity of two global descriptors [G] (0.0 when a backend has none)."""
     if query.global_descriptor is None or candidate.global_descriptor is None:
@@ -185,6 +219,16 @@ def _first_table(folder: RunFolder, paths: Sequence[Path]) -> pd.DataFrame:
             return read_table(path)
     raise FileNotFoundError(f"{folder.path} has none of {', '.join(p.name for p in paths)}: is it a finished run "
                             "folder?")
+
+
+def rerank_row(folder: RunFolder, query_id: str, index_id: str) -> dict | None:
+    """The pair's row of the run's rerank.csv (its columns: global_score, inliers, status, ...);
+    None when the run has no rerank.csv or the pair no row there."""
+    if not folder.rerank.is_file():
+        return None
+    table = read_table(folder.rerank)
+    rows = table[(table["query_id"] == query_id) & (table["index_id"] == index_id)]
+    return rows.iloc[0].to_dict() if len(rows) else None
 
 
 def _verified_numbers(folder: RunFolder) -> pd.DataFrame:
@@ -263,29 +307,30 @@ def _write_caption(canvas: np.ndarray, caption: Sequence[str]) -> None:
         cv2.putText(canvas, text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.5, (20, 20, 20), 1, cv2.LINE_AA)
 
 
-def pair_caption(run: Run, query_id: str, index_id: str, result: PairResult, global_: float,
+def pair_caption(run: Run, query_id: str, pair: VerifiedPair, global_: float,
                  recorded: dict | None = None) -> list[str]:
-    """Margin text: ids and label, counts and scores, and the verification settings.
+    """Margin text: ids and label, counts and scores, and how the pair was matched (the fast
+    path's matcher or the cascade's stage) and verified.
 
     recorded: the pair's numbers from the run (keys ``inliers``, -1 if not verified, and
     ``global_score``): its global score is shown, and its inlier count when it differs.
     """
     if recorded and recorded.get("global_score") is not None:
         global_ = float(recorded["global_score"])
-    conf = run.settings
-    inliers = result.inliers if result.inliers >= conf.min_inliers else 0
+    conf, result = run.settings, pair.result
+    inliers = pair.counted(conf)
     score = final_score(inliers, global_, conf)
-    label = run.labels.get(index_id, "?")
+    label = run.labels.get(pair.index_id, "?")
     lines = "" if result.inliers <= MAX_INLIER_LINES else f", {MAX_INLIER_LINES} drawn as lines"
     counts = (f"putative matches {result.matches} (faint)   inliers {result.inliers} (green{lines})   "
-              f"global {global_:.3f}   final score {score:.3f}   status {result.status}")
+              f"global {global_:.3f}   final score {score:.3f}   status {pair.status}")
     if recorded and int(recorded["inliers"]) not in (-1, inliers):
         counts += f"   (rerank.csv: {int(recorded['inliers'])} inliers)"
     ratio = f", Lowe ratio {conf.ratio:g}" if conf.ratio > 0 else ""
-    method = (f"{conf.matcher} matching, distance < {conf.match_threshold:g}{ratio}; {conf.verifier}, "
-              f"residual {conf.residual_threshold:g} px, {conf.max_trials} trials, seed {conf.seed}; "
-              f"{conf.scoring} scoring")
-    return [f"query {query_id}  vs  index {index_id} (landmark {label})", counts, method]
+    matching = pair.matched_by if pair.stage else f"{pair.matched_by}, distance < {conf.match_threshold:g}{ratio}"
+    method = (f"{matching}; {conf.verifier}, residual {conf.residual_threshold:g} px, {conf.max_trials} trials, "
+              f"seed {conf.seed}; {conf.scoring} scoring")
+    return [f"query {query_id}  vs  index {pair.index_id} (landmark {label})", counts, method]
 
 
 # ---------------------------------------------------------------- pictures of a run
@@ -306,17 +351,21 @@ def match_picture_path(folder: Path, query_id: str, index_id: str, suffix: str =
 
 def render_pair(run: Run, query_id: str, index_id: str, out: Path, height: int = 480,
                 recorded: dict | None = None) -> Path:
-    """Verify (query, candidate) from the stores and write the picture ``out`` (.png or .jpg); returns ``out``.
+    """Verify (query, candidate) from the stores by the stage of its rerank row (``recorded["status"]``,
+    see :func:`verify_recorded`) and write the picture ``out`` (.png or .jpg); returns ``out``.
 
-    recorded: the pair's numbers in the run (see :func:`pair_caption`).
+    recorded: the pair's numbers in the run (see :func:`pair_caption`; its ``status``, "" without).
     Raises FileNotFoundError when an image's source file is unknown, ImageError when unreadable.
     """
-    result, query, candidate = verify_stored(run, query_id, index_id)
-    global_ = global_score(query, run.index.features(index_id))  # a candidates store may have no globals
-    caption = pair_caption(run, query_id, index_id, result, global_, recorded)
+    pair = verify_recorded(run, query_id, index_id, (recorded or {}).get("status", ""))
+    log.debug("%s / %s: matched by %s", query_id, index_id, pair.matched_by)
+    # the global descriptors of the index store: a candidates store may have none
+    global_ = global_score(run.queries.features(query_id), run.index.features(index_id))
+    caption = pair_caption(run, query_id, pair, global_, recorded)
     image_q = _original(run, run.queries, query_id)
     image_c = _original(run, run.index_store(index_id), index_id)
-    picture = draw_matches(image_q, image_c, query.locations, candidate.locations, result, caption, height)
+    picture = draw_matches(image_q, image_c, pair.query.locations, pair.candidate.locations, pair.result, caption,
+                           height)
     write_picture(Path(out), picture)
     return Path(out)
 
@@ -386,7 +435,8 @@ def main(args: argparse.Namespace) -> int:
     if args.candidate:
         single = folder.suffix.lower() in (".png", ".jpg", ".jpeg")
         out = folder if single else match_picture_path(folder, args.query, args.candidate, suffix)
-        paths = [render_pair(run, args.query, args.candidate, out, args.height)]
+        recorded = rerank_row(run.folder, args.query, args.candidate)
+        paths = [render_pair(run, args.query, args.candidate, out, args.height, recorded)]
     else:
         paths = render_query(run, args.query, folder, args.top, args.height, suffix=suffix)
     for path in paths:
