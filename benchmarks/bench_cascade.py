@@ -20,16 +20,17 @@ Steps (each cached under --work, so a rerun reuses what is done):
    views, matched view by view; ``lighterglue``) with the cascade's own cores
    (:mod:`delf_pipeline.verification.cascade`): inliers and CPU seconds in ``pairs-STAGE.csv``;
 3. the curve: for every cascade setting of --pairs / --bands / --margins / --rules / --floors
-   (rerank.cascade_min_inliers), the rerank
+   (rerank.cascade_min_inliers) / --gates (rerank.cascade_min_global), the rerank
    rows the cascade writes (its select / combine / final_score on those rows and verdicts),
    predicted as ``predict`` does (no calibration): top-1, GAP, their bootstrap 90% intervals
    (queries resampled; the differences to the fast path paired on the same resamples), the
-   second-stage pairs run per query, the queries whose answer changed, and the second stage's
+   second-stage pairs run per query (all, and per query showing no landmark), the queries whose
+   answer changed, and the second stage's
    CPU seconds per query (the views' extraction included) against the fast path's.
 
     python benchmarks/bench_cascade.py --work /work/cache/cascade [--tasks hard dev] [--preset xfeat]
         [--stages lighterglue views@1,2,4 views@1,0.5,0.25] [--pairs 2 10] [--bands 12 20] [--rules max]
-        [--floors 0]
+        [--floors 0] [--gates 0]
     python benchmarks/bench_cascade.py --evd [--tilts 1 2 4]  # EVD pair level through the stages
 """
 from __future__ import annotations
@@ -220,7 +221,8 @@ def cascade_rows(fast: pd.DataFrame, second: dict[tuple[str, str], int], labels:
     for query_id, rows in fast.groupby("query_id", sort=True):
         rows = rows.sort_values(["score", "index_id"], ascending=[False, True])
         ids, scores = rows["index_id"].tolist(), rows["score"].tolist()
-        chosen = select(ids, scores, rows["inliers"].tolist(), labels, **setting)
+        chosen = select(ids, scores, rows["inliers"].tolist(), labels, **setting,
+                        best_global=float(rows["global_score"].max()))
         if any((query_id, ids[p]) not in second for p in chosen):
             return None
         if chosen:
@@ -282,20 +284,21 @@ def curve(work: Path, task: str, stages: list[str], grid: dict[str, list], rules
     lines = [f"### {task}: {len(plain.ids)} queries ({int(plain.landmark.sum())} with a landmark); fast path top-1 "
              f"{plain.top1():.3f}, GAP {plain.gap():.3f}; fast path CPU per query {timing}", "",
              "| second stage | pairs (max) | inliers below | margin below | rule | second under counts 0 "
-             "| pairs / query | top-1 [90%] | GAP [90%] | top-1 - fast [90%] | GAP - fast [90%] | changed R->W / W->R "
-             "| second-stage CPU / query (s) | / fast path |",
-             "|---|---:|---:|---:|---|---:|---:|---|---|---|---|---|---:|---:|"]
+             "| best global below: none | pairs / query | pairs / non-landmark query | top-1 [90%] | GAP [90%] "
+             "| top-1 - fast [90%] | GAP - fast [90%] | changed R->W / W->R | second-stage CPU / query (s) | / fast path |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---|---|---|---|---|---:|---:|"]
     b = bootstrap(plain, plain)
-    lines.append(f"| off (fast path only) | | | | | | 0 | {plain.top1():.3f} {interval(b['top1'])} "
+    lines.append(f"| off (fast path only) | | | | | | | 0 | 0 | {plain.top1():.3f} {interval(b['top1'])} "
                  f"| {plain.gap():.3f} {interval(b['gap'])} | | | | 0 | 0 |")
-    settings = [(pairs, band, margin, rule, floor) for pairs in grid["pairs"] for band in grid["band"]
-                for margin in grid["margin"] for rule in rules for floor in grid["floor"] if band or margin]
+    settings = [(pairs, band, margin, rule, floor, gate) for pairs in grid["pairs"] for band in grid["band"]
+                for margin in grid["margin"] for rule in rules for floor in grid["floor"] for gate in grid["gate"]
+                if band or margin]
     for stage, (second, cpu, query_cpu) in verdicts.items():
-        for pairs, band, margin, rule, floor in settings:
+        for pairs, band, margin, rule, floor, gate in settings:
             conf = config.copy().rerank
             conf.cascade_min_inliers = floor
-            made = cascade_rows(fast, second, labels, conf, {"pairs": pairs, "margin": margin, "band": band}, rule,
-                                cpu, query_cpu)
+            made = cascade_rows(fast, second, labels, conf, {"pairs": pairs, "margin": margin, "band": band,
+                                                             "min_global": gate}, rule, cpu, query_cpu)
             if made is None:
                 continue
             result = outcome(shortlist, made[0], labels, solution, top_k, how, made[1], made[2])
@@ -303,7 +306,8 @@ def curve(work: Path, task: str, stages: list[str], grid: dict[str, list], rules
             lost, won = int((plain.right & ~result.right).sum()), int((~plain.right & result.right).sum())
             spent = result.cpu.mean()
             lines.append(
-                f"| {stage} | {pairs} | {band} | {margin:g} | {rule} | {floor} | {result.pairs.mean():.2f} "
+                f"| {stage} | {pairs} | {band} | {margin:g} | {rule} | {floor} | {gate:g} | {result.pairs.mean():.2f} "
+                f"| {result.pairs[~result.landmark].mean() if (~result.landmark).any() else 0:.2f} "
                 f"| {result.top1():.3f} {interval(b['top1'])} | {result.gap():.3f} {interval(b['gap'])} "
                 f"| {result.top1() - plain.top1():+.3f} {interval(b['d_top1'])} "
                 f"| {result.gap() - plain.gap():+.3f} {interval(b['d_gap'])} | {lost} / {won} "
@@ -373,6 +377,9 @@ def main() -> None:
     parser.add_argument("--rules", nargs="+", default=["max"], choices=["replace", "max", "sum"])
     parser.add_argument("--floors", type=int, nargs="+", default=[0],
                         help="rerank.cascade_min_inliers values (second-stage counts under them count 0)")
+    parser.add_argument("--gates", type=float, nargs="+", default=[0.0],
+                        help="rerank.cascade_min_global values (no second stage for a query whose best global "
+                        "similarity is under it)")
     parser.add_argument("--preset", default="xfeat", help="the base preset, run with its fast path only (its "
                         "cascade off); the default's stores keep the XFeat features its lighterglue stage matches")
     parser.add_argument("--evd", action="store_true", help="only the EVD pair table (both query sides)")
@@ -398,7 +405,8 @@ def main() -> None:
             pair_table(args.work, task, stage, widest, args.preset)
     lines = []
     for task in args.tasks:
-        grid = {"pairs": args.pairs, "band": args.bands, "margin": args.margins, "floor": args.floors}
+        grid = {"pairs": args.pairs, "band": args.bands, "margin": args.margins, "floor": args.floors,
+                "gate": args.gates}
         lines += curve(args.work, task, args.stages, grid, args.rules, args.preset) + [""]
     report = args.work / f"curve-{args.preset}-{'-'.join(args.tasks)}.md"
     report.write_text("\n".join(lines))

@@ -240,6 +240,9 @@ SETTINGS: dict[str, dict[str, Key]] = {
                               "(max) or their sum", when="cascade"),
         "cascade_min_inliers": _count(6, 0, 100_000, "second-stage inlier counts below this count as 0 (LighterGlue "
                                       "still finds a few on unrelated pairs)", when="cascade"),
+        "cascade_min_global": _real(0.40, 0, 1, "second stage only for a query whose best global similarity reaches "
+                                    "this: below it, most undecided queries show no landmark of the index (the "
+                                    "default's fused descriptor; 0: every undecided query)", when="cascade"),
         "cascade_tilts": _reals([1.0, 0.5, 0.25], 0, 16, (1, 8), "tilts of the query's simulated views (1: the image "
                                 "itself; t > 1 adds views rotated 72 / t degrees apart, compressed by t; t < 1 views "
                                 "rotated 72 t degrees apart, stretched by 1 / t: top-1 at or above [1, 2, 4]'s at every "

@@ -32,7 +32,8 @@ from support.synthetic_images import write_kaggle  # noqa: E402
 SMALL = ["extract.vlad_words=4", "extract.max_image_size=96", "extract.max_features=200", "rerank.num_to_rerank=4",
          "shortlist.top_k=6"]
 VIEWS = ["rerank.cascade=views", "rerank.cascade_tilts=[1, 2]", "rerank.cascade_pairs=2",
-         "rerank.cascade_inliers=100000"]  # every query undecided: its first two classes verified again
+         "rerank.cascade_inliers=100000", "rerank.cascade_min_global=0"]  # every query undecided: its first two
+# classes verified again
 
 
 def settings(*more: str):
@@ -59,6 +60,15 @@ def test_select_when_the_best_inliers_are_in_the_ambiguous_band():
     assert select(ids, scores, [9, 8, 0], LABELS, 5, 0.0, 10) == [0, 1, 2], "9 inliers < 10: undecided"
     assert select(ids, scores, [10, 8, 0], LABELS, 5, 0.0, 10) == [], "10 inliers and a lead: decided"
     assert select(ids, scores, [10, 8, 0], LABELS, 5, 0.6, 10) == [0, 1, 2], "a lead of 0.5 < 0.6: undecided"
+
+
+def test_select_nothing_for_a_query_unlike_every_index_image():
+    """Below min_global (the query's best global similarity), an undecided query is left to the
+    fast path: most such queries show no landmark of the index."""
+    ids, scores, inliers = ["a", "c", "d"], [1.0, 0.5, 0.0], [0, 0, 0]
+    assert select(ids, scores, inliers, LABELS, 5, 0.0, 10, best_global=0.399, min_global=0.4) == []
+    assert select(ids, scores, inliers, LABELS, 5, 0.0, 10, best_global=0.4, min_global=0.4) == [0, 1, 2]
+    assert select(ids, scores, inliers, LABELS, 5, 0.0, 10) == [0, 1, 2], "no gate by default"
 
 
 def test_select_one_class_or_none_needs_no_second_stage():
@@ -250,7 +260,8 @@ def fused_task(tmp_path_factory, delf_test_models, xfeat_weights_file) -> dict:
 
 
 GLUE = ["rerank.cascade=lighterglue", "rerank.cascade_pairs=2", "rerank.cascade_inliers=100000",
-        "rerank.cascade_rule=replace"]  # every query undecided: its first two classes matched by LighterGlue
+        "rerank.cascade_rule=replace", "rerank.cascade_min_global=0"]  # every query undecided: its first two
+# classes matched by LighterGlue
 
 
 def test_lighterglue_stage_matches_the_kept_xfeat_features(fused_task, tmp_path):
@@ -274,6 +285,26 @@ def test_lighterglue_stage_matches_the_kept_xfeat_features(fused_task, tmp_path)
         expected = verify_matches(a.locations, b.locations, pairs, **verify_options(conf.rerank))
         assert (row.matches, row.inliers, row.status) == (expected.matches, expected.inliers,
                                                           f"lighterglue:{expected.status}")
+
+
+def test_lighterglue_stage_leaves_queries_under_min_global_to_the_fast_path(fused_task, tmp_path):
+    """With the gate between the queries' best global similarities, only the queries at or above
+    it get second-stage rows; the others' rows are the fast path's, unchanged."""
+    best = read_table(fused_task["shortlist"]).groupby("query_id")["score"].max().sort_values()
+    gate = float(best.iloc[len(best) // 2])
+    assert best.iloc[0] < gate, "the fixture's queries need different best global similarities"
+
+    def table(name: str, setting: str) -> pd.DataFrame:
+        conf = load_config(None, None, fused_task["overrides"] + GLUE + [setting])
+        out = rerank.run(conf, fused_task["shortlist"], fused_task["query"], fused_task["index"],
+                         tmp_path / f"{name}.csv", index_labels=fused_task["labels"])
+        return read_table(out).sort_values(["query_id", "index_id"]).reset_index(drop=True)
+
+    gated, fast = table("gated", f"rerank.cascade_min_global={gate}"), table("fast", 'rerank.cascade=""')
+    glued = set(gated.loc[gated["status"].str.startswith("lighterglue:"), "query_id"])
+    assert glued == set(best.index[best >= gate])
+    left = ~gated["query_id"].isin(glued)
+    pd.testing.assert_frame_equal(gated[left], fast[left])
 
 
 def test_lighterglue_stage_on_a_store_without_kept_xfeat_features_is_refused(fused_task, tmp_path):

@@ -8,7 +8,12 @@ path has not decided, the best candidate of each of the first ``cascade_pairs`` 
 the second stage. Undecided: the best candidate's inliers are below ``cascade_inliers`` (within
 the counts unrelated pairs reach, so the fast order is the global descriptor's order plus noise),
 or the best class's score leads the next class's by less than ``cascade_margin`` (rerank score
-units). With one class only nothing is selected.
+units). With one class only nothing is selected, nor for a query whose best global similarity
+(its shortlist's first score) is under ``cascade_min_global``. On the default's fused descriptor,
+25 of the 74 dev-task queries whose cascade ran (band 8, 10 classes) had a best global similarity
+under 0.40: 24 photos of no landmark of the index, whose LighterGlue counts on unrelated
+structure (up to 32) only raised wrong confidences, and one landmarks_mini query whose right
+answer the cascade had turned wrong; every hard-task landmark query is above it (0.44 the lowest).
 
 Second stages:
 
@@ -75,12 +80,15 @@ class QuerySide:
 
 
 def select(index_ids: Sequence[str], scores: Sequence[float], inliers: Sequence[int], labels: dict[str, str] | None,
-           pairs: int, margin: float, band: int) -> list[int]:
+           pairs: int, margin: float, band: int, *, best_global: float = 1.0, min_global: float = 0.0) -> list[int]:
     """Positions (into ``index_ids``, the fast rows best score first, with their ``scores`` and
     ``inliers``) of the candidates the second stage verifies: the best candidate of each of the
     first ``pairs`` classes, when the fast path has not decided: the best class's score leads the
     next class's by less than ``margin``, or the best candidate has fewer than ``band`` inliers;
-    else none, and none when one class is left (see the module doc)."""
+    else none, and none when one class is left or the query's best global similarity
+    ``best_global`` is under ``min_global`` (see the module doc)."""
+    if best_global < min_global:
+        return []
     firsts, seen = [], set()
     for position, index_id in enumerate(index_ids):
         label = (labels or {}).get(index_id) or f"\0{index_id}"  # no label: a class of its own

@@ -191,7 +191,8 @@ class CandidateVerifier:
         (:func:`.cascade.select`, combined by :func:`.cascade.combine`), sorted again."""
         conf = self.conf
         chosen = select([row[1] for row in rows], [row[5] for row in rows], [row[4] for row in rows], labels,
-                        conf.cascade_pairs, conf.cascade_margin, conf.cascade_inliers)
+                        conf.cascade_pairs, conf.cascade_margin, conf.cascade_inliers,
+                        best_global=max((row[2] for row in rows), default=0.0), min_global=conf.cascade_min_global)
         for position in chosen:
             query_id, index_id, global_score, _, fast, _, _ = rows[position]
             result = self.second.verify(query, self.second_candidate(index_id), self.index.size(index_id))
