@@ -212,6 +212,23 @@ def outcome(shortlist: pd.DataFrame, rows: pd.DataFrame, labels: dict, solution:
                    np.array([pairs.get(q, 0) for q in ids]), np.array([cpu.get(q, 0.0) for q in ids]))
 
 
+def best_globals(fast: pd.DataFrame, labels: dict, solution: dict, setting: dict) -> str:
+    """One sentence: the best global similarity of the queries ``setting`` (select's pairs, margin,
+    band; no gate) sends to the second stage: their number and range, landmark and non-landmark
+    queries apart."""
+    found = {True: [], False: []}
+    for query_id, rows in fast.groupby("query_id", sort=True):
+        rows = rows.sort_values(["score", "index_id"], ascending=[False, True])
+        if select(rows["index_id"].tolist(), rows["score"].tolist(), rows["inliers"].tolist(), labels, **setting):
+            found[bool(solution.get(query_id))].append(float(rows["global_score"].max()))
+    parts = []
+    for landmark, name in ((True, "landmark"), (False, "non-landmark")):
+        values = np.sort(found[landmark])
+        spread = f", best global similarity {values.min():.3f}-{values.max():.3f}" if len(values) else ""
+        parts.append(f"{len(values)} {name} queries{spread}")
+    return f"Undecided at {setting['pairs']} classes, band {setting['band']}: " + "; ".join(parts) + "."
+
+
 def cascade_rows(fast: pd.DataFrame, second: dict[tuple[str, str], int], labels: dict, conf, setting: dict,
                  rule: str, cpu: dict[tuple[str, str], float], query_cpu: dict[str, float]):
     """The rerank rows the cascade writes (the cores' select / combine / final_score on the fast
@@ -281,10 +298,12 @@ def curve(work: Path, task: str, stages: list[str], grid: dict[str, list], rules
         # the fast path's CPU per query, timed in the same loop as this stage's pairs: its baseline
         per_query[stage] = fast.groupby("query_id").size().mean() * np.median(table["fast_cpu"])
     timing = "; ".join(f"{per_query[s]:.2f} s (timed beside {s})" for s in stages)
+    first = {"pairs": grid["pairs"][0], "band": grid["band"][0], "margin": grid["margin"][0]}
     lines = [f"### {task}: {len(plain.ids)} queries ({int(plain.landmark.sum())} with a landmark); fast path top-1 "
              f"{plain.top1():.3f}, GAP {plain.gap():.3f}; fast path CPU per query {timing}", "",
+             best_globals(fast, labels, solution, first), "",
              "| second stage | pairs (max) | inliers below | margin below | rule | second under counts 0 "
-             "| best global below: none | pairs / query | pairs / non-landmark query | top-1 [90%] | GAP [90%] "
+             "| min global | pairs / query | pairs / non-landmark query | top-1 [90%] | GAP [90%] "
              "| top-1 - fast [90%] | GAP - fast [90%] | changed R->W / W->R | second-stage CPU / query (s) | / fast path |",
              "|---|---:|---:|---:|---|---:|---:|---:|---:|---|---|---|---|---|---:|---:|"]
     b = bootstrap(plain, plain)
