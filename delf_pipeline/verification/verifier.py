@@ -50,6 +50,11 @@ RELEASE_EVERY = 256  # candidates read between two releases of the stores' mappe
 GLUE_MATCHED_BY = "LighterGlue on XFeat features (cascade)"  # how a pair of the cascade's lighterglue stage is matched
 
 
+def fast_counted(inliers: int, conf: RerankSettings) -> int:
+    """A fast-path inlier count as the score counts it: 0 below ``conf.min_inliers``."""
+    return inliers if inliers >= conf.min_inliers else 0
+
+
 @dataclass
 class VerifiedPair:
     """A (query, candidate) pair verified again as its rerank row was (:meth:`CandidateVerifier.verify_row`).
@@ -76,9 +81,7 @@ class VerifiedPair:
         """Its inliers as the score counts them under the rerank settings ``conf`` (0 under the
         floor of its stage); the rerank row's count unless a cascade rule other than replace
         combined it with the fast count."""
-        if self.stage:
-            return counted(self.result.inliers, conf)
-        return self.result.inliers if self.result.inliers >= conf.min_inliers else 0
+        return counted(self.result.inliers, conf) if self.stage else fast_counted(self.result.inliers, conf)
 
 
 class CandidateVerifier:
@@ -182,7 +185,7 @@ class CandidateVerifier:
         index_id, global_score = candidate
         sizes = (query_size, self.index.size(index_id)) if self.glue is not None else None
         result = self.verify(query, self.index_features(index_id), sizes)
-        inliers = result.inliers if result.inliers >= self.conf.min_inliers else 0
+        inliers = fast_counted(result.inliers, self.conf)
         score = final_score(inliers, global_score, self.conf)
         return (query_id, index_id, global_score, result.matches, inliers, score, result.status)
 
