@@ -17,7 +17,8 @@ Steps (each cached under --work, so a rerun reuses what is done):
    lighterglue stage matches);
 2. the (query, candidate) pairs the widest setting of the grid selects from the base run's
    rerank rows, verified by each second stage (``views``: the query's XFeat features on simulated
-   views, matched view by view; ``lighterglue``) with the cascade's own cores
+   views, matched view by view; ``lighterglue``; ``STAGE/VERIFIER:PX`` verifies the second stage
+   by another verifier than the preset's) with the cascade's own cores
    (:mod:`delf_pipeline.verification.cascade`): inliers and CPU seconds in ``pairs-STAGE.csv``;
 3. the curve: for every cascade setting of --pairs / --bands / --margins / --rules / --floors
    (rerank.cascade_min_inliers) / --gates (rerank.cascade_min_global), the rerank
@@ -29,7 +30,7 @@ Steps (each cached under --work, so a rerun reuses what is done):
    CPU seconds per query (the views' extraction included) against the fast path's.
 
     python benchmarks/bench_cascade.py --work /work/cache/cascade [--tasks hard dev] [--preset xfeat]
-        [--stages lighterglue views@1,2,4 views@1,0.5,0.25] [--pairs 2 10] [--bands 12 20] [--rules max]
+        [--stages lighterglue lighterglue/magsac_fundamental:3 views@1,2,4 views@1,0.5,0.25] [--pairs 2 10] [--bands 12 20] [--rules max]
         [--floors 0] [--gates 0]
     python benchmarks/bench_cascade.py --evd [--tilts 1 2 4]  # EVD pair level through the stages
 """
@@ -112,14 +113,22 @@ PAIR_COLUMNS = ("query_id", "index_id", "fast_inliers", "second_matches", "secon
                 "second_cpu", "views_cpu")
 
 
-def stage_settings(stage: str) -> tuple[str, list[str], str]:
-    """(second stage, its config overrides, file name of its pairs) of a stage given as ``views``,
-    ``lighterglue`` or ``views@T1,T2,...`` (views of those tilts; t < 1 stretches)."""
-    name, _, tilts = stage.partition("@")
-    if name not in ("views", "lighterglue") or (tilts and name != "views"):
-        raise SystemExit(f"unknown stage {stage!r}: views, lighterglue or views@T1,T2,...")
+def stage_settings(stage: str) -> tuple[str, list[str], str, dict]:
+    """(second stage, its config overrides, file name of its pairs, its own verifier options) of a
+    stage given as ``views``, ``lighterglue`` or ``views@T1,T2,...`` (views of those tilts; t < 1
+    stretches), any of them followed by ``/VERIFIER:PX`` (the second stage verified by VERIFIER
+    at PX pixels, the fast path as the preset verifies it)."""
+    stage_part, _, verifier = stage.partition("/")
+    name, _, tilts = stage_part.partition("@")
+    if name not in ("views", "lighterglue") or (tilts and name != "views") or (verifier and ":" not in verifier):
+        raise SystemExit(f"unknown stage {stage!r}: views, lighterglue or views@T1,T2,..., then /VERIFIER:PX or not")
     overrides = [f"rerank.cascade={name}"] + ([f"rerank.cascade_tilts=[{tilts}]"] if tilts else [])
-    return name, overrides, f"pairs-{stage.replace('@', '-').replace(',', '_')}.csv"
+    own = {}
+    if verifier:
+        method, _, pixels = verifier.partition(":")
+        own = {"verifier": method, "residual_threshold": float(pixels)}
+    file = f"pairs-{stage.replace('@', '-').replace(',', '_').replace('/', '-').replace(':', '_')}.csv"
+    return name, overrides, file, own
 
 
 FAST = ['rerank.cascade=""']  # the base run: the fast path only
@@ -131,7 +140,7 @@ def pair_table(work: Path, task: str, stage: str, widest: dict, preset: str) -> 
     (pairs already in the file are kept, also those of a wider grid run before).
     ``views_cpu``: CPU seconds of the query's view extraction, on each row computed with it."""
     folder, base = task_folder(work, task), work / "runs" / task / preset
-    name, overrides, file = stage_settings(stage)
+    name, overrides, file, own = stage_settings(stage)
     path = base / file
     done = set()
     if path.exists():
@@ -143,6 +152,7 @@ def pair_table(work: Path, task: str, stage: str, widest: dict, preset: str) -> 
     labels = read_labels(folder / "train.csv")
     conf = load_config(preset, None, overrides).rerank
     worker = CandidateVerifier(str(base / "features" / "query"), str(base / "features" / "index"), conf)
+    worker.second.options = {**worker.second.options, **own}
     images = {record.id: str(record.path) for record in list_images(folder, "test")[0]}
     queries = list(fast_rows.groupby("query_id", sort=True))
     for number, (query_id, rows) in enumerate(queries):
@@ -388,7 +398,8 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["hard", "dev"], choices=["hard", "dev"])
     parser.add_argument("--base-only", action="store_true", help="step 1 only")
     parser.add_argument("--stages", nargs="+", default=["lighterglue", "views@1,2,4", "views@1,0.5,0.25"],
-                        help="second stages: views, lighterglue, views@T1,T2,... (views of those tilts)")
+                        help="second stages: views, lighterglue, views@T1,T2,... (views of those tilts), each "
+                        "optionally /VERIFIER:PX (its own verifier, e.g. lighterglue/magsac_fundamental:3)")
     parser.add_argument("--pairs", type=int, nargs="+", default=[2, 10], help="rerank.cascade_pairs values")
     parser.add_argument("--bands", type=int, nargs="+", default=[12, 20], help="rerank.cascade_inliers values")
     parser.add_argument("--margins", type=float, nargs="+", default=[0.0],
