@@ -25,7 +25,7 @@ from delf_pipeline.tools.show_matches import (
     open_run,
     render_pair,
     safe_name,
-    verify_stored,
+    verify_recorded,
 )
 from delf_pipeline.verification.pairs import PairResult
 
@@ -77,9 +77,10 @@ def open_test_run(run_dir, images, **settings):
 
 
 @pytest.mark.parametrize("dim, dtype", [(40, "float32"), (128, "float16"), (128, "float32")])
-def test_verify_stored_counts_the_true_matches(tmp_path, dim, dtype):
+def test_verify_recorded_counts_the_true_matches(tmp_path, dim, dtype):
     run = open_test_run(*write_run(tmp_path, dim, dtype))
-    result, query, candidate = verify_stored(run, "q", "c")
+    pair = verify_recorded(run, "q", "c")
+    result, query, candidate = pair.result, pair.query, pair.candidate
     assert (result.matches, result.inliers, result.status) == (TRUE + FALSE, TRUE, "ok")
     assert result.inlier_mask[:TRUE].all() and not result.inlier_mask[TRUE:].any()
     assert query.descriptors.shape == candidate.descriptors.shape == (TRUE + FALSE, dim)
@@ -105,7 +106,7 @@ def test_render_pair_without_local_features(tmp_path):
     empty = ImageFeatures(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32), np.zeros(0, np.float32),
                           np.zeros(0, np.float32), l2_normalize(np.ones(8)))
     run = open_test_run(*write_run(tmp_path, query=empty))
-    result, _, _ = verify_stored(run, "q", "c")
+    result = verify_recorded(run, "q", "c").result
     assert (result.matches, result.inliers, result.status) == (0, 0, "too_few_matches")
     assert cv2.imread(str(render_pair(run, "q", "c", tmp_path / "empty.png", height=100))) is not None
 
@@ -202,5 +203,30 @@ def test_global_only_index_store_reads_the_candidates_store(tmp_path):
                                 np.zeros(0, np.float32), candidate.global_descriptor)
     write_part(index / "parts" / "0001-0001-000000", [ExtractedImage("c", global_only, (300, 240))], [], "float16", 128)
     run = open_test_run(run_dir, images)
-    assert verify_stored(run, "q", "c")[0].inliers == TRUE
+    assert verify_recorded(run, "q", "c").result.inliers == TRUE
     assert cv2.imread(str(render_pair(run, "q", "c", tmp_path / "pair.png", height=100))) is not None
+
+
+def test_a_run_matched_by_lighterglue_is_redrawn_by_lighterglue(tmp_path, xfeat_weights_file):
+    """rerank.matcher = lighterglue (the xfeat_lighterglue preset's): the picture matches the pair
+    again by LighterGlue, with the rerank's numbers (it ran the descriptor matcher's code, which
+    refuses that matcher, and stopped)."""
+    from support.synthetic_stores import place_view, write_store
+
+    from delf_pipeline.verification.verifier import CandidateVerifier
+
+    run_dir, images = tmp_path / "run", tmp_path / "images"
+    views = {"query": {"q": place_view(0, 40, seed=1, global_seed=1)}, "index": {"c": place_view(0, 30, seed=2,
+                                                                                              global_seed=2)}}
+    for store, stored in views.items():
+        write_store(run_dir / "features" / store, stored, 4, local_dim=64, extract_settings={"backend": "xfeat"})
+    images.mkdir()
+    for seed, image_id in enumerate(("q", "c")):
+        cv2.imwrite(str(images / f"{image_id}.png"), texture(480, 640, seed))
+    run = open_test_run(run_dir, images, matcher="lighterglue", cascade='""')
+    row = CandidateVerifier(run.queries, run.index, run.settings).rerank_query("q", [("c", 0.5)])[0]
+    pair = verify_recorded(run, "q", "c", row[6])
+    assert (pair.result.matches, pair.counted(run.settings), pair.status) == (row[3], row[4], row[6])
+    assert row[4] > 0 and pair.matched_by.startswith("lighterglue")
+    assert render_pair(run, "q", "c", tmp_path / "pair.png", recorded={"inliers": row[4], "global_score": 0.5,
+                                                                          "status": row[6]}).is_file()

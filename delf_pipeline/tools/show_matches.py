@@ -18,7 +18,7 @@ import argparse
 import hashlib
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -45,7 +45,7 @@ from ..formats.run_record import read_run_record, recorded_path
 from ..formats.store import FeatureStore
 from ..utils.artifacts import atomic_path, read_json
 from ..verification.cascade import QuerySide
-from ..verification.pairs import PairResult, verify_options, verify_pair
+from ..verification.pairs import PairResult
 from ..verification.verifier import CandidateVerifier, VerifiedPair, final_score
 
 log = logging.getLogger("delf_pipeline.tools.show_matches")
@@ -71,7 +71,7 @@ class Run:
     labels: index image id -> landmark id.
     settings: the rerank section used to verify pairs.
     record: the run's ``run.json`` ({} when it has none: a run folder made stage by stage).
-    verifiers: index store path -> the rerank's verifier over it (:meth:`verifier`).
+    verifiers: (index store path, with the second stage) -> the rerank's verifier over it (:meth:`verifier`).
     """
 
     folder: RunFolder
@@ -82,19 +82,22 @@ class Run:
     settings: RerankSettings
     candidates: FeatureStore | None = None
     record: dict = field(default_factory=dict)
-    verifiers: dict[Path, CandidateVerifier] = field(default_factory=dict, repr=False)
+    verifiers: dict[tuple[Path, bool], CandidateVerifier] = field(default_factory=dict, repr=False)
 
     def index_store(self, image_id: str) -> FeatureStore:
         """The store with the local features of index image ``image_id``."""
         return self.candidates if self.candidates is not None and image_id in self.candidates else self.index
 
-    def verifier(self, image_id: str) -> CandidateVerifier:
-        """The rerank's verifier, its cascade's second stage too, over the store of index image
-        ``image_id``: made once per store (a lighterglue cascade's loads LighterGlue's weights)."""
+    def verifier(self, image_id: str, second_stage: bool) -> CandidateVerifier:
+        """The rerank's verifier over the store of index image ``image_id``, made once per store:
+        with its cascade's second stage when ``second_stage`` (a lighterglue cascade's loads
+        LighterGlue's weights), else its fast path alone."""
         store = self.index_store(image_id)
-        if store.path not in self.verifiers:
-            self.verifiers[store.path] = CandidateVerifier(self.queries, store, self.settings)
-        return self.verifiers[store.path]
+        key = (store.path, second_stage)
+        if key not in self.verifiers:
+            settings = self.settings if second_stage else replace(self.settings, cascade="")
+            self.verifiers[key] = CandidateVerifier(self.queries, store, settings)
+        return self.verifiers[key]
 
 
 def open_run(
@@ -157,32 +160,22 @@ def rerank_settings(folder: RunFolder, config: Config, overrides: Sequence[str] 
 # ---------------------------------------------------------------- pairs and scores
 
 
-def verify_stored(run: Run, query_id: str, index_id: str) -> tuple[PairResult, ImageFeatures, ImageFeatures]:
-    """Verify one stored pair as rerank does: (result, query features, candidate features)."""
-    query = run.queries.features(query_id)
-    candidate = run.index_store(index_id).features(index_id)
-    result = verify_pair(query.locations, query.descriptors, candidate.locations, candidate.descriptors,
-                         **verify_options(run.settings))
-    return result, query, candidate
-
-
 def verify_recorded(run: Run, query_id: str, index_id: str, status: str = "") -> VerifiedPair:
-    """Verify a stored pair again by the stage its rerank row's ``status`` names: a
-    ``lighterglue:...`` pair by the cascade's LighterGlue stage on both images' kept XFeat
-    features (:meth:`.CandidateVerifier.verify_row`), any other by the fast path (:func:`verify_stored`).
+    """Verify a stored pair again as the rerank verified it, by the stage its rerank row's
+    ``status`` names (:meth:`.CandidateVerifier.verify_row`): a ``lighterglue:...`` pair by the
+    cascade's LighterGlue stage on both images' kept XFeat features, any other by the fast path
+    (the run's matcher, LighterGlue's too, and verifier).
 
     Raises FileNotFoundError naming ``delf-pipeline weights fetch xfeat`` when the LighterGlue
-    weights a lighterglue pair needs are missing.
+    weights the pair needs are missing.
     """
-    if not status.startswith("lighterglue:"):
-        result, query, candidate = verify_stored(run, query_id, index_id)
-        return VerifiedPair(index_id, result, query, candidate, f"{run.settings.matcher} matching")
+    second_stage = status.startswith("lighterglue:")
     try:
-        worker = run.verifier(index_id)
+        worker = run.verifier(index_id, second_stage)
     except FileNotFoundError as error:
-        raise FileNotFoundError(f"{query_id} / {index_id} was verified by the cascade's LighterGlue stage ({status} in "
-                                "rerank.csv), whose weights are missing: fetch them with `delf-pipeline weights fetch "
-                                "xfeat`") from error
+        by = f"the cascade's LighterGlue stage ({status} in rerank.csv)" if second_stage else "LighterGlue (rerank.matcher)"
+        raise FileNotFoundError(f"{query_id} / {index_id} was matched by {by}, whose weights are missing: fetch them "
+                                "with `delf-pipeline weights fetch xfeat`") from error
     query = QuerySide(worker.stored_query(query_id), run.queries.size(query_id))
     return worker.verify_row(query, index_id, status)
 
