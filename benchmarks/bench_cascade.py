@@ -50,8 +50,8 @@ import pandas as pd
 
 import common
 
-from delf_pipeline import pipeline
-from delf_pipeline.config import load_config
+from delf_pipeline import pipeline, predict
+from delf_pipeline.config import PredictSettings, load_config
 from delf_pipeline.evidence.aggregation import best_classes, candidate_table, class_evidence
 from delf_pipeline.extractors.build import local_extractor, view_extractor
 from delf_pipeline.formats.blocks import read_table
@@ -210,11 +210,12 @@ class Outcome:
         return gap_of_pooled(self.confidence[rows], self.right[rows], max(int(self.landmark[rows].sum()), 1))
 
 
-def outcome(shortlist: pd.DataFrame, rows: pd.DataFrame, labels: dict, solution: dict, top_k: int, how: str,
+def outcome(shortlist: pd.DataFrame, rows: pd.DataFrame, labels: dict, solution: dict, conf: PredictSettings,
             pairs: dict[str, int], cpu: dict[str, float]) -> Outcome:
-    """Predictions as ``predict`` makes them (no calibration, max_share or abstain: the xfeat preset's)."""
-    best = best_classes(class_evidence(candidate_table(shortlist, rows), labels, top_k, how))
-    predicted = dict(zip(best["query_id"], zip(best["label"], best["score"])))
+    """Predictions as ``predict`` makes them with the preset's ``conf`` (its runs are not calibrated;
+    no max_share or abstain)."""
+    best = best_classes(class_evidence(candidate_table(shortlist, rows), labels, conf.top_k, conf.aggregation))
+    predicted = dict(zip(best["query_id"], zip(best["label"], predict.confidences(best, conf))))
     ids = sorted(solution)
     confidence = np.array([predicted[q][1] if q in predicted else -np.inf for q in ids])
     right = np.array([q in predicted and predicted[q][0] in solution[q] for q in ids])
@@ -296,8 +297,7 @@ def curve(work: Path, task: str, stages: list[str], grid: dict[str, list], rules
     solution = {q: set(v.split()) for q, v in pd.read_csv(folder / "solution.csv", dtype=str,
                                                              keep_default_na=False).set_index("id")["landmarks"].items()}
     shortlist, fast = read_table(base / "shortlist.csv"), read_table(base / "rerank.csv")
-    how, top_k = config.predict.aggregation, config.predict.top_k
-    plain = outcome(shortlist, fast, labels, solution, top_k, how, {}, {})
+    plain = outcome(shortlist, fast, labels, solution, config.predict, {}, {})
     tables = {stage: pd.read_csv(base / stage_settings(stage)[2], dtype={"query_id": str, "index_id": str})
               for stage in stages}
     per_query, verdicts = {}, {}
@@ -330,7 +330,7 @@ def curve(work: Path, task: str, stages: list[str], grid: dict[str, list], rules
                                                              "min_global": gate}, rule, cpu, query_cpu)
             if made is None:
                 continue
-            result = outcome(shortlist, made[0], labels, solution, top_k, how, made[1], made[2])
+            result = outcome(shortlist, made[0], labels, solution, config.predict, made[1], made[2])
             b = bootstrap(plain, result)
             lost, won = int((plain.right & ~result.right).sum()), int((~plain.right & result.right).sum())
             spent = result.cpu.mean()

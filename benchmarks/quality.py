@@ -311,10 +311,13 @@ HEADER = ("| task | run | queries | dim | GAP [90%] | top-1 [90%] | vs best GAP 
           "| seconds (CPU) |")
 
 
-def table(task: str, results: dict[str, Outcome | str], draws: np.ndarray) -> list[str]:
-    """The rows of one task: a run's measures, or its pending reason."""
-    found = {name: measures(o.queries, draws) for name, o in results.items()
-             if isinstance(o, Outcome) and task != "evd"}
+def found_measures(task: str, results: dict[str, Outcome | str], draws: np.ndarray) -> dict[str, dict]:
+    """:func:`measures` of every run of the task that has queries (not the EVD pairs)."""
+    return {name: measures(o.queries, draws) for name, o in results.items() if isinstance(o, Outcome) and task != "evd"}
+
+
+def table(task: str, results: dict[str, Outcome | str], found: dict[str, dict]) -> list[str]:
+    """The rows of one task: a run's measures (``found``), or its pending reason."""
     best = max(found, key=lambda n: (found[n]["gap"], found[n]["top1"])) if found else None
     lines = []
     for name, outcome in results.items():
@@ -352,6 +355,22 @@ def versus(m: dict, best: dict, is_best: bool) -> str:
     return " / ".join(words)
 
 
+def paired_lines(task: str, found: dict[str, dict], pairs: list[list[str]]) -> list[str]:
+    """One line per ``--pair A B`` of this task: A - B in GAP and top-1 with the 90% interval of the
+    paired difference (the same resamples)."""
+    tail = (1 - LEVEL) / 2
+    lines = []
+    for a, b in pairs:
+        if a not in found or b not in found:
+            continue
+        cells = []
+        for key, name in (("gap", "GAP"), ("top1", "top-1")):
+            low, high = np.quantile(found[a][f"boot_{key}"] - found[b][f"boot_{key}"], [tail, 1 - tail])
+            cells.append(f"{name} {found[a][key] - found[b][key]:+.4f} [{low:+.4f}, {high:+.4f}]")
+        lines.append(f"- {task}: `{a}` - `{b}`: " + ", ".join(cells))
+    return lines
+
+
 def inlier_cell(m: dict) -> str:
     return "–" if math.isnan(m["right_inliers"]) else f"{m['right_inliers']:.0f} / {m['wrong_inliers']:.0f}"
 
@@ -380,6 +399,9 @@ def main() -> None:
                         help="an extra row: PRESET with these overrides, named NAME (repeatable)")
     parser.add_argument("--skip", action="append", default=[], metavar="RUN:TASK",
                         help="leave this run's row of this task pending (repeatable)")
+    parser.add_argument("--pair", nargs=2, action="append", default=[], metavar=("A", "B"),
+                        help="after the table, run A - run B on every task, with the 90%% interval of the paired "
+                             "difference (repeatable)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the splits and of the bootstrap")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument("--jobs", type=int, default=1, help="rerank worker processes")
@@ -394,7 +416,7 @@ def main() -> None:
     logging.getLogger("delf_pipeline").setLevel(logging.WARNING)
     logging.getLogger("delf_pipeline.evidence").setLevel(logging.ERROR)  # unlabelled distractors do not vote
     lines = [HEADER, "|" + "---|" * HEADER.count(" | ") + "---|"]
-    frames = []
+    frames, paired = [], []
     for task in args.tasks:
         results: dict[str, Outcome | str] = {}
         for name, preset, overrides in run_rows(args):
@@ -412,7 +434,10 @@ def main() -> None:
             frames.append(results[name].queries.assign(task=task, run=name))
         size = next((len(o.queries) for o in results.values() if isinstance(o, Outcome)), 0)
         draws = np.random.default_rng(args.seed).integers(0, max(size, 1), size=(args.bootstrap, size))
-        lines += table(task, results, draws)
+        found = found_measures(task, results, draws)
+        lines += table(task, results, found)
+        paired += paired_lines(task, found, args.pair)
+    lines += ["", *paired] if paired else []
     write_text_atomic(args.work / "quality.csv", pd.concat(frames).reindex(columns=PER_QUERY).to_csv(index=False))
     text = "\n".join(lines) + "\n"
     write_text_atomic(args.work / "quality.md", text)

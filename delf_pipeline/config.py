@@ -254,6 +254,9 @@ SETTINGS: dict[str, dict[str, Key]] = {
         "aggregation": _pick("max", ("sum", "max", "mean_best", "verified"),
                              "how a class pools its candidates (docs/confidence.md)"),
         "calibration": _text("", "calibration.json from `delf-pipeline calibrate`: confidences become P(right)"),
+        "margin_weight": _real(1.0, 0, 1e6, "uncalibrated confidence = class score + this x the score's lead over the "
+                               "next class (the score itself for a class alone; 0: the class score alone): a "
+                               "best class far ahead of the next one is pooled first (docs/confidence.md)"),
         "abstain": _real(0.0, 0, 1e6, "empty row when the confidence is below this (calibrate prints the F1-best one)"),
         "max_share": _real(0.0, 0, 1, ">0: a landmark predicted for more than this share of queries gets confidence "
                            "x max_share / share", open_high=True),

@@ -6,7 +6,8 @@ rest of its shortlist (by global score); without a rerank file it is the shortli
 ``predict.aggregation`` (sum as the Kaggle 2020 host baseline, max, mean_best or verified:
 see :mod:`delf_pipeline.evidence.aggregation`), and the best class is the prediction.
 
-Its confidence is the class's aggregated score, or, with ``predict.calibration`` (a
+Its confidence is the class's aggregated score plus ``predict.margin_weight`` times the score's
+lead over the query's next class, or, with ``predict.calibration`` (a
 ``calibration.json`` from ``delf-pipeline calibrate``), the fitted probability that the
 prediction is right. ``predict.max_share`` scales down the confidence of a landmark predicted
 for too large a share of the queries, and ``predict.abstain`` then leaves the row empty below
@@ -92,9 +93,10 @@ def final_ranking(shortlist: pd.DataFrame, rerank: pd.DataFrame | None) -> pd.Da
 
 
 def confidences(best: pd.DataFrame, conf: PredictSettings, query_store: str | Path | None = None) -> np.ndarray:
-    """[N] confidence of best-class rows: aggregated score, or P(right) with ``conf.calibration``."""
+    """[N] confidence of best-class rows: aggregated score + ``conf.margin_weight`` x its margin over
+    the query's next class, or P(right) with ``conf.calibration``."""
     if not conf.calibration:
-        return best["score"].to_numpy(np.float64)
+        return (best["score"] + conf.margin_weight * best["margin"]).to_numpy(np.float64)
     fitted = load_checked(conf.calibration, conf)
     if "nonlandmark" in fitted.features:
         if query_store is None:

@@ -73,9 +73,13 @@ def test_quality_smoke(tmp_path):
     per_query = (work / "quality.csv").read_text().splitlines()
     assert per_query[0].startswith("task,run,query_id")
     assert len(per_query) - 1 == 4 + 9 + 9 + (3 + 2 + 8) + 2  # split 3+1, dev LOO 9, mini 9, hard 13, EVD 2 pairs
-    again = run_script("quality.py", *args, "--skip", "tiny:evd")  # resumes from the work folder
+    again = run_script("quality.py", *args, "--skip", "tiny:evd", "--pair", "tiny", "tiny")  # resumes
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "| evd | `tiny` | pending (--skip)" in (work / "quality.md").read_text()
+    text = (work / "quality.md").read_text()
+    assert "| evd | `tiny` | pending (--skip)" in text
+    zero = "GAP +0.0000 [+0.0000, +0.0000], top-1 +0.0000 [+0.0000, +0.0000]"  # a run against itself
+    assert text.splitlines()[-4:] == [f"- {t}: `tiny` - `tiny`: {zero}" for t in ("dev_split", "dev_loo", "mini_loo",
+                                                                                    "hard")]
 
 
 def test_quality_evd_of_a_cascade_takes_the_second_stage_where_the_fast_path_is_undecided():

@@ -44,8 +44,10 @@ def best_votes(table: pd.DataFrame, top_k: int, how: str) -> dict[str, tuple[str
 
 
 def config(**predict_settings) -> dict:
+    """The default settings with these predict keys; the raw confidence is the class score alone
+    (``margin_weight`` 0) unless a test sets it."""
     conf = load_config()
-    conf.predict.update(predict_settings)
+    conf.predict.update({"margin_weight": 0.0, **predict_settings})
     return conf
 
 
@@ -165,11 +167,12 @@ def test_queries_with_failed_images_get_a_row(inputs, monkeypatch):
     args = ["predict", "--shortlist", str(inputs / "shortlist.csv"), "--rerank", str(inputs / "rerank.csv"),
             "--index-labels", str(inputs / "train.csv"), "--out", str(inputs / "submission.csv")]
     assert cli_main([*args, "--queries", str(store)]) == 0
-    assert (inputs / "submission.csv").read_text() == "id,landmarks\nbroken,\nq0,1 0.900000\nq1,7 0.600000\n"
+    # the default raw confidence: each query's one labelled class is alone, its margin its score (0.9, 0.6)
+    assert (inputs / "submission.csv").read_text() == "id,landmarks\nbroken,\nq0,1 1.800000\nq1,7 1.200000\n"
     pd.DataFrame({"id": ["q1", "q0", "broken"], "landmarks": ""}).to_csv(inputs / "sample.csv", index=False)
     assert cli_main([*args, "--queries", str(inputs / "sample.csv")]) == 0
     text = (inputs / "submission.csv").read_text()
-    assert text == "id,landmarks\nq1,7 0.600000\nq0,1 0.900000\nbroken,\n"  # sample order; b and c unlabelled
+    assert text == "id,landmarks\nq1,7 1.200000\nq0,1 1.800000\nbroken,\n"  # sample order; b and c unlabelled
 
 
 def test_index_labels_need_an_id_and_a_label_column(tmp_path):
@@ -238,3 +241,33 @@ def test_max_share_scales_down_a_frequent_landmark(inputs):
     out = predict.run(config(top_k=1, max_share=0.25), inputs / "shortlist.csv", LABELS, ["q0", "q1"],
                       inputs / "submission.csv")
     assert out.read_text() == "id,landmarks\nq0,1 0.450000\nq1,7 0.300000\n"
+
+
+# ---------------------------------------------------------------- the margin in the raw confidence
+
+
+def test_raw_confidence_adds_the_margin_over_the_next_class(tmp_path):
+    # global only, max of the top 2: q0 names 1 (0.9) a nose ahead of 2 (0.85); q1 names 7 (0.8) far ahead of
+    # 3 (0.3); q2's two candidates are both of 1 (0.5), so its margin is its score
+    shortlist_frame({"q0": [("a", 0.9), ("b", 0.85)], "q1": [("x", 0.8), ("y", 0.3)],
+                     "q2": [("a", 0.5), ("d", 0.4)]}).to_csv(tmp_path / "shortlist.csv", index=False)
+    ids = ["q0", "q1", "q2"]
+    plain = read_submission(predict.run(config(top_k=2, margin_weight=0.0), tmp_path / "shortlist.csv", LABELS,
+                                        ids, tmp_path / "plain.csv"))
+    assert plain == {"q0": ("1", pytest.approx(0.9)), "q1": ("7", pytest.approx(0.8)), "q2": ("1", pytest.approx(0.5))}
+    assert load_config().predict.margin_weight == 1.0  # the default preset's
+    lead = read_submission(predict.run(config(top_k=2, margin_weight=1.0), tmp_path / "shortlist.csv", LABELS, ids,
+                                       tmp_path / "lead.csv"))
+    assert lead == {"q0": ("1", pytest.approx(0.95)), "q1": ("7", pytest.approx(1.3)), "q2": ("1", pytest.approx(1.0))}
+    # the same answers, and the one far ahead of its next class now pools before the one that is not
+    half = read_submission(predict.run(config(top_k=2, margin_weight=0.5), tmp_path / "shortlist.csv", LABELS, ids,
+                                       tmp_path / "half.csv"))
+    assert half == {"q0": ("1", pytest.approx(0.925)), "q1": ("7", pytest.approx(1.05)), "q2": ("1", pytest.approx(0.75))}
+
+
+def test_calibrated_confidence_ignores_the_margin_weight(inputs):
+    calibration = write_calibration(inputs / "calibration.json")
+    texts = [predict.run(config(top_k=2, aggregation="sum", calibration=calibration, margin_weight=weight),
+                         inputs / "shortlist.csv", LABELS, ["q0", "q1"], inputs / f"s{weight}.csv",
+                         rerank_csv=inputs / "rerank.csv").read_text() for weight in (0.0, 1.0)]
+    assert texts[0] == texts[1]
