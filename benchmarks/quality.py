@@ -33,7 +33,8 @@ each run's stage outputs, which resume. Writes ``WORK/quality.csv`` (one row per
 and ``WORK/quality.md`` (the table), and prints the table. ``--skip PRESET:TASK`` leaves a row
 pending (``xfeat_lighterglue`` re-ranks at ~0.4-1 s per pair: its leave-one-outs take hours
 on 2 cores); ``--variant NAME PRESET [SECTION.KEY=VALUE ...]`` adds a row of a preset with
-overrides. Example::
+overrides; ``--pair A B`` prints, under the table, run A - run B on every task with the 90%
+interval of the paired difference (the same resamples). Example::
 
     delf-pipeline weights fetch xfeat
     nice -n 10 python benchmarks/quality.py --work /work/cache/quality \\
