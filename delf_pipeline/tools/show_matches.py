@@ -46,7 +46,7 @@ from ..formats.store import FeatureStore
 from ..utils.artifacts import atomic_path, read_json
 from ..verification.cascade import QuerySide
 from ..verification.pairs import PairResult
-from ..verification.verifier import CandidateVerifier, VerifiedPair, final_score
+from ..verification.verifier import CandidateVerifier, VerifiedPair, by_glue_stage, final_score
 
 log = logging.getLogger("delf_pipeline.tools.show_matches")
 
@@ -169,7 +169,7 @@ def verify_recorded(run: Run, query_id: str, index_id: str, status: str = "") ->
     Raises FileNotFoundError naming ``delf-pipeline weights fetch xfeat`` when the LighterGlue
     weights the pair needs are missing.
     """
-    second_stage = status.startswith("lighterglue:")
+    second_stage = by_glue_stage(status)
     try:
         worker = run.verifier(index_id, second_stage)
     except FileNotFoundError as error:

@@ -50,6 +50,11 @@ RELEASE_EVERY = 256  # candidates read between two releases of the stores' mappe
 GLUE_MATCHED_BY = "LighterGlue on XFeat features (cascade)"  # how a pair of the cascade's lighterglue stage is matched
 
 
+def by_glue_stage(status: str) -> bool:
+    """Whether a rerank row's ``status`` says the cascade's LighterGlue stage counted its pair."""
+    return status.startswith(f"{GlueStage.name}:")
+
+
 def fast_counted(inliers: int, conf: RerankSettings) -> int:
     """A fast-path inlier count as the score counts it: 0 below ``conf.min_inliers``."""
     return inliers if inliers >= conf.min_inliers else 0
@@ -211,7 +216,7 @@ class CandidateVerifier:
         carry the query's kept ones, as :meth:`stored_query` reads them), else by the fast path
         (same seed, so the same matches)."""
         size = self.index.size(index_id)
-        if status.startswith("lighterglue:") and self.second is not None:
+        if by_glue_stage(status) and self.second is not None:
             candidate = self.second_candidate(index_id)
             result = self.second.verify(query, candidate, size)
             return VerifiedPair(index_id, result, xfeat_of(query.features), xfeat_of(candidate), GLUE_MATCHED_BY,
