@@ -124,7 +124,12 @@ def _fit_affine2d(xy_a, xy_b, settings, seed):
 
 
 def _fit_degensac(xy_a, xy_b, settings, seed):
-    """pydegensac homography (Kaggle 2020 baseline); it takes no seed, so ``seed`` is unused."""
+    """pydegensac homography (Kaggle 2020 baseline), refit by least squares on its inliers.
+
+    pydegensac takes no seed (``seed`` is unused) and returns the model of its last local
+    optimisation sample, which differs between builds of the library; the refit makes the model
+    a function of the inlier mask alone.
+    """
     try:
         import pydegensac
     except ImportError:
@@ -135,7 +140,12 @@ def _fit_degensac(xy_a, xy_b, settings, seed):
         xy_a.astype(np.float64), xy_b.astype(np.float64), float(settings["residual_threshold"]),
         float(settings["confidence"]), int(settings["max_trials"]),
     )
-    return _cv_result(model, mask, len(xy_a))
+    model, mask = _cv_result(model, mask, len(xy_a))
+    if mask.sum() >= MIN_SAMPLES["degensac"]:
+        refit, _ = cv2.findHomography(xy_a[mask].astype(np.float64), xy_b[mask].astype(np.float64), 0)
+        if refit is not None and np.isfinite(refit).all() and abs(refit[2, 2]) > 1e-12:
+            model = refit / refit[2, 2]
+    return model, mask
 
 
 def _cv_result(model, mask, count: int):
