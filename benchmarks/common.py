@@ -356,9 +356,11 @@ def leave_one_out(config: Config, data: Path, out: Path, jobs: int, features: Pa
     labels = read_labels(labels_csv)
     rerank_csv = None  # rerank.num_to_rerank = 0: global-only
     if config.rerank.num_to_rerank > 0:
-        with Timer(seconds, cpu, "rerank"):  # a cascade's selection needs the index labels
+        with Timer(seconds, cpu, "rerank"):  # a cascade's selection needs the index labels, its fallback the images
+            cascade = bool(config.rerank.cascade)
             rerank_csv = rerank.run(config, shortlist_csv, store, store, out / "rerank.csv", jobs=jobs,
-                                    index_labels=labels if config.rerank.cascade else None)
+                                    index_labels=labels if cascade else None, query_images=data if cascade else None,
+                                    index_images=data if cascade else None)
     ids = predict.query_ids(store) if queries is None else sorted(queries)
     results = {"seconds": seconds, "cpu": cpu, "files": {"shortlist": shortlist_csv, "rerank": rerank_csv,
                                                           "labels": labels_csv, "solution": solution}}

@@ -63,7 +63,7 @@ from delf_pipeline.formats.images import list_images
 from delf_pipeline.formats.store import FeatureStore
 from delf_pipeline.formats.tables import read_labels, read_solution, read_submission
 from delf_pipeline.utils.artifacts import fingerprint, write_json_atomic, write_text_atomic
-from delf_pipeline.verification.cascade import combine, counted
+from delf_pipeline.verification.cascade import AsiftFallback, combine, counted
 from delf_pipeline.verification.pairs import verify_options
 
 PRESETS = ("sift_default", "xfeat", "xfeat_lighterglue", "efficientnet_lite0_fused", "efficientnet_lite0",
@@ -159,7 +159,8 @@ def loo_task(name: str, config: Config, run_name: str, args: argparse.Namespace)
 
 def evd_task(config: Config, args: argparse.Namespace) -> Outcome:
     """The EVD statistics of the preset's local features and verification (cached by both); with
-    a lighterglue cascade, each pair's count is the cascade's (:func:`cascade_evd`)."""
+    a lighterglue cascade, each pair's count is the cascade's (:func:`cascade_evd`), then its asift
+    fallback's where that is on (:func:`fallback_evd`)."""
     conf = config.extract
     local = conf.local_backend or conf.backend
     if local not in LOCAL_BACKENDS:  # the model's own local features, from the export the hard task's index makes
@@ -170,6 +171,8 @@ def evd_task(config: Config, args: argparse.Namespace) -> Outcome:
     stats = evd_stats(config, conf, local, config.rerank.matcher == "lighterglue", args)
     if config.rerank.cascade == "lighterglue":
         stats = cascade_evd(stats, evd_stats(config, config.extract, "xfeat", True, args), config.rerank)
+    if config.rerank.cascade and config.rerank.cascade_fallback:
+        stats = fallback_evd(stats, asift_evd(config.rerank, args), config.rerank)
     rows = pd.DataFrame([{"query_id": name, "right_inliers": t, "wrong_inliers": s} for name, t, s, _ in stats["pairs"]])
     return Outcome(rows, stats["wall"], stats["cpu"], {"evd": stats})
 
@@ -209,6 +212,45 @@ def cascade_evd(fast: dict, second: dict, conf) -> dict:
     return {"median_true": float(np.median(true)), "max_swapped": max(swapped),
             "above": sum(t > max(swapped) for t in true), "pairs": pairs,
             "wall": fast["wall"] + second["wall"], "cpu": fast["cpu"] + second["cpu"]}
+
+
+FALLBACK_KEYS = ("fallback_tilts", "fallback_image_size", "fallback_features", "seed")
+
+
+def asift_evd(conf, args: argparse.Namespace) -> dict:
+    """The cascade's asift fallback (:class:`AsiftFallback` of the rerank settings ``conf``) on
+    the EVD pairs, image 2 the query as in the hard task: its inliers per pair, true and swapped
+    (image 2 of the next pair against image 1), and its CPU seconds; cached."""
+    key = fingerprint({"asift_fallback": {k: conf[k] for k in FALLBACK_KEYS}})
+    cache = args.work / "evd" / f"{key}.json"
+    if not cache.exists():
+        fallback, folder = AsiftFallback(conf), args.data / "evd"
+        names = sorted(p.stem for p in (folder / "1").glob("*.png"))
+        wall, cpu = {}, {}
+        with common.Timer(wall, cpu, "evd"):
+            pairs = [(name, *(fallback.verify(str(folder / "2" / f"{query}.png"), str(folder / "1" / f"{name}.png")).inliers
+                              for query in (name, names[(i + 1) % len(names)])))
+                     for i, name in enumerate(names)]
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(cache, {"pairs": pairs, "wall": wall["evd"], "cpu": cpu["evd"]})
+    return json.loads(cache.read_text())
+
+
+def fallback_evd(stats: dict, fallback: dict, conf) -> dict:
+    """EVD statistics of a cascade (``stats``, :func:`cascade_evd`'s or the fast path's) with its
+    asift fallback: each pair whose count is still under ``cascade_inliers`` takes the larger of
+    it and the fallback's (0 under ``fallback_min_inliers``)."""
+    def count(before: int, after: int) -> int:
+        if before >= conf.cascade_inliers:
+            return before
+        return max(before, after if after >= conf.fallback_min_inliers else 0)
+
+    pairs = [(name, count(t, t2), count(s, s2), a) for (name, t, s, a), (_, t2, s2) in
+             zip(stats["pairs"], fallback["pairs"])]
+    true, swapped = [p[1] for p in pairs], [p[2] for p in pairs]
+    return {"median_true": float(np.median(true)), "max_swapped": max(swapped),
+            "above": sum(t > max(swapped) for t in true), "pairs": pairs,
+            "wall": stats["wall"] + fallback["wall"], "cpu": stats["cpu"] + fallback["cpu"]}
 
 
 LOCAL_SETTINGS = ("max_image_size", "max_features", "affine_tilts", "xfeat_weights", "xfeat_threshold", "xfeat_scales")

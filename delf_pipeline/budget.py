@@ -5,7 +5,8 @@ run in full; the budget acts on the rerank stage, whose cost is queries x (depth
 pair + the cascade's time per query). :func:`fit_num_to_rerank` measures the time per pair on
 a sample of the real shortlisted pairs (same code as the rerank stage: store reads + matching
 + RANSAC) and, with a lighterglue cascade, its second stage's time per query on a few of those
-queries (:func:`measure_cascade_seconds`), then picks the largest depth, at most the configured
+queries, its asift fallback included where the images are given and a timed query reaches it
+(:func:`measure_cascade_seconds`), then picks the largest depth, at most the configured
 one, that fits the remaining time. With no time left it returns 0, and the predictions fall
 back to the global shortlist.
 
@@ -101,14 +102,16 @@ def measure_pair_seconds(conf: RerankSettings, shortlist: pd.DataFrame, query_st
 
 
 def measure_cascade_seconds(conf: RerankSettings, shortlist: pd.DataFrame, query_store: Path | FeatureStore,
-                            index_store: Path | FeatureStore, max_queries: int, max_seconds: float) -> tuple[float, int]:
+                            index_store: Path | FeatureStore, max_queries: int, max_seconds: float,
+                            paths: tuple[dict[str, str], dict[str, str]] = ({}, {})) -> tuple[float, int]:
     """Mean seconds per query of the cascade's lighterglue stage and the number of queries timed
     ((0.0, 0) without that stage: views need the query images, and are not timed).
 
     Queries evenly spaced over the sorted ids, until ``max_queries`` or ``max_seconds``: each
     verified by the fast path, then its second stage timed on the pairs it selects without
     labels (each candidate a class of its own: at least as many pairs as with labels), so the
-    estimate errs on the slow side.
+    estimate errs on the slow side. ``paths``: (query id -> image file, index id -> image file)
+    for the cascade's asift fallback, timed on the queries it reaches.
     """
     from .formats.candidates import top_candidates
     from .verification.cascade import QuerySide
@@ -123,9 +126,9 @@ def measure_cascade_seconds(conf: RerankSettings, shortlist: pd.DataFrame, query
     spent, timed, start = 0.0, 0, time.perf_counter()
     for query_id in queries[::max(1, len(queries) // max(1, max_queries))]:
         rows = fast.rerank_query(query_id, candidates[query_id])
-        side = QuerySide(glue.stored_query(query_id), glue.queries.size(query_id))
+        side = QuerySide(glue.stored_query(query_id), glue.queries.size(query_id), path=paths[0].get(query_id))
         begin = time.perf_counter()
-        glue.cascade(rows, side, None)
+        glue.cascade(rows, side, None, paths[1])
         spent, timed = spent + time.perf_counter() - begin, timed + 1
         if timed >= max_queries or time.perf_counter() - start >= max_seconds:
             break
@@ -134,9 +137,11 @@ def measure_cascade_seconds(conf: RerankSettings, shortlist: pd.DataFrame, query
 
 def fit_num_to_rerank(config: Config, budget: TimeBudget, shortlist_csv: Path, query_store: Path | FeatureStore,
                       index_store: Path | FeatureStore, rerank_csv: Path, *, jobs: int = 1, overwrite: bool = False,
-                      margin: float = 0.8, sample_pairs: int = 200, sample_queries: int = 20) -> Config:
+                      margin: float = 0.8, sample_pairs: int = 200, sample_queries: int = 20,
+                      images: str | Path | None = None) -> Config:
     """A copy of ``config`` whose ``rerank.num_to_rerank`` fits ``margin`` x the time left, the
-    cascade's second stage counted at its measured time per query.
+    cascade's second stage counted at its measured time per query (with its asift fallback
+    when ``images``, the Kaggle root, is given: its test and train images).
 
     A rerank output already begun (its manifest exists, no ``overwrite``) keeps the depth
     it was started with, so a resumed run finishes the same work.
@@ -157,13 +162,23 @@ def fit_num_to_rerank(config: Config, budget: TimeBudget, shortlist_csv: Path, q
         per_pair, timed = measure_pair_seconds(conf, shortlist, query_store, index_store, sample_pairs,
                                                max_seconds=0.02 * left)
         per_query, sampled = measure_cascade_seconds(conf, shortlist, query_store, index_store, sample_queries,
-                                                     max_seconds=0.02 * left)
+                                                     max_seconds=0.02 * left, paths=fallback_paths(conf, images))
         left = budget.remaining()
         conf.num_to_rerank = affordable_depth(margin * left, per_pair, num_queries, jobs, configured, per_query)
         log.info("time budget: %.1f ms per pair (%d pairs timed), %.2f s of cascade per query (%d queries timed), "
                  "%d queries, %d jobs", 1000 * per_pair, timed, per_query, sampled, num_queries, jobs)
     log_decision(configured, conf.num_to_rerank, budget)
     return config
+
+
+def fallback_paths(conf: RerankSettings, images: str | Path | None) -> tuple[dict[str, str], dict[str, str]]:
+    """(query id -> file, index id -> file) of the Kaggle root ``images`` when the cascade's asift
+    fallback would read them, else two empty maps."""
+    if images is None or conf.cascade != "lighterglue" or not conf.cascade_fallback:
+        return {}, {}
+    from .formats.images import list_images
+
+    return tuple({r.id: str(r.path) for r in list_images(images, split)[0]} for split in ("test", "train"))
 
 
 def log_decision(configured: int, chosen: int, budget: TimeBudget) -> None:

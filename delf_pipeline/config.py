@@ -248,6 +248,24 @@ SETTINGS: dict[str, dict[str, Key]] = {
                                 "rotated 72 t degrees apart, stretched by 1 / t: top-1 at or above [1, 2, 4]'s at every "
                                 "setting measured on the hard task and landmarks_dev, at 4-7x its CPU)", open_low=True,
                                 when="cascade_views"),
+        "cascade_fallback": _pick("asift", ("", "asift"),
+                                  '"" | asift: a last stage for a query the cascade left undecided (its best candidate '
+                                  "still under cascade_inliers): its selected candidates matched again by RootSIFT on "
+                                  "simulated affine views of both images, read at rerank time (`run` gives them; "
+                                  "without them it is skipped and logged); a candidate counts the larger of both stages "
+                                  "(verification/cascade.py)", when="cascade"),
+        "fallback_pairs": _count(3, 1, 10_000, "fallback pairs per query at most: the first of the cascade's selected "
+                                 "candidates (each ~1.8 CPU s: both images' 51 views and their matching)",
+                                 when="cascade_fallback"),
+        "fallback_tilts": _reals([1.0, 2.0, 4.0, 6.0, 8.0], 1, 16, (1, 8), "tilts of both images' views (ASIFT: t > 1 "
+                                 "adds views rotated 72 / t degrees apart, compressed by t; [1, 2, 4, 6, 8]: 51 views)",
+                                 when="cascade_fallback"),
+        "fallback_image_size": _count(640, 64, 100_000, "longest side both images are decoded to for the fallback",
+                                      when="cascade_fallback"),
+        "fallback_features": _count(300, 1, 100_000, "RootSIFT features per view", when="cascade_fallback"),
+        "fallback_min_inliers": _count(13, 0, 100_000, "fallback counts below this count as 0 (ASIFT RootSIFT on the "
+                                       "hard task's 721 wrong shortlisted pairs: 12 at the 99th percentile)",
+                                       when="cascade_fallback"),
     },
     "predict": {
         "top_k": _count(3, 1, 1000, "candidates per query that vote for a class"),
@@ -563,6 +581,7 @@ FEATURES = {
     "superglobal": "superglobal_depth > 0",
     "subcenter_arcface": "train.loss = subcenter_arcface",
     "cascade": "a verification cascade (rerank.cascade)", "cascade_views": "rerank.cascade = views",
+    "cascade_fallback": "a cascade with rerank.cascade_fallback = asift",
     "adaptive_depth": "rerank.first_depth > 0",
 }
 
@@ -574,8 +593,8 @@ def features_in_use(config: Config) -> set[str]:
     usac (a verifier with a confidence), kaggle2020 (that scoring), whitening, dba, qe, hybrid
     (a model's global with another backend's locals), fused and vlad (a model's global fused with
     the VLAD of vlad_backend's or local_backend's features, vlad_weight > 0),
-    superglobal, subcenter_arcface (that training loss), cascade and cascade_views (a
-    verification cascade, its views stage), adaptive_depth (rerank.first_depth > 0)."""
+    superglobal, subcenter_arcface (that training loss), cascade, cascade_views and cascade_fallback (a
+    verification cascade, its views stage, its asift fallback), adaptive_depth (rerank.first_depth > 0)."""
     extract, shortlist, rerank = config.extract, config.shortlist, config.rerank
     model = extract.backend in ("savedmodel", "hub")
     locals_ = extract.local_backend if model and extract.local_backend else extract.backend
@@ -590,6 +609,7 @@ def features_in_use(config: Config) -> set[str]:
     tags |= {"kaggle2020"} if rerank.scoring == "kaggle2020" else set()
     tags |= {"cascade"} if rerank.cascade else set()
     tags |= {"cascade_views"} if rerank.cascade == "views" else set()
+    tags |= {"cascade_fallback"} if rerank.cascade and rerank.cascade_fallback else set()
     tags |= {"adaptive_depth"} if rerank.first_depth else set()
     flags = {"whitening": shortlist.whitening, "dba": shortlist.dba, "qe": shortlist.qe_top_n,
              "superglobal": shortlist.superglobal_depth,

@@ -75,11 +75,11 @@ def run(
     local = candidates_store(config, folder, index, shortlist_csv, data, strict=strict)
     write_run_errors(folder.errors, list(dict.fromkeys([index.path, query.path, local.path])))
     reranked = config if time_budget is None else fit_num_to_rerank(
-        config, time_budget, shortlist_csv, query, local, folder.rerank, jobs=jobs, overwrite=overwrite)
+        config, time_budget, shortlist_csv, query, local, folder.rerank, jobs=jobs, overwrite=overwrite, images=data)
     rerank_csv = None
     if reranked.rerank.num_to_rerank > 0:
         rerank_csv = rerank.run(reranked, shortlist_csv, query, local, folder.rerank, overwrite=overwrite, jobs=jobs,
-                                index_labels=labels, query_images=data)
+                                index_labels=labels, query_images=data, index_images=data)
     predicting = calibrated(reranked, data, index, folder, calibrate_index=calibrate_index, jobs=jobs,
                             budget=time_budget, start=start, non_landmarks=non_landmarks, overwrite=overwrite)
     calibration = predicting.predict.calibration

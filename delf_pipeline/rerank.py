@@ -72,6 +72,8 @@ def run(
     index_labels: dict[str, str] | None = None,
     query_images: str | Path | None = None,
     query_split: str = "test",
+    index_images: str | Path | None = None,
+    index_split: str = "train",
 ) -> Path:
     """Verify the shortlisted candidates of every query; writes and returns ``out``.
 
@@ -80,7 +82,8 @@ def run(
     ``extract --candidates`` (which :func:`delf_pipeline.pipeline.run` makes itself) is given.
     With ``rerank.cascade``: ``index_labels`` (index id -> landmark) are required, and for the
     views stage ``query_images`` (the image source the query store was extracted from, split
-    ``query_split`` of a Kaggle folder).
+    ``query_split`` of a Kaggle folder); its asift fallback (``rerank.cascade_fallback``) reads
+    those and ``index_images`` (split ``index_split``), and is skipped, logged, without both.
     """
     conf, out = config.rerank, Path(out)
     shortlist = read_table(Path(shortlist_csv), SHORTLIST_COLUMNS)
@@ -88,13 +91,14 @@ def run(
     stores = (open_store(query_store), open_store(index_store))
     require_local_features(stores[1])
     labels, images = cascade_inputs(conf, index_labels, query_images, query_split)
+    index_paths = fallback_images(conf, images, index_images, index_split)
 
     def compute(blocks: list[tuple[int, list[str]]]) -> None:
-        tasks = [(number, {q: candidates[q] for q in ids}, block_context(candidates, ids, labels, images))
+        tasks = [(number, {q: candidates[q] for q in ids}, block_context(candidates, ids, labels, images, index_paths))
                  for number, ids in blocks]
         _run_parallel(tasks, out, stores, conf, jobs, dask_address)
 
-    manifest = rerank_manifest(conf, shortlist, labels)
+    manifest = rerank_manifest(conf, shortlist, labels, fallback=index_paths is not None)
     with claim_blocks(out, shard, "rerank output", manifest, overwrite):
         run_blocks(out, list(candidates), QUERY_BLOCK, shard, COLUMNS, compute)
     if out.exists():
@@ -116,20 +120,25 @@ def log_depths(table: pd.DataFrame, candidates: dict, conf: RerankSettings) -> N
              "query on average", stopped, len(depths), conf.first_depth, conf.decided_inliers, depths.mean())
 
 
-def rerank_manifest(conf: RerankSettings, shortlist: pd.DataFrame, labels: dict[str, str] | None = None) -> dict:
+def rerank_manifest(conf: RerankSettings, shortlist: pd.DataFrame, labels: dict[str, str] | None = None,
+                    fallback: bool = False) -> dict:
     """Every ``rerank`` key (none of them is runtime-only: ``--jobs`` is not a setting) and the
     whole shortlist's content: any changed row or key gives another manifest; with a cascade,
-    also the labels' content (they choose its second-stage pairs)."""
+    also the labels' content (they choose its second-stage pairs) and, with its asift fallback,
+    whether it ran (``fallback``: the images were given)."""
     manifest = {**settings_manifest(fingerprinted(conf)), "shortlist_content": table_fingerprint(shortlist)}
     if conf.cascade:
         manifest["labels_content"] = fingerprint(sorted((labels or {}).items()))
+    if conf.cascade and conf.cascade_fallback:
+        manifest["fallback_ran"] = fallback
     return manifest
 
 
 def cascade_inputs(conf: RerankSettings, labels: dict[str, str] | None, images: str | Path | None,
                    split: str) -> tuple[dict[str, str] | None, dict[str, str] | None]:
-    """(labels, query id -> image path) the cascade needs (None, None without one); ValueError
-    saying what to give when one is missing. Without labels each candidate is a class of its own
+    """(labels, query id -> image path) the cascade needs (None, None without one; the paths
+    serve its views stage and asift fallback); ValueError saying what to give when the views
+    stage misses them. Without labels each candidate is a class of its own
     (logged: the cascade then re-verifies the first candidates rather than the first classes)."""
     if not conf.cascade:
         return None, None
@@ -137,8 +146,8 @@ def cascade_inputs(conf: RerankSettings, labels: dict[str, str] | None, images: 
         log.warning("rerank.cascade = %r: no index labels given (`delf-pipeline rerank --index-labels train.csv`; "
                     "`run` gives them), so each candidate is a class of its own", conf.cascade)
         labels = {}
-    if conf.cascade != "views":
-        return labels, None
+    if conf.cascade != "views" and (images is None or not conf.cascade_fallback):
+        return labels, None  # a fallback without the images logs that it is skipped (fallback_images)
     if images is None:
         raise ValueError("rerank.cascade = 'views' extracts the selected queries' views from their images: give the "
                          "image source the query store was extracted from (`delf-pipeline rerank --query-images "
@@ -147,14 +156,31 @@ def cascade_inputs(conf: RerankSettings, labels: dict[str, str] | None, images: 
     return labels, {record.id: str(record.path) for record in records}
 
 
-def block_context(candidates: dict, ids: list[str], labels: dict | None, images: dict | None) -> tuple:
-    """(labels of the block's candidates, image paths of its queries): what a block's worker needs
-    for the cascade, (None, None) without one."""
+def fallback_images(conf: RerankSettings, query_paths: dict[str, str] | None, images: str | Path | None,
+                    split: str) -> dict[str, str] | None:
+    """Index id -> image path for the cascade's asift fallback; None (logged) when it is off or
+    it cannot run: both the query images and ``images`` (split ``split``) are needed."""
+    if not conf.cascade or not conf.cascade_fallback:
+        return None
+    if query_paths is None or images is None:
+        log.warning("rerank.cascade_fallback = %r reads the query and index images, which were not both given "
+                    "(`delf-pipeline rerank --query-images DATA --index-images DATA`; `run` gives them): skipped",
+                    conf.cascade_fallback)
+        return None
+    records, _ = list_images(images, split)
+    return {record.id: str(record.path) for record in records}
+
+
+def block_context(candidates: dict, ids: list[str], labels: dict | None, images: dict | None,
+                  index_images: dict | None = None) -> tuple:
+    """(labels of the block's candidates, image paths of its queries, image paths of its
+    candidates): what a block's worker needs for the cascade, (None, None, None) without one."""
     if labels is None:
-        return None, None
+        return None, None, None
     wanted = {index_id for q in ids for index_id, _ in candidates[q]}
     paths = None if images is None else {q: images[q] for q in ids if q in images}
-    return {i: labels[i] for i in wanted if i in labels}, paths
+    index_paths = None if index_images is None else {i: index_images[i] for i in wanted if i in index_images}
+    return {i: labels[i] for i in wanted if i in labels}, paths, index_paths
 
 
 def table_fingerprint(table: pd.DataFrame) -> str:
@@ -209,6 +235,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--query-images", metavar="SOURCE", help="the images the query store was extracted from "
                         "(folder, Kaggle root or CSV): rerank.cascade = views extracts the selected queries' views")
     parser.add_argument("--query-split", default="test", help="Kaggle layout: the split of --query-images (test)")
+    parser.add_argument("--index-images", metavar="SOURCE", help="the images the index store was extracted from: "
+                        "with --query-images, the cascade's asift fallback (the default's) reads both images of a "
+                        "query it left undecided; without them that fallback is skipped")
+    parser.add_argument("--index-split", default="train", help="Kaggle layout: the split of --index-images (train)")
     add_config_arguments(parser)
 
 
@@ -250,5 +280,6 @@ def main(args: argparse.Namespace) -> int:
     labels = read_labels(args.index_labels) if args.index_labels else None
     run(config, args.shortlist, args.queries, args.index, args.out, shard=parse_shard(args.shard),
         overwrite=args.overwrite, jobs=args.jobs, dask_address=args.dask, index_labels=labels,
-        query_images=args.query_images, query_split=args.query_split)
+        query_images=args.query_images, query_split=args.query_split, index_images=args.index_images,
+        index_split=args.index_split)
     return 0

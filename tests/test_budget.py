@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -10,6 +12,9 @@ import pytest
 from delf_pipeline import budget as budget_module
 from delf_pipeline.budget import TimeBudget, affordable_depth, fit_num_to_rerank
 from delf_pipeline.config import Config, load_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from support.synthetic_images import write_kaggle  # noqa: E402
 
 
 class FakeClock:
@@ -151,3 +156,19 @@ def test_fit_resumes_with_the_depth_already_started(tmp_path, monkeypatch, overw
     fitted = fit_num_to_rerank(config(10), TimeBudget(3600.0), write_shortlist(tmp_path / "s.csv", 2), tmp_path,
                                tmp_path, tmp_path / "rerank.csv", overwrite=overwrite)
     assert fitted.rerank.num_to_rerank == expected
+
+
+def test_the_cascade_is_timed_with_the_image_files_its_fallback_reads(tmp_path, monkeypatch):
+    write_kaggle(tmp_path / "data", places=2, index_views=1)
+    seen = {}
+    monkeypatch.setattr(budget_module, "measure_pair_seconds", lambda *args, **kwargs: (0.001, 50))
+    monkeypatch.setattr(budget_module, "measure_cascade_seconds",
+                        lambda *args, **kwargs: seen.update(kwargs) or (0.0, 1))
+    fit_num_to_rerank(config(10, "lighterglue"), TimeBudget(3600.0), write_shortlist(tmp_path / "s.csv", 4), tmp_path,
+                      tmp_path, tmp_path / "rerank.csv", images=tmp_path / "data")
+    queries, index = seen["paths"]
+    assert queries and index and all(Path(p).is_file() for p in [*queries.values(), *index.values()])
+    off = config(10, "lighterglue")
+    off.rerank.cascade_fallback = ""
+    assert budget_module.fallback_paths(off.rerank, tmp_path / "data") == ({}, {})
+    assert budget_module.fallback_paths(config(10, "lighterglue").rerank, None) == ({}, {})

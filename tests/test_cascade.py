@@ -3,6 +3,7 @@ stage through the rerank stage (images read at rerank time), the search path (vi
 photo in memory), and clear refusals. RootSIFT on tiny seeded textures, no weights needed."""
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -21,9 +22,9 @@ from delf_pipeline.formats.store import FeatureStore
 from delf_pipeline.formats.tables import read_labels
 from delf_pipeline.search.searcher import Searcher
 from delf_pipeline.tools.show_matches import open_run, pair_caption, verify_recorded
-from delf_pipeline.verification.cascade import combine, counted, select
+from delf_pipeline.verification.cascade import AsiftFallback, QuerySide, combine, counted, select
 from delf_pipeline.verification.matching import match_views
-from delf_pipeline.verification.pairs import verify_matches, verify_options
+from delf_pipeline.verification.pairs import PairResult, verify_matches, verify_options
 from delf_pipeline.verification.verifier import CandidateVerifier, store_settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -213,6 +214,122 @@ def test_a_query_without_its_image_is_refused_by_id(task, tmp_path):
     images.write_text("id,path\n")  # the query images given hold none of the queries
     with pytest.raises(ValueError, match="has none among the query images"):
         cascade_run(task, tmp_path / "r.csv", *VIEWS, query_images=images)
+
+
+# ------------------------------------------------------------------ the asift fallback
+
+
+FALLBACK = ["rerank.cascade_fallback=asift", "rerank.fallback_tilts=[1, 2]", "rerank.fallback_image_size=96",
+            "rerank.fallback_features=100", "rerank.fallback_min_inliers=0", "rerank.fallback_pairs=1"]
+NO_FALLBACK = ['rerank.cascade_fallback=""']
+
+
+def test_fallback_settings_are_checked_by_the_table():
+    conf = load_config(None, None, []).rerank
+    assert (conf.cascade_fallback, conf.fallback_tilts, conf.fallback_pairs) == ("asift", [1.0, 2, 4, 6, 8], 3)
+    with pytest.raises(ConfigError, match="rerank.fallback_tilts"):
+        load_config(None, None, ["rerank.fallback_tilts=[0.5]"])  # both images compressed: t >= 1
+    with pytest.raises(ConfigError, match="rerank.cascade_fallback"):
+        load_config(None, None, ["rerank.cascade_fallback=mods"])
+
+
+def test_fallback_reverifies_the_first_selected_pairs_of_an_undecided_query_from_both_images(task, tmp_path):
+    """Every query stays undecided after the views stage (cascade_inliers 100000): the first
+    selected candidate is matched again on both images' ASIFT RootSIFT, and its row becomes the
+    fallback's where that count is the larger; every other row is the views run's."""
+    before = cascade_run(task, tmp_path / "views.csv", *VIEWS, *NO_FALLBACK)
+    table = cascade_run(task, tmp_path / "r.csv", *VIEWS, *FALLBACK, index_images=task["data"])
+    conf = settings(*VIEWS, *FALLBACK).rerank
+    fallback = AsiftFallback(conf)
+    changed = 0
+    for query_id, rows in table.groupby("query_id"):
+        old = before[before["query_id"] == query_id]
+        fast = task["fast"][task["fast"]["query_id"] == query_id].sort_values(["score", "index_id"],
+                                                                             ascending=[False, True])
+        chosen = select(fast["index_id"].tolist(), fast["score"].tolist(), fast["inliers"].tolist(), task["labels"],
+                        2, 0, 10**5)
+        index_id = fast["index_id"].iloc[chosen[0]]
+        expected = fallback.verify(str(kaggle_path(task["data"], "test", query_id)),
+                                   str(kaggle_path(task["data"], "train", index_id)))
+        row = rows.set_index("index_id").loc[index_id]
+        previous = old.set_index("index_id").loc[index_id]
+        if expected.inliers > previous["inliers"]:
+            assert (row["inliers"], row["matches"], row["status"]) == (expected.inliers, expected.matches,
+                                                                       f"asift:{expected.status}")
+            changed += 1
+        else:
+            assert row["status"] == previous["status"] and row["inliers"] == previous["inliers"]
+        others = rows[rows["index_id"] != index_id].set_index("index_id").sort_index()
+        pd.testing.assert_frame_equal(others, old[old["index_id"] != index_id].set_index("index_id").sort_index())
+        assert list(rows["score"]) == sorted(rows["score"], reverse=True)
+    assert changed, "two views of one textured place: the fallback finds more than the views stage somewhere"
+
+
+def test_an_asift_row_is_verified_again_by_the_fallback_from_both_images(task, tmp_path):
+    table = cascade_run(task, tmp_path / "r.csv", *VIEWS, *FALLBACK, index_images=task["data"])
+    row = table[table["status"].str.startswith("asift:")].iloc[0]
+    worker = CandidateVerifier(str(task["query"]), str(task["index"]), settings(*VIEWS, *FALLBACK).rerank)
+    stored = worker.stored_query(row["query_id"])
+    query = QuerySide(stored, path=str(kaggle_path(task["data"], "test", row["query_id"])))
+    pair = worker.verify_row(query, row["index_id"], row["status"],
+                             index_path=str(kaggle_path(task["data"], "train", row["index_id"])))
+    assert (pair.stage, pair.result.inliers, pair.status) == ("asift", row["inliers"], row["status"])
+    assert "affine views" in pair.matched_by and pair.query.descriptors.shape[1] == 128
+    with pytest.raises(ValueError, match="reads both images"):
+        worker.verify_row(QuerySide(stored), row["index_id"], row["status"])
+
+
+def test_fallback_counts_under_its_floor_count_zero(task, tmp_path):
+    before = cascade_run(task, tmp_path / "views.csv", *VIEWS, *NO_FALLBACK)
+    table = cascade_run(task, tmp_path / "r.csv", *VIEWS, *FALLBACK, "rerank.fallback_min_inliers=100000",
+                        index_images=task["data"])
+    pd.testing.assert_frame_equal(table, before)
+
+
+def test_fallback_without_the_index_images_is_skipped_and_recorded(task, tmp_path, caplog):
+    before = cascade_run(task, tmp_path / "views.csv", *VIEWS, *NO_FALLBACK)
+    table = cascade_run(task, tmp_path / "r.csv", *VIEWS, *FALLBACK)
+    assert "--index-images" in caplog.text and "skipped" in caplog.text
+    pd.testing.assert_frame_equal(table, before)
+    manifest = json.loads((tmp_path / "r.csv.blocks" / "manifest.json").read_text())
+    assert manifest["fallback_ran"] is False
+    with pytest.raises(Exception, match="settings|manifest"):  # the same settings with the images: another output
+        cascade_run(task, tmp_path / "r.csv", *VIEWS, *FALLBACK, index_images=task["data"])
+
+
+def test_fallback_leaves_a_query_the_second_stage_decided(task, tmp_path, monkeypatch):
+    """A second stage whose count reaches cascade_inliers decides the query: no fallback."""
+    monkeypatch.setattr(AsiftFallback, "verify", lambda *args: pytest.fail("the fallback ran on a decided query"))
+    conf = settings(*VIEWS, *FALLBACK, "rerank.cascade_inliers=8").rerank
+    worker = CandidateVerifier(str(task["query"]), str(task["index"]), conf)
+    first = {}
+    for index_id, landmark in sorted(task["labels"].items()):
+        first.setdefault(landmark, index_id)
+    a, c = list(first.values())[:2]  # the first images of two places
+    rows = [("q", a, 0.9, 40, 0, 0.9, "ok"), ("q", c, 0.8, 40, 0, 0.8, "ok")]
+
+    class Decisive:
+        name = "views"
+
+        def verify(self, *args):
+            return PairResult(40, 30, "ok", np.zeros((40, 2), np.int64), np.ones(40, bool))
+
+    worker.second = Decisive()
+    out = worker.cascade(rows, QuerySide(task_features(), path="q.jpg"), task["labels"], {a: "a.jpg", c: "c.jpg"})
+    assert [row[4] for row in out] == [30, 30]
+
+
+def test_fallback_on_an_unreadable_image_keeps_the_counts(tmp_path, caplog):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    fallback = AsiftFallback(settings(*FALLBACK).rerank)
+    assert fallback.verify(str(broken), str(broken)) is None
+    assert "cannot be read" in caplog.text
+
+
+def task_features() -> ImageFeatures:
+    return ImageFeatures(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32), np.zeros(0, np.float32),
+                         np.zeros(0, np.float32))
 
 
 # ------------------------------------------------------------------ the search path

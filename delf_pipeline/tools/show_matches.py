@@ -163,8 +163,9 @@ def rerank_settings(folder: RunFolder, config: Config, overrides: Sequence[str] 
 def verify_recorded(run: Run, query_id: str, index_id: str, status: str = "") -> VerifiedPair:
     """Verify a stored pair again as the rerank verified it, by the stage its rerank row's
     ``status`` names (:meth:`.CandidateVerifier.verify_row`): a ``lighterglue:...`` pair by the
-    cascade's LighterGlue stage on both images' kept XFeat features, any other by the fast path
-    (the run's matcher, LighterGlue's too, and verifier).
+    cascade's LighterGlue stage on both images' kept XFeat features, an ``asift:...`` pair by its
+    fallback on both images' files, any other by the fast path (the run's matcher, LighterGlue's
+    too, and verifier).
 
     Raises FileNotFoundError naming ``delf-pipeline weights fetch xfeat`` when the LighterGlue
     weights the pair needs are missing.
@@ -176,8 +177,9 @@ def verify_recorded(run: Run, query_id: str, index_id: str, status: str = "") ->
         by = f"the cascade's LighterGlue stage ({status} in rerank.csv)" if second_stage else "LighterGlue (rerank.matcher)"
         raise FileNotFoundError(f"{query_id} / {index_id} was matched by {by}, whose weights are missing: fetch them "
                                 "with `delf-pipeline weights fetch xfeat`") from error
-    query = QuerySide(worker.stored_query(query_id), run.queries.size(query_id))
-    return worker.verify_row(query, index_id, status)
+    path = {image_id: str(run.images[image_id]) for image_id in (query_id, index_id) if image_id in run.images}
+    query = QuerySide(worker.stored_query(query_id), run.queries.size(query_id), path=path.get(query_id))
+    return worker.verify_row(query, index_id, status, index_path=path.get(index_id))
 
 
 def global_score(query: ImageFeatures, candidate: ImageFeatures) -> float:

@@ -30,6 +30,18 @@ Second stages:
   then the preset's verifier (EVD: 9/15 with image 1 as the query, 5/15 with image 2; ~17-21x
   the fast path's CPU per pair).
 
+Last stage (``cascade_fallback = "asift"``, :class:`AsiftFallback`): a query whose best
+candidate is still under ``cascade_inliers`` after the second stage has the first
+``fallback_pairs`` of its selected candidates matched once more, on RootSIFT of simulated affine views of both images (ASIFT, tilts
+``fallback_tilts``, :mod:`delf_pipeline.extractors.views`), decoded from the image files at
+``fallback_image_size``, mutual nearest neighbours with Lowe's ratio 0.8 and an affine MSAC at
+20 px, as ``sift_default`` verifies (:data:`FALLBACK_VERIFY`). A candidate keeps the larger of its
+count and the fallback's, which counts 0 under ``fallback_min_inliers``; the row is the
+fallback's (status ``asift:STATUS``) only where its count is the larger. It needs both images'
+files, so the rerank is given them (``run`` does); views on both sides are what lift the EVD pairs
+that LighterGlue and one-sided views leave near the swapped pairs' counts (docs/benchmarks.md,
+"Extreme viewpoints: EVD"). CPU: ~0.9 s per image (51 views at 640 px) and ~0.9 s per pair.
+
 Combination (``cascade_rule``): a selected candidate's inliers become the second stage's
 (``replace``), the larger of both (``max``) or their sum (``sum``); a second-stage count below
 ``cascade_min_inliers`` (or ``min_inliers``, as for the fast path) counts 0 (:func:`counted`). Its
@@ -45,29 +57,41 @@ path under 8 inliers, counts replaced, under 6 counting 0, is the default (docs/
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from ..extractors.rootsift import extract_rootsift
 from ..formats.features import ImageFeatures
+from ..formats.images import ImageError, load_image
 from .matching import match_views
-from .pairs import PairResult, verify_matches
+from .pairs import PairResult, verify_matches, verify_pair
+
+log = logging.getLogger("delf_pipeline.cascade")
 
 SECOND_STAGES = ("views", "lighterglue")
 RULES = ("replace", "max", "sum")
+#: how the asift fallback verifies its matches: sift_default's rerank settings (configs/sift_default.toml)
+FALLBACK_VERIFY = {"matcher": "mutual", "match_threshold": 0.9, "ratio": 0.8, "verifier": "msac_affine",
+                   "residual_threshold": 20.0, "max_trials": 2000, "confidence": 0.99, "min_matches": 5}
 
 ViewFeatures = tuple[ImageFeatures, np.ndarray]  # features of every view, [N] view index of each
 
 
 @dataclass
 class QuerySide:
-    """The query as a second stage sees it: its stored features, its original (height, width)
-    and, for ``views``, a function giving its view features (called once, when first needed)."""
+    """The query as a second stage sees it: its stored features, its original (height, width),
+    for ``views`` a function giving its view features (called once, when first needed) and, for
+    the asift fallback, its image file."""
 
     features: ImageFeatures
     size: tuple[int, int] | None = None
     views: Callable[[], ViewFeatures] | None = None
+    path: str | None = None  # its image file, for the asift fallback
     _views: ViewFeatures | None = field(default=None, repr=False)
 
     def view_features(self) -> ViewFeatures:
@@ -100,6 +124,12 @@ def select(index_ids: Sequence[str], scores: Sequence[float], inliers: Sequence[
     if scores[firsts[0]] - scores[firsts[1]] >= margin and inliers[firsts[0]] >= band:
         return []
     return firsts[:pairs]
+
+
+def undecided(inliers: Sequence[int], conf) -> bool:
+    """Whether a query whose candidates have ``inliers`` (as counted) is still undecided under
+    the rerank settings ``conf``: its best is under ``cascade_inliers``."""
+    return max(inliers, default=0) < conf.cascade_inliers
 
 
 def counted(second: int, conf) -> int:
@@ -156,6 +186,55 @@ class GlueStage:
         pairs = self.glue.match_stored(query_features.locations, query_features.descriptors, query.size,
                                        candidate.locations, candidate.descriptors, candidate_size)
         return verify_matches(query_features.locations, candidate.locations, pairs, **self.options)
+
+
+class AsiftFallback:
+    """The ``asift`` last stage: RootSIFT on the simulated views of both images' files (the rerank
+    settings ``conf``: ``fallback_tilts``, ``fallback_image_size``, ``fallback_features`` per
+    view), matched and verified as :data:`FALLBACK_VERIFY` says. Features of the last
+    ``cache_images`` images read are kept: a candidate shared by queries is extracted once."""
+
+    name = "asift"
+
+    def __init__(self, conf, cache_images: int = 64):
+        self.tilts = tuple(float(t) for t in conf.fallback_tilts)
+        self.size, self.per_view, self.floor = int(conf.fallback_image_size), int(conf.fallback_features), \
+            int(conf.fallback_min_inliers)
+        self.options = {**FALLBACK_VERIFY, "seed": int(conf.seed)}
+        self.cache: OrderedDict[str, ImageFeatures | None] = OrderedDict()
+        self.cache_images = cache_images
+
+    def features(self, path: str) -> ImageFeatures | None:
+        """Locations [N, 2] (y, x) in original pixels and RootSIFT [N, 128] of every view of the
+        image at ``path`` (None, logged, when it cannot be read now)."""
+        if path in self.cache:
+            self.cache.move_to_end(path)
+            return self.cache[path]
+        try:
+            image, factors = load_image(Path(path), self.size, "L")
+            found = extract_rootsift(image, self.per_view, self.tilts)
+            features = replace(found, locations=found.locations * factors.astype(np.float32))
+        except ImageError as error:
+            log.warning("asift fallback: %s cannot be read (%s); its pairs keep their counts", path, error)
+            features = None
+        self.cache[path] = features
+        if len(self.cache) > self.cache_images:
+            self.cache.popitem(last=False)
+        return features
+
+    def verify(self, query_path: str, candidate_path: str) -> PairResult | None:
+        """The pair's matches and inliers (None when an image cannot be read)."""
+        query, candidate = self.features(query_path), self.features(candidate_path)
+        if query is None or candidate is None:
+            return None
+        if not query.num_features or not candidate.num_features:
+            return _nothing()
+        return verify_pair(query.locations, query.descriptors, candidate.locations, candidate.descriptors,
+                           **self.options)
+
+    def counted(self, inliers: int) -> int:
+        """A fallback count as the score counts it: 0 under ``fallback_min_inliers``."""
+        return inliers if inliers >= self.floor else 0
 
 
 def xfeat_of(features: ImageFeatures) -> ImageFeatures:

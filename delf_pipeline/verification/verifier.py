@@ -41,13 +41,25 @@ from ..extractors.views import ViewExtractor
 from ..formats.features import ImageFeatures
 from ..formats.store import FeatureStore, open_store
 from ..utils.threads import one_blas_thread
-from .cascade import GlueStage, QuerySide, ViewFeatures, ViewsStage, combine, counted, select, xfeat_of
+from .cascade import (
+    AsiftFallback,
+    GlueStage,
+    QuerySide,
+    ViewFeatures,
+    ViewsStage,
+    combine,
+    counted,
+    select,
+    undecided,
+    xfeat_of,
+)
 from .matching import MATCHERS
 from .pairs import PairResult, fit_matches, match_and_fit, resolve_options, verify_options
 
 COLUMNS = ("query_id", "index_id", "global_score", "matches", "inliers", "score", "status")
 RELEASE_EVERY = 256  # candidates read between two releases of the stores' mapped pages
 GLUE_MATCHED_BY = "LighterGlue on XFeat features (cascade)"  # how a pair of the cascade's lighterglue stage is matched
+ASIFT_MATCHED_BY = "RootSIFT on affine views of both images (cascade fallback)"  # and one of its asift fallback
 
 
 def by_glue_stage(status: str) -> bool:
@@ -86,6 +98,8 @@ class VerifiedPair:
         """Its inliers as the score counts them under the rerank settings ``conf`` (0 under the
         floor of its stage); the rerank row's count unless a cascade rule other than replace
         combined it with the fast count."""
+        if self.stage == AsiftFallback.name:
+            return self.result.inliers if self.result.inliers >= conf.fallback_min_inliers else 0
         return counted(self.result.inliers, conf) if self.stage else fast_counted(self.result.inliers, conf)
 
 
@@ -105,6 +119,7 @@ class CandidateVerifier:
         glue = learned_matcher(conf, stores)
         self.glue = glue if conf.matcher == "lighterglue" else None
         self.second = second_stage(conf, glue)
+        self.fallback = AsiftFallback(conf) if conf.cascade_fallback else None  # runs within a cascade only
         self.views: ViewExtractor | None = (view_extractor(store_settings(stores[0]), conf.cascade_tilts)
                                             if conf.cascade == "views" else None)
         self.cache: OrderedDict[str, ImageFeatures] = OrderedDict()
@@ -123,18 +138,21 @@ class CandidateVerifier:
         return features
 
     def rerank_block(self, block: dict[str, list[tuple[str, float]]], labels: dict[str, str] | None = None,
-                     query_paths: dict[str, str] | None = None) -> pd.DataFrame:
+                     query_paths: dict[str, str] | None = None,
+                     index_paths: dict[str, str] | None = None) -> pd.DataFrame:
         """Rows (COLUMNS) for every (query, candidate) of the block. The cascade's selection needs
-        ``labels`` (index id -> landmark; None: every candidate a class of its own) and its views
-        stage ``query_paths`` (query id -> image file)."""
+        ``labels`` (index id -> landmark; None: every candidate a class of its own), its views
+        stage ``query_paths`` (query id -> image file) and its asift fallback both those and
+        ``index_paths`` (index id -> image file)."""
         rows = [row for query_id, cands in block.items()
-                for row in self.rerank_query(query_id, cands, labels, (query_paths or {}).get(query_id))]
+                for row in self.rerank_query(query_id, cands, labels, (query_paths or {}).get(query_id), index_paths)]
         return pd.DataFrame(rows, columns=list(COLUMNS))
 
     def rerank_query(self, query_id: str, candidates: list[tuple[str, float]], labels: dict[str, str] | None = None,
-                     query_path: str | None = None) -> list[tuple]:
+                     query_path: str | None = None, index_paths: dict[str, str] | None = None) -> list[tuple]:
         """Verify one stored query against its candidates; rows sorted by score descending.
-        ``labels`` and ``query_path`` (its image file) serve the cascade (:meth:`rerank_block`).
+        ``labels``, ``query_path`` (its image file) and ``index_paths`` serve the cascade
+        (:meth:`rerank_block`).
 
         Every RELEASE_EVERY candidates the stores' mapped pages are released, so the worker's
         resident memory is bounded by that many reads, not by the union of its candidates
@@ -144,7 +162,7 @@ class CandidateVerifier:
         if self.views is not None:
             views = (lambda: self.views.of_file(query_path)) if query_path else lambda: _no_image(query_id)
         rows = self.rerank_features(query_id, self.stored_query(query_id), candidates, size, labels=labels,
-                                    views=views)
+                                    views=views, query_path=query_path, index_paths=index_paths)
         self.reads_since_release += len(rows)
         if self.reads_since_release >= RELEASE_EVERY:
             self.queries.release()
@@ -168,10 +186,13 @@ class CandidateVerifier:
 
     def rerank_features(self, query_id: str, query: ImageFeatures, candidates: list[tuple[str, float]],
                         query_size: tuple[int, int] | None = None, *, labels: dict[str, str] | None = None,
-                        views: Callable[[], ViewFeatures] | None = None) -> list[tuple]:
+                        views: Callable[[], ViewFeatures] | None = None, query_path: str | None = None,
+                        index_paths: dict[str, str] | None = None) -> list[tuple]:
         """:meth:`rerank_query` of a query whose features are given (in original-image pixels;
         ``query_size``, its original (height, width), is needed by lighterglue, as matcher or
-        second stage). ``views``: () -> the query's view features (the cascade's views stage).
+        second stage). ``views``: () -> the query's view features (the cascade's views stage);
+        ``query_path`` and ``index_paths`` (index id -> file): the image files of the asift
+        fallback, which is skipped for a pair without both.
         ``candidates`` in shortlist order: with adaptive depth, the first ones are verified first."""
         with one_blas_thread():
             first = first_round(self.conf, len(candidates))
@@ -181,7 +202,7 @@ class CandidateVerifier:
                          for candidate in candidates[first:]]
             rows.sort(key=lambda row: (-row[5], row[1]))
             if self.second is not None:
-                rows = self.cascade(rows, QuerySide(query, query_size, views), labels)
+                rows = self.cascade(rows, QuerySide(query, query_size, views, query_path), labels, index_paths)
         return rows
 
     def verify_candidate(self, query_id: str, query: ImageFeatures, candidate: tuple[str, float],
@@ -194,9 +215,11 @@ class CandidateVerifier:
         score = final_score(inliers, global_score, self.conf)
         return (query_id, index_id, global_score, result.matches, inliers, score, result.status)
 
-    def cascade(self, rows: list[tuple], query: QuerySide, labels: dict[str, str] | None) -> list[tuple]:
+    def cascade(self, rows: list[tuple], query: QuerySide, labels: dict[str, str] | None,
+                index_paths: dict[str, str] | None = None) -> list[tuple]:
         """The fast ``rows`` (sorted) with the second stage's verdict on the selected candidates
-        (:func:`.cascade.select`, combined by :func:`.cascade.combine`), sorted again."""
+        (:func:`.cascade.select`, combined by :func:`.cascade.combine`), then the fallback's where
+        the query is still undecided (:meth:`fall_back`), sorted again."""
         conf = self.conf
         chosen = select([row[1] for row in rows], [row[5] for row in rows], [row[4] for row in rows], labels,
                         conf.cascade_pairs, conf.cascade_margin, conf.cascade_inliers,
@@ -208,13 +231,33 @@ class CandidateVerifier:
             inliers = combine(fast, second, conf.cascade_rule)
             rows[position] = (query_id, index_id, global_score, result.matches, inliers,
                               final_score(inliers, global_score, conf), f"{self.second.name}:{result.status}")
+        if chosen and self.fallback is not None and undecided([row[4] for row in rows], conf):
+            self.fall_back(rows, chosen, query.path, index_paths or {})
         return sorted(rows, key=lambda row: (-row[5], row[1])) if chosen else rows
 
-    def verify_row(self, query: QuerySide, index_id: str, status: str) -> VerifiedPair:
+    def fall_back(self, rows: list[tuple], chosen: list[int], query_path: str | None,
+                  index_paths: dict[str, str]) -> None:
+        """The asift fallback on the ``chosen`` positions of ``rows`` (changed in place): a row
+        becomes the fallback's where its count (0 under fallback_min_inliers) is the larger; the first
+        ``fallback_pairs`` of them only."""
+        for position in chosen[:self.conf.fallback_pairs]:
+            query_id, index_id, global_score, _, inliers, _, _ = rows[position]
+            path = index_paths.get(index_id)
+            result = self.fallback.verify(query_path, path) if query_path and path else None
+            if result is None or self.fallback.counted(result.inliers) <= inliers:
+                continue
+            count = self.fallback.counted(result.inliers)
+            rows[position] = (query_id, index_id, global_score, result.matches, count,
+                              final_score(count, global_score, self.conf), f"{self.fallback.name}:{result.status}")
+
+    def verify_row(self, query: QuerySide, index_id: str, status: str, index_path: str | None = None) -> VerifiedPair:
         """(query, ``index_id``) verified again as its rerank row's ``status`` says: by the cascade's
         LighterGlue stage for ``lighterglue:...`` (both images' XFeat features: ``query.features``
-        carry the query's kept ones, as :meth:`stored_query` reads them), else by the fast path
-        (same seed, so the same matches)."""
+        carry the query's kept ones, as :meth:`stored_query` reads them), by the asift fallback for
+        ``asift:...`` (from ``query.path`` and ``index_path``, the images' files; ValueError
+        without them), else by the fast path (same seed, so the same matches)."""
+        if status.startswith(f"{AsiftFallback.name}:"):
+            return self.verify_by_fallback(query, index_id, index_path)
         size = self.index.size(index_id)
         if by_glue_stage(status) and self.second is not None:
             candidate = self.second_candidate(index_id)
@@ -224,6 +267,16 @@ class CandidateVerifier:
         candidate = self.index_features(index_id)
         result = self.verify(query.features, candidate, (query.size, size))
         return VerifiedPair(index_id, result, query.features, candidate, f"{self.conf.matcher} matching")
+
+    def verify_by_fallback(self, query: QuerySide, index_id: str, index_path: str | None) -> VerifiedPair:
+        """(query, ``index_id``) verified again by the asift fallback, from both images' files."""
+        fallback = self.fallback or AsiftFallback(self.conf)
+        result = fallback.verify(query.path, index_path) if query.path and index_path else None
+        if result is None:
+            raise ValueError(f"{index_id} was verified by the cascade's asift fallback, which reads both images: "
+                             "give the images (--data)")
+        return VerifiedPair(index_id, result, fallback.features(query.path), fallback.features(index_path),
+                            ASIFT_MATCHED_BY, fallback.name)
 
     def verify(self, query: ImageFeatures, candidate: ImageFeatures,
                sizes: tuple[tuple[int, int] | None, tuple[int, int]] | None = None) -> PairResult:
