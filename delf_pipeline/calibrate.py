@@ -238,7 +238,8 @@ def loo_candidates(config: Config, index_store: str | Path | FeatureStore, work:
         wanted = candidate_ids(top_candidates(ranked, loo.rerank.num_to_rerank))
         local_store = extract.candidate_local_store(loo, index, wanted, index_images)
         rerank_csv = rerank.run(loo, shortlist_csv, index, local_store, work / "rerank.csv", jobs=jobs,
-                                index_labels=labels or {}, query_images=index_images, query_split="train")
+                                index_labels=labels or {}, query_images=index_images, query_split="train",
+                                index_images=index_images, index_split="train")
     return aggregation.candidate_table(ranked, read_table(rerank_csv) if rerank_csv else None)
 
 

@@ -57,7 +57,8 @@ def run(config: Config, gnd: str | Path, images: str | Path, out: str | Path, *,
     shortlist_csv = shortlist.run(config, index, queries, out / "shortlist.csv")
     rerank_csv = None
     if config.rerank.num_to_rerank > 0:
-        rerank_csv = rerank.run(config, shortlist_csv, queries, index, out / "rerank.csv", jobs=jobs)
+        rerank_csv = rerank.run(config, shortlist_csv, queries, index, out / "rerank.csv", jobs=jobs,
+                                query_images=queries_csv, index_images=index_csv)  # a cascade's views and fallback
     ranking = predict.final_ranking(read_table(shortlist_csv), read_table(rerank_csv) if rerank_csv else None)
     result = score(ranking_lists(ranking, truth.qimlist), truth, ks)
     write_json_atomic(out / "revisitop.json", {p: {k: v for k, v in result[p].items() if k != "ap"} for p in result})

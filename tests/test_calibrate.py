@@ -106,6 +106,27 @@ def test_leave_one_out_shortlist_searches_as_the_stage_does(index_store, tmp_pat
     assert len(found) and found.sort_index().round(5).equals(expected.loc[found.index].sort_index().round(5))
 
 
+def test_leave_one_out_rerank_gives_the_cascade_the_index_images(index_store, tmp_path, monkeypatch):
+    """The calibration re-ranks index photos against the index: its cascade's views stage and asift
+    fallback read them from the index images (the same folder on both sides, split train), as
+    the run's rerank reads its queries' and index images."""
+    from delf_pipeline import extract, rerank
+
+    seen = {}
+
+    def fake_rerank(config, shortlist_csv, queries, index, out, **options):
+        seen.update(options)
+        raise StopIteration  # what the calibration makes of the rows is not this test's subject
+
+    monkeypatch.setattr(rerank, "run", fake_rerank)
+    monkeypatch.setattr(extract, "candidate_local_store", lambda *args: index_store)
+    with pytest.raises(StopIteration):
+        calibrate.loo_candidates(load_config(), index_store, tmp_path / "work", labels=LABELS,
+                                 index_images=tmp_path / "images")
+    assert (seen["query_images"], seen["query_split"]) == (tmp_path / "images", "train")
+    assert (seen["index_images"], seen["index_split"]) == (tmp_path / "images", "train")
+
+
 # ---------------------------------------------------------------- automatic: what run and index build do
 
 

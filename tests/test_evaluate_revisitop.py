@@ -59,6 +59,8 @@ def test_command_crops_ranks_and_scores(dataset, tmp_path, capsys):
     assert [sorted(ids) for ids in lists] == [sorted(truth.imlist)] * 2
     # AP scores the whole re-ranked order: every one of num_to_rerank verified, never an adaptive first round
     assert read_table(out / "rerank.csv").groupby("query_id").size().tolist() == [4, 4]
+    # the default's cascade got the images its asift fallback reads (the cropped queries, the index)
+    assert json.loads((out / "rerank.csv.blocks" / "manifest.json").read_text())["fallback_ran"] is True
     expected = score(lists, truth, (1, 5))
     assert format_table(expected) in printed
     saved = json.loads((out / "revisitop.json").read_text())
