@@ -255,7 +255,7 @@ SETTINGS: dict[str, dict[str, Key]] = {
                                   "without them it is skipped and logged); a candidate counts the larger of both stages "
                                   "(verification/cascade.py)", when="cascade"),
         "fallback_pairs": _count(3, 1, 10_000, "fallback pairs per query at most: the first of the cascade's selected "
-                                 "candidates (each ~1.8 CPU s: both images' 51 views and their matching)",
+                                 "candidates (on EVD ~1.4 CPU s per image for its 51 views, 1-2.5 s per pair)",
                                  when="cascade_fallback"),
         "fallback_tilts": _reals([1.0, 2.0, 4.0, 6.0, 8.0], 1, 16, (1, 8), "tilts of both images' views (ASIFT: t > 1 "
                                  "adds views rotated 72 / t degrees apart, compressed by t; [1, 2, 4, 6, 8]: 51 views)",

@@ -32,15 +32,16 @@ Second stages:
 
 Last stage (``cascade_fallback = "asift"``, :class:`AsiftFallback`): a query whose best
 candidate is still under ``cascade_inliers`` after the second stage has the first
-``fallback_pairs`` of its selected candidates matched once more, on RootSIFT of simulated affine views of both images (ASIFT, tilts
-``fallback_tilts``, :mod:`delf_pipeline.extractors.views`), decoded from the image files at
-``fallback_image_size``, mutual nearest neighbours with Lowe's ratio 0.8 and an affine MSAC at
+``fallback_pairs`` of its selected candidates matched once more, on RootSIFT of simulated
+affine views of both images (ASIFT, tilts ``fallback_tilts``,
+:mod:`delf_pipeline.extractors.views`), decoded from the image files at ``fallback_image_size``, mutual nearest neighbours with Lowe's ratio 0.8 and an affine MSAC at
 20 px, as ``sift_default`` verifies (:data:`FALLBACK_VERIFY`). A candidate keeps the larger of its
 count and the fallback's, which counts 0 under ``fallback_min_inliers``; the row is the
 fallback's (status ``asift:STATUS``) only where its count is the larger. It needs both images'
 files, so the rerank is given them (``run`` does); views on both sides are what lift the EVD pairs
 that LighterGlue and one-sided views leave near the swapped pairs' counts (docs/benchmarks.md,
-"Extreme viewpoints: EVD"). CPU: ~0.9 s per image (51 views at 640 px) and ~0.9 s per pair.
+"Extreme viewpoints: EVD"). CPU on EVD: ~1.4 s per image (51 views at 640 px, ~10,000
+features) and 1-2.5 s per pair.
 
 Combination (``cascade_rule``): a selected candidate's inliers become the second stage's
 (``replace``), the larger of both (``max``) or their sum (``sum``); a second-stage count below
@@ -192,7 +193,7 @@ class AsiftFallback:
     """The ``asift`` last stage: RootSIFT on the simulated views of both images' files (the rerank
     settings ``conf``: ``fallback_tilts``, ``fallback_image_size``, ``fallback_features`` per
     view), matched and verified as :data:`FALLBACK_VERIFY` says. Features of the last
-    ``cache_images`` images read are kept (about 5 MB each: ~9,400 RootSIFT at the default
+    ``cache_images`` images read are kept (about 5 MB each: ~10,000 RootSIFT at the default
     settings), so a query's images are extracted once for its pairs."""
 
     name = "asift"
