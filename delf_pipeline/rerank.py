@@ -164,8 +164,8 @@ def fallback_images(conf: RerankSettings, query_paths: dict[str, str] | None, im
         return None
     if query_paths is None or images is None:
         log.warning("rerank.cascade_fallback = %r reads the query and index images, which were not both given "
-                    "(`delf-pipeline rerank --query-images DATA --index-images DATA`; `run` gives them): skipped",
-                    conf.cascade_fallback)
+                    "(`delf-pipeline rerank --query-images DATA --index-images DATA`, `delf-pipeline calibrate "
+                    "--index-images DATA`; `run` gives them): skipped", conf.cascade_fallback)
         return None
     records, _ = list_images(images, split)
     return {record.id: str(record.path) for record in records}
