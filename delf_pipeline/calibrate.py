@@ -284,9 +284,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index-labels", required=True, help="CSV with id,landmark_id of the index images")
     parser.add_argument("--out", help="calibration file to write (default: calibration.json beside the index store)")
     parser.add_argument("--work", help="folder of the leave-one-out shortlist and rerank (default: beside --out)")
-    parser.add_argument("--index-images", help="the index images (folder, Kaggle root or CSV): the leave-one-out "
-                        "rerank's cascade reads them (the default's asift fallback; skipped without them), and they "
-                        "are needed when --index holds global descriptors only")
+    parser.add_argument("--index-images", help="the index images: the leave-one-out's cascade (asift fallback) "
+                        "reads them, and --index of global descriptors only needs them")
     parser.add_argument("--non-landmarks", metavar="DIR",
                         help="folder of images without a landmark: closeness to them becomes a calibration feature")
     parser.add_argument("--jobs", type=int, default=1, help="rerank worker processes")
