@@ -63,7 +63,7 @@ from delf_pipeline.formats.images import list_images
 from delf_pipeline.formats.store import FeatureStore
 from delf_pipeline.formats.tables import read_labels, read_solution, read_submission
 from delf_pipeline.utils.artifacts import fingerprint, write_json_atomic, write_text_atomic
-from delf_pipeline.verification.cascade import AsiftFallback, combine, counted
+from delf_pipeline.verification.cascade import AsiftFallback, combine, counted, fallback_counted
 from delf_pipeline.verification.pairs import verify_options
 
 PRESETS = ("sift_default", "xfeat", "xfeat_lighterglue", "efficientnet_lite0_fused", "efficientnet_lite0",
@@ -208,10 +208,16 @@ def cascade_evd(fast: dict, second: dict, conf) -> dict:
 
     pairs = [(name, count(t, t2), count(s, s2), a) for (name, t, s, a), (_, t2, s2, _) in
              zip(fast["pairs"], second["pairs"])]
+    return pair_stats(pairs, fast, second)
+
+
+def pair_stats(pairs: list[tuple], *parts: dict) -> dict:
+    """EVD statistics of ``pairs`` (name, true count, swapped count, agreeing), with the wall and
+    CPU seconds of the ``parts`` (each stage's statistics) summed."""
     true, swapped = [p[1] for p in pairs], [p[2] for p in pairs]
     return {"median_true": float(np.median(true)), "max_swapped": max(swapped),
             "above": sum(t > max(swapped) for t in true), "pairs": pairs,
-            "wall": fast["wall"] + second["wall"], "cpu": fast["cpu"] + second["cpu"]}
+            "wall": sum(part["wall"] for part in parts), "cpu": sum(part["cpu"] for part in parts)}
 
 
 FALLBACK_KEYS = ("fallback_tilts", "fallback_image_size", "fallback_features", "seed")
@@ -241,16 +247,11 @@ def fallback_evd(stats: dict, fallback: dict, conf) -> dict:
     asift fallback: each pair whose count is still under ``cascade_inliers`` takes the larger of
     it and the fallback's (0 under ``fallback_min_inliers``)."""
     def count(before: int, after: int) -> int:
-        if before >= conf.cascade_inliers:
-            return before
-        return max(before, after if after >= conf.fallback_min_inliers else 0)
+        return before if before >= conf.cascade_inliers else max(before, fallback_counted(after, conf))
 
     pairs = [(name, count(t, t2), count(s, s2), a) for (name, t, s, a), (_, t2, s2) in
              zip(stats["pairs"], fallback["pairs"])]
-    true, swapped = [p[1] for p in pairs], [p[2] for p in pairs]
-    return {"median_true": float(np.median(true)), "max_swapped": max(swapped),
-            "above": sum(t > max(swapped) for t in true), "pairs": pairs,
-            "wall": stats["wall"] + fallback["wall"], "cpu": stats["cpu"] + fallback["cpu"]}
+    return pair_stats(pairs, stats, fallback)
 
 
 LOCAL_SETTINGS = ("max_image_size", "max_features", "affine_tilts", "xfeat_weights", "xfeat_threshold", "xfeat_scales")

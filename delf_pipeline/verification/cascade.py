@@ -139,6 +139,12 @@ def counted(second: int, conf) -> int:
     return second if second >= max(conf.min_inliers, conf.cascade_min_inliers) else 0
 
 
+def fallback_counted(inliers: int, conf) -> int:
+    """An asift fallback count as the score counts it under the rerank settings ``conf``: 0 below
+    ``fallback_min_inliers``, else itself."""
+    return inliers if inliers >= conf.fallback_min_inliers else 0
+
+
 def combine(fast: int, second: int, rule: str) -> int:
     """A selected candidate's inliers from its fast and second-stage counts under ``rule``."""
     if rule == "replace":
@@ -200,8 +206,7 @@ class AsiftFallback:
 
     def __init__(self, conf, cache_images: int = 8):
         self.tilts = tuple(float(t) for t in conf.fallback_tilts)
-        self.size, self.per_view, self.floor = int(conf.fallback_image_size), int(conf.fallback_features), \
-            int(conf.fallback_min_inliers)
+        self.size, self.per_view = int(conf.fallback_image_size), int(conf.fallback_features)
         self.options = {**FALLBACK_VERIFY, "seed": int(conf.seed)}
         self.cache: OrderedDict[str, ImageFeatures | None] = OrderedDict()
         self.cache_images = cache_images
@@ -233,10 +238,6 @@ class AsiftFallback:
             return _nothing()
         return verify_pair(query.locations, query.descriptors, candidate.locations, candidate.descriptors,
                            **self.options)
-
-    def counted(self, inliers: int) -> int:
-        """A fallback count as the score counts it: 0 under ``fallback_min_inliers``."""
-        return inliers if inliers >= self.floor else 0
 
 
 def xfeat_of(features: ImageFeatures) -> ImageFeatures:

@@ -49,6 +49,7 @@ from .cascade import (
     ViewsStage,
     combine,
     counted,
+    fallback_counted,
     select,
     undecided,
     xfeat_of,
@@ -99,7 +100,7 @@ class VerifiedPair:
         floor of its stage); the rerank row's count unless a cascade rule other than replace
         combined it with the fast count."""
         if self.stage == AsiftFallback.name:
-            return self.result.inliers if self.result.inliers >= conf.fallback_min_inliers else 0
+            return fallback_counted(self.result.inliers, conf)
         return counted(self.result.inliers, conf) if self.stage else fast_counted(self.result.inliers, conf)
 
 
@@ -244,9 +245,9 @@ class CandidateVerifier:
             query_id, index_id, global_score, _, inliers, _, _ = rows[position]
             path = index_paths.get(index_id)
             result = self.fallback.verify(query_path, path) if query_path and path else None
-            if result is None or self.fallback.counted(result.inliers) <= inliers:
+            count = fallback_counted(result.inliers, self.conf) if result is not None else 0
+            if count <= inliers:
                 continue
-            count = self.fallback.counted(result.inliers)
             rows[position] = (query_id, index_id, global_score, result.matches, count,
                               final_score(count, global_score, self.conf), f"{self.fallback.name}:{result.status}")
 
