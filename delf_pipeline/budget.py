@@ -21,7 +21,7 @@ import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import pandas as pd
 
@@ -103,7 +103,7 @@ def measure_pair_seconds(conf: RerankSettings, shortlist: pd.DataFrame, query_st
 
 def measure_cascade_seconds(conf: RerankSettings, shortlist: pd.DataFrame, query_store: Path | FeatureStore,
                             index_store: Path | FeatureStore, max_queries: int, max_seconds: float,
-                            paths: tuple[dict[str, str], dict[str, str]] = ({}, {})) -> tuple[float, int]:
+                            paths: tuple[Mapping[str, str], Mapping[str, str]] = ({}, {})) -> tuple[float, int]:
     """Mean seconds per query of the cascade's lighterglue stage and the number of queries timed
     ((0.0, 0) without that stage: views need the query images, and are not timed).
 
@@ -171,14 +171,14 @@ def fit_num_to_rerank(config: Config, budget: TimeBudget, shortlist_csv: Path, q
     return config
 
 
-def fallback_paths(conf: RerankSettings, images: str | Path | None) -> tuple[dict[str, str], dict[str, str]]:
+def fallback_paths(conf: RerankSettings, images: str | Path | None) -> tuple[Mapping[str, str], Mapping[str, str]]:
     """(query id -> file, index id -> file) of the Kaggle root ``images`` when the cascade's asift
-    fallback would read them, else two empty maps."""
+    fallback would read them (listed when it first does), else two empty maps."""
     if images is None or conf.cascade != "lighterglue" or not conf.cascade_fallback:
         return {}, {}
-    from .formats.images import list_images
+    from .formats.images import ImagePaths
 
-    return tuple({r.id: str(r.path) for r in list_images(images, split)[0]} for split in ("test", "train"))
+    return ImagePaths(images, "test"), ImagePaths(images, "train")
 
 
 def log_decision(configured: int, chosen: int, budget: TimeBudget) -> None:

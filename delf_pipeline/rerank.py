@@ -45,7 +45,7 @@ from .config import (
 )
 from .formats.blocks import claim_blocks, read_table, run_blocks, write_block
 from .formats.candidates import SHORTLIST_COLUMNS, top_candidates
-from .formats.images import list_images
+from .formats.images import ImagePaths
 from .formats.store import FeatureStore, open_store
 from .formats.tables import read_labels
 from .utils.artifacts import fingerprint, parse_shard, settings_manifest
@@ -135,10 +135,10 @@ def rerank_manifest(conf: RerankSettings, shortlist: pd.DataFrame, labels: dict[
 
 
 def cascade_inputs(conf: RerankSettings, labels: dict[str, str] | None, images: str | Path | None,
-                   split: str) -> tuple[dict[str, str] | None, dict[str, str] | None]:
-    """(labels, query id -> image path) the cascade needs (None, None without one; the paths
-    serve its views stage and asift fallback); ValueError saying what to give when the views
-    stage misses them. Without labels each candidate is a class of its own
+                   split: str) -> tuple[dict[str, str] | None, ImagePaths | None]:
+    """(labels, query id -> image path) the cascade needs (None, None without one; the paths,
+    listed when a worker first needs one, serve its views stage and asift fallback); ValueError
+    saying what to give when the views stage misses them. Without labels each candidate is a class of its own
     (logged: the cascade then re-verifies the first candidates rather than the first classes)."""
     if not conf.cascade:
         return None, None
@@ -152,14 +152,14 @@ def cascade_inputs(conf: RerankSettings, labels: dict[str, str] | None, images: 
         raise ValueError("rerank.cascade = 'views' extracts the selected queries' views from their images: give the "
                          "image source the query store was extracted from (`delf-pipeline rerank --query-images "
                          "DATA --query-split test`; `run` does)")
-    records, _ = list_images(images, split)
-    return labels, {record.id: str(record.path) for record in records}
+    return labels, ImagePaths(images, split)
 
 
-def fallback_images(conf: RerankSettings, query_paths: dict[str, str] | None, images: str | Path | None,
-                    split: str) -> dict[str, str] | None:
-    """Index id -> image path for the cascade's asift fallback; None (logged) when it is off or
-    it cannot run: both the query images and ``images`` (split ``split``) are needed."""
+def fallback_images(conf: RerankSettings, query_paths: ImagePaths | None, images: str | Path | None,
+                    split: str) -> ImagePaths | None:
+    """Index id -> image path for the cascade's asift fallback, listed when it first runs; None
+    (logged) when it is off or it cannot run: both the query images and ``images`` (split
+    ``split``) are needed."""
     if not conf.cascade or not conf.cascade_fallback:
         return None
     if query_paths is None or images is None:
@@ -167,20 +167,17 @@ def fallback_images(conf: RerankSettings, query_paths: dict[str, str] | None, im
                     "(`delf-pipeline rerank --query-images DATA --index-images DATA`, `delf-pipeline calibrate "
                     "--index-images DATA`; `run` gives them): skipped", conf.cascade_fallback)
         return None
-    records, _ = list_images(images, split)
-    return {record.id: str(record.path) for record in records}
+    return ImagePaths(images, split)
 
 
-def block_context(candidates: dict, ids: list[str], labels: dict | None, images: dict | None,
-                  index_images: dict | None = None) -> tuple:
-    """(labels of the block's candidates, image paths of its queries, image paths of its
-    candidates): what a block's worker needs for the cascade, (None, None, None) without one."""
+def block_context(candidates: dict, ids: list[str], labels: dict | None, images: ImagePaths | None,
+                  index_images: ImagePaths | None = None) -> tuple:
+    """(labels of the block's candidates, the query images' paths, the index images' paths): what
+    a block's worker needs for the cascade, (None, None, None) without one."""
     if labels is None:
         return None, None, None
     wanted = {index_id for q in ids for index_id, _ in candidates[q]}
-    paths = None if images is None else {q: images[q] for q in ids if q in images}
-    index_paths = None if index_images is None else {i: index_images[i] for i in wanted if i in index_images}
-    return {i: labels[i] for i in wanted if i in labels}, paths, index_paths
+    return {i: labels[i] for i in wanted if i in labels}, images, index_images
 
 
 def table_fingerprint(table: pd.DataFrame) -> str:

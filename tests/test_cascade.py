@@ -279,6 +279,24 @@ def test_an_asift_row_is_verified_again_by_the_fallback_from_both_images(task, t
         worker.verify_row(QuerySide(stored), row["index_id"], row["status"])
 
 
+def test_index_images_are_listed_only_when_the_fallback_runs(task, tmp_path, monkeypatch):
+    """Listing a Kaggle train split stats every image (1.58M at Kaggle 2020's scale): a rerank
+    whose queries the cascade decides lists no index image; one that reaches the fallback lists
+    them once per process."""
+    from delf_pipeline.formats import images as images_module
+
+    listed = []
+    real = images_module.list_images
+    monkeypatch.setattr(images_module, "list_images", lambda source, split="train": listed.append(split) or
+                        real(source, split))
+    images_module.listed_paths.cache_clear()
+    cascade_run(task, tmp_path / "decided.csv", *VIEWS, *FALLBACK, "rerank.cascade_inliers=0", "rerank.cascade_margin=0",
+                index_images=task["data"])
+    assert "train" not in listed
+    table = cascade_run(task, tmp_path / "r.csv", *VIEWS, *FALLBACK, index_images=task["data"])
+    assert table["status"].str.startswith("asift:").any() and listed.count("train") == 1
+
+
 def test_fallback_counts_under_its_floor_count_zero(task, tmp_path):
     before = cascade_run(task, tmp_path / "views.csv", *VIEWS, *NO_FALLBACK)
     table = cascade_run(task, tmp_path / "r.csv", *VIEWS, *FALLBACK, "rerank.fallback_min_inliers=100000",

@@ -22,7 +22,9 @@ import logging
 import math
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -66,6 +68,30 @@ def list_images(source: str | Path, split: str = "train") -> tuple[list[ImageRec
     records, unusable = _drop_unusable_ids(records)
     unique, duplicates = _drop_duplicates(records)
     return sorted(unique, key=lambda r: r.id), errors + unusable + duplicates
+
+
+@lru_cache(maxsize=4)
+def listed_paths(source: str, split: str) -> dict[str, str]:
+    """Image id -> file of ``source``'s ``split`` (:func:`list_images`), listed once per process."""
+    return {record.id: str(record.path) for record in list_images(source, split)[0]}
+
+
+class ImagePaths(Mapping):
+    """Image id -> file of ``source``'s ``split``, listed on first lookup (:func:`listed_paths`):
+    a stage that may need a few images' files (the cascade's asift fallback) lists none until
+    then. Pickles as the source and split."""
+
+    def __init__(self, source: str | Path, split: str):
+        self.source, self.split = str(source), split
+
+    def __getitem__(self, image_id: str) -> str:
+        return listed_paths(self.source, self.split)[image_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(listed_paths(self.source, self.split))
+
+    def __len__(self) -> int:
+        return len(listed_paths(self.source, self.split))
 
 
 def has_control_character(text: str) -> bool:

@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -139,18 +139,20 @@ class CandidateVerifier:
         return features
 
     def rerank_block(self, block: dict[str, list[tuple[str, float]]], labels: dict[str, str] | None = None,
-                     query_paths: dict[str, str] | None = None,
-                     index_paths: dict[str, str] | None = None) -> pd.DataFrame:
+                     query_paths: Mapping[str, str] | None = None,
+                     index_paths: Mapping[str, str] | None = None) -> pd.DataFrame:
         """Rows (COLUMNS) for every (query, candidate) of the block. The cascade's selection needs
         ``labels`` (index id -> landmark; None: every candidate a class of its own), its views
         stage ``query_paths`` (query id -> image file) and its asift fallback both those and
         ``index_paths`` (index id -> image file)."""
         rows = [row for query_id, cands in block.items()
-                for row in self.rerank_query(query_id, cands, labels, (query_paths or {}).get(query_id), index_paths)]
+                for row in self.rerank_query(query_id, cands, labels,
+                                             query_paths.get(query_id) if query_paths is not None else None,
+                                             index_paths)]
         return pd.DataFrame(rows, columns=list(COLUMNS))
 
     def rerank_query(self, query_id: str, candidates: list[tuple[str, float]], labels: dict[str, str] | None = None,
-                     query_path: str | None = None, index_paths: dict[str, str] | None = None) -> list[tuple]:
+                     query_path: str | None = None, index_paths: Mapping[str, str] | None = None) -> list[tuple]:
         """Verify one stored query against its candidates; rows sorted by score descending.
         ``labels``, ``query_path`` (its image file) and ``index_paths`` serve the cascade
         (:meth:`rerank_block`).
@@ -188,7 +190,7 @@ class CandidateVerifier:
     def rerank_features(self, query_id: str, query: ImageFeatures, candidates: list[tuple[str, float]],
                         query_size: tuple[int, int] | None = None, *, labels: dict[str, str] | None = None,
                         views: Callable[[], ViewFeatures] | None = None, query_path: str | None = None,
-                        index_paths: dict[str, str] | None = None) -> list[tuple]:
+                        index_paths: Mapping[str, str] | None = None) -> list[tuple]:
         """:meth:`rerank_query` of a query whose features are given (in original-image pixels;
         ``query_size``, its original (height, width), is needed by lighterglue, as matcher or
         second stage). ``views``: () -> the query's view features (the cascade's views stage);
@@ -217,7 +219,7 @@ class CandidateVerifier:
         return (query_id, index_id, global_score, result.matches, inliers, score, result.status)
 
     def cascade(self, rows: list[tuple], query: QuerySide, labels: dict[str, str] | None,
-                index_paths: dict[str, str] | None = None) -> list[tuple]:
+                index_paths: Mapping[str, str] | None = None) -> list[tuple]:
         """The fast ``rows`` (sorted) with the second stage's verdict on the selected candidates
         (:func:`.cascade.select`, combined by :func:`.cascade.combine`), then the fallback's where
         the query is still undecided (:meth:`fall_back`), sorted again."""
@@ -233,11 +235,11 @@ class CandidateVerifier:
             rows[position] = (query_id, index_id, global_score, result.matches, inliers,
                               final_score(inliers, global_score, conf), f"{self.second.name}:{result.status}")
         if chosen and self.fallback is not None and undecided([row[4] for row in rows], conf):
-            self.fall_back(rows, chosen, query.path, index_paths or {})
+            self.fall_back(rows, chosen, query.path, index_paths if index_paths is not None else {})
         return sorted(rows, key=lambda row: (-row[5], row[1])) if chosen else rows
 
     def fall_back(self, rows: list[tuple], chosen: list[int], query_path: str | None,
-                  index_paths: dict[str, str]) -> None:
+                  index_paths: Mapping[str, str]) -> None:
         """The asift fallback on the ``chosen`` positions of ``rows`` (changed in place): a row
         becomes the fallback's where its count (0 under fallback_min_inliers) is the larger; the first
         ``fallback_pairs`` of them only."""
