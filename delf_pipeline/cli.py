@@ -102,7 +102,11 @@ class Interrupted(BaseException):
     was handled, and libraries are less likely to swallow an exception they do not know."""
 
 
-def _interrupt(_signum, _frame):
+_INTERRUPTS: list[int] = []  # SIGINTs received while a command runs (main thread only)
+
+
+def _interrupt(signum, _frame):
+    _INTERRUPTS.append(signum)
     raise Interrupted()
 
 
@@ -112,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, _interrupt) if in_main_thread else None
+    _INTERRUPTS.clear()
     try:
         return _run(argv)
     finally:
@@ -132,6 +137,9 @@ def _run(argv: list[str]) -> int:
         log.error("interrupted: finished work is kept, the same command resumes it")
         return EXIT_INTERRUPTED
     except Exception as error:  # noqa: BLE001 - sorted into exit codes by exit_code(); others re-raised
+        if _INTERRUPTS and not verbose:  # a library turned the Ctrl-C into its own error (Keras: ImportError)
+            log.error("interrupted: finished work is kept, the same command resumes it")
+            return EXIT_INTERRUPTED
         code = exit_code(error)
         if code is None or verbose:
             raise
